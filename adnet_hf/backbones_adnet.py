@@ -1,0 +1,215 @@
+"""One adapter per backbone family: how to run "embeddings, then block k" with the backbone's own modules.
+
+The task models never branch on the backbone type: they ask the adapter for the blocks, the embedded input
+(`StepState`) and how to run one block. Adding a family means adding one adapter to `_ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+
+@dataclass
+class StepState:
+    """What flows from one backbone block to the next for the samples still in the batch.
+
+    hidden: B x T x H (transformers) or B x C x H' x W' (CNNs).
+    token_mask: B x T, 1 for real tokens (None when every position is real, e.g. images).
+    block_kwargs: keyword arguments every block takes (4D attention mask, positions, rotary embeddings);
+        tensors in it have the batch first, so removing exited samples is one index.
+    """
+
+    hidden: torch.Tensor
+    token_mask: torch.Tensor | None = None
+    block_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, keep: torch.Tensor) -> StepState:
+        """The state of the samples at indices `keep` only."""
+        return StepState(
+            hidden=self.hidden[keep],
+            token_mask=None if self.token_mask is None else self.token_mask[keep],
+            block_kwargs={k: _select(v, keep) for k, v in self.block_kwargs.items()},
+        )
+
+
+def _select(value: Any, keep: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[keep]
+    if isinstance(value, tuple):
+        return tuple(_select(v, keep) for v in value)
+    return value
+
+
+def _positions_from_mask(token_mask: torch.Tensor, past_length: int) -> torch.Tensor:
+    """Position ids that skip left padding, so a padded sample sees the positions it has alone."""
+    positions = token_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, past_length:] if past_length else positions.clamp(min=0)
+
+
+def _token_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.device) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.long, device=device)
+    return mask
+
+
+class BackboneAdapter:
+    """Runs a Transformers backbone step by step. Subclasses name the modules of one family."""
+
+    model_types: tuple[str, ...] = ()
+    main_input_name = "input_ids"
+    is_causal = False
+
+    def build(self, config: PreTrainedConfig) -> PreTrainedModel:
+        return AutoModel.from_config(config)
+
+    def num_blocks(self, config: PreTrainedConfig) -> int:
+        return config.num_hidden_layers
+
+    def block_sizes(self, config: PreTrainedConfig) -> list[int]:
+        """Width of each block's output, the input size of a unit after it."""
+        return [config.hidden_size] * self.num_blocks(config)
+
+    def blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def embed(self, backbone: PreTrainedModel, inputs: dict[str, Any], cache=None) -> StepState:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, state: StepState, cache=None) -> torch.Tensor:
+        return block(state.hidden, cache=cache, **state.block_kwargs)
+
+    def unit_view(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block output as B x T x H, the layout the calculation units read."""
+        return hidden
+
+    def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
+        """The norm applied before the LM head (causal LMs only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no LM head")
+
+
+class BertAdapter(BackboneAdapter):
+    """BERT and RoBERTa: `embeddings`, then `encoder.layer[k]` with a bidirectional mask."""
+
+    model_types = ("bert", "roberta")
+
+    def build(self, config: PreTrainedConfig) -> PreTrainedModel:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+
+    def blocks(self, backbone):
+        return list(backbone.encoder.layer)
+
+    def embed(self, backbone, inputs, cache=None):
+        hidden = backbone.embeddings(
+            input_ids=inputs.get("input_ids"),
+            token_type_ids=inputs.get("token_type_ids"),
+            position_ids=inputs.get("position_ids"),
+            inputs_embeds=inputs.get("inputs_embeds"),
+        )
+        token_mask = _token_mask(inputs, *hidden.shape[:2], hidden.device)
+        mask = create_bidirectional_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=token_mask)
+        return StepState(hidden, token_mask, {"attention_mask": mask})
+
+
+class GPT2Adapter(BackboneAdapter):
+    """GPT-2: `wte + wpe`, then `h[k]` with a causal mask; `ln_f` before the tied LM head."""
+
+    model_types = ("gpt2",)
+    is_causal = True
+
+    def blocks(self, backbone):
+        return list(backbone.h)
+
+    def embed(self, backbone, inputs, cache=None):
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = backbone.wte(inputs["input_ids"])
+        past = cache.get_seq_length() if cache is not None else 0
+        token_mask = _token_mask(inputs, embeds.shape[0], past + embeds.shape[1], embeds.device)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = _positions_from_mask(token_mask, past)
+        hidden = backbone.drop(embeds + backbone.wpe(positions))
+        mask = create_causal_mask(config=backbone.config, inputs_embeds=embeds, attention_mask=token_mask,
+                                  cache=cache, position_ids=positions)
+        return StepState(hidden, token_mask[:, past:], {"attention_mask": mask, "position_ids": positions})
+
+    def final_norm(self, backbone):
+        return backbone.ln_f
+
+
+class LlamaAdapter(BackboneAdapter):
+    """Llama family: `embed_tokens`, rotary embeddings shared by all `layers[k]`; `norm` before the LM head."""
+
+    model_types = ("llama", "mistral", "qwen2")
+    is_causal = True
+
+    def blocks(self, backbone):
+        return list(backbone.layers[: backbone.config.num_hidden_layers])
+
+    def embed(self, backbone, inputs, cache=None):
+        hidden = inputs.get("inputs_embeds")
+        if hidden is None:
+            hidden = backbone.embed_tokens(inputs["input_ids"])
+        past = cache.get_seq_length() if cache is not None else 0
+        token_mask = _token_mask(inputs, hidden.shape[0], past + hidden.shape[1], hidden.device)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = _positions_from_mask(token_mask, past)
+        mask = create_causal_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=token_mask,
+                                  cache=cache, position_ids=positions)
+        rotary = backbone.rotary_emb(hidden, position_ids=positions)
+        kwargs = {"attention_mask": mask, "position_ids": positions, "position_embeddings": rotary}
+        return StepState(hidden, token_mask[:, past:], kwargs)
+
+    def final_norm(self, backbone):
+        return backbone.norm
+
+
+class ResNetAdapter(BackboneAdapter):
+    """ResNet: the stem (`embedder`), then every residual block of every stage in order."""
+
+    model_types = ("resnet",)
+    main_input_name = "pixel_values"
+
+    def num_blocks(self, config):
+        return sum(config.depths)
+
+    def block_sizes(self, config):
+        return [size for size, depth in zip(config.hidden_sizes, config.depths) for _ in range(depth)]
+
+    def blocks(self, backbone):
+        return [block for stage in backbone.encoder.stages for block in stage.layers]
+
+    def embed(self, backbone, inputs, cache=None):
+        return StepState(backbone.embedder(inputs["pixel_values"]))
+
+    def run_block(self, block, state, cache=None):
+        return block(state.hidden)
+
+    def unit_view(self, hidden):
+        return hidden.flatten(2).transpose(1, 2)
+
+
+_ADAPTERS: dict[str, BackboneAdapter] = {
+    model_type: adapter
+    for adapter in (BertAdapter(), GPT2Adapter(), LlamaAdapter(), ResNetAdapter())
+    for model_type in adapter.model_types
+}
+SUPPORTED_BACKBONES = tuple(_ADAPTERS)
+
+
+def backbone_adapter(config: PreTrainedConfig | None) -> BackboneAdapter:
+    """The adapter for a backbone config, or a `ValueError` naming the supported model types."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise ValueError(
+            f"ADNetConfig.backbone_config must be a config of one of {SUPPORTED_BACKBONES}, got {model_type!r}."
+        )
+    return _ADAPTERS[model_type]

@@ -1,0 +1,127 @@
+"""Per-step task losses and the losses that combine them with the halting distribution.
+
+Every combining loss takes `step_losses` and `halting_probs`, both rows x N (a row is a sample, or a predicted
+token of a causal LM), and returns the mean over the rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torch.Tensor) -> str:
+    """The problem type as Transformers' own heads infer it when the config leaves it unset."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def step_task_losses(step_logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Unreduced task loss of every step: `step_logits` N x rows x C, `labels` rows (x C) -> rows x N."""
+    num_steps, rows, num_labels = step_logits.shape
+    logits = step_logits.float()
+    if problem_type == "regression":
+        targets = labels.to(logits.dtype).reshape(1, rows, -1).expand(num_steps, rows, num_labels)
+        losses = F.mse_loss(logits, targets, reduction="none").mean(-1)
+    elif problem_type == "single_label_classification":
+        targets = labels.reshape(1, rows).expand(num_steps, rows).reshape(-1)
+        losses = F.cross_entropy(logits.reshape(-1, num_labels), targets, reduction="none").view(num_steps, rows)
+    else:
+        targets = labels.to(logits.dtype).unsqueeze(0).expand_as(logits)
+        losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
+    return losses.transpose(0, 1)
+
+
+def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:
+    """1-based step indices n = 1..N."""
+    return torch.arange(1, num_steps + 1, device=like.device, dtype=like.dtype)
+
+
+def _kl(target: torch.Tensor, probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KL(target || probs) over the last dim, per row."""
+    return (target * (torch.log(target.clamp(min=eps)) - torch.log(probs.clamp(min=eps)))).sum(-1)
+
+
+class GrowingPlateauSensitiveLoss(nn.Module):
+    r"""Growing Plateau Sensitive Loss:
+    `sum_n p_n L_n + alpha sum_n w_n L_n + beta KL(q || p)` with logistic growth weights
+    `w_n ∝ sigmoid(growth_rate (n - growth_midpoint))` and the plateau target
+    `q = softmax(-(stopgrad(L_n) + step_cost n / N) / temperature)`.
+    """
+
+    def __init__(self, alpha: float = 0.3, beta: float = 0.1, step_cost: float = 0.05, temperature: float = 0.5,
+                 growth_rate: float = 1.0, growth_midpoint: float | None = None):
+        super().__init__()
+        self.alpha, self.beta, self.step_cost, self.temperature = alpha, beta, step_cost, temperature
+        self.growth_rate, self.growth_midpoint = growth_rate, growth_midpoint
+
+    def growth_weights(self, num_steps: int, like: torch.Tensor) -> torch.Tensor:
+        """`w_n`: grows with depth along a logistic curve, then plateaus; sums to 1."""
+        midpoint = num_steps / 2 if self.growth_midpoint is None else self.growth_midpoint
+        growth = torch.sigmoid(self.growth_rate * (_step_index(num_steps, like) - midpoint))
+        return growth / growth.sum()
+
+    def plateau_target(self, step_losses: torch.Tensor) -> torch.Tensor:
+        """`q`: halting mass where this row's loss curve stops improving by more than the step cost."""
+        num_steps = step_losses.shape[-1]
+        cost = self.step_cost * _step_index(num_steps, step_losses) / num_steps
+        return torch.softmax(-(step_losses.detach() + cost) / self.temperature, dim=-1)
+
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        expected = (halting_probs * step_losses).sum(-1)
+        growing = (self.growth_weights(step_losses.shape[-1], step_losses) * step_losses).sum(-1)
+        plateau = _kl(self.plateau_target(step_losses), halting_probs)
+        return (expected + self.alpha * growing + self.beta * plateau).mean()
+
+
+class PonderNetLoss(nn.Module):
+    """PonderNet: expected task loss plus `beta KL(p || geometric(prior))`, the prior truncated to N steps."""
+
+    def __init__(self, prior: float = 0.5, beta: float = 0.01):
+        super().__init__()
+        self.prior, self.beta = prior, beta
+
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        steps = _step_index(step_losses.shape[-1], step_losses)
+        geometric = self.prior * (1 - self.prior) ** (steps - 1)
+        geometric = geometric / geometric.sum()
+        expected = (halting_probs * step_losses).sum(-1)
+        return (expected + self.beta * _kl(halting_probs, geometric)).mean()
+
+
+class DeepSupervisionLoss(nn.Module):
+    """PABEE / DeeBERT style: per-step losses averaged with weights proportional to depth; halting untrained."""
+
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        steps = _step_index(step_losses.shape[-1], step_losses)
+        return ((steps * step_losses).sum(-1) / steps.sum()).mean()
+
+
+class LastStepLoss(nn.Module):
+    """Plain fine-tuning: the last step's loss only."""
+
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        return step_losses[..., -1].mean()
+
+
+def build_loss(config) -> nn.Module:
+    """The combining loss that `config.loss_type` names, with the config's weights."""
+    if config.loss_type == "gpsl":
+        return GrowingPlateauSensitiveLoss(
+            alpha=config.gpsl_alpha, beta=config.gpsl_beta, step_cost=config.gpsl_step_cost,
+            temperature=config.gpsl_temperature, growth_rate=config.gpsl_growth_rate,
+            growth_midpoint=config.gpsl_growth_midpoint,
+        )
+    if config.loss_type == "pondernet":
+        return PonderNetLoss(prior=config.pondernet_prior, beta=config.pondernet_beta)
+    if config.loss_type == "deep_supervision":
+        return DeepSupervisionLoss()
+    return LastStepLoss()
