@@ -146,9 +146,10 @@ class ADNetModel(ADNetPreTrainedModel):
         self.backbone = self.adapter.build(config.backbone_config)
         sizes = self.adapter.block_sizes(config.backbone_config)
         step_sizes = [sizes[(s + 1) * config.layers_per_step - 1] for s in range(config.num_steps)]
+        variable_sizes = step_sizes[config.num_fixed_steps :]
         self.units = nn.ModuleList(
-            CalculationUnit(size, config.unit_hidden_size, per_token)
-            for size in step_sizes[config.num_fixed_steps:]
+            CalculationUnit(size, config.unit_hidden_size, per_token, halts=n < len(variable_sizes) - 1)
+            for n, size in enumerate(variable_sizes)
         )
         self.post_init()
 

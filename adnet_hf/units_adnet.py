@@ -22,18 +22,24 @@ class CalculationUnit(nn.Module):
 
     Pooled (classification): `r = concat(masked_mean_T(S), masked_max_T(S))`, B x 2d, one `lambda` per sample.
     Per token (causal LM): `r = S`, B x T x d, one `lambda` per token, no look at later tokens.
+    The last step's unit has no halting layer: it always halts (`lambda = 1`), taking the remaining probability;
+    a per-token unit then has nothing left to compute (the LM head reads the hidden state itself).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, per_token: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, per_token: bool = False, halts: bool = True):
         super().__init__()
         self.per_token = per_token
-        self.dense = nn.Linear(input_size, hidden_size)
-        self.halting = nn.Linear(hidden_size if per_token else 2 * hidden_size, 1)
+        self.dense = None if per_token and not halts else nn.Linear(input_size, hidden_size)
+        self.halting = nn.Linear(hidden_size if per_token else 2 * hidden_size, 1) if halts else None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: B x T x H. Returns the summary `r` and the halting probability `lambda` (B, or B x T)."""
+        if self.dense is None:
+            return None, hidden.new_ones(hidden.shape[:-1])
         activations = torch.sigmoid(self.dense(hidden))
         summary = activations if self.per_token else torch.cat(masked_mean_max(activations, mask), dim=-1)
+        if self.halting is None:
+            return summary, summary.new_ones(summary.shape[:-1])
         return summary, torch.sigmoid(self.halting(summary)).squeeze(-1)
 
 

@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="adnet-hf",
+    version="0.1.0",
+    description="ADNet (Adaptive Computation Time Neural Network) for Hugging Face Transformers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["adnet_hf", "adnet_hf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,67 @@
+"""Tiny random backbones built from configs, as Transformers' own tests do."""
+
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, GPT2Config, LlamaConfig, ResNetConfig, RobertaConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 99
+
+
+def bert_config(**kwargs):
+    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=37, max_position_embeddings=64, **kwargs)
+
+
+def roberta_config(**kwargs):
+    return RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=37, max_position_embeddings=70, pad_token_id=1, **kwargs)
+
+
+def gpt2_config(**kwargs):
+    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1,
+                      eos_token_id=2, **kwargs)
+
+
+def llama_config(**kwargs):
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, **kwargs)
+
+
+def resnet_config(**kwargs):
+    return ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic",
+                        **kwargs)
+
+
+TEXT_BACKBONES = {"bert": bert_config, "roberta": roberta_config, "gpt2": gpt2_config}
+DECODER_BACKBONES = {"gpt2": gpt2_config, "llama": llama_config}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def token_batch(batch=4, length=7, pad_lengths=(0, 2, 0, 3), left_padding=False, pad_id=0):
+    """Random ids (avoiding special ids 0-2) and an attention mask with some padding."""
+    ids = torch.randint(3, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pad_lengths[:batch]):
+        if pad:
+            if left_padding:
+                mask[row, :pad] = 0
+            else:
+                mask[row, length - pad:] = 0
+    ids = ids.masked_fill(mask == 0, pad_id)
+    return ids, mask
+
+
+def spread_halting(model, scale=25.0):
+    """Make halting probabilities differ strongly between inputs, so samples exit at different steps."""
+    with torch.no_grad():
+        for unit in model.base_model.units[:-1]:
+            unit.halting.weight.mul_(scale)

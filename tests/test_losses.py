@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+from conftest import bert_config, token_batch
+
+from adnet_hf import (
+    ADNetConfig,
+    ADNetForSequenceClassification,
+    DeepSupervisionLoss,
+    GrowingPlateauSensitiveLoss,
+    LastStepLoss,
+    PonderNetLoss,
+)
+from adnet_hf.units_adnet import halting_distribution
+
+STEP_LOSSES = [[1.0, 0.5, 0.4, 0.39], [0.2, 0.9, 1.3, 0.1]]
+HALTING = [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]
+
+
+def gpsl_by_hand(losses, probs, alpha, beta, cost, tau, rate, midpoint):
+    """The design's formula written out with plain Python floats, one row at a time."""
+    total = 0.0
+    for row_losses, row_probs in zip(losses, probs):
+        n_steps = len(row_losses)
+        n0 = n_steps / 2 if midpoint is None else midpoint
+        growth = [1 / (1 + math.exp(-rate * (n - n0))) for n in range(1, n_steps + 1)]
+        weights = [g / sum(growth) for g in growth]
+        scores = [math.exp(-(loss + cost * n / n_steps) / tau) for n, loss in enumerate(row_losses, start=1)]
+        target = [s / sum(scores) for s in scores]
+        expected = sum(p * loss for p, loss in zip(row_probs, row_losses))
+        growing = sum(w * loss for w, loss in zip(weights, row_losses))
+        kl = sum(q * math.log(q / p) for q, p in zip(target, row_probs))
+        total += expected + alpha * growing + beta * kl
+    return total / len(losses)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(alpha=0.3, beta=0.1, step_cost=0.05, temperature=0.5, growth_rate=1.0, growth_midpoint=None),
+    dict(alpha=1.0, beta=0.5, step_cost=0.3, temperature=0.2, growth_rate=2.5, growth_midpoint=1.0),
+])
+def test_gpsl_matches_the_formula_by_hand(settings):
+    loss = GrowingPlateauSensitiveLoss(**settings)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
+    expected = gpsl_by_hand(STEP_LOSSES, HALTING, settings["alpha"], settings["beta"], settings["step_cost"],
+                            settings["temperature"], settings["growth_rate"], settings["growth_midpoint"])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gpsl_plateau_target_ignores_the_loss_gradient():
+    losses = torch.tensor(STEP_LOSSES, requires_grad=True)
+    halting = torch.tensor(HALTING)
+    GrowingPlateauSensitiveLoss(alpha=0.0, beta=1.0)(losses, halting).backward()
+    # with alpha=0 only the expected loss differentiates the losses: d/dL_n = p_n / B
+    torch.testing.assert_close(losses.grad, halting / 2)
+
+
+def test_pondernet_loss_by_hand():
+    prior, beta = 0.3, 0.2
+    geometric = [prior * (1 - prior) ** (n - 1) for n in range(1, 5)]
+    geometric = [g / sum(geometric) for g in geometric]
+    expected = sum(
+        sum(p * loss for p, loss in zip(probs, losses)) + beta * sum(p * math.log(p / g) for p, g in zip(probs, geometric))
+        for losses, probs in zip(STEP_LOSSES, HALTING)
+    ) / 2
+    loss = PonderNetLoss(prior=prior, beta=beta)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_deep_supervision_and_last_step_losses_by_hand():
+    steps = torch.tensor(STEP_LOSSES)
+    expected = sum(sum(n * loss for n, loss in enumerate(row, start=1)) / 10 for row in STEP_LOSSES) / 2
+    assert DeepSupervisionLoss()(steps, torch.tensor(HALTING)).item() == pytest.approx(expected)
+    assert LastStepLoss()(steps, torch.tensor(HALTING)).item() == pytest.approx((0.39 + 0.1) / 2)
+
+
+def test_halting_distribution_by_hand():
+    lambdas = torch.tensor([[0.2, 0.5, 0.25, 0.9]])
+    expected = [0.2, 0.8 * 0.5, 0.8 * 0.5 * 0.25, 0.8 * 0.5 * 0.75]
+    torch.testing.assert_close(halting_distribution(lambdas), torch.tensor([expected]))
+
+
+def model_for(**overrides):
+    config = ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8, classifier_dropout=0.0, **overrides)
+    return ADNetForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("loss_type,loss_class", [
+    ("gpsl", GrowingPlateauSensitiveLoss), ("pondernet", PonderNetLoss),
+    ("deep_supervision", DeepSupervisionLoss), ("last", LastStepLoss),
+])
+def test_each_loss_type_is_what_the_model_trains_with(loss_type, loss_class):
+    model = model_for(num_labels=3, loss_type=loss_type)
+    assert isinstance(model.loss_fn, loss_class)
+    ids, mask = token_batch()
+    labels = torch.tensor([0, 2, 1, 1])
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    step_losses = torch.stack([torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                               for logits in out.step_logits], dim=-1)
+    torch.testing.assert_close(out.loss, model.loss_fn(step_losses, out.halting_probs))
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("num_labels,labels,problem_type", [
+    (3, torch.tensor([0, 2, 1, 1]), "single_label_classification"),
+    (1, torch.tensor([0.5, 1.5, -0.2, 3.0]), "regression"),
+    (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+     "multi_label_classification"),
+])
+def test_problem_types_inferred_and_their_step_losses(num_labels, labels, problem_type):
+    model = model_for(num_labels=num_labels, loss_type="last")
+    ids, mask = token_batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert model.config.problem_type == problem_type
+    last = out.step_logits[-1]
+    if problem_type == "regression":
+        expected = torch.nn.functional.mse_loss(last.squeeze(-1), labels)
+    elif problem_type == "single_label_classification":
+        expected = torch.nn.functional.cross_entropy(last, labels)
+    else:
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(last, labels)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_inference_loss_is_the_exit_prediction_loss():
+    model = model_for(num_labels=3).eval()
+    ids, mask = token_batch()
+    labels = torch.tensor([0, 2, 1, 1])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
