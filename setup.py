@@ -19,7 +19,7 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2"],
+        "dev": ["pytest>=8"],
     },
     license="Apache-2.0",
 )
