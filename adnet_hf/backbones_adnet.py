@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 @dataclass
@@ -34,15 +35,18 @@ class StepState:
         return StepState(
             hidden=self.hidden[keep],
             token_mask=None if self.token_mask is None else self.token_mask[keep],
-            block_kwargs={k: _select(v, keep) for k, v in self.block_kwargs.items()},
+            block_kwargs=select_batch(self.block_kwargs, keep),
         )
 
 
-def _select(value: Any, keep: torch.Tensor) -> Any:
+def select_batch(value: Any, keep: torch.Tensor) -> Any:
+    """`value` (a tensor with the batch first, or a tuple / dict of them) for the samples `keep` only."""
     if isinstance(value, torch.Tensor):
         return value[keep]
     if isinstance(value, tuple):
-        return tuple(_select(v, keep) for v in value)
+        return tuple(select_batch(v, keep) for v in value)
+    if isinstance(value, dict):
+        return {k: select_batch(v, keep) for k, v in value.items()}
     return value
 
 
@@ -92,6 +96,12 @@ class BackboneAdapter:
     def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
         """The norm applied before the LM head (causal LMs only)."""
         raise NotImplementedError(f"{type(self).__name__} has no LM head")
+
+    def kv_projection(self, block: nn.Module, hidden: torch.Tensor,
+                      block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values `block` would cache for input `hidden` (B x T x H), as B x heads x T x head_dim,
+        computed with its key/value projections only (decoders, for per-token exit with a cache)."""
+        raise NotImplementedError(f"{type(self).__name__} has no key/value cache")
 
 
 class BertAdapter(BackboneAdapter):
@@ -143,6 +153,16 @@ class GPT2Adapter(BackboneAdapter):
     def final_norm(self, backbone):
         return backbone.ln_f
 
+    def kv_projection(self, block, hidden, block_kwargs):
+        attn = block.attn
+        size = attn.split_size
+        normed = block.ln_1(hidden)
+        # GPT-2's Conv1D keeps (in, out) weights; columns [size:] are the key and value projections
+        kv = torch.addmm(attn.c_attn.bias[size:], normed.reshape(-1, normed.shape[-1]), attn.c_attn.weight[:, size:])
+        key, value = kv.view(*normed.shape[:-1], 2 * size).split(size, dim=-1)
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+
 
 class LlamaAdapter(BackboneAdapter):
     """Llama family: `embed_tokens`, rotary embeddings shared by all `layers[k]`; `norm` before the LM head."""
@@ -170,6 +190,15 @@ class LlamaAdapter(BackboneAdapter):
 
     def final_norm(self, backbone):
         return backbone.norm
+
+    def kv_projection(self, block, hidden, block_kwargs):
+        attn = block.self_attn
+        normed = block.input_layernorm(hidden)
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        key = attn.k_proj(normed).view(shape).transpose(1, 2)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in block_kwargs["position_embeddings"])
+        return key * cos + rotate_half(key) * sin, value
 
 
 class ResNetAdapter(BackboneAdapter):

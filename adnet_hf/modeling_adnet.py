@@ -18,8 +18,9 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder
 
-from .backbones_adnet import StepState, backbone_adapter
+from .backbones_adnet import StepState, select_batch, backbone_adapter
 from .configuration_adnet import ADNetConfig
+from .generation_adnet import SubBatchCache
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, step_task_losses
 from .units_adnet import CalculationUnit, ExitRule, halting_distribution
 
@@ -199,7 +200,8 @@ class ADNetModel(ADNetPreTrainedModel):
             always runs every step).
         step_head (`Callable`, *optional*): `step_head(n, summary, hidden)` returns variable step n's prediction;
             the task models pass their output layer. The `confidence` and `patience` policies need it.
-        cache (`Cache`, *optional*): a key/value cache; with one, every step runs (generation at full depth).
+        cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
+            deeper layers' keys/values from their exit hidden state (CALM's state propagation).
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
@@ -215,6 +217,13 @@ class ADNetModel(ADNetPreTrainedModel):
         if policy not in ("halting", "confidence", "patience", "none"):
             raise ValueError(f"exit_policy must be one of 'halting', 'confidence', 'patience', 'none', got {policy!r}")
         return "train" if self.training else policy
+
+
+def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices in range(size) that are not in `indices`."""
+    keep = torch.ones(size, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero().squeeze(-1)
 
 
 @contextmanager
@@ -255,12 +264,13 @@ class _AdaptiveRun:
                  keep_hidden_states: bool, cache):
         self.model, self.config, self.state, self.head, self.cache = model, model.config, state, step_head, cache
         self.training = policy == "train"
-        self.full_depth = policy in ("train", "none") or cache is not None
-        if cache is not None and not self.full_depth:
-            logger.warning_once("Per-token exit with a key/value cache is not supported yet: running at full depth.")
+        self.full_depth = policy in ("train", "none")
+        # with a cache and exits, blocks see the cache through a view that fills exited samples' keys/values
+        self.cache_view = SubBatchCache(cache) if cache is not None and not self.full_depth else cache
         self.rule = ExitRule("none" if self.full_depth else policy, self.config.halting_epsilon,
                              self.config.confidence_threshold, self.config.patience, self.config.problem_type)
         batch, device = state.hidden.shape[0], state.hidden.device
+        self.all_block_kwargs = state.block_kwargs
         self.active = torch.arange(batch, device=device)
         self.padding = state.token_mask == 0 if model.per_token else torch.zeros(batch, dtype=torch.bool, device=device)
         self.done = self.padding
@@ -277,22 +287,48 @@ class _AdaptiveRun:
     def loop(self, attention_records: list[torch.Tensor] | None) -> None:
         fixed, num_variable = self.config.num_fixed_steps, self.config.num_variable_steps
         for step, blocks in enumerate(self.model.step_blocks()):
-            hidden = self.model.run_step(blocks, self.state, self.cache)
-            if self.model.per_token and not self.full_depth:
-                hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
-            self.state.hidden = hidden
+            if self.active.numel() == 0:
+                if not isinstance(self.cache_view, SubBatchCache):
+                    break
+                self._commit_cache(step, blocks)  # everyone has exited: only propagated keys/values
+                continue
+            hidden = self._run_step(step, blocks)
             self._record_hidden(hidden)
             if attention_records is not None:
                 self.attentions.extend(self._scatter(a) for a in attention_records)
                 attention_records.clear()
             n = step - fixed
-            if self.cache is not None:  # generation at full depth: only the last step predicts
+            if self.cache is not None and self.full_depth:  # full-depth generation: only the last step predicts
                 if n == num_variable - 1 and self.head is not None:
                     self.logits = self.head(n, None, hidden)
             elif n >= 0:
                 self._variable_step(n, step, hidden, last=n == num_variable - 1)
-                if self.active.numel() == 0:
-                    break
+
+    def _run_step(self, step: int, blocks: list[nn.Module]) -> torch.Tensor:
+        """Run one step's blocks on the active samples; exited tokens keep their exit state (per-token units)."""
+        if isinstance(self.cache_view, SubBatchCache):
+            everyone = self.active.numel() == self.padding.shape[0]
+            self.cache_view.active = None if everyone else self.active
+        hidden = self.model.run_step(blocks, self.state, self.cache_view)
+        if isinstance(self.cache_view, SubBatchCache):
+            self._commit_cache(step, blocks)
+        if self.model.per_token and not self.full_depth:
+            hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
+        self.state.hidden = hidden
+        return hidden
+
+    def _commit_cache(self, step: int, blocks: list[nn.Module]) -> None:
+        """Give the samples that have left the batch the keys/values their exit state propagates to."""
+        view = self.cache_view
+        if view.active is None and self.active.numel() == self.padding.shape[0]:
+            return
+        view.active = self.active
+        exited = _complement(self.active, self.padding.shape[0])
+        hidden, kwargs = self.last_hidden[exited], select_batch(self.all_block_kwargs, exited)
+        first = step * self.config.layers_per_step
+        for offset, block in enumerate(blocks):
+            view.commit(first + offset, self.padding.shape[0], exited,
+                        lambda block=block: self.model.adapter.kv_projection(block, hidden, kwargs))
 
     def _variable_step(self, n: int, step: int, hidden: torch.Tensor, last: bool) -> None:
         mask = None if self.model.per_token else self.state.token_mask
