@@ -19,7 +19,8 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7"],
     },
     license="Apache-2.0",
 )

@@ -13,6 +13,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
 from .modeling_adnet import (
@@ -51,6 +52,8 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "CalibrationResult",
+    "calibrate_exit",
     "ADNetCausalLMOutput",
     "ADNetConfig",
     "ADNetForCausalLM",

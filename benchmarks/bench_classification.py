@@ -1,0 +1,160 @@
+"""Text classification: accuracy, executed layers and measured wall-clock speed-up of each exit policy.
+
+Every number is measured in this process against the same weights at full depth (`exit_policy="none"`), at
+batch 1 and batch 32, on a GLUE-style TSV (default: SST-2 dev). A plain fine-tuned model (e.g.
+`BertForSequenceClassification`) can be given as a second reference.
+
+    python benchmarks/bench_classification.py --model outputs/sst2-adnet \
+        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
+from common import RESULTS_DIR, interleaved_seconds, write_results  # noqa: E402
+
+from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
+
+DEFAULT_SETTINGS = {
+    "halting": [0.02, 0.1, 0.2, 0.4, 0.6],
+    "confidence": [0.99, 0.95, 0.9, 0.8, 0.7],
+    "patience": [3, 2, 1],
+}
+
+
+def read_tsv(path: Path, max_samples: int | None) -> tuple[list[str], list[int]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[:max_samples] if max_samples else rows
+    return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
+
+
+def make_batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
+    return [tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt") for i in range(0, len(sentences), batch_size)]
+
+
+@torch.inference_mode()
+def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted classes and (for ADNet) executed steps over all batches."""
+    predictions, steps = [], []
+    for batch in batches:
+        out = model(**batch, **kwargs)
+        predictions.append(out.logits.argmax(-1))
+        if getattr(out, "exit_steps", None) is not None:
+            steps.append(out.exit_steps)
+    return torch.cat(predictions), torch.cat(steps) if steps else None
+
+
+def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
+    config = model.config
+    layers_total = config.num_blocks
+    full_predictions, _ = predict(model, batches_by_size[max(batches_by_size)], exit_policy="none")
+    full_accuracy = (full_predictions == labels).float().mean().item()
+    rows = []
+    if reference is not None:
+        reference_predictions, _ = predict(reference, batches_by_size[max(batches_by_size)])
+        row = {"policy": "plain reference", "setting": None,
+               "accuracy": (reference_predictions == labels).float().mean().item(), "accuracy_drop_pts": None,
+               "mean_layers": float(layers_total), "ideal_speedup": 1.0}
+        for size, batches in batches_by_size.items():
+            seconds = interleaved_seconds({"plain": lambda: predict(reference, batches),
+                                           "none": lambda: predict(model, batches, exit_policy="none")}, repeats)
+            row[f"speedup_b{size}"] = seconds["none"] / seconds["plain"]
+        rows.append(row)
+    for policy, values in settings.items():
+        field = POLICY_FIELDS[policy]
+        for value in values:
+            setattr(config, field, value)
+            predictions, steps = predict(model, batches_by_size[max(batches_by_size)], exit_policy=policy)
+            mean_layers = (steps * config.layers_per_step).float().mean().item()
+            accuracy = (predictions == labels).float().mean().item()
+            row = {"policy": policy, "setting": value, "accuracy": accuracy,
+                   "accuracy_drop_pts": 100 * (full_accuracy - accuracy), "mean_layers": mean_layers,
+                   "ideal_speedup": layers_total / mean_layers}
+            for size, batches in batches_by_size.items():
+                seconds = interleaved_seconds({
+                    "exit": lambda: predict(model, batches, exit_policy=policy),
+                    "none": lambda: predict(model, batches, exit_policy="none"),
+                }, repeats)
+                row[f"speedup_b{size}"] = seconds["none"] / seconds["exit"]
+                row[f"efficiency_b{size}"] = row[f"speedup_b{size}"] / row["ideal_speedup"]
+            rows.append(row)
+            print(row, flush=True)
+    rows.insert(0, {"policy": "none (full depth)", "setting": None, "accuracy": full_accuracy,
+                    "accuracy_drop_pts": 0.0, "mean_layers": float(layers_total), "ideal_speedup": 1.0})
+    return rows
+
+
+def plot(rows: list[dict], sizes: list[int]):
+    def draw(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+        for axis, size in zip(axes[0], sizes):
+            for policy in DEFAULT_SETTINGS:
+                points = [(r[f"speedup_b{size}"], 100 * r["accuracy"]) for r in rows if r["policy"] == policy]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=policy)
+            axis.axhline(100 * rows[0]["accuracy"], color="gray", linestyle="--", label="full depth")
+            axis.set_xlabel(f"measured speed-up vs full depth (batch {size})")
+            axis.set_ylabel("accuracy (%)")
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    return draw
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
+    parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--name", default="classification")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_samples_batch1", type=int, default=200,
+                        help="samples timed at batch 1 (accuracy always uses all samples)")
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(DEFAULT_SETTINGS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    reference = AutoModelForSequenceClassification.from_pretrained(args.reference).eval() if args.reference else None
+    sentences, labels = read_tsv(Path(args.data), args.max_samples)
+    batches_by_size = {}
+    for size in sorted(args.batch_sizes):
+        subset = sentences[: args.max_samples_batch1] if size == 1 else sentences
+        batches_by_size[size] = make_batches(tokenizer, subset, size, args.max_length)
+    largest = max(batches_by_size)
+    batches_by_size[largest] = make_batches(tokenizer, sentences, largest, args.max_length)
+    rows = measure(model, reference, batches_by_size, torch.tensor(labels),
+                   {p: DEFAULT_SETTINGS[p] for p in args.policies}, args.repeats)
+    payload = {"benchmark": "classification", "model": args.model, "reference": args.reference,
+               "data": args.data, "samples": len(sentences), "samples_timed_batch1": args.max_samples_batch1,
+               "total_layers": model.config.num_blocks}
+    return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
+
+
+if __name__ == "__main__":
+    print(main())

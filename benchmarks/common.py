@@ -1,0 +1,81 @@
+"""What every benchmark shares: timing against full depth in the same process, and writing results.
+
+Each benchmark writes `<name>.json` (numbers, machine, versions, command), `<name>.md` (a table) and `<name>.png`
+(quality against measured speed-up) under `benchmarks/results/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """Machine and versions, so a result says where it was measured."""
+    import transformers
+
+    return {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds of each callable, timed in turns so that drifts in machine load hit all alike."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def write_results(name: str, payload: dict, table: list[dict], plot: Callable[[Path], None] | None = None,
+                  results_dir: Path = RESULTS_DIR) -> Path:
+    """Write `<name>.json`, `<name>.md` and, with `plot`, `<name>.png`; return the JSON path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), **payload, "rows": table}
+    json_path = results_dir / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    (results_dir / f"{name}.md").write_text(markdown_table(table, payload["environment"]["command"]))
+    if plot is not None:
+        plot(results_dir / f"{name}.png")
+    return json_path
+
+
+def markdown_table(rows: list[dict], command: str) -> str:
+    if not rows:
+        return f"No rows.\n\nCommand: `{command}`\n"
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")
+    return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
