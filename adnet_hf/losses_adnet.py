@@ -24,20 +24,19 @@ def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torc
     return "multi_label_classification"
 
 
-def step_task_losses(step_logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    """Unreduced task loss of every step: `step_logits` N x rows x C, `labels` rows (x C) -> rows x N."""
-    num_steps, rows, num_labels = step_logits.shape
-    logits = step_logits.float()
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Unreduced task loss of one step: `logits` items x C, `labels` items (x C) -> items.
+
+    Single-label items whose label is -100 get 0 (a causal LM's ignored tokens).
+    """
+    logits = logits.float()
     if problem_type == "regression":
-        targets = labels.to(logits.dtype).reshape(1, rows, -1).expand(num_steps, rows, num_labels)
-        losses = F.mse_loss(logits, targets, reduction="none").mean(-1)
-    elif problem_type == "single_label_classification":
-        targets = labels.reshape(1, rows).expand(num_steps, rows).reshape(-1)
-        losses = F.cross_entropy(logits.reshape(-1, num_labels), targets, reduction="none").view(num_steps, rows)
-    else:
-        targets = labels.to(logits.dtype).unsqueeze(0).expand_as(logits)
-        losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1)
-    return losses.transpose(0, 1)
+        return F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape), reduction="none").mean(-1)
+    if problem_type == "single_label_classification":
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                               ignore_index=IGNORE_INDEX)
+        return flat.view(labels.shape)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
 
 
 def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,15 @@ from transformers.utils.output_capturing import OutputRecorder
 from .backbones_adnet import StepState, select_batch, backbone_adapter
 from .configuration_adnet import ADNetConfig
 from .generation_adnet import SubBatchCache
-from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, step_task_losses
+from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
 from .units_adnet import CalculationUnit, ExitRule, halting_distribution
 
 logger = logging.get_logger(__name__)
 
 # `step_head(n, summary, hidden)`: the prediction of variable step n from its unit summary and block output.
 StepHead = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# `step_loss(logits)`: the unreduced task loss of one step's prediction, computed as soon as the step has run.
+StepLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -40,6 +42,8 @@ class ADNetModelOutput(ModelOutput):
         Items are samples, or batch x tokens for a causal LM. `None` without a step head.
     step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
         Every variable step's prediction; in training and with `exit_policy="none"` only.
+    step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
+        Every variable step's unreduced task loss, when a `step_loss` was given (full depth only).
     halting_probs (`torch.Tensor` of shape `(*items, num_variable_steps)`):
         The halting distribution `p_n`. At inference with exits, the exit step takes the mass not yet halted and
         the steps after it get 0, so each row still sums to 1.
@@ -54,6 +58,7 @@ class ADNetModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     step_logits: torch.Tensor | None = None
+    step_losses: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
     cache: object | None = None
@@ -191,6 +196,8 @@ class ADNetModel(ADNetPreTrainedModel):
         cache=None,
         exit_policy: str | None = None,
         step_head: StepHead | None = None,
+        step_loss: StepLoss | None = None,
+        keep_step_logits: bool = True,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -200,6 +207,9 @@ class ADNetModel(ADNetPreTrainedModel):
             always runs every step).
         step_head (`Callable`, *optional*): `step_head(n, summary, hidden)` returns variable step n's prediction;
             the task models pass their output layer. The `confidence` and `patience` policies need it.
+        step_loss (`Callable`, *optional*): `step_loss(logits)` returns a step's unreduced task loss; at full depth
+            each step's loss is taken right away, so `keep_step_logits=False` need not hold every step's logits
+            (a causal LM's N x B x T x vocab). Without kept step logits, training's fused `logits` are detached.
         cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
             deeper layers' keys/values from their exit hidden state (CALM's state propagation).
         """
@@ -207,7 +217,8 @@ class ADNetModel(ADNetPreTrainedModel):
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = self._resolve_policy(exit_policy)
-        run = _AdaptiveRun(self, state, policy, step_head, bool(output_hidden_states), cache)
+        run = _AdaptiveRun(self, state, policy, step_head, bool(output_hidden_states), cache, step_loss,
+                           keep_step_logits)
         with _recording_attentions(self.backbone, bool(output_attentions)) as attentions:
             run.loop(attentions)
         return run.output()
@@ -261,8 +272,9 @@ class _AdaptiveRun:
     """
 
     def __init__(self, model: ADNetModel, state: StepState, policy: str, step_head: StepHead | None,
-                 keep_hidden_states: bool, cache):
+                 keep_hidden_states: bool, cache, step_loss: StepLoss | None = None, keep_step_logits: bool = True):
         self.model, self.config, self.state, self.head, self.cache = model, model.config, state, step_head, cache
+        self.step_loss, self.keep_step_logits = step_loss, keep_step_logits
         self.training = policy == "train"
         self.full_depth = policy in ("train", "none")
         # with a cache and exits, blocks see the cache through a view that fills exited samples' keys/values
@@ -280,6 +292,8 @@ class _AdaptiveRun:
         self.last_hidden: torch.Tensor | None = None
         self.lambdas: list[torch.Tensor] = []
         self.step_logits: list[torch.Tensor] = []
+        self.step_losses: list[torch.Tensor] = []
+        self.fused_not_halted: torch.Tensor | float = 1.0
         self.hidden_states: list[torch.Tensor] | None = [] if keep_hidden_states else None
         self.attentions: list[torch.Tensor] = []
         self._record_hidden(state.hidden)
@@ -336,7 +350,8 @@ class _AdaptiveRun:
         logits = self.head(n, summary, hidden) if self.head is not None else None
         if self.full_depth:
             self.lambdas.append(lambdas)
-            self.step_logits.append(logits)
+            if logits is not None:
+                self._keep_full_depth_step(lambdas, logits)
             return
         not_halted = torch.ones_like(lambdas) if self.rule.not_halted is None else self.rule.not_halted
         stop = (self.rule.step(lambdas, logits) | last) & ~self.done
@@ -351,6 +366,22 @@ class _AdaptiveRun:
             self.logits[self.active] = torch.where(stop.unsqueeze(-1), logits, self.logits[self.active])
         self.done = self.done | stop
         self._drop_finished(hidden)
+
+    def _keep_full_depth_step(self, lambdas: torch.Tensor, logits: torch.Tensor) -> None:
+        """Take the step's loss now and fold its prediction into the output logits (fused in training)."""
+        if self.step_loss is not None:
+            self.step_losses.append(self.step_loss(logits))
+        if self.keep_step_logits:
+            self.step_logits.append(logits)
+        if not self.training:
+            self.logits = logits
+            return
+        weight = self.fused_not_halted * lambdas  # the last step's lambda is 1: it takes what is left
+        self.fused_not_halted = self.fused_not_halted * (1 - lambdas)
+        if not self.keep_step_logits:
+            weight, logits = weight.detach(), logits.detach()
+        contribution = weight.unsqueeze(-1).to(logits.dtype) * logits
+        self.logits = contribution if self.logits is None else self.logits + contribution
 
     def _drop_finished(self, hidden: torch.Tensor) -> None:
         """Samples whose items have all exited leave the batch: no later block runs for them."""
@@ -379,20 +410,17 @@ class _AdaptiveRun:
             self.hidden_states.append(self._scatter(hidden))
 
     def output(self) -> ADNetModelOutput:
-        logits, step_logits, halting, exit_steps = self.logits, None, self.halting, self.exit_steps
+        halting, exit_steps = self.halting, self.exit_steps
         if self.full_depth:
             exit_steps = exit_steps.masked_fill(~self.padding, self.config.num_steps)
         if self.lambdas:
             halting = halting_distribution(torch.stack(self.lambdas, dim=-1))
             halting = halting.masked_fill(self.padding.unsqueeze(-1), 0.0)
-            if self.step_logits[0] is not None:
-                step_logits = torch.stack(self.step_logits)
-                weights = halting.movedim(-1, 0).unsqueeze(-1).to(step_logits.dtype)
-                logits = (weights * step_logits).sum(0) if self.training else step_logits[-1]
         return ADNetModelOutput(
             last_hidden_state=self.state.hidden if self.last_hidden is None else self.last_hidden,
-            logits=logits,
-            step_logits=step_logits,
+            logits=self.logits,
+            step_logits=torch.stack(self.step_logits) if self.step_logits else None,
+            step_losses=torch.stack(self.step_losses, dim=-1) if self.step_losses else None,
             halting_probs=halting,
             exit_steps=exit_steps,
             cache=self.cache,
@@ -417,24 +445,27 @@ class _ADNetClassifierMixin:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
     def _classify(self, labels: torch.Tensor | None, exit_policy: str | None, **inputs) -> ADNetSequenceClassifierOutput:
-        if labels is not None and self.config.problem_type is None:
-            self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
-        out = self.adnet(exit_policy=exit_policy, step_head=self.step_head, **inputs)
-        loss = None
+        step_loss = None
         if labels is not None:
-            loss = self.adnet_loss(out.step_logits, out.halting_probs, labels, out.logits)
+            if self.config.problem_type is None:
+                self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+            problem_type = self.config.problem_type
+
+            def step_loss(logits: torch.Tensor) -> torch.Tensor:
+                return task_loss(logits, labels, problem_type)
+
+        out = self.adnet(exit_policy=exit_policy, step_head=self.step_head, step_loss=step_loss, **inputs)
+        loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
             exit_steps=out.exit_steps, hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
-    def adnet_loss(self, step_logits: torch.Tensor | None, halting_probs: torch.Tensor, labels: torch.Tensor,
-                   logits: torch.Tensor) -> torch.Tensor:
-        """The configured loss from every step; with exits (no step logits) the exit prediction's task loss."""
-        problem_type = resolve_problem_type(self.config.problem_type, self.config.num_labels, labels)
-        if step_logits is None:
-            return step_task_losses(logits.unsqueeze(0), labels, problem_type).mean()
-        return self.loss_fn(step_task_losses(step_logits, labels, problem_type), halting_probs)
+    def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The configured loss over the steps; with exits (no step losses) the mean loss at the exit step."""
+        if out.step_losses is None:
+            return task_loss(out.logits, labels, self.config.problem_type).mean()
+        return self.loss_fn(out.step_losses, out.halting_probs)
 
 
 class ADNetForSequenceClassification(_ADNetClassifierMixin, ADNetPreTrainedModel):
@@ -548,11 +579,14 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         exit_policy: str | None = None,
+        output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
     ) -> ADNetCausalLMOutput:
         r"""
+        output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry). Off by
+            default: the per-step losses are taken as each step runs, and training's fused `logits` are detached.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
             causal LM (shifted inside; -100 is ignored).
         cache (`Cache`, *optional*): key/value cache for generation; decoding with a cache runs at full depth.
@@ -561,27 +595,29 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.config.backbone_config)
+        targets = None if labels is None else labels[:, 1:]
+
+        def step_loss(logits: torch.Tensor) -> torch.Tensor:
+            return task_loss(logits[:, :-1], targets, "single_label_classification")
+
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, step_head=self.step_head,
+            step_loss=None if labels is None else step_loss, keep_step_logits=output_step_logits,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        loss = None if labels is None else self.adnet_loss(out, labels)
+        loss = None if labels is None else self.combine_losses(out, targets)
         return ADNetCausalLMOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
             exit_steps=out.exit_steps, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
-    def adnet_loss(self, out: ADNetModelOutput, labels: torch.LongTensor) -> torch.Tensor:
-        """The configured loss over every predicted token whose label is not -100."""
-        targets = labels[:, 1:]
+    def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        """The configured loss over every predicted token whose target (B x T-1) is not -100."""
         keep = targets != IGNORE_INDEX
-        if out.step_logits is None:
-            logits = out.logits[:, :-1][keep]
-            return step_task_losses(logits.unsqueeze(0), targets[keep], "single_label_classification").mean()
-        step_logits = out.step_logits[:, :, :-1][:, keep]
-        step_losses = step_task_losses(step_logits, targets[keep], "single_label_classification")
-        return self.loss_fn(step_losses, out.halting_probs[:, :-1][keep])
+        if out.step_losses is None:
+            return task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification").mean()
+        return self.loss_fn(out.step_losses[keep], out.halting_probs[:, :-1][keep])
 
 
 __all__ = [

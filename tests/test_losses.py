@@ -128,3 +128,40 @@ def test_inference_loss_is_the_exit_prediction_loss():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+
+
+def test_causal_lm_loss_from_running_step_losses_matches_the_step_logits():
+    from conftest import gpt2_config
+
+    from adnet_hf import ADNetForCausalLM
+
+    config = ADNetConfig(backbone_config=gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+                         unit_hidden_size=8)
+    model = ADNetForCausalLM(config).train()
+    ids, mask = token_batch(batch=2, length=6, pad_lengths=(0, 2))
+    labels = ids.masked_fill(mask == 0, -100)
+    lean = model(input_ids=ids, attention_mask=mask, labels=labels)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels, output_step_logits=True)
+    assert lean.step_logits is None and not lean.logits.requires_grad
+    targets, keep = labels[:, 1:], labels[:, 1:] != -100
+    step_losses = torch.stack([torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="none")
+                               for logits in full.step_logits], dim=-1)
+    expected = model.loss_fn(step_losses, full.halting_probs[:, :-1][keep])
+    torch.testing.assert_close(lean.loss, expected)
+    torch.testing.assert_close(full.loss, expected)
+    fused = (full.halting_probs.movedim(-1, 0).unsqueeze(-1) * full.step_logits).sum(0)
+    real = mask.bool()  # padding tokens have no halting distribution
+    torch.testing.assert_close(lean.logits[real], fused.detach()[real])
+    torch.testing.assert_close(full.logits[real], fused[real])
+
+
+def test_training_logits_are_fused_under_the_halting_distribution():
+    model = model_for(num_labels=3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids, mask = token_batch()
+    out = model(input_ids=ids, attention_mask=mask)
+    fused = (out.halting_probs.t().unsqueeze(-1) * out.step_logits).sum(0)
+    torch.testing.assert_close(out.logits, fused)
+    assert out.logits.requires_grad

@@ -69,7 +69,7 @@ def test_causal_lm_forward_backward(backbone):
     model = lm_model(backbone)
     ids, mask = token_batch(batch=2, length=6, pad_lengths=(0, 2))
     labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_step_logits=True)
     n = model.config.num_variable_steps
     assert out.logits.shape == (2, 6, VOCAB) and out.step_logits.shape == (n, 2, 6, VOCAB)
     assert out.halting_probs.shape == (2, 6, n)

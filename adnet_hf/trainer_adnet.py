@@ -1,0 +1,285 @@
+"""Training ADNet with the Transformers `Trainer`: the paper's optimisation recipe and ADNet's own metrics.
+
+- Per-group AdamW learning rates (backbone, calculation units, output layer), each decaying to a floor that is a
+  fixed ratio of its own initial rate; weight decay is the L2 term (none on biases and norms, as Transformers does).
+- Max-norm constraint on unit and output-layer weight rows after every optimiser step (`MaxNormCallback`).
+- Training logs: expected exit step and halting entropy under the halting distribution, accuracy of every step.
+- Evaluation: the exits actually taken (`mean_executed_layers`), whatever `compute_metrics` is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+PARAMETER_GROUPS = ("backbone", "unit", "output")
+# Output fields that are not predictions: the per-step tensors have the steps first, so they cannot be concatenated
+# over evaluation batches, and caches or hidden states are large.
+NON_PREDICTION_OUTPUTS = ("step_logits", "halting_probs", "hidden_states", "attentions", "cache")
+
+
+@dataclass
+class ADNetTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the paper's per-group learning rates and their terminal floor."""
+
+    backbone_learning_rate: float | None = field(
+        default=None, metadata={"help": "Initial learning rate of the backbone (default: `learning_rate`)."}
+    )
+    unit_learning_rate: float | None = field(
+        default=None, metadata={"help": "Initial learning rate of the calculation units (default: `learning_rate`)."}
+    )
+    output_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Initial learning rate of the output layer(s), e.g. an untied LM head (default: "
+                          "`learning_rate`)."},
+    )
+    min_learning_rate_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Terminal learning rate of every group as a ratio of its own initial rate; the linear or "
+                          "cosine schedule decays to it. 0 is plain decay to zero."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
+                             "configured ADNet loss (ADNetConfig.loss_type).")
+        if not 0.0 <= self.min_learning_rate_ratio <= 1.0:
+            raise ValueError(f"min_learning_rate_ratio must be in [0, 1], got {self.min_learning_rate_ratio}.")
+        if self.min_learning_rate_ratio > 0 and self.lr_scheduler_type not in (SchedulerType.LINEAR,
+                                                                               SchedulerType.COSINE):
+            raise ValueError("min_learning_rate_ratio > 0 needs lr_scheduler_type 'linear' or 'cosine', got "
+                             f"{self.lr_scheduler_type.value!r}.")
+
+    def group_learning_rate(self, group: str) -> float:
+        """Initial learning rate of a parameter group (`backbone`, `unit` or `output`)."""
+        value = getattr(self, f"{group}_learning_rate")
+        return self.learning_rate if value is None else value
+
+
+def adnet_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable parameters by group: the backbone, the calculation units, and the rest (the output layers).
+
+    Groups go by identity, so a LM head tied to the input embeddings counts once, as backbone.
+    """
+    base = model.base_model
+    owner = {id(p): "backbone" for p in base.backbone.parameters()}
+    owner.update({id(p): "unit" for p in base.units.parameters()})
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {group: [] for group in PARAMETER_GROUPS}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[owner.get(id(param), "output")].append((name, param))
+    return groups
+
+
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Scale every row of a unit or output-layer `nn.Linear` weight whose L2 norm exceeds `max_norm` back to it.
+
+    Backbone weights (a tied LM head included) are left alone: the constraint is on ADNet's own layers.
+    """
+    backbone = {id(p) for p in model.base_model.backbone.parameters()}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in backbone:
+                module.weight.copy_(torch.renorm(module.weight, p=2, dim=0, maxnorm=max_norm))
+
+
+class MaxNormCallback(TrainerCallback):
+    """The paper's max-norm constraint, after every optimiser step, when `config.max_weight_norm` is set."""
+
+    def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        max_norm = getattr(model.config, "max_weight_norm", None)
+        if max_norm is not None:
+            apply_max_norm(model, max_norm)
+
+
+def _decay_to_floor(step: int, *, warmup_steps: int, total_steps: int, floor: float, cosine: bool) -> float:
+    """LR multiplier: linear warm-up to 1, then linear or cosine decay to `floor` at `total_steps`."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
+    return floor + (1.0 - floor) * remaining
+
+
+class _RunningMeans:
+    """Weighted sums of per-item statistics since the last `pop`, kept on the device: no host sync per batch."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, values: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        values = values.detach().float()
+        weights = torch.ones_like(values) if weights is None else weights.detach().float()
+        self.sums[name] = self.sums.get(name, 0.0) + (values * weights).sum()
+        self.weights[name] = self.weights.get(name, 0.0) + weights.sum()
+
+    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The means (summed over processes by `reduce`), then start again."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        sums = reduce(torch.stack([self.sums[n] for n in names]))
+        weights = reduce(torch.stack([self.weights[n] for n in names]))
+        self.sums, self.weights = {}, {}
+        return dict(zip(names, (sums / weights.clamp(min=1e-12)).tolist()))
+
+
+def _step_correct(step_logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None) -> torch.Tensor | None:
+    """N x B: whether each variable step's prediction is right (classification only)."""
+    if problem_type == "single_label_classification":
+        return step_logits.argmax(-1) == labels
+    if problem_type == "multi_label_classification":
+        return ((step_logits > 0) == (labels > 0.5)).all(-1)
+    return None
+
+
+class ADNetTrainer(Trainer):
+    """`Trainer` for ADNet task models: per-group learning rates with a floor, max-norm, ADNet logs and metrics.
+
+    The loss is the model's configured ADNet loss (GPSL by default), a per-batch mean: the Trainer divides it by the
+    accumulation steps, which is exact under gradient accumulation for equal micro-batches.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args: ADNetTrainingArguments | None = None, **kwargs):
+        if args is not None and not isinstance(args, ADNetTrainingArguments):
+            raise TypeError(f"ADNetTrainer needs ADNetTrainingArguments, got {type(args).__name__}.")
+        super().__init__(model=model, args=args or ADNetTrainingArguments(), **kwargs)
+        self.add_callback(MaxNormCallback)
+        self._train_stats = _RunningMeans()
+        self._exit_stats = _RunningMeans()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own ADNet loss; in training, also gathers the halting statistics for the next log."""
+        outputs = model(**inputs)
+        if model.training:
+            self._record_training_outputs(outputs, inputs.get("labels"))
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _record_training_outputs(self, outputs, labels: torch.Tensor | None) -> None:
+        config = self.model.config
+        probs = outputs.halting_probs.detach().flatten(0, -2)  # items x N; padding tokens are all-zero rows
+        real = probs.sum(-1)
+        steps = torch.arange(1, probs.shape[-1] + 1, device=probs.device) + config.num_fixed_steps
+        self._train_stats.add("mean_exit_step", (probs * steps).sum(-1), real)
+        self._train_stats.add("halting_entropy", -(probs * probs.clamp(min=1e-12).log()).sum(-1), real)
+        if outputs.step_logits is None or labels is None:
+            return
+        correct = _step_correct(outputs.step_logits.detach(), labels, config.problem_type)
+        for n, step_correct in enumerate(() if correct is None else correct, start=config.num_fixed_steps + 1):
+            self._train_stats.add(f"step_{n}_accuracy", step_correct)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs (those with `loss`) also get the halting statistics averaged since the previous log."""
+        if "loss" in logs:
+            logs = {**logs, **self._train_stats.pop(self._sum_over_processes)}
+        super().log(logs, start_time)
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Predictions are `(logits, exit_steps)`, so `compute_metrics` sees where each sample exited."""
+        ignore_keys = [*(ignore_keys or []), *NON_PREDICTION_OUTPUTS]
+        loss, predictions, labels = super().prediction_step(model, inputs, False, ignore_keys)
+        exit_steps = predictions[-1]
+        self._exit_stats.add("exit_step", exit_steps, exit_steps > 0)  # 0: padding tokens of a causal LM
+        return (loss, None, None) if prediction_loss_only else (loss, predictions, labels)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Adds `{prefix}_mean_executed_layers`: backbone layers actually run per sample (per token) with exits."""
+        self._exit_stats = _RunningMeans()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        exits = self._exit_stats.pop(self._sum_over_processes)
+        if exits:
+            layers = exits["exit_step"] * self.model.config.layers_per_step
+            output.metrics[f"{metric_key_prefix}_mean_executed_layers"] = layers
+        return output
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """One parameter group per (ADNet group, weight decay or not), each with its group's initial rate."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            param_groups = []
+            for group, named in adnet_parameter_groups(opt_model).items():
+                for decays in (True, False):
+                    params = [param for name, param in named if (name in decay) == decays]
+                    if params:
+                        param_groups.append({
+                            "params": params, "name": group, "lr": self.args.group_learning_rate(group),
+                            "weight_decay": self.args.weight_decay if decays else 0.0,
+                        })
+            optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                               or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """With `min_learning_rate_ratio > 0`, one multiplier for all groups: each decays to its own floor."""
+        if self.lr_scheduler is None and self.args.min_learning_rate_ratio > 0:
+            schedule = partial(
+                _decay_to_floor, warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                total_steps=num_training_steps, floor=self.args.min_learning_rate_ratio,
+                cosine=self.args.lr_scheduler_type == SchedulerType.COSINE,
+            )
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, schedule)
+            self._created_lr_scheduler = True  # rebuilt by the next `train()`, as Trainer's own schedulers are
+        return super().create_scheduler(num_training_steps, optimizer)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their average rank (as Spearman's correlation needs)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + ends - 1) / 2.0)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """`compute_metrics` for `ADNetTrainer` on sequence / image classification, computed here (no Hub metric).
+
+    Accuracy (single-label: argmax; multi-label: every label right), or for regression (`num_labels=1`) Pearson,
+    Spearman and MSE; plus `mean_executed_steps` when the predictions carry the exit steps.
+    """
+    predictions = eval_pred.predictions
+    logits, exit_steps = (predictions[0], predictions[-1]) if isinstance(predictions, tuple) else (predictions, None)
+    labels = np.asarray(eval_pred.label_ids)
+    if logits.shape[-1] == 1:
+        scores, targets = logits.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
+        metrics = {"pearson": _pearson(scores, targets), "spearman": _pearson(_ranks(scores), _ranks(targets)),
+                   "mse": float(np.mean((scores - targets) ** 2))}
+    elif labels.ndim == logits.ndim:
+        metrics = {"accuracy": float(np.mean(((logits > 0) == (labels > 0.5)).all(-1)))}
+    else:
+        metrics = {"accuracy": float(np.mean(logits.argmax(-1) == labels))}
+    if exit_steps is not None:
+        metrics["mean_executed_steps"] = float(np.mean(exit_steps))
+    return metrics
+
+
+__all__ = [
+    "ADNetTrainer",
+    "ADNetTrainingArguments",
+    "MaxNormCallback",
+    "adnet_parameter_groups",
+    "apply_max_norm",
+    "compute_classification_metrics",
+]
