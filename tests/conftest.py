@@ -22,8 +22,8 @@ def roberta_config(**kwargs):
 
 
 def gpt2_config(**kwargs):
-    return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1,
-                      eos_token_id=2, **kwargs)
+    defaults = dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(**{**defaults, **kwargs})
 
 
 def llama_config(**kwargs):

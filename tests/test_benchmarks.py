@@ -43,3 +43,30 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     halting = [row for row in result["rows"] if row["policy"] == "halting"]
     assert all(row["speedup_b4"] > 0 and 1 <= row["mean_layers"] <= 4 for row in halting)
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
+
+
+def test_generation_benchmark_writes_json_table_and_plot(tmp_path):
+    import bench_generation
+    from conftest import gpt2_config
+    from transformers import GPT2Tokenizer
+
+    from adnet_hf import ADNetForCausalLM
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    tokenizer = GPT2Tokenizer.from_pretrained(data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
+                                         unit_hidden_size=8, num_fixed_steps=0))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text((data / "ptb" / "ptb.valid.txt").read_text()[:4000])
+    path = bench_generation.main([
+        "--model", str(tmp_path / "model"), "--data", str(text), "--name", "tiny", "--block_size", "16",
+        "--max_blocks", "4", "--batch_size", "2", "--generation_batch_sizes", "1", "2", "--prompt_length", "4",
+        "--new_tokens", "3", "--epsilons", "0.1", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
+    ])
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert rows[0]["policy"] == "none (full depth)" and len(rows) == 3
+    assert all(row["speedup_b2"] > 0 and row["tokens_per_s_b1"] > 0 for row in rows[1:])
+    assert (tmp_path / "r" / "tiny.png").exists()

@@ -1,0 +1,126 @@
+"""Causal LM: perplexity and generation tokens/s at full depth and with per-token exit.
+
+Perplexity is teacher-forced on a text file (default: PTB test) with the exit policy applied per token (exited
+tokens keep their exit state, as in generation). Generation speed is greedy decoding of a fixed number of new
+tokens from prompts taken from the same text, at batch 1 and 8, timed against the same weights at full depth.
+
+    python benchmarks/bench_generation.py --model outputs/ptb-adnet-smollm2 \
+        --data ../shared/data/ptb/ptb.test.txt --name ptb_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
+from common import RESULTS_DIR, interleaved_seconds, write_results  # noqa: E402
+
+
+def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:
+    """The text as consecutive blocks of `block_size` token ids (blocks x block_size)."""
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    count = len(ids) // block_size
+    count = min(count, max_blocks) if max_blocks else count
+    return ids[: count * block_size].view(count, block_size)
+
+
+@torch.inference_mode()
+def perplexity(model, blocks: torch.Tensor, batch_size: int, policy: str) -> tuple[float, float]:
+    """(perplexity, mean executed layers per predicted token) with `policy`."""
+    nll, tokens, layers = 0.0, 0, 0.0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        out = model(input_ids=batch, exit_policy=policy)
+        log_probs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        nll -= log_probs.gather(-1, batch[:, 1:].unsqueeze(-1)).sum().item()
+        tokens += batch[:, 1:].numel()
+        layers += (out.exit_steps[:, :-1] * model.config.layers_per_step).sum().item()
+    return math.exp(nll / tokens), layers / tokens
+
+
+def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str,
+                     repeats: int) -> tuple[float, float]:
+    """(speed-up against full depth, tokens/s) of `policy` generating `new_tokens` per prompt."""
+    def generate(exit_policy: str):
+        return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, exit_policy=exit_policy,
+                                      pad_token_id=model.generation_config.eos_token_id)
+
+    seconds = interleaved_seconds({"exit": generate(policy), "none": generate("none")}, repeats)
+    return seconds["none"] / seconds["exit"], prompts.shape[0] * new_tokens / seconds["exit"]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="ADNet causal LM checkpoint folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", required=True, help="plain text file")
+    parser.add_argument("--name", default="generation")
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--max_blocks", type=int, default=64, help="blocks for perplexity")
+    parser.add_argument("--batch_size", type=int, default=8, help="perplexity batch size")
+    parser.add_argument("--generation_batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    blocks = token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
+    full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
+    rows = [{"policy": "none (full depth)", "halting_epsilon": None, "perplexity": full_ppl,
+             "ppl_increase_pct": 0.0, "mean_layers_per_token": full_layers, "ideal_speedup": 1.0}]
+    for epsilon in args.epsilons:
+        model.config.halting_epsilon = epsilon
+        ppl, layers = perplexity(model, blocks, args.batch_size, "halting")
+        row = {"policy": "halting", "halting_epsilon": epsilon, "perplexity": ppl,
+               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "mean_layers_per_token": layers,
+               "ideal_speedup": full_layers / layers}
+        for size in args.generation_batch_sizes:
+            prompts = blocks[:size, : args.prompt_length]
+            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, "halting", args.repeats)
+            row[f"tokens_per_s_b{size}"] = tokens_per_second
+            row[f"speedup_b{size}"] = speedup
+        rows.append(row)
+        print(row, flush=True)
+    payload = {"benchmark": "generation", "model": args.model, "data": args.data, "blocks": len(blocks),
+               "block_size": args.block_size, "new_tokens": args.new_tokens, "total_layers": model.config.num_blocks}
+    return write_results(args.name, payload, rows, plot(rows, args.generation_batch_sizes), args.results_dir)
+
+
+def plot(rows: list[dict], sizes: list[int]):
+    def draw(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for size in sizes:
+            points = [(r[f"speedup_b{size}"], r["perplexity"]) for r in rows if f"speedup_b{size}" in r]
+            axis.plot(*zip(*points), marker="o", label=f"per-token exit, batch {size}")
+        axis.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="full depth")
+        axis.set_xlabel("measured generation speed-up (tokens/s vs full depth)")
+        axis.set_ylabel("perplexity")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+    return draw
+
+
+if __name__ == "__main__":
+    print(main())
