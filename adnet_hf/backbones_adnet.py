@@ -127,28 +127,42 @@ class BertAdapter(BackboneAdapter):
         return StepState(hidden, token_mask, {"attention_mask": mask})
 
 
-class GPT2Adapter(BackboneAdapter):
-    """GPT-2: `wte + wpe`, then `h[k]` with a causal mask; `ln_f` before the tied LM head."""
+class DecoderAdapter(BackboneAdapter):
+    """Decoder-only LMs: token embeddings, positions that skip left padding, a causal mask over the cache."""
 
-    model_types = ("gpt2",)
     is_causal = True
 
-    def blocks(self, backbone):
-        return list(backbone.h)
+    def encode_positions(self, backbone, embeds: torch.Tensor,
+                         positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The first block's input and any position arguments every block takes."""
+        raise NotImplementedError
 
     def embed(self, backbone, inputs, cache=None):
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
-            embeds = backbone.wte(inputs["input_ids"])
+            embeds = backbone.get_input_embeddings()(inputs["input_ids"])
         past = cache.get_seq_length() if cache is not None else 0
         token_mask = _token_mask(inputs, embeds.shape[0], past + embeds.shape[1], embeds.device)
         positions = inputs.get("position_ids")
         if positions is None:
             positions = _positions_from_mask(token_mask, past)
-        hidden = backbone.drop(embeds + backbone.wpe(positions))
         mask = create_causal_mask(config=backbone.config, inputs_embeds=embeds, attention_mask=token_mask,
                                   cache=cache, position_ids=positions)
-        return StepState(hidden, token_mask[:, past:], {"attention_mask": mask, "position_ids": positions})
+        hidden, position_kwargs = self.encode_positions(backbone, embeds, positions)
+        kwargs = {"attention_mask": mask, "position_ids": positions, **position_kwargs}
+        return StepState(hidden, token_mask[:, past:], kwargs)
+
+
+class GPT2Adapter(DecoderAdapter):
+    """GPT-2: `wte + wpe`, then `h[k]`; `ln_f` before the tied LM head."""
+
+    model_types = ("gpt2",)
+
+    def blocks(self, backbone):
+        return list(backbone.h)
+
+    def encode_positions(self, backbone, embeds, positions):
+        return backbone.drop(embeds + backbone.wpe(positions)), {}
 
     def final_norm(self, backbone):
         return backbone.ln_f
@@ -164,29 +178,16 @@ class GPT2Adapter(BackboneAdapter):
         return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
 
 
-class LlamaAdapter(BackboneAdapter):
+class LlamaAdapter(DecoderAdapter):
     """Llama family: `embed_tokens`, rotary embeddings shared by all `layers[k]`; `norm` before the LM head."""
 
     model_types = ("llama", "mistral", "qwen2")
-    is_causal = True
 
     def blocks(self, backbone):
         return list(backbone.layers[: backbone.config.num_hidden_layers])
 
-    def embed(self, backbone, inputs, cache=None):
-        hidden = inputs.get("inputs_embeds")
-        if hidden is None:
-            hidden = backbone.embed_tokens(inputs["input_ids"])
-        past = cache.get_seq_length() if cache is not None else 0
-        token_mask = _token_mask(inputs, hidden.shape[0], past + hidden.shape[1], hidden.device)
-        positions = inputs.get("position_ids")
-        if positions is None:
-            positions = _positions_from_mask(token_mask, past)
-        mask = create_causal_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=token_mask,
-                                  cache=cache, position_ids=positions)
-        rotary = backbone.rotary_emb(hidden, position_ids=positions)
-        kwargs = {"attention_mask": mask, "position_ids": positions, "position_embeddings": rotary}
-        return StepState(hidden, token_mask[:, past:], kwargs)
+    def encode_positions(self, backbone, embeds, positions):
+        return embeds, {"position_embeddings": backbone.rotary_emb(embeds, position_ids=positions)}
 
     def final_norm(self, backbone):
         return backbone.norm

@@ -429,10 +429,13 @@ class _AdaptiveRun:
         )
 
 
-class _ADNetClassifierMixin:
+class _ADNetClassifier(ADNetPreTrainedModel):
     """Shared by the sequence and image classifiers: an output layer on the unit summaries, and the loss."""
 
-    def _build_head(self, config: ADNetConfig) -> None:
+    def __init__(self, config: ADNetConfig):
+        super().__init__(config)
+        self.adnet = ADNetModel(config)
+
         def output_layer() -> nn.Module:
             return nn.Sequential(nn.Dropout(config.classifier_dropout),
                                  nn.Linear(2 * config.unit_hidden_size, config.num_labels))
@@ -440,6 +443,7 @@ class _ADNetClassifierMixin:
         count = 1 if config.share_output_layer else config.num_variable_steps
         self.output_layers = nn.ModuleList(output_layer() for _ in range(count))
         self.loss_fn = build_loss(config)
+        self.post_init()
 
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
@@ -468,14 +472,8 @@ class _ADNetClassifierMixin:
         return self.loss_fn(out.step_losses, out.halting_probs)
 
 
-class ADNetForSequenceClassification(_ADNetClassifierMixin, ADNetPreTrainedModel):
+class ADNetForSequenceClassification(_ADNetClassifier):
     """ADNet on a BERT, RoBERTa or GPT-2 backbone for single-label, multi-label or regression tasks."""
-
-    def __init__(self, config: ADNetConfig):
-        super().__init__(config)
-        self.adnet = ADNetModel(config)
-        self._build_head(config)
-        self.post_init()
 
     def forward(
         self,
@@ -501,16 +499,10 @@ class ADNetForSequenceClassification(_ADNetClassifierMixin, ADNetPreTrainedModel
         )
 
 
-class ADNetForImageClassification(_ADNetClassifierMixin, ADNetPreTrainedModel):
+class ADNetForImageClassification(_ADNetClassifier):
     """ADNet on a ResNet: each image stops after its own number of residual blocks."""
 
     main_input_name = "pixel_values"
-
-    def __init__(self, config: ADNetConfig):
-        super().__init__(config)
-        self.adnet = ADNetModel(config)
-        self._build_head(config)
-        self.post_init()
 
     def forward(
         self,

@@ -21,6 +21,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from .losses_adnet import IGNORE_INDEX
+
 PARAMETER_GROUPS = ("backbone", "unit", "output")
 # Output fields that are not predictions: the per-step tensors have the steps first, so they cannot be concatenated
 # over evaluation batches, and caches or hidden states are large.
@@ -147,11 +149,10 @@ def _step_correct(step_logits: torch.Tensor, labels: torch.Tensor, problem_type:
 class ADNetTrainer(Trainer):
     """`Trainer` for ADNet task models: per-group learning rates with a floor, max-norm, ADNet logs and metrics.
 
-    The loss is the model's configured ADNet loss (GPSL by default), a per-batch mean: the Trainer divides it by the
-    accumulation steps, which is exact under gradient accumulation for equal micro-batches.
+    The loss is the model's configured ADNet loss (GPSL by default). Under gradient accumulation a classifier's
+    per-batch mean is divided by the accumulation steps (exact for equal micro-batches); a causal LM's token mean is
+    weighted by the micro-batch's share of the accumulated tokens, as Transformers' own causal LMs are.
     """
-
-    loss_is_scaled_for_ga = False
 
     def __init__(self, model: nn.Module | None = None, args: ADNetTrainingArguments | None = None, **kwargs):
         if args is not None and not isinstance(args, ADNetTrainingArguments):
@@ -166,7 +167,22 @@ class ADNetTrainer(Trainer):
         outputs = model(**inputs)
         if model.training:
             self._record_training_outputs(outputs, inputs.get("labels"))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if num_items_in_batch is not None:
+            loss = self._share_of_accumulated_mean(loss, inputs["labels"], num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _share_of_accumulated_mean(self, loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """A token mean made this micro-batch's share of the mean over every accumulated token of every process.
+
+        Trainer counts `num_items_in_batch` (and then skips its division by the accumulation steps) only for models
+        whose forward takes loss kwargs, i.e. `ADNetForCausalLM`; the count below follows the same shifting rule.
+        """
+        counted = labels[..., 1:] if self._loss_shifts_labels else labels
+        loss = loss * counted.ne(IGNORE_INDEX).sum() / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients of the processes
+        return loss
 
     def _record_training_outputs(self, outputs, labels: torch.Tensor | None) -> None:
         config = self.model.config
