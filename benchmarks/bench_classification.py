@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from common import RESULTS_DIR, interleaved_seconds, write_results  # noqa: E402
+from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
 
@@ -96,27 +96,17 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
 
 
 def plot(rows: list[dict], sizes: list[int]):
-    def draw(path: Path) -> None:
-        import matplotlib
+    def draw(axis, index: int) -> None:
+        size = sizes[index]
+        for policy in DEFAULT_SETTINGS:
+            points = [(r[f"speedup_b{size}"], 100 * r["accuracy"]) for r in rows if r["policy"] == policy]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=policy)
+        axis.axhline(100 * rows[0]["accuracy"], color="gray", linestyle="--", label="full depth")
+        axis.set_xlabel(f"measured speed-up vs full depth (batch {size})")
+        axis.set_ylabel("accuracy (%)")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-        for axis, size in zip(axes[0], sizes):
-            for policy in DEFAULT_SETTINGS:
-                points = [(r[f"speedup_b{size}"], 100 * r["accuracy"]) for r in rows if r["policy"] == policy]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=policy)
-            axis.axhline(100 * rows[0]["accuracy"], color="gray", linestyle="--", label="full depth")
-            axis.set_xlabel(f"measured speed-up vs full depth (batch {size})")
-            axis.set_ylabel("accuracy (%)")
-            axis.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-
-    return draw
+    return lambda path: save_figure(path, len(sizes), draw)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from common import RESULTS_DIR, interleaved_seconds, write_results  # noqa: E402
+from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:
@@ -101,25 +101,15 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def plot(rows: list[dict], sizes: list[int]):
-    def draw(path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(6, 4))
+    def draw(axis, index: int) -> None:
         for size in sizes:
             points = [(r[f"speedup_b{size}"], r["perplexity"]) for r in rows if f"speedup_b{size}" in r]
             axis.plot(*zip(*points), marker="o", label=f"per-token exit, batch {size}")
         axis.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="full depth")
         axis.set_xlabel("measured generation speed-up (tokens/s vs full depth)")
         axis.set_ylabel("perplexity")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
 
-    return draw
+    return lambda path: save_figure(path, 1, draw)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,22 @@ def write_results(name: str, payload: dict, table: list[dict], plot: Callable[[P
     return json_path
 
 
+def save_figure(path: Path, panels: int, draw: Callable[[object, int], None]) -> None:
+    """A figure of `panels` side-by-side axes, `draw(axis, index)` filling each, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    for index, axis in enumerate(axes[0]):
+        draw(axis, index)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def markdown_table(rows: list[dict], command: str) -> str:
     if not rows:
         return f"No rows.\n\nCommand: `{command}`\n"
