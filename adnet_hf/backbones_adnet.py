@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.models.llama.modeling_llama import rotate_half
+from transformers.pytorch_utils import Conv1D
 
 
 @dataclass
@@ -63,12 +65,25 @@ def _token_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.d
     return mask
 
 
+_MATMUL_WEIGHTS: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Weights of the linear and convolution layers in `module`: each costs 2 FLOPs per output position."""
+    if module not in _MATMUL_WEIGHTS:
+        _MATMUL_WEIGHTS[module] = sum(
+            m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d, Conv1D))
+        )
+    return _MATMUL_WEIGHTS[module]
+
+
 class BackboneAdapter:
     """Runs a Transformers backbone step by step. Subclasses name the modules of one family."""
 
     model_types: tuple[str, ...] = ()
     main_input_name = "input_ids"
     is_causal = False
+    has_attention = True
 
     def build(self, config: PreTrainedConfig) -> PreTrainedModel:
         return AutoModel.from_config(config)
@@ -92,6 +107,23 @@ class BackboneAdapter:
     def unit_view(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block output as B x T x H, the layout the calculation units read."""
         return hidden
+
+    def block_flops(self, block: nn.Module, state: StepState, output: torch.Tensor) -> torch.Tensor:
+        """Estimated FLOPs of `block` at each real position (B x T): its matrix products, and for attention the
+        scores and weighted values over the position's context (all tokens, or the causal past with the cache)."""
+        positions = self.unit_view(output)
+        mask = state.token_mask
+        if mask is None:
+            mask = positions.new_ones(positions.shape[:2])
+        mask = mask.to(positions.dtype)
+        flops = 2.0 * matmul_weights(block) * mask
+        if self.has_attention:
+            if self.is_causal:
+                context = state.block_kwargs["position_ids"].to(mask.dtype) + 1
+            else:
+                context = mask.sum(-1, keepdim=True)
+            flops = flops + 4.0 * positions.shape[-1] * context * mask
+        return flops
 
     def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
         """The norm applied before the LM head (causal LMs only)."""
@@ -207,6 +239,7 @@ class ResNetAdapter(BackboneAdapter):
 
     model_types = ("resnet",)
     main_input_name = "pixel_values"
+    has_attention = False
 
     def num_blocks(self, config):
         return sum(config.depths)

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from transformers.utils.output_capturing import OutputRecorder
 
-from .backbones_adnet import StepState, select_batch, backbone_adapter
+from .backbones_adnet import StepState, backbone_adapter, matmul_weights, select_batch
 from .configuration_adnet import ADNetConfig
 from .generation_adnet import SubBatchCache
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
@@ -49,6 +49,9 @@ class ADNetModelOutput(ModelOutput):
         the steps after it get 0, so each row still sums to 1.
     exit_steps (`torch.LongTensor` of shape `items`):
         Backbone steps executed for each item, fixed steps included (0 for padding tokens).
+    executed_layers (`torch.LongTensor` of shape `items`): backbone blocks executed for each item.
+    flops (`torch.Tensor` of shape `items`): estimated FLOPs each item used in the blocks it ran, the units and the
+        step predictions (matrix products and attention; a sample's real tokens only, as if it ran alone).
     cache (`Cache`): the key/value cache, when one was passed or `use_cache=True`.
     hidden_states (`tuple(torch.Tensor)`): the embedding output and each executed step's output (full batch;
         zeros for samples that had left the batch).
@@ -61,6 +64,8 @@ class ADNetModelOutput(ModelOutput):
     step_losses: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
+    executed_layers: torch.LongTensor | None = None
+    flops: torch.Tensor | None = None
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
@@ -78,6 +83,8 @@ class ADNetSequenceClassifierOutput(ModelOutput):
         prediction (training and `exit_policy="none"`).
     halting_probs (`torch.Tensor` of shape `(batch_size, num_variable_steps)`): the halting distribution.
     exit_steps (`torch.LongTensor` of shape `(batch_size,)`): backbone steps executed per sample.
+    executed_layers (`torch.LongTensor` of shape `(batch_size,)`): backbone blocks executed per sample.
+    flops (`torch.Tensor` of shape `(batch_size,)`): estimated FLOPs per sample (see `ADNetModelOutput`).
     """
 
     loss: torch.Tensor | None = None
@@ -85,6 +92,8 @@ class ADNetSequenceClassifierOutput(ModelOutput):
     step_logits: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
+    executed_layers: torch.LongTensor | None = None
+    flops: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -93,7 +102,8 @@ class ADNetSequenceClassifierOutput(ModelOutput):
 class ADNetCausalLMOutput(ModelOutput):
     r"""
     Output of [`ADNetForCausalLM`]. Items are tokens: `logits` is `(batch_size, seq_len, vocab_size)`,
-    `halting_probs` `(batch_size, seq_len, num_variable_steps)`, `exit_steps` `(batch_size, seq_len)`.
+    `halting_probs` `(batch_size, seq_len, num_variable_steps)`, `exit_steps`, `executed_layers` and `flops`
+    `(batch_size, seq_len)`.
     `loss` averages over the predicted tokens whose label is not -100.
     """
 
@@ -102,6 +112,8 @@ class ADNetCausalLMOutput(ModelOutput):
     step_logits: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
+    executed_layers: torch.LongTensor | None = None
+    flops: torch.Tensor | None = None
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
@@ -179,11 +191,14 @@ class ADNetModel(ADNetPreTrainedModel):
         size = self.config.layers_per_step
         return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
-    def run_step(self, blocks: list[nn.Module], state: StepState, cache=None) -> torch.Tensor:
-        hidden = state.hidden
+    def run_step(self, blocks: list[nn.Module], state: StepState, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's output and its estimated FLOPs at each position (B x T)."""
+        hidden, flops = state.hidden, 0.0
         for block in blocks:
-            hidden = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), cache)
-        return hidden
+            block_state = StepState(hidden, state.token_mask, state.block_kwargs)
+            hidden = self.adapter.run_block(block, block_state, cache)
+            flops = flops + self.adapter.block_flops(block, block_state, hidden)
+        return hidden, flops
 
     def forward(
         self,
@@ -198,6 +213,7 @@ class ADNetModel(ADNetPreTrainedModel):
         step_head: StepHead | None = None,
         step_loss: StepLoss | None = None,
         keep_step_logits: bool = True,
+        step_head_flops: float = 0.0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -210,6 +226,7 @@ class ADNetModel(ADNetPreTrainedModel):
         step_loss (`Callable`, *optional*): `step_loss(logits)` returns a step's unreduced task loss; at full depth
             each step's loss is taken right away, so `keep_step_logits=False` need not hold every step's logits
             (a causal LM's N x B x T x vocab). Without kept step logits, training's fused `logits` are detached.
+        step_head_flops (`float`): FLOPs of one `step_head` call per item, for the `flops` estimate.
         cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
             deeper layers' keys/values from their exit hidden state (CALM's state propagation).
         """
@@ -218,7 +235,7 @@ class ADNetModel(ADNetPreTrainedModel):
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = self._resolve_policy(exit_policy)
         run = _AdaptiveRun(self, state, policy, step_head, bool(output_hidden_states), cache, step_loss,
-                           keep_step_logits)
+                           keep_step_logits, step_head_flops)
         with _recording_attentions(self.backbone, bool(output_attentions)) as attentions:
             run.loop(attentions)
         return run.output()
@@ -272,9 +289,10 @@ class _AdaptiveRun:
     """
 
     def __init__(self, model: ADNetModel, state: StepState, policy: str, step_head: StepHead | None,
-                 keep_hidden_states: bool, cache, step_loss: StepLoss | None = None, keep_step_logits: bool = True):
+                 keep_hidden_states: bool, cache, step_loss: StepLoss | None = None, keep_step_logits: bool = True,
+                 step_head_flops: float = 0.0):
         self.model, self.config, self.state, self.head, self.cache = model, model.config, state, step_head, cache
-        self.step_loss, self.keep_step_logits = step_loss, keep_step_logits
+        self.step_loss, self.keep_step_logits, self.step_head_flops = step_loss, keep_step_logits, step_head_flops
         self.training = policy == "train"
         self.full_depth = policy in ("train", "none")
         # with a cache and exits, blocks see the cache through a view that fills exited samples' keys/values
@@ -287,6 +305,7 @@ class _AdaptiveRun:
         self.padding = state.token_mask == 0 if model.per_token else torch.zeros(batch, dtype=torch.bool, device=device)
         self.done = self.padding
         self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
+        self.flops = torch.zeros(self.padding.shape, dtype=torch.float64, device=device)
         self.halting: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
@@ -315,6 +334,7 @@ class _AdaptiveRun:
             if self.cache is not None and self.full_depth:  # full-depth generation: only the last step predicts
                 if n == num_variable - 1 and self.head is not None:
                     self.logits = self.head(n, None, hidden)
+                    self._count_flops(hidden.new_zeros(hidden.shape[:2]), self.step_head_flops)
             elif n >= 0:
                 self._variable_step(n, step, hidden, last=n == num_variable - 1)
 
@@ -323,13 +343,20 @@ class _AdaptiveRun:
         if isinstance(self.cache_view, SubBatchCache):
             everyone = self.active.numel() == self.padding.shape[0]
             self.cache_view.active = None if everyone else self.active
-        hidden = self.model.run_step(blocks, self.state, self.cache_view)
+        hidden, flops = self.model.run_step(blocks, self.state, self.cache_view)
         if isinstance(self.cache_view, SubBatchCache):
             self._commit_cache(step, blocks)
         if self.model.per_token and not self.full_depth:
             hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
+        self._count_flops(flops)
         self.state.hidden = hidden
         return hidden
+
+    def _count_flops(self, position_flops: torch.Tensor, per_item: float = 0.0) -> None:
+        """Add FLOPs per position (B x T) and per item to the items still running."""
+        flops = position_flops if self.model.per_token else position_flops.sum(-1)
+        flops = (flops + per_item).masked_fill(self.done, 0.0)
+        self.flops[self.active] += flops.to(self.flops.dtype)
 
     def _commit_cache(self, step: int, blocks: list[nn.Module]) -> None:
         """Give the samples that have left the batch the keys/values their exit state propagates to."""
@@ -345,9 +372,13 @@ class _AdaptiveRun:
                         lambda block=block: self.model.adapter.kv_projection(block, hidden, kwargs))
 
     def _variable_step(self, n: int, step: int, hidden: torch.Tensor, last: bool) -> None:
-        mask = None if self.model.per_token else self.state.token_mask
-        summary, lambdas = self.model.units[n](self.model.adapter.unit_view(hidden), mask)
+        unit = self.model.units[n]
+        positions = self.model.adapter.unit_view(hidden)
+        summary, lambdas = unit(positions, None if self.model.per_token else self.state.token_mask)
         logits = self.head(n, summary, hidden) if self.head is not None else None
+        real = self.state.token_mask if self.state.token_mask is not None else positions.new_ones(positions.shape[:2])
+        per_position, per_summary = unit.flops()
+        self._count_flops(per_position * real.to(positions.dtype), per_summary + self.step_head_flops)
         if self.full_depth:
             self.lambdas.append(lambdas)
             if logits is not None:
@@ -423,6 +454,8 @@ class _AdaptiveRun:
             step_losses=torch.stack(self.step_losses, dim=-1) if self.step_losses else None,
             halting_probs=halting,
             exit_steps=exit_steps,
+            executed_layers=exit_steps * self.config.layers_per_step,
+            flops=self.flops,
             cache=self.cache,
             hidden_states=tuple(self.hidden_states) if self.hidden_states is not None else None,
             attentions=tuple(self.attentions) if self.attentions else None,
@@ -458,11 +491,13 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
-        out = self.adnet(exit_policy=exit_policy, step_head=self.step_head, step_loss=step_loss, **inputs)
+        out = self.adnet(exit_policy=exit_policy, step_head=self.step_head, step_loss=step_loss,
+                         step_head_flops=2.0 * matmul_weights(self.output_layers[0]), **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
-            exit_steps=out.exit_steps, hidden_states=out.hidden_states, attentions=out.attentions,
+            exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops,
+            hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
     def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
@@ -596,12 +631,14 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, step_head=self.step_head,
             step_loss=None if labels is None else step_loss, keep_step_logits=output_step_logits,
+            step_head_flops=2.0 * matmul_weights(self.lm_head),
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         loss = None if labels is None else self.combine_losses(out, targets)
         return ADNetCausalLMOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
-            exit_steps=out.exit_steps, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions,
+            exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops, cache=out.cache,
+            hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
     def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,6 @@ from transformers.trainer_utils import SchedulerType
 from .losses_adnet import IGNORE_INDEX
 
 PARAMETER_GROUPS = ("backbone", "unit", "output")
-# Output fields that are not predictions: the per-step tensors have the steps first, so they cannot be concatenated
-# over evaluation batches, and caches or hidden states are large.
-NON_PREDICTION_OUTPUTS = ("step_logits", "halting_probs", "hidden_states", "attentions", "cache")
 
 
 @dataclass
@@ -207,12 +204,26 @@ class ADNetTrainer(Trainer):
         return self.accelerator.reduce(tensor, reduction="sum")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Predictions are `(logits, exit_steps)`, so `compute_metrics` sees where each sample exited."""
-        ignore_keys = [*(ignore_keys or []), *NON_PREDICTION_OUTPUTS]
-        loss, predictions, labels = super().prediction_step(model, inputs, False, ignore_keys)
-        exit_steps = predictions[-1]
-        self._exit_stats.add("exit_step", exit_steps, exit_steps > 0)  # 0: padding tokens of a causal LM
-        return (loss, None, None) if prediction_loss_only else (loss, predictions, labels)
+        """Predictions are `(logits, exit_steps)`, so `compute_metrics` sees where each sample exited.
+
+        Only these two: the per-step outputs have the steps first (they cannot be concatenated over batches) and the
+        rest is large, so `ignore_keys` has nothing left to choose from.
+        """
+        inputs = self._prepare_inputs(inputs)
+        labels = tuple(inputs.get(name) for name in self.label_names)
+        has_labels = bool(labels) and all(label is not None for label in labels)
+        loss = None
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if has_labels:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+                loss = loss.detach().mean()
+            else:
+                outputs = model(**inputs)
+        self._exit_stats.add("exit_step", outputs.exit_steps, outputs.exit_steps > 0)  # 0: a causal LM's padding
+        if prediction_loss_only:
+            return loss, None, None
+        labels = (labels[0] if len(labels) == 1 else labels) if has_labels else None
+        return loss, (outputs.logits, outputs.exit_steps), labels
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

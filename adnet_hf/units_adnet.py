@@ -32,6 +32,13 @@ class CalculationUnit(nn.Module):
         self.dense = None if per_token and not halts else nn.Linear(input_size, hidden_size)
         self.halting = nn.Linear(hidden_size if per_token else 2 * hidden_size, 1) if halts else None
 
+    def flops(self) -> tuple[float, float]:
+        """Estimated FLOPs per real position (the dense layer) and per summary (the halting layer, which a pooled
+        unit runs once per sample and a per-token unit once per token)."""
+        dense = 0.0 if self.dense is None else 2.0 * self.dense.weight.numel()
+        halting = 0.0 if self.halting is None else 2.0 * self.halting.weight.numel()
+        return dense, halting
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: B x T x H. Returns the summary `r` and the halting probability `lambda` (B, or B x T)."""
         if self.dense is None:

@@ -318,3 +318,38 @@ def test_pretrained_backbone_weights_are_loaded_unchanged(tmp_path):
 def test_causal_lm_needs_a_decoder_backbone():
     with pytest.raises(ValueError, match="decoder backbone"):
         ADNetForCausalLM(ADNetConfig(backbone_config=bert_config()))
+
+
+@pytest.mark.parametrize("backbone,policy", [("bert", "none"), ("bert", "halting"), ("gpt2", "none"),
+                                             ("gpt2", "halting")])
+def test_flops_estimate_matches_a_flop_counter(backbone, policy):
+    """For one sample alone, the reported FLOPs are what torch's FLOP counter sees (matrix products, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = ADNetConfig(backbone_config=TEXT_BACKBONES[backbone](), num_labels=3, unit_hidden_size=8,
+                         halting_epsilon=0.3, num_fixed_steps=0, attn_implementation="eager")
+    model = ADNetForSequenceClassification(config).eval()
+    spread_halting(model)
+    length, hidden = 6, 32
+    ids = torch.randint(3, VOCAB, (1, length))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids, exit_policy=policy)
+    layers = out.executed_layers.item()
+    assert layers == out.exit_steps.item()
+    counted = counter.get_total_flops()
+    if backbone == "gpt2":  # eager attention computes the full square; a causal token needs its past only
+        counted -= 4 * hidden * (length * length - length * (length + 1) // 2) * layers
+    assert out.flops.item() == pytest.approx(counted, rel=1e-6)
+
+
+def test_flops_follow_the_exits_in_a_batch():
+    model = seq_model(num_fixed_steps=0).eval()
+    spread_halting(model)
+    ids, mask = token_batch(batch=6, pad_lengths=(0, 2, 0, 3, 1, 4))
+    model.config.halting_epsilon = thresholds_that_split_the_batch(model, ids, mask)["halting_epsilon"]
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask)
+        for row in range(6):
+            single = model(input_ids=ids[row : row + 1, : int(mask[row].sum())])
+            assert single.flops.item() == pytest.approx(batched.flops[row].item(), rel=1e-6)
+    assert len(set(batched.exit_steps.tolist())) > 1
