@@ -483,9 +483,9 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 
     def _classify(self, labels: torch.Tensor | None, exit_policy: str | None, **inputs) -> ADNetSequenceClassifierOutput:
         step_loss = None
-        if labels is not None:
-            if self.config.problem_type is None:
-                self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+        if labels is not None and self.config.problem_type is None:
+            self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+        if labels is not None and self.training:
             problem_type = self.config.problem_type
 
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -501,7 +501,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         )
 
     def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
-        """The configured loss over the steps; with exits (no step losses) the mean loss at the exit step."""
+        """Training: the configured loss over the steps. Inference: the task loss of the prediction made."""
         if out.step_losses is None:
             return task_loss(out.logits, labels, self.config.problem_type).mean()
         return self.loss_fn(out.step_losses, out.halting_probs)
@@ -524,7 +524,8 @@ class ADNetForSequenceClassification(_ADNetClassifier):
     ) -> ADNetSequenceClassifierOutput:
         r"""
         labels (`torch.Tensor` of shape `(batch_size,)`, or `(batch_size, num_labels)` for multi-label):
-            Class indices, or targets for regression / multi-label; the loss follows `config.loss_type`.
+            Class indices, or targets for regression / multi-label. In training the loss follows
+            `config.loss_type`; at inference it is the task loss of the prediction made (at the exit step).
         exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call.
         """
         return self._classify(
@@ -630,7 +631,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, step_head=self.step_head,
-            step_loss=None if labels is None else step_loss, keep_step_logits=output_step_logits,
+            step_loss=step_loss if labels is not None and self.training else None,
+            keep_step_logits=output_step_logits,
             step_head_flops=2.0 * matmul_weights(self.lm_head),
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
@@ -642,7 +644,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         )
 
     def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor) -> torch.Tensor:
-        """The configured loss over every predicted token whose target (B x T-1) is not -100."""
+        """Over every predicted token whose target (B x T-1) is not -100: in training the configured loss over the
+        steps, at inference the cross-entropy of the prediction made (so `exp(loss)` is the perplexity)."""
         keep = targets != IGNORE_INDEX
         if out.step_losses is None:
             return task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification").mean()

@@ -121,12 +121,13 @@ def test_problem_types_inferred_and_their_step_losses(num_labels, labels, proble
     torch.testing.assert_close(out.loss, expected)
 
 
-def test_inference_loss_is_the_exit_prediction_loss():
+@pytest.mark.parametrize("policy", ["halting", "none"])
+def test_inference_loss_is_the_task_loss_of_the_prediction(policy):
     model = model_for(num_labels=3).eval()
     ids, mask = token_batch()
     labels = torch.tensor([0, 2, 1, 1])
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, exit_policy=policy)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
 
 
