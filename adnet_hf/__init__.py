@@ -16,6 +16,7 @@ from transformers import (
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
+from .trainer_adnet import ADNetTrainer, ADNetTrainingArguments, MaxNormCallback, compute_classification_metrics
 from .modeling_adnet import (
     ADNetCausalLMOutput,
     ADNetForCausalLM,
@@ -52,6 +53,10 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "ADNetTrainer",
+    "ADNetTrainingArguments",
+    "MaxNormCallback",
+    "compute_classification_metrics",
     "CalibrationResult",
     "calibrate_exit",
     "ADNetCausalLMOutput",

@@ -182,6 +182,9 @@ class ADNetTrainer(Trainer):
         return loss
 
     def _record_training_outputs(self, outputs, labels: torch.Tensor | None) -> None:
+        """Training runs every step, so exits are expectations under the halting distribution: `mean_exit_step`
+        (backbone steps, fixed ones included) and `halting_entropy` (nats); plus `step_{k}_accuracy` for each
+        variable backbone step k when the step predictions are classes."""
         config = self.model.config
         probs = outputs.halting_probs.detach().flatten(0, -2)  # items x N; padding tokens are all-zero rows
         real = probs.sum(-1)

@@ -42,8 +42,13 @@ DECODER_BACKBONES = {"gpt2": gpt2_config, "llama": llama_config}
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Same random weights in every test; one thread, so tiny ops are not slowed by thread contention."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def token_batch(batch=4, length=7, pad_lengths=(0, 2, 0, 3), left_padding=False, pad_id=0):

@@ -1,0 +1,41 @@
+"""The ADNet settings every example script takes on its command line (each maps to an `ADNetConfig` field)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _adnet_field(help_text: str):
+    return field(default=None, metadata={"help": f"ADNetConfig.{help_text} (default: keep the config's value)."})
+
+
+@dataclass
+class ADNetArguments:
+    """ADNet config fields to set; unset ones keep the checkpoint's (or the config's default) value."""
+
+    num_fixed_steps: int | None = _adnet_field("num_fixed_steps: leading steps without a unit")
+    layers_per_step: int | None = _adnet_field("layers_per_step: backbone blocks per step")
+    unit_hidden_size: int | None = _adnet_field("unit_hidden_size: width of each calculation unit")
+    exit_policy: str | None = _adnet_field("exit_policy: halting, confidence, patience or none")
+    halting_epsilon: float | None = _adnet_field("halting_epsilon")
+    confidence_threshold: float | None = _adnet_field("confidence_threshold")
+    patience: int | None = _adnet_field("patience")
+    loss_type: str | None = _adnet_field("loss_type: gpsl, pondernet, deep_supervision or last")
+    gpsl_alpha: float | None = _adnet_field("gpsl_alpha: weight of the growing deep supervision")
+    gpsl_beta: float | None = _adnet_field("gpsl_beta: weight of the plateau term")
+    gpsl_step_cost: float | None = _adnet_field("gpsl_step_cost")
+    gpsl_temperature: float | None = _adnet_field("gpsl_temperature: sharpness of the plateau target")
+    max_weight_norm: float | None = _adnet_field("max_weight_norm: max-norm of unit and output-layer rows")
+    classifier_dropout: float | None = _adnet_field("classifier_dropout")
+
+    def overrides(self) -> dict:
+        """The fields given on the command line, as `ADNetConfig` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @staticmethod
+    def is_adnet_checkpoint(path: str) -> bool:
+        """Whether `path` is a saved ADNet checkpoint (rather than a backbone to wrap)."""
+        config = Path(path) / "config.json"
+        return config.exists() and json.loads(config.read_text()).get("model_type") == "adnet"

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Train ADNet for causal language modelling on plain text files (after Transformers' `run_clm.py`).
+
+    # GPT-2 from a config, trained from scratch on Penn Treebank with the GPT-2 tokenizer
+    python examples/run_clm.py --backbone_config '{"model_type": "gpt2", "n_layer": 6, "n_embd": 256, "n_head": 4}' \\
+        --tokenizer_name ../shared/data/gpt2-tokenizer --train_file ../shared/data/ptb/ptb.train.txt \\
+        --validation_file ../shared/data/ptb/ptb.valid.txt --test_file ../shared/data/ptb/ptb.test.txt \\
+        --output_dir outputs/ptb-gpt2-adnet --do_train --do_eval --do_predict
+
+    # units only, on a frozen pretrained Llama-family LM shipped as GGUF
+    python examples/run_clm.py --model_name_or_path DIR --gguf_file model.gguf --freeze_backbone ...
+
+Evaluation reports perplexity with the configured exit policy, perplexity at full depth and the mean number of
+backbone layers executed per token, and writes them to `eval_results.json` / `predict_results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer, GPT2Tokenizer, HfArgumentParser, default_data_collator, set_seed
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adnet_arguments import ADNetArguments  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A causal LM checkpoint (GPT-2, Llama family) or a saved ADNet checkpoint."}
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path."})
+    backbone_config: str | None = field(
+        default=None,
+        metadata={"help": "Instead of a checkpoint: a backbone trained from scratch, from this config (a JSON file or "
+                          "an inline JSON object with a model_type); its vocab_size follows the tokenizer."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder, if not the model's."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train the calculation units only."})
+
+
+@dataclass
+class DataArguments:
+    """Plain text files, cut into blocks of `block_size` tokens."""
+
+    train_file: str | None = field(default=None, metadata={"help": "Training text."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation text."})
+    test_file: str | None = field(default=None, metadata={"help": "Test text (--do_predict)."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training example."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks of eval/test."})
+
+
+class TextBlocks(torch.utils.data.Dataset):
+    """A text file as consecutive blocks of token ids, each its own labels (the model shifts them)."""
+
+    def __init__(self, tokenizer, path: str, block_size: int, max_blocks: int | None):
+        ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+        count = len(ids) // block_size
+        if max_blocks is not None:
+            count = min(count, max_blocks)
+        self.blocks = ids[: count * block_size].view(count, block_size)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def parse_args(argv: list[str] | None):
+    parser = HfArgumentParser((ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """The tokenizer folder's tokenizer; a bare `vocab.json` + `merges.txt` folder is GPT-2's byte-level BPE."""
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    folder = Path(source)
+    if (folder / "merges.txt").exists() and not (folder / "tokenizer_config.json").exists():
+        return GPT2Tokenizer.from_pretrained(folder)
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
+    return AutoTokenizer.from_pretrained(source, **gguf)
+
+
+def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer) -> ADNetForCausalLM:
+    overrides = adnet_args.overrides()
+    if model_args.backbone_config is not None:
+        backbone = json.loads(Path(model_args.backbone_config).read_text()
+                              if model_args.backbone_config.endswith(".json") else model_args.backbone_config)
+        backbone.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id"):
+            backbone.setdefault(name, tokenizer.eos_token_id)
+        return ADNetForCausalLM(ADNetConfig(backbone_config=backbone, **overrides))
+    if model_args.model_name_or_path is None:
+        raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
+    if ADNetArguments.is_adnet_checkpoint(model_args.model_name_or_path):
+        return ADNetForCausalLM.from_pretrained(model_args.model_name_or_path, **overrides)
+    backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
+    return ADNetForCausalLM.from_backbone(model_args.model_name_or_path, backbone_kwargs=backbone_kwargs,
+                                          **overrides)
+
+
+def evaluate_perplexity(trainer: ADNetTrainer, dataset, prefix: str) -> dict[str, float]:
+    """Perplexity with the configured exits and at full depth, and the layers executed per token."""
+    config = trainer.model.config
+    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    policy = config.exit_policy
+    config.exit_policy = "none"
+    try:
+        full = trainer.evaluate(dataset, metric_key_prefix=f"{prefix}_full_depth")
+    finally:
+        config.exit_policy = policy
+    metrics.update(full)
+    metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"])
+    metrics[f"{prefix}_full_depth_perplexity"] = math.exp(full[f"{prefix}_full_depth_loss"])
+    metrics[f"{prefix}_total_layers"] = config.num_blocks
+    metrics[f"{prefix}_exit_policy"] = policy
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, adnet_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, adnet_args, tokenizer)
+    if model_args.freeze_backbone:
+        model.adnet.backbone.requires_grad_(False)
+    splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
+    data = {split: TextBlocks(tokenizer, path, data_args.block_size,
+                              data_args.max_train_samples if split == "train" else data_args.max_eval_samples)
+            for split, path in splits.items() if path is not None}
+
+    trainer = ADNetTrainer(model=model, args=training_args, train_dataset=data.get("train"),
+                           eval_dataset=data.get("eval"), processing_class=tokenizer,
+                           data_collator=default_data_collator)
+    results: dict[str, float] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        results.update(train_result.metrics)
+    for split, prefix, wanted in (("eval", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
+        if wanted and split in data:
+            metrics = evaluate_perplexity(trainer, data[split], prefix)
+            trainer.log_metrics(prefix, metrics)
+            trainer.save_metrics(prefix, metrics)
+            results.update(metrics)
+    return results
+
+
+if __name__ == "__main__":
+    main()

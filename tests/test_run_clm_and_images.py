@@ -1,0 +1,81 @@
+"""The causal LM and image example scripts end to end on tiny models and small slices of the real data."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+sys.path.insert(0, str(EXAMPLES))
+
+TRAINING = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+            "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0"]
+
+
+def test_run_clm_from_scratch_reports_perplexities(tmp_path):
+    import run_clm
+
+    text = (DATA / "ptb" / "ptb.valid.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:6000])
+    (tmp_path / "valid.txt").write_text(text[6000:9000])
+    results = run_clm.main([
+        "--backbone_config", '{"model_type": "gpt2", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": 32}',
+        "--tokenizer_name", str(DATA / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
+        "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "16", "--num_fixed_steps", "1",
+        "--unit_hidden_size", "8", "--halting_epsilon", "0.6", "--output_dir", str(tmp_path / "out"),
+        "--do_train", "--do_eval", *TRAINING,
+    ])
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert saved["eval_perplexity"] == pytest.approx(results["eval_perplexity"])
+    assert saved["eval_full_depth_mean_executed_layers"] == 4
+    assert 2 <= saved["eval_mean_executed_layers"] <= 4 and saved["eval_perplexity"] > 1
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_run_clm_freezes_the_backbone(tmp_path):
+    import run_clm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_embd=16, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    text = (DATA / "ptb" / "ptb.valid.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:3000])
+    run_clm.main([
+        "--model_name_or_path", str(tmp_path / "gpt2"), "--tokenizer_name", str(DATA / "gpt2-tokenizer"),
+        "--freeze_backbone", "--train_file", str(tmp_path / "train.txt"), "--block_size", "16",
+        "--num_fixed_steps", "0", "--output_dir", str(tmp_path / "out"), "--do_train", *TRAINING,
+    ])
+    from safetensors.torch import load_file
+
+    before = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").transformer.state_dict()
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in before.items():
+        if f"adnet.backbone.{name}" in after:
+            assert after[f"adnet.backbone.{name}"].equal(tensor), name
+
+
+def test_run_image_classification_on_mnist_slices(tmp_path):
+    import run_image_classification
+
+    results = run_image_classification.main([
+        "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
+                             '"hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}',
+        "--train_file", str(DATA / "mnist" / "mnist_5k.csv.gz"), "--max_train_samples", "64",
+        "--validation_file", str(DATA / "mnist" / "t10k-images-idx3-ubyte.gz"),
+        "--validation_labels_file", str(DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"), "--max_eval_samples", "32",
+        "--num_fixed_steps", "0", "--unit_hidden_size", "8", "--output_dir", str(tmp_path / "out"),
+        "--do_train", "--do_eval", *TRAINING,
+    ])
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert 0 <= saved["eval_accuracy"] <= 1 and saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert 1 <= saved["eval_mean_executed_layers"] <= 2 and saved["eval_total_layers"] == 2
+
+
+def test_idx_reader_matches_the_label_count():
+    import run_image_classification
+
+    labels = run_image_classification.read_idx(str(DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"))
+    images = run_image_classification.read_idx(str(DATA / "mnist" / "t10k-images-idx3-ubyte.gz"))
+    assert labels.shape == (10000,) and images.shape == (10000, 28, 28) and set(labels.tolist()) == set(range(10))

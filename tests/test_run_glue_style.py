@@ -1,0 +1,119 @@
+"""The example script end to end on tiny TSV/CSV files, with tiny random backbones (no MiniLM, no Hub)."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SAMPLE = EXAMPLES / "data" / "sst2_sample"
+TINY_BERT = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
+FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_seq_length", "32",
+        "--unit_hidden_size", "8", "--learning_rate", "1e-3", "--seed", "0"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_glue_style", EXAMPLES / "run_glue_style.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run_glue_style = load_script()
+
+
+def sst2_rows(split: str, count: int) -> list[list[str]]:
+    """The first rows of the SST-2 sample shipped with the examples: `[sentence, label]`."""
+    with open(SAMPLE / f"{split}.tsv", encoding="utf-8") as file:
+        return list(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : count + 1]
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> str:
+    path.write_text("\n".join("\t".join(row) for row in [header, *rows]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 48))
+    dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 24))
+    test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
+    out = tmp_path / "out"
+    metrics = run_glue_style.main([
+        "--random_backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
+        "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
+        "--num_train_epochs", "1", "--max_weight_norm", "1.0", "--unit_learning_rate", "3e-3",
+        "--min_learning_rate_ratio", "0.1", *FAST,
+    ])
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results == pytest.approx(metrics)
+    assert 0 <= results["eval_accuracy"] <= 1
+    assert 2 <= results["eval_mean_executed_layers"] <= 4 and results["eval_backbone_layers"] == 4
+    assert results["eval_samples_per_second"] > 0 and results["eval_samples"] == 24
+    predictions = (out / "predict_results.tsv").read_text().splitlines()
+    assert len(predictions) == 9 and predictions[1].split("\t")[1] in ("0", "1")
+    assert (out / "README.md").exists()
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == "adnet" and model.config.max_weight_norm == 1.0
+    assert model.config.id2label == {0: "0", 1: "1"}
+
+    # an ADNet checkpoint loads as it is, with config overrides: full depth now
+    reloaded = run_glue_style.main(["--model_name_or_path", str(out), "--validation_file", dev, "--do_eval",
+                                    "--exit_policy", "none", "--output_dir", str(tmp_path / "eval"), *FAST])
+    assert reloaded["eval_mean_executed_layers"] == 4
+
+
+def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_path):
+    """STS-B-like pairs with a float `score`: regression; the backbone is a plain BERT checkpoint folder."""
+    sentences = [s for s, _ in sst2_rows("dev", 40)]
+    rows = [[a, b, f"{(i % 11) / 2:.1f}"] for i, (a, b) in enumerate(zip(sentences[:20], sentences[20:]))]
+    train = write_tsv(tmp_path / "train.tsv", ["sentence1", "sentence2", "score"], rows)
+    backbone = tmp_path / "backbone"
+    tokenizer = run_glue_style.train_wordpiece_tokenizer(sentences, 200, 64)
+    BertModel(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)})).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+
+    args = {"model_name_or_path": str(backbone), "train_file": train, "validation_file": train,
+            "output_dir": str(tmp_path / "out"), "do_train": True, "do_eval": True, "num_train_epochs": 1,
+            "use_cpu": True, "disable_tqdm": True, "report_to": "none", "save_strategy": "no",
+            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3}
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps(args))
+    metrics = run_glue_style.main([str(args_file)])
+    assert {"eval_pearson", "eval_spearman", "eval_mse", "eval_mean_executed_layers"} <= set(metrics)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+@pytest.mark.parametrize("columns, expected", [
+    (["sentence", "label"], (("sentence", None), "label")),
+    (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], (("#1 String", "#2 String"), "Quality")),
+    (["genre", "sentence1", "sentence2", "score"], (("sentence1", "sentence2"), "score")),
+    (["index", "sentence"], (("sentence", None), None)),
+])
+def test_column_detection(columns, expected):
+    data_args = run_glue_style.DataTrainingArguments(train_file="x.tsv")
+    assert run_glue_style.detect_columns(data_args, columns) == expected
+
+
+def test_unknown_columns_fail_clearly():
+    data_args = run_glue_style.DataTrainingArguments(train_file="x.tsv")
+    with pytest.raises(ValueError, match="No text columns"):
+        run_glue_style.detect_columns(data_args, ["text", "label"])
+
+
+def test_glue_task_without_hub_fails_clearly(monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(RuntimeError, match="--train_file"):
+        run_glue_style.load_raw_datasets(run_glue_style.DataTrainingArguments(task_name="sst2"))

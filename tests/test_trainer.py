@@ -1,0 +1,187 @@
+import numpy as np
+import pytest
+import torch
+from conftest import bert_config, gpt2_config, token_batch
+from transformers import EvalPrediction
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
+from adnet_hf.trainer_adnet import (
+    ADNetTrainer,
+    ADNetTrainingArguments,
+    adnet_parameter_groups,
+    apply_max_norm,
+    compute_classification_metrics,
+)
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def classifier(**overrides):
+    config = ADNetConfig(backbone_config=bert_config(**NO_DROPOUT), num_labels=3, unit_hidden_size=8,
+                         classifier_dropout=0.0, **overrides)
+    return ADNetForSequenceClassification(config)
+
+
+def dataset(size=16, seed=0):
+    """A list of tokenised samples with labels: what `Trainer` needs from a map-style dataset."""
+    generator = torch.Generator().manual_seed(seed)
+    ids, mask = token_batch(batch=size, pad_lengths=[0, 2, 0, 3] * (size // 4))
+    labels = torch.randint(0, 3, (size,), generator=generator)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(size)]
+
+
+def training_args(tmp_path, **kwargs):
+    defaults = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "use_cpu": True,
+                "disable_tqdm": True, "save_strategy": "no", "seed": 0, "learning_rate": 1e-3}
+    return ADNetTrainingArguments(**{**defaults, **kwargs})
+
+
+def params(model):
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_compute_loss_is_the_model_loss(tmp_path):
+    model = classifier()
+    trainer = ADNetTrainer(model=model, args=training_args(tmp_path))
+    ids, mask = token_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+    model.train()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(inputs)), model(**inputs).loss)
+
+
+def causal_lm():
+    backbone = gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return ADNetForCausalLM(ADNetConfig(backbone_config=backbone, unit_hidden_size=8))
+
+
+def lm_dataset(size=8):
+    """Both halves hold the same number of predicted tokens, so the two micro-batch means average exactly."""
+    return [{**item, "labels": item["input_ids"].masked_fill(item["attention_mask"] == 0, -100)}
+            for item in dataset(size)]
+
+
+@pytest.mark.parametrize("model_fn, data_fn", [(classifier, dataset), (causal_lm, lm_dataset)],
+                         ids=["classifier", "causal_lm"])
+def test_gradient_accumulation_matches_full_batch(tmp_path, model_fn, data_fn):
+    """1 x 8 and 2 x 4 give the same parameters after one step (SGD, so a doubled loss would show)."""
+    data = data_fn(size=8)
+    results = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = model_fn()
+        args = training_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                             max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant")
+        ADNetTrainer(model=model, args=args, train_dataset=data).train()
+        results.append(params(model))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_parameter_groups_learning_rates_and_floor(tmp_path):
+    model = classifier()
+    args = training_args(tmp_path, max_steps=6, backbone_learning_rate=1e-4, unit_learning_rate=1e-2,
+                         output_learning_rate=3e-3, min_learning_rate_ratio=0.1, lr_scheduler_type="cosine",
+                         weight_decay=0.01)
+    trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset())
+    groups = adnet_parameter_groups(model)
+    assert {name.split(".")[0] for name, _ in groups["output"]} == {"output_layers"}
+    assert all(name.startswith("adnet.backbone.") for name, _ in groups["backbone"])
+    assert all(name.startswith("adnet.units.") for name, _ in groups["unit"])
+
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    initial = {"backbone": 1e-4, "unit": 1e-2, "output": 3e-3}
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+        assert lr == pytest.approx(initial[group["name"]])
+        no_decay = any(p is param for name, param in model.named_parameters() if "bias" in name
+                       for p in group["params"])
+        assert group["weight_decay"] == (0.0 if no_decay else 0.01)
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(model.parameters()))
+
+    trainer.lr_scheduler = trainer.optimizer = None
+    trainer.train()
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+        assert lr == pytest.approx(0.1 * initial[group["name"]])
+
+
+def test_floor_needs_a_decaying_schedule(tmp_path):
+    with pytest.raises(ValueError, match="min_learning_rate_ratio"):
+        training_args(tmp_path, min_learning_rate_ratio=0.1, lr_scheduler_type="constant")
+
+
+def test_max_norm_renorms_unit_and_output_rows(tmp_path):
+    model = classifier(max_weight_norm=0.05)
+    backbone_before = params(model.adnet.backbone)
+    args = training_args(tmp_path, max_steps=1, learning_rate=1.0)  # a huge step pushes rows past the limit
+    ADNetTrainer(model=model, args=args, train_dataset=dataset(size=4)).train()
+    constrained = [model.adnet.units[0].dense, model.adnet.units[0].halting, model.output_layers[0][1]]
+    for linear in constrained:
+        assert linear.weight.norm(dim=1).max() <= 0.05 + 1e-6
+    assert any(not torch.equal(backbone_before[n], p) for n, p in model.adnet.backbone.named_parameters())
+    assert max(p.norm(dim=-1).max() for p in model.adnet.backbone.parameters() if p.dim() == 2) > 0.05
+
+
+def test_max_norm_leaves_tied_lm_head_alone():
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8))
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    apply_max_norm(model, 1e-3)
+    torch.testing.assert_close(model.get_input_embeddings().weight, embedding)
+    assert model.adnet.units[0].dense.weight.norm(dim=1).max() <= 1e-3 + 1e-6
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    data = dataset()
+    torch.manual_seed(0)
+    straight = classifier()
+    args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, min_learning_rate_ratio=0.2)
+    ADNetTrainer(model=straight, args=args, train_dataset=data).train()
+
+    torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
+    resumed = classifier()
+    trainer = ADNetTrainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    for name, value in params(straight).items():
+        torch.testing.assert_close(dict(resumed.named_parameters())[name], value, msg=name)
+
+
+def test_training_logs_and_evaluation_metrics(tmp_path):
+    model = classifier()
+    args = training_args(tmp_path, max_steps=4, logging_steps=2, per_device_eval_batch_size=8)
+    trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(seed=1),
+                           compute_metrics=compute_classification_metrics)
+    trainer.train()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(train_logs) == 2
+    steps = model.config.num_steps
+    for entry in train_logs:
+        assert model.config.num_fixed_steps + 1 <= entry["mean_exit_step"] <= steps
+        assert 0 <= entry["halting_entropy"] <= np.log(model.config.num_variable_steps) + 1e-6
+        assert all(0 <= entry[f"step_{n}_accuracy"] <= 1 for n in range(model.config.num_fixed_steps + 1, steps + 1))
+
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    assert 2 <= metrics["eval_mean_executed_steps"] <= steps
+    assert metrics["eval_mean_executed_layers"] == pytest.approx(metrics["eval_mean_executed_steps"])
+    # without compute_metrics the exits are still reported
+    trainer.compute_metrics = None
+    assert trainer.evaluate()["eval_mean_executed_layers"] == pytest.approx(metrics["eval_mean_executed_layers"])
+
+
+def test_mean_executed_layers_counts_layers_per_step(tmp_path):
+    model = classifier(layers_per_step=2, exit_policy="none")
+    trainer = ADNetTrainer(model=model, args=training_args(tmp_path), eval_dataset=dataset())
+    assert trainer.evaluate()["eval_mean_executed_layers"] == pytest.approx(4.0)
+
+
+def test_compute_classification_metrics():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    exits = np.array([2, 3, 4, 3])
+    metrics = compute_classification_metrics(EvalPrediction((logits, exits), np.array([0, 1, 1, 1])))
+    assert metrics == {"accuracy": 0.75, "mean_executed_steps": 3.0}
+
+    scores = np.array([[0.1], [0.4], [0.4], [0.9], [0.7]])
+    targets = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
+    metrics = compute_classification_metrics(EvalPrediction(scores, targets))
+    assert metrics["pearson"] == pytest.approx(np.corrcoef(scores[:, 0], targets)[0, 1])
+    # ranks of scores: 0, 1.5, 1.5, 4, 3 (tie averaged) against 0, 1, 2, 4, 3
+    assert metrics["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 4, 3], [0, 1, 2, 4, 3])[0, 1])
+    assert "mean_executed_steps" not in metrics
