@@ -16,7 +16,6 @@ from transformers import (
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
-from .trainer_adnet import ADNetTrainer, ADNetTrainingArguments, MaxNormCallback, compute_classification_metrics
 from .modeling_adnet import (
     ADNetCausalLMOutput,
     ADNetForCausalLM,
@@ -27,6 +26,7 @@ from .modeling_adnet import (
     ADNetPreTrainedModel,
     ADNetSequenceClassifierOutput,
 )
+from .trainer_adnet import ADNetTrainer, ADNetTrainingArguments, MaxNormCallback, compute_classification_metrics
 
 __version__ = "0.1.0"
 

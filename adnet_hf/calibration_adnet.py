@@ -101,7 +101,8 @@ def calibrate_exit(model, batches: Iterable[dict], policy: str = "halting", budg
             result.candidates.append({field_name: value, "quality": quality, "mean_executed_layers": layers,
                                       "within_budget": admissible})
             if admissible and layers < result.mean_executed_layers:
-                result.policy, result.value, result.quality, result.mean_executed_layers = policy, value, quality, layers
+                result.policy, result.value = policy, value
+                result.quality, result.mean_executed_layers = quality, layers
     finally:
         setattr(config, field_name, original)
     config.exit_policy = result.policy

@@ -271,7 +271,8 @@ def _recording_attentions(backbone: PreTrainedModel, enabled: bool):
     handles = [
         module.register_forward_hook(lambda _m, _i, out: records.append(out[recorder.index]))
         for name, module in backbone.named_modules()
-        if isinstance(module, recorder.target_class) and (recorder.layer_name is None or name.endswith(recorder.layer_name))
+        if isinstance(module, recorder.target_class)
+        and (recorder.layer_name is None or name.endswith(recorder.layer_name))
     ]
     try:
         yield records
@@ -481,7 +482,8 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
-    def _classify(self, labels: torch.Tensor | None, exit_policy: str | None, **inputs) -> ADNetSequenceClassifierOutput:
+    def _classify(self, labels: torch.Tensor | None, exit_policy: str | None,
+                  **inputs) -> ADNetSequenceClassifierOutput:
         step_loss = None
         if labels is not None and self.config.problem_type is None:
             self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)

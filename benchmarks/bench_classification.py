@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
 
+import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
 
 DEFAULT_SETTINGS = {

@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
+
+import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 
 
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:

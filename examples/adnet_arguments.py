@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 
 def _adnet_field(help_text: str):
@@ -39,3 +42,16 @@ class ADNetArguments:
         """Whether `path` is a saved ADNet checkpoint (rather than a backbone to wrap)."""
         config = Path(path) / "config.json"
         return config.exists() and json.loads(config.read_text()).get("model_type") == "adnet"
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
+    """The script's argument dataclasses from the command line, or from a single JSON file."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_json_argument(value: str) -> dict:
+    """A JSON object given inline or as the path of a .json file."""
+    return json.loads(Path(value).read_text() if value.endswith(".json") else value)

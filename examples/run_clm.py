@@ -16,23 +16,21 @@ backbone layers executed per token, and writes them to `eval_results.json` / `pr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, GPT2Tokenizer, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoTokenizer, GPT2Tokenizer, default_data_collator, set_seed
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments  # noqa: E402
+from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +81,6 @@ class TextBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
-def parse_args(argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer folder's tokenizer; a bare `vocab.json` + `merges.txt` folder is GPT-2's byte-level BPE."""
     source = model_args.tokenizer_name or model_args.model_name_or_path
@@ -104,8 +94,7 @@ def load_tokenizer(model_args: ModelArguments):
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer) -> ADNetForCausalLM:
     overrides = adnet_args.overrides()
     if model_args.backbone_config is not None:
-        backbone = json.loads(Path(model_args.backbone_config).read_text()
-                              if model_args.backbone_config.endswith(".json") else model_args.backbone_config)
+        backbone = read_json_argument(model_args.backbone_config)
         backbone.setdefault("vocab_size", len(tokenizer))
         for name in ("bos_token_id", "eos_token_id"):
             backbone.setdefault(name, tokenizer.eos_token_id)
@@ -138,7 +127,9 @@ def evaluate_perplexity(trainer: ADNetTrainer, dataset, prefix: str) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, adnet_args, data_args, training_args = parse_args(argv)
+    model_args, adnet_args, data_args, training_args = parse_arguments(
+        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), sys.argv[1:] if argv is None else argv
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -162,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         results.update(train_result.metrics)
-    for split, prefix, wanted in (("eval", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
+    evaluations = (("eval", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict))
+    for split, prefix, wanted in evaluations:
         if wanted and split in data:
             metrics = evaluate_perplexity(trainer, data[split], prefix)
             trainer.log_metrics(prefix, metrics)

@@ -32,7 +32,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertTokenizer,
-    HfArgumentParser,
     set_seed,
 )
 
@@ -40,7 +39,7 @@ from adnet_hf import ADNetConfig, ADNetForSequenceClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments  # noqa: E402
+from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +138,11 @@ def base_model_id(model_args: ModelArguments) -> str | None:
 
 def parse_args(argv: list[str] | None):
     """`ModelArguments`, `ADNetArguments`, `DataTrainingArguments` and `ADNetTrainingArguments`."""
-    parser = HfArgumentParser((ModelArguments, ADNetArguments, DataTrainingArguments, ADNetTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = offline_default_args()
         print("No arguments: running the offline default\n  " + " ".join(argv), file=sys.stderr)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_arguments((ModelArguments, ADNetArguments, DataTrainingArguments, ADNetTrainingArguments), argv)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments) -> datasets.DatasetDict:
@@ -220,7 +216,7 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, model_max_l
 def random_backbone(model_args: ModelArguments, texts: Iterable[str]):
     """A random backbone config from `--random_backbone_config`, and a tokenizer trained to its vocabulary size."""
     spec = model_args.random_backbone_config
-    values = json.loads(spec if spec.lstrip().startswith("{") else Path(spec).read_text())
+    values = read_json_argument(spec)
     config = AutoConfig.for_model(**values)
     tokenizer = train_wordpiece_tokenizer(texts, config.vocab_size, config.max_position_embeddings)
     config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id

@@ -18,9 +18,7 @@ reports accuracy and the mean number of residual blocks executed per image to `e
 from __future__ import annotations
 
 import gzip
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from adnet_hf import ADNetConfig, ADNetForImageClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments  # noqa: E402
+from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +131,7 @@ def load_split(data_args: DataArguments, file: str | None, labels_file: str | No
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_labels: int) -> ADNetForImageClassification:
     overrides = {"num_labels": num_labels, **adnet_args.overrides()}
     if model_args.backbone_config is not None:
-        source = model_args.backbone_config
-        backbone = json.loads(Path(source).read_text() if source.endswith(".json") else source)
+        backbone = read_json_argument(model_args.backbone_config)
         return ADNetForImageClassification(ADNetConfig(backbone_config=backbone, **overrides))
     if model_args.model_name_or_path is None:
         raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
@@ -144,12 +141,9 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_label
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, adnet_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, adnet_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, adnet_args, data_args, training_args = parse_arguments(
+        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), sys.argv[1:] if argv is None else argv
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)

@@ -59,7 +59,8 @@ def test_pondernet_loss_by_hand():
     geometric = [prior * (1 - prior) ** (n - 1) for n in range(1, 5)]
     geometric = [g / sum(geometric) for g in geometric]
     expected = sum(
-        sum(p * loss for p, loss in zip(probs, losses)) + beta * sum(p * math.log(p / g) for p, g in zip(probs, geometric))
+        sum(p * loss for p, loss in zip(probs, losses))
+        + beta * sum(p * math.log(p / g) for p, g in zip(probs, geometric))
         for losses, probs in zip(STEP_LOSSES, HALTING)
     ) / 2
     loss = PonderNetLoss(prior=prior, beta=beta)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))

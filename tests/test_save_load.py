@@ -8,9 +8,20 @@ import pytest
 import torch
 from conftest import bert_config, gpt2_config, resnet_config, token_batch
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
 
-from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification, ADNetModel
+from adnet_hf import (
+    ADNetConfig,
+    ADNetForCausalLM,
+    ADNetForImageClassification,
+    ADNetForSequenceClassification,
+    ADNetModel,
+)
 
 IMAGES = torch.randn(2, 1, 28, 28)
 IDS, MASK = token_batch(batch=2, pad_lengths=(0, 2))
