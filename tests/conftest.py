@@ -1,6 +1,7 @@
 """Tiny random backbones built from configs, as Transformers' own tests do."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,15 @@ from transformers import BertConfig, GPT2Config, LlamaConfig, ResNetConfig, Robe
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 99
+# The project's real data (GLUE, MNIST, PTB, the GPT-2 tokenizer) lies in shared/ beside the checkout.
+SHARED_DATA = Path(os.environ.get("ADNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared data folder is not at {SHARED_DATA} (set ADNET_SHARED_DATA)")
+    return SHARED_DATA
 
 
 def bert_config(**kwargs):

@@ -45,14 +45,14 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
 
 
-def test_generation_benchmark_writes_json_table_and_plot(tmp_path):
+def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     import bench_generation
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
 
     from adnet_hf import ADNetForCausalLM
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    data = shared_data
     tokenizer = GPT2Tokenizer.from_pretrained(data / "gpt2-tokenizer")
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
                                          unit_hidden_size=8, num_fixed_steps=0))

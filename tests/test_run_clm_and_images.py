@@ -7,22 +7,21 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 sys.path.insert(0, str(EXAMPLES))
 
 TRAINING = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
             "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0"]
 
 
-def test_run_clm_from_scratch_reports_perplexities(tmp_path):
+def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
     import run_clm
 
-    text = (DATA / "ptb" / "ptb.valid.txt").read_text()
+    text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:6000])
     (tmp_path / "valid.txt").write_text(text[6000:9000])
     results = run_clm.main([
         "--backbone_config", '{"model_type": "gpt2", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": 32}',
-        "--tokenizer_name", str(DATA / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
+        "--tokenizer_name", str(shared_data / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
         "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "16", "--num_fixed_steps", "1",
         "--unit_hidden_size", "8", "--halting_epsilon", "0.6", "--output_dir", str(tmp_path / "out"),
         "--do_train", "--do_eval", *TRAINING,
@@ -34,16 +33,16 @@ def test_run_clm_from_scratch_reports_perplexities(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_run_clm_freezes_the_backbone(tmp_path):
+def test_run_clm_freezes_the_backbone(tmp_path, shared_data):
     import run_clm
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_embd=16, n_head=2, n_positions=32)).save_pretrained(
         tmp_path / "gpt2")
-    text = (DATA / "ptb" / "ptb.valid.txt").read_text()
+    text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:3000])
     run_clm.main([
-        "--model_name_or_path", str(tmp_path / "gpt2"), "--tokenizer_name", str(DATA / "gpt2-tokenizer"),
+        "--model_name_or_path", str(tmp_path / "gpt2"), "--tokenizer_name", str(shared_data / "gpt2-tokenizer"),
         "--freeze_backbone", "--train_file", str(tmp_path / "train.txt"), "--block_size", "16",
         "--num_fixed_steps", "0", "--output_dir", str(tmp_path / "out"), "--do_train", *TRAINING,
     ])
@@ -56,15 +55,15 @@ def test_run_clm_freezes_the_backbone(tmp_path):
             assert after[f"adnet.backbone.{name}"].equal(tensor), name
 
 
-def test_run_image_classification_on_mnist_slices(tmp_path):
+def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     import run_image_classification
 
     results = run_image_classification.main([
         "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
                              '"hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}',
-        "--train_file", str(DATA / "mnist" / "mnist_5k.csv.gz"), "--max_train_samples", "64",
-        "--validation_file", str(DATA / "mnist" / "t10k-images-idx3-ubyte.gz"),
-        "--validation_labels_file", str(DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"), "--max_eval_samples", "32",
+        "--train_file", str(shared_data / "mnist" / "mnist_5k.csv.gz"), "--max_train_samples", "64",
+        "--validation_file", str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"),
+        "--validation_labels_file", str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"), "--max_eval_samples", "32",
         "--num_fixed_steps", "0", "--unit_hidden_size", "8", "--output_dir", str(tmp_path / "out"),
         "--do_train", "--do_eval", *TRAINING,
     ])
@@ -73,9 +72,9 @@ def test_run_image_classification_on_mnist_slices(tmp_path):
     assert 1 <= saved["eval_mean_executed_layers"] <= 2 and saved["eval_total_layers"] == 2
 
 
-def test_idx_reader_matches_the_label_count():
+def test_idx_reader_matches_the_label_count(shared_data):
     import run_image_classification
 
-    labels = run_image_classification.read_idx(str(DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"))
-    images = run_image_classification.read_idx(str(DATA / "mnist" / "t10k-images-idx3-ubyte.gz"))
+    labels = run_image_classification.read_idx(str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"))
+    images = run_image_classification.read_idx(str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"))
     assert labels.shape == (10000,) and images.shape == (10000, 28, 28) and set(labels.tolist()) == set(range(10))
