@@ -63,7 +63,8 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
                              '"hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}',
         "--train_file", str(shared_data / "mnist" / "mnist_5k.csv.gz"), "--max_train_samples", "64",
         "--validation_file", str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"),
-        "--validation_labels_file", str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"), "--max_eval_samples", "32",
+        "--validation_labels_file", str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"),
+        "--max_eval_samples", "32",
         "--num_fixed_steps", "0", "--unit_hidden_size", "8", "--output_dir", str(tmp_path / "out"),
         "--do_train", "--do_eval", *TRAINING,
     ])
