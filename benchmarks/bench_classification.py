@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(DEFAULT_SETTINGS))
+    parser.add_argument("--halting", type=float, nargs="+", default=DEFAULT_SETTINGS["halting"],
+                        help="halting_epsilon values")
+    parser.add_argument("--confidence", type=float, nargs="+", default=DEFAULT_SETTINGS["confidence"],
+                        help="confidence_threshold values")
+    parser.add_argument("--patience", type=int, nargs="+", default=DEFAULT_SETTINGS["patience"],
+                        help="patience values")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     largest = max(batches_by_size)
     batches_by_size[largest] = make_batches(tokenizer, sentences, largest, args.max_length)
     rows = measure(model, reference, batches_by_size, torch.tensor(labels),
-                   {p: DEFAULT_SETTINGS[p] for p in args.policies}, args.repeats)
+                   {p: getattr(args, p) for p in args.policies}, args.repeats)
     payload = {"benchmark": "classification", "model": args.model, "reference": args.reference,
                "data": args.data, "samples": len(sentences), "samples_timed_batch1": args.max_samples_batch1,
                "total_layers": model.config.num_blocks}
