@@ -55,3 +55,19 @@ def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
 def read_json_argument(value: str) -> dict:
     """A JSON object given inline or as the path of a .json file."""
     return json.loads(Path(value).read_text() if value.endswith(".json") else value)
+
+
+def build_model(model_class, name_or_path: str | None, backbone_config, overrides: dict,
+                backbone_kwargs: dict | None = None):
+    """A model of `model_class` from a backbone config (a config or a dict with `model_type`: random weights, to
+    train from scratch), a saved ADNet checkpoint,
+    or a backbone checkpoint to wrap (its weights loaded unchanged)."""
+    from adnet_hf import ADNetConfig
+
+    if backbone_config is not None:
+        return model_class(ADNetConfig(backbone_config=backbone_config, **overrides))
+    if name_or_path is None:
+        raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
+    if ADNetArguments.is_adnet_checkpoint(name_or_path):
+        return model_class.from_pretrained(name_or_path, **overrides)
+    return model_class.from_backbone(name_or_path, backbone_kwargs=backbone_kwargs, **overrides)

@@ -26,11 +26,11 @@ import torch
 import transformers
 from transformers import AutoTokenizer, GPT2Tokenizer, default_data_collator, set_seed
 
-from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf import ADNetForCausalLM
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +92,15 @@ def load_tokenizer(model_args: ModelArguments):
 
 
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer) -> ADNetForCausalLM:
-    overrides = adnet_args.overrides()
+    backbone = None
     if model_args.backbone_config is not None:
         backbone = read_json_argument(model_args.backbone_config)
         backbone.setdefault("vocab_size", len(tokenizer))
         for name in ("bos_token_id", "eos_token_id"):
             backbone.setdefault(name, tokenizer.eos_token_id)
-        return ADNetForCausalLM(ADNetConfig(backbone_config=backbone, **overrides))
-    if model_args.model_name_or_path is None:
-        raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
-    if ADNetArguments.is_adnet_checkpoint(model_args.model_name_or_path):
-        return ADNetForCausalLM.from_pretrained(model_args.model_name_or_path, **overrides)
-    backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
-    return ADNetForCausalLM.from_backbone(model_args.model_name_or_path, backbone_kwargs=backbone_kwargs,
-                                          **overrides)
+    backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
+    return build_model(ADNetForCausalLM, model_args.model_name_or_path, backbone, adnet_args.overrides(),
+                       backbone_kwargs)
 
 
 def evaluate_perplexity(trainer: ADNetTrainer, dataset, prefix: str) -> dict[str, float]:

@@ -29,17 +29,16 @@ import transformers
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertTokenizer,
     set_seed,
 )
 
-from adnet_hf import ADNetConfig, ADNetForSequenceClassification
+from adnet_hf import ADNetForSequenceClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -227,16 +226,15 @@ def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArgume
                              texts: Iterable[str]):
     """An ADNet checkpoint loads as it is; a backbone checkpoint (or a random backbone) gets fresh units."""
     overrides = {**adnet_args.overrides(), **labels.config_kwargs()}
+    backbone_config = None
     if model_args.random_backbone_config is not None:
         backbone_config, tokenizer = random_backbone(model_args, texts)
-        return ADNetForSequenceClassification(ADNetConfig(backbone_config=backbone_config, **overrides)), tokenizer
-    if model_args.model_name_or_path is None:
+    elif model_args.model_name_or_path is None:
         raise ValueError("Pass --model_name_or_path (a backbone or ADNet checkpoint) or --random_backbone_config.")
-    path = model_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path)
-    if ADNetArguments.is_adnet_checkpoint(path):
-        return AutoModelForSequenceClassification.from_pretrained(path, **overrides), tokenizer
-    return ADNetForSequenceClassification.from_backbone(path, **overrides), tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides)
+    return model, tokenizer
 
 
 def preprocess(raw: datasets.DatasetDict, tokenizer, text_keys: tuple[str, str | None], label_column: str | None,

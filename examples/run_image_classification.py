@@ -28,11 +28,11 @@ import torch
 import transformers
 from transformers import set_seed
 
-from adnet_hf import ADNetConfig, ADNetForImageClassification
+from adnet_hf import ADNetForImageClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -129,15 +129,9 @@ def load_split(data_args: DataArguments, file: str | None, labels_file: str | No
 
 
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_labels: int) -> ADNetForImageClassification:
-    overrides = {"num_labels": num_labels, **adnet_args.overrides()}
-    if model_args.backbone_config is not None:
-        backbone = read_json_argument(model_args.backbone_config)
-        return ADNetForImageClassification(ADNetConfig(backbone_config=backbone, **overrides))
-    if model_args.model_name_or_path is None:
-        raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
-    if ADNetArguments.is_adnet_checkpoint(model_args.model_name_or_path):
-        return ADNetForImageClassification.from_pretrained(model_args.model_name_or_path, **overrides)
-    return ADNetForImageClassification.from_backbone(model_args.model_name_or_path, **overrides)
+    backbone = None if model_args.backbone_config is None else read_json_argument(model_args.backbone_config)
+    return build_model(ADNetForImageClassification, model_args.model_name_or_path, backbone,
+                       {"num_labels": num_labels, **adnet_args.overrides()})
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
