@@ -29,8 +29,10 @@ import transformers
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import (
     AutoConfig,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertTokenizer,
+    Trainer,
     set_seed,
 )
 
@@ -75,6 +77,12 @@ class ModelArguments:
         metadata={"help": "Instead of a checkpoint: a randomly initialised backbone from this config (a JSON file "
                           "or an inline JSON object with a model_type), with a WordPiece vocabulary of up to "
                           "its vocab_size learnt from the training texts. For smoke tests."},
+    )
+    plain_baseline: bool = field(
+        default=False,
+        metadata={"help": "Fine-tune the backbone plainly instead (its own sequence-classification head at full "
+                          "depth, no units, Trainer's single learning rate): the reference ADNet is measured "
+                          "against. ADNet arguments are then ignored."},
     )
 
 
@@ -233,8 +241,19 @@ def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArgume
         raise ValueError("Pass --model_name_or_path (a backbone or ADNet checkpoint) or --random_backbone_config.")
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    if model_args.plain_baseline:
+        return plain_model(model_args.model_name_or_path, backbone_config, labels), tokenizer
     model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides)
     return model, tokenizer
+
+
+def plain_model(name_or_path: str | None, backbone_config, labels: LabelInfo):
+    """The backbone's own `AutoModelForSequenceClassification`, from its checkpoint or random from its config."""
+    if backbone_config is not None:
+        for key, value in labels.config_kwargs().items():
+            setattr(backbone_config, key, value)
+        return AutoModelForSequenceClassification.from_config(backbone_config)
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **labels.config_kwargs())
 
 
 def preprocess(raw: datasets.DatasetDict, tokenizer, text_keys: tuple[str, str | None], label_column: str | None,
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_dataset = select(tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = select(tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
-    trainer = ADNetTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+    trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            processing_class=tokenizer, compute_metrics=compute_classification_metrics)
 
     if training_args.do_train:
@@ -309,8 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metrics = {}
     if training_args.do_eval:
-        metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset),
-                   "eval_backbone_layers": model.config.num_blocks}
+        layers = model.config.num_hidden_layers if model_args.plain_baseline else model.config.num_blocks
+        metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset), "eval_backbone_layers": layers}
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
@@ -319,14 +339,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if "labels" in predict_dataset.column_names:  # as run_glue.py: test labels may be placeholders (GLUE: -1)
             predict_dataset = predict_dataset.remove_columns("labels")
         output = trainer.predict(predict_dataset, metric_key_prefix="test")
-        logits, exit_steps = output.predictions
+        if model_args.plain_baseline:  # every sample runs every layer
+            logits, exit_steps = output.predictions, np.full(len(predict_dataset), model.config.num_hidden_layers)
+        else:
+            logits, exit_steps = output.predictions
         if trainer.is_world_process_zero():
             write_predictions(os.path.join(training_args.output_dir, "predict_results.tsv"), logits, exit_steps, labels)
 
     if training_args.do_train:
         dataset_name = data_args.task_name or Path(data_args.train_file).resolve().parent.name
         trainer.create_model_card(finetuned_from=base_model_id(model_args), tasks="text-classification",
-                                  tags=["adnet"], dataset=dataset_name)
+                                  tags=[] if model_args.plain_baseline else ["adnet"], dataset=dataset_name)
     return metrics
 
 

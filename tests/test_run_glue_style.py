@@ -117,3 +117,21 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(RuntimeError, match="--train_file"):
         run_glue_style.load_raw_datasets(run_glue_style.DataTrainingArguments(task_name="sst2"))
+
+
+def test_plain_baseline_fine_tunes_the_backbone_head_at_full_depth(tmp_path):
+    """`--plain_baseline`: the reference run, the backbone's own classification model and Trainer, no units."""
+    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 32))
+    test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
+    out = tmp_path / "out"
+    metrics = run_glue_style.main([
+        "--random_backbone_config", json.dumps(TINY_BERT), "--plain_baseline", "--train_file", train,
+        "--validation_file", train, "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval",
+        "--do_predict", "--num_train_epochs", "1", *FAST,
+    ])
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_backbone_layers"] == 4
+    assert "eval_mean_executed_layers" not in metrics
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.model_type == "bert" and not hasattr(model, "units")
+    rows = (out / "predict_results.tsv").read_text().splitlines()
+    assert len(rows) == 9 and rows[1].endswith("\t4")
