@@ -111,6 +111,11 @@ class LastStepLoss(nn.Module):
         return step_losses[..., -1].mean()
 
 
+# Losses through which every unit and step head gets a gradient; the others leave some unused (halting layers,
+# earlier steps), which DistributedDataParallel must be told about (`find_unused_parameters=True`).
+LOSSES_TRAINING_EVERY_PARAMETER = ("gpsl", "pondernet")
+
+
 def build_loss(config) -> nn.Module:
     """The combining loss that `config.loss_type` names, with the config's weights."""
     if config.loss_type == "gpsl":

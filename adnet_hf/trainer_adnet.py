@@ -244,16 +244,7 @@ class ADNetTrainer(Trainer):
         """One parameter group per (ADNet group, weight decay or not), each with its group's initial rate."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(opt_model))
-            param_groups = []
-            for group, named in adnet_parameter_groups(opt_model).items():
-                for decays in (True, False):
-                    params = [param for name, param in named if (name in decay) == decays]
-                    if params:
-                        param_groups.append({
-                            "params": params, "name": group, "lr": self.args.group_learning_rate(group),
-                            "weight_decay": self.args.weight_decay if decays else 0.0,
-                        })
+            param_groups = adnet_optimizer_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
             optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
                                                or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -262,14 +253,32 @@ class ADNetTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """With `min_learning_rate_ratio > 0`, one multiplier for all groups: each decays to its own floor."""
         if self.lr_scheduler is None and self.args.min_learning_rate_ratio > 0:
-            schedule = partial(
-                _decay_to_floor, warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                total_steps=num_training_steps, floor=self.args.min_learning_rate_ratio,
-                cosine=self.args.lr_scheduler_type == SchedulerType.COSINE,
-            )
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, schedule)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, floor_schedule(self.args, num_training_steps))
             self._created_lr_scheduler = True  # rebuilt by the next `train()`, as Trainer's own schedulers are
         return super().create_scheduler(num_training_steps, optimizer)
+
+
+def adnet_optimizer_groups(model: nn.Module, args: ADNetTrainingArguments, decay_names) -> list[dict]:
+    """Optimizer parameter groups: one per (ADNet group, weight decay or not), at the group's initial rate.
+
+    `decay_names` are the parameters that get weight decay (Trainer's `get_decay_parameter_names`).
+    """
+    decay = set(decay_names)
+    param_groups = []
+    for group, named in adnet_parameter_groups(model).items():
+        for decays in (True, False):
+            params = [param for name, param in named if (name in decay) == decays]
+            if params:
+                param_groups.append({"params": params, "name": group, "lr": args.group_learning_rate(group),
+                                     "weight_decay": args.weight_decay if decays else 0.0})
+    return param_groups
+
+
+def floor_schedule(args: ADNetTrainingArguments, num_training_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of `args`: warm-up, then linear or cosine decay to `min_learning_rate_ratio`."""
+    return partial(_decay_to_floor, warmup_steps=args.get_warmup_steps(num_training_steps),
+                   total_steps=num_training_steps, floor=args.min_learning_rate_ratio,
+                   cosine=args.lr_scheduler_type == SchedulerType.COSINE)
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -309,7 +318,9 @@ __all__ = [
     "ADNetTrainer",
     "ADNetTrainingArguments",
     "MaxNormCallback",
+    "adnet_optimizer_groups",
     "adnet_parameter_groups",
     "apply_max_norm",
     "compute_classification_metrics",
+    "floor_schedule",
 ]

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Fine-tune ADNet on a GLUE-style task with a plain `accelerate` loop: the training `run_glue_style.py` does with
+`ADNetTrainer`, written out (per-group learning rates decaying to a floor, max-norm, gradient accumulation).
+
+    python examples/train_accelerate.py --model_name_or_path PATH --train_file train.tsv --validation_file dev.tsv \\
+        --output_dir outputs/my-run [the run_glue_style.py arguments]
+    accelerate launch --num_processes 2 --cpu examples/train_accelerate.py ...   # or torchrun --nproc_per_node 2
+
+It takes the same arguments as `run_glue_style.py` (those that mean something without a Trainer: the schedule is
+linear or cosine), trains on `train_file`, evaluates on `validation_file` and saves the model, its tokenizer and
+`eval_results.json` to `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
+from transformers.trainer_utils import SchedulerType
+
+from adnet_hf.losses_adnet import LOSSES_TRAINING_EVERY_PARAMETER
+from adnet_hf.trainer_adnet import (
+    ADNetTrainingArguments,
+    adnet_optimizer_groups,
+    apply_max_norm,
+    compute_classification_metrics,
+    floor_schedule,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_glue_style  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def build_accelerator(args: ADNetTrainingArguments, loss_type: str) -> Accelerator:
+    """DDP looks for unused parameters only under losses that leave some without a gradient; the seeded sampler
+    shuffles the same way whatever the number of processes (as Trainer's does)."""
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=loss_type not in LOSSES_TRAINING_EVERY_PARAMETER)
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.use_cpu,
+                       kwargs_handlers=[ddp], dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def training_updates(args: ADNetTrainingArguments, batches_per_epoch: int) -> int:
+    """Optimiser steps: `max_steps` when set, else `num_train_epochs` (fractions included) of the batches."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps))
+
+
+def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_training_steps: int):
+    """AdamW over ADNet's parameter groups, and the schedule that decays each group to its floor."""
+    if args.lr_scheduler_type not in (SchedulerType.LINEAR, SchedulerType.COSINE):
+        raise ValueError(f"train_accelerate.py schedules are linear or cosine, got {args.lr_scheduler_type.value!r}.")
+    decay_names = Trainer.get_decay_parameter_names(None, model)  # Trainer's rule: no decay on biases and norms
+    optimizer = torch.optim.AdamW(adnet_optimizer_groups(model, args, decay_names), betas=(args.adam_beta1,
+                                  args.adam_beta2), eps=args.adam_epsilon)
+    return optimizer, LambdaLR(optimizer, floor_schedule(args, num_training_steps))
+
+
+def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoader, args: ADNetTrainingArguments,
+          total_updates: int) -> None:
+    """`total_updates` optimiser steps: accumulate, clip, step, then renormalise the unit and output rows."""
+    unwrapped = accelerator.unwrap_model(model)
+    max_norm = unwrapped.config.max_weight_norm
+    model.train()
+    updates, epoch = 0, 0
+    while updates < total_updates:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            updates += 1
+            if max_norm is not None:
+                apply_max_norm(unwrapped, max_norm)
+            if args.logging_steps and updates % args.logging_steps == 0:
+                logger.info("epoch %d update %d loss %.4f", epoch, updates, loss.item())
+            if updates == total_updates:
+                return
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, float]:
+    """The task metric with the configured exits, and the backbone layers each sample actually ran."""
+    model.eval()
+    logits, exit_steps, labels = [], [], []
+    for batch in loader:
+        outputs = model(**batch)
+        gathered = accelerator.gather_for_metrics((outputs.logits, outputs.exit_steps, batch["labels"]))
+        for values, collected in zip(gathered, (logits, exit_steps, labels)):
+            collected.append(values.float().cpu().numpy())
+    steps = np.concatenate(exit_steps)
+    metrics = compute_classification_metrics(EvalPrediction((np.concatenate(logits), steps), np.concatenate(labels)))
+    metrics["mean_executed_layers"] = float(steps.mean()) * accelerator.unwrap_model(model).config.layers_per_step
+    return {f"eval_{name}": value for name, value in metrics.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the script; returns the evaluation metrics."""
+    model_args, adnet_args, data_args, args = run_glue_style.parse_args(argv)
+    if model_args.plain_baseline:
+        raise ValueError("--plain_baseline is run_glue_style.py's (plain fine-tuning with Trainer), not this loop's.")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    raw = run_glue_style.load_raw_datasets(data_args)
+    text_keys, label_column = run_glue_style.detect_columns(data_args, raw["train"].column_names)
+    labels = run_glue_style.label_info(raw["train"], label_column)
+    texts = (text for key in text_keys if key is not None for text in raw["train"][key])
+    model, tokenizer = run_glue_style.load_model_and_tokenizer(model_args, adnet_args, labels, texts)
+    tokenized = run_glue_style.preprocess(raw, tokenizer, text_keys, label_column, labels, data_args.max_seq_length)
+    collate = DataCollatorWithPadding(tokenizer)
+    train_data = run_glue_style.select(tokenized["train"], data_args.max_train_samples)
+    eval_data = run_glue_style.select(tokenized["validation"], data_args.max_eval_samples)
+    train_loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True,
+                              collate_fn=collate)
+    eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+
+    accelerator = build_accelerator(args, model.config.loss_type)
+    total_updates = training_updates(args, math.ceil(len(train_loader) / accelerator.num_processes))
+    # The prepared scheduler steps once per process at every update.
+    optimizer, scheduler = build_optimizer(model, args, total_updates * accelerator.num_processes)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    train(accelerator, model, optimizer, scheduler, train_loader, args, total_updates)
+    metrics = evaluate(accelerator, model, eval_loader)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as file:
+            json.dump(metrics, file, indent=2)
+        logger.info("eval: %s", metrics)
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
