@@ -348,8 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if training_args.do_train:
         dataset_name = data_args.task_name or Path(data_args.train_file).resolve().parent.name
-        trainer.create_model_card(finetuned_from=base_model_id(model_args), tasks="text-classification",
-                                  tags=[] if model_args.plain_baseline else ["adnet"], dataset=dataset_name)
+        card = {"finetuned_from": base_model_id(model_args), "tasks": "text-classification",
+                "tags": [] if model_args.plain_baseline else ["adnet"], "dataset": dataset_name}
+        if training_args.push_to_hub:  # the card, then one commit of the output folder (as run_glue.py)
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
     return metrics
 
 

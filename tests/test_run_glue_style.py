@@ -3,12 +3,19 @@
 import csv
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import pytest
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+import torch
+from safetensors.torch import save_file
+from test_save_load import REMOTE_SCRIPT
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
@@ -135,3 +142,42 @@ def test_plain_baseline_fine_tunes_the_backbone_head_at_full_depth(tmp_path):
     assert model.config.model_type == "bert" and not hasattr(model, "units")
     rows = (out / "predict_results.tsv").read_text().splitlines()
     assert len(rows) == 9 and rows[1].endswith("\t4")
+
+
+def test_push_to_hub_commits_a_folder_that_loads_as_remote_code(tmp_path, monkeypatch):
+    """`--push_to_hub` with the Hub client patched to capture the upload; the captured folder then loads with
+    `trust_remote_code=True` in a fresh process that cannot import adnet_hf, and predicts as the trained model."""
+    captured = tmp_path / "hub"
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        for name in huggingface_hub.utils.filter_repo_objects(files, allow_patterns=allow_patterns,
+                                                                 ignore_patterns=ignore_patterns):
+            (captured / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder_path) / name, captured / name)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 16))
+    run_glue_style.main(["--random_backbone_config", json.dumps(TINY_BERT), "--train_file", train,
+                         "--output_dir", str(tmp_path / "out"), "--do_train", "--num_train_epochs", "1",
+                         "--push_to_hub", "--hub_model_id", "someone/adnet-tiny", *FAST])
+
+    assert {"config.json", "model.safetensors", "modeling_adnet.py", "tokenizer_config.json",
+            "README.md"} <= {path.name for path in captured.iterdir()}
+    assert "adnet" in (captured / "README.md").read_text()
+    assert not (captured / "pytorch_model.bin").exists() and not list(captured.glob("checkpoint-*"))
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    inputs = dict(BertTokenizer.from_pretrained(captured)(["a gripping , moving film"], return_tensors="pt"))
+    with torch.no_grad():
+        out = model(**inputs)
+    save_file({**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
+              str(captured / "expected.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(captured),
+                             "AutoModelForSequenceClassification"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
