@@ -70,3 +70,25 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     assert rows[0]["policy"] == "none (full depth)" and len(rows) == 3
     assert all(row["speedup_b2"] > 0 and row["tokens_per_s_b1"] > 0 for row in rows[1:])
     assert (tmp_path / "r" / "tiny.png").exists()
+
+
+def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint):
+    import bench_costs
+    from transformers import BertForSequenceClassification
+
+    backbone = tiny_checkpoint / "backbone"
+    BertForSequenceClassification(bert_config(num_labels=2)).save_pretrained(backbone)
+    path = bench_costs.main([
+        "--backbone", str(backbone), "--model", str(tiny_checkpoint / "model"), "--reference", str(backbone),
+        "--tokenizer", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
+        "--train_batches", "2", "--batch_size", "4", "--repeats", "1", "--name", "tiny",
+        "--results_dir", str(tiny_checkpoint / "results"),
+    ])
+    rows = json.loads(path.read_text())["rows"]
+    training = [row for row in rows if row["measure"] == "training step"]
+    assert [row["setting"] for row in training] == ["plain"] + [f"adnet {t}" for t in bench_costs.LOSS_TYPES]
+    assert all(row["seconds_per_step"] > 0 for row in training)
+    memory = {row["setting"]: row for row in rows if "memory" in row["measure"]}
+    assert set(memory) == {"adnet none (full depth)", "adnet exits (saved policy)", "plain reference"}
+    assert memory["adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
+    assert all(row["peak_rise_mib"] >= 0 for row in memory.values())

@@ -1,0 +1,159 @@
+"""What ADNet costs besides its saving: training step time and inference peak memory, against plain models.
+
+- Training: one optimiser step (forward, backward, AdamW) of ADNet built on a backbone checkpoint, under each
+  `loss_type`, against the backbone's own `AutoModelForSequenceClassification` on the same batches, timed in turns
+  in this process.
+- Inference peak memory: the rise of the process's peak resident memory (Linux `VmHWM`, reset through
+  `/proc/self/clear_refs`) over a pass of the data, each setting in a fresh process so that no setting inherits
+  another's allocator state: the ADNet checkpoint at full depth and with its exits, and the plain reference.
+
+    python benchmarks/bench_costs.py --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
+        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_classification import make_batches, predict, read_tsv  # noqa: E402
+from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
+
+from adnet_hf import ADNetForSequenceClassification  # noqa: E402
+
+LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
+
+
+def training_step(model, batch: dict, optimizer: torch.optim.Optimizer):
+    """A closure running one optimiser step of `model` on `batch`."""
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def training_rows(backbone: str, batches: list[dict], repeats: int) -> list[dict]:
+    """Step time of ADNet under each loss type as a ratio of the plain model's, same batches, timed in turns."""
+    models = {"plain": AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=2)}
+    for loss_type in LOSS_TYPES:
+        models[loss_type] = ADNetForSequenceClassification.from_backbone(backbone, num_labels=2, loss_type=loss_type)
+    runs = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        steps = [training_step(model, batch, optimizer) for batch in batches]
+        runs[name] = lambda steps=steps: [step() for step in steps]
+    seconds = interleaved_seconds(runs, repeats)
+    rows = [{"measure": "training step", "setting": "plain", "seconds_per_step": seconds["plain"] / len(batches),
+             "ratio_to_plain": 1.0}]
+    for loss_type in LOSS_TYPES:
+        rows.append({"measure": "training step", "setting": f"adnet {loss_type}",
+                     "seconds_per_step": seconds[loss_type] / len(batches),
+                     "ratio_to_plain": seconds[loss_type] / seconds["plain"]})
+    return rows
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (peak memory is measured on Linux only).")
+
+
+def peak_memory_child(spec: dict) -> None:
+    """In a fresh process: load, run once to warm up, reset the peak, run again; print the peak rise in MiB."""
+    torch.set_num_threads(spec["threads"])
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    sentences, _ = read_tsv(Path(spec["data"]), spec["max_samples"])
+    batches = make_batches(tokenizer, sentences, spec["batch_size"], spec["max_length"])
+    kwargs = {} if spec["policy"] is None else {"exit_policy": spec["policy"]}
+    predict(model, batches, **kwargs)
+    gc.collect()
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    predict(model, batches, **kwargs)
+    print(json.dumps({"peak_rise_mib": (_proc_status_kib("VmHWM") - before) / 1024}))
+
+
+def peak_memory_mib(spec: dict) -> float:
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                            check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rise_mib"]
+
+
+def memory_rows(args: argparse.Namespace) -> list[dict]:
+    """Peak inference memory of each setting, and its ratio to the ADNet checkpoint at full depth."""
+    base = {"tokenizer": args.tokenizer or args.model, "data": args.data, "max_samples": args.max_samples,
+            "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads}
+    settings = {"adnet none (full depth)": (args.model, "none"), "adnet exits (saved policy)": (args.model, None)}
+    if args.reference:
+        settings["plain reference"] = (args.reference, None)
+    peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy})
+             for name, (model, policy) in settings.items()}
+    full = peaks["adnet none (full depth)"]
+    return [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
+             "peak_rise_mib": peak, "ratio_to_full_depth": peak / full} for name, peak in peaks.items()]
+
+
+def plot(rows: list[dict]):
+    training = [row for row in rows if row["measure"] == "training step"]
+    memory = [row for row in rows if "memory" in row["measure"]]
+
+    def draw(axis, index: int) -> None:
+        chosen, key = (training, "ratio_to_plain") if index == 0 else (memory, "ratio_to_full_depth")
+        axis.bar([row["setting"] for row in chosen], [row[key] for row in chosen], label=key)
+        axis.axhline(1.2 if index == 0 else 1.1, color="red", linestyle="--", label="target bound")
+        axis.tick_params(axis="x", rotation=30)
+        axis.set_ylabel(key)
+
+    return lambda path: save_figure(path, 2, draw)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True, help="backbone checkpoint that ADNet and the plain model wrap")
+    parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint (memory is measured on it)")
+    parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--name", default="costs")
+    parser.add_argument("--train_batches", type=int, default=4, help="batches timed per training repeat")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    sentences, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
+    batches = make_batches(tokenizer, sentences, args.batch_size, args.max_length)
+    for batch, start in zip(batches, range(0, len(labels), args.batch_size)):
+        batch["labels"] = torch.tensor(labels[start : start + args.batch_size])
+    rows = training_rows(args.backbone, batches, args.repeats)
+    rows += memory_rows(args)
+    for row in rows:
+        print(row, flush=True)
+    payload = {"benchmark": "costs", "backbone": args.backbone, "model": args.model, "reference": args.reference,
+               "data": args.data, "train_batch_size": args.batch_size}
+    return write_results(args.name, payload, rows, plot(rows), args.results_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        peak_memory_child(json.loads(sys.argv[2]))
+    else:
+        print(main())
