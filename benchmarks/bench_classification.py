@@ -1,11 +1,13 @@
-"""Text classification: accuracy, executed layers and measured wall-clock speed-up of each exit policy.
+"""Text or image classification: accuracy, executed layers and measured wall-clock speed-up of each exit policy.
 
 Every number is measured in this process against the same weights at full depth (`exit_policy="none"`), at
-batch 1 and batch 32, on a GLUE-style TSV (default: SST-2 dev). A plain fine-tuned model (e.g.
-`BertForSequenceClassification`) can be given as a second reference.
+batch 1 and batch 32, on a GLUE-style TSV (e.g. SST-2 dev) or on IDX images (e.g. the MNIST test set). A plain
+fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference.
 
     python benchmarks/bench_classification.py --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
+    python benchmarks/bench_classification.py --model outputs/mnist-adnet --name mnist_resnet \
+        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))
 from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
+from run_image_classification import DataArguments, ImageDataset, read_idx  # noqa: E402
 
 DEFAULT_SETTINGS = {
     "halting": [0.02, 0.1, 0.2, 0.4, 0.6],
@@ -36,6 +40,11 @@ def read_tsv(path: Path, max_samples: int | None) -> tuple[list[str], list[int]]
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     rows = rows[:max_samples] if max_samples else rows
     return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
+
+
+def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
+    pixels = dataset.pixel_values[:limit]
+    return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
 
 
 def make_batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
@@ -109,12 +118,35 @@ def plot(rows: list[dict], sizes: list[int]):
     return lambda path: save_figure(path, len(sizes), draw)
 
 
+def text_inputs(args: argparse.Namespace):
+    """Batches of each size (batch 1 on the first `max_samples_batch1` only), labels, the models."""
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    sentences, labels = read_tsv(Path(args.data), args.max_samples)
+    batches_by_size = {size: make_batches(tokenizer, sentences[: args.max_samples_batch1] if size == 1 else sentences,
+                                          size, args.max_length) for size in args.batch_sizes}
+    return batches_by_size, torch.tensor(labels), *load_models(AutoModelForSequenceClassification, args)
+
+
+def image_inputs(args: argparse.Namespace):
+    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), DataArguments(), args.max_samples)
+    batches_by_size = {size: image_batches(dataset, size, args.max_samples_batch1 if size == 1 else None)
+                       for size in args.batch_sizes}
+    return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
+
+
+def load_models(auto_class, args: argparse.Namespace):
+    model = auto_class.from_pretrained(args.model).eval()
+    return model, auto_class.from_pretrained(args.reference).eval() if args.reference else None
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
+    parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--name", default="classification")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max_samples", type=int, default=None)
@@ -134,20 +166,14 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
-    reference = AutoModelForSequenceClassification.from_pretrained(args.reference).eval() if args.reference else None
-    sentences, labels = read_tsv(Path(args.data), args.max_samples)
-    batches_by_size = {}
-    for size in sorted(args.batch_sizes):
-        subset = sentences[: args.max_samples_batch1] if size == 1 else sentences
-        batches_by_size[size] = make_batches(tokenizer, subset, size, args.max_length)
-    largest = max(batches_by_size)
-    batches_by_size[largest] = make_batches(tokenizer, sentences, largest, args.max_length)
-    rows = measure(model, reference, batches_by_size, torch.tensor(labels),
+    if (args.data is None) == (args.images is None):
+        parser.error("pass either --data (text) or --images with --image_labels")
+    batches_by_size, labels, model, reference = (text_inputs if args.data else image_inputs)(args)
+    rows = measure(model, reference, batches_by_size, labels,
                    {p: getattr(args, p) for p in args.policies}, args.repeats)
     payload = {"benchmark": "classification", "model": args.model, "reference": args.reference,
-               "data": args.data, "samples": len(sentences), "samples_timed_batch1": args.max_samples_batch1,
+               "data": args.data or args.images, "samples": len(labels),
+               "samples_timed_batch1": args.max_samples_batch1,
                "total_layers": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
 

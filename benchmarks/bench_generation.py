@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
+from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
 
 
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--generation_batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+                        help="halting_epsilon values")
+    parser.add_argument("--confidence", type=float, nargs="*", default=[],
+                        help="confidence_threshold values (CALM's softmax confidence: runs the LM head per step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
@@ -81,17 +85,18 @@ def main(argv: list[str] | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     blocks = token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
     full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
-    rows = [{"policy": "none (full depth)", "halting_epsilon": None, "perplexity": full_ppl,
+    rows = [{"policy": "none (full depth)", "setting": None, "perplexity": full_ppl,
              "ppl_increase_pct": 0.0, "mean_layers_per_token": full_layers, "ideal_speedup": 1.0}]
-    for epsilon in args.epsilons:
-        model.config.halting_epsilon = epsilon
-        ppl, layers = perplexity(model, blocks, args.batch_size, "halting")
-        row = {"policy": "halting", "halting_epsilon": epsilon, "perplexity": ppl,
+    settings = [("halting", value) for value in args.epsilons] + [("confidence", v) for v in args.confidence]
+    for policy, value in settings:
+        setattr(model.config, POLICY_FIELDS[policy], value)
+        ppl, layers = perplexity(model, blocks, args.batch_size, policy)
+        row = {"policy": policy, "setting": value, "perplexity": ppl,
                "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "mean_layers_per_token": layers,
                "ideal_speedup": full_layers / layers}
         for size in args.generation_batch_sizes:
             prompts = blocks[:size, : args.prompt_length]
-            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, "halting", args.repeats)
+            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, policy, args.repeats)
             row[f"tokens_per_s_b{size}"] = tokens_per_second
             row[f"speedup_b{size}"] = speedup
         rows.append(row)
@@ -103,9 +108,10 @@ def main(argv: list[str] | None = None) -> Path:
 
 def plot(rows: list[dict], sizes: list[int]):
     def draw(axis, index: int) -> None:
-        for size in sizes:
-            points = [(r[f"speedup_b{size}"], r["perplexity"]) for r in rows if f"speedup_b{size}" in r]
-            axis.plot(*zip(*points), marker="o", label=f"per-token exit, batch {size}")
+        for policy in dict.fromkeys(r["policy"] for r in rows[1:]):
+            for size in sizes:
+                points = [(r[f"speedup_b{size}"], r["perplexity"]) for r in rows if r["policy"] == policy]
+                axis.plot(*zip(*points), marker="o", label=f"{policy}, batch {size}")
         axis.axhline(rows[0]["perplexity"], color="gray", linestyle="--", label="full depth")
         axis.set_xlabel("measured generation speed-up (tokens/s vs full depth)")
         axis.set_ylabel("perplexity")

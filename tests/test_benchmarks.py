@@ -92,3 +92,33 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
     assert set(memory) == {"adnet none (full depth)", "adnet exits (saved policy)", "plain reference"}
     assert memory["adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
     assert all(row["peak_rise_mib"] >= 0 for row in memory.values())
+
+
+def write_idx(path: Path, array) -> str:
+    """MNIST's IDX format: zero, zero, the unsigned-byte type code, the rank, then big-endian dimensions."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype("uint8").tobytes())
+    return str(path)
+
+
+def test_classification_benchmark_on_idx_images(tmp_path):
+    import bench_classification
+    import numpy as np
+    from conftest import resnet_config
+
+    from adnet_hf import ADNetForImageClassification
+
+    model = ADNetForImageClassification(ADNetConfig(backbone_config=resnet_config(), num_labels=3))
+    model.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = write_idx(tmp_path / "images.idx", rng.integers(0, 256, (10, 28, 28)))
+    labels = write_idx(tmp_path / "labels.idx", rng.integers(0, 3, (10,)))
+    path = bench_classification.main([
+        "--model", str(tmp_path / "model"), "--images", images, "--image_labels", labels, "--batch_sizes", "1", "4",
+        "--max_samples_batch1", "3", "--repeats", "1", "--policies", "confidence", "--confidence", "0.5",
+        "--name", "tiny_images", "--results_dir", str(tmp_path / "results"),
+    ])
+    result = json.loads(path.read_text())
+    assert result["samples"] == 10 and result["total_layers"] == model.config.num_blocks
+    row = result["rows"][1]
+    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["mean_layers"]
