@@ -22,7 +22,7 @@ from transformers import AutoModelForImageClassification, AutoModelForSequenceCl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
@@ -140,20 +140,18 @@ def load_models(auto_class, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "classification")
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
     parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
     parser.add_argument("--image_labels", help="IDX labels of --images")
-    parser.add_argument("--name", default="classification")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_samples_batch1", type=int, default=200,
                         help="samples timed at batch 1 (accuracy always uses all samples)")
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(DEFAULT_SETTINGS))
     parser.add_argument("--halting", type=float, nargs="+", default=DEFAULT_SETTINGS["halting"],
                         help="halting_epsilon values")
@@ -161,10 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="confidence_threshold values")
     parser.add_argument("--patience", type=int, nargs="+", default=DEFAULT_SETTINGS["patience"],
                         help="patience values")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
 
     if (args.data is None) == (args.images is None):
         parser.error("pass either --data (text) or --images with --image_labels")

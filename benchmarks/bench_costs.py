@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_classification import make_batches, predict, read_tsv  # noqa: E402
-from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 from adnet_hf import ADNetForSequenceClassification  # noqa: E402
 
@@ -121,22 +121,17 @@ def plot(rows: list[dict]):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "costs")
     parser.add_argument("--backbone", required=True, help="backbone checkpoint that ADNet and the plain model wrap")
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint (memory is measured on it)")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
-    parser.add_argument("--name", default="costs")
     parser.add_argument("--train_batches", type=int, default=4, help="batches timed per training repeat")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     sentences, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)

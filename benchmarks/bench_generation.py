@@ -10,7 +10,6 @@ tokens from prompts taken from the same text, at batch 1 and 8, timed against th
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, interleaved_seconds, save_figure, write_results  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
@@ -60,11 +59,10 @@ def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str,
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "generation")
     parser.add_argument("--model", required=True, help="ADNet causal LM checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", required=True, help="plain text file")
-    parser.add_argument("--name", default="generation")
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--max_blocks", type=int, default=64, help="blocks for perplexity")
     parser.add_argument("--batch_size", type=int, default=8, help="perplexity batch size")
@@ -75,11 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="halting_epsilon values")
     parser.add_argument("--confidence", type=float, nargs="*", default=[],
                         help="confidence_threshold values (CALM's softmax confidence: runs the LM head per step)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()

@@ -6,6 +6,7 @@ Each benchmark writes `<name>.json` (numbers, machine, versions, command), `<nam
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,22 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """A parser with what every benchmark takes: `--name` of its results, `--repeats`, `--threads`, `--results_dir`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=name, help="results file name under --results_dir")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each setting (median taken)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def environment() -> dict:
