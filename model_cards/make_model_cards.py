@@ -3,8 +3,8 @@
 
 Each card gets a `model-index` with the measured metrics, a results table against full depth and the plain
 fine-tuned backbone, how ADNet works, how to load it, its limits and a plot of accuracy against executed layers.
-Inputs are the training run's output folder (`eval_results.json`, `config.json`) and the model's benchmark JSON
-(`benchmarks/results/`); run the commands in `CARDS` first, then
+Inputs are the model's benchmark JSON (`benchmarks/results/`) and the plain reference's `eval_results.json`; run
+the commands in `CARDS` first, then
 
     python model_cards/make_model_cards.py            # every card whose inputs exist
     python model_cards/make_model_cards.py sst2_minilm
@@ -34,7 +34,6 @@ class CardSpec:
     title: str
     pipeline_tag: str
     dataset: dict  # EvalResult's dataset_type / dataset_name / dataset_config / dataset_split
-    adnet_dir: str
     benchmark: str
     commands: list[str]
     plain_dir: str | None = None
@@ -45,7 +44,8 @@ class CardSpec:
         return json.loads((ROOT / name).read_text())
 
     def missing(self) -> list[str]:
-        return [name for name in (f"{self.adnet_dir}/eval_results.json", self.benchmark) if not (ROOT / name).exists()]
+        needed = [self.benchmark] + ([] if self.plain_dir is None else [f"{self.plain_dir}/eval_results.json"])
+        return [name for name in needed if not (ROOT / name).exists()]
 
 
 CARDS = {
@@ -54,7 +54,7 @@ CARDS = {
         pipeline_tag="text-classification", base_model="sentence-transformers/all-MiniLM-L6-v2",
         dataset={"dataset_type": "glue", "dataset_name": "GLUE SST-2", "dataset_config": "sst2",
                  "dataset_split": "validation"},
-        adnet_dir="outputs/sst2-full-adnet", plain_dir="outputs/sst2-full-plain",
+        plain_dir="outputs/sst2-full-plain",
         benchmark="benchmarks/results/sst2_minilm.json",
         commands=[
             f"python examples/run_glue_style.py --model_name_or_path {MINILM} --train_file "
@@ -82,7 +82,7 @@ CARDS = {
         name="adnet-resnet-mnist", title="ADNet on a small ResNet, trained from scratch on 5k MNIST digits",
         pipeline_tag="image-classification",
         dataset={"dataset_type": "mnist", "dataset_name": "MNIST", "dataset_split": "test"},
-        adnet_dir="outputs/mnist-adnet", benchmark="benchmarks/results/mnist_resnet.json",
+        benchmark="benchmarks/results/mnist_resnet.json",
         commands=[
             "python examples/run_image_classification.py --backbone_config '{\"model_type\": \"resnet\", "
             "\"num_channels\": 1, \"embedding_size\": 32, \"hidden_sizes\": [32, 64, 128], \"depths\": [2, 2, 2], "
@@ -142,17 +142,36 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(path, 1, draw)
 
 
-def card(spec: CardSpec) -> tuple[ModelCard, list[dict]]:
-    """The card of `spec`, from its run's eval results and config and its benchmark; and the rows it shows."""
-    evaluation = spec.load(f"{spec.adnet_dir}/eval_results.json")
-    config = spec.load(f"{spec.adnet_dir}/config.json")
+def cheapest_within(rows: list[dict], budget_pts: float) -> dict | None:
+    """The benchmarked setting with the fewest mean layers whose accuracy is at most `budget_pts` below full depth."""
+    admissible = [row for row in rows if row.get("accuracy_drop_pts") is not None and row.get("setting") is not None
+                  and row["accuracy_drop_pts"] <= budget_pts]
+    return min(admissible, key=lambda row: row["mean_layers"], default=None)
+
+
+def card(spec: CardSpec, budget_pts: float = 0.5) -> tuple[ModelCard, list[dict]]:
+    """The card of `spec`, from its benchmark (and its plain reference's eval results); and the rows it shows."""
     bench = spec.load(spec.benchmark)
     rows = results_rows(bench)
+    full = next(row for row in rows if row["policy"] == "none (full depth)")
+    best = cheapest_within(rows, budget_pts)
     task = {"task_type": spec.pipeline_tag, **spec.dataset}
-    eval_results = [EvalResult(**task, metric_type="accuracy", metric_name="accuracy (saved exit policy)",
-                               metric_value=round(evaluation["eval_accuracy"], 4)),
-                    EvalResult(**task, metric_type="mean_executed_layers", metric_name="mean executed layers",
-                               metric_value=round(evaluation["eval_mean_executed_layers"], 3))]
+    eval_results = [EvalResult(**task, metric_type="accuracy", metric_name="accuracy at full depth",
+                               metric_value=round(full["accuracy"], 4))]
+    headline = f"At full depth it reaches **{100 * full['accuracy']:.2f}%** accuracy on the " \
+               f"{spec.dataset['dataset_name']} {spec.dataset['dataset_split']} split."
+    if best is not None:
+        name = f"{best['policy']}={best['setting']}"
+        eval_results += [EvalResult(**task, metric_type="accuracy", metric_name=f"accuracy with exits ({name})",
+                                    metric_value=round(best["accuracy"], 4)),
+                         EvalResult(**task, metric_type="mean_executed_layers",
+                                    metric_name=f"mean executed layers ({name})",
+                                    metric_value=round(best["mean_layers"], 3))]
+        speed = ", ".join(f"{row_speed:.2f}x at batch {size}" for size, row_speed in
+                          ((1, best.get("speedup_b1")), (32, best.get("speedup_b32"))) if row_speed is not None)
+        headline += f" The cheapest measured setting within {budget_pts} points of it, `{name}`, reaches " \
+                    f"**{100 * best['accuracy']:.2f}%** running **{best['mean_layers']:.2f}** of " \
+                    f"{bench['total_layers']} layers per input on average; measured speed-up over full depth: {speed}."
     data = ModelCardData(language="en" if spec.pipeline_tag.startswith("text") else None, license="apache-2.0",
                          library_name="transformers", pipeline_tag=spec.pipeline_tag, base_model=spec.base_model,
                          model_name=spec.name, tags=["adnet", "early-exit", "adaptive-computation"],
@@ -161,7 +180,6 @@ def card(spec: CardSpec) -> tuple[ModelCard, list[dict]]:
     if spec.plain_dir is not None:
         accuracy = spec.load(f"{spec.plain_dir}/eval_results.json")["eval_accuracy"]
         plain = f"The same backbone fine-tuned plainly (full depth, no units) reaches **{100 * accuracy:.2f}%**.\n\n"
-    policy = config["exit_policy"]
     auto = "AutoModelForSequenceClassification" if spec.pipeline_tag.startswith("text") else \
         "AutoModelForImageClassification"
     content = f"""---
@@ -170,9 +188,7 @@ def card(spec: CardSpec) -> tuple[ModelCard, list[dict]]:
 
 # {spec.title}
 
-With its saved exit policy (`exit_policy="{policy}"`) this model reaches **{100 * evaluation['eval_accuracy']:.2f}%**
-accuracy on the {spec.dataset['dataset_name']} {spec.dataset['dataset_split']} split, running
-**{evaluation['eval_mean_executed_layers']:.2f}** of its {bench['total_layers']} backbone layers per input on average.
+{headline}
 {plain}Every exit policy, measured on this machine against the same weights at full depth
 (`{bench['environment']['command']}`; {bench['environment']['cpu_count']} CPU cores, torch
 {bench['environment']['torch']}):
