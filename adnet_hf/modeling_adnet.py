@@ -36,7 +36,8 @@ StepLoss = Callable[[torch.Tensor], torch.Tensor]
 class ADNetModelOutput(ModelOutput):
     r"""
     last_hidden_state (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`, or the CNN's feature map):
-        The block output at each sample's exit step.
+        The block output at each sample's exit step; `None` when a CNN's samples exit in stages whose feature maps
+        differ in shape.
     logits (`torch.Tensor` of shape `(*items, num_labels)`):
         The prediction at each item's exit step (training: the predictions fused under the halting distribution).
         Items are samples, or batch x tokens for a causal LM. `None` without a step head.
@@ -310,6 +311,7 @@ class _AdaptiveRun:
         self.halting: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
+        self.exit_shapes_differ = False
         self.lambdas: list[torch.Tensor] = []
         self.step_logits: list[torch.Tensor] = []
         self.step_losses: list[torch.Tensor] = []
@@ -422,7 +424,10 @@ class _AdaptiveRun:
             return
         if self.last_hidden is None:
             self.last_hidden = hidden.new_zeros(self.padding.shape[0], *hidden.shape[1:])
-        self.last_hidden[self.active[finished]] = hidden[finished]
+        if self.last_hidden.shape[1:] == hidden.shape[1:]:
+            self.last_hidden[self.active[finished]] = hidden[finished]
+        else:  # a CNN's samples exited in stages whose feature maps differ: no single tensor holds them
+            self.exit_shapes_differ = True
         keep = (~finished).nonzero().squeeze(-1)
         self.active = self.active[keep]
         self.state = self.state.select(keep)
@@ -441,6 +446,11 @@ class _AdaptiveRun:
         if self.hidden_states is not None:
             self.hidden_states.append(self._scatter(hidden))
 
+    def _last_hidden_state(self) -> torch.Tensor | None:
+        if self.exit_shapes_differ:
+            return None
+        return self.state.hidden if self.last_hidden is None else self.last_hidden
+
     def output(self) -> ADNetModelOutput:
         halting, exit_steps = self.halting, self.exit_steps
         if self.full_depth:
@@ -449,7 +459,7 @@ class _AdaptiveRun:
             halting = halting_distribution(torch.stack(self.lambdas, dim=-1))
             halting = halting.masked_fill(self.padding.unsqueeze(-1), 0.0)
         return ADNetModelOutput(
-            last_hidden_state=self.state.hidden if self.last_hidden is None else self.last_hidden,
+            last_hidden_state=self._last_hidden_state(),
             logits=self.logits,
             step_logits=torch.stack(self.step_logits) if self.step_logits else None,
             step_losses=torch.stack(self.step_losses, dim=-1) if self.step_losses else None,

@@ -131,6 +131,22 @@ def test_image_early_exit_skips_the_later_blocks():
         assert count == int((out.exit_steps > block).sum())
 
 
+def test_image_exits_in_stages_of_different_shapes():
+    model = image_model(num_fixed_steps=0).eval()
+    pixels = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        full = model(pixel_values=pixels, exit_policy="none")
+        model.config.confidence_threshold = midpoint_threshold(torch.softmax(full.step_logits[0], -1).amax(-1))
+        out = model(pixel_values=pixels, exit_policy="confidence")
+    # blocks 0-1 (8 channels) make stage 1, blocks 2-3 (16 channels, half the side) stage 2
+    assert (out.exit_steps <= 2).any() and (out.exit_steps > 2).any()
+    for row in range(8):
+        with torch.no_grad():
+            single = model(pixel_values=pixels[row : row + 1], exit_policy="confidence")
+        assert single.exit_steps.item() == out.exit_steps[row].item()
+        torch.testing.assert_close(single.logits[0], out.logits[row], rtol=1e-4, atol=1e-5)
+
+
 def midpoint_threshold(values: torch.Tensor) -> float:
     """A threshold halfway between the two middle values: about half the samples fall on each side, none on it."""
     ordered = values.sort().values
