@@ -288,6 +288,11 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ((ends - counts + ends - 1) / 2.0)[inverse]
 
 
+def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
+    true_positives = float(np.sum(predicted & actual))
+    return 2 * true_positives / max(float(np.sum(predicted) + np.sum(actual)), 1.0)
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -295,8 +300,8 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     """`compute_metrics` for `ADNetTrainer` on sequence / image classification, computed here (no Hub metric).
 
-    Accuracy (single-label: argmax; multi-label: every label right), or for regression (`num_labels=1`) Pearson,
-    Spearman and MSE; plus `mean_executed_steps` when the predictions carry the exit steps.
+    Accuracy (single-label: argmax; multi-label: every label right), with F1 of class 1 for two classes (GLUE's MRPC
+    metric), or for regression (`num_labels=1`) Pearson, Spearman and MSE; plus `mean_executed_steps` when the predictions carry the exit steps.
     """
     predictions = eval_pred.predictions
     logits, exit_steps = (predictions[0], predictions[-1]) if isinstance(predictions, tuple) else (predictions, None)
@@ -308,7 +313,10 @@ def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float
     elif labels.ndim == logits.ndim:
         metrics = {"accuracy": float(np.mean(((logits > 0) == (labels > 0.5)).all(-1)))}
     else:
-        metrics = {"accuracy": float(np.mean(logits.argmax(-1) == labels))}
+        predicted = logits.argmax(-1)
+        metrics = {"accuracy": float(np.mean(predicted == labels))}
+        if logits.shape[-1] == 2:
+            metrics["f1"] = _f1(predicted == 1, labels == 1)
     if exit_steps is not None:
         metrics["mean_executed_steps"] = float(np.mean(exit_steps))
     return metrics

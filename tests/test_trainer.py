@@ -176,7 +176,8 @@ def test_compute_classification_metrics():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
     exits = np.array([2, 3, 4, 3])
     metrics = compute_classification_metrics(EvalPrediction((logits, exits), np.array([0, 1, 1, 1])))
-    assert metrics == {"accuracy": 0.75, "mean_executed_steps": 3.0}
+    # class 1: predicted for samples 1 and 3, true for 1, 2, 3: precision 1, recall 2/3
+    assert metrics == {"accuracy": 0.75, "f1": pytest.approx(0.8), "mean_executed_steps": 3.0}
 
     scores = np.array([[0.1], [0.4], [0.4], [0.9], [0.7]])
     targets = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
