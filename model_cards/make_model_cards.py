@@ -3,8 +3,8 @@
 
 Each card gets a `model-index` with the measured metrics, a results table against full depth and the plain
 fine-tuned backbone, how ADNet works, how to load it, its limits and a plot of accuracy against executed layers.
-Inputs are the model's benchmark JSON (`benchmarks/results/`) and the plain reference's `eval_results.json`; run
-the commands in `CARDS` first, then
+The input is the model's benchmark JSON (`benchmarks/results/`), which also measures the plain fine-tuned reference;
+run the commands in `CARDS` first, then
 
     python model_cards/make_model_cards.py            # every card whose inputs exist
     python model_cards/make_model_cards.py sst2_minilm
@@ -36,7 +36,6 @@ class CardSpec:
     dataset: dict  # EvalResult's dataset_type / dataset_name / dataset_config / dataset_split
     benchmark: str
     commands: list[str]
-    plain_dir: str | None = None
     base_model: str | None = None
     limits: list[str] = field(default_factory=list)
 
@@ -44,8 +43,7 @@ class CardSpec:
         return json.loads((ROOT / name).read_text())
 
     def missing(self) -> list[str]:
-        needed = [self.benchmark] + ([] if self.plain_dir is None else [f"{self.plain_dir}/eval_results.json"])
-        return [name for name in needed if not (ROOT / name).exists()]
+        return [name for name in [self.benchmark] if not (ROOT / name).exists()]
 
 
 CARDS = {
@@ -54,7 +52,6 @@ CARDS = {
         pipeline_tag="text-classification", base_model="sentence-transformers/all-MiniLM-L6-v2",
         dataset={"dataset_type": "glue", "dataset_name": "GLUE SST-2", "dataset_config": "sst2",
                  "dataset_split": "validation"},
-        plain_dir="outputs/sst2-full-plain",
         benchmark="benchmarks/results/sst2_minilm.json",
         commands=[
             f"python examples/run_glue_style.py --model_name_or_path {MINILM} --train_file "
@@ -150,7 +147,7 @@ def cheapest_within(rows: list[dict], budget_pts: float) -> dict | None:
 
 
 def card(spec: CardSpec, budget_pts: float = 0.5) -> tuple[ModelCard, list[dict]]:
-    """The card of `spec`, from its benchmark (and its plain reference's eval results); and the rows it shows."""
+    """The card of `spec`, from its benchmark; and the rows it shows."""
     bench = spec.load(spec.benchmark)
     rows = results_rows(bench)
     full = next(row for row in rows if row["policy"] == "none (full depth)")
@@ -176,10 +173,8 @@ def card(spec: CardSpec, budget_pts: float = 0.5) -> tuple[ModelCard, list[dict]
                          library_name="transformers", pipeline_tag=spec.pipeline_tag, base_model=spec.base_model,
                          model_name=spec.name, tags=["adnet", "early-exit", "adaptive-computation"],
                          eval_results=eval_results)
-    plain = ""
-    if spec.plain_dir is not None:
-        accuracy = spec.load(f"{spec.plain_dir}/eval_results.json")["eval_accuracy"]
-        plain = f"The same backbone fine-tuned plainly (full depth, no units) reaches **{100 * accuracy:.2f}%**.\n\n"
+    plain = "".join(f"The same backbone fine-tuned plainly (full depth, no units) reaches **{100 * row['accuracy']:.2f}%**"
+                    " on the same data.\n\n" for row in rows if row["policy"] == "plain reference")
     auto = "AutoModelForSequenceClassification" if spec.pipeline_tag.startswith("text") else \
         "AutoModelForImageClassification"
     content = f"""---

@@ -11,9 +11,6 @@ import make_model_cards  # noqa: E402
 
 
 def test_card_carries_the_measured_results(tmp_path, monkeypatch):
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    (plain / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.8853}))
     rows = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.88, "accuracy_drop_pts": 0.0,
              "mean_layers": 6.0, "ideal_speedup": 1.0},
             {"policy": "plain reference", "setting": None, "accuracy": 0.8853, "mean_layers": 6.0,
@@ -29,7 +26,7 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
         name="adnet-test", title="A test", pipeline_tag="text-classification",
         dataset={"dataset_type": "glue", "dataset_name": "GLUE SST-2", "dataset_config": "sst2",
                  "dataset_split": "validation"},
-        plain_dir="plain", benchmark="bench.json", commands=["python train"])
+        benchmark="bench.json", commands=["python train"])
     monkeypatch.setattr(make_model_cards, "ROOT", tmp_path)
     monkeypatch.setattr(make_model_cards, "CARDS", {"test": spec})
     make_model_cards.main([], out_dir=tmp_path / "cards")
@@ -40,5 +37,6 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
                        ("accuracy", "accuracy with exits (patience=2)", 0.8761),
                        ("mean_executed_layers", "mean executed layers (patience=2)", 3.25)]
     assert written.data.eval_results[0].dataset_name == "GLUE SST-2"
-    assert "88.53%" in written.text and "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text and "| patience | 2 | 87.61% | 3.25 | 1.85x | 1.70x | 1.60x |" in written.text
+    assert "fine-tuned plainly (full depth, no units) reaches **88.53%**" in written.text
+    assert "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text and "| patience | 2 | 87.61% | 3.25 | 1.85x | 1.70x | 1.60x |" in written.text
     assert (tmp_path / "cards" / "adnet-test" / "accuracy_vs_layers.png").stat().st_size > 0
