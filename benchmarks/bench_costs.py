@@ -4,8 +4,9 @@
   `loss_type`, against the backbone's own `AutoModelForSequenceClassification` on the same batches, timed in turns
   in this process.
 - Inference peak memory: the rise of the process's peak resident memory (Linux `VmHWM`, reset through
-  `/proc/self/clear_refs`) over a pass of the data, each setting in a fresh process so that no setting inherits
-  another's allocator state: the ADNet checkpoint at full depth and with its exits, and the plain reference.
+  `/proc/self/clear_refs` once the model and the batches are loaded) over a pass of the data, each setting in a
+  fresh process so that no setting inherits another's allocator state: the ADNet checkpoint at full depth and with
+  exits (its saved policy, or `--exit_policy` / `--exit_value`), and the plain reference.
 
     python benchmarks/bench_costs.py --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
@@ -28,6 +29,7 @@ from bench_classification import make_batches, predict, read_tsv  # noqa: E402
 from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 from adnet_hf import ADNetForSequenceClassification  # noqa: E402
+from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
 
 LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
 
@@ -71,14 +73,16 @@ def _proc_status_kib(field: str) -> int:
 
 
 def peak_memory_child(spec: dict) -> None:
-    """In a fresh process: load, run once to warm up, reset the peak, run again; print the peak rise in MiB."""
+    """In a fresh process: load the model and the batches, reset the peak, run a pass; print the peak rise in MiB.
+
+    The pass starts from a fresh allocator, so the rise counts every activation buffer the pass needs.
+    """
     torch.set_num_threads(spec["threads"])
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"]).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], **spec["overrides"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     sentences, _ = read_tsv(Path(spec["data"]), spec["max_samples"])
     batches = make_batches(tokenizer, sentences, spec["batch_size"], spec["max_length"])
     kwargs = {} if spec["policy"] is None else {"exit_policy": spec["policy"]}
-    predict(model, batches, **kwargs)
     gc.collect()
     before = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
@@ -96,11 +100,17 @@ def memory_rows(args: argparse.Namespace) -> list[dict]:
     """Peak inference memory of each setting, and its ratio to the ADNet checkpoint at full depth."""
     base = {"tokenizer": args.tokenizer or args.model, "data": args.data, "max_samples": args.max_samples,
             "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads}
-    settings = {"adnet none (full depth)": (args.model, "none"), "adnet exits (saved policy)": (args.model, None)}
+    exits = "adnet exits (saved policy)"
+    overrides = {}
+    if args.exit_policy is not None:
+        value = int(args.exit_value) if args.exit_policy == "patience" else args.exit_value
+        exits = f"adnet exits ({args.exit_policy}={value})"
+        overrides = {"exit_policy": args.exit_policy, POLICY_FIELDS[args.exit_policy]: value}
+    settings = {"adnet none (full depth)": (args.model, "none", {}), exits: (args.model, None, overrides)}
     if args.reference:
-        settings["plain reference"] = (args.reference, None)
-    peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy})
-             for name, (model, policy) in settings.items()}
+        settings["plain reference"] = (args.reference, None, {})
+    peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy, "overrides": overrides})
+             for name, (model, policy, overrides) in settings.items()}
     full = peaks["adnet none (full depth)"]
     return [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
              "peak_rise_mib": peak, "ratio_to_full_depth": peak / full} for name, peak in peaks.items()]
@@ -131,7 +141,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--exit_policy", choices=list(POLICY_FIELDS), help="policy for the memory run with exits "
+                        "(default: the checkpoint's saved policy and setting)")
+    parser.add_argument("--exit_value", type=float, help="its setting (halting_epsilon, confidence_threshold or "
+                        "patience)")
     args = parse_benchmark_args(parser, argv)
+    if (args.exit_policy is None) != (args.exit_value is None):
+        parser.error("--exit_policy and --exit_value go together")
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     sentences, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
