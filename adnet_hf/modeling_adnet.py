@@ -337,7 +337,7 @@ class _AdaptiveRun:
             if self.cache is not None and self.full_depth:  # full-depth generation: only the last step predicts
                 if n == num_variable - 1 and self.head is not None:
                     self.logits = self.head(n, None, hidden)
-                    self._count_flops(hidden.new_zeros(hidden.shape[:2]), self.step_head_flops)
+                    self._count_item_flops(hidden.new_full(hidden.shape[:2], self.step_head_flops))
             elif n >= 0:
                 self._variable_step(n, step, hidden, last=n == num_variable - 1)
 
@@ -358,8 +358,11 @@ class _AdaptiveRun:
     def _count_flops(self, position_flops: torch.Tensor, per_item: float = 0.0) -> None:
         """Add FLOPs per position (B x T) and per item to the items still running."""
         flops = position_flops if self.model.per_token else position_flops.sum(-1)
-        flops = (flops + per_item).masked_fill(self.done, 0.0)
-        self.flops[self.active] += flops.to(self.flops.dtype)
+        self._count_item_flops(flops + per_item)
+
+    def _count_item_flops(self, flops: torch.Tensor) -> None:
+        """Add FLOPs per item (B, or B x T) to the items still running."""
+        self.flops[self.active] += flops.masked_fill(self.done, 0.0).to(self.flops.dtype)
 
     def _commit_cache(self, step: int, blocks: list[nn.Module]) -> None:
         """Give the samples that have left the batch the keys/values their exit state propagates to."""
@@ -378,10 +381,12 @@ class _AdaptiveRun:
         unit = self.model.units[n]
         positions = self.model.adapter.unit_view(hidden)
         summary, lambdas = unit(positions, None if self.model.per_token else self.state.token_mask)
-        logits = self.head(n, summary, hidden) if self.head is not None else None
+        # the halting rule needs no prediction to decide: the head then runs only for the items that stop
+        predict_all = self.head is not None and (self.full_depth or self.rule.needs_predictions)
+        logits = self.head(n, summary, hidden) if predict_all else None
         real = self.state.token_mask if self.state.token_mask is not None else positions.new_ones(positions.shape[:2])
         per_position, per_summary = unit.flops()
-        self._count_flops(per_position * real.to(positions.dtype), per_summary + self.step_head_flops)
+        self._count_flops(per_position * real.to(positions.dtype), per_summary + (self.step_head_flops if predict_all else 0.0))
         if self.full_depth:
             self.lambdas.append(lambdas)
             if logits is not None:
@@ -394,12 +399,23 @@ class _AdaptiveRun:
             self.halting = probs.new_zeros(*self.padding.shape, self.config.num_variable_steps)
         self.halting[self.active, ..., n] = probs
         self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
-        if logits is not None:
-            if self.logits is None:
-                self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
-            self.logits[self.active] = torch.where(stop.unsqueeze(-1), logits, self.logits[self.active])
+        if self.head is not None and stop.any():
+            self._keep_exit_logits(n, summary, hidden, logits, stop)
         self.done = self.done | stop
         self._drop_finished(hidden)
+
+    def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
+                          logits: torch.Tensor | None, stop: torch.Tensor) -> None:
+        """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
+        if logits is None:
+            logits = self.head(n, None if summary is None else summary[stop], hidden[stop])
+            self._count_item_flops(self.step_head_flops * stop.to(self.flops.dtype))
+        else:
+            logits = logits[stop]
+        if self.logits is None:
+            self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
+        index = stop.nonzero(as_tuple=True)
+        self.logits[(self.active[index[0]], *index[1:])] = logits
 
     def _keep_full_depth_step(self, lambdas: torch.Tensor, logits: torch.Tensor) -> None:
         """Take the step's loss now and fold its prediction into the output logits (fused in training)."""

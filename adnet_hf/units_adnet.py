@@ -77,6 +77,7 @@ class ExitRule:
         self.threshold = confidence_threshold
         self.patience = patience
         self.multi_label = problem_type == "multi_label_classification"
+        self.needs_predictions = policy in ("confidence", "patience")
         self.not_halted: torch.Tensor | None = None
         self.previous: torch.Tensor | None = None
         self.unchanged: torch.Tensor | None = None
