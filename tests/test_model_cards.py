@@ -10,6 +10,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_cards"))
 import make_model_cards  # noqa: E402
 
 
+def write_card(tmp_path, monkeypatch, spec, bench: dict) -> ModelCard:
+    """Generate `spec`'s card from the benchmark `bench` in a scratch root; the card as written."""
+    bench |= {"total_layers": 6, "environment": {"command": "python bench", "cpu_count": 2, "torch": "2.13.0"}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    monkeypatch.setattr(make_model_cards, "ROOT", tmp_path)
+    monkeypatch.setattr(make_model_cards, "CARDS", {"test": spec})
+    make_model_cards.main([], out_dir=tmp_path / "cards")
+    return ModelCard.load(tmp_path / "cards" / spec.name / "README.md")
+
+
 def test_card_carries_the_measured_results(tmp_path, monkeypatch):
     rows = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.88, "accuracy_drop_pts": 0.0,
              "mean_layers": 6.0, "ideal_speedup": 1.0},
@@ -19,19 +29,12 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
              "ideal_speedup": 1.85, "speedup_b1": 1.7, "speedup_b32": 1.6},
             {"policy": "patience", "setting": 1, "accuracy": 0.86, "accuracy_drop_pts": 2.0, "mean_layers": 2.5,
              "ideal_speedup": 2.4, "speedup_b1": 2.2, "speedup_b32": 2.0}]
-    bench = {"rows": rows, "total_layers": 6, "environment": {"command": "python bench", "cpu_count": 2,
-                                                              "torch": "2.13.0"}}
-    (tmp_path / "bench.json").write_text(json.dumps(bench))
     spec = make_model_cards.CardSpec(
         name="adnet-test", title="A test", pipeline_tag="text-classification",
         dataset={"dataset_type": "glue", "dataset_name": "GLUE SST-2", "dataset_config": "sst2",
                  "dataset_split": "validation"},
         benchmark="bench.json", commands=["python train"])
-    monkeypatch.setattr(make_model_cards, "ROOT", tmp_path)
-    monkeypatch.setattr(make_model_cards, "CARDS", {"test": spec})
-    make_model_cards.main([], out_dir=tmp_path / "cards")
-
-    written = ModelCard.load(tmp_path / "cards" / "adnet-test" / "README.md")
+    written = write_card(tmp_path, monkeypatch, spec, {"benchmark": "classification", "rows": rows})
     results = [(r.metric_type, r.metric_name, r.metric_value) for r in written.data.eval_results]
     assert results == [("accuracy", "accuracy at full depth", 0.88),
                        ("accuracy", "accuracy with exits (patience=2)", 0.8761),
@@ -40,3 +43,26 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
     assert "fine-tuned plainly (full depth, no units) reaches **88.53%**" in written.text
     assert "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text and "| patience | 2 | 87.61% | 3.25 | 1.85x | 1.70x | 1.60x |" in written.text
     assert (tmp_path / "cards" / "adnet-test" / "accuracy_vs_layers.png").stat().st_size > 0
+
+
+def test_generation_card_reports_perplexity_within_its_budget(tmp_path, monkeypatch):
+    rows = [{"policy": "none (full depth)", "setting": None, "perplexity": 150.0, "ppl_increase_pct": 0.0,
+             "mean_layers_per_token": 6.0, "ideal_speedup": 1.0},
+            {"policy": "halting", "setting": 0.5, "perplexity": 153.0, "ppl_increase_pct": 2.0,
+             "mean_layers_per_token": 4.0, "ideal_speedup": 1.5, "speedup_b1": 1.4, "speedup_b8": 1.3},
+            {"policy": "halting", "setting": 0.7, "perplexity": 160.0, "ppl_increase_pct": 6.67,
+             "mean_layers_per_token": 3.0, "ideal_speedup": 2.0, "speedup_b1": 1.8, "speedup_b8": 1.7}]
+    spec = make_model_cards.CardSpec(
+        name="adnet-lm", title="An LM", pipeline_tag="text-generation",
+        dataset={"dataset_type": "ptb_text_only", "dataset_name": "Penn Treebank", "dataset_split": "test"},
+        benchmark="bench.json", commands=["python train"])
+    written = write_card(tmp_path, monkeypatch, spec, {"benchmark": "generation", "rows": rows})
+
+    results = [(r.metric_type, r.metric_name, r.metric_value) for r in written.data.eval_results]
+    assert results == [("perplexity", "perplexity at full depth", 150.0),
+                       ("perplexity", "perplexity with exits (halting=0.5)", 153.0),
+                       ("mean_executed_layers", "mean executed layers (halting=0.5)", 4.0)]
+    assert "within 3% of it, `halting=0.5`, reaches **153.0** running **4.00** of 6 layers per token" in written.text
+    assert "| halting | 0.7 | 160.0 | 3.00 | 2.00x | 1.80x | 1.70x |" in written.text
+    assert "AutoModelForCausalLM" in written.text
+    assert (tmp_path / "cards" / "adnet-lm" / "perplexity_vs_layers.png").stat().st_size > 0
