@@ -7,7 +7,17 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
+
+
+def plain_baseline_field(head: str):
+    """The `--plain_baseline` flag of a script whose backbone has its own `head` model."""
+    return field(
+        default=False,
+        metadata={"help": f"Train the backbone plainly instead (its own {head} at full depth, no units, Trainer's "
+                          "single learning rate): the reference ADNet is measured against. ADNet arguments are then "
+                          "ignored."},
+    )
 
 
 def _adnet_field(help_text: str):
@@ -71,3 +81,27 @@ def build_model(model_class, name_or_path: str | None, backbone_config, override
     if ADNetArguments.is_adnet_checkpoint(name_or_path):
         return model_class.from_pretrained(name_or_path, **overrides)
     return model_class.from_backbone(name_or_path, backbone_kwargs=backbone_kwargs, **overrides)
+
+
+def build_plain_model(auto_class, name_or_path: str | None, backbone_config, config_kwargs: dict,
+                      backbone_kwargs: dict | None = None):
+    """The backbone's own `auto_class` model, full depth and no units: random from `backbone_config` (a config or a
+    dict with `model_type`), or from the checkpoint `name_or_path`."""
+    if backbone_config is not None:
+        if not isinstance(backbone_config, PretrainedConfig):
+            settings = dict(backbone_config)
+            backbone_config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        for key, value in config_kwargs.items():
+            setattr(backbone_config, key, value)
+        return auto_class.from_config(backbone_config)
+    if name_or_path is None:
+        raise ValueError("Pass --model_name_or_path (a checkpoint) or --backbone_config (train from scratch).")
+    return auto_class.from_pretrained(name_or_path, **(backbone_kwargs or {}), **config_kwargs)
+
+
+def total_layers(model) -> int:
+    """The backbone blocks a full-depth pass runs (every input's cost in a plain model)."""
+    config = model.config
+    if config.model_type == "adnet":
+        return config.num_blocks
+    return sum(config.depths) if hasattr(config, "depths") else config.num_hidden_layers

@@ -24,13 +24,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, GPT2Tokenizer, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
 
 from adnet_hf import ADNetForCausalLM
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import (  # noqa: E402
+    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
+    total_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder, if not the model's."})
     freeze_backbone: bool = field(default=False, metadata={"help": "Train the calculation units only."})
+    plain_baseline: bool = plain_baseline_field("causal LM")
 
 
 @dataclass
@@ -91,7 +95,7 @@ def load_tokenizer(model_args: ModelArguments):
     return AutoTokenizer.from_pretrained(source, **gguf)
 
 
-def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer) -> ADNetForCausalLM:
+def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer):
     backbone = None
     if model_args.backbone_config is not None:
         backbone = read_json_argument(model_args.backbone_config)
@@ -99,24 +103,31 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
         for name in ("bos_token_id", "eos_token_id"):
             backbone.setdefault(name, tokenizer.eos_token_id)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
+    if model_args.plain_baseline:
+        return build_plain_model(AutoModelForCausalLM, model_args.model_name_or_path, backbone, {}, backbone_kwargs)
     return build_model(ADNetForCausalLM, model_args.model_name_or_path, backbone, adnet_args.overrides(),
                        backbone_kwargs)
 
 
-def evaluate_perplexity(trainer: ADNetTrainer, dataset, prefix: str) -> dict[str, float]:
-    """Perplexity with the configured exits and at full depth, and the layers executed per token."""
-    config = trainer.model.config
+def _perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
     metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+    metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"])
+    return metrics
+
+
+def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
+    """Perplexity and the layers per token; for ADNet with the configured exits, and at full depth."""
+    config = trainer.model.config
+    metrics = _perplexity(trainer, dataset, prefix)
+    metrics[f"{prefix}_total_layers"] = total_layers(trainer.model)
+    if config.model_type != "adnet":
+        return metrics
     policy = config.exit_policy
     config.exit_policy = "none"
     try:
-        full = trainer.evaluate(dataset, metric_key_prefix=f"{prefix}_full_depth")
+        metrics.update(_perplexity(trainer, dataset, f"{prefix}_full_depth"))
     finally:
         config.exit_policy = policy
-    metrics.update(full)
-    metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"])
-    metrics[f"{prefix}_full_depth_perplexity"] = math.exp(full[f"{prefix}_full_depth_loss"])
-    metrics[f"{prefix}_total_layers"] = config.num_blocks
     metrics[f"{prefix}_exit_policy"] = policy
     return metrics
 
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
+    if model_args.freeze_backbone and model_args.plain_baseline:
+        raise ValueError("--freeze_backbone trains ADNet's units only; a --plain_baseline model has none to train.")
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, adnet_args, tokenizer)
     if model_args.freeze_backbone:
@@ -138,9 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               data_args.max_train_samples if split == "train" else data_args.max_eval_samples)
             for split, path in splits.items() if path is not None}
 
-    trainer = ADNetTrainer(model=model, args=training_args, train_dataset=data.get("train"),
-                           eval_dataset=data.get("eval"), processing_class=tokenizer,
-                           data_collator=default_data_collator)
+    trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=data.get("train"),
+                            eval_dataset=data.get("eval"), processing_class=tokenizer,
+                            data_collator=default_data_collator)
     results: dict[str, float] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -40,7 +40,10 @@ from adnet_hf import ADNetForSequenceClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import (  # noqa: E402
+    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
+    total_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +81,7 @@ class ModelArguments:
                           "or an inline JSON object with a model_type), with a WordPiece vocabulary of up to "
                           "its vocab_size learnt from the training texts. For smoke tests."},
     )
-    plain_baseline: bool = field(
-        default=False,
-        metadata={"help": "Fine-tune the backbone plainly instead (its own sequence-classification head at full "
-                          "depth, no units, Trainer's single learning rate): the reference ADNet is measured "
-                          "against. ADNet arguments are then ignored."},
-    )
+    plain_baseline: bool = plain_baseline_field("sequence-classification head")
 
 
 @dataclass
@@ -242,18 +240,11 @@ def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArgume
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     if model_args.plain_baseline:
-        return plain_model(model_args.model_name_or_path, backbone_config, labels), tokenizer
+        plain = build_plain_model(AutoModelForSequenceClassification, model_args.model_name_or_path, backbone_config,
+                                  labels.config_kwargs())
+        return plain, tokenizer
     model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides)
     return model, tokenizer
-
-
-def plain_model(name_or_path: str | None, backbone_config, labels: LabelInfo):
-    """The backbone's own `AutoModelForSequenceClassification`, from its checkpoint or random from its config."""
-    if backbone_config is not None:
-        for key, value in labels.config_kwargs().items():
-            setattr(backbone_config, key, value)
-        return AutoModelForSequenceClassification.from_config(backbone_config)
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **labels.config_kwargs())
 
 
 def preprocess(raw: datasets.DatasetDict, tokenizer, text_keys: tuple[str, str | None], label_column: str | None,
@@ -329,8 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metrics = {}
     if training_args.do_eval:
-        layers = model.config.num_hidden_layers if model_args.plain_baseline else model.config.num_blocks
-        metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset), "eval_backbone_layers": layers}
+        metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset), "eval_backbone_layers": total_layers(model)}
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
@@ -340,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             predict_dataset = predict_dataset.remove_columns("labels")
         output = trainer.predict(predict_dataset, metric_key_prefix="test")
         if model_args.plain_baseline:  # every sample runs every layer
-            logits, exit_steps = output.predictions, np.full(len(predict_dataset), model.config.num_hidden_layers)
+            logits, exit_steps = output.predictions, np.full(len(predict_dataset), total_layers(model))
         else:
             logits, exit_steps = output.predictions
         if trainer.is_world_process_zero():

@@ -26,13 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import set_seed
+from transformers import AutoModelForImageClassification, Trainer, set_seed
 
 from adnet_hf import ADNetForImageClassification
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute_classification_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import ADNetArguments, build_model, parse_arguments, read_json_argument  # noqa: E402
+from adnet_arguments import (  # noqa: E402
+    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
+    total_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class ModelArguments:
         metadata={"help": "Instead of a checkpoint: a ResNet trained from scratch, from this config (a JSON file or "
                           "an inline JSON object with model_type resnet)."},
     )
+    plain_baseline: bool = plain_baseline_field("image-classification head")
 
 
 @dataclass
@@ -128,8 +132,11 @@ def load_split(data_args: DataArguments, file: str | None, labels_file: str | No
     return ImageDataset(images, labels, data_args, limit)
 
 
-def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_labels: int) -> ADNetForImageClassification:
+def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_labels: int):
     backbone = None if model_args.backbone_config is None else read_json_argument(model_args.backbone_config)
+    if model_args.plain_baseline:
+        return build_plain_model(AutoModelForImageClassification, model_args.model_name_or_path, backbone,
+                                 {"num_labels": num_labels})
     return build_model(ADNetForImageClassification, model_args.model_name_or_path, backbone,
                        {"num_labels": num_labels, **adnet_args.overrides()})
 
@@ -148,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             data_args.validation_dir, data_args.max_eval_samples)
     labels = torch.cat([d.labels for d in (train, evaluation) if d is not None])
     model = load_model(model_args, adnet_args, int(labels.max()) + 1)
-    trainer = ADNetTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                           compute_metrics=compute_classification_metrics)
+    trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                            compute_metrics=compute_classification_metrics)
     results: dict[str, float] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results.update(train_result.metrics)
     if training_args.do_eval and evaluation is not None:
         metrics = trainer.evaluate()
-        metrics["eval_total_layers"] = model.config.num_blocks
+        metrics["eval_total_layers"] = total_layers(model)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)

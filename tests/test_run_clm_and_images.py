@@ -33,6 +33,27 @@ def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data):
+    import run_clm
+
+    text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:3000])
+    (tmp_path / "valid.txt").write_text(text[3000:5000])
+    results = run_clm.main([
+        "--plain_baseline", "--backbone_config",
+        '{"model_type": "gpt2", "n_layer": 3, "n_embd": 16, "n_head": 2, "n_positions": 32}',
+        "--tokenizer_name", str(shared_data / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
+        "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "16", "--output_dir", str(tmp_path / "out"),
+        "--do_train", "--do_eval", *TRAINING,
+    ])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert results["eval_total_layers"] == 3 and results["eval_perplexity"] > 1
+    assert "eval_full_depth_perplexity" not in results
+    with pytest.raises(ValueError, match="--freeze_backbone"):
+        run_clm.main(["--plain_baseline", "--freeze_backbone", "--output_dir", str(tmp_path / "x")])
+
+
 def test_run_clm_freezes_the_backbone(tmp_path, shared_data):
     import run_clm
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -71,6 +92,22 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert 0 <= saved["eval_accuracy"] <= 1 and saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
     assert 1 <= saved["eval_mean_executed_layers"] <= 2 and saved["eval_total_layers"] == 2
+
+
+def test_run_image_classification_plain_baseline(tmp_path, shared_data):
+    import run_image_classification
+
+    results = run_image_classification.main([
+        "--plain_baseline", "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
+                                                 '"hidden_sizes": [8, 16], "depths": [1, 2], "layer_type": "basic"}',
+        "--train_file", str(shared_data / "mnist" / "mnist_5k.csv.gz"), "--max_train_samples", "64",
+        "--validation_file", str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"),
+        "--validation_labels_file", str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"),
+        "--max_eval_samples", "32", "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", *TRAINING,
+    ])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["ResNetForImageClassification"] and len(config["id2label"]) == 10
+    assert 0 <= results["eval_accuracy"] <= 1 and results["eval_total_layers"] == 3
 
 
 def test_idx_reader_matches_the_label_count(shared_data):
