@@ -6,7 +6,9 @@
 - Inference peak memory: the rise of the process's peak resident memory (Linux `VmHWM`, reset through
   `/proc/self/clear_refs` once the model and the batches are loaded) over a pass of the data, each setting in a
   fresh process so that no setting inherits another's allocator state: the ADNet checkpoint at full depth and with
-  exits (its saved policy, or `--exit_policy` / `--exit_value`), and the plain reference.
+  exits (its saved policy, or `--exit_policy` / `--exit_value`), and the plain reference. Each is measured twice:
+  with glibc's default allocator, which keeps freed heap pages (exits make many sub-batch shapes, so more of them
+  stay resident over a run), and with `MALLOC_TRIM_THRESHOLD_=0`, which returns them: the memory the passes need.
 
     python benchmarks/bench_costs.py --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +93,13 @@ def peak_memory_child(spec: dict) -> None:
     print(json.dumps({"peak_rise_mib": (_proc_status_kib("VmHWM") - before) / 1024}))
 
 
-def peak_memory_mib(spec: dict) -> float:
+# glibc allocator settings the memory runs are measured under (environment of the child process)
+ALLOCATORS = {"glibc default": {}, "MALLOC_TRIM_THRESHOLD_=0": {"MALLOC_TRIM_THRESHOLD_": "0"}}
+
+
+def peak_memory_mib(spec: dict, allocator_env: dict) -> float:
     result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                            check=True)
+                            check=True, env={**os.environ, **allocator_env})
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rise_mib"]
 
 
@@ -109,11 +116,15 @@ def memory_rows(args: argparse.Namespace) -> list[dict]:
     settings = {"adnet none (full depth)": (args.model, "none", {}), exits: (args.model, None, overrides)}
     if args.reference:
         settings["plain reference"] = (args.reference, None, {})
-    peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy, "overrides": overrides})
-             for name, (model, policy, overrides) in settings.items()}
-    full = peaks["adnet none (full depth)"]
-    return [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
-             "peak_rise_mib": peak, "ratio_to_full_depth": peak / full} for name, peak in peaks.items()]
+    rows = []
+    for allocator, env in ALLOCATORS.items():
+        peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy, "overrides": overrides}, env)
+                 for name, (model, policy, overrides) in settings.items()}
+        full = peaks["adnet none (full depth)"]
+        rows += [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
+                  "allocator": allocator, "peak_rise_mib": peak, "ratio_to_full_depth": peak / full}
+                 for name, peak in peaks.items()]
+    return rows
 
 
 def plot(rows: list[dict]):
@@ -122,7 +133,8 @@ def plot(rows: list[dict]):
 
     def draw(axis, index: int) -> None:
         chosen, key = (training, "ratio_to_plain") if index == 0 else (memory, "ratio_to_full_depth")
-        axis.bar([row["setting"] for row in chosen], [row[key] for row in chosen], label=key)
+        labels = [row["setting"] + (f"\n{row['allocator']}" if "allocator" in row else "") for row in chosen]
+        axis.bar(labels, [row[key] for row in chosen], label=key)
         axis.axhline(1.2 if index == 0 else 1.1, color="red", linestyle="--", label="target bound")
         axis.tick_params(axis="x", rotation=30)
         axis.set_ylabel(key)

@@ -88,9 +88,11 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
     training = [row for row in rows if row["measure"] == "training step"]
     assert [row["setting"] for row in training] == ["plain"] + [f"adnet {t}" for t in bench_costs.LOSS_TYPES]
     assert all(row["seconds_per_step"] > 0 for row in training)
-    memory = {row["setting"]: row for row in rows if "memory" in row["measure"]}
-    assert set(memory) == {"adnet none (full depth)", "adnet exits (patience=1)", "plain reference"}
-    assert memory["adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
+    memory = {(row["allocator"], row["setting"]): row for row in rows if "memory" in row["measure"]}
+    settings = ("adnet none (full depth)", "adnet exits (patience=1)", "plain reference")
+    assert set(memory) == {(allocator, setting) for allocator in bench_costs.ALLOCATORS for setting in settings}
+    assert all(memory[allocator, "adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
+               for allocator in bench_costs.ALLOCATORS)
     assert all(row["peak_rise_mib"] > 0 for row in memory.values())  # a pass from a fresh allocator allocates
 
 
