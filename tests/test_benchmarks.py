@@ -45,6 +45,23 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
 
 
+def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
+    import halting_profile
+
+    path = halting_profile.main([
+        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--name", "tiny",
+        "--results_dir", str(tiny_checkpoint / "results"), "--halting", "0.2", "0.6",
+    ])
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["layers"] for row in rows] == [1, 2, 3, 4]
+    assert sum(row["halting_prob_mean"] for row in rows) == pytest.approx(1.0)
+    for epsilon in ("0.2", "0.6"):
+        assert sum(row[f"exit_share_eps{epsilon}"] for row in rows) == pytest.approx(1.0)
+        assert all((row[f"exit_accuracy_eps{epsilon}"] is None) == (row[f"exit_share_eps{epsilon}"] == 0)
+                   for row in rows)
+    assert (tiny_checkpoint / "results" / "tiny.png").stat().st_size > 0
+
+
 def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     import bench_generation
     from conftest import gpt2_config

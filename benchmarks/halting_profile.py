@@ -1,0 +1,80 @@
+"""What the learned halting units do: how much their halting distribution varies across inputs, and who exits where.
+
+For each variable step: the mean and the standard deviation across inputs of its halting probability `p_n` (at
+full depth), and for each `--halting` epsilon the share of inputs that exit after it and their accuracy (units that
+tell inputs apart send the hard ones deeper). No timing, so it runs beside anything.
+
+    python benchmarks/halting_profile.py --model outputs/mnist-adnet --name mnist_resnet_halting \
+        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_classification import image_inputs, predict, text_inputs  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, save_figure, write_results  # noqa: E402
+
+
+@torch.inference_mode()
+def halting_probs(model, batches: list[dict]) -> torch.Tensor:
+    """Inputs x variable steps: the halting distribution of every input at full depth."""
+    return torch.cat([model(**batch, exit_policy="none").halting_probs for batch in batches])
+
+
+def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[float]) -> list[dict]:
+    """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
+    config = model.config
+    probs = halting_probs(model, batches)
+    rows = [{"layers": (config.num_fixed_steps + n + 1) * config.layers_per_step,
+             "halting_prob_mean": probs[:, n].mean().item(), "halting_prob_std": probs[:, n].std().item()}
+            for n in range(config.num_variable_steps)]
+    for epsilon in epsilons:
+        config.halting_epsilon = epsilon
+        predictions, steps = predict(model, batches, exit_policy="halting")
+        correct = (predictions == labels).float()
+        for row in rows:
+            exits = steps * config.layers_per_step == row["layers"]
+            row[f"exit_share_eps{epsilon:g}"] = exits.float().mean().item()
+            row[f"exit_accuracy_eps{epsilon:g}"] = correct[exits].mean().item() if exits.any() else None
+    return rows
+
+
+def plot(rows: list[dict]):
+    def draw(axis, index: int) -> None:
+        layers = [row["layers"] for row in rows]
+        axis.bar(layers, [row["halting_prob_mean"] for row in rows], yerr=[row["halting_prob_std"] for row in rows],
+                 capsize=4, label="halting probability: mean, std across inputs")
+        axis.set_xlabel("layers executed at the step")
+        axis.set_ylabel("p_n")
+
+    return lambda path: save_figure(path, 1, draw)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = benchmark_parser(__doc__, "halting_profile")
+    parser.add_argument("--model", required=True, help="fine-tuned ADNet classification checkpoint folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
+    parser.add_argument("--image_labels", help="IDX labels of --images")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="halting_epsilon values")
+    args = parse_benchmark_args(parser, argv)
+    if (args.data is None) == (args.images is None):
+        parser.error("pass either --data (text) or --images with --image_labels")
+    args.batch_sizes, args.max_samples_batch1, args.reference = [32], None, None
+    batches_by_size, labels, model, _ = (text_inputs if args.data else image_inputs)(args)
+    rows = profile(model, batches_by_size[32], labels, args.halting)
+    payload = {"benchmark": "halting_profile", "model": args.model, "data": args.data or args.images,
+               "samples": len(labels), "total_layers": model.config.num_blocks}
+    return write_results(args.name, payload, rows, plot(rows), args.results_dir)
+
+
+if __name__ == "__main__":
+    print(main())
