@@ -141,3 +141,27 @@ def test_classification_benchmark_on_idx_images(tmp_path):
     assert result["samples"] == 10 and result["total_layers"] == model.config.num_blocks
     row = result["rows"][1]
     assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["mean_layers"]
+
+
+def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data):
+    import bench_generation
+    import step_perplexity
+    from conftest import gpt2_config
+    from transformers import GPT2Tokenizer
+
+    from adnet_hf import ADNetForCausalLM
+
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
+                                         unit_hidden_size=8, num_fixed_steps=1)).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text((shared_data / "ptb" / "ptb.valid.txt").read_text()[:3000])
+    path = step_perplexity.main(["--model", str(tmp_path / "model"), "--data", str(text), "--block_size", "16",
+                                 "--max_blocks", "4", "--name", "tiny", "--results_dir", str(tmp_path / "r")])
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
+    blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
+    full_depth, _ = bench_generation.perplexity(model, blocks, 2, "none")
+    assert rows[-1]["perplexity"] == pytest.approx(full_depth, rel=1e-4)

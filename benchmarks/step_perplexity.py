@@ -1,0 +1,63 @@
+"""How well each step of an ADNet causal LM predicts on its own: the perplexity of every exit point at full depth.
+
+An exit can only be as good as the prediction at its step (the backbone's final norm and tied LM head applied to
+that step's hidden state). This is the ceiling of what any exit policy can keep. No timing, so it runs beside
+anything.
+
+    python benchmarks/step_perplexity.py --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
+        --block_size 128 --max_blocks 16 --name ptb_smollm2_steps
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generation import token_blocks  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, write_results  # noqa: E402
+
+import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
+
+
+@torch.inference_mode()
+def step_perplexities(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
+    """The perplexity of each variable step's prediction over `blocks`, at full depth."""
+    nll, tokens = torch.zeros(model.config.num_variable_steps, dtype=torch.float64), 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        out = model(input_ids=batch, exit_policy="none", output_step_logits=True)
+        targets = batch[:, 1:].unsqueeze(-1)
+        for n, logits in enumerate(out.step_logits):
+            nll[n] -= torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets).sum().item()
+        tokens += targets.numel()
+    return [math.exp(value / tokens) for value in nll.tolist()]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = benchmark_parser(__doc__, "step_perplexity")
+    parser.add_argument("--model", required=True, help="ADNet causal LM checkpoint folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", required=True, help="plain text file")
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--max_blocks", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=2, help="small: every step's logits are kept")
+    args = parse_benchmark_args(parser, argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    blocks = token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
+    config = model.config
+    perplexities = step_perplexities(model, blocks, args.batch_size)
+    rows = [{"layers": (config.num_fixed_steps + n + 1) * config.layers_per_step, "perplexity": ppl,
+             "ratio_to_last_step": ppl / perplexities[-1]} for n, ppl in enumerate(perplexities)]
+    payload = {"benchmark": "step_perplexity", "model": args.model, "data": args.data, "blocks": len(blocks),
+               "block_size": args.block_size, "total_layers": config.num_blocks}
+    return write_results(args.name, payload, rows, None, args.results_dir)
+
+
+if __name__ == "__main__":
+    print(main())
