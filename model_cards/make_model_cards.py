@@ -150,7 +150,10 @@ CARDS = {
             "--name ptb_gpt2 --block_size 64 --repeats 3 --epsilons 0.1 0.3 0.5 0.7 --confidence 0.9 0.5",
         ],
         limits=["A 4-layer, 128-wide GPT-2 trained for 250 steps: a study model, not a useful language model.",
-                "Perplexity in the table is on the first 64 blocks of 64 tokens of the test set."],
+                "Perplexity in the table is on the first 64 blocks of 64 tokens of the test set.",
+                "The tied LM head (128 x 50,257) is about 90% of a token's FLOPs, so exiting after 2 of 4 blocks "
+                "saves little wall-clock time, although every step predicts almost as well as the last "
+                "(`benchmarks/results/ptb_gpt2_steps.md`)."],
     ),
     "ptb_smollm2": CardSpec(
         name="adnet-smollm2-135m-ptb", title="ADNet units on a frozen SmolLM2-135M-Instruct, trained on Penn Treebank",
@@ -170,7 +173,11 @@ CARDS = {
             "--new_tokens 24 --epsilons 0.1 0.3 0.5 --confidence 0.9",
         ],
         limits=["The backbone is the Q4_1 GGUF file dequantised to float32; only the units were trained (60 steps).",
-                "Perplexity in the table is on the first 16 blocks of 128 tokens of the test set."],
+                "Perplexity in the table is on the first 16 blocks of 128 tokens of the test set.",
+                "With the backbone frozen, its intermediate layers cannot be read by the final norm and LM head "
+                "(perplexity 3.5e6 after 25 of 30 layers, `benchmarks/results/ptb_smollm2_steps.md`): the units "
+                "rightly learn to run all 30 layers, so this model saves nothing. Exits on a pretrained LLM need "
+                "its layers fine-tuned for them."],
     ),
 }
 
