@@ -275,6 +275,7 @@ def card(spec: CardSpec) -> tuple[ModelCard, list[dict], Measure]:
 # {spec.title}
 
 {headline}
+
 {plain}Every exit policy, measured on this machine against the same weights at full depth
 (`{bench['environment']['command']}`; {bench['environment']['cpu_count']} CPU cores, torch
 {bench['environment']['torch']}):
