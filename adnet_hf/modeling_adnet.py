@@ -386,7 +386,8 @@ class _AdaptiveRun:
         logits = self.head(n, summary, hidden) if predict_all else None
         real = self.state.token_mask if self.state.token_mask is not None else positions.new_ones(positions.shape[:2])
         per_position, per_summary = unit.flops()
-        self._count_flops(per_position * real.to(positions.dtype), per_summary + (self.step_head_flops if predict_all else 0.0))
+        head_flops = self.step_head_flops if predict_all else 0.0
+        self._count_flops(per_position * real.to(positions.dtype), per_summary + head_flops)
         if self.full_depth:
             self.lambdas.append(lambdas)
             if logits is not None:

@@ -301,7 +301,8 @@ def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float
     """`compute_metrics` for `ADNetTrainer` on sequence / image classification, computed here (no Hub metric).
 
     Accuracy (single-label: argmax; multi-label: every label right), with F1 of class 1 for two classes (GLUE's MRPC
-    metric), or for regression (`num_labels=1`) Pearson, Spearman and MSE; plus `mean_executed_steps` when the predictions carry the exit steps.
+    metric), or for regression (`num_labels=1`) Pearson, Spearman and MSE; plus `mean_executed_steps` when the
+    predictions carry the exit steps.
     """
     predictions = eval_pred.predictions
     logits, exit_steps = (predictions[0], predictions[-1]) if isinstance(predictions, tuple) else (predictions, None)

@@ -7,7 +7,8 @@ fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second
     python benchmarks/bench_classification.py --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
     python benchmarks/bench_classification.py --model outputs/mnist-adnet --name mnist_resnet \
-        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
+        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations

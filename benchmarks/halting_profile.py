@@ -5,7 +5,8 @@ full depth), and for each `--halting` epsilon the share of inputs that exit afte
 tell inputs apart send the hard ones deeper). No timing, so it runs beside anything.
 
     python benchmarks/halting_profile.py --model outputs/mnist-adnet --name mnist_resnet_halting \
-        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
+        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations

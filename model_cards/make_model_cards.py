@@ -146,7 +146,8 @@ CARDS = {
             "--do_train --do_eval --do_predict --max_steps 250 --per_device_train_batch_size 16 "
             "--per_device_eval_batch_size 32 --learning_rate 2e-3 --unit_learning_rate 2e-3 --warmup_steps 0.05 "
             "--weight_decay 0.01 --logging_steps 25 --eval_strategy no --save_strategy no --seed 42",
-            "python benchmarks/bench_generation.py --model outputs/ptb-gpt2-adnet --data ../shared/data/ptb/ptb.test.txt "
+            "python benchmarks/bench_generation.py --model outputs/ptb-gpt2-adnet --data "
+            "../shared/data/ptb/ptb.test.txt "
             "--name ptb_gpt2 --block_size 64 --repeats 3 --epsilons 0.1 0.3 0.5 0.7 --confidence 0.9 0.5",
         ],
         limits=["A 4-layer, 128-wide GPT-2 trained for 250 steps: a study model, not a useful language model.",
@@ -227,7 +228,7 @@ def plot(rows: list[dict], measure: Measure, path: Path) -> None:
 
 
 def cheapest_within(rows: list[dict], measure: Measure) -> dict | None:
-    """The benchmarked setting with the fewest mean layers that loses at most the measure's budget against full depth."""
+    """The benchmarked setting with the fewest mean layers that loses at most the measure's budget to full depth."""
     admissible = [row for row in rows if row.get(measure.loss_key) is not None and row.get("setting") is not None
                   and row[measure.loss_key] <= measure.budget]
     return min(admissible, key=lambda row: row[measure.layers_key], default=None)

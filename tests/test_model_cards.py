@@ -41,7 +41,8 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
                        ("mean_executed_layers", "mean executed layers (patience=2)", 3.25)]
     assert written.data.eval_results[0].dataset_name == "GLUE SST-2"
     assert "fine-tuned plainly (full depth, no units) reaches **88.53%**" in written.text
-    assert "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text and "| patience | 2 | 87.61% | 3.25 | 1.85x | 1.70x | 1.60x |" in written.text
+    assert "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text
+    assert "| patience | 2 | 87.61% | 3.25 | 1.85x | 1.70x | 1.60x |" in written.text
     assert (tmp_path / "cards" / "adnet-test" / "accuracy_vs_layers.png").stat().st_size > 0
 
 
