@@ -135,6 +135,24 @@ def image_inputs(args: argparse.Namespace):
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
 
 
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and the labelled data (text TSV or IDX images) a classification benchmark reads."""
+    parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
+    parser.add_argument("--image_labels", help="IDX labels of --images")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--max_length", type=int, default=128)
+
+
+def load_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """`text_inputs` or `image_inputs`, whichever the arguments name (exactly one must be given)."""
+    if (args.data is None) == (args.images is None):
+        parser.error("pass either --data (text) or --images with --image_labels")
+    return (text_inputs if args.data else image_inputs)(args)
+
+
 def load_models(auto_class, args: argparse.Namespace):
     model = auto_class.from_pretrained(args.model).eval()
     return model, auto_class.from_pretrained(args.reference).eval() if args.reference else None
@@ -142,17 +160,11 @@ def load_models(auto_class, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "classification")
-    parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
+    add_input_arguments(parser)
     parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
-    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
-    parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_samples_batch1", type=int, default=200,
                         help="samples timed at batch 1 (accuracy always uses all samples)")
-    parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(DEFAULT_SETTINGS))
     parser.add_argument("--halting", type=float, nargs="+", default=DEFAULT_SETTINGS["halting"],
                         help="halting_epsilon values")
@@ -161,10 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--patience", type=int, nargs="+", default=DEFAULT_SETTINGS["patience"],
                         help="patience values")
     args = parse_benchmark_args(parser, argv)
-
-    if (args.data is None) == (args.images is None):
-        parser.error("pass either --data (text) or --images with --image_labels")
-    batches_by_size, labels, model, reference = (text_inputs if args.data else image_inputs)(args)
+    batches_by_size, labels, model, reference = load_inputs(parser, args)
     rows = measure(model, reference, batches_by_size, labels,
                    {p: getattr(args, p) for p in args.policies}, args.repeats)
     payload = {"benchmark": "classification", "model": args.model, "reference": args.reference,

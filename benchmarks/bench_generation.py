@@ -10,6 +10,7 @@ tokens from prompts taken from the same text, at batch 1 and 8, timed against th
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -62,13 +63,25 @@ def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str,
     return seconds["none"] / seconds["exit"], prompts.shape[0] * new_tokens / seconds["exit"]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = benchmark_parser(__doc__, "generation")
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The causal LM checkpoint and the text, cut into blocks, that a generation benchmark reads."""
     parser.add_argument("--model", required=True, help="ADNet causal LM checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", required=True, help="plain text file")
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--max_blocks", type=int, default=64, help="blocks for perplexity")
+
+
+def load_text_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (in eval mode) and the token blocks of `--data`."""
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    return model, token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = benchmark_parser(__doc__, "generation")
+    add_text_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8, help="perplexity batch size")
     parser.add_argument("--generation_batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_length", type=int, default=32)
@@ -78,10 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--confidence", type=float, nargs="*", default=[],
                         help="confidence_threshold values (CALM's softmax confidence: runs the LM head per step)")
     args = parse_benchmark_args(parser, argv)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    blocks = token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
+    model, blocks = load_text_inputs(args)
     full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
     rows = [{"policy": "none (full depth)", "setting": None, "perplexity": full_ppl,
              "ppl_increase_pct": 0.0, "mean_layers_per_token": full_layers, "ideal_speedup": 1.0}]

@@ -55,6 +55,11 @@ def environment() -> dict:
     }
 
 
+def variable_step_layers(config) -> list[int]:
+    """The backbone layers run when each variable step (each exit point) of an ADNet model is reached."""
+    return [(config.num_fixed_steps + n + 1) * config.layers_per_step for n in range(config.num_variable_steps)]
+
+
 def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median wall-clock seconds of each callable, timed in turns so that drifts in machine load hit all alike."""
     for _ in range(warmup):

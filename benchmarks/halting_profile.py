@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import image_inputs, predict, text_inputs  # noqa: E402
-from common import benchmark_parser, parse_benchmark_args, save_figure, write_results  # noqa: E402
+from bench_classification import add_input_arguments, load_inputs, predict  # noqa: E402
+from common import (  # noqa: E402
+    benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results,
+)
 
 
 @torch.inference_mode()
@@ -31,9 +33,8 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
     config = model.config
     probs = halting_probs(model, batches)
-    rows = [{"layers": (config.num_fixed_steps + n + 1) * config.layers_per_step,
-             "halting_prob_mean": probs[:, n].mean().item(), "halting_prob_std": probs[:, n].std().item()}
-            for n in range(config.num_variable_steps)]
+    rows = [{"layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
+             "halting_prob_std": probs[:, n].std().item()} for n, layers in enumerate(variable_step_layers(config))]
     for epsilon in epsilons:
         config.halting_epsilon = epsilon
         predictions, steps = predict(model, batches, exit_policy="halting")
@@ -58,19 +59,11 @@ def plot(rows: list[dict]):
 
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "halting_profile")
-    parser.add_argument("--model", required=True, help="fine-tuned ADNet classification checkpoint folder")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
-    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
-    parser.add_argument("--image_labels", help="IDX labels of --images")
-    parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--max_length", type=int, default=128)
+    add_input_arguments(parser)
     parser.add_argument("--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="halting_epsilon values")
     args = parse_benchmark_args(parser, argv)
-    if (args.data is None) == (args.images is None):
-        parser.error("pass either --data (text) or --images with --image_labels")
-    args.batch_sizes, args.max_samples_batch1, args.reference = [32], None, None
-    batches_by_size, labels, model, _ = (text_inputs if args.data else image_inputs)(args)
+    args.batch_sizes, args.max_samples_batch1, args.reference = [32], None, None  # one batch size, no reference
+    batches_by_size, labels, model, _ = load_inputs(parser, args)
     rows = profile(model, batches_by_size[32], labels, args.halting)
     payload = {"benchmark": "halting_profile", "model": args.model, "data": args.data or args.images,
                "samples": len(labels), "total_layers": model.config.num_blocks}

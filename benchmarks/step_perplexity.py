@@ -15,13 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generation import token_blocks  # noqa: E402
-from common import benchmark_parser, parse_benchmark_args, write_results  # noqa: E402
-
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
+from bench_generation import add_text_arguments, load_text_inputs  # noqa: E402
+from common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results  # noqa: E402
 
 
 @torch.inference_mode()
@@ -40,20 +37,14 @@ def step_perplexities(model, blocks: torch.Tensor, batch_size: int) -> list[floa
 
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "step_perplexity")
-    parser.add_argument("--model", required=True, help="ADNet causal LM checkpoint folder")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", required=True, help="plain text file")
-    parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--max_blocks", type=int, default=64)
+    add_text_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=2, help="small: every step's logits are kept")
     args = parse_benchmark_args(parser, argv)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    blocks = token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
+    model, blocks = load_text_inputs(args)
     config = model.config
     perplexities = step_perplexities(model, blocks, args.batch_size)
-    rows = [{"layers": (config.num_fixed_steps + n + 1) * config.layers_per_step, "perplexity": ppl,
-             "ratio_to_last_step": ppl / perplexities[-1]} for n, ppl in enumerate(perplexities)]
+    rows = [{"layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1]}
+            for layers, ppl in zip(variable_step_layers(config), perplexities)]
     payload = {"benchmark": "step_perplexity", "model": args.model, "data": args.data, "blocks": len(blocks),
                "block_size": args.block_size, "total_layers": config.num_blocks}
     return write_results(args.name, payload, rows, None, args.results_dir)
