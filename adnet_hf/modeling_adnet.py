@@ -151,6 +151,20 @@ class ADNetPreTrainedModel(PreTrainedModel):
         model.config._name_or_path = str(name_or_path)
         return model.to(pretrained.dtype)
 
+    def freeze_full_depth(self) -> None:
+        """Freeze everything the last step's prediction reads: the backbone, the last unit, its output layer (or
+        the LM head). Training then moves only the earlier steps' units (and their own output layers, when not
+        shared), so full-depth outputs stay exactly as loaded.
+
+        This is DeeBERT's second stage: exits added to a model fine-tuned at full depth (e.g. with
+        `loss_type="last"`) keep that model's full-depth accuracy, which joint training of all steps can lower.
+        """
+        self.requires_grad_(False)
+        self.base_model.units[:-1].requires_grad_(True)
+        output_layers = getattr(self, "output_layers", None)
+        if output_layers is not None and len(output_layers) > 1:
+            output_layers[:-1].requires_grad_(True)
+
 
 class ADNetModel(ADNetPreTrainedModel):
     """The backbone and one calculation unit per variable step; runs them with or without exits.

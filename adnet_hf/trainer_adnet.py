@@ -81,14 +81,15 @@ def adnet_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Par
 
 
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
-    """Scale every row of a unit or output-layer `nn.Linear` weight whose L2 norm exceeds `max_norm` back to it.
+    """Scale every row of a trained unit or output-layer `nn.Linear` weight whose L2 norm exceeds `max_norm` back to it.
 
-    Backbone weights (a tied LM head included) are left alone: the constraint is on ADNet's own layers.
+    Backbone weights (a tied LM head included) are left alone: the constraint is on ADNet's own layers. So are
+    frozen ones (`freeze_full_depth`), which must stay exactly as loaded.
     """
     backbone = {id(p) for p in model.base_model.backbone.parameters()}
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in backbone:
+            if isinstance(module, nn.Linear) and module.weight.requires_grad and id(module.weight) not in backbone:
                 module.weight.copy_(torch.renorm(module.weight, p=2, dim=0, maxnorm=max_norm))
 
 

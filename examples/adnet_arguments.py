@@ -20,6 +20,16 @@ def plain_baseline_field(head: str):
     )
 
 
+def freeze_full_depth_field():
+    """The `--freeze_full_depth` flag: train the exits only (`ADNetPreTrainedModel.freeze_full_depth`)."""
+    return field(
+        default=False,
+        metadata={"help": "Train the exits only: the backbone and everything the last step's prediction reads stay "
+                          "as loaded, so full-depth outputs do not change. DeeBERT's second stage, on an ADNet "
+                          "checkpoint fine-tuned with --loss_type last."},
+    )
+
+
 def _adnet_field(help_text: str):
     return field(default=None, metadata={"help": f"ADNetConfig.{help_text} (default: keep the config's value)."})
 
@@ -58,8 +68,12 @@ def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     """The script's argument dataclasses from the command line, or from a single JSON file."""
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    if any(getattr(args, "plain_baseline", False) and getattr(args, "freeze_full_depth", False) for args in parsed):
+        raise ValueError("--freeze_full_depth trains ADNet's exits only; a --plain_baseline model has none to train.")
+    return parsed
 
 
 def read_json_argument(value: str) -> dict:

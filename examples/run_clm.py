@@ -8,7 +8,7 @@
         --output_dir outputs/ptb-gpt2-adnet --do_train --do_eval --do_predict
 
     # units only, on a frozen pretrained Llama-family LM shipped as GGUF
-    python examples/run_clm.py --model_name_or_path DIR --gguf_file model.gguf --freeze_backbone ...
+    python examples/run_clm.py --model_name_or_path DIR --gguf_file model.gguf --freeze_full_depth ...
 
 Evaluation reports perplexity with the configured exit policy, perplexity at full depth and the mean number of
 backbone layers executed per token, and writes them to `eval_results.json` / `predict_results.json`.
@@ -31,8 +31,8 @@ from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adnet_arguments import (  # noqa: E402
-    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
-    total_layers,
+    ADNetArguments, build_model, build_plain_model, freeze_full_depth_field, parse_arguments,
+    plain_baseline_field, read_json_argument, total_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ModelArguments:
                           "an inline JSON object with a model_type); its vocab_size follows the tokenizer."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder, if not the model's."})
-    freeze_backbone: bool = field(default=False, metadata={"help": "Train the calculation units only."})
+    freeze_full_depth: bool = freeze_full_depth_field()
     plain_baseline: bool = plain_baseline_field("causal LM")
 
 
@@ -140,12 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
-    if model_args.freeze_backbone and model_args.plain_baseline:
-        raise ValueError("--freeze_backbone trains ADNet's units only; a --plain_baseline model has none to train.")
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, adnet_args, tokenizer)
-    if model_args.freeze_backbone:
-        model.adnet.backbone.requires_grad_(False)
+    if model_args.freeze_full_depth:
+        model.freeze_full_depth()
     splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
     data = {split: TextBlocks(tokenizer, path, data_args.block_size,
                               data_args.max_train_samples if split == "train" else data_args.max_eval_samples)

@@ -41,8 +41,8 @@ from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adnet_arguments import (  # noqa: E402
-    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
-    total_layers,
+    ADNetArguments, build_model, build_plain_model, freeze_full_depth_field, parse_arguments,
+    plain_baseline_field, read_json_argument, total_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class ModelArguments:
                           "or an inline JSON object with a model_type), with a WordPiece vocabulary of up to "
                           "its vocab_size learnt from the training texts. For smoke tests."},
     )
+    freeze_full_depth: bool = freeze_full_depth_field()
     plain_baseline: bool = plain_baseline_field("sequence-classification head")
 
 
@@ -172,11 +173,11 @@ def load_raw_datasets(data_args: DataTrainingArguments) -> datasets.DatasetDict:
     raise ValueError(f"Data files must be .csv, .tsv or .json(l), got .{extension}.")
 
 
-def detect_columns(data_args: DataTrainingArguments, columns: list[str]) -> tuple[tuple[str, str | None], str | None]:
-    """The text column(s) and the label column (None for unlabelled data)."""
+def detect_columns(columns: list[str], task_name: str | None = None) -> tuple[tuple[str, str | None], str | None]:
+    """The text column(s) and the label column (None for unlabelled data) of a GLUE task or of local files."""
     label = next((name for name in LABEL_COLUMNS if name in columns), None)
-    if data_args.task_name is not None:
-        return TASK_TO_KEYS[data_args.task_name], label
+    if task_name is not None:
+        return TASK_TO_KEYS[task_name], label
     keys = next((keys for keys in TEXT_COLUMNS if all(k in columns for k in keys if k is not None)), None)
     if keys is None:
         expected = [" + ".join(key for key in pair if key) for pair in TEXT_COLUMNS]
@@ -294,12 +295,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     raw = load_raw_datasets(data_args)
     reference = raw["train"] if "train" in raw else raw["validation"]
-    text_keys, label_column = detect_columns(data_args, reference.column_names)
+    text_keys, label_column = detect_columns(reference.column_names, data_args.task_name)
     if label_column is None:
         raise ValueError(f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}.")
     labels = label_info(reference, label_column)
     texts = (text for key in text_keys if key is not None for text in reference[key])
     model, tokenizer = load_model_and_tokenizer(model_args, adnet_args, labels, texts)
+    if model_args.freeze_full_depth:
+        model.freeze_full_depth()
     if tokenizer.pad_token is None:  # GPT-2: batches are padded, and the attention mask hides the padding
         tokenizer.pad_token = tokenizer.eos_token
     tokenized = preprocess(raw, tokenizer, text_keys, label_column, labels, data_args.max_seq_length)

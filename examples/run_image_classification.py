@@ -33,8 +33,8 @@ from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments, compute
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adnet_arguments import (  # noqa: E402
-    ADNetArguments, build_model, build_plain_model, parse_arguments, plain_baseline_field, read_json_argument,
-    total_layers,
+    ADNetArguments, build_model, build_plain_model, freeze_full_depth_field, parse_arguments,
+    plain_baseline_field, read_json_argument, total_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ModelArguments:
         metadata={"help": "Instead of a checkpoint: a ResNet trained from scratch, from this config (a JSON file or "
                           "an inline JSON object with model_type resnet)."},
     )
+    freeze_full_depth: bool = freeze_full_depth_field()
     plain_baseline: bool = plain_baseline_field("image-classification head")
 
 
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             data_args.validation_dir, data_args.max_eval_samples)
     labels = torch.cat([d.labels for d in (train, evaluation) if d is not None])
     model = load_model(model_args, adnet_args, int(labels.max()) + 1)
+    if model_args.freeze_full_depth:
+        model.freeze_full_depth()
     trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                             compute_metrics=compute_classification_metrics)

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
     raw = run_glue_style.load_raw_datasets(data_args)
-    text_keys, label_column = run_glue_style.detect_columns(data_args, raw["train"].column_names)
+    text_keys, label_column = run_glue_style.detect_columns(raw["train"].column_names, data_args.task_name)
     labels = run_glue_style.label_info(raw["train"], label_column)
     texts = (text for key in text_keys if key is not None for text in raw["train"][key])
     model, tokenizer = run_glue_style.load_model_and_tokenizer(model_args, adnet_args, labels, texts)

@@ -50,11 +50,11 @@ def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert results["eval_total_layers"] == 3 and results["eval_perplexity"] > 1
     assert "eval_full_depth_perplexity" not in results
-    with pytest.raises(ValueError, match="--freeze_backbone"):
-        run_clm.main(["--plain_baseline", "--freeze_backbone", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--freeze_full_depth"):
+        run_clm.main(["--plain_baseline", "--freeze_full_depth", "--output_dir", str(tmp_path / "x")])
 
 
-def test_run_clm_freezes_the_backbone(tmp_path, shared_data):
+def test_run_clm_freezes_full_depth(tmp_path, shared_data):
     import run_clm
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -64,7 +64,7 @@ def test_run_clm_freezes_the_backbone(tmp_path, shared_data):
     (tmp_path / "train.txt").write_text(text[:3000])
     run_clm.main([
         "--model_name_or_path", str(tmp_path / "gpt2"), "--tokenizer_name", str(shared_data / "gpt2-tokenizer"),
-        "--freeze_backbone", "--train_file", str(tmp_path / "train.txt"), "--block_size", "16",
+        "--freeze_full_depth", "--train_file", str(tmp_path / "train.txt"), "--block_size", "16",
         "--num_fixed_steps", "0", "--output_dir", str(tmp_path / "out"), "--do_train", *TRAINING,
     ])
     from safetensors.torch import load_file

@@ -107,14 +107,12 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     (["index", "sentence"], (("sentence", None), None)),
 ])
 def test_column_detection(columns, expected):
-    data_args = run_glue_style.DataTrainingArguments(train_file="x.tsv")
-    assert run_glue_style.detect_columns(data_args, columns) == expected
+    assert run_glue_style.detect_columns(columns) == expected
 
 
 def test_unknown_columns_fail_clearly():
-    data_args = run_glue_style.DataTrainingArguments(train_file="x.tsv")
     with pytest.raises(ValueError, match="No text columns"):
-        run_glue_style.detect_columns(data_args, ["text", "label"])
+        run_glue_style.detect_columns(["text", "label"])
 
 
 def test_glue_task_without_hub_fails_clearly(monkeypatch):

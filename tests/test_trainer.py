@@ -120,6 +120,28 @@ def test_max_norm_renorms_unit_and_output_rows(tmp_path):
     assert max(p.norm(dim=-1).max() for p in model.adnet.backbone.parameters() if p.dim() == 2) > 0.05
 
 
+@pytest.mark.parametrize("share_output_layer", [True, False])
+def test_freeze_full_depth_trains_the_exits_only(tmp_path, share_output_layer):
+    torch.manual_seed(0)
+    model = classifier(max_weight_norm=0.05, share_output_layer=share_output_layer)
+    ids, mask = token_batch()
+    model.eval()
+    full_depth = model(input_ids=ids, attention_mask=mask, exit_policy="none").logits
+    before = params(model)
+    model.freeze_full_depth()
+    args = training_args(tmp_path, max_steps=2, learning_rate=1.0)  # a huge step, and max-norm after it
+    ADNetTrainer(model=model, args=args, train_dataset=dataset(size=8)).train()
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, exit_policy="none").logits, full_depth)
+    changed = {name for name, value in model.named_parameters() if not torch.equal(before[name], value)}
+    exits = {name for name in before if name.startswith("adnet.units.") and not name.startswith(
+        f"adnet.units.{len(model.adnet.units) - 1}.")}
+    if not share_output_layer:
+        exits |= {name for name in before if name.startswith("output_layers.")
+                  and not name.startswith(f"output_layers.{len(model.output_layers) - 1}.")}
+    assert changed == exits
+
+
 def test_max_norm_leaves_tied_lm_head_alone():
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8))
     embedding = model.get_input_embeddings().weight.detach().clone()
