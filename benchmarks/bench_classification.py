@@ -1,8 +1,11 @@
-"""Text or image classification: accuracy, executed layers and measured wall-clock speed-up of each exit policy.
+"""Text or image classification (or text regression): quality, executed layers and measured wall-clock speed-up of
+each exit policy.
 
 Every number is measured in this process against the same weights at full depth (`exit_policy="none"`), at
-batch 1 and batch 32, on a GLUE-style TSV (e.g. SST-2 dev) or on IDX images (e.g. the MNIST test set). A plain
-fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference.
+batch 1 and batch 32, on a GLUE-style TSV (single sentences or pairs, e.g. SST-2, MRPC or STS-B dev) or on IDX
+images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation for a regression model (one
+output; only `halting` exits then, as `confidence` and `patience` need classes). A plain fine-tuned model (e.g.
+`BertForSequenceClassification`) can be given as a second reference.
 
     python benchmarks/bench_classification.py --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
@@ -27,6 +30,7 @@ from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, 
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
+from run_glue_style import detect_columns  # noqa: E402
 from run_image_classification import DataArguments, ImageDataset, read_idx  # noqa: E402
 
 DEFAULT_SETTINGS = {
@@ -36,11 +40,21 @@ DEFAULT_SETTINGS = {
 }
 
 
-def read_tsv(path: Path, max_samples: int | None) -> tuple[list[str], list[int]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+# The policies that need class predictions, which a regression model has not.
+CLASS_POLICIES = ("confidence", "patience")
+Texts = tuple[list[str], list[str] | None]  # the first sentences, and the second ones of pairs (or None)
+
+
+def read_tsv(path: Path, max_samples: int | None) -> tuple[Texts, list[str]]:
+    """The texts and the raw labels of a GLUE-style TSV, its columns found as `run_glue_style.py` finds them."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # MRPC's TSVs start with a byte-order mark
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     rows = rows[:max_samples] if max_samples else rows
-    return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
+    (first, second), label = detect_columns(list(rows[0]) if rows else [])
+    if label is None:
+        raise ValueError(f"{path} has no label column: it needs one of 'label', 'Quality' or 'score'.")
+    texts = [row[first] for row in rows], None if second is None else [row[second] for row in rows]
+    return texts, [row[label] for row in rows]
 
 
 def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -48,18 +62,39 @@ def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = No
     return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
 
 
-def make_batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
-    return [tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt") for i in range(0, len(sentences), batch_size)]
+def make_batches(tokenizer, texts: Texts, batch_size: int, max_length: int, limit: int | None = None) -> list[dict]:
+    """Tokenised batches of the first `limit` texts (sentences, or sentence pairs)."""
+    first, second = texts
+    count = len(first) if limit is None else min(limit, len(first))
+
+    def encode(start: int) -> dict:
+        pair = () if second is None else (second[start : start + batch_size],)
+        return tokenizer(first[start : start + batch_size], *pair, padding=True, truncation=True,
+                         max_length=max_length, return_tensors="pt")
+
+    return [encode(start) for start in range(0, count, batch_size)]
+
+
+def score(predictions: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Accuracy of class predictions, or Pearson's correlation of regression scores (None for fewer than two)."""
+    if not predictions.is_floating_point():
+        return (predictions == labels).float().mean().item()
+    if len(predictions) < 2:
+        return None
+    return torch.corrcoef(torch.stack([predictions, labels.to(predictions.dtype)]))[0, 1].item()
+
+
+def metric_name(model) -> str:
+    return "pearson" if model.config.num_labels == 1 else "accuracy"
 
 
 @torch.inference_mode()
 def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predicted classes and (for ADNet) executed steps over all batches."""
+    """Predicted classes (or regression scores) and, for ADNet, executed steps over all batches."""
     predictions, steps = [], []
     for batch in batches:
         out = model(**batch, **kwargs)
-        predictions.append(out.logits.argmax(-1))
+        predictions.append(out.logits[:, 0] if out.logits.shape[-1] == 1 else out.logits.argmax(-1))
         if getattr(out, "exit_steps", None) is not None:
             steps.append(out.exit_steps)
     return torch.cat(predictions), torch.cat(steps) if steps else None
@@ -68,14 +103,14 @@ def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.T
 def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
     config = model.config
     layers_total = config.num_blocks
+    metric = metric_name(model)
     full_predictions, _ = predict(model, batches_by_size[max(batches_by_size)], exit_policy="none")
-    full_accuracy = (full_predictions == labels).float().mean().item()
+    full_score = score(full_predictions, labels)
     rows = []
     if reference is not None:
         reference_predictions, _ = predict(reference, batches_by_size[max(batches_by_size)])
-        row = {"policy": "plain reference", "setting": None,
-               "accuracy": (reference_predictions == labels).float().mean().item(), "accuracy_drop_pts": None,
-               "mean_layers": float(layers_total), "ideal_speedup": 1.0}
+        row = {"policy": "plain reference", "setting": None, metric: score(reference_predictions, labels),
+               f"{metric}_drop_pts": None, "mean_layers": float(layers_total), "ideal_speedup": 1.0}
         for size, batches in batches_by_size.items():
             seconds = interleaved_seconds({"plain": lambda: predict(reference, batches),
                                            "none": lambda: predict(model, batches, exit_policy="none")}, repeats)
@@ -87,9 +122,9 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
             setattr(config, field, value)
             predictions, steps = predict(model, batches_by_size[max(batches_by_size)], exit_policy=policy)
             mean_layers = (steps * config.layers_per_step).float().mean().item()
-            accuracy = (predictions == labels).float().mean().item()
-            row = {"policy": policy, "setting": value, "accuracy": accuracy,
-                   "accuracy_drop_pts": 100 * (full_accuracy - accuracy), "mean_layers": mean_layers,
+            value_score = score(predictions, labels)
+            row = {"policy": policy, "setting": value, metric: value_score,
+                   f"{metric}_drop_pts": 100 * (full_score - value_score), "mean_layers": mean_layers,
                    "ideal_speedup": layers_total / mean_layers}
             for size, batches in batches_by_size.items():
                 seconds = interleaved_seconds({
@@ -100,21 +135,23 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
                 row[f"efficiency_b{size}"] = row[f"speedup_b{size}"] / row["ideal_speedup"]
             rows.append(row)
             print(row, flush=True)
-    rows.insert(0, {"policy": "none (full depth)", "setting": None, "accuracy": full_accuracy,
-                    "accuracy_drop_pts": 0.0, "mean_layers": float(layers_total), "ideal_speedup": 1.0})
+    rows.insert(0, {"policy": "none (full depth)", "setting": None, metric: full_score, f"{metric}_drop_pts": 0.0,
+                    "mean_layers": float(layers_total), "ideal_speedup": 1.0})
     return rows
 
 
-def plot(rows: list[dict], sizes: list[int]):
+def plot(rows: list[dict], sizes: list[int], metric: str):
+    scale = 100 if metric == "accuracy" else 1
+
     def draw(axis, index: int) -> None:
         size = sizes[index]
         for policy in DEFAULT_SETTINGS:
-            points = [(r[f"speedup_b{size}"], 100 * r["accuracy"]) for r in rows if r["policy"] == policy]
+            points = [(r[f"speedup_b{size}"], scale * r[metric]) for r in rows if r["policy"] == policy]
             if points:
                 axis.plot(*zip(*points), marker="o", label=policy)
-        axis.axhline(100 * rows[0]["accuracy"], color="gray", linestyle="--", label="full depth")
+        axis.axhline(scale * rows[0][metric], color="gray", linestyle="--", label="full depth")
         axis.set_xlabel(f"measured speed-up vs full depth (batch {size})")
-        axis.set_ylabel("accuracy (%)")
+        axis.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
 
     return lambda path: save_figure(path, len(sizes), draw)
 
@@ -122,10 +159,12 @@ def plot(rows: list[dict], sizes: list[int]):
 def text_inputs(args: argparse.Namespace):
     """Batches of each size (batch 1 on the first `max_samples_batch1` only), labels, the models."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    sentences, labels = read_tsv(Path(args.data), args.max_samples)
-    batches_by_size = {size: make_batches(tokenizer, sentences[: args.max_samples_batch1] if size == 1 else sentences,
-                                          size, args.max_length) for size in args.batch_sizes}
-    return batches_by_size, torch.tensor(labels), *load_models(AutoModelForSequenceClassification, args)
+    texts, raw_labels = read_tsv(Path(args.data), args.max_samples)
+    batches_by_size = {size: make_batches(tokenizer, texts, size, args.max_length,
+                                          args.max_samples_batch1 if size == 1 else None) for size in args.batch_sizes}
+    model, reference = load_models(AutoModelForSequenceClassification, args)
+    kind = float if metric_name(model) == "pearson" else int
+    return batches_by_size, torch.tensor([kind(label) for label in raw_labels]), model, reference
 
 
 def image_inputs(args: argparse.Namespace):
@@ -139,7 +178,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The checkpoint and the labelled data (text TSV or IDX images) a classification benchmark reads."""
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--data", help="GLUE-style TSV: `sentence` (or a pair of sentence columns) and a label column")
     parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
     parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--max_samples", type=int, default=None)
@@ -165,7 +204,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max_samples_batch1", type=int, default=200,
                         help="samples timed at batch 1 (accuracy always uses all samples)")
-    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(DEFAULT_SETTINGS))
+    parser.add_argument("--policies", nargs="+", choices=list(DEFAULT_SETTINGS),
+                        help="default: all three, or `halting` only for a regression model")
     parser.add_argument("--halting", type=float, nargs="+", default=DEFAULT_SETTINGS["halting"],
                         help="halting_epsilon values")
     parser.add_argument("--confidence", type=float, nargs="+", default=DEFAULT_SETTINGS["confidence"],
@@ -174,13 +214,16 @@ def main(argv: list[str] | None = None) -> Path:
                         help="patience values")
     args = parse_benchmark_args(parser, argv)
     batches_by_size, labels, model, reference = load_inputs(parser, args)
-    rows = measure(model, reference, batches_by_size, labels,
-                   {p: getattr(args, p) for p in args.policies}, args.repeats)
-    payload = {"benchmark": "classification", "model": args.model, "reference": args.reference,
-               "data": args.data or args.images, "samples": len(labels),
-               "samples_timed_batch1": args.max_samples_batch1,
-               "total_layers": model.config.num_blocks}
-    return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
+    metric = metric_name(model)
+    policies = args.policies or [p for p in DEFAULT_SETTINGS if metric == "accuracy" or p not in CLASS_POLICIES]
+    if metric == "pearson" and set(policies) & set(CLASS_POLICIES):
+        parser.error(f"a regression model exits with --policies halting only ({', '.join(CLASS_POLICIES)} need "
+                     "class predictions)")
+    rows = measure(model, reference, batches_by_size, labels, {p: getattr(args, p) for p in policies}, args.repeats)
+    payload = {"benchmark": "regression" if metric == "pearson" else "classification", "model": args.model,
+               "reference": args.reference, "data": args.data or args.images, "samples": len(labels),
+               "samples_timed_batch1": args.max_samples_batch1, "total_layers": model.config.num_blocks}
+    return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size), metric), args.results_dir)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,8 @@ def peak_memory_child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], **spec["overrides"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
-    sentences, _ = read_tsv(Path(spec["data"]), spec["max_samples"])
-    batches = make_batches(tokenizer, sentences, spec["batch_size"], spec["max_length"])
+    texts, _ = read_tsv(Path(spec["data"]), spec["max_samples"])
+    batches = make_batches(tokenizer, texts, spec["batch_size"], spec["max_length"])
     kwargs = {} if spec["policy"] is None else {"exit_policy": spec["policy"]}
     gc.collect()
     before = _proc_status_kib("VmRSS")
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("--exit_policy and --exit_value go together")
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    sentences, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
-    batches = make_batches(tokenizer, sentences, args.batch_size, args.max_length)
+    texts, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
+    batches = make_batches(tokenizer, texts, args.batch_size, args.max_length)
     for batch, start in zip(batches, range(0, len(labels), args.batch_size)):
-        batch["labels"] = torch.tensor(labels[start : start + args.batch_size])
+        batch["labels"] = torch.tensor([int(label) for label in labels[start : start + args.batch_size]])
     rows = training_rows(args.backbone, batches, args.repeats)
     rows += memory_rows(args)
     for row in rows:

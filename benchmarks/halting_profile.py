@@ -1,8 +1,9 @@
 """What the learned halting units do: how much their halting distribution varies across inputs, and who exits where.
 
 For each variable step: the mean and the standard deviation across inputs of its halting probability `p_n` (at
-full depth), and for each `--halting` epsilon the share of inputs that exit after it and their accuracy (units that
-tell inputs apart send the hard ones deeper). No timing, so it runs beside anything.
+full depth), and for each `--halting` epsilon the share of inputs that exit after it and their accuracy (Pearson's
+correlation for regression): units that tell inputs apart send the hard ones deeper. No timing, so it runs beside
+anything.
 
     python benchmarks/halting_profile.py --model outputs/mnist-adnet --name mnist_resnet_halting \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import add_input_arguments, load_inputs, predict  # noqa: E402
+from bench_classification import add_input_arguments, load_inputs, metric_name, predict, score  # noqa: E402
 from common import (  # noqa: E402
     benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results,
 )
@@ -31,18 +32,17 @@ def halting_probs(model, batches: list[dict]) -> torch.Tensor:
 
 def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[float]) -> list[dict]:
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
-    config = model.config
+    config, metric = model.config, metric_name(model)
     probs = halting_probs(model, batches)
     rows = [{"layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
              "halting_prob_std": probs[:, n].std().item()} for n, layers in enumerate(variable_step_layers(config))]
     for epsilon in epsilons:
         config.halting_epsilon = epsilon
         predictions, steps = predict(model, batches, exit_policy="halting")
-        correct = (predictions == labels).float()
         for row in rows:
             exits = steps * config.layers_per_step == row["layers"]
             row[f"exit_share_eps{epsilon:g}"] = exits.float().mean().item()
-            row[f"exit_accuracy_eps{epsilon:g}"] = correct[exits].mean().item() if exits.any() else None
+            row[f"exit_{metric}_eps{epsilon:g}"] = score(predictions[exits], labels[exits]) if exits.any() else None
     return rows
 
 

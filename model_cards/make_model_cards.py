@@ -40,9 +40,10 @@ class Measure:
     percent: bool
     usage: str
     auto_class: str | None = None  # None: the classifier's, from the card's pipeline tag
+    decimals: int = 1  # of a value that is not a percentage
 
     def show(self, value: float) -> str:
-        return f"{100 * value:.2f}%" if self.percent else f"{value:.1f}"
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.{self.decimals}f}"
 
 
 MEASURES = {
@@ -50,6 +51,10 @@ MEASURES = {
         "accuracy", "accuracy_drop_pts", 0.5, " points", "mean_layers", (1, 32), True,
         'outputs = model(**inputs, exit_policy="confidence")  # or keep the saved policy\n'
         "outputs.exit_steps, outputs.executed_layers         # where each input stopped, and what it ran"),
+    "regression": Measure(
+        "pearson", "pearson_drop_pts", 0.5, " points (0.005 of Pearson's r)", "mean_layers", (1, 32), False,
+        "outputs = model(**inputs)  # the saved `halting` policy (confidence and patience need classes)\n"
+        "outputs.exit_steps, outputs.executed_layers  # where each input stopped, and what it ran", decimals=4),
     "generation": Measure(
         "perplexity", "ppl_increase_pct", 3.0, "%", "mean_layers_per_token", (1, 8), False,
         'tokens = model.generate(**inputs, max_new_tokens=32, exit_policy="halting")  # each token exits on its own\n'
@@ -69,6 +74,8 @@ class CardSpec:
     commands: list[str]
     base_model: str | None = None
     limits: list[str] = field(default_factory=list)
+    # Where no plain model was benchmarked beside it: the plain run's `all_results.json` and its metric key.
+    plain_result: tuple[str, str] | None = None
 
     def load(self, name: str) -> dict:
         return json.loads((ROOT / name).read_text())
@@ -80,7 +87,40 @@ class CardSpec:
             "AutoModelForImageClassification"
 
     def missing(self) -> list[str]:
-        return [name for name in [self.benchmark] if not (ROOT / name).exists()]
+        inputs = [self.benchmark] + ([self.plain_result[0]] if self.plain_result else [])
+        return [name for name in inputs if not (ROOT / name).exists()]
+
+    def plain_sentence(self, rows: list[dict], measure: Measure) -> str:
+        """What the same backbone fine-tuned plainly reaches: benchmarked beside ADNet, or from its training run."""
+        start = "The same backbone fine-tuned plainly (full depth, no units) reaches"
+        if self.plain_result is not None:
+            path, key = self.plain_result
+            value = measure.show(self.load(path)[key])
+            return f"{start} **{value}** on the same data (its training run's evaluation, `{path}`).\n\n"
+        return "".join(f"{start} **{measure.show(row[measure.metric])}** on the same data.\n\n"
+                       for row in rows if row["policy"] == "plain reference")
+
+
+def glue_pair_card(task: str, name: str, title: str, plain_key: str, bench_settings: str,
+                   limits: list[str]) -> CardSpec:
+    """An ADNet MiniLM model on a GLUE sentence-pair task (MRPC, STS-B): its plain run is compared from its results."""
+    data = f"../shared/data/glue/{task}"
+    commands = [
+        f"python examples/run_glue_style.py --model_name_or_path {MINILM} --train_file {data}/train.tsv "
+        f"--validation_file {data}/dev.tsv --do_train --do_eval --max_seq_length 128 --num_train_epochs 2 "
+        "--per_device_train_batch_size 32 --per_device_eval_batch_size 64 --learning_rate 5e-5 --warmup_steps 0.1 "
+        "--weight_decay 0.01 --logging_steps 20 --eval_strategy no --save_strategy no --seed 42 "
+        f"--output_dir outputs/{name}-adnet --unit_learning_rate 1e-3 --output_learning_rate 1e-3 "
+        "--min_learning_rate_ratio 0.1 --max_weight_norm 3.0",
+        f"python benchmarks/bench_classification.py --model outputs/{name}-adnet --data {data}/dev.tsv "
+        f"--name {name}_minilm --max_samples_batch1 200 --repeats 3 {bench_settings}",
+    ]
+    return CardSpec(name=f"adnet-minilm-l6-{name}", title=title, pipeline_tag="text-classification",
+                    base_model="sentence-transformers/all-MiniLM-L6-v2",
+                    dataset={"dataset_type": "glue", "dataset_name": f"GLUE {task}", "dataset_config": name,
+                             "dataset_split": "validation"},
+                    benchmark=f"benchmarks/results/{name}_minilm.json",
+                    plain_result=(f"examples/results/{name}-plain.json", plain_key), commands=commands, limits=limits)
 
 
 CARDS = {
@@ -112,6 +152,16 @@ CARDS = {
         limits=["English movie-review sentiment only (SST-2); one epoch on a 2-core CPU.",
                 "Sentences are truncated to 64 tokens in training."],
     ),
+    "mrpc_minilm": glue_pair_card(
+        "MRPC", "mrpc", "ADNet on MiniLM-L6, fine-tuned on MRPC (paraphrase pairs)", "eval_accuracy",
+        "--halting 0.1 0.3 0.5 0.7 --confidence 0.99 0.95 0.9 0.8 --patience 3 2 1",
+        ["English news sentence pairs (MRPC, 3,668 training pairs); two epochs on a 2-core CPU.",
+         "The card reports accuracy; F1 of the paraphrase class is in the training run's results."]),
+    "stsb_minilm": glue_pair_card(
+        "STS-B", "stsb", "ADNet on MiniLM-L6, fine-tuned on STS-B (similarity regression)", "eval_pearson",
+        "--halting 0.1 0.3 0.5 0.7",
+        ["English sentence pairs scored 0-5 for similarity (STS-B); two epochs on a 2-core CPU.",
+         "A regression model exits with the `halting` policy only: `confidence` and `patience` need classes."]),
     "mnist_resnet": CardSpec(
         name="adnet-resnet-mnist", title="ADNet on a small ResNet, trained from scratch on 5k MNIST digits",
         pipeline_tag="image-classification",
@@ -163,7 +213,7 @@ CARDS = {
         benchmark="benchmarks/results/ptb_smollm2.json",
         commands=[
             f"python examples/run_clm.py --model_name_or_path {SMOLLM2} --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf "
-            "--freeze_backbone --layers_per_step 5 --num_fixed_steps 2 --train_file ../shared/data/ptb/ptb.train.txt "
+            "--freeze_full_depth --layers_per_step 5 --num_fixed_steps 2 --train_file ../shared/data/ptb/ptb.train.txt "
             "--validation_file ../shared/data/ptb/ptb.valid.txt --block_size 128 --max_eval_samples 32 "
             "--output_dir outputs/ptb-smollm2-adnet --do_train --do_eval --max_steps 60 "
             "--per_device_train_batch_size 4 --per_device_eval_batch_size 8 --learning_rate 1e-3 "
@@ -265,9 +315,7 @@ def card(spec: CardSpec) -> tuple[ModelCard, list[dict], Measure]:
                          library_name="transformers", pipeline_tag=spec.pipeline_tag, base_model=spec.base_model,
                          model_name=spec.name, tags=["adnet", "early-exit", "adaptive-computation"],
                          eval_results=eval_results)
-    plain = "".join(f"The same backbone fine-tuned plainly (full depth, no units) reaches "
-                    f"**{measure.show(row[metric])}** on the same data.\n\n"
-                    for row in rows if row["policy"] == "plain reference")
+    plain = spec.plain_sentence(rows, measure)
     auto = spec.auto_class(measure)
     content = f"""---
 {data.to_yaml()}

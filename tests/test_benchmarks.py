@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def tiny_checkpoint(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    tokenizer = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))  # v5: `vocab`, not `vocab_file`
     model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), num_labels=2,
                                                        unit_hidden_size=8, num_fixed_steps=0))
     model.save_pretrained(tmp_path / "model")
@@ -43,6 +43,31 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     halting = [row for row in result["rows"] if row["policy"] == "halting"]
     assert all(row["speedup_b4"] > 0 and 1 <= row["mean_layers"] <= 4 for row in halting)
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
+
+
+def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tiny_checkpoint):
+    import bench_classification
+    from transformers import BertForSequenceClassification
+
+    tokenizer = BertTokenizer.from_pretrained(tiny_checkpoint / "model")
+    regression = {"num_labels": 1, "problem_type": "regression"}
+    ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8, num_fixed_steps=0,
+                                               **regression)).save_pretrained(tiny_checkpoint / "stsb")
+    tokenizer.save_pretrained(tiny_checkpoint / "stsb")
+    BertForSequenceClassification(bert_config(**regression)).save_pretrained(tiny_checkpoint / "plain")
+    rows = ["genre\tsentence1\tsentence2\tscore"] + [f"news\tw{i} w{i + 1}\tw{(i * 7) % 90} w3\t{i % 5}.{i}00"
+                                                      for i in range(10)]
+    (tiny_checkpoint / "stsb.tsv").write_text("\n".join(rows) + "\n")
+    assert tokenizer.tokenize("w1 w2") == ["w1", "w2"]
+    args = ["--model", str(tiny_checkpoint / "stsb"), "--data", str(tiny_checkpoint / "stsb.tsv"), "--batch_sizes",
+            "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--results_dir", str(tiny_checkpoint / "results")]
+    path = bench_classification.main([*args, "--reference", str(tiny_checkpoint / "plain"), "--halting", "0.3"])
+    result = json.loads(path.read_text())
+    assert result["benchmark"] == "regression" and result["samples"] == 10
+    assert [row["policy"] for row in result["rows"]] == ["none (full depth)", "plain reference", "halting"]
+    assert all(-1 <= row["pearson"] <= 1 for row in result["rows"])
+    with pytest.raises(SystemExit):  # confidence needs classes
+        bench_classification.main([*args, "--policies", "confidence"])
 
 
 def test_halting_profile_accounts_for_every_input(tiny_checkpoint):

@@ -20,6 +20,13 @@ def write_card(tmp_path, monkeypatch, spec, bench: dict) -> ModelCard:
     return ModelCard.load(tmp_path / "cards" / spec.name / "README.md")
 
 
+def assert_eval_results(card: ModelCard, metric: str, setting: str, full: float, best: float, layers: float):
+    """The model-index: the metric at full depth, then at the cheapest setting within budget, and its layers."""
+    assert [(r.metric_type, r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        (metric, f"{metric} at full depth", full), (metric, f"{metric} with exits ({setting})", best),
+        ("mean_executed_layers", f"mean executed layers ({setting})", layers)]
+
+
 def test_card_carries_the_measured_results(tmp_path, monkeypatch):
     rows = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.88, "accuracy_drop_pts": 0.0,
              "mean_layers": 6.0, "ideal_speedup": 1.0},
@@ -35,10 +42,7 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
                  "dataset_split": "validation"},
         benchmark="bench.json", commands=["python train"])
     written = write_card(tmp_path, monkeypatch, spec, {"benchmark": "classification", "rows": rows})
-    results = [(r.metric_type, r.metric_name, r.metric_value) for r in written.data.eval_results]
-    assert results == [("accuracy", "accuracy at full depth", 0.88),
-                       ("accuracy", "accuracy with exits (patience=2)", 0.8761),
-                       ("mean_executed_layers", "mean executed layers (patience=2)", 3.25)]
+    assert_eval_results(written, "accuracy", "patience=2", 0.88, 0.8761, 3.25)
     assert written.data.eval_results[0].dataset_name == "GLUE SST-2"
     assert "fine-tuned plainly (full depth, no units) reaches **88.53%**" in written.text
     assert "full depth: 1.70x at batch 1, 1.60x at batch 32." in written.text
@@ -58,12 +62,26 @@ def test_generation_card_reports_perplexity_within_its_budget(tmp_path, monkeypa
         dataset={"dataset_type": "ptb_text_only", "dataset_name": "Penn Treebank", "dataset_split": "test"},
         benchmark="bench.json", commands=["python train"])
     written = write_card(tmp_path, monkeypatch, spec, {"benchmark": "generation", "rows": rows})
-
-    results = [(r.metric_type, r.metric_name, r.metric_value) for r in written.data.eval_results]
-    assert results == [("perplexity", "perplexity at full depth", 150.0),
-                       ("perplexity", "perplexity with exits (halting=0.5)", 153.0),
-                       ("mean_executed_layers", "mean executed layers (halting=0.5)", 4.0)]
+    assert_eval_results(written, "perplexity", "halting=0.5", 150.0, 153.0, 4.0)
     assert "within 3% of it, `halting=0.5`, reaches **153.0** running **4.00** of 6 layers per token" in written.text
     assert "| halting | 0.7 | 160.0 | 3.00 | 2.00x | 1.80x | 1.70x |" in written.text
     assert "AutoModelForCausalLM" in written.text
     assert (tmp_path / "cards" / "adnet-lm" / "perplexity_vs_layers.png").stat().st_size > 0
+
+
+def test_regression_card_reports_pearson_and_the_plain_training_run(tmp_path, monkeypatch):
+    rows = [{"policy": "none (full depth)", "setting": None, "pearson": 0.8484, "pearson_drop_pts": 0.0,
+             "mean_layers": 6.0, "ideal_speedup": 1.0},
+            {"policy": "halting", "setting": 0.5, "pearson": 0.8452, "pearson_drop_pts": 0.32, "mean_layers": 5.0,
+             "ideal_speedup": 1.2, "speedup_b1": 1.1, "speedup_b32": 1.15}]
+    (tmp_path / "plain.json").write_text(json.dumps({"eval_pearson": 0.8252}))
+    spec = make_model_cards.CardSpec(
+        name="adnet-stsb", title="STS-B", pipeline_tag="text-classification",
+        dataset={"dataset_type": "glue", "dataset_name": "GLUE STS-B", "dataset_config": "stsb",
+                 "dataset_split": "validation"},
+        benchmark="bench.json", commands=["python train"], plain_result=("plain.json", "eval_pearson"))
+    written = write_card(tmp_path, monkeypatch, spec, {"benchmark": "regression", "rows": rows})
+    assert_eval_results(written, "pearson", "halting=0.5", 0.8484, 0.8452, 5.0)
+    assert "reaches **0.8252** on the same data (its training run's evaluation, `plain.json`)" in written.text
+    assert "| halting | 0.5 | 0.8452 | 5.00 | 1.20x | 1.10x | 1.15x |" in written.text
+    assert "AutoModelForSequenceClassification" in written.text
