@@ -231,7 +231,8 @@ def random_backbone(model_args: ModelArguments, texts: Iterable[str]):
 
 def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArguments, labels: LabelInfo,
                              texts: Iterable[str]):
-    """An ADNet checkpoint loads as it is; a backbone checkpoint (or a random backbone) gets fresh units."""
+    """An ADNet checkpoint loads as it is; a backbone checkpoint (or a random backbone) gets fresh units. With
+    `--freeze_full_depth`, only the exits are left to train."""
     overrides = {**adnet_args.overrides(), **labels.config_kwargs()}
     backbone_config = None
     if model_args.random_backbone_config is not None:
@@ -245,6 +246,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArgume
                                   labels.config_kwargs())
         return plain, tokenizer
     model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides)
+    if model_args.freeze_full_depth:
+        model.freeze_full_depth()
     return model, tokenizer
 
 
@@ -301,8 +304,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     labels = label_info(reference, label_column)
     texts = (text for key in text_keys if key is not None for text in reference[key])
     model, tokenizer = load_model_and_tokenizer(model_args, adnet_args, labels, texts)
-    if model_args.freeze_full_depth:
-        model.freeze_full_depth()
     if tokenizer.pad_token is None:  # GPT-2: batches are padded, and the attention mask hides the padding
         tokenizer.pad_token = tokenizer.eos_token
     tokenized = preprocess(raw, tokenizer, text_keys, label_column, labels, data_args.max_seq_length)

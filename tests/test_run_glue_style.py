@@ -77,6 +77,15 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
                                     "--exit_policy", "none", "--output_dir", str(tmp_path / "eval"), *FAST])
     assert reloaded["eval_mean_executed_layers"] == 4
 
+    # the second stage: only the exits train, so full-depth predictions stay exactly the first stage's
+    second = run_glue_style.main(["--model_name_or_path", str(out), "--freeze_full_depth", "--loss_type", "pondernet",
+                                  "--train_file", train, "--validation_file", dev, "--do_train", "--do_eval",
+                                  "--num_train_epochs", "1", "--exit_policy", "none",
+                                  "--output_dir", str(tmp_path / "second"), *FAST])
+    assert second["eval_loss"] == pytest.approx(reloaded["eval_loss"], abs=1e-6)
+    assert second["eval_accuracy"] == reloaded["eval_accuracy"]
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "second").config.loss_type == "pondernet"
+
 
 def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_path):
     """STS-B-like pairs with a float `score`: regression; the backbone is a plain BERT checkpoint folder."""
