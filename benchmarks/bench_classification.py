@@ -30,7 +30,7 @@ from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, 
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-from run_glue_style import detect_columns  # noqa: E402
+from run_glue_style import LABEL_COLUMNS, detect_columns  # noqa: E402
 from run_image_classification import DataArguments, ImageDataset, read_idx  # noqa: E402
 
 DEFAULT_SETTINGS = {
@@ -52,7 +52,7 @@ def read_tsv(path: Path, max_samples: int | None) -> tuple[Texts, list[str]]:
     rows = rows[:max_samples] if max_samples else rows
     (first, second), label = detect_columns(list(rows[0]) if rows else [])
     if label is None:
-        raise ValueError(f"{path} has no label column: it needs one of 'label', 'Quality' or 'score'.")
+        raise ValueError(f"{path} has no label column: it needs one of {', '.join(LABEL_COLUMNS)}.")
     texts = [row[first] for row in rows], None if second is None else [row[second] for row in rows]
     return texts, [row[label] for row in rows]
 

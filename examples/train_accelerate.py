@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.end_training()
     # Freeing the DDP model (at return) frees the gloo process group, whose destructor joins its worker thread while
     # holding the GIL; a worker still releasing the last collective's tensors needs the GIL, and the process hung at
-    # exit in about one 2-process run in five (torch 2.13). Sleeping releases the GIL so that the worker can finish.
+    # exit (torch 2.13, gloo: 2 of 3 runs of tests/test_distributed.py). Sleeping releases the GIL so that the worker
+    # can finish; a timing fix, not a guarantee.
     time.sleep(1.0)
     return metrics
 
