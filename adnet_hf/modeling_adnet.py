@@ -142,14 +142,20 @@ class ADNetPreTrainedModel(PreTrainedModel):
         `backbone_kwargs` go to the backbone's `from_pretrained` (e.g. `dtype`, `gguf_file`, `attn_implementation`);
         `config_overrides` set `ADNetConfig` fields such as `num_labels` or `exit_policy`.
         """
-        from transformers import AutoModel
-
-        pretrained = AutoModel.from_pretrained(name_or_path, **(backbone_kwargs or {}))
-        config = ADNetConfig(backbone_config=pretrained.config, **config_overrides)
-        model = cls(config)
-        model.base_model.load_backbone_weights(pretrained)
+        pretrained = cls._load_pretrained_backbone(name_or_path, **(backbone_kwargs or {}))
+        model = cls(ADNetConfig(backbone_config=pretrained.config, **config_overrides))
+        model._copy_pretrained_weights(pretrained)
         model.config._name_or_path = str(name_or_path)
         return model.to(pretrained.dtype)
+
+    @staticmethod
+    def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+    def _copy_pretrained_weights(self, pretrained: PreTrainedModel) -> None:
+        self.base_model.load_backbone_weights(pretrained)
 
     def freeze_full_depth(self) -> None:
         """Freeze everything the last step's prediction reads: the backbone, the last unit, its output layer (or
@@ -626,19 +632,17 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
     def step_head(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.adnet.adapter.final_norm(self.adnet.backbone)(hidden))
 
-    @classmethod
-    def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
-        """Wrap a pretrained causal LM checkpoint; its LM head is kept too when it is not tied."""
+    @staticmethod
+    def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
+        """A causal LM checkpoint, so that an untied LM head can be kept too."""
         from transformers import AutoModelForCausalLM
 
-        pretrained = AutoModelForCausalLM.from_pretrained(name_or_path, **(backbone_kwargs or {}))
-        config = ADNetConfig(backbone_config=pretrained.config, **config_overrides)
-        model = cls(config)
-        model.adnet.load_backbone_weights(pretrained.base_model)
-        if not config.tie_word_embeddings:
-            model.lm_head.load_state_dict(pretrained.get_output_embeddings().state_dict())
-        model.config._name_or_path = str(name_or_path)
-        return model.to(pretrained.dtype)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+    def _copy_pretrained_weights(self, pretrained: PreTrainedModel) -> None:
+        self.adnet.load_backbone_weights(pretrained.base_model)
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load_state_dict(pretrained.get_output_embeddings().state_dict())
 
     def forward(
         self,

@@ -82,10 +82,18 @@ def read_json_argument(value: str) -> dict:
 
 
 def build_model(model_class, name_or_path: str | None, backbone_config, overrides: dict,
-                backbone_kwargs: dict | None = None):
+                backbone_kwargs: dict | None = None, freeze_full_depth: bool = False):
     """A model of `model_class` from a backbone config (a config or a dict with `model_type`: random weights, to
-    train from scratch), a saved ADNet checkpoint,
-    or a backbone checkpoint to wrap (its weights loaded unchanged)."""
+    train from scratch), a saved ADNet checkpoint, or a backbone checkpoint to wrap (its weights loaded unchanged).
+    With `freeze_full_depth`, only its exits are left to train (`ADNetPreTrainedModel.freeze_full_depth`)."""
+    model = _load_adnet(model_class, name_or_path, backbone_config, overrides, backbone_kwargs)
+    if freeze_full_depth:
+        model.freeze_full_depth()
+    return model
+
+
+def _load_adnet(model_class, name_or_path: str | None, backbone_config, overrides: dict,
+                backbone_kwargs: dict | None):
     from adnet_hf import ADNetConfig
 
     if backbone_config is not None:

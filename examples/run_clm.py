@@ -106,7 +106,7 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
     if model_args.plain_baseline:
         return build_plain_model(AutoModelForCausalLM, model_args.model_name_or_path, backbone, {}, backbone_kwargs)
     return build_model(ADNetForCausalLM, model_args.model_name_or_path, backbone, adnet_args.overrides(),
-                       backbone_kwargs)
+                       backbone_kwargs, model_args.freeze_full_depth)
 
 
 def _perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, adnet_args, tokenizer)
-    if model_args.freeze_full_depth:
-        model.freeze_full_depth()
     splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
     data = {split: TextBlocks(tokenizer, path, data_args.block_size,
                               data_args.max_train_samples if split == "train" else data_args.max_eval_samples)

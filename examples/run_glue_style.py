@@ -245,9 +245,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, adnet_args: ADNetArgume
         plain = build_plain_model(AutoModelForSequenceClassification, model_args.model_name_or_path, backbone_config,
                                   labels.config_kwargs())
         return plain, tokenizer
-    model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides)
-    if model_args.freeze_full_depth:
-        model.freeze_full_depth()
+    model = build_model(ADNetForSequenceClassification, model_args.model_name_or_path, backbone_config, overrides,
+                        freeze_full_depth=model_args.freeze_full_depth)
     return model, tokenizer
 
 

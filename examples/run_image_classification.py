@@ -139,7 +139,8 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, num_label
         return build_plain_model(AutoModelForImageClassification, model_args.model_name_or_path, backbone,
                                  {"num_labels": num_labels})
     return build_model(ADNetForImageClassification, model_args.model_name_or_path, backbone,
-                       {"num_labels": num_labels, **adnet_args.overrides()})
+                       {"num_labels": num_labels, **adnet_args.overrides()},
+                       freeze_full_depth=model_args.freeze_full_depth)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -156,8 +157,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             data_args.validation_dir, data_args.max_eval_samples)
     labels = torch.cat([d.labels for d in (train, evaluation) if d is not None])
     model = load_model(model_args, adnet_args, int(labels.max()) + 1)
-    if model_args.freeze_full_depth:
-        model.freeze_full_depth()
     trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                             compute_metrics=compute_classification_metrics)

@@ -37,9 +37,10 @@ def gpt2_config(**kwargs):
 
 
 def llama_config(**kwargs):
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, **kwargs)
+    defaults = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=37, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    tie_word_embeddings=True)
+    return LlamaConfig(**{**defaults, **kwargs})
 
 
 def resnet_config(**kwargs):

@@ -6,6 +6,7 @@ from conftest import (
     VOCAB,
     bert_config,
     gpt2_config,
+    llama_config,
     resnet_config,
     spread_halting,
     token_batch,
@@ -329,6 +330,17 @@ def test_pretrained_backbone_weights_are_loaded_unchanged(tmp_path):
     for name, tensor in lm_reference.transformer.state_dict().items():
         assert torch.equal(lm.adnet.backbone.state_dict()[name], tensor), name
     assert lm.lm_head.weight is lm.adnet.backbone.wte.weight
+
+
+def test_pretrained_untied_lm_head_is_loaded(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(llama_config(tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
+    lm = ADNetForCausalLM.from_backbone(str(tmp_path / "llama"))
+    assert lm.lm_head.weight is not lm.adnet.backbone.embed_tokens.weight
+    assert torch.equal(lm.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(lm.adnet.backbone.embed_tokens.weight, reference.model.embed_tokens.weight)
 
 
 def test_causal_lm_needs_a_decoder_backbone():
