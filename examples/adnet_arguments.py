@@ -41,7 +41,9 @@ class ADNetArguments:
     num_fixed_steps: int | None = _adnet_field("num_fixed_steps: leading steps without a unit")
     layers_per_step: int | None = _adnet_field("layers_per_step: backbone blocks per step")
     unit_hidden_size: int | None = _adnet_field("unit_hidden_size: width of each calculation unit")
-    exit_policy: str | None = _adnet_field("exit_policy: halting, confidence, patience or none")
+    exit_policy: str | None = field(default=None, metadata={
+        "help": "ADNetConfig.exit_policy: halting, confidence, patience or none (default: keep the config's value; "
+                "`none` when --loss_type last trains no exits, `halting` when --freeze_full_depth trains only them)."})
     halting_epsilon: float | None = _adnet_field("halting_epsilon")
     confidence_threshold: float | None = _adnet_field("confidence_threshold")
     patience: int | None = _adnet_field("patience")
@@ -86,10 +88,21 @@ def build_model(model_class, name_or_path: str | None, backbone_config, override
     """A model of `model_class` from a backbone config (a config or a dict with `model_type`: random weights, to
     train from scratch), a saved ADNet checkpoint, or a backbone checkpoint to wrap (its weights loaded unchanged).
     With `freeze_full_depth`, only its exits are left to train (`ADNetPreTrainedModel.freeze_full_depth`)."""
+    overrides = {**_trained_exit_policy(overrides.get("loss_type"), freeze_full_depth), **overrides}
     model = _load_adnet(model_class, name_or_path, backbone_config, overrides, backbone_kwargs)
     if freeze_full_depth:
         model.freeze_full_depth()
     return model
+
+
+def _trained_exit_policy(loss_type: str | None, freeze_full_depth: bool) -> dict:
+    """The exit policy to save where none is given: `loss_type="last"` leaves the halting units and earlier output
+    layers untrained, so exits would follow random units; training only the exits makes them the point."""
+    from adnet_hf import ADNetConfig
+
+    if loss_type == "last":
+        return {"exit_policy": "none"}
+    return {"exit_policy": ADNetConfig.exit_policy} if freeze_full_depth else {}
 
 
 def _load_adnet(model_class, name_or_path: str | None, backbone_config, overrides: dict,

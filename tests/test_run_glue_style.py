@@ -87,6 +87,26 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "second").config.loss_type == "pondernet"
 
 
+def test_saved_exit_policy_follows_what_is_trained(tmp_path):
+    """`--loss_type last` trains no exits, so its model is saved to run at full depth; a `--freeze_full_depth` run
+    trains only the exits and saves `halting`; a given `--exit_policy` always wins."""
+    from adnet_hf import ADNetForSequenceClassification
+
+    def build(name_or_path, overrides, freeze=False):
+        backbone = None if name_or_path else dict(TINY_BERT)
+        return run_glue_style.build_model(ADNetForSequenceClassification, name_or_path, backbone,
+                                          {"unit_hidden_size": 8, **overrides} if backbone else overrides,
+                                          freeze_full_depth=freeze)
+
+    first = build(None, {"loss_type": "last"})
+    assert first.config.exit_policy == "none"
+    first.save_pretrained(tmp_path / "first")
+    assert build(str(tmp_path / "first"), {"loss_type": "gpsl"}, freeze=True).config.exit_policy == "halting"
+    assert build(str(tmp_path / "first"), {}).config.exit_policy == "none"
+    assert build(None, {"loss_type": "last", "exit_policy": "confidence"}).config.exit_policy == "confidence"
+    assert build(None, {}).config.exit_policy == "halting"
+
+
 def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_path):
     """STS-B-like pairs with a float `score`: regression; the backbone is a plain BERT checkpoint folder."""
     sentences = [s for s, _ in sst2_rows("dev", 40)]
