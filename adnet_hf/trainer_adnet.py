@@ -20,8 +20,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType
+from transformers.utils import logging
 
 from .losses_adnet import IGNORE_INDEX
+
+logger = logging.get_logger(__name__)
 
 PARAMETER_GROUPS = ("backbone", "unit", "output")
 
@@ -156,6 +159,10 @@ class ADNetTrainer(Trainer):
         if args is not None and not isinstance(args, ADNetTrainingArguments):
             raise TypeError(f"ADNetTrainer needs ADNetTrainingArguments, got {type(args).__name__}.")
         super().__init__(model=model, args=args or ADNetTrainingArguments(), **kwargs)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "loss_type", None) == "last" and config.exit_policy == "halting":
+            logger.warning("loss_type='last' trains no halting units, yet exit_policy='halting' exits by them: set "
+                           "exit_policy='none' (or 'confidence' / 'patience' after training the exits).")
         self.add_callback(MaxNormCallback)
         self._train_stats = _RunningMeans()
         self._exit_stats = _RunningMeans()

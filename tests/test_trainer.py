@@ -49,6 +49,12 @@ def test_compute_loss_is_the_model_loss(tmp_path):
     torch.testing.assert_close(trainer.compute_loss(model, dict(inputs)), model(**inputs).loss)
 
 
+@pytest.mark.parametrize("exit_policy,warns", [("halting", True), ("none", False)])
+def test_warns_when_exits_follow_untrained_halting_units(tmp_path, caplog, exit_policy, warns):
+    ADNetTrainer(model=classifier(loss_type="last", exit_policy=exit_policy), args=training_args(tmp_path))
+    assert ("trains no halting units" in caplog.text) == warns
+
+
 def causal_lm():
     backbone = gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return ADNetForCausalLM(ADNetConfig(backbone_config=backbone, unit_hidden_size=8))
