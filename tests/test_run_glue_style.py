@@ -95,8 +95,7 @@ def test_saved_exit_policy_follows_what_is_trained(tmp_path):
     def build(name_or_path, overrides, freeze=False):
         backbone = None if name_or_path else dict(TINY_BERT)
         return run_glue_style.build_model(ADNetForSequenceClassification, name_or_path, backbone,
-                                          {"unit_hidden_size": 8, **overrides} if backbone else overrides,
-                                          freeze_full_depth=freeze)
+                                          {"unit_hidden_size": 8, **overrides}, freeze_full_depth=freeze)
 
     first = build(None, {"loss_type": "last"})
     assert first.config.exit_policy == "none"
