@@ -231,6 +231,7 @@ class ADNetModel(ADNetPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         cache=None,
         exit_policy: str | None = None,
+        exit_threshold: float | int | None = None,
         step_head: StepHead | None = None,
         step_loss: StepLoss | None = None,
         keep_step_logits: bool = True,
@@ -256,7 +257,7 @@ class ADNetModel(ADNetPreTrainedModel):
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = self._resolve_policy(exit_policy)
         run = _AdaptiveRun(self, state, policy, step_head, bool(output_hidden_states), cache, step_loss,
-                           keep_step_logits, step_head_flops)
+                           keep_step_logits, step_head_flops, exit_threshold)
         with _recording_attentions(self.backbone, bool(output_attentions)) as attentions:
             run.loop(attentions)
         return run.output()
@@ -312,15 +313,19 @@ class _AdaptiveRun:
 
     def __init__(self, model: ADNetModel, state: StepState, policy: str, step_head: StepHead | None,
                  keep_hidden_states: bool, cache, step_loss: StepLoss | None = None, keep_step_logits: bool = True,
-                 step_head_flops: float = 0.0):
+                 step_head_flops: float = 0.0, exit_threshold=None):
         self.model, self.config, self.state, self.head, self.cache = model, model.config, state, step_head, cache
         self.step_loss, self.keep_step_logits, self.step_head_flops = step_loss, keep_step_logits, step_head_flops
         self.training = policy == "train"
         self.full_depth = policy in ("train", "none")
         # with a cache and exits, blocks see the cache through a view that fills exited samples' keys/values
         self.cache_view = SubBatchCache(cache) if cache is not None and not self.full_depth else cache
-        self.rule = ExitRule("none" if self.full_depth else policy, self.config.halting_epsilon,
-                             self.config.confidence_threshold, self.config.patience, self.config.problem_type)
+        settings = {"halting": self.config.halting_epsilon, "confidence": self.config.confidence_threshold,
+                    "patience": self.config.patience}
+        if exit_threshold is not None and policy in settings:
+            settings[policy] = exit_threshold
+        self.rule = ExitRule("none" if self.full_depth else policy, settings["halting"], settings["confidence"],
+                             settings["patience"], self.config.problem_type)
         batch, device = state.hidden.shape[0], state.hidden.device
         self.all_block_kwargs = state.block_kwargs
         self.active = torch.arange(batch, device=device)
@@ -529,7 +534,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
-    def _classify(self, labels: torch.Tensor | None, exit_policy: str | None,
+    def _classify(self, labels: torch.Tensor | None, exit_policy: str | None, exit_threshold=None,
                   **inputs) -> ADNetSequenceClassifierOutput:
         step_loss = None
         if labels is not None and self.config.problem_type is None:
@@ -540,7 +545,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
-        out = self.adnet(exit_policy=exit_policy, step_head=self.step_head, step_loss=step_loss,
+        out = self.adnet(exit_policy=exit_policy, exit_threshold=exit_threshold, step_head=self.step_head, step_loss=step_loss,
                          step_head_flops=2.0 * matmul_weights(self.output_layers[0]), **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
@@ -568,6 +573,7 @@ class ADNetForSequenceClassification(_ADNetClassifier):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         exit_policy: str | None = None,
+        exit_threshold: float | int | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
@@ -578,7 +584,7 @@ class ADNetForSequenceClassification(_ADNetClassifier):
         exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call.
         """
         return self._classify(
-            labels, exit_policy, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            labels, exit_policy, exit_threshold, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
@@ -594,13 +600,14 @@ class ADNetForImageClassification(_ADNetClassifier):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         exit_policy: str | None = None,
+        exit_threshold: float | int | None = None,
         output_hidden_states: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
         r"""
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the images.
         labels (`torch.LongTensor` of shape `(batch_size,)`): class indices.
         """
-        return self._classify(labels, exit_policy, pixel_values=pixel_values,
+        return self._classify(labels, exit_policy, exit_threshold, pixel_values=pixel_values,
                               output_hidden_states=output_hidden_states)
 
 
@@ -654,6 +661,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         exit_policy: str | None = None,
+        exit_threshold: float | int | None = None,
         output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -677,7 +685,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
 
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, step_head=self.step_head,
+            inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
+            step_head=self.step_head,
             step_loss=step_loss if labels is not None and self.training else None,
             keep_step_logits=output_step_logits,
             step_head_flops=2.0 * matmul_weights(self.lm_head),
