@@ -15,6 +15,7 @@ from transformers import (
 
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
+from .exits_adnet import EXIT_RULES, ConfidenceExit, ExitRule, HaltingExit, PatienceExit, register_exit_rule
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
 from .modeling_adnet import (
     ADNetCausalLMOutput,
@@ -68,7 +69,13 @@ __all__ = [
     "ADNetModelOutput",
     "ADNetPreTrainedModel",
     "ADNetSequenceClassifierOutput",
+    "ConfidenceExit",
     "DeepSupervisionLoss",
+    "EXIT_RULES",
+    "ExitRule",
+    "HaltingExit",
+    "PatienceExit",
+    "register_exit_rule",
     "GrowingPlateauSensitiveLoss",
     "LastStepLoss",
     "PonderNetLoss",

@@ -6,6 +6,8 @@ The task models never branch on the backbone type: they ask the adapter for the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -16,6 +18,7 @@ from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.models.llama.modeling_llama import rotate_half
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import OutputRecorder
 
 
 @dataclass
@@ -258,6 +261,33 @@ class ResNetAdapter(BackboneAdapter):
 
     def unit_view(self, hidden):
         return hidden.flatten(2).transpose(1, 2)
+
+
+@contextmanager
+def recording_attentions(backbone: PreTrainedModel, enabled: bool) -> Iterator[list[torch.Tensor] | None]:
+    """Collect the attention weights of every attention module the backbone declares as recordable."""
+    records: list[torch.Tensor] = []
+    if not enabled:
+        yield None
+        return
+    spec = type(backbone)._can_record_outputs.get("attentions") if type(backbone)._can_record_outputs else None
+    if spec is None:
+        raise ValueError(f"output_attentions is not available for a {backbone.config.model_type} backbone")
+    if backbone.config._attn_implementation != "eager":
+        raise ValueError("output_attentions needs the eager attention implementation: load the model with "
+                         "attn_implementation='eager'")
+    recorder = spec if isinstance(spec, OutputRecorder) else OutputRecorder(spec, index=1)
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out: records.append(out[recorder.index]))
+        for name, module in backbone.named_modules()
+        if isinstance(module, recorder.target_class)
+        and (recorder.layer_name is None or name.endswith(recorder.layer_name))
+    ]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 _ADAPTERS: dict[str, BackboneAdapter] = {

@@ -6,9 +6,10 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbones_adnet import backbone_adapter
+from .exits_adnet import EXIT_POLICIES, EXIT_RULES
+from .losses_adnet import LOSSES
 
-EXIT_POLICIES = ("halting", "confidence", "patience", "none")
-LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
+LOSS_TYPES = tuple(LOSSES)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 # Every head, so a saved checkpoint loads with `trust_remote_code=True` through any Auto class, not only its own.
 AUTO_MAP = {
@@ -56,6 +57,8 @@ class ADNetConfig(PreTrainedConfig):
         max_weight_norm (`float`, *optional*): max-norm of unit and output-layer weight rows after each optimiser step.
         classifier_dropout (`float`): dropout before the output layer.
         tie_word_embeddings (`bool`, *optional*): causal LM only; defaults to the backbone's own setting.
+        per_token_units (`bool`, *optional*): units that halt per token (causal LMs) instead of per pooled sample.
+            Set by the task model that builds the config; saved, so every Auto class rebuilds the same units.
     """
 
     model_type = "adnet"
@@ -82,9 +85,12 @@ class ADNetConfig(PreTrainedConfig):
     max_weight_norm: float | None = None
     classifier_dropout: float = 0.1
     tie_word_embeddings: bool | None = None
+    per_token_units: bool | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.per_token_units is None and "ADNetForCausalLM" in (self.architectures or ()):
+            self.per_token_units = True  # a causal LM saved before the field existed
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
@@ -109,6 +115,14 @@ class ADNetConfig(PreTrainedConfig):
         """Steps that carry a calculation unit: `N` in the design's formulas."""
         return self.num_steps - self.num_fixed_steps
 
+    def use_per_token_units(self, per_token: bool, model_name: str) -> None:
+        """Record the units `model_name` builds; a config saved for the other kind of units cannot be reused."""
+        if self.per_token_units is not None and self.per_token_units != per_token:
+            kind = "per-token (a causal LM's)" if self.per_token_units else "pooled (a classifier's)"
+            raise ValueError(f"ADNetConfig.per_token_units={self.per_token_units}: this config is for {kind} units, "
+                             f"which {model_name} does not build. Load it with the head it was saved from.")
+        self.per_token_units = per_token
+
     def validate_adnet(self) -> None:
         """Raise a `ValueError` naming the first field outside its allowed values."""
         backbone_adapter(self.backbone_config)  # raises for an unsupported backbone
@@ -122,11 +136,8 @@ class ADNetConfig(PreTrainedConfig):
                "an integer >= 1", self.unit_hidden_size)
         _check(isinstance(self.share_output_layer, bool), "share_output_layer", "a bool", self.share_output_layer)
         _check(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {EXIT_POLICIES}", self.exit_policy)
-        _check(_is_number(self.halting_epsilon) and 0 < self.halting_epsilon < 1, "halting_epsilon",
-               "a number in (0, 1)", self.halting_epsilon)
-        _check(_is_number(self.confidence_threshold) and 0 < self.confidence_threshold <= 1, "confidence_threshold",
-               "a number in (0, 1]", self.confidence_threshold)
-        _check(_is_int(self.patience) and self.patience >= 1, "patience", "an integer >= 1", self.patience)
+        for rule in EXIT_RULES.values():
+            rule.check(getattr(self, rule.config_field), owner=f"ADNetConfig.{rule.config_field}")
         _check(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}", self.loss_type)
         for field in ("gpsl_alpha", "gpsl_beta", "gpsl_step_cost", "pondernet_beta"):
             value = getattr(self, field)
@@ -145,6 +156,7 @@ class ADNetConfig(PreTrainedConfig):
         _check(self.problem_type is None or self.problem_type in PROBLEM_TYPES, "problem_type",
                f"None or one of {PROBLEM_TYPES}", self.problem_type)
         _check(_is_int(self.num_labels) and self.num_labels >= 1, "num_labels", "an integer >= 1", self.num_labels)
+        _check(self.per_token_units in (None, True, False), "per_token_units", "None or a bool", self.per_token_units)
 
 
 __all__ = ["ADNetConfig"]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from .backbones_adnet import select_batch
+
 
 class SubBatchCache:
     """A key/value cache as the blocks of the still-active samples see it.
@@ -50,3 +52,51 @@ class SubBatchCache:
         if layer_idx in self.pending:
             full_key[self.active], full_value[self.active] = self.pending.pop(layer_idx)
         self.cache.update(full_key, full_value, layer_idx)
+
+
+class NoExitCache:
+    """The exiting pass without a key/value cache: nothing to keep, so the pass ends once every sample exited."""
+
+    view = None
+    fills_after_exit = False
+
+    def begin_step(self, active: torch.Tensor) -> None:
+        """Before a step's blocks run for the samples at indices `active`."""
+
+    def end_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor) -> None:
+        """After them: `exit_hidden` holds (batch first) the exit state of every sample that has left the batch."""
+
+
+class PropagatedExitCache(NoExitCache):
+    """The exiting pass with a key/value cache: the blocks see a `SubBatchCache`, and after every step the samples
+    that have left the batch get the keys/values their exit state propagates to, down to the last layer."""
+
+    fills_after_exit = True
+
+    def __init__(self, cache, adapter, block_kwargs: dict, batch_size: int):
+        self.view = SubBatchCache(cache)
+        self.adapter, self.block_kwargs, self.batch_size = adapter, block_kwargs, batch_size
+
+    def begin_step(self, active: torch.Tensor) -> None:
+        self.view.active = None if active.numel() == self.batch_size else active
+
+    def end_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor) -> None:
+        if self.view.active is None:  # every sample ran: the blocks updated the real cache themselves
+            return
+        exited = complement(active, self.batch_size)
+        hidden, kwargs = exit_hidden[exited], select_batch(self.block_kwargs, exited)
+        for offset, block in enumerate(blocks):
+            self.view.commit(first_layer + offset, self.batch_size, exited,
+                             lambda block=block: self.adapter.kv_projection(block, hidden, kwargs))
+
+
+def exit_cache(cache, adapter, block_kwargs: dict, batch_size: int) -> NoExitCache:
+    """How the exiting pass keeps `cache` (None: there is none to keep)."""
+    return NoExitCache() if cache is None else PropagatedExitCache(cache, adapter, block_kwargs, batch_size)
+
+
+def complement(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """The indices in range(size) that are not in `indices`."""
+    keep = torch.ones(size, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero().squeeze(-1)

@@ -49,7 +49,17 @@ def _kl(target: torch.Tensor, probs: torch.Tensor, eps: float = 1e-8) -> torch.T
     return (target * (torch.log(target.clamp(min=eps)) - torch.log(probs.clamp(min=eps)))).sum(-1)
 
 
-class GrowingPlateauSensitiveLoss(nn.Module):
+class ADNetLoss(nn.Module):
+    """A loss that combines the per-step task losses; `trains_halting` says whether it trains the halting units
+    (when it does not, they stay as initialised and the `halting` exit policy follows untrained units)."""
+
+    trains_halting: bool = True
+
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GrowingPlateauSensitiveLoss(ADNetLoss):
     r"""Growing Plateau Sensitive Loss:
     `sum_n p_n L_n + alpha sum_n w_n L_n + beta KL(q || p)` with logistic growth weights
     `w_n ∝ sigmoid(growth_rate (n - growth_midpoint))` and the plateau target
@@ -81,7 +91,7 @@ class GrowingPlateauSensitiveLoss(nn.Module):
         return (expected + self.alpha * growing + self.beta * plateau).mean()
 
 
-class PonderNetLoss(nn.Module):
+class PonderNetLoss(ADNetLoss):
     """PonderNet: expected task loss plus `beta KL(p || geometric(prior))`, the prior truncated to N steps."""
 
     def __init__(self, prior: float = 0.5, beta: float = 0.01):
@@ -96,27 +106,34 @@ class PonderNetLoss(nn.Module):
         return (expected + self.beta * _kl(halting_probs, geometric)).mean()
 
 
-class DeepSupervisionLoss(nn.Module):
+class DeepSupervisionLoss(ADNetLoss):
     """PABEE / DeeBERT style: per-step losses averaged with weights proportional to depth; halting untrained."""
+
+    trains_halting = False
 
     def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
         return ((steps * step_losses).sum(-1) / steps.sum()).mean()
 
 
-class LastStepLoss(nn.Module):
-    """Plain fine-tuning: the last step's loss only."""
+class LastStepLoss(ADNetLoss):
+    """Plain fine-tuning: the last step's loss only; neither the halting units nor the earlier steps train."""
+
+    trains_halting = False
 
     def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
         return step_losses[..., -1].mean()
 
 
-# Losses through which every unit and step head gets a gradient; the others leave some unused (halting layers,
-# earlier steps), which DistributedDataParallel must be told about (`find_unused_parameters=True`).
-LOSSES_TRAINING_EVERY_PARAMETER = ("gpsl", "pondernet")
+LOSSES: dict[str, type[ADNetLoss]] = {
+    "gpsl": GrowingPlateauSensitiveLoss,
+    "pondernet": PonderNetLoss,
+    "deep_supervision": DeepSupervisionLoss,
+    "last": LastStepLoss,
+}
 
 
-def build_loss(config) -> nn.Module:
+def build_loss(config) -> ADNetLoss:
     """The combining loss that `config.loss_type` names, with the config's weights."""
     if config.loss_type == "gpsl":
         return GrowingPlateauSensitiveLoss(
@@ -126,6 +143,6 @@ def build_loss(config) -> nn.Module:
         )
     if config.loss_type == "pondernet":
         return PonderNetLoss(prior=config.pondernet_prior, beta=config.pondernet_beta)
-    if config.loss_type == "deep_supervision":
-        return DeepSupervisionLoss()
-    return LastStepLoss()
+    if config.loss_type not in LOSSES:
+        raise ValueError(f"ADNetConfig.loss_type must be one of {tuple(LOSSES)}, got {config.loss_type!r}.")
+    return LOSSES[config.loss_type]()

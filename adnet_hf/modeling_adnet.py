@@ -6,9 +6,7 @@ for a causal LM) at its exit step; samples that have exited leave the batch, so 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -16,20 +14,15 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
-from transformers.utils.output_capturing import OutputRecorder
 
-from .backbones_adnet import StepState, backbone_adapter, matmul_weights, select_batch
+from .backbones_adnet import backbone_adapter, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
-from .generation_adnet import SubBatchCache
+from .engine_adnet import StepEngine, StepHead, Trace
+from .exits_adnet import FULL_DEPTH, exit_rule
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
-from .units_adnet import CalculationUnit, ExitRule, halting_distribution
+from .units_adnet import CalculationUnit
 
 logger = logging.get_logger(__name__)
-
-# `step_head(n, summary, hidden)`: the prediction of variable step n from its unit summary and block output.
-StepHead = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-# `step_loss(logits)`: the unreduced task loss of one step's prediction, computed as soon as the step has run.
-StepLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -175,19 +168,19 @@ class ADNetPreTrainedModel(PreTrainedModel):
 class ADNetModel(ADNetPreTrainedModel):
     """The backbone and one calculation unit per variable step; runs them with or without exits.
 
-    `per_token=True` gives causal-LM units (a halting probability per token, no pooling over the sequence).
+    `config.per_token_units` gives causal-LM units (a halting probability per token, no pooling over the sequence).
     """
 
-    def __init__(self, config: ADNetConfig, per_token: bool = False):
+    def __init__(self, config: ADNetConfig):
         super().__init__(config)
         self.adapter = backbone_adapter(config.backbone_config)
-        self.per_token = per_token
         self.backbone = self.adapter.build(config.backbone_config)
         sizes = self.adapter.block_sizes(config.backbone_config)
         step_sizes = [sizes[(s + 1) * config.layers_per_step - 1] for s in range(config.num_steps)]
         variable_sizes = step_sizes[config.num_fixed_steps :]
         self.units = nn.ModuleList(
-            CalculationUnit(size, config.unit_hidden_size, per_token, halts=n < len(variable_sizes) - 1)
+            CalculationUnit(size, config.unit_hidden_size, bool(config.per_token_units),
+                            halts=n < len(variable_sizes) - 1)
             for n, size in enumerate(variable_sizes)
         )
         self.post_init()
@@ -206,20 +199,11 @@ class ADNetModel(ADNetPreTrainedModel):
         if unexpected:
             logger.info(f"Backbone weights not used by ADNet (e.g. the pooler): {unexpected}")
 
-    def step_blocks(self) -> list[list[nn.Module]]:
-        """The backbone's blocks grouped into steps of `layers_per_step`."""
-        blocks = self.adapter.blocks(self.backbone)
-        size = self.config.layers_per_step
-        return [blocks[i : i + size] for i in range(0, len(blocks), size)]
-
-    def run_step(self, blocks: list[nn.Module], state: StepState, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's output and its estimated FLOPs at each position (B x T)."""
-        hidden, flops = state.hidden, 0.0
-        for block in blocks:
-            block_state = StepState(hidden, state.token_mask, state.block_kwargs)
-            hidden = self.adapter.run_block(block, block_state, cache)
-            flops = flops + self.adapter.block_flops(block, block_state, hidden)
-        return hidden, flops
+    def step_engine(self) -> StepEngine:
+        """The engine over the backbone's blocks grouped into steps of `layers_per_step`, and the units."""
+        blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
+        steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+        return StepEngine(self.adapter, steps, self.units, bool(self.config.per_token_units), size)
 
     def forward(
         self,
@@ -233,9 +217,6 @@ class ADNetModel(ADNetPreTrainedModel):
         exit_policy: str | None = None,
         exit_threshold: float | int | None = None,
         step_head: StepHead | None = None,
-        step_loss: StepLoss | None = None,
-        keep_step_logits: bool = True,
-        step_head_flops: float = 0.0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         **kwargs,
@@ -243,276 +224,31 @@ class ADNetModel(ADNetPreTrainedModel):
         r"""
         exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call (inference only; training
             always runs every step).
-        step_head (`Callable`, *optional*): `step_head(n, summary, hidden)` returns variable step n's prediction;
-            the task models pass their output layer. The `confidence` and `patience` policies need it.
-        step_loss (`Callable`, *optional*): `step_loss(logits)` returns a step's unreduced task loss; at full depth
-            each step's loss is taken right away, so `keep_step_logits=False` need not hold every step's logits
-            (a causal LM's N x B x T x vocab). Without kept step logits, training's fused `logits` are detached.
-        step_head_flops (`float`): FLOPs of one `step_head` call per item, for the `flops` estimate.
+        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call (`halting_epsilon`,
+            `confidence_threshold` or `patience`), instead of the config's.
+        step_head (`StepHead`, *optional*): the task model's prediction at each variable step. The `confidence` and
+            `patience` policies need it.
         cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
             deeper layers' keys/values from their exit hidden state (CALM's state propagation).
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
-        policy = self._resolve_policy(exit_policy)
-        run = _AdaptiveRun(self, state, policy, step_head, bool(output_hidden_states), cache, step_loss,
-                           keep_step_logits, step_head_flops, exit_threshold)
-        with _recording_attentions(self.backbone, bool(output_attentions)) as attentions:
-            run.loop(attentions)
-        return run.output()
-
-    def _resolve_policy(self, exit_policy: str | None) -> str:
         policy = exit_policy or self.config.exit_policy
-        if policy not in ("halting", "confidence", "patience", "none"):
-            raise ValueError(f"exit_policy must be one of 'halting', 'confidence', 'patience', 'none', got {policy!r}")
-        return "train" if self.training else policy
-
-
-def _complement(indices: torch.Tensor, size: int) -> torch.Tensor:
-    """The indices in range(size) that are not in `indices`."""
-    keep = torch.ones(size, dtype=torch.bool, device=indices.device)
-    keep[indices] = False
-    return keep.nonzero().squeeze(-1)
-
-
-@contextmanager
-def _recording_attentions(backbone: PreTrainedModel, enabled: bool):
-    """Collect the attention weights of every attention module the backbone declares as recordable."""
-    records: list[torch.Tensor] = []
-    if not enabled:
-        yield None
-        return
-    spec = type(backbone)._can_record_outputs.get("attentions") if type(backbone)._can_record_outputs else None
-    if spec is None:
-        raise ValueError(f"output_attentions is not available for a {backbone.config.model_type} backbone")
-    if backbone.config._attn_implementation != "eager":
-        raise ValueError("output_attentions needs the eager attention implementation: load the model with "
-                         "attn_implementation='eager'")
-    recorder = spec if isinstance(spec, OutputRecorder) else OutputRecorder(spec, index=1)
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out: records.append(out[recorder.index]))
-        for name, module in backbone.named_modules()
-        if isinstance(module, recorder.target_class)
-        and (recorder.layer_name is None or name.endswith(recorder.layer_name))
-    ]
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class _AdaptiveRun:
-    """One forward pass through the steps: runs blocks and units, applies the exit rule, gathers outputs.
-
-    Items are samples (pooled units) or batch x tokens (per-token units). A sample leaves the batch once all its
-    items have exited. An exited token of a sample still in the batch keeps its exit hidden state in the deeper
-    blocks (CALM's state propagation), so later tokens attend to keys/values computed from it.
-    """
-
-    def __init__(self, model: ADNetModel, state: StepState, policy: str, step_head: StepHead | None,
-                 keep_hidden_states: bool, cache, step_loss: StepLoss | None = None, keep_step_logits: bool = True,
-                 step_head_flops: float = 0.0, exit_threshold=None):
-        self.model, self.config, self.state, self.head, self.cache = model, model.config, state, step_head, cache
-        self.step_loss, self.keep_step_logits, self.step_head_flops = step_loss, keep_step_logits, step_head_flops
-        self.training = policy == "train"
-        self.full_depth = policy in ("train", "none")
-        # with a cache and exits, blocks see the cache through a view that fills exited samples' keys/values
-        self.cache_view = SubBatchCache(cache) if cache is not None and not self.full_depth else cache
-        settings = {"halting": self.config.halting_epsilon, "confidence": self.config.confidence_threshold,
-                    "patience": self.config.patience}
-        if exit_threshold is not None and policy in settings:
-            settings[policy] = exit_threshold
-        self.rule = ExitRule("none" if self.full_depth else policy, settings["halting"], settings["confidence"],
-                             settings["patience"], self.config.problem_type)
-        batch, device = state.hidden.shape[0], state.hidden.device
-        self.all_block_kwargs = state.block_kwargs
-        self.active = torch.arange(batch, device=device)
-        self.padding = state.token_mask == 0 if model.per_token else torch.zeros(batch, dtype=torch.bool, device=device)
-        self.done = self.padding
-        self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
-        self.flops = torch.zeros(self.padding.shape, dtype=torch.float64, device=device)
-        self.halting: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
-        self.last_hidden: torch.Tensor | None = None
-        self.exit_shapes_differ = False
-        self.lambdas: list[torch.Tensor] = []
-        self.step_logits: list[torch.Tensor] = []
-        self.step_losses: list[torch.Tensor] = []
-        self.fused_not_halted: torch.Tensor | float = 1.0
-        self.hidden_states: list[torch.Tensor] | None = [] if keep_hidden_states else None
-        self.attentions: list[torch.Tensor] = []
-        self._record_hidden(state.hidden)
-
-    def loop(self, attention_records: list[torch.Tensor] | None) -> None:
-        fixed, num_variable = self.config.num_fixed_steps, self.config.num_variable_steps
-        for step, blocks in enumerate(self.model.step_blocks()):
-            if self.active.numel() == 0:
-                if not isinstance(self.cache_view, SubBatchCache):
-                    break
-                self._commit_cache(step, blocks)  # everyone has exited: only propagated keys/values
-                continue
-            hidden = self._run_step(step, blocks)
-            self._record_hidden(hidden)
-            if attention_records is not None:
-                self.attentions.extend(self._scatter(a) for a in attention_records)
-                attention_records.clear()
-            n = step - fixed
-            if self.cache is not None and self.full_depth:  # full-depth generation: only the last step predicts
-                if n == num_variable - 1 and self.head is not None:
-                    self.logits = self.head(n, None, hidden)
-                    self._count_item_flops(hidden.new_full(hidden.shape[:2], self.step_head_flops))
-            elif n >= 0:
-                self._variable_step(n, step, hidden, last=n == num_variable - 1)
-
-    def _run_step(self, step: int, blocks: list[nn.Module]) -> torch.Tensor:
-        """Run one step's blocks on the active samples; exited tokens keep their exit state (per-token units)."""
-        if isinstance(self.cache_view, SubBatchCache):
-            everyone = self.active.numel() == self.padding.shape[0]
-            self.cache_view.active = None if everyone else self.active
-        hidden, flops = self.model.run_step(blocks, self.state, self.cache_view)
-        if isinstance(self.cache_view, SubBatchCache):
-            self._commit_cache(step, blocks)
-        if self.model.per_token and not self.full_depth:
-            hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
-        self._count_flops(flops)
-        self.state.hidden = hidden
-        return hidden
-
-    def _count_flops(self, position_flops: torch.Tensor, per_item: float = 0.0) -> None:
-        """Add FLOPs per position (B x T) and per item to the items still running."""
-        flops = position_flops if self.model.per_token else position_flops.sum(-1)
-        self._count_item_flops(flops + per_item)
-
-    def _count_item_flops(self, flops: torch.Tensor) -> None:
-        """Add FLOPs per item (B, or B x T) to the items still running."""
-        self.flops[self.active] += flops.masked_fill(self.done, 0.0).to(self.flops.dtype)
-
-    def _commit_cache(self, step: int, blocks: list[nn.Module]) -> None:
-        """Give the samples that have left the batch the keys/values their exit state propagates to."""
-        view = self.cache_view
-        if view.active is None and self.active.numel() == self.padding.shape[0]:
-            return
-        view.active = self.active
-        exited = _complement(self.active, self.padding.shape[0])
-        hidden, kwargs = self.last_hidden[exited], select_batch(self.all_block_kwargs, exited)
-        first = step * self.config.layers_per_step
-        for offset, block in enumerate(blocks):
-            view.commit(first + offset, self.padding.shape[0], exited,
-                        lambda block=block: self.model.adapter.kv_projection(block, hidden, kwargs))
-
-    def _variable_step(self, n: int, step: int, hidden: torch.Tensor, last: bool) -> None:
-        unit = self.model.units[n]
-        positions = self.model.adapter.unit_view(hidden)
-        summary, lambdas = unit(positions, None if self.model.per_token else self.state.token_mask)
-        # the halting rule needs no prediction to decide: the head then runs only for the items that stop
-        predict_all = self.head is not None and (self.full_depth or self.rule.needs_predictions)
-        logits = self.head(n, summary, hidden) if predict_all else None
-        real = self.state.token_mask if self.state.token_mask is not None else positions.new_ones(positions.shape[:2])
-        per_position, per_summary = unit.flops()
-        head_flops = self.step_head_flops if predict_all else 0.0
-        self._count_flops(per_position * real.to(positions.dtype), per_summary + head_flops)
-        if self.full_depth:
-            self.lambdas.append(lambdas)
-            if logits is not None:
-                self._keep_full_depth_step(lambdas, logits)
-            return
-        not_halted = torch.ones_like(lambdas) if self.rule.not_halted is None else self.rule.not_halted
-        stop = (self.rule.step(lambdas, logits) | last) & ~self.done
-        probs = torch.where(stop, not_halted, not_halted * lambdas).masked_fill(self.done, 0.0)
-        if self.halting is None:
-            self.halting = probs.new_zeros(*self.padding.shape, self.config.num_variable_steps)
-        self.halting[self.active, ..., n] = probs
-        self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
-        if self.head is not None and stop.any():
-            self._keep_exit_logits(n, summary, hidden, logits, stop)
-        self.done = self.done | stop
-        self._drop_finished(hidden)
-
-    def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
-                          logits: torch.Tensor | None, stop: torch.Tensor) -> None:
-        """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
-        if logits is None:
-            logits = self.head(n, None if summary is None else summary[stop], hidden[stop])
-            self._count_item_flops(self.step_head_flops * stop.to(self.flops.dtype))
-        else:
-            logits = logits[stop]
-        if self.logits is None:
-            self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
-        index = stop.nonzero(as_tuple=True)
-        self.logits[(self.active[index[0]], *index[1:])] = logits
-
-    def _keep_full_depth_step(self, lambdas: torch.Tensor, logits: torch.Tensor) -> None:
-        """Take the step's loss now and fold its prediction into the output logits (fused in training)."""
-        if self.step_loss is not None:
-            self.step_losses.append(self.step_loss(logits))
-        if self.keep_step_logits:
-            self.step_logits.append(logits)
-        if not self.training:
-            self.logits = logits
-            return
-        weight = self.fused_not_halted * lambdas  # the last step's lambda is 1: it takes what is left
-        self.fused_not_halted = self.fused_not_halted * (1 - lambdas)
-        if not self.keep_step_logits:
-            weight, logits = weight.detach(), logits.detach()
-        contribution = weight.unsqueeze(-1).to(logits.dtype) * logits
-        self.logits = contribution if self.logits is None else self.logits + contribution
-
-    def _drop_finished(self, hidden: torch.Tensor) -> None:
-        """Samples whose items have all exited leave the batch: no later block runs for them."""
-        finished = self.done.reshape(self.done.shape[0], -1).all(-1)
-        if not finished.any():
-            return
-        if self.last_hidden is None:
-            self.last_hidden = hidden.new_zeros(self.padding.shape[0], *hidden.shape[1:])
-        if self.last_hidden.shape[1:] == hidden.shape[1:]:
-            self.last_hidden[self.active[finished]] = hidden[finished]
-        else:  # a CNN's samples exited in stages whose feature maps differ: no single tensor holds them
-            self.exit_shapes_differ = True
-        keep = (~finished).nonzero().squeeze(-1)
-        self.active = self.active[keep]
-        self.state = self.state.select(keep)
-        self.rule.select(keep)
-        self.done = self.done[keep]
-
-    def _scatter(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor of the active samples, placed in a full-batch tensor (zeros for samples that left)."""
-        if tensor.shape[0] == self.padding.shape[0]:
-            return tensor
-        full = tensor.new_zeros(self.padding.shape[0], *tensor.shape[1:])
-        full[self.active] = tensor
-        return full
-
-    def _record_hidden(self, hidden: torch.Tensor) -> None:
-        if self.hidden_states is not None:
-            self.hidden_states.append(self._scatter(hidden))
-
-    def _last_hidden_state(self) -> torch.Tensor | None:
-        if self.exit_shapes_differ:
-            return None
-        return self.state.hidden if self.last_hidden is None else self.last_hidden
-
-    def output(self) -> ADNetModelOutput:
-        halting, exit_steps = self.halting, self.exit_steps
-        if self.full_depth:
-            exit_steps = exit_steps.masked_fill(~self.padding, self.config.num_steps)
-        if self.lambdas:
-            halting = halting_distribution(torch.stack(self.lambdas, dim=-1))
-            halting = halting.masked_fill(self.padding.unsqueeze(-1), 0.0)
-        return ADNetModelOutput(
-            last_hidden_state=self._last_hidden_state(),
-            logits=self.logits,
-            step_logits=torch.stack(self.step_logits) if self.step_logits else None,
-            step_losses=torch.stack(self.step_losses, dim=-1) if self.step_losses else None,
-            halting_probs=halting,
-            exit_steps=exit_steps,
-            executed_layers=exit_steps * self.config.layers_per_step,
-            flops=self.flops,
-            cache=self.cache,
-            hidden_states=tuple(self.hidden_states) if self.hidden_states is not None else None,
-            attentions=tuple(self.attentions) if self.attentions else None,
-        )
+        rule = None if self.training or policy == FULL_DEPTH else exit_rule(policy, self.config, exit_threshold)
+        if rule is None and exit_threshold is not None:
+            raise ValueError("exit_threshold needs an exiting pass: it has no effect in training or with "
+                             f"exit_policy={FULL_DEPTH!r}.")
+        engine = self.step_engine()
+        with recording_attentions(self.backbone, bool(output_attentions)) as records:
+            trace = Trace(state.hidden.shape[0], bool(output_hidden_states), records)
+            if rule is None:
+                steps = engine.full_depth(state, step_head, trace, cache, fuse=self.training)
+            else:
+                steps = engine.exiting(state, step_head, rule, trace, cache)
+        outputs = {f.name: getattr(steps, f.name) for f in fields(steps)}
+        return ADNetModelOutput(**outputs, executed_layers=steps.exit_steps * self.config.layers_per_step,
+                                cache=cache)
 
 
 class _ADNetClassifier(ADNetPreTrainedModel):
@@ -520,6 +256,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
+        config.use_per_token_units(False, type(self).__name__)
         self.adnet = ADNetModel(config)
 
         def output_layer() -> nn.Module:
@@ -534,19 +271,17 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
-    def _classify(self, labels: torch.Tensor | None, exit_policy: str | None, exit_threshold=None,
-                  **inputs) -> ADNetSequenceClassifierOutput:
-        step_loss = None
+    def _classify(self, labels: torch.Tensor | None, **inputs) -> ADNetSequenceClassifierOutput:
         if labels is not None and self.config.problem_type is None:
             self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+        problem_type = self.config.problem_type
+        step_loss = None
         if labels is not None and self.training:
-            problem_type = self.config.problem_type
-
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
-        out = self.adnet(exit_policy=exit_policy, exit_threshold=exit_threshold, step_head=self.step_head, step_loss=step_loss,
-                         step_head_flops=2.0 * matmul_weights(self.output_layers[0]), **inputs)
+        head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss)
+        out = self.adnet(step_head=head, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
@@ -582,10 +317,12 @@ class ADNetForSequenceClassification(_ADNetClassifier):
             Class indices, or targets for regression / multi-label. In training the loss follows
             `config.loss_type`; at inference it is the task loss of the prediction made (at the exit step).
         exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call.
+        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
         """
         return self._classify(
-            labels, exit_policy, exit_threshold, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+            labels, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, exit_policy=exit_policy,
+            exit_threshold=exit_threshold, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
 
@@ -607,8 +344,8 @@ class ADNetForImageClassification(_ADNetClassifier):
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the images.
         labels (`torch.LongTensor` of shape `(batch_size,)`): class indices.
         """
-        return self._classify(labels, exit_policy, exit_threshold, pixel_values=pixel_values,
-                              output_hidden_states=output_hidden_states)
+        return self._classify(labels, pixel_values=pixel_values, exit_policy=exit_policy,
+                              exit_threshold=exit_threshold, output_hidden_states=output_hidden_states)
 
 
 class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
@@ -616,7 +353,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
-        self.adnet = ADNetModel(config, per_token=True)
+        config.use_per_token_units(True, type(self).__name__)
+        self.adnet = ADNetModel(config)
         if not self.adnet.adapter.is_causal:
             raise ValueError(f"ADNetForCausalLM needs a decoder backbone, got {config.backbone_config.model_type!r}")
         backbone_config = config.backbone_config
@@ -672,7 +410,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             default: the per-step losses are taken as each step runs, and training's fused `logits` are detached.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
             causal LM (shifted inside; -100 is ignored).
-        cache (`Cache`, *optional*): key/value cache for generation; decoding with a cache runs at full depth.
+        cache (`Cache`, *optional*): key/value cache for generation.
+        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
         """
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -683,14 +422,12 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
             return task_loss(logits[:, :-1], targets, "single_label_classification")
 
+        head = StepHead(self.step_head, 2.0 * matmul_weights(self.lm_head),
+                        step_loss if labels is not None and self.training else None, output_step_logits)
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
-            step_head=self.step_head,
-            step_loss=step_loss if labels is not None and self.training else None,
-            keep_step_logits=output_step_logits,
-            step_head_flops=2.0 * matmul_weights(self.lm_head),
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         loss = None if labels is None else self.combine_losses(out, targets)
         return ADNetCausalLMOutput(

@@ -159,10 +159,11 @@ class ADNetTrainer(Trainer):
         if args is not None and not isinstance(args, ADNetTrainingArguments):
             raise TypeError(f"ADNetTrainer needs ADNetTrainingArguments, got {type(args).__name__}.")
         super().__init__(model=model, args=args or ADNetTrainingArguments(), **kwargs)
-        config = getattr(self.model, "config", None)
-        if getattr(config, "loss_type", None) == "last" and config.exit_policy == "halting":
-            logger.warning("loss_type='last' trains no halting units, yet exit_policy='halting' exits by them: set "
-                           "exit_policy='none' (or 'confidence' / 'patience' after training the exits).")
+        loss_fn = getattr(self.model, "loss_fn", None)
+        if not getattr(loss_fn, "trains_halting", True) and self.model.config.exit_policy == "halting":
+            logger.warning(f"loss_type={self.model.config.loss_type!r} trains no halting units, yet "
+                           "exit_policy='halting' exits by them: set exit_policy='none' (or 'confidence' / "
+                           "'patience' after training the exits).")
         self.add_callback(MaxNormCallback)
         self._train_stats = _RunningMeans()
         self._exit_stats = _RunningMeans()

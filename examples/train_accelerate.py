@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
 from transformers.trainer_utils import SchedulerType
 
-from adnet_hf.losses_adnet import LOSSES_TRAINING_EVERY_PARAMETER
+from adnet_hf.losses_adnet import LOSSES
 from adnet_hf.trainer_adnet import (
     ADNetTrainingArguments,
     adnet_optimizer_groups,
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 def build_accelerator(args: ADNetTrainingArguments, loss_type: str) -> Accelerator:
     """DDP looks for unused parameters only under losses that leave some without a gradient; the seeded sampler
     shuffles the same way whatever the number of processes (as Trainer's does)."""
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=loss_type not in LOSSES_TRAINING_EVERY_PARAMETER)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not LOSSES[loss_type].trains_halting)
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.use_cpu,
                        kwargs_handlers=[ddp], dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 

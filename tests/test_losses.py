@@ -12,7 +12,7 @@ from adnet_hf import (
     LastStepLoss,
     PonderNetLoss,
 )
-from adnet_hf.units_adnet import halting_distribution
+from adnet_hf.exits_adnet import halting_distribution
 
 STEP_LOSSES = [[1.0, 0.5, 0.4, 0.39], [0.2, 0.9, 1.3, 0.1]]
 HALTING = [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]

@@ -1,0 +1,283 @@
+"""The step engine: runs a backbone step by step with its calculation units, in one of two passes.
+
+- `full_depth`: every step for every item. Training fuses the step predictions under the halting distribution;
+  `exit_policy="none"` and full-depth decoding return the last step's prediction.
+- `exiting`: items (samples, or tokens of a causal LM) stop at the step their exit rule picks, and a sample whose
+  items have all stopped leaves the batch, so the later blocks never run for it. With a key/value cache, the samples
+  that left get the deeper layers' keys/values from their exit state (`generation_adnet`).
+
+The engine is handed the backbone adapter, the blocks grouped into steps and the units; the task model's part is a
+`StepHead`. FLOPs are counted by a `FlopsAccountant`, hidden states and attentions kept by a `Trace`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones_adnet import BackboneAdapter, StepState
+from .exits_adnet import ExitRule, HaltingDistribution
+from .generation_adnet import exit_cache
+
+
+@dataclass
+class StepHead:
+    """A task model's prediction at each variable step, as the engine calls it.
+
+    predict: `predict(n, summary, hidden)`, variable step n's logits from its unit summary and block output.
+    flops: FLOPs of one `predict` per item, for the estimate.
+    loss: the unreduced task loss of a step's logits, taken as soon as the step has run (full depth only).
+    keep_logits: return every step's logits (a causal LM's N x B x T x vocab is large). Without them, training's
+        fused logits are detached.
+    """
+
+    predict: Callable[[int, torch.Tensor | None, torch.Tensor], torch.Tensor]
+    flops: float = 0.0
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+    keep_logits: bool = True
+
+
+@dataclass
+class StepOutputs:
+    """What a pass computed, for the full batch; `ADNetModelOutput` documents each field."""
+
+    last_hidden_state: torch.Tensor | None
+    logits: torch.Tensor | None
+    halting_probs: torch.Tensor
+    exit_steps: torch.LongTensor
+    flops: torch.Tensor
+    step_logits: torch.Tensor | None = None
+    step_losses: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int) -> torch.Tensor:
+    """A tensor of the samples `active`, placed in a full-batch tensor (zeros for the samples that left)."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    full = tensor.new_zeros(batch_size, *tensor.shape[1:])
+    full[active] = tensor
+    return full
+
+
+class FlopsAccountant:
+    """Estimated FLOPs per item (B, or B x T for per-token units), of the items still running."""
+
+    def __init__(self, padding: torch.Tensor, per_token: bool):
+        self.per_token = per_token
+        self.total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+
+    def add(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor | float) -> None:
+        """Add `flops` per item to the samples `active`, except their items that are `done`."""
+        flops = torch.as_tensor(flops, dtype=torch.float64, device=done.device)
+        self.total[active] += torch.where(done, 0.0, flops)
+
+    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor) -> None:
+        """Add FLOPs per position (B x T): per item, or summed over a pooled sample's positions."""
+        self.add(active, done, flops.double() if self.per_token else flops.double().sum(-1))
+
+
+class Trace:
+    """The hidden states and attention weights asked for, laid out for the full batch."""
+
+    def __init__(self, batch_size: int, hidden_states: bool, attention_records: list[torch.Tensor] | None):
+        self.batch_size = batch_size
+        self.hidden_states: list[torch.Tensor] | None = [] if hidden_states else None
+        self.records = attention_records
+        self.attentions: list[torch.Tensor] = []
+
+    def record(self, hidden: torch.Tensor, active: torch.Tensor | slice) -> None:
+        """After the embeddings and after every step: its output and its blocks' attention weights."""
+        if self.hidden_states is not None:
+            self.hidden_states.append(scatter(hidden, active, self.batch_size))
+        if self.records:
+            self.attentions.extend(scatter(a, active, self.batch_size) for a in self.records)
+            self.records.clear()
+
+    def outputs(self) -> dict:
+        return {"hidden_states": None if self.hidden_states is None else tuple(self.hidden_states),
+                "attentions": tuple(self.attentions) if self.attentions else None}
+
+
+class StepEngine:
+    """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit."""
+
+    def __init__(self, adapter: BackboneAdapter, steps: list[list[nn.Module]], units: nn.ModuleList,
+                 per_token: bool, layers_per_step: int):
+        self.adapter, self.steps, self.units = adapter, steps, units
+        self.per_token, self.layers_per_step = per_token, layers_per_step
+        self.num_fixed_steps = len(steps) - len(units)
+
+    def padding(self, state: StepState) -> torch.Tensor:
+        """Items that are not real: padding tokens for per-token units, none for pooled ones."""
+        if self.per_token:
+            return state.token_mask == 0
+        return torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
+
+    def run_blocks(self, blocks: list[nn.Module], state: StepState, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's output for the samples of `state`, and its estimated FLOPs at each position (B x T)."""
+        hidden, flops = state.hidden, 0.0
+        for block in blocks:
+            block_state = StepState(hidden, state.token_mask, state.block_kwargs)
+            hidden = self.adapter.run_block(block, block_state, cache)
+            flops = flops + self.adapter.block_flops(block, block_state, hidden)
+        return hidden, flops
+
+    def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
+                 done: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Variable step n's unit on the step output in `state`: its summary and halting probabilities."""
+        unit = self.units[n]
+        positions = self.adapter.unit_view(state.hidden)
+        summary, lambdas = unit(positions, None if self.per_token else state.token_mask)
+        real = state.token_mask if state.token_mask is not None else positions.new_ones(positions.shape[:2])
+        per_position, per_summary = unit.flops()
+        flops.add_positions(active, done, per_position * real.to(positions.dtype))
+        flops.add(active, done, per_summary)
+        return summary, lambdas
+
+    def full_depth(self, state: StepState, head: StepHead | None, trace: Trace, cache=None,
+                   fuse: bool = False) -> StepOutputs:
+        """Every step for every item. The head predicts at every variable step when something reads those
+        predictions (`fuse`, a step loss, kept step logits), else at the last step only."""
+        padding, everyone = self.padding(state), slice(None)
+        flops, distribution = FlopsAccountant(padding, self.per_token), HaltingDistribution()
+        predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits)
+        probs, step_logits, step_losses, logits = [], [], [], None
+        trace.record(state.hidden, everyone)
+        for step, blocks in enumerate(self.steps):
+            state.hidden, block_flops = self.run_blocks(blocks, state, cache)
+            flops.add_positions(everyone, padding, block_flops)
+            trace.record(state.hidden, everyone)
+            n = step - self.num_fixed_steps
+            if n < 0:
+                continue
+            last = n == len(self.units) - 1
+            summary, lambdas = self.run_unit(n, state, flops, everyone, padding)
+            probs.append(distribution.step(lambdas, last))
+            if head is None or not (predict_every_step or last):
+                continue
+            prediction = head.predict(n, summary, state.hidden)
+            flops.add(everyone, padding, head.flops)
+            if head.loss is not None:
+                step_losses.append(head.loss(prediction))
+            if head.keep_logits:
+                step_logits.append(prediction)
+            logits = _fuse(logits, probs[-1], prediction, head.keep_logits) if fuse else prediction
+        return StepOutputs(
+            last_hidden_state=state.hidden, logits=logits,
+            halting_probs=torch.stack(probs, dim=-1).masked_fill(padding.unsqueeze(-1), 0.0),
+            exit_steps=torch.full(padding.shape, len(self.steps), device=padding.device).masked_fill(padding, 0),
+            flops=flops.total, step_logits=torch.stack(step_logits) if step_logits else None,
+            step_losses=torch.stack(step_losses, dim=-1) if step_losses else None, **trace.outputs(),
+        )
+
+    def exiting(self, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace,
+                cache=None) -> StepOutputs:
+        """Each item stops at the step `rule` picks; samples whose items have all stopped leave the batch."""
+        if rule.needs_predictions and head is None:
+            raise ValueError(f"exit_policy={rule.name!r} needs step predictions: use a task model, not ADNetModel.")
+        return _ExitingPass(self, state, head, rule, trace, cache).run()
+
+
+def _fuse(fused: torch.Tensor | None, probs: torch.Tensor, logits: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """Training's prediction: the step logits summed under the halting distribution, one step at a time."""
+    if not differentiable:
+        probs, logits = probs.detach(), logits.detach()
+    contribution = probs.unsqueeze(-1).to(logits.dtype) * logits
+    return contribution if fused is None else fused + contribution
+
+
+class _ExitingPass:
+    """One forward pass with exits. `active` indexes the samples still in the batch, `done` their items that have
+    stopped; every other tensor here is laid out for the full batch."""
+
+    def __init__(self, engine: StepEngine, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace,
+                 cache):
+        self.engine, self.state, self.head, self.rule, self.trace = engine, state, head, rule, trace
+        batch, device = state.hidden.shape[0], state.hidden.device
+        self.padding = engine.padding(state)
+        self.active = torch.arange(batch, device=device)
+        self.done = self.padding
+        self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
+        self.halting = state.hidden.new_zeros(*self.padding.shape, len(engine.units))
+        self.logits: torch.Tensor | None = None
+        self.exit_hidden: torch.Tensor | None = None
+        self.exit_shapes_differ = False
+        self.distribution = HaltingDistribution()
+        self.flops = FlopsAccountant(self.padding, engine.per_token)
+        self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
+
+    def run(self) -> StepOutputs:
+        self.trace.record(self.state.hidden, self.active)
+        for step, blocks in enumerate(self.engine.steps):
+            if not self.active.numel() and not self.cache.fills_after_exit:
+                break
+            self.cache.begin_step(self.active)
+            hidden = self._run_blocks(blocks) if self.active.numel() else None
+            self.cache.end_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden)
+            if hidden is not None and step >= self.engine.num_fixed_steps:
+                self._decide(step - self.engine.num_fixed_steps, step, hidden)
+        return StepOutputs(
+            last_hidden_state=None if self.exit_shapes_differ else self.exit_hidden, logits=self.logits,
+            halting_probs=self.halting, exit_steps=self.exit_steps, flops=self.flops.total, **self.trace.outputs(),
+        )
+
+    def _run_blocks(self, blocks: list[nn.Module]) -> torch.Tensor:
+        """One step for the active samples; their items that stopped keep their exit state (CALM's propagation)."""
+        hidden, position_flops = self.engine.run_blocks(blocks, self.state, self.cache.view)
+        if self.engine.per_token:
+            hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
+        self.flops.add_positions(self.active, self.done, position_flops)
+        self.state.hidden = hidden
+        self.trace.record(hidden, self.active)
+        return hidden
+
+    def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:
+        """Variable step n: the unit, the rule's decision, the outputs of the items that stop."""
+        summary, lambdas = self.engine.run_unit(n, self.state, self.flops, self.active, self.done)
+        logits = None
+        if self.rule.needs_predictions:  # the halting rule decides without: the head runs for who stops only
+            logits = self.head.predict(n, summary, hidden)
+            self.flops.add(self.active, self.done, self.head.flops)
+        probs = self.distribution.step(lambdas)
+        stop = (self.rule.step(self.distribution.not_halted, logits) | (n == len(self.engine.units) - 1)) & ~self.done
+        self.halting[self.active, ..., n] = self.distribution.halt(probs, stop).masked_fill(self.done, 0.0)
+        self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
+        if self.head is not None and stop.any():
+            self._keep_exit_logits(n, summary, hidden, logits, stop)
+        self.done = self.done | stop
+        self._drop_finished(hidden)
+
+    def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
+                          logits: torch.Tensor | None, stop: torch.Tensor) -> None:
+        """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
+        if logits is None:
+            logits = self.head.predict(n, None if summary is None else summary[stop], hidden[stop])
+            self.flops.add(self.active, self.done, self.head.flops * stop.double())
+        else:
+            logits = logits[stop]
+        if self.logits is None:
+            self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
+        index = stop.nonzero(as_tuple=True)
+        self.logits[(self.active[index[0]], *index[1:])] = logits
+
+    def _drop_finished(self, hidden: torch.Tensor) -> None:
+        """Samples whose items have all stopped leave the batch: no later block runs for them."""
+        finished = self.done.reshape(self.done.shape[0], -1).all(-1)
+        if not finished.any():
+            return
+        if self.exit_hidden is None:
+            self.exit_hidden = hidden.new_zeros(self.padding.shape[0], *hidden.shape[1:])
+        if self.exit_hidden.shape[1:] == hidden.shape[1:]:
+            self.exit_hidden[self.active[finished]] = hidden[finished]
+        else:  # a CNN's samples exited in stages whose feature maps differ: no single tensor holds them
+            self.exit_shapes_differ = True
+        keep = (~finished).nonzero().squeeze(-1)
+        self.active, self.done = self.active[keep], self.done[keep]
+        self.state = self.state.select(keep)
+        self.distribution.select(keep)
+        self.rule.select(keep)

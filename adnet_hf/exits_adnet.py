@@ -1,0 +1,192 @@
+"""The halting distribution and the inference exit rules, one small registered class per rule.
+
+Each rule owns its `ADNetConfig` field, the values that field may take, its calibration grid, whether it needs the
+step predictions and whether it works for regression. Every rule decides per item (a sample, or a token of a causal
+LM) from that item's own history, so an item's exit never depends on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+FULL_DEPTH = "none"  # the exit policy that runs every step: not a rule, the full-depth pass
+
+
+class HaltingDistribution:
+    """PonderNet's halting distribution, built step by step: `p_n = lambda_n prod_{k<n}(1 - lambda_k)`, and the last
+    step takes the mass not yet halted, so every item's `p` sums to 1.
+
+    `not_halted` is `prod_{k<=n}(1 - lambda_k)` after the latest step: what the `halting` rule compares with
+    epsilon, and the mass an item that stops now takes (`halt`).
+    """
+
+    def __init__(self):
+        self.not_halted: torch.Tensor | float = 1.0
+
+    def step(self, lambdas: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """`p_n` of this step for every item (`lambdas`: items)."""
+        before = self.not_halted
+        self.not_halted = before * (1 - lambdas)
+        return before * torch.ones_like(lambdas) if last else before * lambdas
+
+    def halt(self, probs: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+        """`probs` of this step, where the items that `stop` take all the mass not halted before it."""
+        return torch.where(stop, probs + self.not_halted, probs)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the items of the samples at indices `keep` only."""
+        if isinstance(self.not_halted, torch.Tensor):
+            self.not_halted = self.not_halted[keep]
+
+
+def halting_distribution(lambdas: torch.Tensor) -> torch.Tensor:
+    """The halting distribution over the last dim of `lambdas` (items x N); the last step takes the remainder."""
+    distribution = HaltingDistribution()
+    steps = lambdas.unbind(-1)
+    return torch.stack([distribution.step(step, last=n == len(steps) - 1) for n, step in enumerate(steps)], dim=-1)
+
+
+class ExitRule:
+    """Decides, step after step, which items stop. Subclasses are registered under their policy `name`.
+
+    `threshold` is the value of the rule's config field, given per call or read from the config.
+    """
+
+    name: ClassVar[str]
+    config_field: ClassVar[str]
+    allowed: ClassVar[str]  # the values `config_field` may take, as an error message states them
+    needs_predictions: ClassVar[bool] = False
+    supports_regression: ClassVar[bool] = True
+
+    def __init__(self, threshold, problem_type: str | None = None):
+        self.check(threshold)
+        self.threshold = threshold
+        self.multi_label = problem_type == "multi_label_classification"
+
+    @classmethod
+    def is_valid(cls, value) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, value, owner: str | None = None) -> None:
+        """Raise a `ValueError` naming `owner` (a config field; default: the per-call argument) unless `value` is
+        allowed."""
+        if not cls.is_valid(value):
+            owner = owner or f"exit_threshold (the {cls.config_field} of exit_policy={cls.name!r})"
+            raise ValueError(f"{owner} must be {cls.allowed}, got {value!r}.")
+
+    @staticmethod
+    def candidates(num_variable_steps: int) -> list[float | int]:
+        """Calibration grid, from the most cautious setting to the most aggressive."""
+        raise NotImplementedError
+
+    def step(self, not_halted: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        """Which items stop now, given the halting mass not yet halted after this step and its predictions."""
+        raise NotImplementedError
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the state of the samples at indices `keep` only (rules that remember past steps)."""
+
+
+EXIT_RULES: dict[str, type[ExitRule]] = {}
+
+
+def register_exit_rule(cls: type[ExitRule]) -> type[ExitRule]:
+    EXIT_RULES[cls.name] = cls
+    return cls
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@register_exit_rule
+class HaltingExit(ExitRule):
+    """ACT's rule on the learned units: stop once the cumulative halting probability reaches `1 - epsilon`."""
+
+    name, config_field, allowed = "halting", "halting_epsilon", "a number in (0, 1)"
+
+    @classmethod
+    def is_valid(cls, value) -> bool:
+        return _is_number(value) and 0 < value < 1
+
+    @staticmethod
+    def candidates(num_variable_steps: int) -> list[float]:
+        return [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+    def step(self, not_halted: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        return not_halted <= self.threshold
+
+
+@register_exit_rule
+class ConfidenceExit(ExitRule):
+    """DeeBERT's rule: stop once the step's prediction is confident enough (every label, for multi-label)."""
+
+    name, config_field, allowed = "confidence", "confidence_threshold", "a number in (0, 1]"
+    needs_predictions, supports_regression = True, False
+
+    @classmethod
+    def is_valid(cls, value) -> bool:
+        return _is_number(value) and 0 < value <= 1
+
+    @staticmethod
+    def candidates(num_variable_steps: int) -> list[float]:
+        return [0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55]
+
+    def step(self, not_halted: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            probs = torch.sigmoid(logits.float())
+            confidence = torch.maximum(probs, 1 - probs).amin(-1)
+        else:
+            confidence = torch.softmax(logits.float(), dim=-1).amax(-1)
+        return confidence >= self.threshold
+
+
+@register_exit_rule
+class PatienceExit(ExitRule):
+    """PABEE's rule: stop once the prediction has not changed for `patience` consecutive steps."""
+
+    name, config_field, allowed = "patience", "patience", "an integer >= 1"
+    needs_predictions, supports_regression = True, False
+
+    def __init__(self, threshold, problem_type: str | None = None):
+        super().__init__(threshold, problem_type)
+        self.previous: torch.Tensor | None = None
+        self.unchanged: torch.Tensor | None = None
+
+    @classmethod
+    def is_valid(cls, value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    @staticmethod
+    def candidates(num_variable_steps: int) -> list[int]:
+        return list(range(num_variable_steps - 1, 0, -1))
+
+    def step(self, not_halted: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        prediction = logits > 0 if self.multi_label else logits.argmax(-1, keepdim=True)
+        if self.previous is None:
+            self.unchanged = torch.zeros(prediction.shape[:-1], dtype=torch.long, device=logits.device)
+        else:
+            same = (prediction == self.previous).all(-1)
+            self.unchanged = torch.where(same, self.unchanged + 1, torch.zeros_like(self.unchanged))
+        self.previous = prediction
+        return self.unchanged >= self.threshold
+
+    def select(self, keep: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.previous, self.unchanged = self.previous[keep], self.unchanged[keep]
+
+
+EXIT_POLICIES = (*EXIT_RULES, FULL_DEPTH)
+
+
+def exit_rule(policy: str, config, threshold=None) -> ExitRule:
+    """The rule of `policy`, set to `threshold` (default: the config's value of the rule's field)."""
+    if policy not in EXIT_RULES:
+        raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {policy!r}.")
+    rule = EXIT_RULES[policy]
+    if not rule.supports_regression and config.problem_type == "regression":
+        raise ValueError(f"exit_policy={policy!r} needs class predictions; for regression use 'halting' or 'none'.")
+    return rule(getattr(config, rule.config_field) if threshold is None else threshold, config.problem_type)
