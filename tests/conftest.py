@@ -1,17 +1,28 @@
 """Tiny random backbones built from configs, as Transformers' own tests do."""
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import BertConfig, GPT2Config, LlamaConfig, ResNetConfig, RobertaConfig
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 99
 # The project's real data (GLUE, MNIST, PTB, the GPT-2 tokenizer) lies in shared/ beside the checkout.
 SHARED_DATA = Path(os.environ.get("ADNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocess, distributed, remote-code, training-script and benchmark "
+                                       "tests (deselect with -m 'not slow' for the quick developer loop)")
 
 
 @pytest.fixture
@@ -81,3 +92,57 @@ def spread_halting(model, scale=25.0):
     with torch.no_grad():
         for unit in model.base_model.units[:-1]:
             unit.halting.weight.mul_(scale)
+
+
+def seq_model(backbone="bert", **overrides):
+    config = ADNetConfig(backbone_config=TEXT_BACKBONES[backbone](), num_labels=3, unit_hidden_size=8, **overrides)
+    return ADNetForSequenceClassification(config)
+
+
+def image_model(**overrides):
+    config = ADNetConfig(backbone_config=resnet_config(), num_labels=10, unit_hidden_size=8, **overrides)
+    return ADNetForImageClassification(config)
+
+
+def lm_model(backbone="gpt2", **overrides):
+    config = ADNetConfig(backbone_config=DECODER_BACKBONES[backbone](), unit_hidden_size=8, **overrides)
+    return ADNetForCausalLM(config)
+
+
+def midpoint_threshold(values: torch.Tensor) -> float:
+    """A threshold halfway between the two middle values: about half the samples fall on each side, none on it."""
+    ordered = values.sort().values
+    middle = len(ordered) // 2
+    return float(ordered[middle - 1] + ordered[middle]) / 2
+
+
+REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["adnet_hf"] = None  # the package must not be importable: only the checkpoint's own code loads
+    import torch, transformers
+    from safetensors.torch import load_file
+    path, auto_name = sys.argv[1], sys.argv[2]
+    model = getattr(transformers, auto_name).from_pretrained(path, trust_remote_code=True).eval()
+    assert not type(model).__module__.startswith("adnet_hf"), type(model).__module__
+    data = load_file(path + "/expected.safetensors")
+    inputs = {k: v for k, v in data.items() if not k.startswith("expected_")}
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(out.logits, data["expected_logits"])
+    assert torch.equal(out.exit_steps, data["expected_exit_steps"])
+    print("remote ok", type(model).__name__)
+""")
+
+
+def assert_loads_as_remote_code(model, inputs: dict, folder: Path, auto_name: str) -> None:
+    """The checkpoint in `folder` loads through `auto_name` with `trust_remote_code=True` in a fresh process where
+    `adnet_hf` cannot be imported, and gives `model`'s logits and exit steps on `inputs`."""
+    with torch.no_grad():
+        out = model(**inputs)
+    save_file({**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
+              str(folder / "expected.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": f"{folder}_modules", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name], capture_output=True,
+                            text=True, env=env, cwd=folder, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout

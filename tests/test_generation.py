@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import DECODER_BACKBONES, spread_halting, token_batch
-from test_modeling import lm_model, midpoint_threshold
+from conftest import DECODER_BACKBONES, lm_model, midpoint_threshold, spread_halting, token_batch
 from transformers import DynamicCache
 
 NEW_TOKENS = 6

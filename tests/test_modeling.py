@@ -6,8 +6,11 @@ from conftest import (
     VOCAB,
     bert_config,
     gpt2_config,
+    image_model,
     llama_config,
-    resnet_config,
+    lm_model,
+    midpoint_threshold,
+    seq_model,
     spread_halting,
     token_batch,
 )
@@ -15,25 +18,9 @@ from conftest import (
 from adnet_hf import (
     ADNetConfig,
     ADNetForCausalLM,
-    ADNetForImageClassification,
     ADNetForSequenceClassification,
     ADNetModel,
 )
-
-
-def seq_model(backbone="bert", **overrides):
-    config = ADNetConfig(backbone_config=TEXT_BACKBONES[backbone](), num_labels=3, unit_hidden_size=8, **overrides)
-    return ADNetForSequenceClassification(config)
-
-
-def image_model(**overrides):
-    config = ADNetConfig(backbone_config=resnet_config(), num_labels=10, unit_hidden_size=8, **overrides)
-    return ADNetForImageClassification(config)
-
-
-def lm_model(backbone="gpt2", **overrides):
-    config = ADNetConfig(backbone_config=DECODER_BACKBONES[backbone](), unit_hidden_size=8, **overrides)
-    return ADNetForCausalLM(config)
 
 
 def assert_every_unit_has_gradient(model):
@@ -146,13 +133,6 @@ def test_image_exits_in_stages_of_different_shapes():
             single = model(pixel_values=pixels[row : row + 1], exit_policy="confidence")
         assert single.exit_steps.item() == out.exit_steps[row].item()
         torch.testing.assert_close(single.logits[0], out.logits[row], rtol=1e-4, atol=1e-5)
-
-
-def midpoint_threshold(values: torch.Tensor) -> float:
-    """A threshold halfway between the two middle values: about half the samples fall on each side, none on it."""
-    ordered = values.sort().values
-    middle = len(ordered) // 2
-    return float(ordered[middle - 1] + ordered[middle]) / 2
 
 
 def thresholds_that_split_the_batch(model, ids, mask) -> dict:

@@ -13,8 +13,8 @@ import datasets
 import huggingface_hub
 import pytest
 import torch
+from conftest import REMOTE_SCRIPT
 from safetensors.torch import save_file
-from test_save_load import REMOTE_SCRIPT
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
