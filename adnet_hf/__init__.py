@@ -15,6 +15,7 @@ from transformers import (
 
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
+from .evaluation_adnet import evaluate_batches, sweep_exits, task_metrics
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
 from .modeling_adnet import (
     ADNetCausalLMOutput,
@@ -59,6 +60,9 @@ __all__ = [
     "compute_classification_metrics",
     "CalibrationResult",
     "calibrate_exit",
+    "evaluate_batches",
+    "sweep_exits",
+    "task_metrics",
     "ADNetCausalLMOutput",
     "ADNetConfig",
     "ADNetForCausalLM",
