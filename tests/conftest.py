@@ -81,3 +81,13 @@ def spread_halting(model, scale=25.0):
     with torch.no_grad():
         for unit in model.base_model.units[:-1]:
             unit.halting.weight.mul_(scale)
+
+
+def vary_token_exits(model, halting_epsilon=0.7):
+    """Random per-token halting in a causal LM (whose tiny random backbone otherwise exits every token at one step)."""
+    model.config.halting_epsilon = halting_epsilon
+    with torch.no_grad():
+        for unit in model.base_model.units[:-1]:
+            unit.dense.weight.normal_(0.0, 1.0)
+            unit.halting.weight.normal_(0.0, 3.0)
+            unit.halting.bias.zero_()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, gpt2_config, spread_halting, token_batch
+from conftest import VOCAB, gpt2_config, spread_halting, token_batch, vary_token_exits
 from scipy.stats import pearsonr
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
@@ -132,14 +132,18 @@ def test_sweep_leaves_the_config_unchanged():
 
 def test_causal_lm_sweep_matches_the_model_loss():
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8, num_fixed_steps=0))
-    spread_halting(model, scale=5.0)
+    vary_token_exits(model)
     ids, mask = token_batch(batch=4, length=8, pad_lengths=(0, 3, 0, 1))
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    for policy, threshold in (("none", None), ("halting", 0.5)):
+    records = {}
+    for policy, threshold in (("none", None), ("halting", 0.6), ("halting", 0.8)):
         record = evaluate_batches(model.eval(), [batch], policy, threshold)
         with torch.no_grad():
             out = model(**batch, exit_policy=policy, exit_threshold=threshold)
         assert record["perplexity"] == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
         predicting = out.exit_steps[:, :-1][mask[:, 1:] == 1].double()
         assert record["exit_steps"] == pytest.approx(predicting.mean().item())
+        records[threshold] = record
+    assert len({record["perplexity"] for record in records.values()}) == 3
+    assert 1 < records[0.6]["exit_steps"] < records[None]["exit_steps"]
 
