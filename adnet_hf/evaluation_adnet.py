@@ -1,7 +1,7 @@
 """The one place where adnet_hf measures a model: task quality and the computation its exits used.
 
 - Quality: accuracy (with F1 of class 1 for two classes), subset accuracy for multi-label, Pearson / Spearman / MSE for
-  regression, from the `evaluate` modules shipped in `adnet_hf/metrics` (they load offline); perplexity for causal LMs.
+  regression, from the `evaluate` module shipped in `adnet_hf/metrics` (it loads offline); perplexity for causal LMs.
 - Exit statistics: the means of the model's `exit_steps` (backbone steps executed, fixed steps included) and
   `executed_layers` (blocks executed), per sample, or per predicted token whose label is not -100 for a causal LM.
 
@@ -28,18 +28,19 @@ from .losses_adnet import IGNORE_INDEX
 if TYPE_CHECKING:
     import evaluate
 
-METRICS_DIR = Path(__file__).with_name("metrics")
+TASK_METRICS = Path(__file__).with_name("metrics") / "task_metrics.py"
 EXIT_STATISTICS = ("exit_steps", "executed_layers")
 # The metric an exit setting is judged by, in order of precedence: a causal LM's, a regressor's, a classifier's.
 QUALITY_METRICS = ("perplexity", "pearson", "accuracy")
 
 
 @lru_cache
-def load_metric(name: str, config_name: str | None = None) -> evaluate.EvaluationModule:
-    """A metric module of `adnet_hf/metrics` (`accuracy`, `f1`, `regression`), loaded once per process."""
+def load_task_metrics(task: str) -> evaluate.EvaluationModule:
+    """The `metrics/task_metrics.py` evaluate module for `task` (single_label, two_class, multi_label, regression),
+    loaded once per process."""
     import evaluate  # here, not at the top: importing it takes seconds, and `import adnet_hf` should not
 
-    return evaluate.load(str(METRICS_DIR / f"{name}.py"), config_name, keep_in_memory=True)
+    return evaluate.load(str(TASK_METRICS), task, keep_in_memory=True)
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -50,15 +51,13 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     F1 of class 1 (GLUE's metric for MRPC and QQP).
     """
     if logits.shape[-1] == 1:
-        return load_metric("regression").compute(predictions=logits.reshape(-1), references=labels.reshape(-1))
-    if labels.ndim == logits.ndim:
-        return load_metric("accuracy", "multilabel").compute(predictions=(logits > 0).astype(np.int64),
-                                                             references=(labels > 0.5).astype(np.int64))
-    predictions = logits.argmax(-1)
-    metrics = load_metric("accuracy").compute(predictions=predictions, references=labels)
-    if logits.shape[-1] == 2:
-        metrics.update(load_metric("f1").compute(predictions=predictions, references=labels))
-    return metrics
+        task, predictions, references = "regression", logits.reshape(-1), labels.reshape(-1)
+    elif labels.ndim == logits.ndim:
+        task, predictions, references = "multi_label", (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
+    else:
+        task = "two_class" if logits.shape[-1] == 2 else "single_label"
+        predictions, references = logits.argmax(-1), labels
+    return load_task_metrics(task).compute(predictions=predictions, references=references)
 
 
 def predicted_tokens(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,7 +152,7 @@ __all__ = [
     "evaluate_batches",
     "evaluation_metrics",
     "exit_items",
-    "load_metric",
+    "load_task_metrics",
     "perplexity",
     "prediction_items",
     "predicted_tokens",
