@@ -40,11 +40,11 @@ def default_candidates(policy: str, num_variable_steps: int) -> list[float | int
     raise ValueError(f"policy must be one of {tuple(POLICY_FIELDS)}, got {policy!r}")
 
 
-def evaluate_exits(model, batches: Iterable[dict], policy: str, value: float | int | None = None
+def evaluate_exits(model, batches: Iterable[dict], policy: str, exit_threshold: float | int | None = None
                    ) -> tuple[float, float]:
-    """(quality, mean executed layers per sample or per predicted token) with `policy` at `value` (default: the
-    config's setting) on `batches`."""
-    metrics = evaluate_batches(model, batches, policy, value)
+    """(quality, mean executed layers per sample or per predicted token) with `policy` at `exit_threshold` (default:
+    the config's setting) on `batches`."""
+    metrics = evaluate_batches(model, batches, policy, exit_threshold)
     return metrics[quality_metric(metrics)], metrics["executed_layers"]
 
 
@@ -59,8 +59,8 @@ def calibrate_exit(model, batches: Iterable[dict], policy: str = "halting", budg
     """Choose `policy`'s setting with the fewest executed layers whose quality loss is within `budget`.
 
     `batches`: model inputs with `labels` (a list, or any iterable that can be read several times).
-    `budget`: accuracy points (or Pearson's r) as a fraction for classifiers (0.005 = 0.5 points), relative
-    perplexity increase for causal LMs (0.03 = 3%). The choice is written into `model.config` (`exit_policy` and the
+    `budget`: the drop in accuracy allowed to a classifier (0.005 = 0.5 points) or in Pearson's r to a regressor,
+    the relative perplexity increase allowed to a causal LM (0.03 = 3%). The choice is written into `model.config` (`exit_policy` and the
     policy's field), so `save_pretrained` stores it; without any admissible candidate the model is set to
     `exit_policy="none"`.
     """
