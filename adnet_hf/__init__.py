@@ -15,6 +15,7 @@ from transformers import (
 
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
+from .evaluation_adnet import evaluate_batches, sweep_exits, task_metrics
 from .exits_adnet import EXIT_RULES, ConfidenceExit, ExitRule, HaltingExit, PatienceExit, register_exit_rule
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
 from .modeling_adnet import (
@@ -60,6 +61,9 @@ __all__ = [
     "compute_classification_metrics",
     "CalibrationResult",
     "calibrate_exit",
+    "evaluate_batches",
+    "sweep_exits",
+    "task_metrics",
     "ADNetCausalLMOutput",
     "ADNetConfig",
     "ADNetForCausalLM",

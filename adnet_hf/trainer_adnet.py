@@ -3,8 +3,9 @@
 - Per-group AdamW learning rates (backbone, calculation units, output layer), each decaying to a floor that is a
   fixed ratio of its own initial rate; weight decay is the L2 term (none on biases and norms, as Transformers does).
 - Max-norm constraint on unit and output-layer weight rows after every optimiser step (`MaxNormCallback`).
-- Training logs: expected exit step and halting entropy under the halting distribution, accuracy of every step.
-- Evaluation: the exits actually taken (`mean_executed_layers`), whatever `compute_metrics` is.
+- Training logs: expected exit step (`exit_steps`) and halting entropy under the halting distribution, accuracy of
+  every step.
+- Evaluation: the exits actually taken (`exit_steps`, `executed_layers`), whatever `compute_metrics` is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArgum
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import logging
 
+from .evaluation_adnet import exit_items, task_metrics
 from .losses_adnet import IGNORE_INDEX
 
 logger = logging.get_logger(__name__)
@@ -198,7 +200,7 @@ class ADNetTrainer(Trainer):
         probs = outputs.halting_probs.detach().flatten(0, -2)  # items x N; padding tokens are all-zero rows
         real = probs.sum(-1)
         steps = torch.arange(1, probs.shape[-1] + 1, device=probs.device) + config.num_fixed_steps
-        self._train_stats.add("mean_exit_step", (probs * steps).sum(-1), real)
+        self._train_stats.add("exit_steps", (probs * steps).sum(-1), real)
         self._train_stats.add("halting_entropy", -(probs * probs.clamp(min=1e-12).log()).sum(-1), real)
         if outputs.step_logits is None or labels is None:
             return
@@ -231,7 +233,8 @@ class ADNetTrainer(Trainer):
                 loss = loss.detach().mean()
             else:
                 outputs = model(**inputs)
-        self._exit_stats.add("exit_step", outputs.exit_steps, outputs.exit_steps > 0)  # 0: a causal LM's padding
+        for name, values in exit_items(outputs, inputs.get("labels")).items():
+            self._exit_stats.add(name, values)
         if prediction_loss_only:
             return loss, None, None
         labels = (labels[0] if len(labels) == 1 else labels) if has_labels else None
@@ -239,14 +242,13 @@ class ADNetTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        """Adds `{prefix}_mean_executed_layers`: backbone layers actually run per sample (per token) with exits."""
+        """Adds `{prefix}_exit_steps` and `{prefix}_executed_layers`: the backbone steps and blocks actually run per
+        sample (per predicted token) with exits."""
         self._exit_stats = _RunningMeans()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        exits = self._exit_stats.pop(self._sum_over_processes)
-        if exits:
-            layers = exits["exit_step"] * self.model.config.layers_per_step
-            output.metrics[f"{metric_key_prefix}_mean_executed_layers"] = layers
+        for name, value in self._exit_stats.pop(self._sum_over_processes).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -290,45 +292,14 @@ def floor_schedule(args: ADNetTrainingArguments, num_training_steps: int) -> Cal
                    cosine=args.lr_scheduler_type == SchedulerType.COSINE)
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties sharing their average rank (as Spearman's correlation needs)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + ends - 1) / 2.0)[inverse]
-
-
-def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
-    true_positives = float(np.sum(predicted & actual))
-    return 2 * true_positives / max(float(np.sum(predicted) + np.sum(actual)), 1.0)
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """`compute_metrics` for `ADNetTrainer` on sequence / image classification, computed here (no Hub metric).
-
-    Accuracy (single-label: argmax; multi-label: every label right), with F1 of class 1 for two classes (GLUE's MRPC
-    metric), or for regression (`num_labels=1`) Pearson, Spearman and MSE; plus `mean_executed_steps` when the
-    predictions carry the exit steps.
-    """
+    """`compute_metrics` for `ADNetTrainer` on sequence / image classification: `evaluation_adnet.task_metrics` (offline
+    metric modules), plus the mean `exit_steps` when the predictions carry them (as `ADNetTrainer`'s do)."""
     predictions = eval_pred.predictions
     logits, exit_steps = (predictions[0], predictions[-1]) if isinstance(predictions, tuple) else (predictions, None)
-    labels = np.asarray(eval_pred.label_ids)
-    if logits.shape[-1] == 1:
-        scores, targets = logits.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
-        metrics = {"pearson": _pearson(scores, targets), "spearman": _pearson(_ranks(scores), _ranks(targets)),
-                   "mse": float(np.mean((scores - targets) ** 2))}
-    elif labels.ndim == logits.ndim:
-        metrics = {"accuracy": float(np.mean(((logits > 0) == (labels > 0.5)).all(-1)))}
-    else:
-        predicted = logits.argmax(-1)
-        metrics = {"accuracy": float(np.mean(predicted == labels))}
-        if logits.shape[-1] == 2:
-            metrics["f1"] = _f1(predicted == 1, labels == 1)
+    metrics = task_metrics(logits, np.asarray(eval_pred.label_ids))
     if exit_steps is not None:
-        metrics["mean_executed_steps"] = float(np.mean(exit_steps))
+        metrics["exit_steps"] = float(np.mean(exit_steps))
     return metrics
 
 

@@ -146,3 +146,13 @@ def assert_loads_as_remote_code(model, inputs: dict, folder: Path, auto_name: st
                             text=True, env=env, cwd=folder, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote ok" in result.stdout
+
+
+def vary_token_exits(model, halting_epsilon=0.7):
+    """Random per-token halting in a causal LM (whose tiny random backbone otherwise exits every token at one step)."""
+    model.config.halting_epsilon = halting_epsilon
+    with torch.no_grad():
+        for unit in model.base_model.units[:-1]:
+            unit.dense.weight.normal_(0.0, 1.0)
+            unit.halting.weight.normal_(0.0, 3.0)
+            unit.halting.bias.zero_()

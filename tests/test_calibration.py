@@ -3,7 +3,7 @@ import torch
 from conftest import VOCAB, bert_config, gpt2_config, spread_halting, token_batch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
+from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification, PatienceExit
 from adnet_hf.calibration_adnet import calibrate_exit, evaluate_exits
 
 
@@ -46,10 +46,10 @@ def test_stored_setting_meets_the_budget_on_its_data(trained, policy, budget, tm
     full_accuracy, full_layers = evaluate_exits(reloaded, batches, "none")
     accuracy, layers = evaluate_exits(reloaded, batches, reloaded.config.exit_policy)
     assert full_accuracy > 0.75 and accuracy >= full_accuracy - budget
-    assert layers == pytest.approx(result.mean_executed_layers) and layers <= full_layers
+    assert layers == pytest.approx(result.executed_layers) and layers <= full_layers
     admissible = [c for c in result.candidates if c["within_budget"]]
     if admissible:
-        assert layers == pytest.approx(min(c["mean_executed_layers"] for c in admissible))
+        assert layers == pytest.approx(min(c["executed_layers"] for c in admissible))
 
 
 def test_causal_lm_calibration_keeps_perplexity_within_budget(tmp_path):
@@ -72,3 +72,30 @@ def test_unknown_policy_is_rejected():
     model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
     with pytest.raises(ValueError, match="policy must be one of"):
         calibrate_exit(model, classification_batches(1), policy="none")
+
+
+def test_candidates_are_passed_per_call_not_through_the_config(trained):
+    state, config, batches = trained
+    model = ADNetForSequenceClassification(ADNetConfig.from_dict(config.to_dict()))
+    model.load_state_dict(state)
+    original = model.config.halting_epsilon
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((module.config.halting_epsilon, kwargs["exit_policy"], kwargs["exit_threshold"]))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    calibrate_exit(model, batches, policy="halting", budget=0.1, candidates=[0.2, 0.5])
+    assert {epsilon for epsilon, _, _ in calls} == {original}
+    assert {(policy, threshold) for _, policy, threshold in calls} == {("none", None), ("halting", 0.2),
+                                                                       ("halting", 0.5)}
+
+
+def test_candidates_come_from_the_rule_and_bad_ones_are_refused():
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    result = calibrate_exit(model, classification_batches(1), policy="patience")
+    assert [c["patience"] for c in result.candidates] == PatienceExit.candidates(model.config.num_variable_steps)
+    chosen = model.config.to_dict()
+    with pytest.raises(ValueError, match="calibrate_exit candidate for halting_epsilon must be a number in"):
+        calibrate_exit(model, classification_batches(1), policy="halting", candidates=[0.2, 1.5])
+    assert model.config.to_dict() == chosen  # refused before anything was measured or written

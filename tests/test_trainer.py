@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import bert_config, gpt2_config, token_batch
+from conftest import bert_config, gpt2_config, token_batch, vary_token_exits
 from transformers import EvalPrediction
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
@@ -181,36 +181,50 @@ def test_training_logs_and_evaluation_metrics(tmp_path):
     assert len(train_logs) == 2
     steps = model.config.num_steps
     for entry in train_logs:
-        assert model.config.num_fixed_steps + 1 <= entry["mean_exit_step"] <= steps
+        assert model.config.num_fixed_steps + 1 <= entry["exit_steps"] <= steps
         assert 0 <= entry["halting_entropy"] <= np.log(model.config.num_variable_steps) + 1e-6
         assert all(0 <= entry[f"step_{n}_accuracy"] <= 1 for n in range(model.config.num_fixed_steps + 1, steps + 1))
 
     metrics = trainer.evaluate()
-    assert 0 <= metrics["eval_accuracy"] <= 1
-    assert 2 <= metrics["eval_mean_executed_steps"] <= steps
-    assert metrics["eval_mean_executed_layers"] == pytest.approx(metrics["eval_mean_executed_steps"])
+    predictions = trainer.predict(dataset(seed=1))
+    logits, exit_steps = predictions.predictions
+    assert metrics["eval_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == predictions.label_ids))
+    assert metrics["eval_exit_steps"] == pytest.approx(exit_steps.mean())
+    assert metrics["eval_executed_layers"] == pytest.approx(exit_steps.mean())  # one layer per step
     # without compute_metrics the exits are still reported
     trainer.compute_metrics = None
-    assert trainer.evaluate()["eval_mean_executed_layers"] == pytest.approx(metrics["eval_mean_executed_layers"])
+    without = trainer.evaluate()
+    assert {name: without[name] for name in ("eval_exit_steps", "eval_executed_layers")} == pytest.approx(
+        {name: metrics[name] for name in ("eval_exit_steps", "eval_executed_layers")})
 
 
-def test_mean_executed_layers_counts_layers_per_step(tmp_path):
+def test_executed_layers_count_layers_per_step(tmp_path):
     model = classifier(layers_per_step=2, exit_policy="none")
     trainer = ADNetTrainer(model=model, args=training_args(tmp_path), eval_dataset=dataset())
-    assert trainer.evaluate()["eval_mean_executed_layers"] == pytest.approx(4.0)
+    metrics = trainer.evaluate()
+    assert metrics["eval_exit_steps"] == pytest.approx(2.0) and metrics["eval_executed_layers"] == pytest.approx(4.0)
+
+
+def test_causal_lm_exits_are_counted_per_predicted_token(tmp_path):
+    model = causal_lm()
+    vary_token_exits(model)
+    data = lm_dataset(size=8)
+    trainer = ADNetTrainer(model=model, args=training_args(tmp_path, per_device_eval_batch_size=8), eval_dataset=data)
+    metrics = trainer.evaluate()
+    batch = {name: torch.stack([item[name] for item in data]) for name in data[0]}
+    with torch.no_grad():
+        exit_steps = model.eval()(**batch).exit_steps
+    predicting = exit_steps[:, :-1][batch["labels"][:, 1:] != -100].double()
+    assert predicting.mean() != exit_steps[exit_steps > 0].double().mean()  # the last tokens predict nothing
+    assert metrics["eval_exit_steps"] == pytest.approx(predicting.mean().item())
+    assert metrics["eval_executed_layers"] == pytest.approx(predicting.mean().item())
 
 
 def test_compute_classification_metrics():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
-    exits = np.array([2, 3, 4, 3])
-    metrics = compute_classification_metrics(EvalPrediction((logits, exits), np.array([0, 1, 1, 1])))
+    labels = np.array([0, 1, 1, 1])
+    metrics = compute_classification_metrics(EvalPrediction((logits, np.array([2, 3, 4, 3])), labels))
     # class 1: predicted for samples 1 and 3, true for 1, 2, 3: precision 1, recall 2/3
-    assert metrics == {"accuracy": 0.75, "f1": pytest.approx(0.8), "mean_executed_steps": 3.0}
-
-    scores = np.array([[0.1], [0.4], [0.4], [0.9], [0.7]])
-    targets = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
-    metrics = compute_classification_metrics(EvalPrediction(scores, targets))
-    assert metrics["pearson"] == pytest.approx(np.corrcoef(scores[:, 0], targets)[0, 1])
-    # ranks of scores: 0, 1.5, 1.5, 4, 3 (tie averaged) against 0, 1, 2, 4, 3
-    assert metrics["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 4, 3], [0, 1, 2, 4, 3])[0, 1])
-    assert "mean_executed_steps" not in metrics
+    assert metrics == {"accuracy": 0.75, "f1": pytest.approx(0.8), "exit_steps": 3.0}
+    without_exits = compute_classification_metrics(EvalPrediction(logits, labels))
+    assert without_exits == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
