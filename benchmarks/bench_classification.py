@@ -17,7 +17,6 @@ output; only `halting` exits then, as `confidence` and `patience` need classes).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -25,13 +24,11 @@ import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))
 from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-from run_glue_style import LABEL_COLUMNS, detect_columns  # noqa: E402
-from run_image_classification import DataArguments, ImageDataset, read_idx  # noqa: E402
+from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv  # noqa: E402
 
 DEFAULT_SETTINGS = {
     "halting": [0.02, 0.1, 0.2, 0.4, 0.6],
@@ -42,19 +39,6 @@ DEFAULT_SETTINGS = {
 
 # The policies that need class predictions, which a regression model has not.
 CLASS_POLICIES = ("confidence", "patience")
-Texts = tuple[list[str], list[str] | None]  # the first sentences, and the second ones of pairs (or None)
-
-
-def read_tsv(path: Path, max_samples: int | None) -> tuple[Texts, list[str]]:
-    """The texts and the raw labels of a GLUE-style TSV, its columns found as `run_glue_style.py` finds them."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # MRPC's TSVs start with a byte-order mark
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = rows[:max_samples] if max_samples else rows
-    (first, second), label = detect_columns(list(rows[0]) if rows else [])
-    if label is None:
-        raise ValueError(f"{path} has no label column: it needs one of {', '.join(LABEL_COLUMNS)}.")
-    texts = [row[first] for row in rows], None if second is None else [row[second] for row in rows]
-    return texts, [row[label] for row in rows]
 
 
 def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -168,7 +152,7 @@ def text_inputs(args: argparse.Namespace):
 
 
 def image_inputs(args: argparse.Namespace):
-    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), DataArguments(), args.max_samples)
+    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples)
     batches_by_size = {size: image_batches(dataset, size, args.max_samples_batch1 if size == 1 else None)
                        for size in args.batch_sizes}
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)

@@ -28,11 +28,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import make_batches, predict, read_tsv  # noqa: E402
+from bench_classification import make_batches, predict  # noqa: E402
 from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
 
 from adnet_hf import ADNetForSequenceClassification  # noqa: E402
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
+from adnet_hf.data_adnet import read_tsv  # noqa: E402
 
 LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
 

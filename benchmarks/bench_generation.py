@@ -23,14 +23,7 @@ from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, 
 
 import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
 from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-
-
-def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:
-    """The text as consecutive blocks of `block_size` token ids (blocks x block_size)."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    count = len(ids) // block_size
-    count = min(count, max_blocks) if max_blocks else count
-    return ids[: count * block_size].view(count, block_size)
+from adnet_hf.data_adnet import token_blocks  # noqa: E402
 
 
 @torch.inference_mode()
