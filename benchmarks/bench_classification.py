@@ -7,9 +7,9 @@ images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation 
 output; only `halting` exits then, as `confidence` and `patience` need classes). A plain fine-tuned model (e.g.
 `BertForSequenceClassification`) can be given as a second reference.
 
-    python benchmarks/bench_classification.py --model outputs/sst2-adnet \
+    python -m benchmarks.bench_classification --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
-    python benchmarks/bench_classification.py --model outputs/mnist-adnet --name mnist_resnet \
+    python -m benchmarks.bench_classification --model outputs/mnist-adnet --name mnist_resnet \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
         --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
@@ -17,18 +17,16 @@ output; only `halting` exits then, as `confidence` and `patience` need classes).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
+import adnet_hf  # noqa: F401  (registers the Auto classes)
+from adnet_hf.calibration_adnet import POLICY_FIELDS
+from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv
 
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv  # noqa: E402
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
 
 DEFAULT_SETTINGS = {
     "halting": [0.02, 0.1, 0.2, 0.4, 0.6],

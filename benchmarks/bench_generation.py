@@ -4,7 +4,7 @@ Perplexity is teacher-forced on a text file (default: PTB test) with the exit po
 tokens keep their exit state, as in generation). Generation speed is greedy decoding of a fixed number of new
 tokens from prompts taken from the same text, at batch 1 and 8, timed against the same weights at full depth.
 
-    python benchmarks/bench_generation.py --model outputs/ptb-adnet-smollm2 \
+    python -m benchmarks.bench_generation --model outputs/ptb-adnet-smollm2 \
         --data ../shared/data/ptb/ptb.test.txt --name ptb_smollm2
 """
 
@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
+import adnet_hf  # noqa: F401  (registers the Auto classes)
+from adnet_hf.calibration_adnet import POLICY_FIELDS
+from adnet_hf.data_adnet import token_blocks
 
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-from adnet_hf.data_adnet import token_blocks  # noqa: E402
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
 
 
 @torch.inference_mode()

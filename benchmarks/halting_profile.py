@@ -5,23 +5,19 @@ full depth), and for each `--halting` epsilon the share of inputs that exit afte
 correlation for regression): units that tell inputs apart send the hard ones deeper. No timing, so it runs beside
 anything.
 
-    python benchmarks/halting_profile.py --model outputs/mnist-adnet --name mnist_resnet_halting \
+    python -m benchmarks.halting_profile --model outputs/mnist-adnet --name mnist_resnet_halting \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
         --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import add_input_arguments, load_inputs, metric_name, predict, score  # noqa: E402
-from common import (  # noqa: E402
-    benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results,
-)
+from .bench_classification import add_input_arguments, load_inputs, metric_name, predict, score
+from .common import benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results
 
 
 @torch.inference_mode()

@@ -4,21 +4,19 @@ An exit can only be as good as the prediction at its step (the backbone's final 
 that step's hidden state). This is the ceiling of what any exit policy can keep. No timing, so it runs beside
 anything.
 
-    python benchmarks/step_perplexity.py --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
+    python -m benchmarks.step_perplexity --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
         --block_size 128 --max_blocks 16 --name ptb_smollm2_steps
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generation import add_text_arguments, load_text_inputs  # noqa: E402
-from common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results  # noqa: E402
+from .bench_generation import add_text_arguments, load_text_inputs
+from .common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results
 
 
 @torch.inference_mode()

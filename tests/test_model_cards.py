@@ -1,13 +1,10 @@
 """The model-card generator writes a card whose model-index holds the measured results, and its plot."""
 
 import json
-import sys
-from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_cards"))
-import make_model_cards  # noqa: E402
+from model_cards import make_model_cards
 
 
 def write_card(tmp_path, monkeypatch, spec, bench: dict) -> ModelCard:
