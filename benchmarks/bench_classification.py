@@ -84,7 +84,7 @@ def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.T
 
 def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
     config = model.config
-    layers_total = config.num_blocks
+    num_blocks = config.num_blocks
     metric = metric_name(model)
     full_predictions, _ = predict(model, batches_by_size[max(batches_by_size)], exit_policy="none")
     full_score = score(full_predictions, labels)
@@ -92,7 +92,7 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
     if reference is not None:
         reference_predictions, _ = predict(reference, batches_by_size[max(batches_by_size)])
         row = {"policy": "plain reference", "setting": None, metric: score(reference_predictions, labels),
-               f"{metric}_drop_pts": None, "mean_layers": float(layers_total), "ideal_speedup": 1.0}
+               f"{metric}_drop_pts": None, "executed_layers": float(num_blocks), "ideal_speedup": 1.0}
         for size, batches in batches_by_size.items():
             seconds = interleaved_seconds({"plain": lambda: predict(reference, batches),
                                            "none": lambda: predict(model, batches, exit_policy="none")}, repeats)
@@ -103,11 +103,11 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
         for value in values:
             setattr(config, field, value)
             predictions, steps = predict(model, batches_by_size[max(batches_by_size)], exit_policy=policy)
-            mean_layers = (steps * config.layers_per_step).float().mean().item()
+            executed_layers = (steps * config.layers_per_step).float().mean().item()
             value_score = score(predictions, labels)
             row = {"policy": policy, "setting": value, metric: value_score,
-                   f"{metric}_drop_pts": 100 * (full_score - value_score), "mean_layers": mean_layers,
-                   "ideal_speedup": layers_total / mean_layers}
+                   f"{metric}_drop_pts": 100 * (full_score - value_score), "executed_layers": executed_layers,
+                   "ideal_speedup": num_blocks / executed_layers}
             for size, batches in batches_by_size.items():
                 seconds = interleaved_seconds({
                     "exit": lambda: predict(model, batches, exit_policy=policy),
@@ -118,7 +118,7 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
             rows.append(row)
             print(row, flush=True)
     rows.insert(0, {"policy": "none (full depth)", "setting": None, metric: full_score, f"{metric}_drop_pts": 0.0,
-                    "mean_layers": float(layers_total), "ideal_speedup": 1.0})
+                    "executed_layers": float(num_blocks), "ideal_speedup": 1.0})
     return rows
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = measure(model, reference, batches_by_size, labels, {p: getattr(args, p) for p in policies}, args.repeats)
     payload = {"benchmark": "regression" if metric == "pearson" else "classification", "model": args.model,
                "reference": args.reference, "data": args.data or args.images, "samples": len(labels),
-               "samples_timed_batch1": args.max_samples_batch1, "total_layers": model.config.num_blocks}
+               "samples_timed_batch1": args.max_samples_batch1, "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size), metric), args.results_dir)
 
 

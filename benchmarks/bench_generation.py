@@ -26,7 +26,7 @@ from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args,
 
 @torch.inference_mode()
 def perplexity(model, blocks: torch.Tensor, batch_size: int, policy: str) -> tuple[float, float]:
-    """(perplexity, mean executed layers per predicted token) with `policy`."""
+    """(perplexity, executed layers per predicted token on average) with `policy`."""
     nll, tokens, layers = 0.0, 0, 0.0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size]
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> Path:
     model, blocks = load_text_inputs(args)
     full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
     rows = [{"policy": "none (full depth)", "setting": None, "perplexity": full_ppl,
-             "ppl_increase_pct": 0.0, "mean_layers_per_token": full_layers, "ideal_speedup": 1.0}]
+             "ppl_increase_pct": 0.0, "executed_layers": full_layers, "ideal_speedup": 1.0}]
     settings = [("halting", value) for value in args.epsilons] + [("confidence", v) for v in args.confidence]
     for policy, value in settings:
         setattr(model.config, POLICY_FIELDS[policy], value)
         ppl, layers = perplexity(model, blocks, args.batch_size, policy)
         row = {"policy": policy, "setting": value, "perplexity": ppl,
-               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "mean_layers_per_token": layers,
+               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "executed_layers": layers,
                "ideal_speedup": full_layers / layers}
         for size in args.generation_batch_sizes:
             prompts = blocks[:size, : args.prompt_length]
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         rows.append(row)
         print(row, flush=True)
     payload = {"benchmark": "generation", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "new_tokens": args.new_tokens, "total_layers": model.config.num_blocks}
+               "block_size": args.block_size, "new_tokens": args.new_tokens, "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, args.generation_batch_sizes), args.results_dir)
 
 

@@ -30,13 +30,13 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
     config, metric = model.config, metric_name(model)
     probs = halting_probs(model, batches)
-    rows = [{"layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
+    rows = [{"executed_layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
              "halting_prob_std": probs[:, n].std().item()} for n, layers in enumerate(variable_step_layers(config))]
     for epsilon in epsilons:
         config.halting_epsilon = epsilon
         predictions, steps = predict(model, batches, exit_policy="halting")
         for row in rows:
-            exits = steps * config.layers_per_step == row["layers"]
+            exits = steps * config.layers_per_step == row["executed_layers"]
             row[f"exit_share_eps{epsilon:g}"] = exits.float().mean().item()
             row[f"exit_{metric}_eps{epsilon:g}"] = score(predictions[exits], labels[exits]) if exits.any() else None
     return rows
@@ -44,7 +44,7 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
 
 def plot(rows: list[dict]):
     def draw(axis, index: int) -> None:
-        layers = [row["layers"] for row in rows]
+        layers = [row["executed_layers"] for row in rows]
         axis.bar(layers, [row["halting_prob_mean"] for row in rows], yerr=[row["halting_prob_std"] for row in rows],
                  capsize=4, label="halting probability: mean, std across inputs")
         axis.set_xlabel("layers executed at the step")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
     batches_by_size, labels, model, _ = load_inputs(parser, args)
     rows = profile(model, batches_by_size[32], labels, args.halting)
     payload = {"benchmark": "halting_profile", "model": args.model, "data": args.data or args.images,
-               "samples": len(labels), "total_layers": model.config.num_blocks}
+               "samples": len(labels), "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows), args.results_dir)
 
 

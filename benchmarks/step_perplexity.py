@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> Path:
     model, blocks = load_text_inputs(args)
     config = model.config
     perplexities = step_perplexities(model, blocks, args.batch_size)
-    rows = [{"layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1]}
+    rows = [{"executed_layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1]}
             for layers, ppl in zip(variable_step_layers(config), perplexities)]
     payload = {"benchmark": "step_perplexity", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "total_layers": config.num_blocks}
+               "block_size": args.block_size, "num_blocks": config.num_blocks}
     return write_results(args.name, payload, rows, None, args.results_dir)
 
 

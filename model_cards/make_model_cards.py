@@ -48,15 +48,15 @@ class Measure:
 
 MEASURES = {
     "classification": Measure(
-        "accuracy", "accuracy_drop_pts", 0.5, " points", "mean_layers", (1, 32), True,
+        "accuracy", "accuracy_drop_pts", 0.5, " points", "executed_layers", (1, 32), True,
         'outputs = model(**inputs, exit_policy="confidence")  # or keep the saved policy\n'
         "outputs.exit_steps, outputs.executed_layers         # where each input stopped, and what it ran"),
     "regression": Measure(
-        "pearson", "pearson_drop_pts", 0.5, " points (0.005 of Pearson's r)", "mean_layers", (1, 32), False,
+        "pearson", "pearson_drop_pts", 0.5, " points (0.005 of Pearson's r)", "executed_layers", (1, 32), False,
         "outputs = model(**inputs)  # the saved `halting` policy (confidence and patience need classes)\n"
         "outputs.exit_steps, outputs.executed_layers  # where each input stopped, and what it ran", decimals=4),
     "generation": Measure(
-        "perplexity", "ppl_increase_pct", 3.0, "%", "mean_layers_per_token", (1, 8), False,
+        "perplexity", "ppl_increase_pct", 3.0, "%", "executed_layers", (1, 8), False,
         'tokens = model.generate(**inputs, max_new_tokens=32, exit_policy="halting")  # each token exits on its own\n'
         "outputs = model(**inputs); outputs.executed_layers  # blocks run per token", "AutoModelForCausalLM"),
 }
@@ -368,7 +368,7 @@ def card(spec: CardSpec) -> tuple[ModelCard, list[dict], Measure]:
                           if best.get(f"speedup_b{size}") is not None)
         headline += f" The cheapest measured setting within {measure.budget:g}{measure.budget_unit} of it, " \
                     f"`{name}`, reaches **{measure.show(best[metric])}** running " \
-                    f"**{best[measure.layers_key]:.2f}** of {bench['total_layers']} layers per " \
+                    f"**{best[measure.layers_key]:.2f}** of {bench['num_blocks']} layers per " \
                     f"{'token' if metric == 'perplexity' else 'input'} on average; measured speed-up over full " \
                     f"depth: {speed}."
     data = ModelCardData(language="en" if spec.pipeline_tag.startswith("text") else None, license="apache-2.0",

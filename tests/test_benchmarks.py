@@ -38,7 +38,7 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     policies = {row["policy"] for row in result["rows"]}
     assert {"none (full depth)", "halting", "patience"} <= policies
     halting = [row for row in result["rows"] if row["policy"] == "halting"]
-    assert all(row["speedup_b4"] > 0 and 1 <= row["mean_layers"] <= 4 for row in halting)
+    assert all(row["speedup_b4"] > 0 and 1 <= row["executed_layers"] <= 4 for row in halting)
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
 
 
@@ -73,7 +73,7 @@ def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
         "--results_dir", str(tiny_checkpoint / "results"), "--halting", "0.2", "0.6",
     ])
     rows = json.loads(path.read_text())["rows"]
-    assert [row["layers"] for row in rows] == [1, 2, 3, 4]
+    assert [row["executed_layers"] for row in rows] == [1, 2, 3, 4]
     assert sum(row["halting_prob_mean"] for row in rows) == pytest.approx(1.0)
     for epsilon in ("0.2", "0.6"):
         assert sum(row[f"exit_share_eps{epsilon}"] for row in rows) == pytest.approx(1.0)
@@ -156,9 +156,9 @@ def test_classification_benchmark_on_idx_images(tmp_path):
         "--name", "tiny_images", "--results_dir", str(tmp_path / "results"),
     ])
     result = json.loads(path.read_text())
-    assert result["samples"] == 10 and result["total_layers"] == model.config.num_blocks
+    assert result["samples"] == 10 and result["num_blocks"] == model.config.num_blocks
     row = result["rows"][1]
-    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["mean_layers"]
+    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["executed_layers"]
 
 
 def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data):
@@ -177,7 +177,7 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
     path = step_perplexity.main(["--model", str(tmp_path / "model"), "--data", str(text), "--block_size", "16",
                                  "--max_blocks", "4", "--name", "tiny", "--results_dir", str(tmp_path / "r")])
     rows = json.loads(path.read_text())["rows"]
-    assert [row["layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
+    assert [row["executed_layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
     full_depth, _ = bench_generation.perplexity(model, blocks, 2, "none")
     assert rows[-1]["perplexity"] == pytest.approx(full_depth, rel=1e-4)

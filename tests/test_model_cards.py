@@ -9,7 +9,7 @@ from model_cards import make_model_cards
 
 def write_card(tmp_path, monkeypatch, spec, bench: dict) -> ModelCard:
     """Generate `spec`'s card from the benchmark `bench` in a scratch root; the card as written."""
-    bench |= {"total_layers": 6, "environment": {"command": "python bench", "cpu_count": 2, "torch": "2.13.0"}}
+    bench |= {"num_blocks": 6, "environment": {"command": "python bench", "cpu_count": 2, "torch": "2.13.0"}}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     monkeypatch.setattr(make_model_cards, "ROOT", tmp_path)
     monkeypatch.setattr(make_model_cards, "CARDS", {"test": spec})
@@ -26,12 +26,12 @@ def assert_eval_results(card: ModelCard, metric: str, setting: str, full: float,
 
 def test_card_carries_the_measured_results(tmp_path, monkeypatch):
     rows = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.88, "accuracy_drop_pts": 0.0,
-             "mean_layers": 6.0, "ideal_speedup": 1.0},
-            {"policy": "plain reference", "setting": None, "accuracy": 0.8853, "mean_layers": 6.0,
+             "executed_layers": 6.0, "ideal_speedup": 1.0},
+            {"policy": "plain reference", "setting": None, "accuracy": 0.8853, "executed_layers": 6.0,
              "ideal_speedup": 1.0, "speedup_b1": 1.01, "speedup_b32": 1.0},
-            {"policy": "patience", "setting": 2, "accuracy": 0.8761, "accuracy_drop_pts": 0.39, "mean_layers": 3.25,
+            {"policy": "patience", "setting": 2, "accuracy": 0.8761, "accuracy_drop_pts": 0.39, "executed_layers": 3.25,
              "ideal_speedup": 1.85, "speedup_b1": 1.7, "speedup_b32": 1.6},
-            {"policy": "patience", "setting": 1, "accuracy": 0.86, "accuracy_drop_pts": 2.0, "mean_layers": 2.5,
+            {"policy": "patience", "setting": 1, "accuracy": 0.86, "accuracy_drop_pts": 2.0, "executed_layers": 2.5,
              "ideal_speedup": 2.4, "speedup_b1": 2.2, "speedup_b32": 2.0}]
     spec = make_model_cards.CardSpec(
         name="adnet-test", title="A test", pipeline_tag="text-classification",
@@ -49,11 +49,11 @@ def test_card_carries_the_measured_results(tmp_path, monkeypatch):
 
 def test_generation_card_reports_perplexity_within_its_budget(tmp_path, monkeypatch):
     rows = [{"policy": "none (full depth)", "setting": None, "perplexity": 150.0, "ppl_increase_pct": 0.0,
-             "mean_layers_per_token": 6.0, "ideal_speedup": 1.0},
+             "executed_layers": 6.0, "ideal_speedup": 1.0},
             {"policy": "halting", "setting": 0.5, "perplexity": 153.0, "ppl_increase_pct": 2.0,
-             "mean_layers_per_token": 4.0, "ideal_speedup": 1.5, "speedup_b1": 1.4, "speedup_b8": 1.3},
+             "executed_layers": 4.0, "ideal_speedup": 1.5, "speedup_b1": 1.4, "speedup_b8": 1.3},
             {"policy": "halting", "setting": 0.7, "perplexity": 160.0, "ppl_increase_pct": 6.67,
-             "mean_layers_per_token": 3.0, "ideal_speedup": 2.0, "speedup_b1": 1.8, "speedup_b8": 1.7}]
+             "executed_layers": 3.0, "ideal_speedup": 2.0, "speedup_b1": 1.8, "speedup_b8": 1.7}]
     spec = make_model_cards.CardSpec(
         name="adnet-lm", title="An LM", pipeline_tag="text-generation",
         dataset={"dataset_type": "ptb_text_only", "dataset_name": "Penn Treebank", "dataset_split": "test"},
@@ -68,8 +68,8 @@ def test_generation_card_reports_perplexity_within_its_budget(tmp_path, monkeypa
 
 def test_regression_card_reports_pearson_and_the_plain_training_run(tmp_path, monkeypatch):
     rows = [{"policy": "none (full depth)", "setting": None, "pearson": 0.8484, "pearson_drop_pts": 0.0,
-             "mean_layers": 6.0, "ideal_speedup": 1.0},
-            {"policy": "halting", "setting": 0.5, "pearson": 0.8452, "pearson_drop_pts": 0.32, "mean_layers": 5.0,
+             "executed_layers": 6.0, "ideal_speedup": 1.0},
+            {"policy": "halting", "setting": 0.5, "pearson": 0.8452, "pearson_drop_pts": 0.32, "executed_layers": 5.0,
              "ideal_speedup": 1.2, "speedup_b1": 1.1, "speedup_b32": 1.15}]
     (tmp_path / "plain.json").write_text(json.dumps({"eval_pearson": 0.8252}))
     spec = make_model_cards.CardSpec(
