@@ -61,10 +61,10 @@ def write_predictions(path: str, logits: np.ndarray, exit_steps: np.ndarray, lab
     """One line per sample: index, prediction (class name or score) and the backbone steps it ran."""
     predictions = logits[:, 0] if labels.is_regression else [labels.names[i] for i in logits.argmax(-1)]
     with open(path, "w", encoding="utf-8") as writer:
-        writer.write("index\tprediction\texit_step\n")
-        for index, (prediction, exit_step) in enumerate(zip(predictions, exit_steps)):
+        writer.write("index\tprediction\texit_steps\n")
+        for index, (prediction, steps) in enumerate(zip(predictions, exit_steps)):
             value = f"{prediction:.4f}" if labels.is_regression else prediction
-            writer.write(f"{index}\t{value}\t{exit_step}\n")
+            writer.write(f"{index}\t{value}\t{steps}\n")
 
 
 def logits_and_exit_steps(predictions, model) -> tuple[np.ndarray, np.ndarray]:
