@@ -193,7 +193,7 @@ class ADNetTrainer(Trainer):
         return loss
 
     def _record_training_outputs(self, outputs, labels: torch.Tensor | None) -> None:
-        """Training runs every step, so exits are expectations under the halting distribution: `mean_exit_step`
+        """Training runs every step, so exits are expectations under the halting distribution: `exit_steps`
         (backbone steps, fixed ones included) and `halting_entropy` (nats); plus `step_{k}_accuracy` for each
         variable backbone step k when the step predictions are classes."""
         config = self.model.config

@@ -7,9 +7,9 @@ images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation 
 output; only `halting` exits then, as `confidence` and `patience` need classes). A plain fine-tuned model (e.g.
 `BertForSequenceClassification`) can be given as a second reference.
 
-    python benchmarks/bench_classification.py --model outputs/sst2-adnet \
+    python -m benchmarks.bench_classification --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
-    python benchmarks/bench_classification.py --model outputs/mnist-adnet --name mnist_resnet \
+    python -m benchmarks.bench_classification --model outputs/mnist-adnet --name mnist_resnet \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
         --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
@@ -17,21 +17,16 @@ output; only `halting` exits then, as `confidence` and `patience` need classes).
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
+import adnet_hf  # noqa: F401  (registers the Auto classes)
+from adnet_hf.calibration_adnet import POLICY_FIELDS
+from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv
 
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-from run_glue_style import LABEL_COLUMNS, detect_columns  # noqa: E402
-from run_image_classification import DataArguments, ImageDataset, read_idx  # noqa: E402
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
 
 DEFAULT_SETTINGS = {
     "halting": [0.02, 0.1, 0.2, 0.4, 0.6],
@@ -42,19 +37,6 @@ DEFAULT_SETTINGS = {
 
 # The policies that need class predictions, which a regression model has not.
 CLASS_POLICIES = ("confidence", "patience")
-Texts = tuple[list[str], list[str] | None]  # the first sentences, and the second ones of pairs (or None)
-
-
-def read_tsv(path: Path, max_samples: int | None) -> tuple[Texts, list[str]]:
-    """The texts and the raw labels of a GLUE-style TSV, its columns found as `run_glue_style.py` finds them."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # MRPC's TSVs start with a byte-order mark
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = rows[:max_samples] if max_samples else rows
-    (first, second), label = detect_columns(list(rows[0]) if rows else [])
-    if label is None:
-        raise ValueError(f"{path} has no label column: it needs one of {', '.join(LABEL_COLUMNS)}.")
-    texts = [row[first] for row in rows], None if second is None else [row[second] for row in rows]
-    return texts, [row[label] for row in rows]
 
 
 def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -102,7 +84,7 @@ def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.T
 
 def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
     config = model.config
-    layers_total = config.num_blocks
+    num_blocks = config.num_blocks
     metric = metric_name(model)
     full_predictions, _ = predict(model, batches_by_size[max(batches_by_size)], exit_policy="none")
     full_score = score(full_predictions, labels)
@@ -110,7 +92,7 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
     if reference is not None:
         reference_predictions, _ = predict(reference, batches_by_size[max(batches_by_size)])
         row = {"policy": "plain reference", "setting": None, metric: score(reference_predictions, labels),
-               f"{metric}_drop_pts": None, "mean_layers": float(layers_total), "ideal_speedup": 1.0}
+               f"{metric}_drop_pts": None, "executed_layers": float(num_blocks), "ideal_speedup": 1.0}
         for size, batches in batches_by_size.items():
             seconds = interleaved_seconds({"plain": lambda: predict(reference, batches),
                                            "none": lambda: predict(model, batches, exit_policy="none")}, repeats)
@@ -121,11 +103,11 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
         for value in values:
             setattr(config, field, value)
             predictions, steps = predict(model, batches_by_size[max(batches_by_size)], exit_policy=policy)
-            mean_layers = (steps * config.layers_per_step).float().mean().item()
+            executed_layers = (steps * config.layers_per_step).float().mean().item()
             value_score = score(predictions, labels)
             row = {"policy": policy, "setting": value, metric: value_score,
-                   f"{metric}_drop_pts": 100 * (full_score - value_score), "mean_layers": mean_layers,
-                   "ideal_speedup": layers_total / mean_layers}
+                   f"{metric}_drop_pts": 100 * (full_score - value_score), "executed_layers": executed_layers,
+                   "ideal_speedup": num_blocks / executed_layers}
             for size, batches in batches_by_size.items():
                 seconds = interleaved_seconds({
                     "exit": lambda: predict(model, batches, exit_policy=policy),
@@ -136,7 +118,7 @@ def measure(model, reference, batches_by_size, labels, settings, repeats) -> lis
             rows.append(row)
             print(row, flush=True)
     rows.insert(0, {"policy": "none (full depth)", "setting": None, metric: full_score, f"{metric}_drop_pts": 0.0,
-                    "mean_layers": float(layers_total), "ideal_speedup": 1.0})
+                    "executed_layers": float(num_blocks), "ideal_speedup": 1.0})
     return rows
 
 
@@ -168,7 +150,7 @@ def text_inputs(args: argparse.Namespace):
 
 
 def image_inputs(args: argparse.Namespace):
-    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), DataArguments(), args.max_samples)
+    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples)
     batches_by_size = {size: image_batches(dataset, size, args.max_samples_batch1 if size == 1 else None)
                        for size in args.batch_sizes}
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
@@ -222,7 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = measure(model, reference, batches_by_size, labels, {p: getattr(args, p) for p in policies}, args.repeats)
     payload = {"benchmark": "regression" if metric == "pearson" else "classification", "model": args.model,
                "reference": args.reference, "data": args.data or args.images, "samples": len(labels),
-               "samples_timed_batch1": args.max_samples_batch1, "total_layers": model.config.num_blocks}
+               "samples_timed_batch1": args.max_samples_batch1, "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size), metric), args.results_dir)
 
 

@@ -10,7 +10,7 @@
   with glibc's default allocator, which keeps freed heap pages (exits make many sub-batch shapes, so more of them
   stay resident over a run), and with `MALLOC_TRIM_THRESHOLD_=0`, which returns them: the memory the passes need.
 
-    python benchmarks/bench_costs.py --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
+    python -m benchmarks.bench_costs --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
 """
 
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import make_batches, predict, read_tsv  # noqa: E402
-from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
+from adnet_hf import ADNetForSequenceClassification
+from adnet_hf.calibration_adnet import POLICY_FIELDS
+from adnet_hf.data_adnet import read_tsv
 
-from adnet_hf import ADNetForSequenceClassification  # noqa: E402
-from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
+from .bench_classification import make_batches, predict
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
 
 LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
 
@@ -98,8 +98,9 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_TRIM_THRESHOLD_=0": {"MALLOC_TRIM_THR
 
 
 def peak_memory_mib(spec: dict, allocator_env: dict) -> float:
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                            check=True, env={**os.environ, **allocator_env})
+    """Run `peak_memory_child` in a fresh process, started as this one was (`-m` from the same directory)."""
+    result = subprocess.run([sys.executable, "-m", __spec__.name, "--child", json.dumps(spec)], capture_output=True,
+                            text=True, check=True, env={**os.environ, **allocator_env})
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rise_mib"]
 
 

@@ -4,7 +4,7 @@ Perplexity is teacher-forced on a text file (default: PTB test) with the exit po
 tokens keep their exit state, as in generation). Generation speed is greedy decoding of a fixed number of new
 tokens from prompts taken from the same text, at batch 1 and 8, timed against the same weights at full depth.
 
-    python benchmarks/bench_generation.py --model outputs/ptb-adnet-smollm2 \
+    python -m benchmarks.bench_generation --model outputs/ptb-adnet-smollm2 \
         --data ../shared/data/ptb/ptb.test.txt --name ptb_smollm2
 """
 
@@ -12,30 +12,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_parser, parse_benchmark_args, interleaved_seconds, save_figure, write_results  # noqa: E402
+import adnet_hf  # noqa: F401  (registers the Auto classes)
+from adnet_hf.calibration_adnet import POLICY_FIELDS
+from adnet_hf.data_adnet import token_blocks
 
-import adnet_hf  # noqa: E402,F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS  # noqa: E402
-
-
-def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None) -> torch.Tensor:
-    """The text as consecutive blocks of `block_size` token ids (blocks x block_size)."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    count = len(ids) // block_size
-    count = min(count, max_blocks) if max_blocks else count
-    return ids[: count * block_size].view(count, block_size)
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
 
 
 @torch.inference_mode()
 def perplexity(model, blocks: torch.Tensor, batch_size: int, policy: str) -> tuple[float, float]:
-    """(perplexity, mean executed layers per predicted token) with `policy`."""
+    """(perplexity, executed layers per predicted token on average) with `policy`."""
     nll, tokens, layers = 0.0, 0, 0.0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size]
@@ -94,13 +85,13 @@ def main(argv: list[str] | None = None) -> Path:
     model, blocks = load_text_inputs(args)
     full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
     rows = [{"policy": "none (full depth)", "setting": None, "perplexity": full_ppl,
-             "ppl_increase_pct": 0.0, "mean_layers_per_token": full_layers, "ideal_speedup": 1.0}]
+             "ppl_increase_pct": 0.0, "executed_layers": full_layers, "ideal_speedup": 1.0}]
     settings = [("halting", value) for value in args.epsilons] + [("confidence", v) for v in args.confidence]
     for policy, value in settings:
         setattr(model.config, POLICY_FIELDS[policy], value)
         ppl, layers = perplexity(model, blocks, args.batch_size, policy)
         row = {"policy": policy, "setting": value, "perplexity": ppl,
-               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "mean_layers_per_token": layers,
+               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "executed_layers": layers,
                "ideal_speedup": full_layers / layers}
         for size in args.generation_batch_sizes:
             prompts = blocks[:size, : args.prompt_length]
@@ -110,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         rows.append(row)
         print(row, flush=True)
     payload = {"benchmark": "generation", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "new_tokens": args.new_tokens, "total_layers": model.config.num_blocks}
+               "block_size": args.block_size, "new_tokens": args.new_tokens, "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, args.generation_batch_sizes), args.results_dir)
 
 

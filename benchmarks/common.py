@@ -10,14 +10,14 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from adnet_hf.arguments_adnet import command_line
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +43,7 @@ def environment() -> dict:
     import transformers
 
     return {
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": platform.machine(),
         "processor": platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),

@@ -5,23 +5,19 @@ full depth), and for each `--halting` epsilon the share of inputs that exit afte
 correlation for regression): units that tell inputs apart send the hard ones deeper. No timing, so it runs beside
 anything.
 
-    python benchmarks/halting_profile.py --model outputs/mnist-adnet --name mnist_resnet_halting \
+    python -m benchmarks.halting_profile --model outputs/mnist-adnet --name mnist_resnet_halting \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
         --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classification import add_input_arguments, load_inputs, metric_name, predict, score  # noqa: E402
-from common import (  # noqa: E402
-    benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results,
-)
+from .bench_classification import add_input_arguments, load_inputs, metric_name, predict, score
+from .common import benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results
 
 
 @torch.inference_mode()
@@ -34,13 +30,13 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
     config, metric = model.config, metric_name(model)
     probs = halting_probs(model, batches)
-    rows = [{"layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
+    rows = [{"executed_layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
              "halting_prob_std": probs[:, n].std().item()} for n, layers in enumerate(variable_step_layers(config))]
     for epsilon in epsilons:
         config.halting_epsilon = epsilon
         predictions, steps = predict(model, batches, exit_policy="halting")
         for row in rows:
-            exits = steps * config.layers_per_step == row["layers"]
+            exits = steps * config.layers_per_step == row["executed_layers"]
             row[f"exit_share_eps{epsilon:g}"] = exits.float().mean().item()
             row[f"exit_{metric}_eps{epsilon:g}"] = score(predictions[exits], labels[exits]) if exits.any() else None
     return rows
@@ -48,7 +44,7 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
 
 def plot(rows: list[dict]):
     def draw(axis, index: int) -> None:
-        layers = [row["layers"] for row in rows]
+        layers = [row["executed_layers"] for row in rows]
         axis.bar(layers, [row["halting_prob_mean"] for row in rows], yerr=[row["halting_prob_std"] for row in rows],
                  capsize=4, label="halting probability: mean, std across inputs")
         axis.set_xlabel("layers executed at the step")
@@ -66,7 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
     batches_by_size, labels, model, _ = load_inputs(parser, args)
     rows = profile(model, batches_by_size[32], labels, args.halting)
     payload = {"benchmark": "halting_profile", "model": args.model, "data": args.data or args.images,
-               "samples": len(labels), "total_layers": model.config.num_blocks}
+               "samples": len(labels), "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows), args.results_dir)
 
 

@@ -4,21 +4,19 @@ An exit can only be as good as the prediction at its step (the backbone's final 
 that step's hidden state). This is the ceiling of what any exit policy can keep. No timing, so it runs beside
 anything.
 
-    python benchmarks/step_perplexity.py --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
+    python -m benchmarks.step_perplexity --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
         --block_size 128 --max_blocks 16 --name ptb_smollm2_steps
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generation import add_text_arguments, load_text_inputs  # noqa: E402
-from common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results  # noqa: E402
+from .bench_generation import add_text_arguments, load_text_inputs
+from .common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results
 
 
 @torch.inference_mode()
@@ -43,10 +41,10 @@ def main(argv: list[str] | None = None) -> Path:
     model, blocks = load_text_inputs(args)
     config = model.config
     perplexities = step_perplexities(model, blocks, args.batch_size)
-    rows = [{"layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1]}
+    rows = [{"executed_layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1]}
             for layers, ppl in zip(variable_step_layers(config), perplexities)]
     payload = {"benchmark": "step_perplexity", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "total_layers": config.num_blocks}
+               "block_size": args.block_size, "num_blocks": config.num_blocks}
     return write_results(args.name, payload, rows, None, args.results_dir)
 
 

@@ -18,42 +18,33 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
+from transformers import AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
 
-from adnet_hf import ADNetForCausalLM
-from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adnet_arguments import (  # noqa: E402
-    ADNetArguments, build_model, build_plain_model, freeze_full_depth_field, parse_arguments,
-    plain_baseline_field, read_json_argument, total_layers,
+from adnet_hf.arguments_adnet import (
+    ADNetArguments,
+    TextModelArguments,
+    build_task_model,
+    num_blocks,
+    parse_arguments,
+    read_json_argument,
+    save_results,
 )
+from adnet_hf.data_adnet import TextBlocks, token_blocks
+from adnet_hf.trainer_adnet import ADNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    """Which model to train."""
+class ModelArguments(TextModelArguments):
+    """`TextModelArguments` for a causal LM, which may be shipped as GGUF; a `--backbone_config`'s vocab_size
+    follows the tokenizer."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A causal LM checkpoint (GPT-2, Llama family) or a saved ADNet checkpoint."}
-    )
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path."})
-    backbone_config: str | None = field(
-        default=None,
-        metadata={"help": "Instead of a checkpoint: a backbone trained from scratch, from this config (a JSON file or "
-                          "an inline JSON object with a model_type); its vocab_size follows the tokenizer."},
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder, if not the model's."})
-    freeze_full_depth: bool = freeze_full_depth_field()
-    plain_baseline: bool = plain_baseline_field("causal LM")
 
 
 @dataclass
@@ -68,23 +59,6 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks of eval/test."})
 
 
-class TextBlocks(torch.utils.data.Dataset):
-    """A text file as consecutive blocks of token ids, each its own labels (the model shifts them)."""
-
-    def __init__(self, tokenizer, path: str, block_size: int, max_blocks: int | None):
-        ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-        count = len(ids) // block_size
-        if max_blocks is not None:
-            count = min(count, max_blocks)
-        self.blocks = ids[: count * block_size].view(count, block_size)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
-
-
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer folder's tokenizer; a bare `vocab.json` + `merges.txt` folder is GPT-2's byte-level BPE."""
     source = model_args.tokenizer_name or model_args.model_name_or_path
@@ -96,6 +70,7 @@ def load_tokenizer(model_args: ModelArguments):
 
 
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer):
+    """The model and its trainer class; a backbone from a config gets the tokenizer's vocabulary and its end token."""
     backbone = None
     if model_args.backbone_config is not None:
         backbone = read_json_argument(model_args.backbone_config)
@@ -103,10 +78,7 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
         for name in ("bos_token_id", "eos_token_id"):
             backbone.setdefault(name, tokenizer.eos_token_id)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
-    if model_args.plain_baseline:
-        return build_plain_model(AutoModelForCausalLM, model_args.model_name_or_path, backbone, {}, backbone_kwargs)
-    return build_model(ADNetForCausalLM, model_args.model_name_or_path, backbone, adnet_args.overrides(),
-                       backbone_kwargs, model_args.freeze_full_depth)
+    return build_task_model("text-generation", model_args, adnet_args, {}, backbone, backbone_kwargs)
 
 
 def _perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
@@ -119,7 +91,7 @@ def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, flo
     """Perplexity and the layers per token; for ADNet with the configured exits, and at full depth."""
     config = trainer.model.config
     metrics = _perplexity(trainer, dataset, prefix)
-    metrics[f"{prefix}_total_layers"] = total_layers(trainer.model)
+    metrics[f"{prefix}_num_blocks"] = num_blocks(trainer.model)
     if config.model_type != "adnet":
         return metrics
     policy = config.exit_policy
@@ -134,20 +106,19 @@ def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, adnet_args, data_args, training_args = parse_arguments(
-        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), sys.argv[1:] if argv is None else argv
-    )
+        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, adnet_args, tokenizer)
+    model, trainer_class = load_model(model_args, adnet_args, tokenizer)
     splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
-    data = {split: TextBlocks(tokenizer, path, data_args.block_size,
-                              data_args.max_train_samples if split == "train" else data_args.max_eval_samples)
+    data = {split: TextBlocks(token_blocks(tokenizer, path, data_args.block_size,
+                                           data_args.max_train_samples if split == "train" else
+                                           data_args.max_eval_samples))
             for split, path in splits.items() if path is not None}
 
-    trainer_class = Trainer if model_args.plain_baseline else ADNetTrainer
     trainer = trainer_class(model=model, args=training_args, train_dataset=data.get("train"),
                             eval_dataset=data.get("eval"), processing_class=tokenizer,
                             data_collator=default_data_collator)
@@ -155,16 +126,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results.update(train_result.metrics)
+        results.update(save_results(trainer, "train", train_result.metrics))
     evaluations = (("eval", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict))
     for split, prefix, wanted in evaluations:
         if wanted and split in data:
-            metrics = evaluate_perplexity(trainer, data[split], prefix)
-            trainer.log_metrics(prefix, metrics)
-            trainer.save_metrics(prefix, metrics)
-            results.update(metrics)
+            results.update(save_results(trainer, prefix, evaluate_perplexity(trainer, data[split], prefix)))
     return results
 
 

@@ -17,8 +17,8 @@ import json
 import logging
 import math
 import os
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
 from transformers.trainer_utils import SchedulerType
 
+from adnet_hf.arguments_adnet import GLUE_ARGUMENTS, command_line, offline_default, parse_arguments, prepare_glue_task
+from adnet_hf.data_adnet import select
 from adnet_hf.losses_adnet import LOSSES
 from adnet_hf.trainer_adnet import (
     ADNetTrainingArguments,
@@ -38,10 +40,9 @@ from adnet_hf.trainer_adnet import (
     floor_schedule,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_glue_style  # noqa: E402
-
 logger = logging.getLogger(__name__)
+
+OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.json"
 
 
 def build_accelerator(args: ADNetTrainingArguments, loss_type: str) -> Accelerator:
@@ -111,26 +112,23 @@ def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, f
             collected.append(values.float().cpu().numpy())
     steps = np.concatenate(exit_steps)
     metrics = compute_classification_metrics(EvalPrediction((np.concatenate(logits), steps), np.concatenate(labels)))
-    metrics["mean_executed_layers"] = float(steps.mean()) * accelerator.unwrap_model(model).config.layers_per_step
+    metrics["executed_layers"] = float(steps.mean()) * accelerator.unwrap_model(model).config.layers_per_step
     return {f"eval_{name}": value for name, value in metrics.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics."""
-    model_args, adnet_args, data_args, args = run_glue_style.parse_args(argv)
+    model_args, adnet_args, data_args, args = parse_arguments(GLUE_ARGUMENTS, argv,
+                                                              partial(offline_default, OFFLINE_DEFAULT))
     if model_args.plain_baseline:
         raise ValueError("--plain_baseline is run_glue_style.py's (plain fine-tuning with Trainer), not this loop's.")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    raw = run_glue_style.load_raw_datasets(data_args)
-    text_keys, label_column = run_glue_style.detect_columns(raw["train"].column_names, data_args.task_name)
-    labels = run_glue_style.label_info(raw["train"], label_column)
-    texts = (text for key in text_keys if key is not None for text in raw["train"][key])
-    model, tokenizer = run_glue_style.load_model_and_tokenizer(model_args, adnet_args, labels, texts)
-    tokenized = run_glue_style.preprocess(raw, tokenizer, text_keys, label_column, labels, data_args.max_seq_length)
+    task = prepare_glue_task(model_args, adnet_args, data_args)
+    model, tokenizer = task.model, task.tokenizer
     collate = DataCollatorWithPadding(tokenizer)
-    train_data = run_glue_style.select(tokenized["train"], data_args.max_train_samples)
-    eval_data = run_glue_style.select(tokenized["validation"], data_args.max_eval_samples)
+    train_data = select(task.tokenized["train"], data_args.max_train_samples)
+    eval_data = select(task.tokenized["validation"], data_args.max_eval_samples)
     train_loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as file:
-            json.dump(metrics, file, indent=2)
+            json.dump({**metrics, "command": command_line()}, file, indent=2)
         logger.info("eval: %s", metrics)
     accelerator.end_training()
     # Freeing the DDP model (at return) frees the gloo process group, whose destructor joins its worker thread while

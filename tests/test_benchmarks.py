@@ -1,7 +1,6 @@
 """The benchmark scripts run end to end on a tiny random model (their real results come from their commands)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,7 @@ from conftest import bert_config
 from transformers import BertTokenizer
 
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from benchmarks import bench_classification, bench_costs, bench_generation, halting_profile, step_perplexity
 
 
 @pytest.fixture
@@ -28,7 +26,6 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
-    import bench_classification
 
     out_dir = tiny_checkpoint / "results"
     path = bench_classification.main([
@@ -41,12 +38,11 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     policies = {row["policy"] for row in result["rows"]}
     assert {"none (full depth)", "halting", "patience"} <= policies
     halting = [row for row in result["rows"] if row["policy"] == "halting"]
-    assert all(row["speedup_b4"] > 0 and 1 <= row["mean_layers"] <= 4 for row in halting)
+    assert all(row["speedup_b4"] > 0 and 1 <= row["executed_layers"] <= 4 for row in halting)
     assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
 
 
 def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tiny_checkpoint):
-    import bench_classification
     from transformers import BertForSequenceClassification
 
     tokenizer = BertTokenizer.from_pretrained(tiny_checkpoint / "model")
@@ -71,14 +67,13 @@ def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tin
 
 
 def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
-    import halting_profile
 
     path = halting_profile.main([
         "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--name", "tiny",
         "--results_dir", str(tiny_checkpoint / "results"), "--halting", "0.2", "0.6",
     ])
     rows = json.loads(path.read_text())["rows"]
-    assert [row["layers"] for row in rows] == [1, 2, 3, 4]
+    assert [row["executed_layers"] for row in rows] == [1, 2, 3, 4]
     assert sum(row["halting_prob_mean"] for row in rows) == pytest.approx(1.0)
     for epsilon in ("0.2", "0.6"):
         assert sum(row[f"exit_share_eps{epsilon}"] for row in rows) == pytest.approx(1.0)
@@ -88,7 +83,6 @@ def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
 
 
 def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
-    import bench_generation
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
 
@@ -114,8 +108,8 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     assert (tmp_path / "r" / "tiny.png").exists()
 
 
-def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint):
-    import bench_costs
+def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(Path(bench_costs.__file__).parents[1])  # its memory runs start `-m benchmarks.bench_costs`
     from transformers import BertForSequenceClassification
 
     backbone = tiny_checkpoint / "backbone"
@@ -146,7 +140,6 @@ def write_idx(path: Path, array) -> str:
 
 
 def test_classification_benchmark_on_idx_images(tmp_path):
-    import bench_classification
     import numpy as np
     from conftest import resnet_config
 
@@ -163,14 +156,12 @@ def test_classification_benchmark_on_idx_images(tmp_path):
         "--name", "tiny_images", "--results_dir", str(tmp_path / "results"),
     ])
     result = json.loads(path.read_text())
-    assert result["samples"] == 10 and result["total_layers"] == model.config.num_blocks
+    assert result["samples"] == 10 and result["num_blocks"] == model.config.num_blocks
     row = result["rows"][1]
-    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["mean_layers"]
+    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["executed_layers"]
 
 
 def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data):
-    import bench_generation
-    import step_perplexity
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
 
@@ -186,7 +177,7 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
     path = step_perplexity.main(["--model", str(tmp_path / "model"), "--data", str(text), "--block_size", "16",
                                  "--max_blocks", "4", "--name", "tiny", "--results_dir", str(tmp_path / "r")])
     rows = json.loads(path.read_text())["rows"]
-    assert [row["layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
+    assert [row["executed_layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
     full_depth, _ = bench_generation.perplexity(model, blocks, 2, "none")
     assert rows[-1]["perplexity"] == pytest.approx(full_depth, rel=1e-4)

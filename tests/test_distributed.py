@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+import examples
+from adnet_hf.arguments_adnet import train_wordpiece_tokenizer
+
+EXAMPLES = Path(examples.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
 GLOBAL_BATCH = 8
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37,
              "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-
-sys.path.insert(0, str(EXAMPLES))
-from run_glue_style import train_wordpiece_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_two_processes_match_one_with_the_same_global_batch(task, script):
     assert not torch.equal(trained["adnet.backbone.encoder.layer.0.output.dense.weight"],
                            untrained["encoder.layer.0.output.dense.weight"])
     results = json.loads((double / "eval_results.json").read_text())
-    assert 0 <= results["eval_accuracy"] <= 1 and 1 <= results["eval_mean_executed_layers"] <= 4
+    assert 0 <= results["eval_accuracy"] <= 1 and 1 <= results["eval_executed_layers"] <= 4
 
 
 @pytest.mark.parametrize("script, loss_type", [

@@ -1,21 +1,17 @@
 """The causal LM and image example scripts end to end on tiny models and small slices of the real data."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from adnet_hf.data_adnet import read_idx
+from examples import run_clm, run_image_classification
 
 TRAINING = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
             "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0"]
 
 
 def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
-    import run_clm
-
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:6000])
     (tmp_path / "valid.txt").write_text(text[6000:9000])
@@ -28,14 +24,12 @@ def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
     ])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["eval_perplexity"] == pytest.approx(results["eval_perplexity"])
-    assert saved["eval_full_depth_mean_executed_layers"] == 4
-    assert 2 <= saved["eval_mean_executed_layers"] <= 4 and saved["eval_perplexity"] > 1
+    assert saved["eval_full_depth_executed_layers"] == 4
+    assert 2 <= saved["eval_executed_layers"] <= 4 and saved["eval_perplexity"] > 1
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data):
-    import run_clm
-
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:3000])
     (tmp_path / "valid.txt").write_text(text[3000:5000])
@@ -48,14 +42,13 @@ def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data
     ])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
-    assert results["eval_total_layers"] == 3 and results["eval_perplexity"] > 1
+    assert results["eval_num_blocks"] == 3 and results["eval_perplexity"] > 1
     assert "eval_full_depth_perplexity" not in results
     with pytest.raises(ValueError, match="--freeze_full_depth"):
         run_clm.main(["--plain_baseline", "--freeze_full_depth", "--output_dir", str(tmp_path / "x")])
 
 
 def test_run_clm_freezes_full_depth(tmp_path, shared_data):
-    import run_clm
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_embd=16, n_head=2, n_positions=32)).save_pretrained(
@@ -77,8 +70,6 @@ def test_run_clm_freezes_full_depth(tmp_path, shared_data):
 
 
 def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
-    import run_image_classification
-
     results = run_image_classification.main([
         "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
                              '"hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}',
@@ -91,12 +82,10 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     ])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert 0 <= saved["eval_accuracy"] <= 1 and saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
-    assert 1 <= saved["eval_mean_executed_layers"] <= 2 and saved["eval_total_layers"] == 2
+    assert 1 <= saved["eval_executed_layers"] <= 2 and saved["eval_num_blocks"] == 2
 
 
 def test_run_image_classification_plain_baseline(tmp_path, shared_data):
-    import run_image_classification
-
     results = run_image_classification.main([
         "--plain_baseline", "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
                                                  '"hidden_sizes": [8, 16], "depths": [1, 2], "layer_type": "basic"}',
@@ -107,12 +96,10 @@ def test_run_image_classification_plain_baseline(tmp_path, shared_data):
     ])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["ResNetForImageClassification"] and len(config["id2label"]) == 10
-    assert 0 <= results["eval_accuracy"] <= 1 and results["eval_total_layers"] == 3
+    assert 0 <= results["eval_accuracy"] <= 1 and results["eval_num_blocks"] == 3
 
 
 def test_idx_reader_matches_the_label_count(shared_data):
-    import run_image_classification
-
-    labels = run_image_classification.read_idx(str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"))
-    images = run_image_classification.read_idx(str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx(str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"))
+    images = read_idx(str(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz"))
     assert labels.shape == (10000,) and images.shape == (10000, 28, 28) and set(labels.tolist()) == set(range(10))

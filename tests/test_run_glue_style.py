@@ -1,7 +1,6 @@
 """The example script end to end on tiny TSV/CSV files, with tiny random backbones (no MiniLM, no Hub)."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -17,24 +16,18 @@ from conftest import REMOTE_SCRIPT
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SAMPLE = EXAMPLES / "data" / "sst2_sample"
+from adnet_hf import arguments_adnet
+from adnet_hf.arguments_adnet import build_model, train_wordpiece_tokenizer
+from adnet_hf.data_adnet import detect_columns, load_text_datasets
+from examples import run_glue_style
+
+SAMPLE = Path(run_glue_style.__file__).resolve().parent / "data" / "sst2_sample"
 TINY_BERT = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 4,
              "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
 FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_seq_length", "32",
         "--unit_hidden_size", "8", "--learning_rate", "1e-3", "--seed", "0"]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_glue_style", EXAMPLES / "run_glue_style.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-run_glue_style = load_script()
 
 
 def sst2_rows(split: str, count: int) -> list[list[str]]:
@@ -54,7 +47,7 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
     out = tmp_path / "out"
     metrics = run_glue_style.main([
-        "--random_backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
+        "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
         "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
         "--num_train_epochs", "1", "--max_weight_norm", "1.0", "--unit_learning_rate", "3e-3",
         "--min_learning_rate_ratio", "0.1", *FAST,
@@ -62,7 +55,7 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     assert results == pytest.approx(metrics)
     assert 0 <= results["eval_accuracy"] <= 1
-    assert 2 <= results["eval_mean_executed_layers"] <= 4 and results["eval_backbone_layers"] == 4
+    assert 2 <= results["eval_executed_layers"] <= 4 and results["eval_num_blocks"] == 4
     assert results["eval_samples_per_second"] > 0 and results["eval_samples"] == 24
     predictions = (out / "predict_results.tsv").read_text().splitlines()
     assert len(predictions) == 9 and predictions[1].split("\t")[1] in ("0", "1")
@@ -75,7 +68,7 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     # an ADNet checkpoint loads as it is, with config overrides: full depth now
     reloaded = run_glue_style.main(["--model_name_or_path", str(out), "--validation_file", dev, "--do_eval",
                                     "--exit_policy", "none", "--output_dir", str(tmp_path / "eval"), *FAST])
-    assert reloaded["eval_mean_executed_layers"] == 4
+    assert reloaded["eval_executed_layers"] == 4
 
     # the second stage: only the exits train, so full-depth predictions stay exactly the first stage's
     second = run_glue_style.main(["--model_name_or_path", str(out), "--freeze_full_depth", "--loss_type", "pondernet",
@@ -94,7 +87,7 @@ def test_saved_exit_policy_follows_what_is_trained(tmp_path):
 
     def build(name_or_path, overrides, freeze=False):
         backbone = None if name_or_path else dict(TINY_BERT)
-        return run_glue_style.build_model(ADNetForSequenceClassification, name_or_path, backbone,
+        return build_model(ADNetForSequenceClassification, name_or_path, backbone,
                                           {"unit_hidden_size": 8, **overrides}, freeze_full_depth=freeze)
 
     first = build(None, {"loss_type": "last"})
@@ -112,7 +105,7 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     rows = [[a, b, f"{(i % 11) / 2:.1f}"] for i, (a, b) in enumerate(zip(sentences[:20], sentences[20:]))]
     train = write_tsv(tmp_path / "train.tsv", ["sentence1", "sentence2", "score"], rows)
     backbone = tmp_path / "backbone"
-    tokenizer = run_glue_style.train_wordpiece_tokenizer(sentences, 200, 64)
+    tokenizer = train_wordpiece_tokenizer(sentences, 200, 64)
     BertModel(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)})).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
 
@@ -123,7 +116,7 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps(args))
     metrics = run_glue_style.main([str(args_file)])
-    assert {"eval_pearson", "eval_spearman", "eval_mse", "eval_mean_executed_layers"} <= set(metrics)
+    assert {"eval_pearson", "eval_spearman", "eval_mse", "eval_executed_layers"} <= set(metrics)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
 
@@ -135,12 +128,12 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     (["index", "sentence"], (("sentence", None), None)),
 ])
 def test_column_detection(columns, expected):
-    assert run_glue_style.detect_columns(columns) == expected
+    assert detect_columns(columns) == expected
 
 
 def test_unknown_columns_fail_clearly():
     with pytest.raises(ValueError, match="No text columns"):
-        run_glue_style.detect_columns(["text", "label"])
+        detect_columns(["text", "label"])
 
 
 def test_glue_task_without_hub_fails_clearly(monkeypatch):
@@ -149,7 +142,18 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(RuntimeError, match="--train_file"):
-        run_glue_style.load_raw_datasets(run_glue_style.DataTrainingArguments(task_name="sst2"))
+        load_text_datasets("sst2", {})
+
+
+def test_no_arguments_run_the_offline_default(monkeypatch):
+    """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
+    installed and a small random BERT where it is not."""
+    model_args, _, data_args, training_args = run_glue_style.parse_args([])
+    assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
+    assert training_args.output_dir == "outputs/sst2-adnet" and training_args.do_train and training_args.do_eval
+    monkeypatch.setattr(arguments_adnet, "minilm_path", lambda: None)
+    model_args = run_glue_style.parse_args([])[0]
+    assert model_args.model_name_or_path is None and json.loads(model_args.backbone_config)["model_type"] == "bert"
 
 
 def test_plain_baseline_fine_tunes_the_backbone_head_at_full_depth(tmp_path):
@@ -158,12 +162,12 @@ def test_plain_baseline_fine_tunes_the_backbone_head_at_full_depth(tmp_path):
     test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
     out = tmp_path / "out"
     metrics = run_glue_style.main([
-        "--random_backbone_config", json.dumps(TINY_BERT), "--plain_baseline", "--train_file", train,
+        "--backbone_config", json.dumps(TINY_BERT), "--plain_baseline", "--train_file", train,
         "--validation_file", train, "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval",
         "--do_predict", "--num_train_epochs", "1", *FAST,
     ])
-    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_backbone_layers"] == 4
-    assert "eval_mean_executed_layers" not in metrics
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_num_blocks"] == 4
+    assert "eval_executed_layers" not in metrics
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.model_type == "bert" and not hasattr(model, "units")
     rows = (out / "predict_results.tsv").read_text().splitlines()
@@ -188,7 +192,7 @@ def test_push_to_hub_commits_a_folder_that_loads_as_remote_code(tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 16))
-    run_glue_style.main(["--random_backbone_config", json.dumps(TINY_BERT), "--train_file", train,
+    run_glue_style.main(["--backbone_config", json.dumps(TINY_BERT), "--train_file", train,
                          "--output_dir", str(tmp_path / "out"), "--do_train", "--num_train_epochs", "1",
                          "--push_to_hub", "--hub_model_id", "someone/adnet-tiny", *FAST])
 

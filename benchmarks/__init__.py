@@ -1,0 +1,1 @@
+"""Benchmarks of ADNet models: each runs as `python -m benchmarks.<name>` from the repository root."""
