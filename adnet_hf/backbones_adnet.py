@@ -101,6 +101,10 @@ class BackboneAdapter:
     def blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
         raise NotImplementedError
 
+    def hidden_state_blocks(self, config: PreTrainedConfig) -> list[int]:
+        """The blocks whose outputs the backbone's own `hidden_states` holds (after the embedding output)."""
+        return list(range(self.num_blocks(config)))
+
     def embed(self, backbone: PreTrainedModel, inputs: dict[str, Any], cache=None) -> StepState:
         raise NotImplementedError
 
@@ -249,6 +253,10 @@ class ResNetAdapter(BackboneAdapter):
 
     def block_sizes(self, config):
         return [size for size, depth in zip(config.hidden_sizes, config.depths) for _ in range(depth)]
+
+    def hidden_state_blocks(self, config):
+        """`ResNetModel` reports one hidden state per stage: the output of its last block."""
+        return [sum(config.depths[: stage + 1]) - 1 for stage in range(len(config.depths))]
 
     def blocks(self, backbone):
         return [block for stage in backbone.encoder.stages for block in stage.layers]

@@ -34,6 +34,22 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _BackboneAttribute:
+    """A backbone config attribute read (and set) through the ADNet config, for utilities that look for it there
+    (`hidden_size`, `num_hidden_layers`, ...); an attribute the backbone lacks stays missing (`AttributeError`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config, owner: type | None = None):
+        if config is None:
+            return self
+        return getattr(config.backbone_config, self.name)
+
+    def __set__(self, config, value) -> None:
+        setattr(config.backbone_config, self.name, value)
+
+
 class ADNetConfig(PreTrainedConfig):
     r"""
     Configuration of an ADNet model: calculation units with learned halting on a pretrained backbone.
@@ -86,6 +102,11 @@ class ADNetConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     tie_word_embeddings: bool | None = None
     per_token_units: bool | None = None
+
+    hidden_size = _BackboneAttribute()
+    num_hidden_layers = _BackboneAttribute()
+    num_attention_heads = _BackboneAttribute()
+    vocab_size = _BackboneAttribute()
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

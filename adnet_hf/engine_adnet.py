@@ -55,11 +55,14 @@ class StepOutputs:
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int) -> torch.Tensor:
-    """A tensor of the samples `active`, placed in a full-batch tensor (zeros for the samples that left)."""
+def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int,
+            fill: torch.Tensor | None = None) -> torch.Tensor:
+    """A tensor of the samples `active`, placed in a full-batch tensor whose other rows come from `fill` (a
+    full-batch tensor of the same shape) or are zeros."""
     if tensor.shape[0] == batch_size:
         return tensor
-    full = tensor.new_zeros(batch_size, *tensor.shape[1:])
+    full = fill.clone() if fill is not None and fill.shape[1:] == tensor.shape[1:] else tensor.new_zeros(
+        batch_size, *tensor.shape[1:])
     full[active] = tensor
     return full
 
@@ -82,25 +85,43 @@ class FlopsAccountant:
 
 
 class Trace:
-    """The hidden states and attention weights asked for, laid out for the full batch."""
+    """The hidden states and attention weights asked for, with the backbone's own length and layout.
 
-    def __init__(self, batch_size: int, hidden_states: bool, attention_records: list[torch.Tensor] | None):
-        self.batch_size = batch_size
+    Hidden states: the embedding output, then the output of every block in `hidden_blocks` (every block of a
+    transformer, the last block of each stage of a ResNet). Attentions: one entry per block. A sample that has left
+    the batch is given its exit state in the later hidden states (zeros when a CNN's later stages differ in shape)
+    and zero attention weights; `exit_steps` says which entries were computed.
+    """
+
+    def __init__(self, batch_size: int, hidden_states: bool, attention_records: list[torch.Tensor] | None,
+                 hidden_blocks: list[int], num_blocks: int):
+        self.batch_size, self.hidden_blocks, self.num_blocks = batch_size, hidden_blocks, num_blocks
         self.hidden_states: list[torch.Tensor] | None = [] if hidden_states else None
         self.records = attention_records
         self.attentions: list[torch.Tensor] = []
 
-    def record(self, hidden: torch.Tensor, active: torch.Tensor | slice) -> None:
-        """After the embeddings and after every step: its output and its blocks' attention weights."""
-        if self.hidden_states is not None:
-            self.hidden_states.append(scatter(hidden, active, self.batch_size))
+    def record(self, block: int, hidden: torch.Tensor, active: torch.Tensor | slice,
+               exit_hidden: torch.Tensor | None = None) -> None:
+        """After block `block` (-1: the embeddings) ran for the samples `active`."""
+        if self.hidden_states is not None and (block < 0 or block in self.hidden_blocks):
+            self.hidden_states.append(scatter(hidden, active, self.batch_size, exit_hidden))
         if self.records:
             self.attentions.extend(scatter(a, active, self.batch_size) for a in self.records)
             self.records.clear()
 
-    def outputs(self) -> dict:
-        return {"hidden_states": None if self.hidden_states is None else tuple(self.hidden_states),
-                "attentions": tuple(self.attentions) if self.attentions else None}
+    def outputs(self, exit_hidden: torch.Tensor | None = None) -> dict:
+        """The recorded tuples, completed for the blocks that ran for no sample (with exit states, zero weights)."""
+        hidden_states = attentions = None
+        if self.hidden_states is not None:
+            missing = len(self.hidden_blocks) + 1 - len(self.hidden_states)
+            last = self.hidden_states[-1]
+            fill = exit_hidden if exit_hidden is not None and exit_hidden.shape == last.shape else None
+            fill = torch.zeros_like(last) if fill is None else fill
+            hidden_states = (*self.hidden_states, *[fill] * missing)
+        if self.attentions:
+            zeros = torch.zeros_like(self.attentions[-1])
+            attentions = (*self.attentions, *[zeros] * (self.num_blocks - len(self.attentions)))
+        return {"hidden_states": hidden_states, "attentions": attentions}
 
 
 class StepEngine:
@@ -118,13 +139,17 @@ class StepEngine:
             return state.token_mask == 0
         return torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
 
-    def run_blocks(self, blocks: list[nn.Module], state: StepState, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step's output for the samples of `state`, and its estimated FLOPs at each position (B x T)."""
+    def run_blocks(self, step: int, state: StepState, cache,
+                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s output for the samples of `state`, and its estimated FLOPs at each position (B x T).
+
+        `finish_block(block_index, output)` gives the state the next block reads (and records it)."""
         hidden, flops = state.hidden, 0.0
-        for block in blocks:
+        for offset, block in enumerate(self.steps[step]):
             block_state = StepState(hidden, state.token_mask, state.block_kwargs)
-            hidden = self.adapter.run_block(block, block_state, cache)
-            flops = flops + self.adapter.block_flops(block, block_state, hidden)
+            output = self.adapter.run_block(block, block_state, cache)
+            flops = flops + self.adapter.block_flops(block, block_state, output)
+            hidden = finish_block(step * self.layers_per_step + offset, output)
         return hidden, flops
 
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
@@ -147,11 +172,15 @@ class StepEngine:
         flops, distribution = FlopsAccountant(padding, self.per_token), HaltingDistribution()
         predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits)
         probs, step_logits, step_losses, logits = [], [], [], None
-        trace.record(state.hidden, everyone)
-        for step, blocks in enumerate(self.steps):
-            state.hidden, block_flops = self.run_blocks(blocks, state, cache)
+        trace.record(-1, state.hidden, everyone)
+
+        def finish_block(index: int, output: torch.Tensor) -> torch.Tensor:
+            trace.record(index, output, everyone)
+            return output
+
+        for step in range(len(self.steps)):
+            state.hidden, block_flops = self.run_blocks(step, state, cache, finish_block)
             flops.add_positions(everyone, padding, block_flops)
-            trace.record(state.hidden, everyone)
             n = step - self.num_fixed_steps
             if n < 0:
                 continue
@@ -212,29 +241,36 @@ class _ExitingPass:
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
 
     def run(self) -> StepOutputs:
-        self.trace.record(self.state.hidden, self.active)
+        self.trace.record(-1, self.state.hidden, self.active)
         for step, blocks in enumerate(self.engine.steps):
             if not self.active.numel() and not self.cache.fills_after_exit:
                 break
-            self.cache.begin_step(self.active)
-            hidden = self._run_blocks(blocks) if self.active.numel() else None
-            self.cache.end_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden)
-            if hidden is not None and step >= self.engine.num_fixed_steps:
+            self.cache.begin_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden)
+            if not self.active.numel():
+                continue
+            hidden = self._run_blocks(step)
+            if step >= self.engine.num_fixed_steps:
                 self._decide(step - self.engine.num_fixed_steps, step, hidden)
+        exit_hidden = None if self.exit_shapes_differ else self.exit_hidden
         return StepOutputs(
-            last_hidden_state=None if self.exit_shapes_differ else self.exit_hidden, logits=self.logits,
-            halting_probs=self.halting, exit_steps=self.exit_steps, flops=self.flops.total, **self.trace.outputs(),
+            last_hidden_state=exit_hidden, logits=self.logits, halting_probs=self.halting, exit_steps=self.exit_steps,
+            flops=self.flops.total, **self.trace.outputs(exit_hidden),
         )
 
-    def _run_blocks(self, blocks: list[nn.Module]) -> torch.Tensor:
-        """One step for the active samples; their items that stopped keep their exit state (CALM's propagation)."""
-        hidden, position_flops = self.engine.run_blocks(blocks, self.state, self.cache.view)
-        if self.engine.per_token:
-            hidden = torch.where(self.done.unsqueeze(-1), self.state.hidden, hidden)
+    def _run_blocks(self, step: int) -> torch.Tensor:
+        """One step for the active samples; their items that stopped keep their exit state through every block
+        (CALM's state propagation: what later tokens attend to, and what the cache holds for them)."""
+        entry = self.state.hidden
+
+        def finish_block(index: int, output: torch.Tensor) -> torch.Tensor:
+            if self.engine.per_token:
+                output = torch.where(self.done.unsqueeze(-1), entry, output)
+            self.trace.record(index, output, self.active, self.exit_hidden)
+            return output
+
+        self.state.hidden, position_flops = self.engine.run_blocks(step, self.state, self.cache.view, finish_block)
         self.flops.add_positions(self.active, self.done, position_flops)
-        self.state.hidden = hidden
-        self.trace.record(hidden, self.active)
-        return hidden
+        return self.state.hidden
 
     def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:
         """Variable step n: the unit, the rule's decision, the outputs of the items that stop."""

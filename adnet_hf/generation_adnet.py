@@ -13,20 +13,23 @@ import torch
 
 from .backbones_adnet import select_batch
 
+KeyValues = tuple[torch.Tensor, torch.Tensor]
+
 
 class SubBatchCache:
     """A key/value cache as the blocks of the still-active samples see it.
 
-    While every sample is active, updates go straight to the real cache. Once some have exited, the blocks run on
-    the active samples only: their new keys/values wait in `pending` (and are returned joined with those samples'
-    past), until `commit` adds the exited samples' propagated keys/values and grows the real cache for the whole
-    batch at once.
+    While every sample is active, updates go straight to the real cache. Once some have left the batch, the blocks
+    run on the active samples only: each of their updates is completed with the keys/values `propagate[layer_idx]()`
+    computes for the samples that left, the real cache (dynamic or static) is updated for the whole batch at once,
+    and the active samples' rows of what it returns go back to the block.
     """
 
-    def __init__(self, cache):
-        self.cache = cache
+    def __init__(self, cache, batch_size: int):
+        self.cache, self.batch_size = cache, batch_size
         self.active: torch.Tensor | None = None
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.exited: torch.Tensor | None = None
+        self.propagate: dict[int, Callable[[], KeyValues]] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cache.get_seq_length(layer_idx)
@@ -34,24 +37,21 @@ class SubBatchCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.active is None:
             return self.cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        self.pending[layer_idx] = (key_states, value_states)
-        if self.cache.get_seq_length(layer_idx) == 0:
-            return key_states, value_states
-        layer = self.cache.layers[layer_idx]
-        return (torch.cat([layer.keys[self.active], key_states], dim=-2),
-                torch.cat([layer.values[self.active], value_states], dim=-2))
+        keys, values = self.update_whole_batch(layer_idx, (key_states, value_states), *args, **kwargs)
+        return keys[self.active], values[self.active]
 
-    def commit(self, layer_idx: int, batch_size: int, exited: torch.Tensor,
-               propagate: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Grow layer `layer_idx` of the real cache with the active samples' pending keys/values and, for the
-        samples at indices `exited`, the keys/values `propagate()` computes from their exit hidden state."""
-        exited_key, exited_value = propagate()
-        full_key = exited_key.new_empty(batch_size, *exited_key.shape[1:])
-        full_value = exited_value.new_empty(batch_size, *exited_value.shape[1:])
-        full_key[exited], full_value[exited] = exited_key, exited_value
-        if layer_idx in self.pending:
-            full_key[self.active], full_value[self.active] = self.pending.pop(layer_idx)
-        self.cache.update(full_key, full_value, layer_idx)
+    def update_whole_batch(self, layer_idx: int, active: KeyValues | None, *args, **kwargs) -> KeyValues:
+        """Update layer `layer_idx` of the real cache with the `active` samples' new keys/values (None: no sample is
+        active) and the propagated ones of the samples that left."""
+        propagated = self.propagate[layer_idx]()
+        full = []
+        for index, exited_states in enumerate(propagated):
+            states = exited_states.new_empty(self.batch_size, *exited_states.shape[1:])
+            states[self.exited] = exited_states
+            if active is not None:
+                states[self.active] = active[index]
+            full.append(states)
+        return self.cache.update(*full, layer_idx, *args, **kwargs)
 
 
 class NoExitCache:
@@ -60,34 +60,35 @@ class NoExitCache:
     view = None
     fills_after_exit = False
 
-    def begin_step(self, active: torch.Tensor) -> None:
-        """Before a step's blocks run for the samples at indices `active`."""
-
-    def end_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor) -> None:
-        """After them: `exit_hidden` holds (batch first) the exit state of every sample that has left the batch."""
+    def begin_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
+                   ) -> None:
+        """Before a step's blocks run for the samples at indices `active`; `exit_hidden` holds (batch first) the exit
+        state of every sample that has left the batch."""
 
 
 class PropagatedExitCache(NoExitCache):
-    """The exiting pass with a key/value cache: the blocks see a `SubBatchCache`, and after every step the samples
-    that have left the batch get the keys/values their exit state propagates to, down to the last layer."""
+    """The exiting pass with a key/value cache: the blocks see a `SubBatchCache` that gives the samples that left
+    the batch the keys/values their exit state propagates to, down to the last layer."""
 
     fills_after_exit = True
 
     def __init__(self, cache, adapter, block_kwargs: dict, batch_size: int):
-        self.view = SubBatchCache(cache)
-        self.adapter, self.block_kwargs, self.batch_size = adapter, block_kwargs, batch_size
+        self.view = SubBatchCache(cache, batch_size)
+        self.adapter, self.block_kwargs = adapter, block_kwargs
 
-    def begin_step(self, active: torch.Tensor) -> None:
-        self.view.active = None if active.numel() == self.batch_size else active
-
-    def end_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor) -> None:
-        if self.view.active is None:  # every sample ran: the blocks updated the real cache themselves
+    def begin_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
+                   ) -> None:
+        view = self.view
+        if active.numel() == view.batch_size:  # every sample runs: the blocks update the real cache themselves
+            view.active = None
             return
-        exited = complement(active, self.batch_size)
-        hidden, kwargs = exit_hidden[exited], select_batch(self.block_kwargs, exited)
-        for offset, block in enumerate(blocks):
-            self.view.commit(first_layer + offset, self.batch_size, exited,
-                             lambda block=block: self.adapter.kv_projection(block, hidden, kwargs))
+        view.active, view.exited = active, complement(active, view.batch_size)
+        hidden, kwargs = exit_hidden[view.exited], select_batch(self.block_kwargs, view.exited)
+        view.propagate = {first_layer + offset: lambda block=block: self.adapter.kv_projection(block, hidden, kwargs)
+                          for offset, block in enumerate(blocks)}
+        if not active.numel():  # no block runs: only the propagated keys/values are left to store
+            for layer_idx in view.propagate:
+                view.update_whole_batch(layer_idx, None)
 
 
 def exit_cache(cache, adapter, block_kwargs: dict, batch_size: int) -> NoExitCache:

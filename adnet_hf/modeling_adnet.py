@@ -14,30 +14,44 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .backbones_adnet import backbone_adapter, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
-from .exits_adnet import FULL_DEPTH, exit_rule
+from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
 from .units_adnet import CalculationUnit
 
 logger = logging.get_logger(__name__)
 
 
+_EXIT_CONTRACT = """
+    Under exits, `hidden_states` and `attentions` keep the backbone's own length (the embedding output and every
+    block's output; one attention entry per block; a ResNet reports one hidden state per stage, as `ResNetModel`
+    does). Blocks a sample skipped carry its exit state in `hidden_states` (zeros where a CNN's later stages differ
+    in shape) and zero `attentions`; `exit_steps` says which entries were computed.
+"""
+
+
 @dataclass
 class ADNetModelOutput(ModelOutput):
     r"""
+    The fields of Transformers' `BaseModelOutputWithPast` first, then ADNet's own.
+
     last_hidden_state (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`, or the CNN's feature map):
         The block output at each sample's exit step; `None` when a CNN's samples exit in stages whose feature maps
         differ in shape.
+    cache (`Cache`): the key/value cache, when one was passed or `use_cache=True`.
+    hidden_states (`tuple(torch.Tensor)`): the embedding output and each block's output, for the full batch.
+    attentions (`tuple(torch.Tensor)`): each block's attention weights.
     logits (`torch.Tensor` of shape `(*items, num_labels)`):
         The prediction at each item's exit step (training: the predictions fused under the halting distribution).
         Items are samples, or batch x tokens for a causal LM. `None` without a step head.
     step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
         Every variable step's prediction; in training and with `exit_policy="none"` only.
     step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
-        Every variable step's unreduced task loss, when a `step_loss` was given (full depth only).
+        Every variable step's unreduced task loss, when the step head has a loss (full depth only).
     halting_probs (`torch.Tensor` of shape `(*items, num_variable_steps)`):
         The halting distribution `p_n`. At inference with exits, the exit step takes the mass not yet halted and
         the steps after it get 0, so each row still sums to 1.
@@ -46,13 +60,12 @@ class ADNetModelOutput(ModelOutput):
     executed_layers (`torch.LongTensor` of shape `items`): backbone blocks executed for each item.
     flops (`torch.Tensor` of shape `items`): estimated FLOPs each item used in the blocks it ran, the units and the
         step predictions (matrix products and attention; a sample's real tokens only, as if it ran alone).
-    cache (`Cache`): the key/value cache, when one was passed or `use_cache=True`.
-    hidden_states (`tuple(torch.Tensor)`): the embedding output and each executed step's output (full batch;
-        zeros for samples that had left the batch).
-    attentions (`tuple(torch.Tensor)`): each executed block's attention weights, laid out like `hidden_states`.
     """
 
     last_hidden_state: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     logits: torch.Tensor | None = None
     step_logits: torch.Tensor | None = None
     step_losses: torch.Tensor | None = None
@@ -60,15 +73,16 @@ class ADNetModelOutput(ModelOutput):
     exit_steps: torch.LongTensor | None = None
     executed_layers: torch.LongTensor | None = None
     flops: torch.Tensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+ADNetModelOutput.__doc__ += _EXIT_CONTRACT
 
 
 @dataclass
 class ADNetSequenceClassifierOutput(ModelOutput):
     r"""
-    Output of [`ADNetForSequenceClassification`] and [`ADNetForImageClassification`].
+    Output of [`ADNetForSequenceClassification`] and [`ADNetForImageClassification`]: the fields of Transformers'
+    `SequenceClassifierOutput` first (so `return_dict=False` gives `(loss, logits, ...)` as theirs), then ADNet's.
 
     loss (`torch.Tensor` of shape `()`): the configured ADNet loss (GPSL by default), when `labels` are given.
     logits (`torch.Tensor` of shape `(batch_size, num_labels)`): the prediction at each sample's exit step
@@ -83,40 +97,47 @@ class ADNetSequenceClassifierOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     step_logits: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
     executed_layers: torch.LongTensor | None = None
     flops: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+ADNetSequenceClassifierOutput.__doc__ += _EXIT_CONTRACT
 
 
 @dataclass
 class ADNetCausalLMOutput(ModelOutput):
     r"""
-    Output of [`ADNetForCausalLM`]. Items are tokens: `logits` is `(batch_size, seq_len, vocab_size)`,
-    `halting_probs` `(batch_size, seq_len, num_variable_steps)`, `exit_steps`, `executed_layers` and `flops`
-    `(batch_size, seq_len)`.
+    Output of [`ADNetForCausalLM`]: the fields of Transformers' `CausalLMOutputWithPast` first, then ADNet's. Items
+    are tokens: `logits` is `(batch_size, seq_len, vocab_size)`, `halting_probs`
+    `(batch_size, seq_len, num_variable_steps)`, `exit_steps`, `executed_layers` and `flops` `(batch_size, seq_len)`.
     `loss` averages over the predicted tokens whose label is not -100.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     step_logits: torch.Tensor | None = None
     halting_probs: torch.Tensor | None = None
     exit_steps: torch.LongTensor | None = None
     executed_layers: torch.LongTensor | None = None
     flops: torch.Tensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+ADNetCausalLMOutput.__doc__ += _EXIT_CONTRACT
 
 
 class ADNetPreTrainedModel(PreTrainedModel):
     config: ADNetConfig
     config_class = ADNetConfig
     base_model_prefix = "adnet"
+    supports_gradient_checkpointing = True  # the backbone's blocks checkpoint themselves (text backbones)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -199,12 +220,24 @@ class ADNetModel(ADNetPreTrainedModel):
         if unexpected:
             logger.info(f"Backbone weights not used by ADNet (e.g. the pooler): {unexpected}")
 
+    def _configured_policy(self, step_head: StepHead | None) -> str:
+        """`config.exit_policy`, or full depth when it needs step predictions and none can be made: a checkpoint
+        saved with `confidence` or `patience` loaded as the base model (`AutoModel`) has no task head."""
+        policy = self.config.exit_policy
+        if step_head is None and policy in EXIT_RULES and EXIT_RULES[policy].needs_predictions:
+            logger.warning_once(f"exit_policy={policy!r} needs the task head's predictions, which ADNetModel alone "
+                                f"does not make: running at full depth. Load the checkpoint with its task model "
+                                f"({', '.join(self.config.architectures or ['an ADNetFor* class'])}) to exit.")
+            return FULL_DEPTH
+        return policy
+
     def step_engine(self) -> StepEngine:
         """The engine over the backbone's blocks grouped into steps of `layers_per_step`, and the units."""
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
         return StepEngine(self.adapter, steps, self.units, bool(self.config.per_token_units), size)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -234,14 +267,20 @@ class ADNetModel(ADNetPreTrainedModel):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
-        policy = exit_policy or self.config.exit_policy
+        policy = exit_policy or self._configured_policy(step_head)
         rule = None if self.training or policy == FULL_DEPTH else exit_rule(policy, self.config, exit_threshold)
         if rule is None and exit_threshold is not None:
             raise ValueError("exit_threshold needs an exiting pass: it has no effect in training or with "
                              f"exit_policy={FULL_DEPTH!r}.")
         engine = self.step_engine()
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        backbone_config = self.config.backbone_config
         with recording_attentions(self.backbone, bool(output_attentions)) as records:
-            trace = Trace(state.hidden.shape[0], bool(output_hidden_states), records)
+            trace = Trace(state.hidden.shape[0], bool(output_hidden_states), records,
+                          self.adapter.hidden_state_blocks(backbone_config), self.config.num_blocks)
             if rule is None:
                 steps = engine.full_depth(state, step_head, trace, cache, fuse=self.training)
             else:
@@ -252,7 +291,12 @@ class ADNetModel(ADNetPreTrainedModel):
 
 
 class _ADNetClassifier(ADNetPreTrainedModel):
-    """Shared by the sequence and image classifiers: an output layer on the unit summaries, and the loss."""
+    """Shared by the sequence and image classifiers: an output layer on the unit summaries, and the loss.
+
+    The loss is a per-batch mean (`accepts_loss_kwargs = False`): `Trainer` divides it by the accumulation steps.
+    """
+
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
@@ -299,6 +343,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 class ADNetForSequenceClassification(_ADNetClassifier):
     """ADNet on a BERT, RoBERTa or GPT-2 backbone for single-label, multi-label or regression tasks."""
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -331,7 +376,9 @@ class ADNetForImageClassification(_ADNetClassifier):
     """ADNet on a ResNet: each image stops after its own number of residual blocks."""
 
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False  # ResNet's blocks do not checkpoint (nor does `ResNetModel`)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -349,7 +396,13 @@ class ADNetForImageClassification(_ADNetClassifier):
 
 
 class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
-    """ADNet on a GPT-2 or Llama-family decoder: per-token units, every step predicting with the tied LM head."""
+    """ADNet on a GPT-2 or Llama-family decoder: per-token units, every step predicting with the tied LM head.
+
+    Under gradient accumulation `Trainer` passes `num_items_in_batch` (`accepts_loss_kwargs = True`), and the loss
+    is this micro-batch's share of the mean over every accumulated token, as Transformers' own causal LMs do.
+    """
+
+    accepts_loss_kwargs = True
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
@@ -377,6 +430,11 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
     def step_head(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.adnet.adapter.final_norm(self.adnet.backbone)(hidden))
 
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from
+        it (the adapter needs the token mask for positions, FLOPs and exits)."""
+        return attention_mask
+
     @staticmethod
     def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
         """A causal LM checkpoint, so that an untied LM head can be kept too."""
@@ -389,6 +447,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         if not self.config.tie_word_embeddings:
             self.lm_head.load_state_dict(pretrained.get_output_embeddings().state_dict())
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -403,6 +462,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> ADNetCausalLMOutput:
         r"""
@@ -411,6 +471,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
             causal LM (shifted inside; -100 is ignored).
         cache (`Cache`, *optional*): key/value cache for generation.
+        num_items_in_batch (`int`, *optional*): predicted tokens (label not -100) in all the micro-batches of one
+            optimiser step; the loss is then the sum over this micro-batch's tokens divided by it.
         exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
         """
         if use_cache and cache is None:
@@ -429,20 +491,26 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
             step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        loss = None if labels is None else self.combine_losses(out, targets)
+        loss = None if labels is None else self.combine_losses(out, targets, num_items_in_batch)
         return ADNetCausalLMOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
             exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops, cache=out.cache,
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
-    def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor) -> torch.Tensor:
+    def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor,
+                       num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         """Over every predicted token whose target (B x T-1) is not -100: in training the configured loss over the
-        steps, at inference the cross-entropy of the prediction made (so `exp(loss)` is the perplexity)."""
+        steps, at inference the cross-entropy of the prediction made (so `exp(loss)` is the perplexity). A mean over
+        these tokens, or with `num_items_in_batch` their sum divided by it."""
         keep = targets != IGNORE_INDEX
         if out.step_losses is None:
-            return task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification").mean()
-        return self.loss_fn(out.step_losses[keep], out.halting_probs[:, :-1][keep])
+            loss = task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification").mean()
+        else:
+            loss = self.loss_fn(out.step_losses[keep], out.halting_probs[:, :-1][keep])
+        if num_items_in_batch is None:
+            return loss
+        return loss * keep.sum() / num_items_in_batch
 
 
 __all__ = [

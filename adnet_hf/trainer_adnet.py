@@ -24,7 +24,6 @@ from transformers.trainer_utils import SchedulerType
 from transformers.utils import logging
 
 from .evaluation_adnet import exit_items, task_metrics
-from .losses_adnet import IGNORE_INDEX
 
 logger = logging.get_logger(__name__)
 
@@ -171,26 +170,13 @@ class ADNetTrainer(Trainer):
         self._exit_stats = _RunningMeans()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's own ADNet loss; in training, also gathers the halting statistics for the next log."""
-        outputs = model(**inputs)
+        """`Trainer`'s loss (the model's own ADNet loss, scaled under gradient accumulation as the model declares
+        with `accepts_loss_kwargs`); in training, also gathers the halting statistics for the next log."""
+        loss, outputs = super().compute_loss(model, {**inputs, "return_dict": True}, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
         if model.training:
             self._record_training_outputs(outputs, inputs.get("labels"))
-        loss = outputs.loss
-        if num_items_in_batch is not None:
-            loss = self._share_of_accumulated_mean(loss, inputs["labels"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    def _share_of_accumulated_mean(self, loss: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """A token mean made this micro-batch's share of the mean over every accumulated token of every process.
-
-        Trainer counts `num_items_in_batch` (and then skips its division by the accumulation steps) only for models
-        whose forward takes loss kwargs, i.e. `ADNetForCausalLM`; the count below follows the same shifting rule.
-        """
-        counted = labels[..., 1:] if self._loss_shifts_labels else labels
-        loss = loss * counted.ne(IGNORE_INDEX).sum() / num_items_in_batch
-        if self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # DDP averages the gradients of the processes
-        return loss
 
     def _record_training_outputs(self, outputs, labels: torch.Tensor | None) -> None:
         """Training runs every step, so exits are expectations under the halting distribution: `exit_steps`
@@ -232,7 +218,7 @@ class ADNetTrainer(Trainer):
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
                 loss = loss.detach().mean()
             else:
-                outputs = model(**inputs)
+                outputs = model(**inputs, return_dict=True)
         for name, values in exit_items(outputs, inputs.get("labels")).items():
             self._exit_stats.add(name, values)
         if prediction_loss_only:

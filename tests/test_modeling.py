@@ -245,12 +245,21 @@ def test_hidden_states_and_attentions_on_request():
     ids, mask = token_batch()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
-    deepest = int(out.exit_steps.max())
-    assert len(out.hidden_states) == deepest + 1 and len(out.attentions) == deepest
+    assert int(out.exit_steps.min()) < 4, "no sample exited early: the test would prove nothing"
+    # the backbone's own length: embeddings + every block, one attention entry per block
+    assert len(out.hidden_states) == 5 and len(out.attentions) == 4
     assert out.hidden_states[1].shape == (4, 7, 32) and out.attentions[0].shape == (4, 4, 7, 7)
-    for step in range(1, deepest + 1):
-        gone = out.exit_steps < step
-        assert (out.hidden_states[step][gone] == 0).all() and (out.attentions[step - 1][gone] == 0).all()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_hidden_states=True,
+                     output_attentions=True)
+    for row, exit_step in enumerate(out.exit_steps.tolist()):
+        for block in range(1, 5):
+            if block <= exit_step:  # computed: what the full-depth pass computes
+                torch.testing.assert_close(out.hidden_states[block][row], full.hidden_states[block][row])
+                torch.testing.assert_close(out.attentions[block - 1][row], full.attentions[block - 1][row])
+            else:  # skipped: the sample's exit state, and no attention
+                assert torch.equal(out.hidden_states[block][row], out.hidden_states[exit_step][row])
+                assert (out.attentions[block - 1][row] == 0).all()
 
 
 def test_attentions_need_eager_attention():
