@@ -325,7 +325,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
                 return task_loss(logits, labels, problem_type)
 
         head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss)
-        out = self.adnet(step_head=head, **inputs)
+        out = self.adnet(step_head=head, return_dict=True, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
             loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
@@ -490,6 +490,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
             step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            return_dict=True,
         )
         loss = None if labels is None else self.combine_losses(out, targets, num_items_in_batch)
         return ADNetCausalLMOutput(

@@ -1,0 +1,266 @@
+"""What every Transformers model does, checked on every ADNet head, at full depth and with exits.
+
+After Transformers' own common tests (`ModelTesterMixin`): outputs as dict or tuple, output flags from the config,
+hidden states and attentions with the backbone's layout, gradient checkpointing, static caches, the config
+attributes utilities read, loss scaling under gradient accumulation through `Trainer` and `ADNetTrainer`. Where
+early exit changes a convention, the documented behaviour is asserted instead (see `ADNetModelOutput`).
+"""
+
+import pytest
+import torch
+from conftest import (
+    bert_config,
+    gpt2_config,
+    llama_config,
+    midpoint_threshold,
+    resnet_config,
+    roberta_config,
+    spread_halting,
+    token_batch,
+)
+from transformers import AutoModel, Trainer, TrainingArguments
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
+from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
+
+NO_DROPOUT = {
+    "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+# head name -> (model class, backbone config, input kind)
+HEADS = {
+    "bert-sequence": (ADNetForSequenceClassification, lambda: bert_config(**NO_DROPOUT["bert"]), "text"),
+    "roberta-sequence": (ADNetForSequenceClassification, lambda: roberta_config(**NO_DROPOUT["bert"]), "text"),
+    "gpt2-sequence": (ADNetForSequenceClassification, lambda: gpt2_config(**NO_DROPOUT["gpt2"]), "text"),
+    "gpt2-causal": (ADNetForCausalLM, lambda: gpt2_config(**NO_DROPOUT["gpt2"]), "causal"),
+    "llama-causal": (ADNetForCausalLM, llama_config, "causal"),
+    "resnet-image": (ADNetForImageClassification, resnet_config, "image"),
+}
+TEXT_HEADS = [name for name, (_, _, kind) in HEADS.items() if kind != "image"]
+CAUSAL_HEADS = [name for name, (_, _, kind) in HEADS.items() if kind == "causal"]
+
+
+def build(head: str, **overrides):
+    model_class, backbone, _ = HEADS[head]
+    config = ADNetConfig(backbone_config=backbone(), num_labels=3, unit_hidden_size=8, num_fixed_steps=0,
+                         classifier_dropout=0.0, attn_implementation="eager", **overrides)
+    return model_class(config)
+
+
+def inputs_for(head: str, batch: int = 4, labels: bool = True, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    kind = HEADS[head][2]
+    if kind == "image":
+        inputs = {"pixel_values": torch.randn(batch, 1, 28, 28)}
+    else:
+        ids, mask = token_batch(batch=batch, pad_lengths=(0, 2, 0, 3) * (batch // 4),
+                                pad_id=1 if head.startswith("roberta") else 0)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        inputs["labels"] = (inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100) if kind == "causal"
+                            else torch.randint(0, 3, (batch,)))
+    return inputs
+
+
+def exiting_model(head: str, **overrides):
+    """The head in eval mode, and a `halting` threshold under which some items exit at the first unit and not
+    others."""
+    model = build(head, **overrides).eval()
+    spread_halting(model, scale=5.0 if HEADS[head][2] == "causal" else 200.0)
+    inputs = inputs_for(head, labels=False)
+    with torch.no_grad():
+        first = model(**inputs, exit_policy="none").halting_probs[..., 0]
+    real = first[inputs["attention_mask"].bool()] if HEADS[head][2] == "causal" else first
+    return model, midpoint_threshold(1 - real.flatten())
+
+
+SETTINGS = [("none", False), ("halting", True)]
+
+
+@pytest.mark.parametrize("policy,exits", SETTINGS, ids=["full_depth", "exits"])
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_return_dict_false_gives_the_tuple_loss_first(head, policy, exits):
+    model, threshold = exiting_model(head)
+    kwargs = {"exit_policy": policy, "exit_threshold": threshold if exits else None}
+    inputs = inputs_for(head)
+    with torch.no_grad():
+        as_dict = model(**inputs, **kwargs)
+        as_tuple = model(**inputs, **kwargs, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(**inputs, **kwargs)
+    expected = as_dict.to_tuple()
+    for result in (as_tuple, from_config):
+        assert isinstance(result, tuple) and len(result) == len(expected)
+        assert torch.equal(result[0], as_dict.loss) and torch.equal(result[1], as_dict.logits)
+        for ours, theirs in zip(result[2:], expected[2:]):
+            assert type(ours) is type(theirs)
+
+
+def backbone_outputs(model, inputs: dict):
+    """The backbone's own hidden states and attentions on the same inputs (its own forward, full depth)."""
+    backbone = model.base_model.backbone
+    if "pixel_values" in inputs:
+        return backbone(inputs["pixel_values"], output_hidden_states=True).hidden_states, None
+    out = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   output_hidden_states=True, output_attentions=True)
+    return out.hidden_states, out.attentions
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_output_flags_from_the_config_and_the_backbone_layout(head):
+    """At full depth, the hidden states and attentions are the backbone's own, except a decoder's last hidden state:
+    it is the last block's output, where GPT-2 and Llama apply their final norm (ADNet applies it in the step head,
+    at every step)."""
+    model = build(head).eval()
+    inputs = inputs_for(head, labels=False)
+    model.config.output_hidden_states = True
+    model.config.output_attentions = HEADS[head][2] != "image"
+    with torch.no_grad():
+        ours = model(**inputs, exit_policy="none")
+        hidden_states, attentions = backbone_outputs(model, inputs)
+    assert len(ours.hidden_states) == len(hidden_states)
+    compared = hidden_states[:-1] if model.base_model.adapter.is_causal else hidden_states
+    real = inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
+    for index, theirs in enumerate(compared):
+        torch.testing.assert_close(ours.hidden_states[index][real], theirs[real], msg=f"hidden state {index}")
+    if attentions is not None:
+        assert len(ours.attentions) == len(attentions)
+        for index, theirs in enumerate(attentions):
+            query_rows = (ours.attentions[index].transpose(1, 2)[real], theirs.transpose(1, 2)[real])
+            torch.testing.assert_close(*query_rows, msg=f"attention {index}")
+
+
+def exiting_items(out, inputs: dict, layers_per_step: int) -> list[tuple[tuple, int]]:
+    """(index into a hidden state, blocks executed) of every real item: a sample, or a token of a causal LM."""
+    blocks = out.exit_steps * layers_per_step
+    if blocks.dim() == 1:
+        return [((row,), int(count)) for row, count in enumerate(blocks)]
+    return [((row, token), int(blocks[row, token])) for row, token in inputs["attention_mask"].nonzero().tolist()]
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_under_exits_skipped_blocks_carry_the_exit_state(head):
+    """Hidden states keep the backbone's length: a block an item skipped holds its exit state (zeros where a CNN
+    stage differs in shape); attentions of a sample that had left the batch are zero."""
+    overrides = {"layers_per_step": 2} if HEADS[head][2] == "image" else {}  # a step per ResNet stage
+    model, threshold = exiting_model(head, **overrides)
+    inputs = inputs_for(head, labels=False)
+    flags = {"output_hidden_states": True}
+    if HEADS[head][2] != "image":  # as ResNetModel's, the image head's forward has no output_attentions
+        flags["output_attentions"] = True
+    with torch.no_grad():
+        full = model(**inputs, exit_policy="none", **flags)
+        out = model(**inputs, exit_policy="halting", exit_threshold=threshold, **flags)
+    assert len(out.hidden_states) == len(full.hidden_states)
+    assert out.attentions is None or len(out.attentions) == len(full.attentions)
+    recorded = [-1, *model.base_model.adapter.hidden_state_blocks(model.config.backbone_config)]
+    items = exiting_items(out, inputs, model.config.layers_per_step)
+    assert len({blocks for _, blocks in items}) > 1, "every item exited at the same block: nothing to check"
+    for index, blocks in items:
+        exit_state = out.hidden_states[recorded.index(blocks - 1)][index]
+        for entry, block in enumerate(recorded):
+            if block >= blocks:
+                state = out.hidden_states[entry][index]
+                assert torch.equal(state, exit_state) if state.shape == exit_state.shape else (state == 0).all()
+    if out.attentions is not None:
+        sample_blocks = [max(blocks for index, blocks in items if index[0] == row) for row in range(len(out.logits))]
+        for row, blocks in enumerate(sample_blocks):
+            assert all((attention[row] == 0).all() for attention in out.attentions[blocks:])
+
+
+@pytest.mark.parametrize("head", TEXT_HEADS)
+def test_gradient_checkpointing_gives_the_same_gradients(head):
+    inputs = inputs_for(head)
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build(head).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            blocks = model.base_model.adapter.blocks(model.base_model.backbone)
+            assert all(block.gradient_checkpointing for block in blocks)
+        model(**inputs).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, msg=name)
+
+
+def test_image_head_refuses_gradient_checkpointing():
+    with pytest.raises(ValueError, match="does not support"):
+        build("resnet-image").gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("exits", [False, True], ids=["full_depth", "exits"])
+@pytest.mark.parametrize("head", CAUSAL_HEADS)
+def test_static_cache_generation_equals_dynamic(head, exits):
+    model, threshold = exiting_model(head)
+    ids, mask = token_batch(batch=3, length=5, pad_lengths=(0, 2, 1), left_padding=True)
+    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0,
+              "exit_policy": "halting" if exits else "none", "exit_threshold": threshold if exits else None,
+              "return_dict_in_generate": True, "output_scores": True, "output_hidden_states": True}
+    with torch.no_grad():
+        dynamic = model.generate(ids, **kwargs)
+        static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for ours, theirs in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # every decoding step reports the backbone's length of hidden states, exits or not
+    assert {len(step) for step in dynamic.hidden_states} == {model.config.num_blocks + 1}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_config_exposes_what_utilities_read(head):
+    model = build(head)
+    backbone = model.config.backbone_config
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert getattr(model.config, name, None) == getattr(backbone, name, None), name
+    if hasattr(backbone, "vocab_size"):
+        model.config.vocab_size = 120
+        assert backbone.vocab_size == 120
+
+
+@pytest.mark.parametrize("policy", ["confidence", "patience"])
+def test_base_model_runs_a_checkpoint_saved_with_a_prediction_rule(policy, tmp_path, caplog):
+    build("bert-sequence", exit_policy=policy).save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    inputs = inputs_for("bert-sequence", labels=False)
+    with torch.no_grad():
+        out = base(**inputs)
+    assert (out.exit_steps == base.config.num_steps).all()
+    assert "running at full depth" in caplog.text and "ADNetForSequenceClassification" in caplog.text
+    with pytest.raises(ValueError, match="needs step predictions"):
+        base(**inputs, exit_policy=policy)
+
+
+def train_one_step(head: str, trainer_class, args_class, batch: int, accumulation: int, tmp_path) -> dict:
+    data = inputs_for(head, batch=8)
+    dataset = [{name: values[i] for name, values in data.items()} for i in range(8)]
+    torch.manual_seed(0)
+    model = build(head)
+    for module in model.modules():  # BatchNorm's batch statistics differ between micro-batches by design
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(lambda norm, _: setattr(norm, "training", False))
+    args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
+                      lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, save_strategy="no",
+                      report_to="none", seed=0)
+    trainer_class(model=model, args=args, train_dataset=dataset).train()
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("trainer_class,args_class", [(Trainer, TrainingArguments),
+                                                      (ADNetTrainer, ADNetTrainingArguments)],
+                         ids=["Trainer", "ADNetTrainer"])
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_gradient_accumulation_matches_the_full_batch(head, trainer_class, args_class, tmp_path):
+    """1 x 8, 2 x 4 and 4 x 2 give the same weights after one SGD step: a doubled or halved loss would show. The
+    causal LM's micro-batches hold different numbers of predicted tokens, so only the token-weighted
+    `num_items_in_batch` scaling makes them equal. A ResNet's BatchNorm normalises with the statistics of the batch it
+    sees, so micro-batches cannot match the full batch (as for the plain ResNet): its norms use running statistics
+    here, which leaves the loss scaling to compare."""
+    reference = train_one_step(head, trainer_class, args_class, 8, 1, tmp_path)
+    for batch, accumulation in ((4, 2), (2, 4)):
+        accumulated = train_one_step(head, trainer_class, args_class, batch, accumulation, tmp_path)
+        for name, value in reference.items():
+            torch.testing.assert_close(accumulated[name], value, atol=1e-5, rtol=1e-5, msg=name)
