@@ -3,7 +3,8 @@ task): "single_label" (accuracy), "two_class" (accuracy and the F1 of class 1, G
 "multi_label" (accuracy with every label right) and "regression" (Pearson's and Spearman's correlations, mean squared
 error, GLUE's STS-B metric with the error added)."""
 
-import datasets
+# One import per line: `evaluate.load` reads a module's imports line by line to check its dependencies.
+import datasets  # noqa: I001
 import evaluate
 from scipy.stats import pearsonr
 from scipy.stats import spearmanr
