@@ -23,14 +23,7 @@ from adnet_hf.data_adnet import token_blocks
 from adnet_hf.evaluation_adnet import sweep_exits
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .common import (
-    benchmark_parser,
-    interleaved_seconds,
-    parse_benchmark_args,
-    row_policy,
-    save_figure,
-    write_results,
-)
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, row_policy, save_figure, write_results
 
 
 def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str, threshold: float,
