@@ -6,15 +6,15 @@
   `executed_layers` (blocks executed), per sample, or per predicted token whose label is not -100 for a causal LM.
 
 Metrics pool over a whole evaluation set, so each batch is first reduced to its items (`prediction_items`), items
-are concatenated, and `evaluation_metrics` turns them into numbers. `evaluate_batches` runs that loop for one exit
-setting and `sweep_exits` for several, with the setting passed per call (`exit_threshold`), never written into the
-config.
+are concatenated (`pooled_items`), and `evaluation_metrics` turns them into numbers. `evaluate_batches` runs that
+loop for one exit setting and `sweep_exits` for several, with the setting passed per call (`exit_threshold`), never
+written into the config.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,6 +117,26 @@ def quality_metric(metrics: Mapping[str, float]) -> str:
 
 
 @torch.no_grad()
+def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
+                 exit_threshold: float | int | None = None,
+                 gather: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
+    """The `prediction_items` of `model` on every batch (model inputs with `labels`), concatenated on the CPU.
+
+    Kept per item, so that a subset (e.g. the items that exit at one step) can be scored too. `gather` (e.g.
+    `accelerator.gather_for_metrics`) collects each batch's items from every process first; it needs items of the
+    same count on every process, so samples, not a causal LM's token losses.
+    """
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        inputs = {name: value.to(model.device) for name, value in batch.items()}
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, exit_policy=exit_policy, exit_threshold=exit_threshold)
+        items = prediction_items(outputs, labels)
+        for name, values in (items if gather is None else gather(items)).items():
+            pooled.setdefault(name, []).append(values.cpu())
+    return {name: torch.cat(values) for name, values in pooled.items()}
+
+
 def evaluate_batches(model, batches: Iterable[dict], exit_policy: str | None = None,
                      exit_threshold: float | int | None = None) -> dict[str, float]:
     """`evaluation_metrics` of `model` on `batches` (model inputs with `labels`) with one exit setting.
@@ -124,14 +144,7 @@ def evaluate_batches(model, batches: Iterable[dict], exit_policy: str | None = N
     `exit_policy` / `exit_threshold` default to the config's; the threshold is the policy's setting
     (`halting_epsilon`, `confidence_threshold` or `patience`) for these calls only.
     """
-    pooled: dict[str, list[torch.Tensor]] = {}
-    for batch in batches:
-        inputs = {name: value.to(model.device) for name, value in batch.items()}
-        labels = inputs.pop("labels")
-        outputs = model(**inputs, exit_policy=exit_policy, exit_threshold=exit_threshold)
-        for name, values in prediction_items(outputs, labels).items():
-            pooled.setdefault(name, []).append(values.cpu())
-    return evaluation_metrics({name: torch.cat(values) for name, values in pooled.items()})
+    return evaluation_metrics(pooled_items(model, batches, exit_policy, exit_threshold))
 
 
 def sweep_exits(model, batches: Iterable[dict],
@@ -154,6 +167,7 @@ __all__ = [
     "exit_items",
     "load_task_metrics",
     "perplexity",
+    "pooled_items",
     "prediction_items",
     "predicted_tokens",
     "quality_metric",

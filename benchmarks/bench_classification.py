@@ -4,8 +4,9 @@ each exit policy.
 Every number is measured in this process against the same weights at full depth (`exit_policy="none"`), at
 batch 1 and batch 32, on a GLUE-style TSV (single sentences or pairs, e.g. SST-2, MRPC or STS-B dev) or on IDX
 images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation for a regression model (one
-output; only `halting` exits then, as `confidence` and `patience` need classes). A plain fine-tuned model (e.g.
-`BertForSequenceClassification`) can be given as a second reference.
+output; only `halting` exits then, as `confidence` and `patience` need classes), with the executed layers from
+`adnet_hf.evaluation_adnet.sweep_exits`: each setting is passed per call, never written into the config. A plain
+fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference.
 
     python -m benchmarks.bench_classification --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
@@ -23,20 +24,26 @@ import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS
 from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv
+from adnet_hf.evaluation_adnet import quality_metric, sweep_exits, task_metrics
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
+from .common import (
+    benchmark_parser,
+    interleaved_seconds,
+    parse_benchmark_args,
+    row_policy,
+    run_batches,
+    save_figure,
+    write_results,
+)
 
+# The settings of each exit rule (`EXIT_RULES`) measured by default, from the most cautious to the most aggressive.
 DEFAULT_SETTINGS = {
     "halting": [0.02, 0.1, 0.2, 0.4, 0.6],
     "confidence": [0.99, 0.95, 0.9, 0.8, 0.7],
     "patience": [3, 2, 1],
 }
-
-
-# The policies that need class predictions, which a regression model has not.
-CLASS_POLICIES = ("confidence", "patience")
 
 
 def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -57,72 +64,68 @@ def make_batches(tokenizer, texts: Texts, batch_size: int, max_length: int, limi
     return [encode(start) for start in range(0, count, batch_size)]
 
 
-def score(predictions: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """Accuracy of class predictions, or Pearson's correlation of regression scores (None for fewer than two)."""
-    if not predictions.is_floating_point():
-        return (predictions == labels).float().mean().item()
-    if len(predictions) < 2:
-        return None
-    return torch.corrcoef(torch.stack([predictions, labels.to(predictions.dtype)]))[0, 1].item()
+def with_labels(batches: list[dict], labels: torch.Tensor) -> list[dict]:
+    """`batches` (of every sample, in order) with their labels, as `evaluation_adnet` takes them."""
+    sizes = [len(next(iter(batch.values()))) for batch in batches]
+    return [{**batch, "labels": part} for batch, part in zip(batches, labels.split(sizes))]
 
 
-def metric_name(model) -> str:
-    return "pearson" if model.config.num_labels == 1 else "accuracy"
+def is_regression(model) -> bool:
+    """One output: scores, judged by Pearson's r, and only exit rules that need no classes apply."""
+    return model.config.num_labels == 1
 
 
 @torch.inference_mode()
-def predict(model, batches: list[dict], **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predicted classes (or regression scores) and, for ADNet, executed steps over all batches."""
-    predictions, steps = [], []
-    for batch in batches:
-        out = model(**batch, **kwargs)
-        predictions.append(out.logits[:, 0] if out.logits.shape[-1] == 1 else out.logits.argmax(-1))
-        if getattr(out, "exit_steps", None) is not None:
-            steps.append(out.exit_steps)
-    return torch.cat(predictions), torch.cat(steps) if steps else None
+def plain_quality(reference, batches: list[dict], labels: torch.Tensor) -> dict[str, float]:
+    """`task_metrics` of a plain model, which has no exits to count."""
+    logits = torch.cat([reference(**batch).logits for batch in batches])
+    return task_metrics(logits.float().numpy(), labels.numpy())
+
+
+def quality_row(record: dict, full: dict, num_blocks: int) -> dict:
+    """A `sweep_exits` record as a results row: quality, its drop from the `full`-depth record's in points, and the
+    executed layers."""
+    metric, layers = quality_metric(full), record["executed_layers"]
+    return {"policy": row_policy(record["exit_policy"]), "setting": record["exit_threshold"], metric: record[metric],
+            f"{metric}_drop_pts": 100 * (full[metric] - record[metric]), "executed_layers": layers,
+            "ideal_speedup": num_blocks / layers}
 
 
 def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
-    config = model.config
-    num_blocks = config.num_blocks
-    metric = metric_name(model)
-    full_predictions, _ = predict(model, batches_by_size[max(batches_by_size)], exit_policy="none")
-    full_score = score(full_predictions, labels)
-    rows = []
+    """The full-depth row, the plain reference's and one per exit setting: quality and executed layers from
+    `sweep_exits` on the largest batches, and the measured speed-up at every batch size."""
+    num_blocks = model.config.num_blocks
+    largest = batches_by_size[max(batches_by_size)]
+    records = sweep_exits(model, with_labels(largest, labels), [(FULL_DEPTH, None)] + settings)
+    full, *exits = [quality_row(record, records[0], num_blocks) for record in records]
+    rows = [full]
     if reference is not None:
-        reference_predictions, _ = predict(reference, batches_by_size[max(batches_by_size)])
-        row = {"policy": "plain reference", "setting": None, metric: score(reference_predictions, labels),
-               f"{metric}_drop_pts": None, "executed_layers": float(num_blocks), "ideal_speedup": 1.0}
+        metric = quality_metric(full)
+        quality = plain_quality(reference, largest, labels)[metric]
+        plain = {"policy": "plain reference", "setting": None, metric: quality, f"{metric}_drop_pts": None,
+                 "executed_layers": float(num_blocks), "ideal_speedup": 1.0}
         for size, batches in batches_by_size.items():
-            seconds = interleaved_seconds({"plain": lambda: predict(reference, batches),
-                                           "none": lambda: predict(model, batches, exit_policy="none")}, repeats)
-            row[f"speedup_b{size}"] = seconds["none"] / seconds["plain"]
+            seconds = interleaved_seconds({"plain": lambda: run_batches(reference, batches),
+                                           "none": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH)},
+                                          repeats)
+            plain[f"speedup_b{size}"] = seconds["none"] / seconds["plain"]
+        rows.append(plain)
+    for row in exits:
+        policy, threshold = row["policy"], row["setting"]
+        for size, batches in batches_by_size.items():
+            seconds = interleaved_seconds({
+                "exit": lambda: run_batches(model, batches, exit_policy=policy, exit_threshold=threshold),
+                "none": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH),
+            }, repeats)
+            row[f"speedup_b{size}"] = seconds["none"] / seconds["exit"]
+            row[f"efficiency_b{size}"] = row[f"speedup_b{size}"] / row["ideal_speedup"]
         rows.append(row)
-    for policy, values in settings.items():
-        field = POLICY_FIELDS[policy]
-        for value in values:
-            setattr(config, field, value)
-            predictions, steps = predict(model, batches_by_size[max(batches_by_size)], exit_policy=policy)
-            executed_layers = (steps * config.layers_per_step).float().mean().item()
-            value_score = score(predictions, labels)
-            row = {"policy": policy, "setting": value, metric: value_score,
-                   f"{metric}_drop_pts": 100 * (full_score - value_score), "executed_layers": executed_layers,
-                   "ideal_speedup": num_blocks / executed_layers}
-            for size, batches in batches_by_size.items():
-                seconds = interleaved_seconds({
-                    "exit": lambda: predict(model, batches, exit_policy=policy),
-                    "none": lambda: predict(model, batches, exit_policy="none"),
-                }, repeats)
-                row[f"speedup_b{size}"] = seconds["none"] / seconds["exit"]
-                row[f"efficiency_b{size}"] = row[f"speedup_b{size}"] / row["ideal_speedup"]
-            rows.append(row)
-            print(row, flush=True)
-    rows.insert(0, {"policy": "none (full depth)", "setting": None, metric: full_score, f"{metric}_drop_pts": 0.0,
-                    "executed_layers": float(num_blocks), "ideal_speedup": 1.0})
+        print(row, flush=True)
     return rows
 
 
-def plot(rows: list[dict], sizes: list[int], metric: str):
+def plot(rows: list[dict], sizes: list[int]):
+    metric = quality_metric(rows[0])
     scale = 100 if metric == "accuracy" else 1
 
     def draw(axis, index: int) -> None:
@@ -145,7 +148,7 @@ def text_inputs(args: argparse.Namespace):
     batches_by_size = {size: make_batches(tokenizer, texts, size, args.max_length,
                                           args.max_samples_batch1 if size == 1 else None) for size in args.batch_sizes}
     model, reference = load_models(AutoModelForSequenceClassification, args)
-    kind = float if metric_name(model) == "pearson" else int
+    kind = float if is_regression(model) else int
     return batches_by_size, torch.tensor([kind(label) for label in raw_labels]), model, reference
 
 
@@ -187,25 +190,23 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max_samples_batch1", type=int, default=200,
                         help="samples timed at batch 1 (accuracy always uses all samples)")
     parser.add_argument("--policies", nargs="+", choices=list(DEFAULT_SETTINGS),
-                        help="default: all three, or `halting` only for a regression model")
-    parser.add_argument("--halting", type=float, nargs="+", default=DEFAULT_SETTINGS["halting"],
-                        help="halting_epsilon values")
-    parser.add_argument("--confidence", type=float, nargs="+", default=DEFAULT_SETTINGS["confidence"],
-                        help="confidence_threshold values")
-    parser.add_argument("--patience", type=int, nargs="+", default=DEFAULT_SETTINGS["patience"],
-                        help="patience values")
+                        help="default: all three, or those that need no classes for a regression model")
+    for policy, values in DEFAULT_SETTINGS.items():
+        parser.add_argument(f"--{policy}", type=type(values[0]), nargs="+", default=values,
+                            help=f"{EXIT_RULES[policy].config_field} values")
     args = parse_benchmark_args(parser, argv)
     batches_by_size, labels, model, reference = load_inputs(parser, args)
-    metric = metric_name(model)
-    policies = args.policies or [p for p in DEFAULT_SETTINGS if metric == "accuracy" or p not in CLASS_POLICIES]
-    if metric == "pearson" and set(policies) & set(CLASS_POLICIES):
-        parser.error(f"a regression model exits with --policies halting only ({', '.join(CLASS_POLICIES)} need "
-                     "class predictions)")
-    rows = measure(model, reference, batches_by_size, labels, {p: getattr(args, p) for p in policies}, args.repeats)
-    payload = {"benchmark": "regression" if metric == "pearson" else "classification", "model": args.model,
+    regression = is_regression(model)
+    policies = args.policies or [p for p in DEFAULT_SETTINGS if EXIT_RULES[p].supports_regression or not regression]
+    needing_classes = [p for p in policies if not EXIT_RULES[p].supports_regression]
+    if regression and needing_classes:
+        parser.error(f"a regression model cannot exit by {', '.join(needing_classes)} (they need class predictions)")
+    settings = [(policy, value) for policy in policies for value in getattr(args, policy)]
+    rows = measure(model, reference, batches_by_size, labels, settings, args.repeats)
+    payload = {"benchmark": "regression" if regression else "classification", "model": args.model,
                "reference": args.reference, "data": args.data or args.images, "samples": len(labels),
                "samples_timed_batch1": args.max_samples_batch1, "num_blocks": model.config.num_blocks}
-    return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size), metric), args.results_dir)
+    return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
 - Inference peak memory: the rise of the process's peak resident memory (Linux `VmHWM`, reset through
   `/proc/self/clear_refs` once the model and the batches are loaded) over a pass of the data, each setting in a
   fresh process so that no setting inherits another's allocator state: the ADNet checkpoint at full depth and with
-  exits (its saved policy, or `--exit_policy` / `--exit_value`), and the plain reference. Each is measured twice:
-  with glibc's default allocator, which keeps freed heap pages (exits make many sub-batch shapes, so more of them
-  stay resident over a run), and with `MALLOC_TRIM_THRESHOLD_=0`, which returns them: the memory the passes need.
+  exits (its saved policy, or `--exit_policy` / `--exit_value`, passed per call), and the plain reference. Each is
+  measured twice: with glibc's default allocator, which keeps freed heap pages (exits make many sub-batch shapes, so
+  more of them stay resident over a run), and with `MALLOC_TRIM_THRESHOLD_=0`, which returns them: the memory the
+  passes need.
 
     python -m benchmarks.bench_costs --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
@@ -28,11 +29,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from adnet_hf import ADNetForSequenceClassification
-from adnet_hf.calibration_adnet import POLICY_FIELDS
 from adnet_hf.data_adnet import read_tsv
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .bench_classification import make_batches, predict
-from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
+from .bench_classification import make_batches
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, run_batches, save_figure, write_results
 
 LOSS_TYPES = ("gpsl", "pondernet", "deep_supervision", "last")
 
@@ -81,15 +82,14 @@ def peak_memory_child(spec: dict) -> None:
     The pass starts from a fresh allocator, so the rise counts every activation buffer the pass needs.
     """
     torch.set_num_threads(spec["threads"])
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], **spec["overrides"]).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(spec["model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     texts, _ = read_tsv(Path(spec["data"]), spec["max_samples"])
     batches = make_batches(tokenizer, texts, spec["batch_size"], spec["max_length"])
-    kwargs = {} if spec["policy"] is None else {"exit_policy": spec["policy"]}
     gc.collect()
     before = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    predict(model, batches, **kwargs)
+    run_batches(model, batches, **spec["exit_setting"])
     print(json.dumps({"peak_rise_mib": (_proc_status_kib("VmHWM") - before) / 1024}))
 
 
@@ -108,24 +108,27 @@ def memory_rows(args: argparse.Namespace) -> list[dict]:
     """Peak inference memory of each setting, and its ratio to the ADNet checkpoint at full depth."""
     base = {"tokenizer": args.tokenizer or args.model, "data": args.data, "max_samples": args.max_samples,
             "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads}
-    exits = "adnet exits (saved policy)"
-    overrides = {}
+    exits, exit_setting = "adnet exits (saved policy)", {}
     if args.exit_policy is not None:
-        value = int(args.exit_value) if args.exit_policy == "patience" else args.exit_value
-        exits = f"adnet exits ({args.exit_policy}={value})"
-        overrides = {"exit_policy": args.exit_policy, POLICY_FIELDS[args.exit_policy]: value}
-    settings = {"adnet none (full depth)": (args.model, "none", {}), exits: (args.model, None, overrides)}
+        exits = f"adnet exits ({args.exit_policy}={args.exit_value})"
+        exit_setting = {"exit_policy": args.exit_policy, "exit_threshold": args.exit_value}
+    settings = {"adnet none (full depth)": (args.model, {"exit_policy": FULL_DEPTH}), exits: (args.model, exit_setting)}
     if args.reference:
-        settings["plain reference"] = (args.reference, None, {})
+        settings["plain reference"] = (args.reference, {})
     rows = []
     for allocator, env in ALLOCATORS.items():
-        peaks = {name: peak_memory_mib({**base, "model": model, "policy": policy, "overrides": overrides}, env)
-                 for name, (model, policy, overrides) in settings.items()}
+        peaks = {name: peak_memory_mib({**base, "model": model, "exit_setting": setting}, env)
+                 for name, (model, setting) in settings.items()}
         full = peaks["adnet none (full depth)"]
         rows += [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
                   "allocator": allocator, "peak_rise_mib": peak, "ratio_to_full_depth": peak / full}
                  for name, peak in peaks.items()]
     return rows
+
+
+def number(text: str) -> int | float:
+    """An `--exit_value`: an integer as written (a patience), else a float (a threshold)."""
+    return int(text) if text.isdigit() else float(text)
 
 
 def plot(rows: list[dict]):
@@ -154,13 +157,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--exit_policy", choices=list(POLICY_FIELDS), help="policy for the memory run with exits "
+    parser.add_argument("--exit_policy", choices=list(EXIT_RULES), help="policy for the memory run with exits "
                         "(default: the checkpoint's saved policy and setting)")
-    parser.add_argument("--exit_value", type=float, help="its setting (halting_epsilon, confidence_threshold or "
-                        "patience)")
+    parser.add_argument("--exit_value", type=number, help="its setting, passed per call (the policy's "
+                        f"{', '.join(rule.config_field for rule in EXIT_RULES.values())})")
     args = parse_benchmark_args(parser, argv)
     if (args.exit_policy is None) != (args.exit_value is None):
         parser.error("--exit_policy and --exit_value go together")
+    if args.exit_policy is not None and not EXIT_RULES[args.exit_policy].is_valid(args.exit_value):
+        parser.error(f"--exit_value of {args.exit_policy} must be {EXIT_RULES[args.exit_policy].allowed}")
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     texts, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)

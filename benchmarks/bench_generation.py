@@ -1,8 +1,10 @@
 """Causal LM: perplexity and generation tokens/s at full depth and with per-token exit.
 
 Perplexity is teacher-forced on a text file (default: PTB test) with the exit policy applied per token (exited
-tokens keep their exit state, as in generation). Generation speed is greedy decoding of a fixed number of new
-tokens from prompts taken from the same text, at batch 1 and 8, timed against the same weights at full depth.
+tokens keep their exit state, as in generation), pooled over every predicted token by
+`adnet_hf.evaluation_adnet.sweep_exits`, each setting passed per call. Generation speed is greedy decoding of a
+fixed number of new tokens from prompts taken from the same text, at batch 1 and 8, timed against the same weights
+at full depth.
 
     python -m benchmarks.bench_generation --model outputs/ptb-adnet-smollm2 \
         --data ../shared/data/ptb/ptb.test.txt --name ptb_smollm2
@@ -11,47 +13,42 @@ tokens from prompts taken from the same text, at batch 1 and 8, timed against th
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.calibration_adnet import POLICY_FIELDS
 from adnet_hf.data_adnet import token_blocks
+from adnet_hf.evaluation_adnet import sweep_exits
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, save_figure, write_results
-
-
-@torch.inference_mode()
-def perplexity(model, blocks: torch.Tensor, batch_size: int, policy: str) -> tuple[float, float]:
-    """(perplexity, executed layers per predicted token on average) with `policy`."""
-    nll, tokens, layers = 0.0, 0, 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        out = model(input_ids=batch, exit_policy=policy)
-        log_probs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-        nll -= log_probs.gather(-1, batch[:, 1:].unsqueeze(-1)).sum().item()
-        tokens += batch[:, 1:].numel()
-        layers += (out.exit_steps[:, :-1] * model.config.layers_per_step).sum().item()
-    return math.exp(nll / tokens), layers / tokens
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, row_policy, save_figure, write_results
 
 
-def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str,
+def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str, threshold: float,
                      repeats: int) -> tuple[float, float]:
-    """(speed-up against full depth, tokens/s) of `policy` generating `new_tokens` per prompt.
+    """(speed-up against full depth, tokens/s) of `policy` at `threshold` generating `new_tokens` per prompt.
 
     With no end-of-sequence token every run makes exactly `new_tokens`; `min_new_tokens` would do it too, but through
     logits processors that scan the whole vocabulary at every token, a cost that is not the model's.
     """
-    def generate(exit_policy: str):
+    def generate(exit_policy: str, exit_threshold: float | None = None):
         return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                       eos_token_id=None, do_sample=False, exit_policy=exit_policy,
-                                      pad_token_id=model.generation_config.eos_token_id)
+                                      exit_threshold=exit_threshold, pad_token_id=model.generation_config.eos_token_id)
 
-    seconds = interleaved_seconds({"exit": generate(policy), "none": generate("none")}, repeats)
+    seconds = interleaved_seconds({"exit": generate(policy, threshold), "none": generate(FULL_DEPTH)}, repeats)
     return seconds["none"] / seconds["exit"], prompts.shape[0] * new_tokens / seconds["exit"]
+
+
+def quality_row(record: dict, full: dict) -> dict:
+    """A `sweep_exits` record as a results row: perplexity and its increase over the `full`-depth record's, layers
+    per predicted token."""
+    perplexity, layers = record["perplexity"], record["executed_layers"]
+    return {"policy": row_policy(record["exit_policy"]), "setting": record["exit_threshold"], "perplexity": perplexity,
+            "ppl_increase_pct": 100 * (perplexity / full["perplexity"] - 1), "executed_layers": layers,
+            "ideal_speedup": full["executed_layers"] / layers}
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,27 +75,23 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
-                        help="halting_epsilon values")
+                        help=f"{EXIT_RULES['halting'].config_field} values")
     parser.add_argument("--confidence", type=float, nargs="*", default=[],
-                        help="confidence_threshold values (CALM's softmax confidence: runs the LM head per step)")
+                        help=f"{EXIT_RULES['confidence'].config_field} values (CALM's softmax confidence: runs the LM "
+                        "head per step)")
     args = parse_benchmark_args(parser, argv)
     model, blocks = load_text_inputs(args)
-    full_ppl, full_layers = perplexity(model, blocks, args.batch_size, "none")
-    rows = [{"policy": "none (full depth)", "setting": None, "perplexity": full_ppl,
-             "ppl_increase_pct": 0.0, "executed_layers": full_layers, "ideal_speedup": 1.0}]
     settings = [("halting", value) for value in args.epsilons] + [("confidence", v) for v in args.confidence]
-    for policy, value in settings:
-        setattr(model.config, POLICY_FIELDS[policy], value)
-        ppl, layers = perplexity(model, blocks, args.batch_size, policy)
-        row = {"policy": policy, "setting": value, "perplexity": ppl,
-               "ppl_increase_pct": 100 * (ppl / full_ppl - 1), "executed_layers": layers,
-               "ideal_speedup": full_layers / layers}
+    batches = [{"input_ids": batch, "labels": batch} for batch in blocks.split(args.batch_size)]
+    records = sweep_exits(model, batches, [(FULL_DEPTH, None)] + settings)
+    rows = [quality_row(record, records[0]) for record in records]
+    for row in rows[1:]:
         for size in args.generation_batch_sizes:
             prompts = blocks[:size, : args.prompt_length]
-            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, policy, args.repeats)
+            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, row["policy"],
+                                                          row["setting"], args.repeats)
             row[f"tokens_per_s_b{size}"] = tokens_per_second
             row[f"speedup_b{size}"] = speedup
-        rows.append(row)
         print(row, flush=True)
     payload = {"benchmark": "generation", "model": args.model, "data": args.data, "blocks": len(blocks),
                "block_size": args.block_size, "new_tokens": args.new_tokens, "num_blocks": model.config.num_blocks}

@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 
 from adnet_hf.arguments_adnet import command_line
+from adnet_hf.exits_adnet import FULL_DEPTH
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FULL_DEPTH_ROW = "none (full depth)"  # the `policy` of a results table's full-depth row
+
+
+def row_policy(policy: str) -> str:
+    """A row's `policy`: the exit policy of a `sweep_exits` record, `FULL_DEPTH_ROW` for the full-depth pass."""
+    return FULL_DEPTH_ROW if policy == FULL_DEPTH else policy
 
 
 def benchmark_parser(description: str, name: str) -> argparse.ArgumentParser:
@@ -58,6 +65,14 @@ def environment() -> dict:
 def variable_step_layers(config) -> list[int]:
     """The backbone layers run when each variable step (each exit point) of an ADNet model is reached."""
     return [(config.num_fixed_steps + n + 1) * config.layers_per_step for n in range(config.num_variable_steps)]
+
+
+@torch.inference_mode()
+def run_batches(model, batches: list[dict], **exit_setting) -> None:
+    """A pass of `model` over `batches`: what is timed, or measured for memory. `exit_setting` (`exit_policy`,
+    `exit_threshold`) is passed to every call; a plain model takes none."""
+    for batch in batches:
+        model(**batch, **exit_setting)
 
 
 def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:

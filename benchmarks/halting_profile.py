@@ -1,9 +1,9 @@
 """What the learned halting units do: how much their halting distribution varies across inputs, and who exits where.
 
 For each variable step: the mean and the standard deviation across inputs of its halting probability `p_n` (at
-full depth), and for each `--halting` epsilon the share of inputs that exit after it and their accuracy (Pearson's
-correlation for regression): units that tell inputs apart send the hard ones deeper. No timing, so it runs beside
-anything.
+full depth), and for each `--halting` epsilon (passed per call) the share of inputs that exit after it and their
+accuracy (Pearson's correlation for regression), from `adnet_hf.evaluation_adnet`: units that tell inputs apart
+send the hard ones deeper. No timing, so it runs beside anything.
 
     python -m benchmarks.halting_profile --model outputs/mnist-adnet --name mnist_resnet_halting \
         --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
@@ -16,29 +16,39 @@ from pathlib import Path
 
 import torch
 
-from .bench_classification import add_input_arguments, load_inputs, metric_name, predict, score
+from adnet_hf.evaluation_adnet import evaluation_metrics, pooled_items, quality_metric
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
+
+from .bench_classification import add_input_arguments, load_inputs, with_labels
 from .common import benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results
 
 
 @torch.inference_mode()
 def halting_probs(model, batches: list[dict]) -> torch.Tensor:
     """Inputs x variable steps: the halting distribution of every input at full depth."""
-    return torch.cat([model(**batch, exit_policy="none").halting_probs for batch in batches])
+    return torch.cat([model(**batch, exit_policy=FULL_DEPTH).halting_probs for batch in batches])
+
+
+def subset_quality(items: dict[str, torch.Tensor], keep: torch.Tensor, metric: str) -> float | None:
+    """`metric` of the items where `keep` is true; None for too few to score (a correlation needs two)."""
+    if keep.sum() < (2 if metric == "pearson" else 1):
+        return None
+    return evaluation_metrics({name: values[keep] for name, values in items.items()})[metric]
 
 
 def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[float]) -> list[dict]:
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
-    config, metric = model.config, metric_name(model)
     probs = halting_probs(model, batches)
     rows = [{"executed_layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
-             "halting_prob_std": probs[:, n].std().item()} for n, layers in enumerate(variable_step_layers(config))]
+             "halting_prob_std": probs[:, n].std().item()}
+            for n, layers in enumerate(variable_step_layers(model.config))]
     for epsilon in epsilons:
-        config.halting_epsilon = epsilon
-        predictions, steps = predict(model, batches, exit_policy="halting")
+        items = pooled_items(model, with_labels(batches, labels), "halting", epsilon)
+        metric = quality_metric(evaluation_metrics(items))
         for row in rows:
-            exits = steps * config.layers_per_step == row["executed_layers"]
+            exits = items["executed_layers"] == row["executed_layers"]
             row[f"exit_share_eps{epsilon:g}"] = exits.float().mean().item()
-            row[f"exit_{metric}_eps{epsilon:g}"] = score(predictions[exits], labels[exits]) if exits.any() else None
+            row[f"exit_{metric}_eps{epsilon:g}"] = subset_quality(items, exits, metric)
     return rows
 
 
@@ -56,7 +66,8 @@ def plot(rows: list[dict]):
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "halting_profile")
     add_input_arguments(parser)
-    parser.add_argument("--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="halting_epsilon values")
+    parser.add_argument("--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                        help=f"{EXIT_RULES['halting'].config_field} values")
     args = parse_benchmark_args(parser, argv)
     args.batch_sizes, args.max_samples_batch1, args.reference = [32], None, None  # one batch size, no reference
     batches_by_size, labels, model, _ = load_inputs(parser, args)

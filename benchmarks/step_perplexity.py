@@ -1,8 +1,8 @@
 """How well each step of an ADNet causal LM predicts on its own: the perplexity of every exit point at full depth.
 
 An exit can only be as good as the prediction at its step (the backbone's final norm and tied LM head applied to
-that step's hidden state). This is the ceiling of what any exit policy can keep. No timing, so it runs beside
-anything.
+that step's hidden state), its perplexity pooled over every predicted token by `adnet_hf.evaluation_adnet`. This is
+the ceiling of what any exit policy can keep. No timing, so it runs beside anything.
 
     python -m benchmarks.step_perplexity --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
         --block_size 128 --max_blocks 16 --name ptb_smollm2_steps
@@ -10,10 +10,12 @@ anything.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
+
+from adnet_hf.evaluation_adnet import perplexity, token_losses
+from adnet_hf.exits_adnet import FULL_DEPTH
 
 from .bench_generation import add_text_arguments, load_text_inputs
 from .common import benchmark_parser, parse_benchmark_args, variable_step_layers, write_results
@@ -21,16 +23,13 @@ from .common import benchmark_parser, parse_benchmark_args, variable_step_layers
 
 @torch.inference_mode()
 def step_perplexities(model, blocks: torch.Tensor, batch_size: int) -> list[float]:
-    """The perplexity of each variable step's prediction over `blocks`, at full depth."""
-    nll, tokens = torch.zeros(model.config.num_variable_steps, dtype=torch.float64), 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        out = model(input_ids=batch, exit_policy="none", output_step_logits=True)
-        targets = batch[:, 1:].unsqueeze(-1)
-        for n, logits in enumerate(out.step_logits):
-            nll[n] -= torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets).sum().item()
-        tokens += targets.numel()
-    return [math.exp(value / tokens) for value in nll.tolist()]
+    """The perplexity of each variable step's prediction over every predicted token of `blocks`, at full depth."""
+    losses: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_variable_steps)]
+    for batch in blocks.split(batch_size):
+        out = model(input_ids=batch, exit_policy=FULL_DEPTH, output_step_logits=True)
+        for step, logits in zip(losses, out.step_logits):
+            step.append(token_losses(logits, batch))
+    return [perplexity(torch.cat(step)) for step in losses]
 
 
 def main(argv: list[str] | None = None) -> Path:

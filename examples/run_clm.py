@@ -11,17 +11,19 @@
     python examples/run_clm.py --model_name_or_path DIR --gguf_file model.gguf --freeze_full_depth ...
 
 Evaluation reports perplexity with the configured exit policy, perplexity at full depth and the mean number of
-backbone layers executed per token, and writes them to `eval_results.json` / `predict_results.json`.
+backbone layers executed per token, and writes them to `eval_results.json` / `predict_results.json`. Perplexity is
+pooled over every predicted token of the set (`adnet_hf.evaluation_adnet`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
 
 from adnet_hf.arguments_adnet import (
@@ -34,6 +36,8 @@ from adnet_hf.arguments_adnet import (
     save_results,
 )
 from adnet_hf.data_adnet import TextBlocks, token_blocks
+from adnet_hf.evaluation_adnet import evaluate_batches, perplexity, token_losses
+from adnet_hf.exits_adnet import FULL_DEPTH
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -81,26 +85,34 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
     return build_task_model("text-generation", model_args, adnet_args, {}, backbone, backbone_kwargs)
 
 
-def _perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
-    metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
-    metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"])
-    return metrics
+@torch.no_grad()
+def lm_metrics(model, loader: DataLoader, exit_policy: str | None = None) -> dict[str, float]:
+    """Perplexity over every predicted token (`evaluation_adnet`); for ADNet also the steps and layers run per token,
+    with `exit_policy` (default: the configured one)."""
+    if model.config.model_type == "adnet":
+        return evaluate_batches(model, loader, exit_policy)
+    losses = []
+    for batch in loader:
+        input_ids, labels = batch["input_ids"].to(model.device), batch["labels"].to(model.device)
+        losses.append(token_losses(model(input_ids=input_ids).logits, labels))
+    return {"perplexity": perplexity(torch.cat(losses))}
 
 
 def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
-    """Perplexity and the layers per token; for ADNet with the configured exits, and at full depth."""
-    config = trainer.model.config
-    metrics = _perplexity(trainer, dataset, prefix)
-    metrics[f"{prefix}_num_blocks"] = num_blocks(trainer.model)
-    if config.model_type != "adnet":
-        return metrics
-    policy = config.exit_policy
-    config.exit_policy = "none"
-    try:
-        metrics.update(_perplexity(trainer, dataset, f"{prefix}_full_depth"))
-    finally:
-        config.exit_policy = policy
-    metrics[f"{prefix}_exit_policy"] = policy
+    """Perplexity pooled over every predicted token of `dataset`, not exp of the mean of per-batch losses, and the
+    layers run per token; for ADNet with the configured exits and at full depth, the policy passed per call.
+
+    Token losses are not gathered across processes, so every process evaluates the whole set.
+    """
+    model = trainer.model.eval()
+    loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    settings = {prefix: None}
+    metrics = {f"{prefix}_num_blocks": num_blocks(model)}
+    if model.config.model_type == "adnet":
+        settings[f"{prefix}_full_depth"] = FULL_DEPTH
+        metrics[f"{prefix}_exit_policy"] = model.config.exit_policy
+    for name, policy in settings.items():
+        metrics.update({f"{name}_{key}": value for key, value in lm_metrics(model, loader, policy).items()})
     return metrics
 
 

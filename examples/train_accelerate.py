@@ -21,24 +21,18 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
+from transformers import DataCollatorWithPadding, Trainer, set_seed
 from transformers.trainer_utils import SchedulerType
 
 from adnet_hf.arguments_adnet import GLUE_ARGUMENTS, command_line, offline_default, parse_arguments, prepare_glue_task
 from adnet_hf.data_adnet import select
+from adnet_hf.evaluation_adnet import evaluation_metrics, pooled_items
 from adnet_hf.losses_adnet import LOSSES
-from adnet_hf.trainer_adnet import (
-    ADNetTrainingArguments,
-    adnet_optimizer_groups,
-    apply_max_norm,
-    compute_classification_metrics,
-    floor_schedule,
-)
+from adnet_hf.trainer_adnet import ADNetTrainingArguments, adnet_optimizer_groups, apply_max_norm, floor_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +94,11 @@ def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoa
         epoch += 1
 
 
-@torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, float]:
-    """The task metric with the configured exits, and the backbone layers each sample actually ran."""
-    model.eval()
-    logits, exit_steps, labels = [], [], []
-    for batch in loader:
-        outputs = model(**batch)
-        gathered = accelerator.gather_for_metrics((outputs.logits, outputs.exit_steps, batch["labels"]))
-        for values, collected in zip(gathered, (logits, exit_steps, labels)):
-            collected.append(values.float().cpu().numpy())
-    steps = np.concatenate(exit_steps)
-    metrics = compute_classification_metrics(EvalPrediction((np.concatenate(logits), steps), np.concatenate(labels)))
-    metrics["executed_layers"] = float(steps.mean()) * accelerator.unwrap_model(model).config.layers_per_step
-    return {f"eval_{name}": value for name, value in metrics.items()}
+    """The task metrics with the configured exits and the backbone steps and layers each sample actually ran
+    (`evaluation_adnet`), over the samples of every process."""
+    items = pooled_items(accelerator.unwrap_model(model).eval(), loader, gather=accelerator.gather_for_metrics)
+    return {f"eval_{name}": value for name, value in evaluation_metrics(items).items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

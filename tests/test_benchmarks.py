@@ -1,13 +1,18 @@
-"""The benchmark scripts run end to end on a tiny random model (their real results come from their commands)."""
+"""The benchmark scripts run end to end on a tiny random model (their real results come from their commands); their
+quality and layer counts agree with `evaluation_adnet` and with direct forwards on the same model and data."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import bert_config
-from transformers import BertTokenizer
+from transformers import AutoModelForSequenceClassification, BertTokenizer
 
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification
+from adnet_hf.data_adnet import read_tsv
+from adnet_hf.evaluation_adnet import evaluate_batches, task_metrics
 from benchmarks import bench_classification, bench_costs, bench_generation, halting_profile, step_perplexity
 
 
@@ -25,8 +30,39 @@ def tiny_checkpoint(tmp_path):
     return tmp_path
 
 
-def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
+def labelled_text_batches(folder: Path, data: Path, batch_size: int, label_type=int) -> list[dict]:
+    """The benchmark's largest batches of `data`, tokenised by the checkpoint's tokenizer, with their labels."""
+    texts, labels = read_tsv(data)
+    batches = bench_classification.make_batches(BertTokenizer.from_pretrained(folder), texts, batch_size, 128)
+    return bench_classification.with_labels(batches, torch.tensor([label_type(label) for label in labels]))
 
+
+def inputs(batch: dict) -> dict:
+    return {name: value for name, value in batch.items() if name != "labels"}
+
+
+@torch.no_grad()
+def forward_layers(model, batches: list[dict], **exit_setting) -> torch.Tensor:
+    """Backbone blocks executed per sample (per token of a causal LM), from the `exit_steps` of forward calls."""
+    steps = torch.cat([model(**inputs(batch), **exit_setting).exit_steps for batch in batches])
+    return steps * model.config.layers_per_step
+
+
+def assert_rows_match_direct_evaluation(rows: list[dict], model, batches: list[dict], metric: str) -> None:
+    """Every ADNet row's quality is `evaluate_batches` with its setting, and its layers those of direct forwards;
+    the full-depth row is `exit_policy="none"`."""
+    for row in rows:
+        if row["policy"] == "plain reference":
+            continue
+        policy = "none" if row["policy"] == "none (full depth)" else row["policy"]
+        setting = {"exit_policy": policy, "exit_threshold": row["setting"]}
+        assert row[metric] == pytest.approx(evaluate_batches(model, batches, **setting)[metric]), row
+        assert row["executed_layers"] == pytest.approx(forward_layers(model, batches, **setting).double().mean()), row
+    assert rows[0]["executed_layers"] == model.config.num_blocks and rows[0][f"{metric}_drop_pts"] == 0.0
+
+
+@pytest.mark.slow
+def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     out_dir = tiny_checkpoint / "results"
     path = bench_classification.main([
         "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
@@ -35,13 +71,18 @@ def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     ])
     result = json.loads(path.read_text())
     assert result["environment"]["command"] and result["samples"] == 12
-    policies = {row["policy"] for row in result["rows"]}
-    assert {"none (full depth)", "halting", "patience"} <= policies
-    halting = [row for row in result["rows"] if row["policy"] == "halting"]
-    assert all(row["speedup_b4"] > 0 and 1 <= row["executed_layers"] <= 4 for row in halting)
-    assert (out_dir / "tiny.md").read_text().count("\n|") >= 8 and (out_dir / "tiny.png").stat().st_size > 0
+    rows = result["rows"]
+    assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None)] + [
+        ("halting", value) for value in bench_classification.DEFAULT_SETTINGS["halting"]] + [
+        ("patience", value) for value in bench_classification.DEFAULT_SETTINGS["patience"]]
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
+    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
+    assert_rows_match_direct_evaluation(rows, model, batches, "accuracy")
+    assert all(math.isfinite(row[f"speedup_b{size}"]) for row in rows[1:] for size in (1, 4))
+    assert (out_dir / "tiny.md").read_text().count("\n|") == len(rows) + 1 and (out_dir / "tiny.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tiny_checkpoint):
     from transformers import BertForSequenceClassification
 
@@ -60,14 +101,22 @@ def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tin
     path = bench_classification.main([*args, "--reference", str(tiny_checkpoint / "plain"), "--halting", "0.3"])
     result = json.loads(path.read_text())
     assert result["benchmark"] == "regression" and result["samples"] == 10
-    assert [row["policy"] for row in result["rows"]] == ["none (full depth)", "plain reference", "halting"]
-    assert all(-1 <= row["pearson"] <= 1 for row in result["rows"])
+    rows = result["rows"]
+    assert [row["policy"] for row in rows] == ["none (full depth)", "plain reference", "halting"]
+    batches = labelled_text_batches(tiny_checkpoint / "stsb", tiny_checkpoint / "stsb.tsv", 4, float)
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "stsb").eval()
+    assert_rows_match_direct_evaluation(rows, model, batches, "pearson")
+    plain = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint / "plain").eval()
+    with torch.no_grad():
+        logits = torch.cat([plain(**inputs(batch)).logits for batch in batches])
+    labels = torch.cat([batch["labels"] for batch in batches])
+    assert rows[1]["pearson"] == pytest.approx(task_metrics(logits.numpy(), labels.numpy())["pearson"])
     with pytest.raises(SystemExit):  # confidence needs classes
         bench_classification.main([*args, "--policies", "confidence"])
 
 
+@pytest.mark.slow
 def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
-
     path = halting_profile.main([
         "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--name", "tiny",
         "--results_dir", str(tiny_checkpoint / "results"), "--halting", "0.2", "0.6",
@@ -75,13 +124,21 @@ def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
     rows = json.loads(path.read_text())["rows"]
     assert [row["executed_layers"] for row in rows] == [1, 2, 3, 4]
     assert sum(row["halting_prob_mean"] for row in rows) == pytest.approx(1.0)
-    for epsilon in ("0.2", "0.6"):
-        assert sum(row[f"exit_share_eps{epsilon}"] for row in rows) == pytest.approx(1.0)
-        assert all((row[f"exit_accuracy_eps{epsilon}"] is None) == (row[f"exit_share_eps{epsilon}"] == 0)
-                   for row in rows)
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
+    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 32)
+    for epsilon in (0.2, 0.6):
+        shares = [row[f"exit_share_eps{epsilon}"] for row in rows]
+        accuracies = [row[f"exit_accuracy_eps{epsilon}"] for row in rows]
+        assert all((accuracy is None) == (share == 0) for share, accuracy in zip(shares, accuracies))
+        # the shares are where direct forwards exit, and the per-step accuracies weigh up to the overall one
+        layers = forward_layers(model, batches, exit_policy="halting", exit_threshold=epsilon)
+        assert shares == pytest.approx([(layers == row["executed_layers"]).double().mean().item() for row in rows])
+        overall = evaluate_batches(model, batches, "halting", epsilon)["accuracy"]
+        assert sum(share * (accuracy or 0) for share, accuracy in zip(shares, accuracies)) == pytest.approx(overall)
     assert (tiny_checkpoint / "results" / "tiny.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
@@ -103,11 +160,25 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     ])
     result = json.loads(path.read_text())
     rows = result["rows"]
-    assert rows[0]["policy"] == "none (full depth)" and len(rows) == 3
-    assert all(row["speedup_b2"] > 0 and row["tokens_per_s_b1"] > 0 for row in rows[1:])
+    assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None), ("halting", 0.1),
+                                                                  ("halting", 0.5)]
+    model.eval()
+    blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
+    with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
+        full_depth = model(input_ids=blocks, labels=blocks, exit_policy="none")
+    assert rows[0]["perplexity"] == pytest.approx(math.exp(full_depth.loss.item()), rel=1e-4)
+    assert rows[0]["executed_layers"] == model.config.num_blocks and rows[0]["ppl_increase_pct"] == 0.0
+    batches = [{"input_ids": batch, "labels": batch} for batch in blocks.split(2)]
+    for row in rows[1:]:
+        setting = {"exit_policy": "halting", "exit_threshold": row["setting"]}
+        assert row["perplexity"] == pytest.approx(evaluate_batches(model, batches, **setting)["perplexity"])
+        predicting = forward_layers(model, batches, **setting)[:, :-1]  # the last token predicts nothing
+        assert row["executed_layers"] == pytest.approx(predicting.double().mean().item())
+        assert all(math.isfinite(row[key]) for key in ("speedup_b1", "speedup_b2", "tokens_per_s_b1"))
     assert (tmp_path / "r" / "tiny.png").exists()
 
 
+@pytest.mark.slow
 def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint, monkeypatch):
     monkeypatch.chdir(Path(bench_costs.__file__).parents[1])  # its memory runs start `-m benchmarks.bench_costs`
     from transformers import BertForSequenceClassification
@@ -123,7 +194,7 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
     rows = json.loads(path.read_text())["rows"]
     training = [row for row in rows if row["measure"] == "training step"]
     assert [row["setting"] for row in training] == ["plain"] + [f"adnet {t}" for t in bench_costs.LOSS_TYPES]
-    assert all(row["seconds_per_step"] > 0 for row in training)
+    assert all(math.isfinite(row["seconds_per_step"]) for row in training)
     memory = {(row["allocator"], row["setting"]): row for row in rows if "memory" in row["measure"]}
     settings = ("adnet none (full depth)", "adnet exits (patience=1)", "plain reference")
     assert set(memory) == {(allocator, setting) for allocator in bench_costs.ALLOCATORS for setting in settings}
@@ -139,6 +210,7 @@ def write_idx(path: Path, array) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_classification_benchmark_on_idx_images(tmp_path):
     import numpy as np
     from conftest import resnet_config
@@ -157,10 +229,16 @@ def test_classification_benchmark_on_idx_images(tmp_path):
     ])
     result = json.loads(path.read_text())
     assert result["samples"] == 10 and result["num_blocks"] == model.config.num_blocks
-    row = result["rows"][1]
-    assert row["policy"] == "confidence" and row["speedup_b1"] > 0 and 1 <= row["executed_layers"]
+    rows = result["rows"]
+    assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None), ("confidence", 0.5)]
+    dataset = bench_classification.ImageDataset(bench_classification.read_idx(images),
+                                                bench_classification.read_idx(labels))
+    batches = bench_classification.with_labels(bench_classification.image_batches(dataset, 4), dataset.labels)
+    assert_rows_match_direct_evaluation(rows, model.eval(), batches, "accuracy")
+    assert math.isfinite(rows[1]["speedup_b1"])
 
 
+@pytest.mark.slow
 def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data):
     from conftest import gpt2_config
     from transformers import GPT2Tokenizer
@@ -179,5 +257,6 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
     rows = json.loads(path.read_text())["rows"]
     assert [row["executed_layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
-    full_depth, _ = bench_generation.perplexity(model, blocks, 2, "none")
-    assert rows[-1]["perplexity"] == pytest.approx(full_depth, rel=1e-4)
+    with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
+        full_depth = model(input_ids=blocks, labels=blocks, exit_policy="none")
+    assert rows[-1]["perplexity"] == pytest.approx(math.exp(full_depth.loss.item()), rel=1e-4)

@@ -1,16 +1,38 @@
 """The causal LM and image example scripts end to end on tiny models and small slices of the real data."""
 
 import json
+import math
 
 import pytest
+import torch
+from reevaluation import image_metrics
+from transformers import AutoModelForCausalLM, GPT2Tokenizer
 
-from adnet_hf.data_adnet import read_idx
+from adnet_hf.data_adnet import read_idx, token_blocks
 from examples import run_clm, run_image_classification
+
+
+@torch.no_grad()
+def saved_lm_reference(folder, tokenizer_folder, text, block_size: int, batch_size: int, **exit_setting) -> dict:
+    """What the causal LM saved in `folder` gives on `text` in blocks, batched as the script's evaluation: perplexity
+    from the model's own per-batch losses weighted by their tokens (not by batch), and the layers run per predicted
+    token from the exit steps of its forward calls (an ADNet model's)."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    blocks = token_blocks(GPT2Tokenizer.from_pretrained(tokenizer_folder), text, block_size)
+    outputs = [model(input_ids=batch, labels=batch, **exit_setting) for batch in blocks.split(batch_size)]
+    loss = sum(out.loss.item() * (len(out.logits) / len(blocks)) for out in outputs)  # every block: equal tokens
+    reference = {"perplexity": math.exp(loss)}
+    if model.config.model_type == "adnet":
+        layers = torch.cat([out.executed_layers[:, :-1] for out in outputs])  # the last token predicts nothing
+        reference["executed_layers"] = layers.double().mean().item()
+    return reference
+
 
 TRAINING = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
             "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0"]
 
 
+@pytest.mark.slow
 def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:6000])
@@ -24,11 +46,15 @@ def test_run_clm_from_scratch_reports_perplexities(tmp_path, shared_data):
     ])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["eval_perplexity"] == pytest.approx(results["eval_perplexity"])
-    assert saved["eval_full_depth_executed_layers"] == 4
-    assert 2 <= saved["eval_executed_layers"] <= 4 and saved["eval_perplexity"] > 1
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    tokenizer = shared_data / "gpt2-tokenizer"
+    for prefix, exit_setting in (("eval", {}), ("eval_full_depth", {"exit_policy": "none"})):
+        reference = saved_lm_reference(tmp_path / "out", tokenizer, tmp_path / "valid.txt", 16, 8, **exit_setting)
+        assert saved[f"{prefix}_perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+        assert saved[f"{prefix}_executed_layers"] == pytest.approx(reference["executed_layers"])
+    assert saved["eval_full_depth_executed_layers"] == 4 and saved["eval_exit_policy"] == "halting"
 
 
+@pytest.mark.slow
 def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data):
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:3000])
@@ -42,12 +68,14 @@ def test_run_clm_plain_baseline_trains_the_backbone_own_lm(tmp_path, shared_data
     ])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
-    assert results["eval_num_blocks"] == 3 and results["eval_perplexity"] > 1
-    assert "eval_full_depth_perplexity" not in results
+    reference = saved_lm_reference(tmp_path / "out", shared_data / "gpt2-tokenizer", tmp_path / "valid.txt", 16, 8)
+    assert results["eval_perplexity"] == pytest.approx(reference["perplexity"], rel=1e-5)
+    assert results["eval_num_blocks"] == 3 and "eval_full_depth_perplexity" not in results
     with pytest.raises(ValueError, match="--freeze_full_depth"):
         run_clm.main(["--plain_baseline", "--freeze_full_depth", "--output_dir", str(tmp_path / "x")])
 
 
+@pytest.mark.slow
 def test_run_clm_freezes_full_depth(tmp_path, shared_data):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -69,6 +97,7 @@ def test_run_clm_freezes_full_depth(tmp_path, shared_data):
             assert after[f"adnet.backbone.{name}"].equal(tensor), name
 
 
+@pytest.mark.slow
 def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     results = run_image_classification.main([
         "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
@@ -81,10 +110,15 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
         "--do_train", "--do_eval", *TRAINING,
     ])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
-    assert 0 <= saved["eval_accuracy"] <= 1 and saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
-    assert 1 <= saved["eval_executed_layers"] <= 2 and saved["eval_num_blocks"] == 2
+    assert saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    reference = image_metrics(tmp_path / "out", shared_data / "mnist" / "t10k-images-idx3-ubyte.gz",
+                              shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", 32, 8)
+    for name in ("accuracy", "exit_steps", "executed_layers"):
+        assert saved[f"eval_{name}"] == pytest.approx(reference[name]), name
+    assert saved["eval_num_blocks"] == 2
 
 
+@pytest.mark.slow
 def test_run_image_classification_plain_baseline(tmp_path, shared_data):
     results = run_image_classification.main([
         "--plain_baseline", "--backbone_config", '{"model_type": "resnet", "num_channels": 1, "embedding_size": 8, '
@@ -96,7 +130,9 @@ def test_run_image_classification_plain_baseline(tmp_path, shared_data):
     ])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["ResNetForImageClassification"] and len(config["id2label"]) == 10
-    assert 0 <= results["eval_accuracy"] <= 1 and results["eval_num_blocks"] == 3
+    reference = image_metrics(tmp_path / "out", shared_data / "mnist" / "t10k-images-idx3-ubyte.gz",
+                              shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz", 32, 8)
+    assert results["eval_accuracy"] == pytest.approx(reference["accuracy"]) and results["eval_num_blocks"] == 3
 
 
 def test_idx_reader_matches_the_label_count(shared_data):
