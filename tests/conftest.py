@@ -9,20 +9,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, GPT2Config, LlamaConfig, ResNetConfig, RobertaConfig
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    ResNetConfig,
+    RobertaConfig,
+)
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
+from adnet_hf.data_adnet import ImageDataset, read_images, read_tsv
+from adnet_hf.evaluation_adnet import evaluate_batches
+from benchmarks.bench_classification import image_batches, make_batches, plain_quality, with_labels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 99
 # The project's real data (GLUE, MNIST, PTB, the GPT-2 tokenizer) lies in shared/ beside the checkout.
 SHARED_DATA = Path(os.environ.get("ADNET_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: subprocess, distributed, remote-code, training-script and benchmark "
-                                       "tests (deselect with -m 'not slow' for the quick developer loop)")
 
 
 @pytest.fixture
@@ -156,3 +163,30 @@ def vary_token_exits(model, halting_epsilon=0.7):
             unit.dense.weight.normal_(0.0, 1.0)
             unit.halting.weight.normal_(0.0, 3.0)
             unit.halting.bias.zero_()
+
+
+# Re-evaluating what the example scripts save: the reference their reported metrics are checked against. The data
+# is batched as the scripts' evaluation batches it (in order, padded per batch), so the numbers agree exactly.
+
+
+def saved_model_metrics(model, batches: list[dict], labels: torch.Tensor, **exit_setting) -> dict[str, float]:
+    """`evaluate_batches` of an ADNet model (with `exit_setting`), the task metrics of a plain one."""
+    if model.config.model_type == "adnet":
+        return evaluate_batches(model.eval(), with_labels(batches, labels), **exit_setting)
+    return plain_quality(model.eval(), batches, labels)
+
+
+def text_metrics(folder: Path, tsv: Path, batch_size: int, max_length: int = 32, **exit_setting) -> dict[str, float]:
+    """The metrics of the text classifier (or regressor) saved in `folder` on a GLUE-style TSV."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    texts, labels = read_tsv(Path(tsv))
+    batches = make_batches(AutoTokenizer.from_pretrained(folder), texts, batch_size, max_length)
+    kind = float if model.config.num_labels == 1 else int
+    return saved_model_metrics(model, batches, torch.tensor([kind(label) for label in labels]), **exit_setting)
+
+
+def image_metrics(folder: Path, images: Path, labels: Path, limit: int, batch_size: int) -> dict[str, float]:
+    """The metrics of the image classifier saved in `folder` on the first `limit` IDX images."""
+    dataset = ImageDataset(*read_images(str(images), str(labels), None, 28), limit)
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    return saved_model_metrics(model, image_batches(dataset, batch_size), dataset.labels)

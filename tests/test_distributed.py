@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reevaluation import text_metrics
+from conftest import text_metrics
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 

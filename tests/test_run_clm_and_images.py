@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from reevaluation import image_metrics
+from conftest import image_metrics
 from transformers import AutoModelForCausalLM, GPT2Tokenizer
 
 from adnet_hf.data_adnet import read_idx, token_blocks

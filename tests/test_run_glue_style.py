@@ -3,19 +3,13 @@
 import csv
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import huggingface_hub
 import pytest
-import torch
-from conftest import REMOTE_SCRIPT
-from reevaluation import text_metrics
-from safetensors.torch import save_file
+from conftest import assert_loads_as_remote_code, text_metrics
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
 from adnet_hf import arguments_adnet
@@ -213,12 +207,4 @@ def test_push_to_hub_commits_a_folder_that_loads_as_remote_code(tmp_path, monkey
     assert not (captured / "pytorch_model.bin").exists() and not list(captured.glob("checkpoint-*"))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     inputs = dict(BertTokenizer.from_pretrained(captured)(["a gripping , moving film"], return_tensors="pt"))
-    with torch.no_grad():
-        out = model(**inputs)
-    save_file({**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
-              str(captured / "expected.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(captured),
-                             "AutoModelForSequenceClassification"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_loads_as_remote_code(model, inputs, captured, "AutoModelForSequenceClassification")
