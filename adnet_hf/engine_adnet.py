@@ -115,8 +115,8 @@ class Trace:
         if self.hidden_states is not None:
             missing = len(self.hidden_blocks) + 1 - len(self.hidden_states)
             last = self.hidden_states[-1]
-            fill = exit_hidden if exit_hidden is not None and exit_hidden.shape == last.shape else None
-            fill = torch.zeros_like(last) if fill is None else fill
+            same_shape = exit_hidden is not None and exit_hidden.shape == last.shape
+            fill = exit_hidden if same_shape else torch.zeros_like(last)
             hidden_states = (*self.hidden_states, *[fill] * missing)
         if self.attentions:
             zeros = torch.zeros_like(self.attentions[-1])
