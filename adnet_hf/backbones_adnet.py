@@ -65,6 +65,9 @@ def _token_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.d
     mask = inputs.get("attention_mask")
     if mask is None:
         return torch.ones(batch, length, dtype=torch.long, device=device)
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a 2-D token mask (batch x tokens), got {mask.dim()}-D: ADNet needs "
+                         "each token's mask for positions, exits and FLOPs, and builds the 4-D mask itself.")
     return mask
 
 

@@ -209,6 +209,15 @@ def test_static_cache_generation_equals_dynamic(head, exits):
     assert {len(step) for step in dynamic.hidden_states} == {model.config.num_blocks + 1}
 
 
+@pytest.mark.parametrize("head", TEXT_HEADS)
+def test_a_4d_attention_mask_is_refused_by_name(head):
+    inputs = inputs_for(head, labels=False)
+    mask = inputs["attention_mask"]
+    inputs["attention_mask"] = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+    with pytest.raises(ValueError, match="attention_mask must be a 2-D token mask"):
+        build(head)(**inputs)
+
+
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_config_exposes_what_utilities_read(head):
     model = build(head)
