@@ -242,7 +242,8 @@ def test_base_model_runs_a_checkpoint_saved_with_a_prediction_rule(policy, tmp_p
         base(**inputs, exit_policy=policy)
 
 
-def train_one_step(head: str, trainer_class, args_class, batch: int, accumulation: int, tmp_path) -> dict:
+def train_one_step(head: str, trainer_class, args_class, batch: int, accumulation: int, tmp_path,
+                   **arguments) -> dict:
     data = inputs_for(head, batch=8)
     dataset = [{name: values[i] for name, values in data.items()} for i in range(8)]
     torch.manual_seed(0)
@@ -253,7 +254,7 @@ def train_one_step(head: str, trainer_class, args_class, batch: int, accumulatio
     args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch,
                       gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
                       lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, save_strategy="no",
-                      report_to="none", seed=0)
+                      report_to="none", seed=0, **arguments)
     trainer_class(model=model, args=args, train_dataset=dataset).train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
@@ -273,3 +274,14 @@ def test_gradient_accumulation_matches_the_full_batch(head, trainer_class, args_
         accumulated = train_one_step(head, trainer_class, args_class, batch, accumulation, tmp_path)
         for name, value in reference.items():
             torch.testing.assert_close(accumulated[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("trainer_class,args_class", [(Trainer, TrainingArguments),
+                                                      (ADNetTrainer, ADNetTrainingArguments)],
+                         ids=["Trainer", "ADNetTrainer"])
+@pytest.mark.parametrize("head", TEXT_HEADS)
+def test_gradient_checkpointing_through_the_trainers(head, trainer_class, args_class, tmp_path):
+    reference = train_one_step(head, trainer_class, args_class, 8, 1, tmp_path)
+    checkpointed = train_one_step(head, trainer_class, args_class, 8, 1, tmp_path, gradient_checkpointing=True)
+    for name, value in reference.items():
+        torch.testing.assert_close(checkpointed[name], value, atol=1e-6, rtol=1e-5, msg=name)
