@@ -108,6 +108,12 @@ class BackboneAdapter:
         """The blocks whose outputs the backbone's own `hidden_states` holds (after the embedding output)."""
         return list(range(self.num_blocks(config)))
 
+    def skipped_block_shape(self, config: PreTrainedConfig, shape: torch.Size, from_block: int,
+                            block: int) -> torch.Size:
+        """The output shape (after the batch) of `block`, which ran for no sample, from `shape`, block
+        `from_block`'s: a transformer's blocks keep it."""
+        return shape
+
     def embed(self, backbone: PreTrainedModel, inputs: dict[str, Any], cache=None) -> StepState:
         raise NotImplementedError
 
@@ -260,6 +266,14 @@ class ResNetAdapter(BackboneAdapter):
     def hidden_state_blocks(self, config):
         """`ResNetModel` reports one hidden state per stage: the output of its last block."""
         return [sum(config.depths[: stage + 1]) - 1 for stage in range(len(config.depths))]
+
+    def skipped_block_shape(self, config, shape, from_block, block):
+        """Its stage's channels; every stage entered after `from_block`'s halves the sides (stride 2, rounding up)."""
+        stage = [index for index, depth in enumerate(config.depths) for _ in range(depth)]
+        sides = list(shape[1:])
+        for _ in range(stage[block] - stage[from_block]):
+            sides = [(side + 1) // 2 for side in sides]
+        return torch.Size([config.hidden_sizes[stage[block]], *sides])
 
     def blocks(self, backbone):
         return [block for stage in backbone.encoder.stages for block in stage.layers]

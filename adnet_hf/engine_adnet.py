@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 
 from .backbones_adnet import BackboneAdapter, StepState
 from .exits_adnet import ExitRule, HaltingDistribution
@@ -56,13 +58,13 @@ class StepOutputs:
 
 
 def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int,
-            fill: torch.Tensor | None = None) -> torch.Tensor:
-    """A tensor of the samples `active`, placed in a full-batch tensor whose other rows come from `fill` (a
-    full-batch tensor of the same shape) or are zeros."""
+            exit_states: dict[torch.Size, torch.Tensor] | None = None) -> torch.Tensor:
+    """A tensor of the samples `active`, placed in a full-batch tensor whose other rows are the samples' exit states
+    of the same shape (`exit_states`, keyed by the shape after the batch), or zeros."""
     if tensor.shape[0] == batch_size:
         return tensor
-    full = fill.clone() if fill is not None and fill.shape[1:] == tensor.shape[1:] else tensor.new_zeros(
-        batch_size, *tensor.shape[1:])
+    fill = (exit_states or {}).get(tensor.shape[1:])
+    full = tensor.new_zeros(batch_size, *tensor.shape[1:]) if fill is None else fill.clone()
     full[active] = tensor
     return full
 
@@ -75,9 +77,9 @@ class FlopsAccountant:
         self.total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
 
     def add(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor | float) -> None:
-        """Add `flops` per item to the samples `active`, except their items that are `done`."""
-        flops = torch.as_tensor(flops, dtype=torch.float64, device=done.device)
-        self.total[active] += torch.where(done, 0.0, flops)
+        """Add `flops` per item to the samples `active`, except their items that are `done` (a float is not copied
+        to the device: no host-device sync in the step loop)."""
+        self.total[active] += (~done).double() * flops
 
     def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor) -> None:
         """Add FLOPs per position (B x T): per item, or summed over a pooled sample's positions."""
@@ -101,35 +103,44 @@ class Trace:
         self.attentions: list[torch.Tensor] = []
 
     def record(self, block: int, hidden: torch.Tensor, active: torch.Tensor | slice,
-               exit_hidden: torch.Tensor | None = None) -> None:
+               exit_states: dict[torch.Size, torch.Tensor] | None = None) -> None:
         """After block `block` (-1: the embeddings) ran for the samples `active`."""
         if self.hidden_states is not None and (block < 0 or block in self.hidden_blocks):
-            self.hidden_states.append(scatter(hidden, active, self.batch_size, exit_hidden))
+            self.hidden_states.append(scatter(hidden, active, self.batch_size, exit_states))
         if self.records:
             self.attentions.extend(scatter(a, active, self.batch_size) for a in self.records)
             self.records.clear()
 
-    def outputs(self, exit_hidden: torch.Tensor | None = None) -> dict:
-        """The recorded tuples, completed for the blocks that ran for no sample (with exit states, zero weights)."""
+    def outputs(self, skipped_shape: Callable[[int], torch.Size] | None = None,
+                exit_states: dict[torch.Size, torch.Tensor] | None = None) -> dict:
+        """The recorded tuples, completed for the blocks that ran for no sample: their hidden state is the exit
+        state of each sample of the shape `skipped_shape(block)` gives (zeros for the others), their attention
+        weights are zero."""
         hidden_states = attentions = None
         if self.hidden_states is not None:
-            missing = len(self.hidden_blocks) + 1 - len(self.hidden_states)
-            last = self.hidden_states[-1]
-            same_shape = exit_hidden is not None and exit_hidden.shape == last.shape
-            fill = exit_hidden if same_shape else torch.zeros_like(last)
-            hidden_states = (*self.hidden_states, *[fill] * missing)
+            skipped = self.hidden_blocks[len(self.hidden_states) - 1:]
+            hidden_states = (*self.hidden_states, *(self._exit_state(skipped_shape(block), exit_states or {})
+                                                    for block in skipped))
         if self.attentions:
             zeros = torch.zeros_like(self.attentions[-1])
             attentions = (*self.attentions, *[zeros] * (self.num_blocks - len(self.attentions)))
         return {"hidden_states": hidden_states, "attentions": attentions}
 
+    def _exit_state(self, shape: torch.Size, exit_states: dict[torch.Size, torch.Tensor]) -> torch.Tensor:
+        """Every sample's exit state of this shape (after the batch), zeros for the samples whose differs."""
+        state = exit_states.get(shape)
+        if state is not None:
+            return state
+        like = self.hidden_states[-1]
+        return like.new_zeros(self.batch_size, *shape)
+
 
 class StepEngine:
     """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit."""
 
-    def __init__(self, adapter: BackboneAdapter, steps: list[list[nn.Module]], units: nn.ModuleList,
-                 per_token: bool, layers_per_step: int):
-        self.adapter, self.steps, self.units = adapter, steps, units
+    def __init__(self, adapter: BackboneAdapter, backbone_config: PreTrainedConfig, steps: list[list[nn.Module]],
+                 units: nn.ModuleList, per_token: bool, layers_per_step: int):
+        self.adapter, self.backbone_config, self.steps, self.units = adapter, backbone_config, steps, units
         self.per_token, self.layers_per_step = per_token, layers_per_step
         self.num_fixed_steps = len(steps) - len(units)
 
@@ -234,8 +245,8 @@ class _ExitingPass:
         self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
         self.halting = state.hidden.new_zeros(*self.padding.shape, len(engine.units))
         self.logits: torch.Tensor | None = None
-        self.exit_hidden: torch.Tensor | None = None
-        self.exit_shapes_differ = False
+        self.exit_states: dict[torch.Size, torch.Tensor] = {}  # per shape: the samples that left, full batch
+        self.last_block = -1  # the deepest block run for any sample
         self.distribution = HaltingDistribution()
         self.flops = FlopsAccountant(self.padding, engine.per_token)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
@@ -245,17 +256,23 @@ class _ExitingPass:
         for step, blocks in enumerate(self.engine.steps):
             if not self.active.numel() and not self.cache.fills_after_exit:
                 break
-            self.cache.begin_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden)
+            self.cache.begin_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden())
             if not self.active.numel():
                 continue
             hidden = self._run_blocks(step)
             if step >= self.engine.num_fixed_steps:
                 self._decide(step - self.engine.num_fixed_steps, step, hidden)
-        exit_hidden = None if self.exit_shapes_differ else self.exit_hidden
+        skipped_shape = partial(self.engine.adapter.skipped_block_shape, self.engine.backbone_config,
+                                self.state.hidden.shape[1:], self.last_block)
         return StepOutputs(
-            last_hidden_state=exit_hidden, logits=self.logits, halting_probs=self.halting, exit_steps=self.exit_steps,
-            flops=self.flops.total, **self.trace.outputs(exit_hidden),
+            last_hidden_state=self.exit_hidden(), logits=self.logits, halting_probs=self.halting,
+            exit_steps=self.exit_steps, flops=self.flops.total, **self.trace.outputs(skipped_shape, self.exit_states),
         )
+
+    def exit_hidden(self) -> torch.Tensor | None:
+        """The exit state of every sample that has left, full batch; None when a CNN's samples left in stages whose
+        feature maps differ in shape (or none has left)."""
+        return next(iter(self.exit_states.values())) if len(self.exit_states) == 1 else None
 
     def _run_blocks(self, step: int) -> torch.Tensor:
         """One step for the active samples; their items that stopped keep their exit state through every block
@@ -265,7 +282,8 @@ class _ExitingPass:
         def finish_block(index: int, output: torch.Tensor) -> torch.Tensor:
             if self.engine.per_token:
                 output = torch.where(self.done.unsqueeze(-1), entry, output)
-            self.trace.record(index, output, self.active, self.exit_hidden)
+            self.trace.record(index, output, self.active, self.exit_states)
+            self.last_block = index
             return output
 
         self.state.hidden, position_flops = self.engine.run_blocks(step, self.state, self.cache.view, finish_block)
@@ -306,12 +324,10 @@ class _ExitingPass:
         finished = self.done.reshape(self.done.shape[0], -1).all(-1)
         if not finished.any():
             return
-        if self.exit_hidden is None:
-            self.exit_hidden = hidden.new_zeros(self.padding.shape[0], *hidden.shape[1:])
-        if self.exit_hidden.shape[1:] == hidden.shape[1:]:
-            self.exit_hidden[self.active[finished]] = hidden[finished]
-        else:  # a CNN's samples exited in stages whose feature maps differ: no single tensor holds them
-            self.exit_shapes_differ = True
+        shape = hidden.shape[1:]
+        if shape not in self.exit_states:
+            self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
+        self.exit_states[shape][self.active[finished]] = hidden[finished]
         keep = (~finished).nonzero().squeeze(-1)
         self.active, self.done = self.active[keep], self.done[keep]
         self.state = self.state.select(keep)

@@ -235,7 +235,8 @@ class ADNetModel(ADNetPreTrainedModel):
         """The engine over the backbone's blocks grouped into steps of `layers_per_step`, and the units."""
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
-        return StepEngine(self.adapter, steps, self.units, bool(self.config.per_token_units), size)
+        return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
+                          bool(self.config.per_token_units), size)
 
     @can_return_tuple
     def forward(

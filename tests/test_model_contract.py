@@ -151,7 +151,7 @@ def test_under_exits_skipped_blocks_carry_the_exit_state(head):
     with torch.no_grad():
         full = model(**inputs, exit_policy="none", **flags)
         out = model(**inputs, exit_policy="halting", exit_threshold=threshold, **flags)
-    assert len(out.hidden_states) == len(full.hidden_states)
+    assert [state.shape for state in out.hidden_states] == [state.shape for state in full.hidden_states]
     assert out.attentions is None or len(out.attentions) == len(full.attentions)
     recorded = [-1, *model.base_model.adapter.hidden_state_blocks(model.config.backbone_config)]
     items = exiting_items(out, inputs, model.config.layers_per_step)
@@ -285,3 +285,22 @@ def test_gradient_checkpointing_through_the_trainers(head, trainer_class, args_c
     checkpointed = train_one_step(head, trainer_class, args_class, 8, 1, tmp_path, gradient_checkpointing=True)
     for name, value in reference.items():
         torch.testing.assert_close(checkpointed[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("head", ["bert-sequence", "resnet-image"])
+def test_when_every_sample_exits_early_the_later_entries_keep_the_backbone_layout(head):
+    """The pass ends when the last sample leaves: the blocks no sample ran still get entries of their own shape
+    (the exit state where it has that shape, else zeros)."""
+    overrides = {"layers_per_step": 2} if head == "resnet-image" else {}
+    model = build(head, **overrides).eval()
+    inputs = inputs_for(head, labels=False)
+    with torch.no_grad():
+        full = model(**inputs, exit_policy="none", output_hidden_states=True)
+        out = model(**inputs, exit_policy="halting", exit_threshold=0.999, output_hidden_states=True)
+    assert (out.exit_steps == 1).all()
+    assert [state.shape for state in out.hidden_states] == [state.shape for state in full.hidden_states]
+    exit_state = out.hidden_states[1]  # the first step's last output: recorded by both layouts
+    for state in out.hidden_states[2:]:
+        assert torch.equal(state, exit_state) if state.shape == exit_state.shape else (state == 0).all()
+    if head == "resnet-image":
+        assert out.hidden_states[-1].shape != out.hidden_states[1].shape  # the zeros case was exercised
