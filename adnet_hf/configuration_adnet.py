@@ -6,7 +6,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbones_adnet import backbone_adapter
-from .exits_adnet import EXIT_POLICIES, EXIT_RULES
+from .exits_adnet import EXIT_RULES, exit_policies, is_int, is_number
 from .losses_adnet import LOSSES
 
 LOSS_TYPES = tuple(LOSSES)
@@ -24,14 +24,6 @@ AUTO_MAP = {
 def _check(condition: bool, field: str, allowed: str, value) -> None:
     if not condition:
         raise ValueError(f"ADNetConfig.{field} must be {allowed}, got {value!r}.")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _BackboneAttribute:
@@ -147,36 +139,37 @@ class ADNetConfig(PreTrainedConfig):
     def validate_adnet(self) -> None:
         """Raise a `ValueError` naming the first field outside its allowed values."""
         backbone_adapter(self.backbone_config)  # raises for an unsupported backbone
-        _check(_is_int(self.layers_per_step) and self.layers_per_step >= 1, "layers_per_step",
+        _check(is_int(self.layers_per_step) and self.layers_per_step >= 1, "layers_per_step",
                "an integer >= 1", self.layers_per_step)
         _check(self.num_blocks % self.layers_per_step == 0, "layers_per_step",
                f"a divisor of the backbone's {self.num_blocks} blocks", self.layers_per_step)
-        _check(_is_int(self.num_fixed_steps) and 0 <= self.num_fixed_steps < self.num_steps, "num_fixed_steps",
+        _check(is_int(self.num_fixed_steps) and 0 <= self.num_fixed_steps < self.num_steps, "num_fixed_steps",
                f"an integer in [0, {self.num_steps - 1}] (at least one step must carry a unit)", self.num_fixed_steps)
-        _check(_is_int(self.unit_hidden_size) and self.unit_hidden_size >= 1, "unit_hidden_size",
+        _check(is_int(self.unit_hidden_size) and self.unit_hidden_size >= 1, "unit_hidden_size",
                "an integer >= 1", self.unit_hidden_size)
         _check(isinstance(self.share_output_layer, bool), "share_output_layer", "a bool", self.share_output_layer)
-        _check(self.exit_policy in EXIT_POLICIES, "exit_policy", f"one of {EXIT_POLICIES}", self.exit_policy)
+        _check(self.exit_policy in exit_policies(), "exit_policy", f"one of {exit_policies()}", self.exit_policy)
         for rule in EXIT_RULES.values():
-            rule.check(getattr(self, rule.config_field), owner=f"ADNetConfig.{rule.config_field}")
+            if hasattr(self, rule.config_field):  # a rule registered later may bring a field older configs lack
+                rule.check(getattr(self, rule.config_field), owner=f"ADNetConfig.{rule.config_field}")
         _check(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}", self.loss_type)
         for field in ("gpsl_alpha", "gpsl_beta", "gpsl_step_cost", "pondernet_beta"):
             value = getattr(self, field)
-            _check(_is_number(value) and value >= 0, field, "a number >= 0", value)
+            _check(is_number(value) and value >= 0, field, "a number >= 0", value)
         for field in ("gpsl_temperature", "gpsl_growth_rate"):
             value = getattr(self, field)
-            _check(_is_number(value) and value > 0, field, "a number > 0", value)
-        _check(self.gpsl_growth_midpoint is None or _is_number(self.gpsl_growth_midpoint), "gpsl_growth_midpoint",
+            _check(is_number(value) and value > 0, field, "a number > 0", value)
+        _check(self.gpsl_growth_midpoint is None or is_number(self.gpsl_growth_midpoint), "gpsl_growth_midpoint",
                "None or a number", self.gpsl_growth_midpoint)
-        _check(_is_number(self.pondernet_prior) and 0 < self.pondernet_prior <= 1, "pondernet_prior",
+        _check(is_number(self.pondernet_prior) and 0 < self.pondernet_prior <= 1, "pondernet_prior",
                "a number in (0, 1]", self.pondernet_prior)
-        _check(self.max_weight_norm is None or (_is_number(self.max_weight_norm) and self.max_weight_norm > 0),
+        _check(self.max_weight_norm is None or (is_number(self.max_weight_norm) and self.max_weight_norm > 0),
                "max_weight_norm", "None or a number > 0", self.max_weight_norm)
-        _check(_is_number(self.classifier_dropout) and 0 <= self.classifier_dropout < 1, "classifier_dropout",
+        _check(is_number(self.classifier_dropout) and 0 <= self.classifier_dropout < 1, "classifier_dropout",
                "a number in [0, 1)", self.classifier_dropout)
         _check(self.problem_type is None or self.problem_type in PROBLEM_TYPES, "problem_type",
                f"None or one of {PROBLEM_TYPES}", self.problem_type)
-        _check(_is_int(self.num_labels) and self.num_labels >= 1, "num_labels", "an integer >= 1", self.num_labels)
+        _check(is_int(self.num_labels) and self.num_labels >= 1, "num_labels", "an integer >= 1", self.num_labels)
         _check(self.per_token_units in (None, True, False), "per_token_units", "None or a bool", self.per_token_units)
 
 

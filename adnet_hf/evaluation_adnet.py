@@ -117,6 +117,7 @@ def quality_metric(metrics: Mapping[str, float]) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
                  exit_threshold: float | int | None = None,
                  gather: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
@@ -124,8 +125,10 @@ def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
 
     Kept per item, so that a subset (e.g. the items that exit at one step) can be scored too. `gather` (e.g.
     `accelerator.gather_for_metrics`) collects each batch's items from every process first; it needs items of the
-    same count on every process, so samples, not a causal LM's token losses.
+    same count on every process, so samples, not a causal LM's token losses. The model is put in eval mode (exits
+    are an inference pass).
     """
+    model.eval()
     pooled: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         inputs = {name: value.to(model.device) for name, value in batch.items()}
@@ -151,10 +154,9 @@ def sweep_exits(model, batches: Iterable[dict],
                 settings: Iterable[tuple[str, float | int | None]]) -> list[dict[str, float | str | None]]:
     """One record per `(exit_policy, exit_threshold)` setting: the setting and its `evaluate_batches` metrics.
 
-    Put `("none", None)` first for the full-depth reference. The model is put in eval mode; its config is left as
-    it was, so the sweep can be compared, saved or timed against the configured model afterwards.
+    Put `("none", None)` first for the full-depth reference. The config is left as it was, so the sweep can be
+    compared, saved or timed against the configured model afterwards.
     """
-    model.eval()
     batches = list(batches)
     return [{"exit_policy": policy, "exit_threshold": threshold,
              **evaluate_batches(model, batches, policy, threshold)} for policy, threshold in settings]

@@ -98,8 +98,12 @@ def register_exit_rule(cls: type[ExitRule]) -> type[ExitRule]:
     return cls
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @register_exit_rule
@@ -110,7 +114,7 @@ class HaltingExit(ExitRule):
 
     @classmethod
     def is_valid(cls, value) -> bool:
-        return _is_number(value) and 0 < value < 1
+        return is_number(value) and 0 < value < 1
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[float]:
@@ -129,7 +133,7 @@ class ConfidenceExit(ExitRule):
 
     @classmethod
     def is_valid(cls, value) -> bool:
-        return _is_number(value) and 0 < value <= 1
+        return is_number(value) and 0 < value <= 1
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[float]:
@@ -158,7 +162,7 @@ class PatienceExit(ExitRule):
 
     @classmethod
     def is_valid(cls, value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return is_int(value) and value >= 1
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[int]:
@@ -179,14 +183,19 @@ class PatienceExit(ExitRule):
             self.previous, self.unchanged = self.previous[keep], self.unchanged[keep]
 
 
-EXIT_POLICIES = (*EXIT_RULES, FULL_DEPTH)
+def exit_policies() -> tuple[str, ...]:
+    """Every registered rule's policy name, and full depth: read when needed, so later registrations count."""
+    return (*EXIT_RULES, FULL_DEPTH)
 
 
 def exit_rule(policy: str, config, threshold=None) -> ExitRule:
     """The rule of `policy`, set to `threshold` (default: the config's value of the rule's field)."""
     if policy not in EXIT_RULES:
-        raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {policy!r}.")
+        raise ValueError(f"exit_policy must be one of {exit_policies()}, got {policy!r}.")
     rule = EXIT_RULES[policy]
+    if threshold is None and not hasattr(config, rule.config_field):
+        raise ValueError(f"exit_policy={policy!r} reads ADNetConfig.{rule.config_field}, which this config lacks: "
+                         "set it, or pass exit_threshold.")
     if not rule.supports_regression and config.problem_type == "regression":
         raise ValueError(f"exit_policy={policy!r} needs class predictions; for regression use 'halting' or 'none'.")
     return rule(getattr(config, rule.config_field) if threshold is None else threshold, config.problem_type)

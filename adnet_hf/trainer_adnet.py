@@ -279,14 +279,12 @@ def floor_schedule(args: ADNetTrainingArguments, num_training_steps: int) -> Cal
 
 
 def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """`compute_metrics` for `ADNetTrainer` on sequence / image classification: `evaluation_adnet.task_metrics` (offline
-    metric modules), plus the mean `exit_steps` when the predictions carry them (as `ADNetTrainer`'s do)."""
+    """`compute_metrics` for sequence / image classification: `evaluation_adnet.task_metrics` (offline metric
+    modules) of the logits, which lead the predictions of `ADNetTrainer` and of a plain `Trainer` alike. The exit
+    statistics are `ADNetTrainer`'s own (`eval_exit_steps`, `eval_executed_layers`)."""
     predictions = eval_pred.predictions
-    logits, exit_steps = (predictions[0], predictions[-1]) if isinstance(predictions, tuple) else (predictions, None)
-    metrics = task_metrics(logits, np.asarray(eval_pred.label_ids))
-    if exit_steps is not None:
-        metrics["exit_steps"] = float(np.mean(exit_steps))
-    return metrics
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
+    return task_metrics(logits, np.asarray(eval_pred.label_ids))
 
 
 __all__ = [

@@ -120,3 +120,36 @@ def test_a_head_refuses_the_other_kind_of_units(tmp_path):
         tmp_path)
     with pytest.raises(ValueError, match="per_token_units=False.*pooled"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_registered_rule_with_its_own_field_works_per_call_and_in_the_config():
+    from adnet_hf import ExitRule, register_exit_rule
+
+    @register_exit_rule
+    class FirstUnitExit(ExitRule):
+        """Stops every item at the first variable step once `first_unit_exit` is set."""
+
+        name, config_field, allowed = "first_unit", "first_unit_exit", "True"
+
+        @classmethod
+        def is_valid(cls, value) -> bool:
+            return value is True
+
+        def step(self, not_halted, logits):
+            return torch.ones_like(not_halted, dtype=torch.bool)
+
+    try:
+        ADNetConfig(backbone_config=bert_config())  # a config without the new field still builds
+        model = classifier()
+        ids, mask = token_batch()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, exit_policy="first_unit", exit_threshold=True)
+        assert (out.exit_steps == 1).all()
+        with pytest.raises(ValueError, match="reads ADNetConfig.first_unit_exit, which this config lacks"):
+            model(input_ids=ids, attention_mask=mask, exit_policy="first_unit")
+        config = ADNetConfig(backbone_config=bert_config(), exit_policy="first_unit", first_unit_exit=True)
+        assert ADNetForSequenceClassification(config).config.exit_policy == "first_unit"
+        with pytest.raises(ValueError, match="ADNetConfig.first_unit_exit must be True"):
+            ADNetConfig(backbone_config=bert_config(), first_unit_exit=False)
+    finally:
+        del EXIT_RULES["first_unit"]
