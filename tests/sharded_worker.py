@@ -1,4 +1,4 @@
-"""One process of `test_sharded_exits`: `torchrun --nproc_per_node=2 tests/sharded_worker.py WRAPPING`.
+"""One process of `test_sharded_exits`: `torchrun --nproc_per_node=2 tests/sharded_worker.py WRAPPING FOLDER`.
 
 Each process builds the same tiny BERT ADNet classifier, wraps a copy as WRAPPING (`ddp`, `fsdp2_whole`,
 `fsdp2_blocks`, `fsdp1_blocks`) and checks, against the unwrapped model in the same process:
@@ -6,7 +6,7 @@ Each process builds the same tiny BERT ADNet classifier, wraps a copy as WRAPPIN
   process gets on the whole batch;
 - evaluation with exits, for every exit policy, over batches whose samples all exit early on one process and late
   on the other (and the reverse, and mixed): it completes, with the unwrapped model's logits and exit steps.
-Prints one JSON line: how many exit-synchronising all-reduces were issued.
+Writes FOLDER/rank<r>.json: how many exit-synchronising all-reduces were issued.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -126,7 +127,7 @@ def check_evaluation(model: ADNetForSequenceClassification, wrapping: str, rank:
                 torch.testing.assert_close(out.logits, expected.logits, msg=policy)
 
 
-def main(wrapping: str) -> None:
+def main(wrapping: str, folder: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("PG_TIMEOUT", "60"))))
     torch.set_num_threads(1)
     rank = dist.get_rank()
@@ -136,9 +137,9 @@ def main(wrapping: str) -> None:
     model = tiny_classifier()
     check_training(model, wrapping, rank)
     check_evaluation(model, wrapping, rank)
-    print(json.dumps({"rank": rank, "wrapping": wrapping, "exit_all_reduces": len(calls)}), flush=True)
+    (folder / f"rank{rank}.json").write_text(json.dumps({"wrapping": wrapping, "exit_all_reduces": len(calls)}))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], Path(sys.argv[2]))
