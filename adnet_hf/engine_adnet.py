@@ -23,6 +23,7 @@ from transformers import PreTrainedConfig
 from .backbones_adnet import BackboneAdapter, StepState
 from .exits_adnet import ExitRule, HaltingDistribution
 from .generation_adnet import exit_cache
+from .sharding_adnet import exit_sync
 
 
 @dataclass
@@ -136,12 +137,15 @@ class Trace:
 
 
 class StepEngine:
-    """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit."""
+    """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit.
+
+    `sync_exits`: whether the exiting pass keeps processes in step (`sharding_adnet`); None detects sharded blocks."""
 
     def __init__(self, adapter: BackboneAdapter, backbone_config: PreTrainedConfig, steps: list[list[nn.Module]],
-                 units: nn.ModuleList, per_token: bool, layers_per_step: int):
+                 units: nn.ModuleList, per_token: bool, layers_per_step: int, sync_exits: bool | None = None):
         self.adapter, self.backbone_config, self.steps, self.units = adapter, backbone_config, steps, units
         self.per_token, self.layers_per_step = per_token, layers_per_step
+        self.sync_exits = sync_exits
         self.num_fixed_steps = len(steps) - len(units)
 
     def padding(self, state: StepState) -> torch.Tensor:
@@ -250,14 +254,21 @@ class _ExitingPass:
         self.distribution = HaltingDistribution()
         self.flops = FlopsAccountant(self.padding, engine.per_token)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
+        self.sync = exit_sync(engine.steps, engine.sync_exits)
+        if self.cache.fills_after_exit and self.sync.in_step:
+            raise NotImplementedError("Exits with a key/value cache on sharded blocks: the cache of the tokens that "
+                                      "exited is filled by calling the blocks' key/value projections outside the "
+                                      "blocks, where FSDP / ZeRO-3 has not gathered them. Decode with "
+                                      "exit_policy='none', or shard the model as one unit.")
 
     def run(self) -> StepOutputs:
         self.trace.record(-1, self.state.hidden, self.active)
         for step, blocks in enumerate(self.engine.steps):
-            if not self.active.numel() and not self.cache.fills_after_exit:
+            if not self.cache.fills_after_exit and not self.sync.any_running(self.active):
                 break
             self.cache.begin_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden())
             if not self.active.numel():
+                self.sync.stand_in(self.engine, step)
                 continue
             hidden = self._run_blocks(step)
             if step >= self.engine.num_fixed_steps:
@@ -329,6 +340,8 @@ class _ExitingPass:
             self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
         self.exit_states[shape][self.active[finished]] = hidden[finished]
         keep = (~finished).nonzero().squeeze(-1)
+        if not keep.numel():
+            self.sync.last_samples_leave(self.state)
         self.active, self.done = self.active[keep], self.done[keep]
         self.state = self.state.select(keep)
         self.distribution.select(keep)

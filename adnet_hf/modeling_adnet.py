@@ -190,7 +190,14 @@ class ADNetModel(ADNetPreTrainedModel):
     """The backbone and one calculation unit per variable step; runs them with or without exits.
 
     `config.per_token_units` gives causal-LM units (a halting probability per token, no pooling over the sequence).
+
+    `sync_exits` (an attribute, not a config field: it depends on how a run shards the model, not on the model)
+    says whether the exiting pass keeps distributed processes in step (`sharding_adnet`). None, the default,
+    detects blocks sharded by FSDP or DeepSpeed ZeRO-3; set `model.base_model.sync_exits = True` for another
+    engine that gathers parameters inside the blocks, False to never synchronise.
     """
+
+    sync_exits: bool | None = None
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
@@ -236,7 +243,7 @@ class ADNetModel(ADNetPreTrainedModel):
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
         return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
-                          bool(self.config.per_token_units), size)
+                          bool(self.config.per_token_units), size, self.sync_exits)
 
     @can_return_tuple
     def forward(
