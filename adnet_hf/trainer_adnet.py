@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import numpy as np
@@ -53,9 +53,6 @@ class ADNetTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.label_smoothing_factor:
-            raise ValueError("label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
-                             "configured ADNet loss (ADNetConfig.loss_type).")
         if not 0.0 <= self.min_learning_rate_ratio <= 1.0:
             raise ValueError(f"min_learning_rate_ratio must be in [0, 1], got {self.min_learning_rate_ratio}.")
         if self.min_learning_rate_ratio > 0 and self.lr_scheduler_type not in (SchedulerType.LINEAR,
@@ -63,10 +60,22 @@ class ADNetTrainingArguments(TrainingArguments):
             raise ValueError("min_learning_rate_ratio > 0 needs lr_scheduler_type 'linear' or 'cosine', got "
                              f"{self.lr_scheduler_type.value!r}.")
 
-    def group_learning_rate(self, group: str) -> float:
-        """Initial learning rate of a parameter group (`backbone`, `unit` or `output`)."""
-        value = getattr(self, f"{group}_learning_rate")
-        return self.learning_rate if value is None else value
+
+# ADNet's own arguments and their documented defaults, which a plain `TrainingArguments` takes (as `Seq2SeqTrainer`
+# reads its generation arguments).
+_PLAIN_ARGUMENTS = {f.name for f in fields(TrainingArguments)}
+ADNET_ARGUMENT_DEFAULTS = {f.name: f.default for f in fields(ADNetTrainingArguments) if f.name not in _PLAIN_ARGUMENTS}
+
+
+def adnet_argument(args: TrainingArguments, name: str):
+    """ADNet's argument `name` from `args`: its own value, or the default a plain `TrainingArguments` takes."""
+    return getattr(args, name, ADNET_ARGUMENT_DEFAULTS[name])
+
+
+def group_learning_rate(args: TrainingArguments, group: str) -> float:
+    """Initial learning rate of a parameter group (`backbone`, `unit` or `output`): `learning_rate` by default."""
+    value = adnet_argument(args, f"{group}_learning_rate")
+    return args.learning_rate if value is None else value
 
 
 def adnet_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -156,9 +165,12 @@ class ADNetTrainer(Trainer):
     weighted by the micro-batch's share of the accumulated tokens, as Transformers' own causal LMs are.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: ADNetTrainingArguments | None = None, **kwargs):
-        if args is not None and not isinstance(args, ADNetTrainingArguments):
-            raise TypeError(f"ADNetTrainer needs ADNetTrainingArguments, got {type(args).__name__}.")
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, **kwargs):
+        """`args`: `ADNetTrainingArguments` for per-group rates and a floor, or a plain `TrainingArguments` (ADNet's
+        own arguments then take their defaults: one learning rate, plain decay)."""
+        if args is not None and args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
+                             "configured ADNet loss (ADNetConfig.loss_type).")
         super().__init__(model=model, args=args or ADNetTrainingArguments(), **kwargs)
         loss_fn = getattr(self.model, "loss_fn", None)
         if not getattr(loss_fn, "trains_halting", True) and self.model.config.exit_policy == "halting":
@@ -249,13 +261,13 @@ class ADNetTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """With `min_learning_rate_ratio > 0`, one multiplier for all groups: each decays to its own floor."""
-        if self.lr_scheduler is None and self.args.min_learning_rate_ratio > 0:
+        if self.lr_scheduler is None and adnet_argument(self.args, "min_learning_rate_ratio") > 0:
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, floor_schedule(self.args, num_training_steps))
             self._created_lr_scheduler = True  # rebuilt by the next `train()`, as Trainer's own schedulers are
         return super().create_scheduler(num_training_steps, optimizer)
 
 
-def adnet_optimizer_groups(model: nn.Module, args: ADNetTrainingArguments, decay_names) -> list[dict]:
+def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_names) -> list[dict]:
     """Optimizer parameter groups: one per (ADNet group, weight decay or not), at the group's initial rate.
 
     `decay_names` are the parameters that get weight decay (Trainer's `get_decay_parameter_names`).
@@ -266,7 +278,7 @@ def adnet_optimizer_groups(model: nn.Module, args: ADNetTrainingArguments, decay
         for decays in (True, False):
             params = [param for name, param in named if (name in decay) == decays]
             if params:
-                param_groups.append({"params": params, "name": group, "lr": args.group_learning_rate(group),
+                param_groups.append({"params": params, "name": group, "lr": group_learning_rate(args, group),
                                      "weight_decay": args.weight_decay if decays else 0.0})
     return param_groups
 

@@ -260,8 +260,9 @@ def train_one_step(head: str, trainer_class, args_class, batch: int, accumulatio
 
 
 @pytest.mark.parametrize("trainer_class,args_class", [(Trainer, TrainingArguments),
-                                                      (ADNetTrainer, ADNetTrainingArguments)],
-                         ids=["Trainer", "ADNetTrainer"])
+                                                      (ADNetTrainer, ADNetTrainingArguments),
+                                                      (ADNetTrainer, TrainingArguments)],
+                         ids=["Trainer", "ADNetTrainer", "ADNetTrainer-plain-arguments"])
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_gradient_accumulation_matches_the_full_batch(head, trainer_class, args_class, tmp_path):
     """1 x 8, 2 x 4 and 4 x 2 give the same weights after one SGD step: a doubled or halved loss would show. The

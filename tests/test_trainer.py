@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import bert_config, gpt2_config, token_batch, vary_token_exits
-from transformers import EvalPrediction
+from transformers import EvalPrediction, TrainingArguments
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
 from adnet_hf.trainer_adnet import (
@@ -228,3 +228,32 @@ def test_compute_classification_metrics():
     assert metrics == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
     without_exits = compute_classification_metrics(EvalPrediction(logits, labels))
     assert without_exits == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
+
+
+def test_plain_training_arguments_take_adnet_defaults(tmp_path):
+    """A user switching from `Trainer` keeps their `TrainingArguments`: one learning rate for every group, plain
+    decay, max-norm from the config; the same weights as `ADNetTrainingArguments` left at its defaults."""
+    trained = []
+    for args_class in (TrainingArguments, ADNetTrainingArguments):
+        torch.manual_seed(0)
+        model = classifier(max_weight_norm=0.01)  # below the initial rows' norms: the constraint must act
+        args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
+                          disable_tqdm=True, save_strategy="no", seed=0, learning_rate=1e-3, max_steps=2,
+                          report_to="none")
+        trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset())
+        trainer.train()
+        assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.0}  # linear decay reached zero
+        assert {group["initial_lr"] for group in trainer.optimizer.param_groups} == {1e-3}
+        assert {group["name"] for group in trainer.optimizer.param_groups} == {"backbone", "unit", "output"}
+        trained.append(params(model))
+    for name, value in trained[0].items():
+        assert torch.equal(trained[1][name], value), name
+    row_norms = trained[0]["output_layers.0.1.weight"].norm(dim=1)
+    assert (row_norms <= 0.01 + 1e-6).all() and row_norms.max().item() == pytest.approx(0.01, rel=1e-5)  # renormed
+
+
+@pytest.mark.parametrize("args_class", [TrainingArguments, ADNetTrainingArguments])
+def test_label_smoothing_is_refused_with_either_arguments(tmp_path, args_class):
+    args = args_class(output_dir=str(tmp_path / "out"), use_cpu=True, label_smoothing_factor=0.1, report_to="none")
+    with pytest.raises(ValueError, match="label_smoothing_factor is not used by ADNetTrainer"):
+        ADNetTrainer(model=classifier(), args=args)
