@@ -106,13 +106,12 @@ def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, flo
     """
     model = trainer.model.eval()
     loader = DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
-    settings = {prefix: None}
-    metrics = {f"{prefix}_num_blocks": num_blocks(model)}
+    configured = lm_metrics(model, loader)
+    metrics = {f"{prefix}_num_blocks": num_blocks(model), **{f"{prefix}_{k}": v for k, v in configured.items()}}
     if model.config.model_type == "adnet":
-        settings[f"{prefix}_full_depth"] = FULL_DEPTH
-        metrics[f"{prefix}_exit_policy"] = model.config.exit_policy
-    for name, policy in settings.items():
-        metrics.update({f"{name}_{key}": value for key, value in lm_metrics(model, loader, policy).items()})
+        metrics[f"{prefix}_exit_policy"] = policy = model.config.exit_policy
+        full_depth = configured if policy == FULL_DEPTH else lm_metrics(model, loader, FULL_DEPTH)
+        metrics.update({f"{prefix}_full_depth_{key}": value for key, value in full_depth.items()})
     return metrics
 
 
