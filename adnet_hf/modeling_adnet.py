@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
@@ -21,6 +21,7 @@ from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
+from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
 logger = logging.get_logger(__name__)
@@ -442,6 +443,43 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from
         it (the adapter needs the token mask for positions, FLOPs and exits)."""
         return attention_mask
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, streamer=None, **kwargs):
+        """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
+        the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
+        below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
+        full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
+        blocks twice per token. Batch 1; greedy or sampling; `streamer` and the logits processors apply."""
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if config.assistant_early_exit is None:
+            return super().generate(inputs, generation_config, logits_processor, stopping_criteria,
+                                    streamer=streamer, **kwargs)
+        return self._self_speculative_generate(inputs, config, model_kwargs, logits_processor, stopping_criteria,
+                                               streamer)
+
+    @torch.no_grad()
+    def _self_speculative_generate(self, input_ids: torch.LongTensor, config: GenerationConfig, model_kwargs: dict,
+                                   logits_processor: LogitsProcessorList | None,
+                                   stopping_criteria: StoppingCriteriaList | None, streamer):
+        unused = set(model_kwargs) - {"attention_mask", "use_cache"}
+        if input_ids is None or unused:
+            raise ValueError(f"assistant_early_exit takes the prompt's input_ids and attention_mask only, got "
+                             f"{'no input_ids' if input_ids is None else sorted(unused)}.")
+        check_settings(config, input_ids.shape[0])
+        mask = model_kwargs.get("attention_mask")
+        self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
+        if config.max_new_tokens is not None:
+            config.max_length = input_ids.shape[1] + config.max_new_tokens
+        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids,
+                                                logits_processor=logits_processor or LogitsProcessorList(),
+                                                device=input_ids.device, model_kwargs=model_kwargs)
+        stopping = self._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList())
+        decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
+                                         torch.ones_like(input_ids) if mask is None else mask, streamer)
+        sequence = decoder.generate(input_ids)
+        return decoder.output(sequence) if config.return_dict_in_generate else sequence
 
     @staticmethod
     def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
