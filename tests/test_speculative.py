@@ -1,17 +1,21 @@
 """Self-speculative decoding (`generate(..., assistant_early_exit=k)`): the full model's output, each block run once
 per token, the full model's distribution when sampling."""
 
+import json
+
 import pytest
 import torch
-from conftest import DECODER_BACKBONES, lm_model
+from conftest import DECODER_BACKBONES, gpt2_config, lm_model
 from scipy.stats import chisquare
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Tokenizer
 from transformers.generation.streamers import BaseStreamer
 
+from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.speculative_adnet import speculative_sampling
+from benchmarks import bench_speculative
+from benchmarks.bench_speculative import plain_causal_lm
 
 NEW_TOKENS = 16
-PLAIN_MODELS = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
 
 def drafting_model(backbone: str, **overrides):
@@ -31,14 +35,6 @@ def speculative(model, ids, **settings):
                           return_dict_in_generate=True, **settings)
 
 
-def plain_backbone(model):
-    """The backbone's own causal LM class with the same weights."""
-    plain = PLAIN_MODELS[model.config.backbone_config.model_type](model.config.backbone_config).eval()
-    plain.base_model.load_state_dict(model.adnet.backbone.state_dict())
-    plain.get_output_embeddings().weight = model.lm_head.weight
-    return plain
-
-
 @pytest.fixture(params=sorted(DECODER_BACKBONES))
 def model(request):
     return drafting_model(request.param)
@@ -50,7 +46,7 @@ PROMPTS = [torch.tensor([[5, 17, 33, 8, 61]]), torch.tensor([[90, 4]]), torch.te
 @pytest.mark.parametrize("prompt", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(PROMPTS)))])
 def test_greedy_output_is_the_full_depth_output(model, prompt):
     ids = PROMPTS[prompt]
-    reference = plain_backbone(model).generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+    reference = plain_causal_lm(model).generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                                                pad_token_id=0)
     full_depth = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
                                 exit_policy="none")
@@ -214,3 +210,21 @@ def test_speculative_sampling_through_generate_keeps_the_full_models_distributio
                               eos_token_id=None, pad_token_id=0)[0, -1]
                for _ in range(2000)]
     assert_follows(torch.bincount(torch.stack(seconds), minlength=vocab), marginal, draft_marginal)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_data):
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    path = bench_speculative.main([
+        "--model", str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
+        "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--depths", "1", "3", "--draft_lengths", "2",
+        "--thresholds", "0", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
+    ])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["assistant_early_exit"], row["assistant_confidence_threshold"]) for row in rows] == [
+        (1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
+    assert all(row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0
+               for row in rows)
