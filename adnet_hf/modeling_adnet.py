@@ -445,37 +445,35 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return attention_mask
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
-                 logits_processor: LogitsProcessorList | None = None,
-                 stopping_criteria: StoppingCriteriaList | None = None, streamer=None, **kwargs):
+                 **kwargs):
         """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
         the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
         below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
         full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
-        blocks twice per token. Batch 1; greedy or sampling; `streamer` and the logits processors apply."""
+        blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
+        apply."""
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if config.assistant_early_exit is None:
-            return super().generate(inputs, generation_config, logits_processor, stopping_criteria,
-                                    streamer=streamer, **kwargs)
-        return self._self_speculative_generate(inputs, config, model_kwargs, logits_processor, stopping_criteria,
-                                               streamer)
+            return super().generate(inputs, generation_config, **kwargs)
+        return self._self_speculative_generate(inputs, config, model_kwargs)
 
     @torch.no_grad()
-    def _self_speculative_generate(self, input_ids: torch.LongTensor, config: GenerationConfig, model_kwargs: dict,
-                                   logits_processor: LogitsProcessorList | None,
-                                   stopping_criteria: StoppingCriteriaList | None, streamer):
-        unused = set(model_kwargs) - {"attention_mask", "use_cache"}
-        if input_ids is None or unused:
-            raise ValueError(f"assistant_early_exit takes the prompt's input_ids and attention_mask only, got "
-                             f"{'no input_ids' if input_ids is None else sorted(unused)}.")
+    def _self_speculative_generate(self, input_ids: torch.LongTensor | None, config: GenerationConfig,
+                                   model_kwargs: dict):
+        processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
+        model_kwargs.pop("use_cache", None)
+        if input_ids is None or model_kwargs:
+            raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
+                             f"stopping_criteria and streamer, got {sorted(model_kwargs) or 'no input_ids'}.")
         check_settings(config, input_ids.shape[0])
-        mask = model_kwargs.get("attention_mask")
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if config.max_new_tokens is not None:
             config.max_length = input_ids.shape[1] + config.max_new_tokens
-        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids,
-                                                logits_processor=logits_processor or LogitsProcessorList(),
-                                                device=input_ids.device, model_kwargs=model_kwargs)
-        stopping = self._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList())
+        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids, logits_processor=processors,
+                                                device=input_ids.device, model_kwargs={"attention_mask": mask})
+        stopping = self._get_stopping_criteria(config, stopping)
         decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
                                          torch.ones_like(input_ids) if mask is None else mask, streamer)
         sequence = decoder.generate(input_ids)

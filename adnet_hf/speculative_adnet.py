@@ -193,7 +193,7 @@ class SelfSpeculativeDecoder:
             draft_scores.append(scores)
             sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)
             token = sequence[:, -1:]
-            if torch.softmax(scores, dim=-1).max() < self.threshold:
+            if self.threshold and torch.softmax(scores, dim=-1).max() < self.threshold:
                 break
         return drafts, draft_scores, exit_hidden
 

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel
 
-from adnet_hf import ADNetForCausalLM
+from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf.backbones_adnet import matmul_weights
 from adnet_hf.data_adnet import token_blocks
 
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
@@ -35,10 +36,28 @@ def plain_causal_lm(model: ADNetForCausalLM) -> PreTrainedModel:
 
 
 def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
-    """An ADNet checkpoint (`--model`), or a plain causal LM checkpoint wrapped unchanged (`--backbone`)."""
+    """An ADNet checkpoint (`--model`), a plain causal LM checkpoint wrapped unchanged (`--backbone`), or untrained
+    weights of a backbone shape (`--backbone_config`, seeded)."""
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if args.backbone_config:
+        torch.manual_seed(0)
+        config = ADNetConfig(backbone_config=json.loads(args.backbone_config), num_fixed_steps=1)
+        return ADNetForCausalLM(config).eval()
     return ADNetForCausalLM.from_backbone(args.backbone, backbone_kwargs=json.loads(args.backbone_kwargs)).eval()
+
+
+def load_tokenizer(folder: str):
+    """A checkpoint's tokenizer; a bare `vocab.json` + `merges.txt` folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
+    bare = (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists()
+    return GPT2Tokenizer.from_pretrained(folder) if bare else AutoTokenizer.from_pretrained(folder)
+
+
+def lm_head_share(model: ADNetForCausalLM) -> float:
+    """The LM head's share of a token's matrix-product weights (blocks and head): where decoding time goes when
+    it is large, since the draft runs the full head for every drafted token too."""
+    head = matmul_weights(model.lm_head)
+    return head / (head + sum(matmul_weights(block) for block in model.adnet.adapter.blocks(model.adnet.backbone)))
 
 
 def draft_settings(args: argparse.Namespace) -> list[dict]:
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="ADNet causal LM checkpoint folder")
     source.add_argument("--backbone", help="plain causal LM checkpoint folder, wrapped with its weights unchanged")
+    source.add_argument("--backbone_config", help="JSON backbone config for UNTRAINED weights: measures the decoding "
+                        "machinery and where the time goes, not a trained model's acceptance (needs --tokenizer)")
     parser.add_argument("--backbone_kwargs", default="{}", help='JSON for from_pretrained, e.g. {"gguf_file": "x"}')
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model or --backbone)")
     parser.add_argument("--data", required=True, help="plain text file the prompts are cut from")
@@ -99,14 +120,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--note", default="", help="what the model is, stored with the results")
     args = parse_benchmark_args(parser, argv)
     model = load_model(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model or args.backbone)
+    tokenizer = load_tokenizer(args.tokenizer or args.model or args.backbone)
     prompts = list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
     rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, draft_settings(args), args.repeats)
     for row in rows:
         print(row, flush=True)
-    payload = {"benchmark": "speculative", "model": args.model or args.backbone, "data": args.data,
+    source = args.model or args.backbone or f"untrained {args.backbone_config}"
+    payload = {"benchmark": "speculative", "model": source, "data": args.data,
                "prompts": len(prompts), "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
-               "num_blocks": model.config.num_blocks, "note": args.note}
+               "num_blocks": model.config.num_blocks, "lm_head_weight_share": lm_head_share(model), "note": args.note}
     return write_results(args.name, payload, rows, None, args.results_dir)
 
 

@@ -91,6 +91,15 @@ def test_confidence_threshold_cuts_drafts_short(model):
     assert torch.equal(adaptive.sequences, fixed.sequences)
 
 
+def test_logits_processors_apply_to_draft_and_verification(model):
+    """With a repetition penalty and a token barred, the output is still greedy search's with the same settings."""
+    ids, settings = PROMPTS[0], {"repetition_penalty": 1.5, "bad_words_ids": [[7]]}
+    reference = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               exit_policy="none", **settings)
+    out = speculative(model, ids, assistant_early_exit=2, **settings)
+    assert torch.equal(out.sequences, reference) and 7 not in out.sequences[0, ids.shape[1]:]
+
+
 def test_streamer_gets_the_prompt_then_every_new_token(model):
     class Collect(BaseStreamer):
         def __init__(self):
@@ -130,12 +139,15 @@ def test_bad_settings_are_refused(settings, message):
         lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, **settings)
 
 
-def test_a_batch_and_a_depth_between_exits_are_refused():
+def test_a_batch_a_depth_between_exits_and_other_inputs_are_refused():
     with pytest.raises(ValueError, match="batch of 1"):
         lm_model("gpt2").generate(torch.cat(PROMPTS[:1] * 2), max_new_tokens=3, assistant_early_exit=2)
     with pytest.raises(ValueError, match="multiple of layers_per_step=2"):
         lm_model("gpt2", layers_per_step=2, num_fixed_steps=0).generate(PROMPTS[0], max_new_tokens=3,
                                                                         assistant_early_exit=1)
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn"):
+        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2,
+                                  prefix_allowed_tokens_fn=lambda batch, ids: [5])
 
 
 def test_per_token_exit_generation_is_unchanged_by_the_flag_being_absent(model):
