@@ -85,6 +85,9 @@ def check_settings(generation: GenerationConfig, batch_size: int) -> None:
                          f"{batch_size}: rows accept different numbers of drafted tokens; generate them one by one.")
     if generation.num_beams != 1 or generation.num_return_sequences != 1:
         raise ValueError("assistant_early_exit needs num_beams=1 and num_return_sequences=1.")
+    if generation.cache_implementation not in (None, "dynamic"):
+        raise ValueError("assistant_early_exit crops the cache of each layer to its own length: it keeps a dynamic "
+                         f"cache, got cache_implementation={generation.cache_implementation!r}.")
     if not isinstance(generation.num_assistant_tokens, int) or generation.num_assistant_tokens < 1:
         raise ValueError(f"num_assistant_tokens must be an integer >= 1, got {generation.num_assistant_tokens!r}.")
     if generation.num_assistant_tokens_schedule != "constant":

@@ -133,6 +133,7 @@ def test_stops_at_the_end_of_sequence_token_as_greedy_search_does(model):
     ({"assistant_early_exit": 2, "num_assistant_tokens": 0}, "num_assistant_tokens"),
     ({"assistant_early_exit": 2, "num_assistant_tokens_schedule": "heuristic"}, "num_assistant_tokens_schedule"),
     ({"assistant_early_exit": 2, "assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
+    ({"assistant_early_exit": 2, "cache_implementation": "static"}, "cache_implementation"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -158,8 +159,10 @@ def test_per_token_exit_generation_is_unchanged_by_the_flag_being_absent(model):
     assert type(out).__name__ == "GenerateDecoderOnlyOutput"
 
 
-def test_saved_model_generates_the_same_after_loading(model, tmp_path):
+def test_checkpoint_saved_before_speculative_decoding_loads_and_drafts(model, tmp_path):
+    """A checkpoint without `speculative_adnet.py` (saved before it existed) loads and decodes speculatively."""
     model.save_pretrained(tmp_path)
+    (tmp_path / "speculative_adnet.py").unlink()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = PROMPTS[2]
     assert torch.equal(speculative(loaded, ids, assistant_early_exit=2).sequences,
