@@ -47,10 +47,14 @@ def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
     return ADNetForCausalLM.from_backbone(args.backbone, backbone_kwargs=json.loads(args.backbone_kwargs)).eval()
 
 
-def load_tokenizer(folder: str):
-    """A checkpoint's tokenizer; a bare `vocab.json` + `merges.txt` folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
-    bare = (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists()
-    return GPT2Tokenizer.from_pretrained(folder) if bare else AutoTokenizer.from_pretrained(folder)
+def load_tokenizer(args: argparse.Namespace):
+    """`--tokenizer`, or the checkpoint's (a GGUF backbone's from its file); a bare `vocab.json` + `merges.txt`
+    folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
+    folder = args.tokenizer or args.model or args.backbone
+    if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
+        return GPT2Tokenizer.from_pretrained(folder)
+    gguf = json.loads(args.backbone_kwargs).get("gguf_file") if args.backbone and not args.tokenizer else None
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
 
 
 def lm_head_share(model: ADNetForCausalLM) -> float:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--note", default="", help="what the model is, stored with the results")
     args = parse_benchmark_args(parser, argv)
     model = load_model(args)
-    tokenizer = load_tokenizer(args.tokenizer or args.model or args.backbone)
+    tokenizer = load_tokenizer(args)
     prompts = list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
     rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, draft_settings(args), args.repeats)
     for row in rows:

@@ -228,13 +228,15 @@ def test_speculative_sampling_through_generate_keeps_the_full_models_distributio
 
 
 @pytest.mark.slow
-def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_data):
+@pytest.mark.parametrize("source", ["--model", "--backbone"])
+def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_data, source):
+    """On an ADNet checkpoint, or a plain GPT-2 checkpoint wrapped with its weights unchanged."""
     tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8))
-    model.save_pretrained(tmp_path / "model")
+    (model if source == "--model" else plain_causal_lm(model)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     path = bench_speculative.main([
-        "--model", str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
+        source, str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
         "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--depths", "1", "3", "--draft_lengths", "2",
         "--thresholds", "0", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
     ])
