@@ -60,6 +60,16 @@ def test_greedy_output_is_the_full_depth_output(model, prompt):
     assert rejected > 0, "every draft was accepted: the test would not see a wrong rollback"
 
 
+def test_left_padded_prompt_gives_the_full_depth_output(model):
+    ids, mask = torch.tensor([[0, 0, 5, 17, 33, 8]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    settings = {"attention_mask": mask, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None,
+                "pad_token_id": 0}
+    reference = model.generate(ids, exit_policy="none", **settings)
+    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
+                         **settings)
+    assert torch.equal(out, reference)
+
+
 def test_verification_runs_each_block_once_per_token(model):
     """Every block, before and after the exit, sees each fed token once: the verification reuses the draft's exit
     states and cache instead of running the first blocks again."""
