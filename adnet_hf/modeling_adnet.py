@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
@@ -21,6 +21,7 @@ from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
+from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
 logger = logging.get_logger(__name__)
@@ -442,6 +443,41 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from
         it (the adapter needs the token mask for positions, FLOPs and exits)."""
         return attention_mask
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs):
+        """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
+        the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
+        below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
+        full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
+        blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
+        apply."""
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if config.assistant_early_exit is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        return self._self_speculative_generate(inputs, config, model_kwargs)
+
+    @torch.no_grad()
+    def _self_speculative_generate(self, input_ids: torch.LongTensor | None, config: GenerationConfig,
+                                   model_kwargs: dict):
+        processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
+        model_kwargs.pop("use_cache", None)
+        if input_ids is None or model_kwargs:
+            raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
+                             f"stopping_criteria and streamer, got {sorted(model_kwargs) or 'no input_ids'}.")
+        check_settings(config, input_ids.shape[0])
+        self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
+        if config.max_new_tokens is not None:
+            config.max_length = input_ids.shape[1] + config.max_new_tokens
+        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids, logits_processor=processors,
+                                                device=input_ids.device, model_kwargs={"attention_mask": mask})
+        stopping = self._get_stopping_criteria(config, stopping)
+        decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
+                                         torch.ones_like(input_ids) if mask is None else mask, streamer)
+        sequence = decoder.generate(input_ids)
+        return decoder.output(sequence) if config.return_dict_in_generate else sequence
 
     @staticmethod
     def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
