@@ -20,7 +20,8 @@ from .backbones_adnet import backbone_adapter, matmul_weights, recording_attenti
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
-from .losses_adnet import IGNORE_INDEX, build_loss, resolve_problem_type, task_loss
+from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
+from .losses_adnet import IGNORE_INDEX, build_loss, task_loss
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
@@ -48,7 +49,8 @@ class ADNetModelOutput(ModelOutput):
     attentions (`tuple(torch.Tensor)`): each block's attention weights.
     logits (`torch.Tensor` of shape `(*items, num_labels)`):
         The prediction at each item's exit step (training: the predictions fused under the halting distribution).
-        Items are samples, or batch x tokens for a causal LM. `None` without a step head.
+        Items are samples, or batch x tokens for a causal LM (under exits a padding token's logits are 0, also when
+        the whole mask is 0). `None` without a step head.
     step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
         Every variable step's prediction; in training and with `exit_policy="none"` only.
     step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
@@ -275,6 +277,8 @@ class ADNetModel(ADNetPreTrainedModel):
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_model_inputs(self.adapter, self.config.backbone_config, inputs, self.dtype, past_length)
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = exit_policy or self._configured_policy(step_head)
         rule = None if self.training or policy == FULL_DEPTH else exit_rule(policy, self.config, exit_threshold)
@@ -325,8 +329,9 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
     def _classify(self, labels: torch.Tensor | None, **inputs) -> ADNetSequenceClassifierOutput:
-        if labels is not None and self.config.problem_type is None:
-            self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+        if labels is not None:
+            labels, self.config.problem_type = check_classification_labels(
+                labels, self.config.problem_type, self.config.num_labels, input_shape(inputs))
         problem_type = self.config.problem_type
         step_loss = None
         if labels is not None and self.training:
@@ -503,6 +508,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         exit_policy: str | None = None,
         exit_threshold: float | int | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -510,6 +516,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> ADNetCausalLMOutput:
         r"""
+        token_type_ids: refused (decoder backbones take none); named here so that it is not silently dropped.
         output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry). Off by
             default: the per-step losses are taken as each step runs, and training's fused `logits` are detached.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
@@ -523,6 +530,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.config.backbone_config)
+        if labels is not None:
+            check_lm_labels(labels, input_shape({"input_ids": input_ids, "inputs_embeds": inputs_embeds}),
+                            self.config.backbone_config.vocab_size)
         targets = None if labels is None else labels[:, 1:]
 
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -534,7 +544,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
             step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            return_dict=True,
+            return_dict=True, token_type_ids=token_type_ids,
         )
         loss = None if labels is None else self.combine_losses(out, targets, num_items_in_batch)
         return ADNetCausalLMOutput(
