@@ -301,9 +301,8 @@ def random_resized_crop(image, size: tuple[int, int], resample: int = 3, scale: 
     return image.resize(size[::-1], resample, box=(left, top, left + w, top + h))
 
 
-def image_transform(processor, num_channels: int, augment: bool = False, image_column: str = "image",
-                    label_column: str = "label") -> Callable[[dict], dict]:
-    """A `Dataset.with_transform` function giving `pixel_values` (and `labels`) from a batch of PIL images:
+def image_transform(processor, num_channels: int, augment: bool = False) -> Callable[[dict], dict]:
+    """A `Dataset.with_transform` function giving `pixel_values` (and `labels`) from a batch of PIL `image`s:
     converted to the backbone's channels, then the image processor. With `augment` (training), as Transformers'
     image-classification example: a random resized crop to the processor's output size and a random horizontal flip,
     then the processor's rescaling and normalisation only."""
@@ -314,12 +313,12 @@ def image_transform(processor, num_channels: int, augment: bool = False, image_c
         return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()).item() < 0.5 else image
 
     def transform(batch: dict) -> dict:
-        images = [to_channels(image, num_channels) for image in batch[image_column]]
+        images = [to_channels(image, num_channels) for image in batch["image"]]
         options = {"do_resize": False, "do_center_crop": False} if augment else {}
         images = [augmented(image) for image in images] if augment else images
         result = {"pixel_values": processor(images, return_tensors="pt", **options)["pixel_values"]}
-        if label_column in batch:
-            result["labels"] = batch[label_column]
+        if "label" in batch:
+            result["labels"] = batch["label"]
         return result
 
     return transform

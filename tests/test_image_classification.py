@@ -132,14 +132,14 @@ def test_heads_refuse_a_backbone_of_the_other_modality(tmp_path):
 
 TRAINING = ["--num_train_epochs", "20", "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "4",
             "--learning_rate", "1e-2", "--unit_learning_rate", "1e-2", "--save_strategy", "no", "--report_to", "none",
-            "--seed", "0", "--num_fixed_steps", "0", "--unit_hidden_size", "8", "--image_size", "12"]
+            "--seed", "0", "--num_fixed_steps", "0", "--unit_hidden_size", "8"]
 TINY_RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}
 
 
-def run_script(tmp_path, *arguments: str) -> dict:
+def run_script(tmp_path, *arguments: str, output: str = "out") -> dict:
     from examples import run_image_classification
 
-    return run_image_classification.main([*arguments, "--output_dir", str(tmp_path / "out"), *TRAINING])
+    return run_image_classification.main([*arguments, "--output_dir", str(tmp_path / output), *TRAINING])
 
 
 def pipeline_accuracy(output_dir, folder, as_arrays: bool = False) -> float:
@@ -154,13 +154,15 @@ def pipeline_accuracy(output_dir, folder, as_arrays: bool = False) -> float:
 
 
 @pytest.mark.slow
-def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_the_pipeline(tmp_path):
-    write_folder(tmp_path / "train", COLOURS, 6)
-    write_folder(tmp_path / "val", {name: COLOURS[name] for name in ("blue", "red")}, 3, first_seed=100)  # no green
+def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_the_pipeline(tmp_path, caplog):
+    write_folder(tmp_path / "data" / "train", COLOURS, 6)
+    write_folder(tmp_path / "data" / "val", {name: COLOURS[name] for name in ("blue", "red")}, 3, 100)  # no green
+    train, val = tmp_path / "data" / "train", tmp_path / "data" / "val"
     ResNetForImageClassification(ResNetConfig(num_channels=3, num_labels=5, **TINY_RESNET)).save_pretrained(
         tmp_path / "resnet")  # a checkpoint without an image processor, and another number of classes
-    results = run_script(tmp_path, "--model_name_or_path", str(tmp_path / "resnet"), "--train_dir",
-                         str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"), "--do_train", "--do_eval")
+    results = run_script(tmp_path, "--model_name_or_path", str(tmp_path / "resnet"), "--train_dir", str(train),
+                         "--validation_dir", str(val), "--image_size", "12", "--do_train", "--do_eval")
+    assert "No image processor saved with" in caplog.text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["backbone_config"]["num_channels"] == 3
     assert config["id2label"] == {"0": "blue", "1": "green", "2": "red"}
@@ -169,7 +171,17 @@ def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_th
     assert len(processor["image_mean"]) == 3 and processor["size"] == {"shortest_edge": 12}
     # Red is id 2 in training and in validation: numbered per folder it would be 1 (green), and accuracy would fall.
     assert results["eval_accuracy"] == 1.0
-    assert pipeline_accuracy(tmp_path / "out", tmp_path / "val") == 1.0
+    assert pipeline_accuracy(tmp_path / "out", val) == 1.0
+    # Evaluating the saved model alone: its classes from its config; or the folders as one dataset (`datasets`).
+    model = ["--model_name_or_path", str(tmp_path / "out"), "--do_eval"]
+    assert run_script(tmp_path, *model, "--validation_dir", str(val), output="eval")["eval_accuracy"] == 1.0
+    assert run_script(tmp_path, *model, "--dataset_name", str(tmp_path / "data"), output="eval")["eval_accuracy"] == 1.0
+    # The plain reference from the same checkpoint: ResNet's own classifier, re-initialised for the three classes.
+    run_script(tmp_path, "--plain_baseline", "--ignore_mismatched_sizes", "--model_name_or_path",
+               str(tmp_path / "resnet"), "--train_dir", str(train), "--image_size", "12", "--do_train", output="plain")
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert plain["architectures"] == ["ResNetForImageClassification"] and plain["id2label"] == config["id2label"]
+    assert (tmp_path / "plain" / "preprocessor_config.json").exists()
 
 
 @pytest.mark.slow
@@ -178,7 +190,7 @@ def test_grey_folder_from_scratch_trains_on_one_channel(tmp_path):
     write_folder(tmp_path / "val", GREYS, 2, first_seed=100)
     results = run_script(tmp_path, "--backbone_config", json.dumps({"model_type": "resnet", **TINY_RESNET}),
                          "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"),
-                         "--do_train", "--do_eval")
+                         "--image_size", "12", "--do_train", "--do_eval")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["backbone_config"]["num_channels"] == 1  # set from the grey training images
     assert len(json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["image_mean"]) == 1
