@@ -261,14 +261,14 @@ def default_image_processor(images: list, num_channels: int, size: int | None = 
     for image in images:
         pixels = np.asarray(to_channels(image, num_channels), dtype=np.float64).reshape(-1, num_channels) / 255.0
         total, squares, count = total + pixels.sum(0), squares + (pixels**2).sum(0), count + len(pixels)
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    mean = (total / count).round(6)
+    std = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).round(6)
     if size is None:
         sides = {image.size for image in images}
         width, height = next(iter(sides))
         size = width if len(sides) == 1 and width == height else 224
-    return ConvNextImageProcessorPil(size={"shortest_edge": size}, crop_pct=1.0, image_mean=mean.round(6).tolist(),
-                                     image_std=np.where(std > 0, std, 1.0).round(6).tolist())
+    return ConvNextImageProcessorPil(size={"shortest_edge": size}, crop_pct=1.0, image_mean=mean.tolist(),
+                                     image_std=np.where(std > 0, std, 1.0).tolist())  # constant images: no scaling
 
 
 def processor_size(processor) -> tuple[int, int]:

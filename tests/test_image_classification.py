@@ -86,6 +86,10 @@ def test_default_processor_normalises_with_the_images_statistics():
     assert normalised.shape == (3, 3, 12, 12)
     assert torch.allclose(normalised.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert default_image_processor([image(5, 12, 14)], 1).size["shortest_edge"] == 224  # not square: 224
+    flat = PIL.Image.new("L", (4, 4), 3)
+    constant = default_image_processor([flat], 1)
+    assert list(constant.image_std) == [1.0]  # no spread to divide by
+    assert torch.isfinite(constant(flat, return_tensors="pt")["pixel_values"]).all()
     assert default_image_processor(images, 3, size=20).size["shortest_edge"] == 20
 
 
