@@ -344,3 +344,8 @@ def backbone_adapter(config: PreTrainedConfig | None) -> BackboneAdapter:
             f"ADNetConfig.backbone_config must be a config of one of {SUPPORTED_BACKBONES}, got {model_type!r}."
         )
     return _ADAPTERS[model_type]
+
+
+def backbones_taking(input_name: str) -> tuple[str, ...]:
+    """The supported backbone model types whose input is `input_name` (`input_ids` or `pixel_values`)."""
+    return tuple(model_type for model_type, adapter in _ADAPTERS.items() if adapter.main_input_name == input_name)

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .backbones_adnet import backbone_adapter, matmul_weights, recording_attentions
+from .backbones_adnet import backbone_adapter, backbones_taking, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
@@ -314,6 +314,11 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
         config.use_per_token_units(False, type(self).__name__)
+        backbone_input = backbone_adapter(config.backbone_config).main_input_name
+        if backbone_input != self.main_input_name:
+            raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
+                             f"{backbones_taking(self.main_input_name)}, got {config.backbone_config.model_type!r}, "
+                             f"which takes {backbone_input}.")
         self.adnet = ADNetModel(config)
 
         def output_layer() -> nn.Module:
