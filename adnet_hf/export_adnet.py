@@ -58,13 +58,13 @@ class StateLayout:
 
     @classmethod
     def from_spec(cls, spec: TreeSpec) -> StateLayout:
-        """The layout of `(hidden, token_mask, block_kwargs)` flattened with tree spec `spec`."""
+        """The layout of a `_state_tree` flattened with tree spec `spec`."""
         _, mask_spec, kwargs_spec = spec.children_specs
         leaves = tree_flatten_with_path(tree_unflatten([None] * kwargs_spec.num_leaves, kwargs_spec))[0]
         kwargs = ["block_" + "_".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
                   for path, _ in leaves]
-        mask = ["token_mask"] if mask_spec.is_leaf() else []
-        return cls(mask_spec.is_leaf(), kwargs_spec, ["hidden", *mask, *kwargs])
+        has_mask = mask_spec.num_leaves == 1
+        return cls(has_mask, kwargs_spec, ["hidden", *(["token_mask"] if has_mask else []), *kwargs])
 
     @classmethod
     def of(cls, state: StepState) -> StateLayout:
@@ -72,11 +72,12 @@ class StateLayout:
 
 
 def _state_tree(state: StepState) -> tuple:
-    return state.hidden, state.token_mask, state.block_kwargs
+    """`(hidden, (token_mask,) or (), block_kwargs)`: no leaf where a CNN has no token mask."""
+    return state.hidden, () if state.token_mask is None else (state.token_mask,), state.block_kwargs
 
 
 class EmbeddingGraph(nn.Module):
-    """The backbone's input embedding as a graph: the model inputs -> `(hidden, token_mask, block_kwargs)`.
+    """The backbone's input embedding as a graph: the model inputs -> `_state_tree` of the first block's input.
 
     The steps take the state laid out as this graph gives it (its program's output spec): a traced embedding always
     builds the 4-D mask, which an eager one leaves out when the batch has no padding."""
@@ -280,7 +281,7 @@ class ADNetStepRunner:
         """The steps on the samples still present; after each variable step `exit_decision` picks who stops, their
         outputs are kept, and they leave `state` (every tensor there has the batch first)."""
         batch, fixed = len(state["hidden"]), self.manifest["num_fixed_steps"]
-        active, distribution = torch.arange(batch), HaltingDistribution()
+        active, distribution = np.arange(batch), HaltingDistribution()
         logits = np.zeros((batch, self.manifest["num_labels"]), dtype=state["hidden"].dtype)
         exit_steps = np.zeros(batch, dtype=np.int64)
         halting = np.zeros((batch, self.num_variable_steps), dtype=state["hidden"].dtype)
@@ -293,16 +294,15 @@ class ADNetStepRunner:
             lambdas, step_logits = torch.from_numpy(outputs[1]), torch.from_numpy(outputs[2])
             stop, probs = exit_decision(distribution, rule, lambdas, step_logits, n == self.num_variable_steps - 1,
                                         torch.zeros_like(lambdas, dtype=torch.bool))
-            rows, stop = active.numpy(), stop.numpy()
-            halting[rows, n] = probs.numpy()
-            exit_steps[rows[stop]] = step + 1
-            logits[rows[stop]] = outputs[2][stop]
+            stop = stop.numpy()
+            halting[active, n] = probs.numpy()
+            exit_steps[active[stop]] = step + 1
+            logits[active[stop]] = outputs[2][stop]
             if stop.all():
                 break
-            keep = torch.from_numpy(np.flatnonzero(~stop))
-            active = active[keep]
-            distribution.select(keep)
+            keep = np.flatnonzero(~stop)
+            active, state = active[keep], {name: value[keep] for name, value in state.items()}
+            distribution.select(torch.from_numpy(keep))
             if rule is not None:
-                rule.select(keep)
-            state = {name: value[keep.numpy()] for name, value in state.items()}
+                rule.select(torch.from_numpy(keep))
         return StepRunnerOutput(logits=logits, exit_steps=exit_steps, halting_probs=halting)
