@@ -18,6 +18,7 @@ a causal LM's per-token exits with a key/value cache are not exported.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,6 @@ def _dynamic_shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]
 def _model_inputs(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> list[str]:
     """The names of `example_inputs`, in the order of the model's `forward`; each must be a tensor with batch >= 2
     (a batch of one would be specialised into the graph)."""
-    import inspect
-
     accepted = [name for name in inspect.signature(model.forward).parameters
                 if name in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")]
     unknown = sorted(set(example_inputs) - set(accepted))
@@ -168,8 +167,8 @@ def export_step_programs(model: nn.Module, example_inputs: dict[str, torch.Tenso
 
 
 def export_steps(model: nn.Module, directory: str | Path, example_inputs: dict[str, torch.Tensor]) -> Path:
-    """Export an ADNet classifier step by step to ONNX under `directory` (see the module docstring) and return the
-    manifest's path. `ADNetStepRunner(directory)` runs it with exits."""
+    """Export an ADNet classifier (put in eval mode) step by step to ONNX under `directory` (see the module
+    docstring) and return the manifest's path. `ADNetStepRunner(directory)` runs it with exits."""
     model = _classifier(model).eval()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
