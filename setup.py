@@ -22,8 +22,10 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100", "onnx>=1.17", "onnxruntime>=1.20",
+                "onnxscript>=0.3"],
         "bench": ["matplotlib>=3.7"],
+        "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
     },
     license="Apache-2.0",
 )

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from .backbones_adnet import BackboneAdapter, StepState
-from .exits_adnet import ExitRule, HaltingDistribution
+from .exits_adnet import ExitRule, HaltingDistribution, exit_decision
 from .generation_adnet import exit_cache
 from .sharding_adnet import exit_sync
 
@@ -308,9 +308,8 @@ class _ExitingPass:
         if self.rule.needs_predictions:  # the halting rule decides without: the head runs for who stops only
             logits = self.head.predict(n, summary, hidden)
             self.flops.add(self.active, self.done, self.head.flops)
-        probs = self.distribution.step(lambdas)
-        stop = (self.rule.step(self.distribution.not_halted, logits) | (n == len(self.engine.units) - 1)) & ~self.done
-        self.halting[self.active, ..., n] = self.distribution.halt(probs, stop).masked_fill(self.done, 0.0)
+        stop, self.halting[self.active, ..., n] = exit_decision(self.distribution, self.rule, lambdas, logits,
+                                                                n == len(self.engine.units) - 1, self.done)
         self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
         if self.head is not None and (stop.any() or self.logits is None):  # allocated even if only padding stops
             self._keep_exit_logits(n, summary, hidden, logits, stop)

@@ -183,6 +183,18 @@ class PatienceExit(ExitRule):
             self.previous, self.unchanged = self.previous[keep], self.unchanged[keep]
 
 
+def exit_decision(distribution: HaltingDistribution, rule: ExitRule | None, lambdas: torch.Tensor,
+                  logits: torch.Tensor | None, last: bool, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One variable step's decision for the items still running: which stop now (`rule`'s choice, every item at the
+    `last` step; `None`: full depth, the last step only), and their `p_n`, where an item that stops takes all the
+    mass not yet halted and an item already `done` gets 0. The one place the eager engine and the exported-steps
+    runner (`export_adnet`) decide."""
+    probs = distribution.step(lambdas)
+    stop = torch.full_like(done, last) if rule is None else rule.step(distribution.not_halted, logits) | last
+    stop = stop & ~done
+    return stop, distribution.halt(probs, stop).masked_fill(done, 0.0)
+
+
 def exit_policies() -> tuple[str, ...]:
     """Every registered rule's policy name, and full depth: read when needed, so later registrations count."""
     return (*EXIT_RULES, FULL_DEPTH)

@@ -260,3 +260,28 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
     with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
         full_depth = model(input_ids=blocks, labels=blocks, exit_policy="none")
     assert rows[-1]["perplexity"] == pytest.approx(math.exp(full_depth.loss.item()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_checkpoint):
+    from benchmarks import bench_export
+
+    path = bench_export.main([
+        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
+        "--batch_sizes", "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--name", "tiny_export",
+        "--results_dir", str(tiny_checkpoint / "results"), "--settings", "confidence=0.6", "patience=1",
+    ])
+    result = json.loads(path.read_text())
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
+    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
+    for row in result["agreement"]:
+        assert row["same_prediction"] == row["same_exit_step"] == 1.0 and row["max_logit_difference"] < 1e-5, row
+        setting = {"exit_policy": row["policy"], "exit_threshold": row["setting"]}
+        assert row["eager_accuracy"] == pytest.approx(evaluate_batches(model, batches, **setting)["accuracy"])
+        assert row["runner_accuracy"] == row["eager_accuracy"]
+    arms = [(row["batch_size"], row["arm"], row["policy"], row["setting"]) for row in result["rows"]]
+    assert arms == [(size, arm, policy, setting) for size in (1, 4) for arm, policy, setting in [
+        ("eager", "none", None), ("eager", "confidence", 0.6), ("ONNX Runtime runner", "confidence", 0.6),
+        ("eager", "patience", 1), ("ONNX Runtime runner", "patience", 1), ("ONNX Runtime runner", "none", None)]]
+    assert all(row["seconds"] > 0 for row in result["rows"])
+    assert [row["samples"] for row in result["rows"]] == [3] * 6 + [12] * 6
