@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .backbones_adnet import backbone_adapter
+from .backbones_adnet import SUPPORTED_BACKBONES, backbone_adapter
 from .exits_adnet import EXIT_RULES, ExitRule, exit_policies, is_int, is_number, require, task_exit_rule
 from .losses_adnet import LOSSES
 
@@ -65,6 +65,9 @@ class FieldRule:
 
 _WEIGHT = FieldRule(f"a number in [0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE))
 FIELD_RULES: dict[str, FieldRule] = {
+    "backbone_config": FieldRule(f"a config (or a dict with a model_type) of one of {SUPPORTED_BACKBONES}, or None "
+                                 "(BERT)", _optional(lambda value: isinstance(value, PreTrainedConfig) or (
+                                     isinstance(value, dict) and value.get("model_type") in SUPPORTED_BACKBONES))),
     "num_fixed_steps": FieldRule("an integer >= 0", lambda value: is_int(value) and value >= 0),
     "layers_per_step": FieldRule("an integer >= 1", lambda value: is_int(value) and value >= 1),
     "unit_hidden_size": FieldRule(f"an integer in [1, {MAX_UNIT_HIDDEN_SIZE}]",
@@ -195,7 +198,7 @@ class ADNetConfig(PreTrainedConfig):
         rule = field_rules().get(name)
         if rule is not None:
             rule.check(value, owner=f"ADNetConfig.{name}")
-        if not self.__dict__.get("_post_init_done") or not (rule or name in _DEPENDED_ON):
+        if not self.__dict__.get("_post_init_done") or (rule is None and name not in _DEPENDED_ON):
             super().__setattr__(name, value)
             return
         previous = getattr(self, name, _UNSET)
@@ -256,10 +259,15 @@ class ADNetConfig(PreTrainedConfig):
         for name, rule in field_rules().items():
             if hasattr(self, name):  # a rule registered later may bring a field older configs lack
                 rule.check(getattr(self, name), owner=f"ADNetConfig.{name}")
+        require(isinstance(self.tie_word_embeddings, bool), "ADNetConfig.tie_word_embeddings",
+                "a bool once constructed (None, the backbone's own setting, is resolved at construction)",
+                self.tie_word_embeddings)
         require(self.num_blocks % self.layers_per_step == 0, "ADNetConfig.layers_per_step",
                 f"a divisor of the backbone's {self.num_blocks} blocks", self.layers_per_step)
         require(self.num_fixed_steps < self.num_steps, "ADNetConfig.num_fixed_steps",
-                f"an integer in [0, {self.num_steps - 1}] (at least one step must carry a unit)", self.num_fixed_steps)
+                f"an integer in [0, {self.num_steps - 1}] (at least one of the {self.num_steps} steps, the backbone's "
+                f"{self.num_blocks} blocks in groups of layers_per_step={self.layers_per_step}, must carry a unit)",
+                self.num_fixed_steps)
         if self.exit_policy in EXIT_RULES:
             task_exit_rule(self.exit_policy, self, owner="ADNetConfig.exit_policy")
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
@@ -269,6 +277,6 @@ class ADNetConfig(PreTrainedConfig):
 
 _UNSET = object()
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
-_DEPENDED_ON = frozenset({"backbone_config", "id2label", "num_hidden_layers"})
+_DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 
 __all__ = ["ADNetConfig"]

@@ -56,6 +56,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     """
     logits = logits.float()
     if problem_type == "regression":
+        if labels.numel() != logits.numel():
+            raise ValueError(f"labels for regression must have shape {tuple(logits.shape)} (one score per output; "
+                             f"(batch,) for one output), got {tuple(labels.shape)}.")
         return F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape), reduction="none").mean(-1)
     if problem_type == "single_label_classification":
         labels = class_labels(labels, logits)

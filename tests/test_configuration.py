@@ -65,7 +65,8 @@ def test_invalid_problem_type_is_rejected():
 
 
 def test_unsupported_backbone_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"backbone_config must be a config of one of .*'bert'.*got 't5'"):
+    with pytest.raises(ValueError, match=r"backbone_config must be a config \(or a dict with a model_type\) of one of "
+                                         r".*'bert'.*got \{'model_type': 't5'\}"):
         ADNetConfig(backbone_config={"model_type": "t5"})
 
 

@@ -273,3 +273,9 @@ def test_gpsl_stays_finite_at_the_bounds_of_its_settings(settings):
 def test_pondernet_stays_finite_for_any_prior(prior):
     loss = PonderNetLoss(prior=prior, beta=1.0)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
     assert torch.isfinite(loss)
+
+
+def test_regression_labels_of_another_size_are_refused():
+    model = model_for(num_labels=2, problem_type="regression").train()
+    with pytest.raises(ValueError, match=r"labels for regression must have shape \(4, 2\)"):
+        model(**labelled_batch(torch.zeros(4)))
