@@ -22,7 +22,7 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100"],
         "bench": ["matplotlib>=3.7"],
     },
     license="Apache-2.0",
