@@ -113,6 +113,22 @@ class TextModelArguments(ModelArguments):
     )
 
 
+@dataclass
+class ImageModelArguments(ModelArguments):
+    """`ModelArguments` with an image processor, as Transformers' image-classification example."""
+
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "A saved image processor (folder or Hub id), if not the one saved with model_name_or_path. "
+                          "Without either, a default is built from the training images (see --image_size)."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "With --plain_baseline, load a classification checkpoint with another number of classes: "
+                          "its classifier is then trained afresh."},
+    )
+
+
 def _adnet_field(help_text: str):
     return field(default=None, metadata={"help": f"ADNetConfig.{help_text} (default: keep the config's value)."})
 

@@ -65,9 +65,6 @@ def _token_mask(inputs: dict[str, Any], batch: int, length: int, device: torch.d
     mask = inputs.get("attention_mask")
     if mask is None:
         return torch.ones(batch, length, dtype=torch.long, device=device)
-    if mask.dim() != 2:
-        raise ValueError(f"attention_mask must be a 2-D token mask (batch x tokens), got {mask.dim()}-D: ADNet needs "
-                         "each token's mask for positions, exits and FLOPs, and builds the 4-D mask itself.")
     return mask
 
 
@@ -88,6 +85,8 @@ class BackboneAdapter:
 
     model_types: tuple[str, ...] = ()
     main_input_name = "input_ids"
+    input_names: tuple[str, ...] = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+    absolute_positions = False  # a learned position table (`max_position_embeddings`) bounds the sequence length
     is_causal = False
     has_attention = True
 
@@ -103,6 +102,10 @@ class BackboneAdapter:
 
     def blocks(self, backbone: PreTrainedModel) -> list[nn.Module]:
         raise NotImplementedError
+
+    def max_length(self, config: PreTrainedConfig) -> int | None:
+        """The longest sequence the backbone takes (its position table); None when positions are unbounded."""
+        return config.max_position_embeddings if self.absolute_positions else None
 
     def hidden_state_blocks(self, config: PreTrainedConfig) -> list[int]:
         """The blocks whose outputs the backbone's own `hidden_states` holds (after the embedding output)."""
@@ -156,6 +159,13 @@ class BertAdapter(BackboneAdapter):
     """BERT and RoBERTa: `embeddings`, then `encoder.layer[k]` with a bidirectional mask."""
 
     model_types = ("bert", "roberta")
+    input_names = (*BackboneAdapter.input_names, "token_type_ids")
+    absolute_positions = True
+
+    def max_length(self, config):
+        """RoBERTa's positions start after its padding id (`create_position_ids_from_input_ids`)."""
+        offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+        return config.max_position_embeddings - offset
 
     def build(self, config: PreTrainedConfig) -> PreTrainedModel:
         return AutoModel.from_config(config, add_pooling_layer=False)
@@ -194,6 +204,7 @@ class DecoderAdapter(BackboneAdapter):
         positions = inputs.get("position_ids")
         if positions is None:
             positions = _positions_from_mask(token_mask, past)
+        positions = positions.expand(embeds.shape[0], -1)  # (1, T) broadcast: batch first, as samples leave
         mask = create_causal_mask(config=backbone.config, inputs_embeds=embeds, attention_mask=token_mask,
                                   cache=cache, position_ids=positions)
         hidden, position_kwargs = self.encode_positions(backbone, embeds, positions)
@@ -205,6 +216,7 @@ class GPT2Adapter(DecoderAdapter):
     """GPT-2: `wte + wpe`, then `h[k]`; `ln_f` before the tied LM head."""
 
     model_types = ("gpt2",)
+    absolute_positions = True
 
     def blocks(self, backbone):
         return list(backbone.h)
@@ -255,6 +267,7 @@ class ResNetAdapter(BackboneAdapter):
 
     model_types = ("resnet",)
     main_input_name = "pixel_values"
+    input_names = ("pixel_values",)
     has_attention = False
 
     def num_blocks(self, config):
@@ -331,3 +344,8 @@ def backbone_adapter(config: PreTrainedConfig | None) -> BackboneAdapter:
             f"ADNetConfig.backbone_config must be a config of one of {SUPPORTED_BACKBONES}, got {model_type!r}."
         )
     return _ADAPTERS[model_type]
+
+
+def backbones_taking(input_name: str) -> tuple[str, ...]:
+    """The supported backbone model types whose input is `input_name` (`input_ids` or `pixel_values`)."""
+    return tuple(model_type for model_type, adapter in _ADAPTERS.items() if adapter.main_input_name == input_name)

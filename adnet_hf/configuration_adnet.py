@@ -223,6 +223,20 @@ class ADNetConfig(PreTrainedConfig):
         return self.problem_type == "regression" or (
             self.problem_type is None and self.num_labels == 1 and not self.per_token_units)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The saved config, which must be an ADNet one: a plain backbone checkpoint (e.g. a
+        `BertForSequenceClassification`) is wrapped with `from_backbone`, not loaded as ADNet."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not an ADNet one: wrap it with "
+                f"the task model's from_backbone (e.g. ADNetForSequenceClassification.from_backbone("
+                f"{str(pretrained_model_name_or_path)!r}, num_labels=...)), which loads its weights unchanged."
+            )
+        return config_dict, kwargs
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """A text backbone's config (what `generate` builds its cache from); this config for an image backbone."""
         return self.backbone_config if hasattr(self.backbone_config, "vocab_size") else self

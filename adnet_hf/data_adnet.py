@@ -1,18 +1,23 @@
-"""Readers of local data for the example scripts and the benchmarks, offline: GLUE-style text files, MNIST-style
-images, and plain text cut into token blocks. Each reads its format as distributed, so that a training script and
-the benchmark of its model see the same inputs.
+"""Readers of local data for the example scripts and the benchmarks, offline: GLUE-style text files, images (image
+folders, datasets, MNIST-style files) with their preprocessing, and plain text cut into token blocks. Each reads its
+format as distributed, so that a training script and the benchmark of its model see the same inputs.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 import torch
+from transformers import AutoImageProcessor, ConvNextImageProcessorPil
 
 # GLUE on the Hub: the text columns of each task.
 TASK_TO_KEYS = {
@@ -25,6 +30,8 @@ TEXT_COLUMNS = (("sentence1", "sentence2"), ("#1 String", "#2 String"), ("senten
 LABEL_COLUMNS = ("label", "Quality", "score")
 # MNIST's pixel mean and standard deviation after scaling to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# PIL's modes of grey images (1-bit, 8-bit, with transparency, 32-bit integer, 16-bit, float).
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 TextKeys = tuple[str, str | None]  # the first text column, and the second one of sentence pairs (or None)
 Texts = tuple[list[str], list[str] | None]  # the first sentences, and the second ones of pairs (or None)
@@ -139,46 +146,207 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(shape)
 
 
-def read_image_csv(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grey images and labels from a CSV (optionally gzipped): each row the flattened pixels, then the label."""
+def read_image_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Grey square images and labels from a CSV (optionally gzipped): each row the flattened pixels, then the label."""
     with _open(path) as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    return table[:, :-1].reshape(-1, image_size, image_size).astype(np.uint8), table[:, -1]
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+    side = math.isqrt(table.shape[1] - 1)
+    if side * side != table.shape[1] - 1:
+        raise ValueError(f"{path}: each row must hold a square image's pixels, then the label; got {table.shape[1]} "
+                         "columns.")
+    return table[:, :-1].reshape(-1, side, side).astype(np.uint8), table[:, -1]
 
 
-def read_image_folder(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Grey images and labels from a folder with one sub-folder per class (labels in sorted folder order)."""
-    from PIL import Image
+def read_digits(file: str, labels_file: str | None = None, limit: int | None = None,
+                seed: int | None = None) -> datasets.Dataset:
+    """MNIST-style grey images as an `image` / `label` dataset: from a pair of IDX files (images, labels) or from a
+    CSV. With `limit`, the first `limit` images, or with a `seed` `limit` drawn at random (a file sorted by class
+    would otherwise give one class)."""
+    images, labels = read_image_csv(file) if labels_file is None else (read_idx(file), read_idx(labels_file))
+    if len(images) != len(labels):
+        raise ValueError(f"{file} holds {len(images)} images but {labels_file} {len(labels)} labels.")
+    order = np.arange(len(images)) if seed is None else np.random.default_rng(seed).permutation(len(images))
+    order = order[:limit]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": list(images[order]), "label": labels[order].tolist()},
+                                      features=features)
 
-    classes = sorted(p.name for p in Path(path).iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((Path(path) / name).iterdir()):
-            images.append(np.asarray(Image.open(file).convert("L").resize((image_size, image_size))))
-            labels.append(label)
-    return np.stack(images), np.asarray(labels)
+
+def read_image_folder(path: str) -> datasets.Dataset:
+    """A folder with one sub-folder of images per class, through `datasets`' imagefolder builder: `image` and
+    `label`, a `ClassLabel` named after the sub-folders (sorted)."""
+    if not Path(path).is_dir():
+        raise ValueError(f"{path} is not a folder: an image folder holds one sub-folder of images per class.")
+    dataset = datasets.load_dataset("imagefolder", data_files={"train": str(Path(path) / "**")}, split="train")
+    if "label" not in dataset.column_names:
+        raise ValueError(f"{path} needs one sub-folder of images per class, and at least two classes.")
+    return dataset
 
 
-def read_images(file: str | None, labels_file: str | None, folder: str | None,
-                image_size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images and labels from a folder, a pair of IDX files or a CSV, whichever is given (None if none is)."""
-    if folder is not None:
-        return read_image_folder(folder, image_size)
-    if file is None:
+def load_image_dataset(name: str, config_name: str | None = None) -> datasets.DatasetDict:
+    """A dataset through `datasets.load_dataset`: a local folder (images in class sub-folders, or data files) or a
+    Hub id (not reachable offline)."""
+    try:
+        return datasets.load_dataset(name, config_name)
+    except (ConnectionError, FileNotFoundError) as error:
+        raise ValueError(f"--dataset_name {name} is neither a local dataset folder nor reachable on the Hugging Face "
+                         f"Hub ({type(error).__name__}: {error}). Pass a local folder, or --train_dir.") from error
+
+
+def _label_names(feature, values: list) -> list[str]:
+    """The class name of each label value: its `ClassLabel` name, or the value as text."""
+    return feature.int2str(values) if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
+
+
+def align_class_labels(raw: datasets.DatasetDict, label_column: str = "label",
+                       names: list[str] | None = None) -> datasets.DatasetDict:
+    """Every split's labels as ids of one `ClassLabel`, so that an id means the same class in every split even where
+    one split lacks a class: the classes `names`, by default the training split's (its `ClassLabel`'s names, e.g.
+    an image folder's sub-folders, else its sorted distinct values). A class not among them is a `ValueError` naming
+    it."""
+    if names is None:
+        reference = raw["train"] if "train" in raw else next(iter(raw.values()))
+        feature = reference.features[label_column]
+        names = (feature.names if isinstance(feature, datasets.ClassLabel)
+                 else [str(value) for value in sorted(set(reference[label_column]))])
+    if len(names) < 2:
+        raise ValueError(f"Classification needs at least two classes, got {names}.")
+    classes = datasets.ClassLabel(names=names)
+
+    def aligned(split: str, dataset: datasets.Dataset) -> datasets.Dataset:
+        feature = dataset.features[label_column]
+        unknown = sorted(set(_label_names(feature, list(dataset[label_column]))) - set(names))
+        if unknown:
+            raise ValueError(f"The {split} split has classes that the training split (or the model) lacks: "
+                             f"{unknown}. Its classes: {names}.")
+        features = datasets.Features({**dataset.features, label_column: classes})
+        return dataset.map(lambda values: {label_column: classes.str2int(_label_names(feature, values))},
+                           input_columns=label_column, batched=True, features=features, desc=f"Labelling {split}")
+
+    return datasets.DatasetDict({split: aligned(split, dataset) for split, dataset in raw.items()})
+
+
+def sample_images(dataset: datasets.Dataset, image_column: str = "image", count: int = 256) -> list:
+    """Up to `count` images spread evenly over `dataset` (decoded), to choose channels and statistics from."""
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
+    return list(dataset.select(indices)[image_column])
+
+
+def is_grey(image) -> bool:
+    """Whether a PIL image is grey by its mode (colour palettes count as colour)."""
+    return image.mode in GREY_MODES
+
+
+def to_channels(image, num_channels: int):
+    """A PIL image as a backbone with `num_channels` takes it, upright as its EXIF says: RGB for 3 (grey repeated, as
+    the image-classification pipeline converts), grey for 1. A colour image for 1 channel is refused, not turned
+    grey."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if num_channels == 3:
+        return image.convert("RGB")
+    if num_channels != 1:
+        raise ValueError(f"Images are read as grey (num_channels=1) or RGB (num_channels=3); the backbone has "
+                         f"num_channels={num_channels}.")
+    if not is_grey(image):
+        raise ValueError(f"A colour image (PIL mode {image.mode}) for a backbone with num_channels=1: use a backbone "
+                         "with num_channels=3, or convert the images to grey beforehand.")
+    return image.convert("L")
+
+
+def default_image_processor(images: list, num_channels: int, size: int | None = None) -> ConvNextImageProcessorPil:
+    """An image processor for a backbone saved without one: the class of Transformers' ResNet checkpoints, resizing
+    the shorter side to `size` and centre-cropping a square (default `size`: the side the `images` share if they are
+    square, else 224), normalised with the per-channel mean and standard deviation of `images`."""
+    total, squares, count = np.zeros(num_channels), np.zeros(num_channels), 0
+    for image in images:
+        pixels = np.asarray(to_channels(image, num_channels), dtype=np.float64).reshape(-1, num_channels) / 255.0
+        total, squares, count = total + pixels.sum(0), squares + (pixels**2).sum(0), count + len(pixels)
+    mean = (total / count).round(6)
+    std = np.sqrt(np.maximum(squares / count - (total / count) ** 2, 0.0)).round(6)
+    if size is None:
+        sides = {image.size for image in images}
+        width, height = next(iter(sides))
+        size = width if len(sides) == 1 and width == height else 224
+    return ConvNextImageProcessorPil(size={"shortest_edge": size}, crop_pct=1.0, image_mean=mean.tolist(),
+                                     image_std=np.where(std > 0, std, 1.0).tolist())  # constant images: no scaling
+
+
+def processor_size(processor) -> tuple[int, int]:
+    """The (height, width) of what `processor` makes, as Transformers' image-classification example reads it."""
+    size = processor.size
+    if "shortest_edge" in size:
+        return size["shortest_edge"], size["shortest_edge"]
+    return size["height"], size["width"]
+
+
+def random_resized_crop(image, size: tuple[int, int], resample: int = 3, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """A random part of `image` (`scale` of its area, aspect ratio in `ratio`) resized to `size` (height, width):
+    torchvision's `RandomResizedCrop`, on PIL and torch's random generator."""
+    width, height = image.size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = width * height * torch.empty(()).uniform_(*scale).item()
+        aspect = math.exp(torch.empty(()).uniform_(*log_ratio).item())
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = torch.randint(0, height - h + 1, ()).item(), torch.randint(0, width - w + 1, ()).item()
+            return image.resize(size[::-1], resample, box=(left, top, left + w, top + h))
+    w, h = width, height  # no draw fitted: the centre, its aspect ratio clamped into `ratio`
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.resize(size[::-1], resample, box=(left, top, left + w, top + h))
+
+
+def image_transform(processor, num_channels: int, augment: bool = False) -> Callable[[dict], dict]:
+    """A `Dataset.with_transform` function giving `pixel_values` (and `labels`) from a batch of PIL `image`s:
+    converted to the backbone's channels, then the image processor. With `augment` (training), as Transformers'
+    image-classification example: a random resized crop to the processor's output size and a random horizontal flip,
+    then the processor's rescaling and normalisation only."""
+    size, resample = processor_size(processor), getattr(processor, "resample", 3)
+
+    def augmented(image):
+        image = random_resized_crop(image, size, resample)
+        return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()).item() < 0.5 else image
+
+    def transform(batch: dict) -> dict:
+        images = [to_channels(image, num_channels) for image in batch["image"]]
+        options = {"do_resize": False, "do_center_crop": False} if augment else {}
+        images = [augmented(image) for image in images] if augment else images
+        result = {"pixel_values": processor(images, return_tensors="pt", **options)["pixel_values"]}
+        if "label" in batch:
+            result["labels"] = batch["label"]
+        return result
+
+    return transform
+
+
+def saved_image_processor(name_or_path: str | None):
+    """The image processor saved with a checkpoint (folder or Hub id), or None where it has none."""
+    if name_or_path is None:
         return None
-    if labels_file is not None:
-        return read_idx(file), read_idx(labels_file)
-    return read_image_csv(file, image_size)
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:
+        return None
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Grey images as normalised `pixel_values` (1 x H x W) with their `labels`."""
+    """Grey images (N x H x W, 0-255) as `pixel_values` (1 x H x W) with their `labels`: through `processor`, the image
+    processor a model was trained with, or without one scaled to [0, 1] and normalised with MNIST's statistics (the
+    training script's before it saved a processor)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, limit: int | None = None, mean: float = MNIST_MEAN,
-                 std: float = MNIST_STD):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, limit: int | None = None, processor=None):
         images, labels = images[:limit], labels[:limit]
-        pixels = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-        self.pixel_values = (pixels - mean) / std
+        if processor is None:
+            pixels = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+            self.pixel_values = (pixels - MNIST_MEAN) / MNIST_STD
+        else:
+            grey = [PIL.Image.fromarray(image) for image in images]
+            self.pixel_values = processor(grey, return_tensors="pt")["pixel_values"]
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def __len__(self) -> int:

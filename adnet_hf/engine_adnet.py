@@ -312,7 +312,7 @@ class _ExitingPass:
         stop = (self.rule.step(self.distribution.not_halted, logits) | (n == len(self.engine.units) - 1)) & ~self.done
         self.halting[self.active, ..., n] = self.distribution.halt(probs, stop).masked_fill(self.done, 0.0)
         self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
-        if self.head is not None and stop.any():
+        if self.head is not None and (stop.any() or self.logits is None):  # allocated even if only padding stops
             self._keep_exit_logits(n, summary, hidden, logits, stop)
         self.done = self.done | stop
         self._drop_finished(hidden)

@@ -25,18 +25,6 @@ def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torc
     return "multi_label_classification"
 
 
-def class_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Single-label `labels` shaped as the items of `logits` (items x C): a trailing column (B x 1, as some data
-    collators give) is taken as B; any other shape is refused, never broadcast against the steps."""
-    items = logits.shape[:-1]
-    if labels.shape == (*items, 1):
-        return labels.squeeze(-1)
-    if labels.shape != items:
-        raise ValueError(f"labels for single-label classification must have shape {tuple(items)} (or "
-                         f"{(*items, 1)}), one class index per item, got {tuple(labels.shape)}.")
-    return labels
-
-
 def labelled_rows(labels: torch.Tensor, problem_type: str) -> torch.Tensor | None:
     """The rows (samples) a loss counts: for single-label classification those whose label is not -100 (None: all)."""
     if problem_type != "single_label_classification":
@@ -56,12 +44,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     """
     logits = logits.float()
     if problem_type == "regression":
-        if labels.numel() != logits.numel():
-            raise ValueError(f"labels for regression must have shape {tuple(logits.shape)} (one score per output; "
-                             f"(batch,) for one output), got {tuple(labels.shape)}.")
         return F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape), reduction="none").mean(-1)
     if problem_type == "single_label_classification":
-        labels = class_labels(labels, logits)
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
                                ignore_index=IGNORE_INDEX)
         return flat.view(labels.shape)

@@ -10,25 +10,19 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .backbones_adnet import backbone_adapter, matmul_weights, recording_attentions
+from .backbones_adnet import backbone_adapter, backbones_taking, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
-from .losses_adnet import (
-    IGNORE_INDEX,
-    ADNetLoss,
-    build_loss,
-    labelled_rows,
-    mean_over_rows,
-    resolve_problem_type,
-    task_loss,
-)
+from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
+from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, task_loss
+from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
 logger = logging.get_logger(__name__)
@@ -55,7 +49,8 @@ class ADNetModelOutput(ModelOutput):
     attentions (`tuple(torch.Tensor)`): each block's attention weights.
     logits (`torch.Tensor` of shape `(*items, num_labels)`):
         The prediction at each item's exit step (training: the predictions fused under the halting distribution).
-        Items are samples, or batch x tokens for a causal LM. `None` without a step head.
+        Items are samples, or batch x tokens for a causal LM (under exits a padding token's logits are 0, also when
+        the whole mask is 0). `None` without a step head.
     step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
         Every variable step's prediction; in training and with `exit_policy="none"` only.
     step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
@@ -288,6 +283,8 @@ class ADNetModel(ADNetPreTrainedModel):
         """
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                   "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_model_inputs(self.adapter, self.config.backbone_config, inputs, self.dtype, past_length)
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = exit_policy or self._configured_policy(step_head)
         rule = None if self.training or policy == FULL_DEPTH else exit_rule(policy, self.config, exit_threshold)
@@ -323,6 +320,11 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
         config.use_per_token_units(False, type(self).__name__)
+        backbone_input = backbone_adapter(config.backbone_config).main_input_name
+        if backbone_input != self.main_input_name:
+            raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
+                             f"{backbones_taking(self.main_input_name)}, got {config.backbone_config.model_type!r}, "
+                             f"which takes {backbone_input}.")
         self.adnet = ADNetModel(config)
 
         def output_layer() -> nn.Module:
@@ -337,8 +339,9 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
     def _classify(self, labels: torch.Tensor | None, **inputs) -> ADNetSequenceClassifierOutput:
-        if labels is not None and self.config.problem_type is None:
-            self.config.problem_type = resolve_problem_type(None, self.config.num_labels, labels)
+        if labels is not None:
+            labels, self.config.problem_type = check_classification_labels(
+                labels, self.config.problem_type, self.config.num_labels, input_shape(inputs))
         problem_type = self.config.problem_type
         step_loss = None
         if labels is not None and self.training:
@@ -458,6 +461,41 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         it (the adapter needs the token mask for positions, FLOPs and exits)."""
         return attention_mask
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 **kwargs):
+        """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
+        the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
+        below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
+        full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
+        blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
+        apply."""
+        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if config.assistant_early_exit is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        return self._self_speculative_generate(inputs, config, model_kwargs)
+
+    @torch.no_grad()
+    def _self_speculative_generate(self, input_ids: torch.LongTensor | None, config: GenerationConfig,
+                                   model_kwargs: dict):
+        processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
+        stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
+        streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
+        model_kwargs.pop("use_cache", None)
+        if input_ids is None or model_kwargs:
+            raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
+                             f"stopping_criteria and streamer, got {sorted(model_kwargs) or 'no input_ids'}.")
+        check_settings(config, input_ids.shape[0])
+        self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
+        if config.max_new_tokens is not None:
+            config.max_length = input_ids.shape[1] + config.max_new_tokens
+        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids, logits_processor=processors,
+                                                device=input_ids.device, model_kwargs={"attention_mask": mask})
+        stopping = self._get_stopping_criteria(config, stopping)
+        decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
+                                         torch.ones_like(input_ids) if mask is None else mask, streamer)
+        sequence = decoder.generate(input_ids)
+        return decoder.output(sequence) if config.return_dict_in_generate else sequence
+
     @staticmethod
     def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:
         """A causal LM checkpoint, so that an untied LM head can be kept too."""
@@ -482,6 +520,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         exit_policy: str | None = None,
         exit_threshold: float | int | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -489,6 +528,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> ADNetCausalLMOutput:
         r"""
+        token_type_ids: refused (decoder backbones take none); named here so that it is not silently dropped.
         output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry). Off by
             default: the per-step losses are taken as each step runs, and training's fused `logits` are detached.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
@@ -502,6 +542,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.config.backbone_config)
+        if labels is not None:
+            check_lm_labels(labels, input_shape({"input_ids": input_ids, "inputs_embeds": inputs_embeds}),
+                            self.config.backbone_config.vocab_size)
         targets = None if labels is None else labels[:, 1:]
 
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -513,7 +556,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
             step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            return_dict=True,
+            return_dict=True, token_type_ids=token_type_ids,
         )
         loss = None if labels is None else self.combine_losses(out, targets, num_items_in_batch)
         return ADNetCausalLMOutput(

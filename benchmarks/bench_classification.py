@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv
+from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import quality_metric, sweep_exits, task_metrics
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
@@ -153,7 +153,8 @@ def text_inputs(args: argparse.Namespace):
 
 
 def image_inputs(args: argparse.Namespace):
-    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples)
+    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples,
+                           saved_image_processor(args.model))
     batches_by_size = {size: image_batches(dataset, size, args.max_samples_batch1 if size == 1 else None)
                        for size in args.batch_sizes}
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
@@ -164,7 +165,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", help="GLUE-style TSV: `sentence` (or a pair of sentence columns) and a label column")
-    parser.add_argument("--images", help="IDX images (instead of --data), normalised as run_image_classification.py")
+    parser.add_argument("--images", help="IDX grey images (instead of --data), through the model's saved image "
+                        "processor (without one, normalised with MNIST's statistics)")
     parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import ImageDataset, read_images, read_tsv
+from adnet_hf.data_adnet import ImageDataset, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import evaluate_batches
 from benchmarks.bench_classification import image_batches, make_batches, plain_quality, with_labels
 
@@ -186,7 +186,8 @@ def text_metrics(folder: Path, tsv: Path, batch_size: int, max_length: int = 32,
 
 
 def image_metrics(folder: Path, images: Path, labels: Path, limit: int, batch_size: int) -> dict[str, float]:
-    """The metrics of the image classifier saved in `folder` on the first `limit` IDX images."""
-    dataset = ImageDataset(*read_images(str(images), str(labels), None, 28), limit)
+    """The metrics of the image classifier saved in `folder` on the first `limit` IDX images, through its saved image
+    processor."""
+    dataset = ImageDataset(read_idx(str(images)), read_idx(str(labels)), limit, saved_image_processor(str(folder)))
     model = AutoModelForImageClassification.from_pretrained(folder)
     return saved_model_metrics(model, image_batches(dataset, batch_size), dataset.labels)

@@ -66,7 +66,8 @@ def test_saved_checkpoint_carries_code_and_auto_map(tmp_path):
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_adnet.ADNetForCausalLM"
     for name in ("configuration_adnet.py", "modeling_adnet.py", "backbones_adnet.py", "units_adnet.py",
-                 "losses_adnet.py", "generation_adnet.py", "engine_adnet.py", "exits_adnet.py", "sharding_adnet.py"):
+                 "losses_adnet.py", "generation_adnet.py", "engine_adnet.py", "exits_adnet.py", "sharding_adnet.py",
+                 "speculative_adnet.py", "inputs_adnet.py"):
         assert (tmp_path / name).exists(), name
 
 

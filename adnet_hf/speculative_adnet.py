@@ -1,0 +1,254 @@
+"""Self-speculative decoding from ADNet's exits: the first blocks draft, the remaining blocks verify, nothing is lost.
+
+Each round, the draft runs the blocks up to an exit (`assistant_early_exit` of them) and the shared LM head for one
+token at a time, up to `num_assistant_tokens` tokens, stopping early once the draft's top probability falls below
+`assistant_confidence_threshold`. The verification then runs only the blocks after the exit, over every drafted
+token at once, on the exit hidden states the draft already computed and with the cache the draft already filled:
+no block runs twice for a token. Greedy decoding keeps the longest drafted prefix the full model agrees with, plus
+the full model's next token, so the output is token for token the full-depth greedy output. Sampling keeps a drafted
+token with probability `min(1, p/q)` and otherwise samples from `max(0, p - q)` (Leviathan et al. 2023; Chen et al.
+2023), so tokens follow the full model's distribution. On rejection every layer's cache is cropped back.
+
+Why not Transformers' own `assistant_early_exit` path (`EarlyExitCandidateGenerator`): it drafts by lowering
+`config.num_hidden_layers` on the model itself with a second cache, and verifies by running the whole model over the
+drafted tokens from the embeddings up, so the shared blocks run twice for every token. On ADNet it also cannot
+truncate a GPT-2 (whose blocks do not read `num_hidden_layers`) and would regroup a Llama's steps under its units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .backbones_adnet import StepState
+
+
+@dataclass
+class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s output with `return_dict_in_generate=True`, plus how the drafts fared.
+
+    verifications (`int`): verification passes (one per round of drafting; the prompt's pass not counted).
+    drafted_tokens (`int`): tokens the draft proposed. accepted_tokens (`int`): drafted tokens the full model kept.
+    draft_depth (`int`): backbone blocks the draft runs.
+    """
+
+    verifications: int | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+    draft_depth: int | None = None
+
+
+class LayerOffsetCache:
+    """The cache as the blocks from `first_layer` on see it: its length and mask sizes are that layer's, which is
+    behind the first layers' while they hold drafted tokens the upper layers have not seen yet."""
+
+    def __init__(self, cache, first_layer: int):
+        self.cache, self.first_layer = cache, first_layer
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(self.first_layer + layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.cache.get_query_offset(self.first_layer + layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.cache.get_mask_sizes(query_length, self.first_layer + layer_idx)
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Keep the first `length` tokens in every layer of a dynamic cache (layers hold different lengths here)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def draft_depth(config, depth) -> int:
+    """`assistant_early_exit` checked: a positive step boundary below the full depth."""
+    size, blocks = config.layers_per_step, config.num_blocks
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth < blocks or depth % size:
+        raise ValueError(f"assistant_early_exit must be a number of blocks at an exit (a multiple of layers_per_step="
+                         f"{size}) in [{size}, {blocks - size}], got {depth!r}.")
+    return depth
+
+
+def check_settings(generation: GenerationConfig, batch_size: int) -> None:
+    """Refuse what self-speculative decoding does not do, naming the setting."""
+    if batch_size != 1:
+        raise ValueError(f"assistant_early_exit (self-speculative decoding) takes a batch of 1 prompt, got "
+                         f"{batch_size}: rows accept different numbers of drafted tokens; generate them one by one.")
+    if generation.num_beams != 1 or generation.num_return_sequences != 1:
+        raise ValueError("assistant_early_exit needs num_beams=1 and num_return_sequences=1.")
+    if generation.cache_implementation not in (None, "dynamic"):
+        raise ValueError("assistant_early_exit crops the cache of each layer to its own length: it keeps a dynamic "
+                         f"cache, got cache_implementation={generation.cache_implementation!r}.")
+    if not isinstance(generation.num_assistant_tokens, int) or generation.num_assistant_tokens < 1:
+        raise ValueError(f"num_assistant_tokens must be an integer >= 1, got {generation.num_assistant_tokens!r}.")
+    if generation.num_assistant_tokens_schedule != "constant":
+        raise ValueError("assistant_early_exit drafts a constant num_assistant_tokens (cut short by "
+                         "assistant_confidence_threshold): num_assistant_tokens_schedule must be 'constant', got "
+                         f"{generation.num_assistant_tokens_schedule!r}.")
+    threshold = generation.assistant_confidence_threshold
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ValueError(f"assistant_confidence_threshold must be None or a number in [0, 1], got {threshold!r}.")
+
+
+class SelfSpeculativeDecoder:
+    """One `generate` call of self-speculative decoding on an `ADNetForCausalLM`, batch 1.
+
+    `sequence` holds the prompt and the emitted tokens; the cache holds every token but the last emitted one in
+    every layer between rounds.
+    """
+
+    def __init__(self, model, generation: GenerationConfig, processors: LogitsProcessorList,
+                 stopping: StoppingCriteriaList, attention_mask: torch.Tensor, streamer=None):
+        self.model, self.generation, self.processors, self.stopping = model, generation, processors, stopping
+        adnet = model.adnet
+        self.adapter, self.backbone = adnet.adapter, adnet.backbone
+        self.blocks = self.adapter.blocks(self.backbone)
+        self.depth = draft_depth(model.config, generation.assistant_early_exit)
+        self.threshold = generation.assistant_confidence_threshold or 0.0
+        self.cache = DynamicCache(config=model.config.backbone_config)
+        self.upper_cache = LayerOffsetCache(self.cache, self.depth)
+        room = generation.max_length + generation.num_assistant_tokens + 1 - attention_mask.shape[1]
+        self.mask = torch.cat([attention_mask, attention_mask.new_ones(1, max(room, 0))], dim=1)
+        self.streamer = streamer
+        self.scores: list[torch.Tensor] = []
+        self.raw_logits: list[torch.Tensor] = []
+        self.verifications = self.drafted = self.accepted = 0
+
+    def run_blocks(self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Blocks `start` to `stop` (exclusive) on `tokens` (1 x n), from `hidden` (their input at block `start`)
+        or, for `start == 0`, from the embeddings; the cache gets their keys/values."""
+        view = self.cache if start == 0 else self.upper_cache
+        past = view.get_seq_length()
+        state = self.adapter.embed(self.backbone, {"input_ids": tokens,
+                                                   "attention_mask": self.mask[:, : past + tokens.shape[1]]}, view)
+        hidden = state.hidden if hidden is None else hidden
+        for block in self.blocks[start:stop]:
+            hidden = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), self.cache)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared LM head (after the final norm) on hidden states (1 x n x H), as float logits (n x vocab)."""
+        return self.model.step_head(0, None, hidden)[0].float()
+
+    def processed(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Next-token scores after `sequence` (1 x length) as `generate` processes them (penalties, temperature)."""
+        return self.processors(sequence, logits.unsqueeze(0))[0]
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The next token from processed scores: the argmax, or a sample when `do_sample`."""
+        if self.generation.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), 1)[0]
+        return scores.argmax(-1)
+
+    def generate(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Decode from `input_ids` (1 x prompt) until a stopping criterion holds; returns prompt and new tokens."""
+        if self.streamer is not None:
+            self.streamer.put(input_ids.cpu())
+        hidden = self.run_blocks(input_ids, 0, len(self.blocks))
+        logits = self.head(hidden[:, -1:])[0]
+        scores = self.processed(input_ids, logits)
+        sequence, done = self.emit(input_ids, [self.choose(scores)], [logits], [scores])
+        while not done:
+            sequence, done = self.round(sequence)
+        crop_cache(self.cache, sequence.shape[1] - 1)
+        if self.streamer is not None:
+            self.streamer.end()
+        return sequence
+
+    def round(self, sequence: torch.LongTensor) -> tuple[torch.LongTensor, bool]:
+        """Draft from the last emitted token, verify the drafts in one pass of the upper blocks, emit what is kept."""
+        past = sequence.shape[1] - 1
+        remaining = self.generation.max_length - sequence.shape[1]
+        drafts, draft_scores, exit_hidden = self.draft(sequence, min(self.generation.num_assistant_tokens,
+                                                                     max(remaining - 1, 0)))
+        fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
+        exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
+        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)))
+        candidate = torch.cat([sequence, fed[:, 1:]], dim=1)
+        scores = [self.processed(candidate[:, : past + 1 + i], logits[i]) for i in range(len(fed[0]))]
+        kept = self.accept(drafts, draft_scores, scores)
+        self.verifications += 1
+        self.drafted += len(drafts)
+        self.accepted += len(kept) - 1
+        crop_cache(self.cache, past + len(kept))
+        return self.emit(sequence, kept, list(logits[: len(kept)]), scores[: len(kept)])
+
+    def draft(self, sequence: torch.LongTensor, length: int
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Up to `length` tokens from the exit after `self.depth` blocks, one at a time: the tokens, the draft's
+        processed scores for each, and the exit hidden states of the tokens fed (the last emitted one first)."""
+        drafts, draft_scores, exit_hidden = [], [], []
+        token = sequence[:, -1:]
+        for _ in range(length):
+            exit_hidden.append(self.run_blocks(token, 0, self.depth))
+            scores = self.processed(sequence, self.head(exit_hidden[-1])[0])
+            drafts.append(self.choose(scores))
+            draft_scores.append(scores)
+            sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)
+            token = sequence[:, -1:]
+            if self.threshold and torch.softmax(scores, dim=-1).max() < self.threshold:
+                break
+        return drafts, draft_scores, exit_hidden
+
+    def accept(self, drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
+               ) -> list[torch.Tensor]:
+        """The drafted tokens kept and the full model's token after them (`scores`: one more than `drafts`)."""
+        if not self.generation.do_sample:
+            kept = []
+            for draft, target in zip(drafts, scores):
+                if draft != target.argmax(-1):
+                    break
+                kept.append(draft)
+            return [*kept, scores[len(kept)].argmax(-1)]
+        return speculative_sampling(drafts, draft_scores, scores)
+
+    def emit(self, sequence: torch.LongTensor, tokens: list[torch.Tensor], logits: list[torch.Tensor],
+             scores: list[torch.Tensor]) -> tuple[torch.LongTensor, bool]:
+        """Append `tokens` one by one until a stopping criterion holds; stream them. Returns the sequence and
+        whether generation is over."""
+        done = False
+        for count, (token, raw, score) in enumerate(zip(tokens, logits, scores), start=1):
+            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+            self.raw_logits.append(raw.unsqueeze(0))
+            self.scores.append(score.unsqueeze(0))
+            done = bool(self.stopping(sequence, score.unsqueeze(0)).all())
+            if done:
+                break
+        if self.streamer is not None:
+            self.streamer.put(sequence[0, -count:].cpu())
+        return sequence, done
+
+    def output(self, sequence: torch.LongTensor) -> SelfSpeculativeOutput:
+        generation = self.generation
+        return SelfSpeculativeOutput(
+            sequences=sequence, scores=tuple(self.scores) if generation.output_scores else None,
+            logits=tuple(self.raw_logits) if generation.output_logits else None, cache=self.cache,
+            verifications=self.verifications, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            draft_depth=self.depth,
+        )
+
+
+def speculative_sampling(drafts: list[torch.Tensor], draft_scores: list[torch.Tensor],
+                         scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Leviathan et al.'s rule: keep drafted token x (drawn from q) with probability min(1, p(x) / q(x)); at the
+    first rejection draw from max(0, p - q) normalised instead; after all kept, draw the next token from p. The
+    tokens then follow p, the full model's distribution."""
+    kept = []
+    for draft, draft_score, score in zip(drafts, draft_scores, scores):
+        p, q = torch.softmax(score, dim=-1), torch.softmax(draft_score, dim=-1)
+        if torch.rand(()) * q[draft] < p[draft]:
+            kept.append(draft)
+            continue
+        residual = (p - q).clamp(min=0)
+        return [*kept, torch.multinomial(residual / residual.sum(), 1)[0]]
+    return [*kept, torch.multinomial(torch.softmax(scores[len(kept)], dim=-1), 1)[0]]

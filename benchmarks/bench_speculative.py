@@ -1,0 +1,140 @@
+"""Self-speculative decoding (`generate(..., assistant_early_exit=k)`) against the backbone's own `generate()`.
+
+Batch 1, greedy, a fixed number of new tokens per prompt (no end-of-sequence stop). The reference is the backbone's
+own causal LM class (e.g. `GPT2LMHeadModel`, `LlamaForCausalLM`) holding the same weights, in the same process; for
+each prompt every arm is timed in turns (`--repeats`, medians). Each row is one draft setting: draft depth (blocks),
+draft length (`num_assistant_tokens`), confidence threshold; it reports tokens/s of both, the speed-up, the share of
+drafted tokens accepted, the mean accepted length per verification, and whether every output equals the reference's.
+
+    python -m benchmarks.bench_speculative --model outputs/ptb-gpt2-adnet --data ../shared/data/ptb/ptb.test.txt \
+        --name ptb_gpt2_speculative --depths 1 2 3 --draft_lengths 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf.backbones_adnet import matmul_weights
+from adnet_hf.data_adnet import token_blocks
+
+from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
+
+
+def plain_causal_lm(model: ADNetForCausalLM) -> PreTrainedModel:
+    """The backbone's own causal LM class with `model`'s weights (the LM head shared, not copied)."""
+    plain = AutoModelForCausalLM.from_config(model.config.backbone_config).to(model.dtype).eval()
+    plain.base_model.load_state_dict(model.adnet.backbone.state_dict())
+    plain.get_output_embeddings().weight = model.lm_head.weight
+    return plain
+
+
+def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
+    """An ADNet checkpoint (`--model`), a plain causal LM checkpoint wrapped unchanged (`--backbone`), or untrained
+    weights of a backbone shape (`--backbone_config`, seeded)."""
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if args.backbone_config:
+        torch.manual_seed(0)
+        config = ADNetConfig(backbone_config=json.loads(args.backbone_config), num_fixed_steps=1)
+        return ADNetForCausalLM(config).eval()
+    return ADNetForCausalLM.from_backbone(args.backbone, backbone_kwargs=json.loads(args.backbone_kwargs)).eval()
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """`--tokenizer`, or the checkpoint's (a GGUF backbone's from its file); a bare `vocab.json` + `merges.txt`
+    folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
+    folder = args.tokenizer or args.model or args.backbone
+    if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
+        return GPT2Tokenizer.from_pretrained(folder)
+    gguf = json.loads(args.backbone_kwargs).get("gguf_file") if args.backbone and not args.tokenizer else None
+    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+
+
+def lm_head_share(model: ADNetForCausalLM) -> float:
+    """The LM head's share of a token's matrix-product weights (blocks and head): where decoding time goes when
+    it is large, since the draft runs the full head for every drafted token too."""
+    head = matmul_weights(model.lm_head)
+    return head / (head + sum(matmul_weights(block) for block in model.adnet.adapter.blocks(model.adnet.backbone)))
+
+
+def draft_settings(args: argparse.Namespace) -> list[dict]:
+    return [{"assistant_early_exit": depth, "num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
+            for depth, length, threshold in itertools.product(args.depths, args.draft_lengths, args.thresholds)]
+
+
+def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
+            ) -> list[dict]:
+    """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt."""
+    common = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
+              "pad_token_id": model.config.backbone_config.eos_token_id or 0}
+    totals = [dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
+              | {"identical": True} for _ in settings]
+    for ids in prompts:
+        ids = ids.unsqueeze(0)
+        with torch.inference_mode():
+            reference = plain.generate(ids, **common)
+            runs = {"backbone": lambda: plain.generate(ids, **common)}
+            for index, setting in enumerate(settings):
+                out = model.generate(ids, return_dict_in_generate=True, **common, **setting)
+                total = totals[index]
+                total["identical"] &= torch.equal(out.sequences, reference)
+                total["verifications"] += out.verifications
+                total["drafted"] += out.drafted_tokens
+                total["accepted"] += out.accepted_tokens
+                runs[index] = lambda setting=setting: model.generate(ids, **common, **setting)
+            seconds = interleaved_seconds(runs, repeats)
+        for index, total in enumerate(totals):
+            total["backbone_s"] += seconds["backbone"]
+            total["speculative_s"] += seconds[index]
+    tokens = len(prompts) * new_tokens
+    return [setting | {
+        "backbone_tokens_per_s": tokens / total["backbone_s"], "tokens_per_s": tokens / total["speculative_s"],
+        "speedup": total["backbone_s"] / total["speculative_s"],
+        "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
+        "mean_accepted_length": total["accepted"] / max(total["verifications"], 1),
+        "tokens_per_verification": (total["accepted"] + total["verifications"]) / max(total["verifications"], 1),
+        "identical_outputs": total["identical"],
+    } for setting, total in zip(settings, totals)]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = benchmark_parser(__doc__, "speculative")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="ADNet causal LM checkpoint folder")
+    source.add_argument("--backbone", help="plain causal LM checkpoint folder, wrapped with its weights unchanged")
+    source.add_argument("--backbone_config", help="JSON backbone config for UNTRAINED weights: measures the decoding "
+                        "machinery and where the time goes, not a trained model's acceptance (needs --tokenizer)")
+    parser.add_argument("--backbone_kwargs", default="{}", help='JSON for from_pretrained, e.g. {"gguf_file": "x"}')
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model or --backbone)")
+    parser.add_argument("--data", required=True, help="plain text file the prompts are cut from")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--depths", type=int, nargs="+", required=True, help="draft depths (blocks)")
+    parser.add_argument("--draft_lengths", type=int, nargs="+", default=[4], help="num_assistant_tokens values")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0],
+                        help="assistant_confidence_threshold values (0: fixed draft length)")
+    parser.add_argument("--note", default="", help="what the model is, stored with the results")
+    args = parse_benchmark_args(parser, argv)
+    model = load_model(args)
+    tokenizer = load_tokenizer(args)
+    prompts = list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
+    rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, draft_settings(args), args.repeats)
+    for row in rows:
+        print(row, flush=True)
+    source = args.model or args.backbone or f"untrained {args.backbone_config}"
+    payload = {"benchmark": "speculative", "model": source, "data": args.data,
+               "prompts": len(prompts), "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+               "num_blocks": model.config.num_blocks, "lm_head_weight_share": lm_head_share(model), "note": args.note}
+    return write_results(args.name, payload, rows, None, args.results_dir)
+
+
+if __name__ == "__main__":
+    print(main())

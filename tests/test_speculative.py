@@ -1,0 +1,257 @@
+"""Self-speculative decoding (`generate(..., assistant_early_exit=k)`): the full model's output, each block run once
+per token, the full model's distribution when sampling."""
+
+import json
+
+import pytest
+import torch
+from conftest import DECODER_BACKBONES, gpt2_config, lm_model
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, GPT2Tokenizer
+from transformers.generation.streamers import BaseStreamer
+
+from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf.speculative_adnet import speculative_sampling
+from benchmarks import bench_speculative
+from benchmarks.bench_speculative import plain_causal_lm
+
+NEW_TOKENS = 16
+
+
+def drafting_model(backbone: str, **overrides):
+    """A tiny causal LM whose blocks change its predictions (random tiny blocks barely move the residual stream,
+    so every depth would predict alike and every draft would be accepted)."""
+    model = lm_model(backbone, **overrides).eval()
+    with torch.no_grad():
+        for name, weight in model.adnet.backbone.named_parameters():
+            if weight.dim() == 2 and not any(key in name for key in ("wte", "wpe", "embed")):
+                weight.normal_(0.0, 0.3)
+    return model
+
+
+def speculative(model, ids, **settings):
+    settings = {"assistant_confidence_threshold": 0.0, "num_assistant_tokens": 4, "eos_token_id": None, **settings}
+    return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, **settings)
+
+
+@pytest.fixture(params=sorted(DECODER_BACKBONES))
+def model(request):
+    return drafting_model(request.param)
+
+
+PROMPTS = [torch.tensor([[5, 17, 33, 8, 61]]), torch.tensor([[90, 4]]), torch.tensor([[12, 12, 40, 77, 3, 9, 51, 26]])]
+
+
+@pytest.mark.parametrize("prompt", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(PROMPTS)))])
+def test_greedy_output_is_the_full_depth_output(model, prompt):
+    ids = PROMPTS[prompt]
+    reference = plain_causal_lm(model).generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                               pad_token_id=0)
+    full_depth = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                exit_policy="none")
+    assert torch.equal(full_depth, reference)
+    rejected = 0
+    for depth, length, threshold in [(1, 1, 0.0), (2, 4, 0.0), (3, 20, 0.0), (2, 20, 0.2)]:
+        out = speculative(model, ids, assistant_early_exit=depth, num_assistant_tokens=length,
+                          assistant_confidence_threshold=threshold)
+        assert torch.equal(out.sequences, reference), (depth, length, threshold)
+        rejected += out.drafted_tokens - out.accepted_tokens
+    assert rejected > 0, "every draft was accepted: the test would not see a wrong rollback"
+
+
+def test_left_padded_prompt_gives_the_full_depth_output(model):
+    ids, mask = torch.tensor([[0, 0, 5, 17, 33, 8]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    settings = {"attention_mask": mask, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None,
+                "pad_token_id": 0}
+    reference = model.generate(ids, exit_policy="none", **settings)
+    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
+                         **settings)
+    assert torch.equal(out, reference)
+
+
+def test_verification_runs_each_block_once_per_token(model):
+    """Every block, before and after the exit, sees each fed token once: the verification reuses the draft's exit
+    states and cache instead of running the first blocks again."""
+    ids = PROMPTS[0]
+    seen = []
+    blocks = model.adnet.adapter.blocks(model.adnet.backbone)
+    handles = [block.register_forward_hook(lambda module, args, out, i=i: seen.append((i, args[0].shape[1])))
+               for i, block in enumerate(blocks)]
+    try:
+        out = speculative(model, ids, assistant_early_exit=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = [sum(n for block, n in seen if block == i) for i in range(len(blocks))]
+    assert out.drafted_tokens > out.accepted_tokens
+    assert tokens == [ids.shape[1] + out.drafted_tokens + out.verifications] * len(blocks)
+    upper_calls = [n for block, n in seen if block == len(blocks) - 1]
+    assert len(upper_calls) == 1 + out.verifications  # the prompt, then one pass per verification
+    assert out.cache.get_seq_length(0) == out.cache.get_seq_length(3) == out.sequences.shape[1] - 1
+
+
+def test_confidence_threshold_cuts_drafts_short(model):
+    ids = PROMPTS[0]
+    fixed = speculative(model, ids, assistant_early_exit=2, num_assistant_tokens=4)
+    adaptive = speculative(model, ids, assistant_early_exit=2, num_assistant_tokens=4,
+                           assistant_confidence_threshold=1.0)
+    assert adaptive.drafted_tokens <= adaptive.verifications  # one token per draft at most
+    assert adaptive.drafted_tokens < fixed.drafted_tokens
+    assert torch.equal(adaptive.sequences, fixed.sequences)
+
+
+def test_logits_processors_apply_to_draft_and_verification(model):
+    """With a repetition penalty and a token barred, the output is still greedy search's with the same settings."""
+    ids, settings = PROMPTS[0], {"repetition_penalty": 1.5, "bad_words_ids": [[7]]}
+    reference = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               exit_policy="none", **settings)
+    out = speculative(model, ids, assistant_early_exit=2, **settings)
+    assert torch.equal(out.sequences, reference) and 7 not in out.sequences[0, ids.shape[1]:]
+
+
+def test_streamer_gets_the_prompt_then_every_new_token(model):
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer, ids = Collect(), PROMPTS[0]
+    out = speculative(model, ids, assistant_early_exit=1, streamer=streamer)
+    assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out.sequences[0, ids.shape[1]:].tolist()
+    assert len(streamer.chunks) == 2 + out.verifications
+
+
+def test_stops_at_the_end_of_sequence_token_as_greedy_search_does(model):
+    ids = PROMPTS[0]
+    full = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    eos = int(full[0, ids.shape[1] + 5])
+    reference = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = speculative(model, ids, assistant_early_exit=2, eos_token_id=eos)
+    assert torch.equal(out.sequences, reference) and out.sequences[0, -1] == eos
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"assistant_early_exit": 4}, "assistant_early_exit"),
+    ({"assistant_early_exit": 0}, "assistant_early_exit"),
+    ({"assistant_early_exit": 2, "num_assistant_tokens": 0}, "num_assistant_tokens"),
+    ({"assistant_early_exit": 2, "num_assistant_tokens_schedule": "heuristic"}, "num_assistant_tokens_schedule"),
+    ({"assistant_early_exit": 2, "assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
+    ({"assistant_early_exit": 2, "cache_implementation": "static"}, "cache_implementation"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, **settings)
+
+
+def test_a_batch_a_depth_between_exits_and_other_inputs_are_refused():
+    with pytest.raises(ValueError, match="batch of 1"):
+        lm_model("gpt2").generate(torch.cat(PROMPTS[:1] * 2), max_new_tokens=3, assistant_early_exit=2)
+    with pytest.raises(ValueError, match="multiple of layers_per_step=2"):
+        lm_model("gpt2", layers_per_step=2, num_fixed_steps=0).generate(PROMPTS[0], max_new_tokens=3,
+                                                                        assistant_early_exit=1)
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn"):
+        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2,
+                                  prefix_allowed_tokens_fn=lambda batch, ids: [5])
+
+
+def test_per_token_exit_generation_is_unchanged_by_the_flag_being_absent(model):
+    """Without `assistant_early_exit`, generate() is Transformers' own, per-token exits included."""
+    ids = PROMPTS[0]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         exit_policy="halting", exit_threshold=0.5, return_dict_in_generate=True)
+    assert type(out).__name__ == "GenerateDecoderOnlyOutput"
+
+
+def test_checkpoint_saved_before_speculative_decoding_loads_and_drafts(model, tmp_path):
+    """A checkpoint without `speculative_adnet.py` (saved before it existed) loads and decodes speculatively."""
+    model.save_pretrained(tmp_path)
+    (tmp_path / "speculative_adnet.py").unlink()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = PROMPTS[2]
+    assert torch.equal(speculative(loaded, ids, assistant_early_exit=2).sequences,
+                       speculative(model, ids, assistant_early_exit=2).sequences)
+
+
+def next_token_scores(model, ids, depth: int | None = None) -> torch.Tensor:
+    """Logits of the token after `ids` (rows) at full depth, or at the exit after `depth` blocks."""
+    with torch.no_grad():
+        out = model(input_ids=ids, exit_policy="none", output_hidden_states=depth is not None)
+        if depth is None:
+            return out.logits[:, -1]
+        return model.step_head(0, None, out.hidden_states[depth][:, -1:])[:, 0]
+
+
+def assert_follows(counts: torch.Tensor, probs: torch.Tensor, draft_probs: torch.Tensor) -> None:
+    """Counts agree with `probs` (chi-square, bins of small expected count merged) and not with `draft_probs`,
+    which shows the test can tell the two apart."""
+    def p_value(expected_probs: torch.Tensor) -> float:
+        expected = expected_probs.double() / expected_probs.double().sum() * counts.sum()
+        big = expected >= 5
+        observed = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
+        expected = torch.cat([expected[big], expected[~big].sum().view(1)])
+        keep = expected > 0
+        return chisquare(observed[keep].numpy(), expected[keep].numpy()).pvalue
+
+    assert p_value(probs) > 1e-3
+    assert p_value(draft_probs) < 1e-6
+
+
+def test_speculative_sampling_rule_keeps_the_full_models_distribution():
+    """Drafts drawn from the exit's distribution q, kept or replaced by the rule: the first token follows p."""
+    model = drafting_model("gpt2")
+    ids = PROMPTS[0]
+    p_scores, q_scores = next_token_scores(model, ids)[0], next_token_scores(model, ids, depth=1)[0]
+    q = torch.softmax(q_scores, -1)
+    samples = 8000
+    torch.manual_seed(0)
+    drafts = torch.multinomial(q, samples, replacement=True)
+    firsts = [speculative_sampling([draft], [q_scores], [p_scores, p_scores])[0] for draft in drafts]
+    counts = torch.bincount(torch.stack(firsts), minlength=q.shape[0])
+    assert_follows(counts, torch.softmax(p_scores, -1), q)
+
+
+@pytest.mark.slow
+def test_speculative_sampling_through_generate_keeps_the_full_models_distribution():
+    """The second new token (the first drafted one) of `generate(do_sample=True, assistant_early_exit=1)` follows
+    the full model's marginal `sum_t p(t | prompt) p(x | prompt, t)`, computed exactly over the vocabulary (at
+    temperature 0.25, which sharpens the tiny model's distributions enough to tell the draft's apart)."""
+    model, temperature = drafting_model("gpt2"), 0.25
+    ids = PROMPTS[0]
+    vocab = model.config.vocab_size
+    first = torch.softmax(next_token_scores(model, ids)[0] / temperature, -1)
+    continued = torch.cat([ids.expand(vocab, -1), torch.arange(vocab).unsqueeze(1)], dim=1)
+    marginal = first @ torch.softmax(next_token_scores(model, continued) / temperature, -1)
+    draft_marginal = first @ torch.softmax(next_token_scores(model, continued, depth=1) / temperature, -1)
+    torch.manual_seed(0)
+    seconds = [model.generate(ids, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=2,
+                              assistant_early_exit=1, num_assistant_tokens=1, assistant_confidence_threshold=0.0,
+                              eos_token_id=None, pad_token_id=0)[0, -1]
+               for _ in range(2000)]
+    assert_follows(torch.bincount(torch.stack(seconds), minlength=vocab), marginal, draft_marginal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["--model", "--backbone"])
+def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_data, source):
+    """On an ADNet checkpoint, or a plain GPT-2 checkpoint wrapped with its weights unchanged."""
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8))
+    (model if source == "--model" else plain_causal_lm(model)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    path = bench_speculative.main([
+        source, str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
+        "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--depths", "1", "3", "--draft_lengths", "2",
+        "--thresholds", "0", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
+    ])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["assistant_early_exit"], row["assistant_confidence_threshold"]) for row in rows] == [
+        (1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
+    assert all(row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0
+               for row in rows)
