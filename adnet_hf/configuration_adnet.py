@@ -205,9 +205,35 @@ class ADNetConfig(PreTrainedConfig):
         super().__setattr__(name, value)
         try:
             self.validate_adnet()
+            self._check_architecture(name)
         except ValueError:
             super().__setattr__(name, previous) if previous is not _UNSET else object.__delattr__(self, name)
             raise
+
+    def architecture(self) -> tuple:
+        """What a model built from this config has fixed: its modules' shapes (and dropout)."""
+        return (id(self.backbone_config), self.num_blocks, *(getattr(self, name) for name in ARCHITECTURE_FIELDS))
+
+    def bind_architecture(self) -> None:
+        """Called by the model built from this config: from now on a field it was built with cannot change (the
+        model would silently keep the old one, and a checkpoint saved with the new one would not load)."""
+        self.__dict__["_built_architecture"] = self.architecture()
+
+    def _check_architecture(self, name: str) -> None:
+        built = self.__dict__.get("_built_architecture")
+        if built is not None and self.architecture() != built:
+            name = "num_labels" if name == "id2label" else name  # the label count is what the weights depend on
+            raise ValueError(f"ADNetConfig.{name} cannot change once a model is built from this config (its "
+                             f"weights or dropout were made for the old value): give it when building the model, "
+                             f"e.g. from_pretrained(path, {name}=...).")
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the settings, not the binding to a built model (a copy builds a new one)."""
+        return {name: value for name, value in self.__dict__.items() if name != "_built_architecture"}
+
+    def _remove_keys_not_serialized(self, d: dict) -> None:
+        d.pop("_built_architecture", None)  # belongs to the model built, not to the settings
+        super()._remove_keys_not_serialized(d)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -290,6 +316,9 @@ class ADNetConfig(PreTrainedConfig):
 
 
 _UNSET = object()
+# The fields a built model's modules depend on (with the backbone config itself and its depth).
+ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
+                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units")
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 

@@ -220,6 +220,7 @@ class ADNetModel(ADNetPreTrainedModel):
                             halts=n < len(variable_sizes) - 1)
             for n, size in enumerate(variable_sizes)
         )
+        config.bind_architecture()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

@@ -180,3 +180,21 @@ def test_script_flags_on_an_adnet_checkpoint_go_through_validation(tmp_path):
     with pytest.raises(ValueError, match=r"ADNetConfig\.halting_epsilon must be"):
         build_model(ADNetForSequenceClassification, str(tmp_path), None,
                     ADNetArguments(halting_epsilon=5.0).overrides())
+
+
+@pytest.mark.parametrize("field,value", [("unit_hidden_size", 16), ("num_labels", 5), ("layers_per_step", 2),
+                                         ("num_fixed_steps", 0), ("share_output_layer", False),
+                                         ("classifier_dropout", 0.3), ("backbone_config", None)])
+def test_a_built_model_fixes_the_fields_its_modules_depend_on(field, value, tmp_path):
+    from adnet_hf import ADNetForSequenceClassification
+
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    value = bert_config() if field == "backbone_config" else value
+    with pytest.raises(ValueError, match=rf"ADNetConfig\.{field} cannot change once a model is built"):
+        setattr(model.config, field, value)
+    model.config.halting_epsilon = 0.3  # the other settings still change
+    model.config.id2label = {0: "no", 1: "yes"}  # and so do the label names
+    model.save_pretrained(tmp_path)
+    config = ADNetConfig.from_pretrained(tmp_path, **{field: value})  # a new model takes it
+    assert ADNetForSequenceClassification(config).config is config and config.halting_epsilon == 0.3
+    assert getattr(config, field) == value or field == "backbone_config"
