@@ -198,7 +198,10 @@ class ADNetConfig(PreTrainedConfig):
         rule = field_rules().get(name)
         if rule is not None:
             rule.check(value, owner=f"ADNetConfig.{name}")
-        if not self.__dict__.get("_post_init_done") or (rule is None and name not in _DEPENDED_ON):
+        current = self.__dict__.get(name, _UNSET)
+        # A plain value set again (the problem type, set at each forward with labels) changes nothing to re-check.
+        unchanged = type(current) is type(value) and isinstance(value, (str, int, float)) and current == value
+        if unchanged or not self.__dict__.get("_post_init_done") or (rule is None and name not in _DEPENDED_ON):
             super().__setattr__(name, value)
             return
         previous = getattr(self, name, _UNSET)
