@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .backbones_adnet import backbone_adapter
-from .exits_adnet import EXIT_RULES, exit_policies, is_int, is_number
+from .backbones_adnet import SUPPORTED_BACKBONES, backbone_adapter
+from .exits_adnet import EXIT_RULES, ExitRule, exit_policies, is_int, is_number, require, task_exit_rule
 from .losses_adnet import LOSSES
 
 LOSS_TYPES = tuple(LOSSES)
@@ -21,9 +26,81 @@ AUTO_MAP = {
 }
 
 
-def _check(condition: bool, field: str, allowed: str, value) -> None:
-    if not condition:
-        raise ValueError(f"ADNetConfig.{field} must be {allowed}, got {value!r}.")
+# Bounds beyond which a value is a typo or an attack rather than a setting: they keep memory in reach (num_labels
+# builds an `id2label` entry and an output row per label) and every loss term finite in float32.
+MAX_NUM_LABELS = 100_000  # ImageNet-21k has 21,843 classes; a larger label space is a causal LM's vocabulary
+MAX_UNIT_HIDDEN_SIZE = 65_536  # wider than the hidden size of any backbone
+MAX_SCALE = 1e6  # loss weights, step cost, growth rate, |growth midpoint|, temperature, weight norm
+MIN_TEMPERATURE = 1e-6  # below it, `loss / temperature` overflows float32 and the plateau target turns NaN
+
+
+def _in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """A finite number between `low` and `high` (each end included unless `*_open`)."""
+    return lambda value: (is_number(value) and (low < value if low_open else low <= value)
+                          and (value < high if high_open else value <= high))
+
+
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and value in choices
+
+
+def _optional(is_valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or is_valid(value)
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """The values one `ADNetConfig` field may take: the same `check` as an `ExitRule`'s for its own field."""
+
+    allowed: str  # as an error message states them
+    is_valid: Callable[[Any], bool]
+
+    def check(self, value, owner: str) -> None:
+        require(self.is_valid(value), owner, self.allowed, value)
+
+
+_WEIGHT = FieldRule(f"a number in [0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE))
+FIELD_RULES: dict[str, FieldRule] = {
+    "backbone_config": FieldRule(f"a config (or a dict with a model_type) of one of {SUPPORTED_BACKBONES}, or None "
+                                 "(BERT)", _optional(lambda value: isinstance(value, PreTrainedConfig) or (
+                                     isinstance(value, dict) and value.get("model_type") in SUPPORTED_BACKBONES))),
+    "num_fixed_steps": FieldRule("an integer >= 0", lambda value: is_int(value) and value >= 0),
+    "layers_per_step": FieldRule("an integer >= 1", lambda value: is_int(value) and value >= 1),
+    "unit_hidden_size": FieldRule(f"an integer in [1, {MAX_UNIT_HIDDEN_SIZE}]",
+                                  lambda value: is_int(value) and 1 <= value <= MAX_UNIT_HIDDEN_SIZE),
+    "share_output_layer": FieldRule("a bool", _is_bool),
+    "loss_type": FieldRule(f"one of {LOSS_TYPES}", _one_of(LOSS_TYPES)),
+    "gpsl_alpha": _WEIGHT,
+    "gpsl_beta": _WEIGHT,
+    "gpsl_step_cost": _WEIGHT,
+    "pondernet_beta": _WEIGHT,
+    "gpsl_temperature": FieldRule(f"a number in [{MIN_TEMPERATURE:g}, {MAX_SCALE:g}]",
+                                  _in_range(MIN_TEMPERATURE, MAX_SCALE)),
+    "gpsl_growth_rate": FieldRule(f"a number in (0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE, low_open=True)),
+    "gpsl_growth_midpoint": FieldRule(f"None or a number in [{-MAX_SCALE:g}, {MAX_SCALE:g}]",
+                                      _optional(_in_range(-MAX_SCALE, MAX_SCALE))),
+    "pondernet_prior": FieldRule("a number in (0, 1]", _in_range(0, 1, low_open=True)),
+    "max_weight_norm": FieldRule(f"None or a number in (0, {MAX_SCALE:g}]",
+                                 _optional(_in_range(0, MAX_SCALE, low_open=True))),
+    "classifier_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
+    "tie_word_embeddings": FieldRule("None or a bool", _optional(_is_bool)),
+    "per_token_units": FieldRule("None or a bool", _optional(_is_bool)),
+    "problem_type": FieldRule(f"None or one of {PROBLEM_TYPES}", _optional(_one_of(PROBLEM_TYPES))),
+    "num_labels": FieldRule(f"an integer in [1, {MAX_NUM_LABELS}]",
+                            lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
+}
+
+
+def field_rules() -> dict[str, FieldRule | type[ExitRule]]:
+    """Every checked field and its rule; the exit policy's values and the exit rules' own fields are read from the
+    registry when needed, so rules registered later count."""
+    policies = exit_policies()
+    return {**FIELD_RULES, "exit_policy": FieldRule(f"one of {policies}", _one_of(policies)),
+            **{rule.config_field: rule for rule in EXIT_RULES.values()}}
 
 
 class _BackboneAttribute:
@@ -42,6 +119,7 @@ class _BackboneAttribute:
         setattr(config.backbone_config, self.name, value)
 
 
+@strict
 class ADNetConfig(PreTrainedConfig):
     r"""
     Configuration of an ADNet model: calculation units with learned halting on a pretrained backbone.
@@ -67,6 +145,11 @@ class ADNetConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*): causal LM only; defaults to the backbone's own setting.
         per_token_units (`bool`, *optional*): units that halt per token (causal LMs) instead of per pooled sample.
             Set by the task model that builds the config; saved, so every Auto class rebuilds the same units.
+
+    Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
+    assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
+    construction, after each assignment (a refused assignment leaves the old value) and before saving. A bad value
+    raises a `ValueError` naming the field and the values it may take.
     """
 
     model_type = "adnet"
@@ -108,6 +191,66 @@ class ADNetConfig(PreTrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.validate_adnet()
+
+    def __setattr__(self, name: str, value) -> None:
+        """Check the field's own rule before setting it; once constructed, check the fields that depend on it too,
+        and leave the old value in place when that fails."""
+        rule = field_rules().get(name)
+        if rule is not None:
+            rule.check(value, owner=f"ADNetConfig.{name}")
+        current = self.__dict__.get(name, _UNSET)
+        # A plain value set again (the problem type, set at each forward with labels) changes nothing to re-check.
+        unchanged = type(current) is type(value) and isinstance(value, (str, int, float)) and current == value
+        if unchanged or not self.__dict__.get("_post_init_done") or (rule is None and name not in _DEPENDED_ON):
+            super().__setattr__(name, value)
+            return
+        previous = getattr(self, name, _UNSET)
+        super().__setattr__(name, value)
+        try:
+            self.validate_adnet()
+            self._check_architecture(name)
+        except ValueError:
+            super().__setattr__(name, previous) if previous is not _UNSET else object.__delattr__(self, name)
+            raise
+
+    def architecture(self) -> tuple:
+        """What a model built from this config has fixed: its modules' shapes (and dropout)."""
+        return (id(self.backbone_config), self.num_blocks, *(getattr(self, name) for name in ARCHITECTURE_FIELDS))
+
+    def bind_architecture(self) -> None:
+        """Called by the model built from this config: from now on a field it was built with cannot change (the
+        model would silently keep the old one, and a checkpoint saved with the new one would not load)."""
+        self.__dict__["_built_architecture"] = self.architecture()
+
+    def _check_architecture(self, name: str) -> None:
+        built = self.__dict__.get("_built_architecture")
+        if built is not None and self.architecture() != built:
+            name = "num_labels" if name == "id2label" else name  # the label count is what the weights depend on
+            raise ValueError(f"ADNetConfig.{name} cannot change once a model is built from this config (its "
+                             f"weights or dropout were made for the old value): give it when building the model, "
+                             f"e.g. from_pretrained(path, {name}=...).")
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the settings, not the binding to a built model (a copy builds a new one)."""
+        return {name: value for name, value in self.__dict__.items() if name != "_built_architecture"}
+
+    def _remove_keys_not_serialized(self, d: dict) -> None:
+        d.pop("_built_architecture", None)  # belongs to the model built, not to the settings
+        super()._remove_keys_not_serialized(d)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Transformers' `from_dict`, with overrides of the config's own fields (`from_pretrained(path, **overrides)`)
+        joined to the saved values before construction, so they are validated together, in any order."""
+        own = {field.name for field in fields(cls)} - {"backbone_config"}  # a backbone dict is merged by Transformers
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in own}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+    @property
+    def is_regression(self) -> bool:
+        """A regressor: `problem_type="regression"`, or unset with one label (as Transformers' heads infer it)."""
+        return self.problem_type == "regression" or (
+            self.problem_type is None and self.num_labels == 1 and not self.per_token_units)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -151,40 +294,35 @@ class ADNetConfig(PreTrainedConfig):
         self.per_token_units = per_token
 
     def validate_adnet(self) -> None:
-        """Raise a `ValueError` naming the first field outside its allowed values."""
+        """Raise a `ValueError` naming the first field outside its allowed values. A `@strict` class validator, so
+        `save_pretrained` runs it too: no out-of-range value is ever saved."""
+        require(isinstance(self.backbone_config, PreTrainedConfig), "ADNetConfig.backbone_config",
+                "a PreTrainedConfig (or, when constructing, a dict with a model_type)", self.backbone_config)
         backbone_adapter(self.backbone_config)  # raises for an unsupported backbone
-        _check(is_int(self.layers_per_step) and self.layers_per_step >= 1, "layers_per_step",
-               "an integer >= 1", self.layers_per_step)
-        _check(self.num_blocks % self.layers_per_step == 0, "layers_per_step",
-               f"a divisor of the backbone's {self.num_blocks} blocks", self.layers_per_step)
-        _check(is_int(self.num_fixed_steps) and 0 <= self.num_fixed_steps < self.num_steps, "num_fixed_steps",
-               f"an integer in [0, {self.num_steps - 1}] (at least one step must carry a unit)", self.num_fixed_steps)
-        _check(is_int(self.unit_hidden_size) and self.unit_hidden_size >= 1, "unit_hidden_size",
-               "an integer >= 1", self.unit_hidden_size)
-        _check(isinstance(self.share_output_layer, bool), "share_output_layer", "a bool", self.share_output_layer)
-        _check(self.exit_policy in exit_policies(), "exit_policy", f"one of {exit_policies()}", self.exit_policy)
-        for rule in EXIT_RULES.values():
-            if hasattr(self, rule.config_field):  # a rule registered later may bring a field older configs lack
-                rule.check(getattr(self, rule.config_field), owner=f"ADNetConfig.{rule.config_field}")
-        _check(self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}", self.loss_type)
-        for field in ("gpsl_alpha", "gpsl_beta", "gpsl_step_cost", "pondernet_beta"):
-            value = getattr(self, field)
-            _check(is_number(value) and value >= 0, field, "a number >= 0", value)
-        for field in ("gpsl_temperature", "gpsl_growth_rate"):
-            value = getattr(self, field)
-            _check(is_number(value) and value > 0, field, "a number > 0", value)
-        _check(self.gpsl_growth_midpoint is None or is_number(self.gpsl_growth_midpoint), "gpsl_growth_midpoint",
-               "None or a number", self.gpsl_growth_midpoint)
-        _check(is_number(self.pondernet_prior) and 0 < self.pondernet_prior <= 1, "pondernet_prior",
-               "a number in (0, 1]", self.pondernet_prior)
-        _check(self.max_weight_norm is None or (is_number(self.max_weight_norm) and self.max_weight_norm > 0),
-               "max_weight_norm", "None or a number > 0", self.max_weight_norm)
-        _check(is_number(self.classifier_dropout) and 0 <= self.classifier_dropout < 1, "classifier_dropout",
-               "a number in [0, 1)", self.classifier_dropout)
-        _check(self.problem_type is None or self.problem_type in PROBLEM_TYPES, "problem_type",
-               f"None or one of {PROBLEM_TYPES}", self.problem_type)
-        _check(is_int(self.num_labels) and self.num_labels >= 1, "num_labels", "an integer >= 1", self.num_labels)
-        _check(self.per_token_units in (None, True, False), "per_token_units", "None or a bool", self.per_token_units)
+        for name, rule in field_rules().items():
+            if hasattr(self, name):  # a rule registered later may bring a field older configs lack
+                rule.check(getattr(self, name), owner=f"ADNetConfig.{name}")
+        require(isinstance(self.tie_word_embeddings, bool), "ADNetConfig.tie_word_embeddings",
+                "a bool once constructed (None, the backbone's own setting, is resolved at construction)",
+                self.tie_word_embeddings)
+        require(self.num_blocks % self.layers_per_step == 0, "ADNetConfig.layers_per_step",
+                f"a divisor of the backbone's {self.num_blocks} blocks", self.layers_per_step)
+        require(self.num_fixed_steps < self.num_steps, "ADNetConfig.num_fixed_steps",
+                f"an integer in [0, {self.num_steps - 1}] (at least one of the {self.num_steps} steps, the backbone's "
+                f"{self.num_blocks} blocks in groups of layers_per_step={self.layers_per_step}, must carry a unit)",
+                self.num_fixed_steps)
+        if self.exit_policy in EXIT_RULES:
+            task_exit_rule(self.exit_policy, self, owner="ADNetConfig.exit_policy")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError("ADNetConfig.num_labels must be >= 2 for problem_type='single_label_classification', "
+                             "got 1: use num_labels=2 for two classes, or problem_type='regression'.")
 
+
+_UNSET = object()
+# The fields a built model's modules depend on (with the backbone config itself and its depth).
+ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
+                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units")
+# Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
+_DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 
 __all__ = ["ADNetConfig"]

@@ -1,7 +1,8 @@
 """The one place where adnet_hf measures a model: task quality and the computation its exits used.
 
-- Quality: accuracy (with F1 of class 1 for two classes), subset accuracy for multi-label, Pearson / Spearman / MSE for
-  regression, from the `evaluate` module shipped in `adnet_hf/metrics` (it loads offline); perplexity for causal LMs.
+- Quality: accuracy (with F1 of class 1 for two classes), subset accuracy and micro-F1 for multi-label, Pearson /
+  Spearman / MSE for regression, from the `evaluate` module shipped in `adnet_hf/metrics` (it loads offline);
+  perplexity for causal LMs.
 - Exit statistics: the means of the model's `exit_steps` (backbone steps executed, fixed steps included) and
   `executed_layers` (blocks executed), per sample, or per predicted token whose label is not -100 for a causal LM.
 
@@ -104,6 +105,8 @@ def prediction_items(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) 
 
 def evaluation_metrics(items: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Quality and mean exit statistics of `prediction_items` pooled (concatenated) over an evaluation set."""
+    if not items or not len(items["executed_layers"]):
+        raise ValueError("No item to evaluate: the batches are empty (or, for a causal LM, every label is -100).")
     if "token_losses" in items:
         metrics = {"perplexity": perplexity(items["token_losses"])}
     else:

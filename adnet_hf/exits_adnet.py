@@ -7,11 +7,13 @@ LM) from that item's own history, so an item's exit never depends on the rest of
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
 FULL_DEPTH = "none"  # the exit policy that runs every step: not a rule, the full-depth pass
+MAX_PATIENCE = 10_000  # more steps than any backbone has; larger values would overflow the int64 step counters
 
 
 class HaltingDistribution:
@@ -73,9 +75,8 @@ class ExitRule:
     def check(cls, value, owner: str | None = None) -> None:
         """Raise a `ValueError` naming `owner` (a config field; default: the per-call argument) unless `value` is
         allowed."""
-        if not cls.is_valid(value):
-            owner = owner or f"exit_threshold (the {cls.config_field} of exit_policy={cls.name!r})"
-            raise ValueError(f"{owner} must be {cls.allowed}, got {value!r}.")
+        owner = owner or f"exit_threshold (the {cls.config_field} of exit_policy={cls.name!r})"
+        require(cls.is_valid(value), owner, cls.allowed, value)
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[float | int]:
@@ -98,8 +99,15 @@ def register_exit_rule(cls: type[ExitRule]) -> type[ExitRule]:
     return cls
 
 
+def require(valid: bool, owner: str, allowed: str, value) -> None:
+    """Raise a `ValueError` naming `owner` and the values it may take unless `valid`."""
+    if not valid:
+        raise ValueError(f"{owner} must be {allowed}, got {value!r}.")
+
+
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and infinities reach no loss or threshold sensibly."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_int(value) -> bool:
@@ -152,7 +160,7 @@ class ConfidenceExit(ExitRule):
 class PatienceExit(ExitRule):
     """PABEE's rule: stop once the prediction has not changed for `patience` consecutive steps."""
 
-    name, config_field, allowed = "patience", "patience", "an integer >= 1"
+    name, config_field, allowed = "patience", "patience", f"an integer in [1, {MAX_PATIENCE}]"
     needs_predictions, supports_regression = True, False
 
     def __init__(self, threshold, problem_type: str | None = None):
@@ -162,7 +170,7 @@ class PatienceExit(ExitRule):
 
     @classmethod
     def is_valid(cls, value) -> bool:
-        return is_int(value) and value >= 1
+        return is_int(value) and 1 <= value <= MAX_PATIENCE
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[int]:
@@ -202,12 +210,23 @@ def exit_policies() -> tuple[str, ...]:
 
 def exit_rule(policy: str, config, threshold=None) -> ExitRule:
     """The rule of `policy`, set to `threshold` (default: the config's value of the rule's field)."""
-    if policy not in EXIT_RULES:
-        raise ValueError(f"exit_policy must be one of {exit_policies()}, got {policy!r}.")
-    rule = EXIT_RULES[policy]
+    rule = task_exit_rule(policy, config)
     if threshold is None and not hasattr(config, rule.config_field):
         raise ValueError(f"exit_policy={policy!r} reads ADNetConfig.{rule.config_field}, which this config lacks: "
                          "set it, or pass exit_threshold.")
-    if not rule.supports_regression and config.problem_type == "regression":
-        raise ValueError(f"exit_policy={policy!r} needs class predictions; for regression use 'halting' or 'none'.")
     return rule(getattr(config, rule.config_field) if threshold is None else threshold, config.problem_type)
+
+
+def regression_policies() -> tuple[str, ...]:
+    """The exit policies that work for a regressor (no class predictions to be confident or patient about)."""
+    return (*(name for name, rule in EXIT_RULES.items() if rule.supports_regression), FULL_DEPTH)
+
+
+def task_exit_rule(policy: str, config, owner: str = "exit_policy") -> type[ExitRule]:
+    """The rule class of `policy`, refused (naming `owner`) unless registered and usable for `config`'s task."""
+    require(isinstance(policy, str) and policy in EXIT_RULES, owner, f"one of {tuple(EXIT_RULES)}", policy)
+    if config.is_regression and not EXIT_RULES[policy].supports_regression:
+        raise ValueError(f"{owner}={policy!r} needs class predictions, and this config is a regressor "
+                         f"(problem_type={config.problem_type!r}, num_labels={config.num_labels}): for regression "
+                         f"use one of {regression_policies()}.")
+    return EXIT_RULES[policy]

@@ -1,7 +1,8 @@
 """Per-step task losses and the losses that combine them with the halting distribution.
 
 Every combining loss takes `step_losses` and `halting_probs`, both rows x N (a row is a sample, or a predicted
-token of a causal LM), and returns the mean over the rows.
+token of a causal LM), and returns the mean over the rows it is asked to keep (`labelled_rows`: not the ones labelled
+-100), 0 when none is kept, so an ignored row neither counts in the mean nor moves the halting units.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torc
     if labels.dtype in (torch.long, torch.int):
         return "single_label_classification"
     return "multi_label_classification"
+
+
+def labelled_rows(labels: torch.Tensor, problem_type: str) -> torch.Tensor | None:
+    """The rows (samples) a loss counts: for single-label classification those whose label is not -100 (None: all)."""
+    if problem_type != "single_label_classification":
+        return None
+    return labels.reshape(labels.shape[0], -1)[:, 0] != IGNORE_INDEX
+
+
+def mean_over_rows(values: torch.Tensor) -> torch.Tensor:
+    """The mean of per-row `values`; 0 (with zero gradients) when there is no row, where `mean` would give NaN."""
+    return values.sum() / max(values.numel(), 1)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
@@ -55,7 +68,15 @@ class ADNetLoss(nn.Module):
 
     trains_halting: bool = True
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean of `row_losses` over the rows to `keep` (a boolean mask over the rows; default: every row)."""
+        if keep is not None:
+            step_losses, halting_probs = step_losses[keep], halting_probs[keep]
+        return mean_over_rows(self.row_losses(step_losses, halting_probs))
+
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        """The loss of each row (rows x N -> rows)."""
         raise NotImplementedError
 
 
@@ -73,10 +94,11 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
         self.growth_rate, self.growth_midpoint = growth_rate, growth_midpoint
 
     def growth_weights(self, num_steps: int, like: torch.Tensor) -> torch.Tensor:
-        """`w_n`: grows with depth along a logistic curve, then plateaus; sums to 1."""
+        """`w_n`: grows with depth along a logistic curve, then plateaus; sums to 1. Normalised in log space (in
+        float64), so a curve whose every sigmoid underflows (a midpoint far beyond the last step) stays finite."""
         midpoint = num_steps / 2 if self.growth_midpoint is None else self.growth_midpoint
-        growth = torch.sigmoid(self.growth_rate * (_step_index(num_steps, like) - midpoint))
-        return growth / growth.sum()
+        steps = _step_index(num_steps, like.double())
+        return torch.softmax(F.logsigmoid(self.growth_rate * (steps - midpoint)), dim=-1).to(like.dtype)
 
     def plateau_target(self, step_losses: torch.Tensor) -> torch.Tensor:
         """`q`: halting mass where this row's loss curve stops improving by more than the step cost."""
@@ -84,11 +106,11 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
         cost = self.step_cost * _step_index(num_steps, step_losses) / num_steps
         return torch.softmax(-(step_losses.detach() + cost) / self.temperature, dim=-1)
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
         expected = (halting_probs * step_losses).sum(-1)
         growing = (self.growth_weights(step_losses.shape[-1], step_losses) * step_losses).sum(-1)
         plateau = _kl(self.plateau_target(step_losses), halting_probs)
-        return (expected + self.alpha * growing + self.beta * plateau).mean()
+        return expected + self.alpha * growing + self.beta * plateau
 
 
 class PonderNetLoss(ADNetLoss):
@@ -98,12 +120,12 @@ class PonderNetLoss(ADNetLoss):
         super().__init__()
         self.prior, self.beta = prior, beta
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
-        geometric = self.prior * (1 - self.prior) ** (steps - 1)
+        geometric = (1 - self.prior) ** (steps - 1)  # the factor `prior` cancels in the normalisation (and underflows)
         geometric = geometric / geometric.sum()
         expected = (halting_probs * step_losses).sum(-1)
-        return (expected + self.beta * _kl(halting_probs, geometric)).mean()
+        return expected + self.beta * _kl(halting_probs, geometric)
 
 
 class DeepSupervisionLoss(ADNetLoss):
@@ -111,9 +133,9 @@ class DeepSupervisionLoss(ADNetLoss):
 
     trains_halting = False
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
-        return ((steps * step_losses).sum(-1) / steps.sum()).mean()
+        return (steps * step_losses).sum(-1) / steps.sum()
 
 
 class LastStepLoss(ADNetLoss):
@@ -121,8 +143,8 @@ class LastStepLoss(ADNetLoss):
 
     trains_halting = False
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
-        return step_losses[..., -1].mean()
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+        return step_losses[..., -1]
 
 
 LOSSES: dict[str, type[ADNetLoss]] = {

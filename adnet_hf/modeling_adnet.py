@@ -21,7 +21,7 @@ from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
-from .losses_adnet import IGNORE_INDEX, build_loss, task_loss
+from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, task_loss
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
@@ -174,6 +174,12 @@ class ADNetPreTrainedModel(PreTrainedModel):
     def _copy_pretrained_weights(self, pretrained: PreTrainedModel) -> None:
         self.base_model.load_backbone_weights(pretrained)
 
+    @property
+    def loss_fn(self) -> ADNetLoss:
+        """The combining loss the config names now: built per call, so a `loss_type` or weight set after
+        construction is the one trained with."""
+        return build_loss(self.config)
+
     def freeze_full_depth(self) -> None:
         """Freeze everything the last step's prediction reads: the backbone, the last unit, its output layer (or
         the LM head). Training then moves only the earlier steps' units (and their own output layers, when not
@@ -214,6 +220,7 @@ class ADNetModel(ADNetPreTrainedModel):
                             halts=n < len(variable_sizes) - 1)
             for n, size in enumerate(variable_sizes)
         )
+        config.bind_architecture()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -327,7 +334,6 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 
         count = 1 if config.share_output_layer else config.num_variable_steps
         self.output_layers = nn.ModuleList(output_layer() for _ in range(count))
-        self.loss_fn = build_loss(config)
         self.post_init()
 
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -353,10 +359,13 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         )
 
     def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
-        """Training: the configured loss over the steps. Inference: the task loss of the prediction made."""
+        """Training: the configured loss over the steps. Inference: the task loss of the prediction made. Both are
+        means over the samples whose label is not -100."""
+        keep = labelled_rows(labels, self.config.problem_type)
         if out.step_losses is None:
-            return task_loss(out.logits, labels, self.config.problem_type).mean()
-        return self.loss_fn(out.step_losses, out.halting_probs)
+            losses = task_loss(out.logits, labels, self.config.problem_type)
+            return mean_over_rows(losses if keep is None else losses[keep])
+        return self.loss_fn(out.step_losses, out.halting_probs, keep)
 
 
 class ADNetForSequenceClassification(_ADNetClassifier):
@@ -434,7 +443,6 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
-        self.loss_fn = build_loss(config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
@@ -565,9 +573,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         these tokens, or with `num_items_in_batch` their sum divided by it."""
         keep = targets != IGNORE_INDEX
         if out.step_losses is None:
-            loss = task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification").mean()
+            loss = mean_over_rows(task_loss(out.logits[:, :-1][keep], targets[keep], "single_label_classification"))
         else:
-            loss = self.loss_fn(out.step_losses[keep], out.halting_probs[:, :-1][keep])
+            loss = self.loss_fn(out.step_losses, out.halting_probs[:, :-1], keep)
         if num_items_in_batch is None:
             return loss
         return loss * keep.sum() / num_items_in_batch

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification, PatienceExit
 from adnet_hf.calibration_adnet import calibrate_exit, evaluate_exits
+from adnet_hf.evaluation_adnet import sweep_exits
 
 
 def classification_batches(count=4):
@@ -99,3 +100,70 @@ def test_candidates_come_from_the_rule_and_bad_ones_are_refused():
     with pytest.raises(ValueError, match="calibrate_exit candidate for halting_epsilon must be a number in"):
         calibrate_exit(model, classification_batches(1), policy="halting", candidates=[0.2, 1.5])
     assert model.config.to_dict() == chosen  # refused before anything was measured or written
+
+
+def task_batches(kind: str, count: int = 2) -> list[dict]:
+    """Batches of a regression (scores) or multi-label (three 0/1 labels) task."""
+    batches = []
+    for _ in range(count):
+        ids, mask = token_batch(batch=8, pad_lengths=(0, 2, 0, 3, 1, 0, 4, 0))
+        labels = ids[:, 0].float() / VOCAB if kind == "regression" else (ids[:, :3] > VOCAB // 2).float()
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def task_model(kind: str) -> ADNetForSequenceClassification:
+    num_labels, problem_type = (1, "regression") if kind == "regression" else (3, "multi_label_classification")
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8,
+                                                       num_fixed_steps=0, num_labels=num_labels,
+                                                       problem_type=problem_type))
+    spread_halting(model)
+    return model
+
+
+@pytest.mark.parametrize("kind,metric,lower_is_better", [("regression", "mse", True),
+                                                         ("multi_label", "micro_f1", False)])
+def test_regression_and_multi_label_are_judged_by_their_own_metric(kind, metric, lower_is_better, tmp_path):
+    model, batches, budget, grid = task_model(kind), task_batches(kind), 0.02, [0.05, 0.3, 0.6, 0.9]
+    result = calibrate_exit(model, batches, policy="halting", budget=budget, candidates=grid)
+    assert result.metric == metric
+    reference, *records = sweep_exits(model, batches, [("none", None)] + [("halting", value) for value in grid])
+    assert result.full_depth_quality == pytest.approx(reference[metric])
+    for candidate, record in zip(result.candidates, records):
+        quality, full = record[metric], reference[metric]
+        allowed = quality <= full * (1 + budget) if lower_is_better else quality >= full - budget
+        assert candidate["quality"] == pytest.approx(quality) and candidate["within_budget"] == allowed
+    admissible = [c["executed_layers"] for c in result.candidates if c["within_budget"]]
+    assert result.executed_layers == pytest.approx(min(admissible + [reference["executed_layers"]]))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    quality, layers = evaluate_exits(reloaded, batches, reloaded.config.exit_policy)
+    assert quality == pytest.approx(result.quality) and layers == pytest.approx(result.executed_layers)
+
+
+@pytest.mark.parametrize("policy", ["confidence", "patience"])
+def test_regression_refuses_prediction_based_policies_before_measuring(policy):
+    model = task_model("regression")
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=rf"policy='{policy}' needs class predictions.*\('halting', 'none'\)"):
+        calibrate_exit(model, task_batches("regression"), policy=policy)
+    assert model.config.to_dict() == before
+
+
+def test_empty_data_is_a_clear_error_and_changes_nothing():
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="No item to evaluate: the batches are empty"):
+        calibrate_exit(model, iter([]), policy="halting")
+    assert model.config.to_dict() == before
+
+
+@pytest.mark.parametrize("candidates,match", [([], "candidates must be None"),
+                                              ([0.2, float("nan")], "candidate for halting_epsilon must be"),
+                                              ([0.2, True], "candidate for halting_epsilon must be")])
+def test_bad_candidates_are_refused_before_anything_is_written(candidates, match):
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=match):
+        calibrate_exit(model, classification_batches(1), policy="halting", candidates=candidates)
+    assert model.config.to_dict() == before

@@ -33,8 +33,9 @@ def test_many_class_accuracy_has_no_f1():
 def test_multi_label_accuracy_needs_every_label_right():
     logits = np.array([[1.0, -1.0, 2.0], [1.0, 1.0, -1.0], [-1.0, -2.0, -3.0], [2.0, 2.0, 2.0]])
     labels = np.array([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    # rows 0 and 2 are right on every label; rows 1 and 3 miss one label each (10 of 12 labels right)
-    assert task_metrics(logits, labels) == {"accuracy": 0.5}
+    # rows 0 and 2 are right on every label; rows 1 and 3 miss one label each (10 of 12 labels right): 5 labels
+    # present and predicted, 2 predicted but absent, none missed, so micro-F1 = 2 * 5 / (2 * 5 + 2)
+    assert task_metrics(logits, labels) == {"accuracy": 0.5, "micro_f1": pytest.approx(10 / 12)}
 
 
 def test_regression_metrics():

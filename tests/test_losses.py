@@ -167,3 +167,102 @@ def test_training_logits_are_fused_under_the_halting_distribution():
     fused = (out.halting_probs.t().unsqueeze(-1) * out.step_logits).sum(0)
     torch.testing.assert_close(out.logits, fused)
     assert out.logits.requires_grad
+
+
+LOSS_TYPES = ["gpsl", "pondernet", "deep_supervision", "last"]
+
+
+def without_dropout(model):
+    """Training mode without dropout, so that a batch and its sub-batch give the same per-sample values."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train()
+
+
+def labelled_batch(labels):
+    """The same ids and mask on every call, with `labels`."""
+    torch.manual_seed(0)
+    ids, mask = token_batch()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_rows_labelled_minus_100_count_neither_in_the_mean_nor_in_the_halting_units(loss_type):
+    model = without_dropout(model_for(num_labels=3, loss_type=loss_type))
+    batch = labelled_batch(torch.tensor([0, -100, 1, -100]))
+    loss = model(**batch).loss
+    keep = torch.tensor([True, False, True, False])
+    dropped = model(**{name: value[keep] for name, value in batch.items()}).loss
+    torch.testing.assert_close(loss, dropped)
+    loss.backward()
+    ignored = model_for(num_labels=3, loss_type=loss_type).train()
+    ignored.load_state_dict(model.state_dict())
+    out = ignored(**labelled_batch(torch.full((4,), -100)))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    grads = [p.grad for p in ignored.parameters() if p.grad is not None]
+    assert grads and all(torch.count_nonzero(grad) == 0 for grad in grads)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_inference_loss_skips_rows_labelled_minus_100(loss_type):
+    model = model_for(num_labels=3, loss_type=loss_type).eval()
+    batch = labelled_batch(torch.tensor([0, -100, 1, 2]))
+    with torch.no_grad():
+        out = model(**batch)
+    keep = batch["labels"] != -100
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[keep], batch["labels"][keep]))
+    with torch.no_grad():
+        assert model(**labelled_batch(torch.full((4,), -100))).loss.item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_single_label_column_labels_are_taken_as_one_per_sample(loss_type):
+    model = without_dropout(model_for(num_labels=3, loss_type=loss_type))
+    labels = torch.tensor([0, 2, 1, 1])
+    flat = model(**labelled_batch(labels)).loss
+    column = model(**labelled_batch(labels[:, None])).loss
+    torch.testing.assert_close(column, flat)
+    assert column.dim() == 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_an_all_ignored_causal_lm_batch_has_zero_loss_and_gradients(loss_type):
+    from conftest import gpt2_config
+
+    from adnet_hf import ADNetForCausalLM
+
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8,
+                                         loss_type=loss_type)).train()
+    ids, mask = token_batch(batch=2, length=6, pad_lengths=(0, 2))
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_a_loss_set_after_construction_is_the_one_trained_with():
+    model = model_for(num_labels=3)
+    model.config.loss_type = "last"
+    assert isinstance(model.loss_fn, LastStepLoss)
+    model.config.gpsl_alpha = 0.7
+    model.config.loss_type = "gpsl"
+    assert model.loss_fn.alpha == 0.7
+
+
+@pytest.mark.parametrize("settings", [dict(growth_midpoint=1e6), dict(growth_midpoint=-1e6),
+                                      dict(growth_rate=1e6, growth_midpoint=2.0), dict(temperature=1e-6),
+                                      dict(alpha=1e6, beta=1e6, step_cost=1e6)])
+def test_gpsl_stays_finite_at_the_bounds_of_its_settings(settings):
+    losses = torch.tensor(STEP_LOSSES, requires_grad=True)
+    probs = torch.tensor(HALTING, requires_grad=True)
+    loss = GrowingPlateauSensitiveLoss(**settings)(losses, probs)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(losses.grad).all() and torch.isfinite(probs.grad).all()
+
+
+@pytest.mark.parametrize("prior", [1e-300, 1e-12, 1.0])
+def test_pondernet_stays_finite_for_any_prior(prior):
+    loss = PonderNetLoss(prior=prior, beta=1.0)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
+    assert torch.isfinite(loss)

@@ -1,7 +1,7 @@
 """Task quality of classifiers and regressors, with one configuration per kind of task (as GLUE's metric has one per
 task): "single_label" (accuracy), "two_class" (accuracy and the F1 of class 1, GLUE's metric for MRPC and QQP),
-"multi_label" (accuracy with every label right) and "regression" (Pearson's and Spearman's correlations, mean squared
-error, GLUE's STS-B metric with the error added)."""
+"multi_label" (accuracy with every label right, and the micro-averaged F1 over every label) and "regression"
+(Pearson's and Spearman's correlations, mean squared error, GLUE's STS-B metric with the error added)."""
 
 # One import per line: `evaluate.load` reads a module's imports line by line to check its dependencies.
 import datasets  # noqa: I001
@@ -41,4 +41,6 @@ class TaskMetrics(evaluate.Metric):
         metrics = {"accuracy": float(accuracy_score(references, predictions))}
         if self.config_name == "two_class":
             metrics["f1"] = float(f1_score(references, predictions, pos_label=1, average="binary"))
+        if self.config_name == "multi_label":  # no label present nor predicted anywhere: nothing missed, F1 1
+            metrics["micro_f1"] = float(f1_score(references, predictions, average="micro", zero_division=1.0))
         return metrics
