@@ -56,7 +56,7 @@ from .data_adnet import (
     tokenize_texts,
 )
 from .losses_adnet import LOSSES
-from .trainer_adnet import ADNetTrainingArguments
+from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
 # Per pipeline task: the ADNet model, and the backbone's own model that `--plain_baseline` trains instead.
 TASK_MODELS = {
@@ -406,7 +406,7 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     `--overwrite_output_dir`, which starts afresh: it removes the earlier run's checkpoints, saying which, so that
     `--save_total_limit` and later resumes never mix two runs."""
     output_dir, resume = args.output_dir, _resume_argument(args.resume_from_checkpoint)
-    overwrite = getattr(args, "overwrite_output_dir", False)
+    overwrite = adnet_argument(args, "overwrite_output_dir")
     if overwrite and resume is not None:
         raise ValueError("--overwrite_output_dir starts a run afresh and --resume_from_checkpoint continues one: pass "
                          "one of them.")
