@@ -419,6 +419,11 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     if resume is not None:
         if not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume}: no such folder.")
+        if Path(resume).resolve().parent != Path(output_dir).resolve() and _has_files(output_dir):
+            raise ValueError(f"--resume_from_checkpoint {resume} continues a run from another folder, and --output_dir "
+                             f"{output_dir} already holds files: an earlier run's, which this one would overwrite, and "
+                             "whose checkpoints --save_total_limit would rotate with its own. Choose an empty "
+                             "--output_dir.")
         logger.warning("Resuming training from %s.", resume)
         return resume
     if overwrite:
@@ -428,11 +433,15 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
         logger.warning("Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir "
                        "or add --overwrite_output_dir to train from scratch.", last)
         return last
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if _has_files(output_dir):
         raise ValueError(f"Output directory ({output_dir}) already exists and is not empty, and holds no checkpoint to "
                          "resume from. Use --overwrite_output_dir to train into it anyway (its files are overwritten), "
                          "or choose another --output_dir.")
     return None
+
+
+def _has_files(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def _resume_argument(value: str | bool | None) -> str | bool | None:

@@ -200,6 +200,11 @@ def test_resume_from_checkpoint_true_takes_the_last_one(tmp_path):
     assert resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="True")) == str(tmp_path / "checkpoint-4")
     assert resume_checkpoint(training_args(tmp_path / "elsewhere", resume_from_checkpoint=str(
         tmp_path / "checkpoint-2"))) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors").write_text("another run's model")
+    with pytest.raises(ValueError, match=r"continues a run from another folder, and --output_dir .*other already holds "
+                                         r"files.*--save_total_limit would rotate"):
+        resume_checkpoint(training_args(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
     with pytest.raises(ValueError, match="--resume_from_checkpoint .*missing: no such folder"):
         resume_checkpoint(training_args(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))
 
