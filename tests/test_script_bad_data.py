@@ -32,7 +32,7 @@ from adnet_hf.data_adnet import (
     tokenize_texts,
 )
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
-from examples import run_clm, run_glue_style
+from examples import run_clm, run_glue_style, train_accelerate
 
 EXAMPLES = Path(run_glue_style.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
@@ -219,6 +219,20 @@ def test_overwrite_output_dir_removes_the_earlier_checkpoints_and_says_which(tmp
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="pass one of them"):
         resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True, resume_from_checkpoint="True"))
+
+
+@pytest.mark.parametrize("strategy, steps, interval", [("steps", 4, 4), ("steps", 0.25, 5), ("epoch", 500, 0),
+                                                       ("no", 500, None)])
+def test_accelerate_loop_checkpoints_when_the_trainer_would(tmp_path, strategy, steps, interval):
+    args = training_args(tmp_path, save_strategy=strategy, save_steps=steps)
+    assert train_accelerate.checkpoint_interval(args, 20) == interval
+
+
+def test_accelerate_loop_refuses_a_checkpoint_it_did_not_write(tmp_path):
+    make_checkpoints(tmp_path, 2)  # a Trainer checkpoint: no loop position
+    with pytest.raises(ValueError, match=r"checkpoint-2 is not a train_accelerate\.py checkpoint: it has no "
+                                         r"loop_state\.json"):
+        train_accelerate.load_checkpoint(None, str(tmp_path / "checkpoint-2"))
 
 
 # ---- the scripts themselves (slow) ----
