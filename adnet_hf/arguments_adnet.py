@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shlex
+import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -31,7 +33,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainingArguments,
 )
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from . import (
     ADNetConfig,
@@ -44,13 +48,15 @@ from .data_adnet import (
     LABEL_COLUMNS,
     TASK_TO_KEYS,
     LabelInfo,
+    check_known_labels,
+    check_text_cells,
     detect_columns,
     label_info,
     load_text_datasets,
     tokenize_texts,
 )
 from .losses_adnet import LOSSES
-from .trainer_adnet import ADNetTrainingArguments
+from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
 # Per pipeline task: the ADNet model, and the backbone's own model that `--plain_baseline` trains instead.
 TASK_MODELS = {
@@ -64,6 +70,8 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package shi
 SMALL_RANDOM_BERT = {"model_type": "bert", "vocab_size": 8000, "hidden_size": 128, "num_hidden_layers": 4,
                      "num_attention_heads": 4, "intermediate_size": 512, "max_position_embeddings": 512}
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,6 +194,19 @@ class GlueDataArguments:
         files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         return {split: path for split, path in files.items() if path is not None}
 
+    def require_files(self, needs: dict[str, str]) -> None:
+        """Each split in `needs` (split name -> what needs it, e.g. `{"validation": "--do_eval"}`) has its data: a
+        local file, or the `--task_name` that has every split."""
+        missing = [split for split in needs if self.task_name is None and split not in self.files()]
+        if missing:
+            split = missing[0]
+            raise ValueError(f"{needs[split]} needs --{split}_file (or a --task_name), which is not given.")
+
+    def sources(self) -> dict[str, str]:
+        """Each split's data as errors name it: its file, or the GLUE task's split."""
+        splits = ("train", "validation", "test")
+        return {**{split: f"GLUE {self.task_name} {split}" for split in splits}, **self.files()}
+
 
 # What `run_glue_style.py` and `train_accelerate.py` both take.
 GLUE_ARGUMENTS = (TextModelArguments, ADNetArguments, GlueDataArguments, ADNetTrainingArguments)
@@ -306,46 +327,67 @@ class GlueTask:
     tokenizer: PreTrainedTokenizerBase
 
 
-def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments,
-                      data_args: GlueDataArguments) -> GlueTask:
-    """Load the data, find its text and label columns (in the training split, else the validation split), build the
-    model for its labels and tokenise every split."""
+def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments, data_args: GlueDataArguments,
+                      checkpoint: str | None = None) -> GlueTask:
+    """Load the data, find its text and label columns (in the training split, else the validation split), check its
+    cells and labels, build the model for its labels and tokenise every split. A run resumed from `checkpoint` takes
+    the tokenizer saved there when it learns its own (`build_text_classifier`)."""
     raw = load_text_datasets(data_args.task_name, data_args.files())
-    reference = raw["train"] if "train" in raw else raw["validation"]
+    sources = data_args.sources()
+    reference_split = "train" if "train" in raw else "validation"
+    reference = raw[reference_split]
     text_keys, label_column = detect_columns(reference.column_names, data_args.task_name)
     if label_column is None:
         raise ValueError(f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}.")
-    labels = label_info(reference, label_column)
-    texts = (text for key in text_keys if key is not None for text in reference[key])
-    model, trainer_class, tokenizer = build_text_classifier(model_args, adnet_args, labels, texts)
+    check_text_cells(raw, sources, text_keys, label_column)
+    labels = label_info(reference, label_column, sources[reference_split])
+    check_known_labels(raw, sources, label_column, labels)
+    texts = [text for key in text_keys if key is not None for text in reference[key]]
+    model, trainer_class, tokenizer = build_text_classifier(model_args, adnet_args, labels, texts, checkpoint)
     tokenized = tokenize_texts(raw, tokenizer, text_keys, label_column, labels, data_args.max_seq_length)
     return GlueTask(tokenized, labels, model, trainer_class, tokenizer)
 
 
 def build_text_classifier(model_args: TextModelArguments, adnet_args: ADNetArguments, labels: LabelInfo,
-                          texts: Iterable[str]) -> tuple[PreTrainedModel, type[Trainer], PreTrainedTokenizerBase]:
+                          texts: Sequence[str], checkpoint: str | None = None
+                          ) -> tuple[PreTrainedModel, type[Trainer], PreTrainedTokenizerBase]:
     """`build_task_model` for text classification, with its tokenizer: the checkpoint's (or `tokenizer_name`'s),
-    or for a random backbone a WordPiece vocabulary of up to its `vocab_size` learnt from `texts`."""
+    or for a random backbone a WordPiece vocabulary of up to its `vocab_size` learnt from `texts`. A random backbone
+    resumed from `checkpoint` takes the tokenizer saved there, which its embeddings were trained with."""
     backbone_config = None
     if model_args.backbone_config is None:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     else:
         backbone_config = AutoConfig.for_model(**read_json_argument(model_args.backbone_config))
-        tokenizer = train_wordpiece_tokenizer(texts, backbone_config.vocab_size,
-                                              backbone_config.max_position_embeddings)
-        backbone_config.vocab_size, backbone_config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+        saved = model_args.tokenizer_name or checkpoint
+        if saved is None:
+            tokenizer = train_wordpiece_tokenizer(texts, backbone_config.vocab_size,
+                                                  backbone_config.max_position_embeddings)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(saved)
     if tokenizer.pad_token is None:  # GPT-2: batches are padded, and the attention mask hides the padding
         tokenizer.pad_token = tokenizer.eos_token
+    if backbone_config is not None:
+        backbone_config.vocab_size, backbone_config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     model, trainer_class = build_task_model("text-classification", model_args, adnet_args, labels.config_kwargs(),
                                             backbone_config)
     return model, trainer_class, tokenizer
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int) -> BertTokenizer:
-    """A BERT tokenizer with a WordPiece vocabulary learnt from `texts`: a random backbone comes without one."""
+    """A BERT tokenizer with a WordPiece vocabulary learnt from `texts`: a random backbone comes without one.
+
+    The same texts give the same vocabulary in every process: the trainer numbers the `##` word-continuation pieces
+    in hash-map order, which breaks ties between equally frequent merges differently in each process
+    (huggingface/tokenizers#1794), so they are declared up front, sorted, after the special tokens.
+    """
+    texts = list(texts)
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIAL_TOKENS,
-                                  show_progress=False)
+    continuations = {"##" + char for text in texts
+                     for word, _ in wordpiece.pre_tokenizer.pre_tokenize_str(wordpiece.normalizer.normalize_str(text))
+                     for char in word[1:]}
+    wordpiece.train_from_iterator(texts, vocab_size=vocab_size,
+                                  special_tokens=WORDPIECE_SPECIAL_TOKENS + sorted(continuations), show_progress=False)
     return BertTokenizer(vocab=wordpiece.get_vocab(), model_max_length=model_max_length)
 
 
@@ -371,3 +413,64 @@ def save_results(trainer: Trainer, split: str, metrics: dict) -> dict:
     metrics = {**metrics, "command": command_line()}
     trainer.save_metrics(split, metrics)
     return metrics
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint a training run resumes from, decided as Transformers' example scripts do, so that no run loses
+    saved work: `--resume_from_checkpoint` (a folder, or `True` for the last `checkpoint-N` in `output_dir`); else the
+    last checkpoint in `output_dir`, said so. An `output_dir` with other content is refused unless
+    `--overwrite_output_dir`, which starts afresh: it removes the earlier run's checkpoints, saying which, so that
+    `--save_total_limit` and later resumes never mix two runs."""
+    output_dir, resume = args.output_dir, _resume_argument(args.resume_from_checkpoint)
+    overwrite = adnet_argument(args, "overwrite_output_dir")
+    if overwrite and resume is not None:
+        raise ValueError("--overwrite_output_dir starts a run afresh and --resume_from_checkpoint continues one: pass "
+                         "one of them.")
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if resume is True:
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint True resumes from the last checkpoint-N folder in "
+                             f"--output_dir {output_dir}, and there is none.")
+        resume = last
+    if resume is not None:
+        if not os.path.isdir(resume):
+            raise ValueError(f"--resume_from_checkpoint {resume}: no such folder.")
+        if Path(resume).resolve().parent != Path(output_dir).resolve() and _has_files(output_dir):
+            raise ValueError(f"--resume_from_checkpoint {resume} continues a run from another folder, and --output_dir "
+                             f"{output_dir} already holds files: an earlier run's, which this one would overwrite, and "
+                             "whose checkpoints --save_total_limit would rotate with its own. Choose an empty "
+                             "--output_dir.")
+        logger.warning("Resuming training from %s.", resume)
+        return resume
+    if overwrite:
+        _remove_checkpoints(output_dir, args.should_save)
+        return None
+    if last is not None:
+        logger.warning("Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir "
+                       "or add --overwrite_output_dir to train from scratch.", last)
+        return last
+    if _has_files(output_dir):
+        raise ValueError(f"Output directory ({output_dir}) already exists and is not empty, and holds no checkpoint to "
+                         "resume from. Use --overwrite_output_dir to train into it anyway (its files are overwritten), "
+                         "or choose another --output_dir.")
+    return None
+
+
+def _has_files(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def _resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: the command line gives `True` / `False` as text."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return True if value.lower() == "true" else None
+    return value or None
+
+
+def _remove_checkpoints(output_dir: str, should_save: bool) -> None:
+    """The `checkpoint-N` folders of an earlier run in `output_dir`, removed with a warning (on the saving process)."""
+    checkpoints = sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    if checkpoints:
+        logger.warning("--overwrite_output_dir: removing the earlier run's checkpoints %s.", ", ".join(checkpoints))
+    for checkpoint in checkpoints if should_save else []:
+        shutil.rmtree(checkpoint)

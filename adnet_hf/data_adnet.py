@@ -97,14 +97,19 @@ class LabelInfo:
                 "label2id": {name: i for i, name in enumerate(self.names)}}
 
 
-def label_info(reference: datasets.Dataset, label_column: str) -> LabelInfo:
-    """As `run_glue.py`: a float label column is regression; otherwise the sorted distinct values are the classes."""
+def label_info(reference: datasets.Dataset, label_column: str, source: str = "the training data") -> LabelInfo:
+    """As `run_glue.py`: a float label column is regression; otherwise the sorted distinct values are the classes, of
+    which there must be two at least (one class would make a one-output model, which Transformers treats as
+    regression). `source` names the data in errors."""
     feature = reference.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return LabelInfo(is_regression=False, names=feature.names)
     if feature.dtype in ("float32", "float64"):
         return LabelInfo(is_regression=True)
     values = sorted(set(reference[label_column]))
+    if len(values) < 2:
+        raise ValueError(f"{source}: every {label_column!r} value is {values[0]!r}, and classification needs at least "
+                         "two classes. For regression, write the labels as floats (such as 1.0).")
     return LabelInfo(is_regression=False, to_id={v: i for i, v in enumerate(values)}, names=[str(v) for v in values])
 
 
@@ -113,6 +118,7 @@ def tokenize_texts(raw: datasets.DatasetDict, tokenizer, text_keys: TextKeys, la
     """Tokenise (padding comes later, per batch) and map the labels to ids under the name `labels`."""
     first, second = text_keys
     max_length = min(max_seq_length, tokenizer.model_max_length)
+    check_max_length(tokenizer, max_length, pair=second is not None)
 
     def tokenize(batch: dict) -> dict:
         texts = (batch[first],) if second is None else (batch[first], batch[second])
@@ -126,6 +132,49 @@ def tokenize_texts(raw: datasets.DatasetDict, tokenizer, text_keys: TextKeys, la
         split: dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"Tokenising {split}")
         for split, dataset in raw.items()
     })
+
+
+def check_max_length(tokenizer, max_length: int, pair: bool) -> None:
+    """Room for one text token per sentence beside the special tokens: a shorter limit fails deep in batching."""
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    minimum = specials + (2 if pair else 1)
+    if max_length < minimum:
+        inputs = "sentence pair" if pair else "sentence"
+        raise ValueError(f"--max_seq_length {max_length} leaves no room for text: the tokenizer adds {specials} "
+                         f"special tokens to each {inputs}, so it must be at least {minimum}.")
+
+
+def check_text_cells(raw: datasets.DatasetDict, sources: dict[str, str], text_keys: TextKeys,
+                     label_column: str | None) -> None:
+    """Every split has the text columns, and no cell of them is empty, nor a label cell outside the test split (where
+    labels are optional): an empty cell reads as None, which stops tokenisation with a bare TypeError, or turns a
+    label column into floats, that is, into regression. `sources` names each split's data in errors."""
+    for split, dataset in raw.items():
+        columns = [key for key in text_keys if key is not None]
+        missing = [column for column in columns if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{sources[split]} has no {missing[0]!r} column; its columns are {dataset.column_names}.")
+        if label_column in dataset.column_names and split != "test":
+            columns.append(label_column)
+        for column in columns:
+            row = next((i for i, value in enumerate(dataset[column]) if value is None), None)
+            if row is not None:
+                raise ValueError(f"{sources[split]}: row {row + 1} (not counting the header) has an empty {column!r} "
+                                 "cell; fill it or remove the row.")
+
+
+def check_known_labels(raw: datasets.DatasetDict, sources: dict[str, str], label_column: str | None,
+                       labels: LabelInfo) -> None:
+    """Every label of every split is one of the classes found in the reference split: an unseen one has no id."""
+    if labels.to_id is None or label_column is None:
+        return
+    for split, dataset in raw.items():
+        values = dataset[label_column] if label_column in dataset.column_names else []
+        row = next((i for i, value in enumerate(values) if value is not None and value not in labels.to_id), None)
+        if row is not None:
+            raise ValueError(f"{sources[split]}: row {row + 1} (not counting the header) has the label "
+                             f"{values[row]!r}, which the training data does not have; its classes are "
+                             f"{labels.names}.")
 
 
 def select(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -360,6 +409,9 @@ def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None 
     """A text file as consecutive blocks of `block_size` token ids (blocks x block_size), the rest dropped."""
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     count = len(ids) // block_size
+    if count == 0:
+        raise ValueError(f"{path} holds {len(ids)} tokens, fewer than one block: pass a --block_size of {len(ids)} or "
+                         "less, or a longer file.")
     count = count if max_blocks is None else min(count, max_blocks)
     return ids[: count * block_size].view(count, block_size)
 

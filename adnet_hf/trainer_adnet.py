@@ -50,6 +50,12 @@ class ADNetTrainingArguments(TrainingArguments):
         metadata={"help": "Terminal learning rate of every group as a ratio of its own initial rate; the linear or "
                           "cosine schedule decays to it. 0 is plain decay to zero."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty output_dir from scratch instead of resuming from its last "
+                          "checkpoint; the earlier run's checkpoints are removed (Transformers 4's flag, which the "
+                          "example scripts keep)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

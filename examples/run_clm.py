@@ -33,6 +33,7 @@ from adnet_hf.arguments_adnet import (
     num_blocks,
     parse_arguments,
     read_json_argument,
+    resume_checkpoint,
     save_results,
 )
 from adnet_hf.data_adnet import TextBlocks, token_blocks
@@ -62,6 +63,11 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks of eval/test."})
 
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"--block_size must be at least 2 (a block predicts its tokens from the ones before), got "
+                             f"{self.block_size}.")
+
 
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer folder's tokenizer; a bare `vocab.json` + `merges.txt` folder is GPT-2's byte-level BPE."""
@@ -83,6 +89,16 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
             backbone.setdefault(name, tokenizer.eos_token_id)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
     return build_task_model("text-generation", model_args, adnet_args, {}, backbone, backbone_kwargs)
+
+
+def check_block_size(model, block_size: int) -> None:
+    """A block fits the backbone's positions: beyond an absolute position table, the embeddings fail with an
+    IndexError."""
+    config = model.config.backbone_config if model.config.model_type == "adnet" else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise ValueError(f"--block_size {block_size} is longer than the backbone's {limit} positions "
+                         f"(max_position_embeddings): pass --block_size {limit} or less.")
 
 
 @torch.no_grad()
@@ -122,8 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
+    checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
     tokenizer = load_tokenizer(model_args)
     model, trainer_class = load_model(model_args, adnet_args, tokenizer)
+    check_block_size(model, data_args.block_size)
     splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
     data = {split: TextBlocks(token_blocks(tokenizer, path, data_args.block_size,
                                            data_args.max_train_samples if split == "train" else
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             data_collator=default_data_collator)
     results: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     evaluations = (("eval", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict))

@@ -34,6 +34,7 @@ from adnet_hf.arguments_adnet import (
     offline_default,
     parse_arguments,
     prepare_glue_task,
+    resume_checkpoint,
     save_results,
 )
 from adnet_hf.data_adnet import LabelInfo, select
@@ -84,8 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     set_seed(training_args.seed)
+    flags = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
+    data_args.require_files({split: f"--{flag}" for split, flag in flags.items() if getattr(training_args, flag)})
+    checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
 
-    task = prepare_glue_task(model_args, adnet_args, data_args)
+    task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
     model = task.model
     train_dataset = select(task.tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  compute_metrics=compute_classification_metrics)
 
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset)})
         trainer.save_state()

@@ -8,7 +8,9 @@
 
 It takes the same arguments as `run_glue_style.py` (those that mean something without a Trainer: the schedule is
 linear or cosine), trains on `train_file`, evaluates on `validation_file` and saves the model, its tokenizer and
-`eval_results.json` to `output_dir`.
+`eval_results.json` to `output_dir`. As the Trainer does, it saves `checkpoint-N` folders by `--save_strategy`
+(`steps` or `epoch`), keeps `--save_total_limit` of them, and resumes from the last one in `output_dir` (or from
+`--resume_from_checkpoint`) to the same weights as a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,9 +29,16 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, set_seed
-from transformers.trainer_utils import SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType, rotate_checkpoints
 
-from adnet_hf.arguments_adnet import GLUE_ARGUMENTS, command_line, offline_default, parse_arguments, prepare_glue_task
+from adnet_hf.arguments_adnet import (
+    GLUE_ARGUMENTS,
+    command_line,
+    offline_default,
+    parse_arguments,
+    prepare_glue_task,
+    resume_checkpoint,
+)
 from adnet_hf.data_adnet import select
 from adnet_hf.evaluation_adnet import evaluation_metrics, pooled_items
 from adnet_hf.losses_adnet import LOSSES
@@ -37,6 +47,16 @@ from adnet_hf.trainer_adnet import ADNetTrainingArguments, adnet_optimizer_group
 logger = logging.getLogger(__name__)
 
 OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.json"
+LOOP_STATE = "loop_state.json"  # in a checkpoint, beside accelerate's state: where the loop stood
+
+
+@dataclass
+class LoopPosition:
+    """Where training stands: the optimiser updates done, the epoch, and the batches of it each process has used."""
+
+    updates: int = 0
+    epoch: int = 0
+    batches: int = 0
 
 
 def build_accelerator(args: ADNetTrainingArguments, loss_type: str) -> Accelerator:
@@ -65,15 +85,17 @@ def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_tr
 
 
 def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoader, args: ADNetTrainingArguments,
-          total_updates: int) -> None:
-    """`total_updates` optimiser steps: accumulate, clip, step, then renormalise the unit and output rows."""
+          total_updates: int, position: LoopPosition, save) -> None:
+    """Optimiser steps from `position` to `total_updates`: accumulate, clip, step, then renormalise the unit and output
+    rows; `save(position)` after the updates `--save_strategy` asks for."""
     unwrapped = accelerator.unwrap_model(model)
     max_norm = unwrapped.config.max_weight_norm
+    save_every = checkpoint_interval(args, total_updates)
     model.train()
-    updates, epoch = 0, 0
-    while updates < total_updates:
-        loader.set_epoch(epoch)
-        for batch in loader:
+    while position.updates < total_updates:
+        loader.set_epoch(position.epoch)
+        for batch in accelerator.skip_first_batches(loader, position.batches) if position.batches else loader:
+            position.batches += 1
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -84,14 +106,54 @@ def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoa
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            updates += 1
+            position.updates += 1
             if max_norm is not None:
                 apply_max_norm(unwrapped, max_norm)
-            if args.logging_steps and updates % args.logging_steps == 0:
-                logger.info("epoch %d update %d loss %.4f", epoch, updates, loss.item())
-            if updates == total_updates:
+            if args.logging_steps and position.updates % args.logging_steps == 0:
+                logger.info("epoch %d update %d loss %.4f", position.epoch, position.updates, loss.item())
+            end_of_epoch = position.batches == len(loader)
+            if (save_every and position.updates % save_every == 0) or (end_of_epoch and save_every == 0):
+                save(LoopPosition(position.updates, position.epoch + end_of_epoch, 0 if end_of_epoch else
+                                  position.batches))
+            if position.updates == total_updates:
                 return
-        epoch += 1
+        position.epoch, position.batches = position.epoch + 1, 0
+
+
+def checkpoint_interval(args: ADNetTrainingArguments, total_updates: int) -> int | None:
+    """Updates between checkpoints as the Trainer reads `--save_steps` (below 1: a fraction of the run); 0 to save at
+    the end of every epoch; None for no checkpoints."""
+    if args.save_strategy == SaveStrategy.STEPS:
+        return math.ceil(args.save_steps * total_updates) if args.save_steps < 1 else int(args.save_steps)
+    return 0 if args.save_strategy == SaveStrategy.EPOCH else None
+
+
+def save_checkpoint(accelerator: Accelerator, args: ADNetTrainingArguments, tokenizer, position: LoopPosition) -> None:
+    """`checkpoint-N` in `output_dir`, named as the Trainer names them: accelerate's state (the model as safetensors,
+    the optimiser, the schedule, every process's random states), the tokenizer and the loop position. It is written
+    under a temporary name and renamed when complete, so that a kill while saving never leaves a checkpoint that
+    cannot be resumed; the oldest beyond `--save_total_limit` are then removed."""
+    folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{position.updates}")
+    partial_folder = folder + ".partial"
+    accelerator.save_state(partial_folder, safe_serialization=True)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(partial_folder)
+        Path(partial_folder, LOOP_STATE).write_text(json.dumps(asdict(position)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(partial_folder, folder)
+        rotate_checkpoints(args.output_dir, args.save_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, folder: str) -> LoopPosition:
+    """Restore what `save_checkpoint` saved in `folder`; returns the loop position to go on from."""
+    state = Path(folder, LOOP_STATE)
+    if not state.is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder} is not a train_accelerate.py checkpoint: it has no "
+                         f"{LOOP_STATE}.")
+    accelerator.load_state(folder)
+    return LoopPosition(**json.loads(state.read_text()))
 
 
 def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, float]:
@@ -108,14 +170,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if model_args.plain_baseline:
         raise ValueError("--plain_baseline is run_glue_style.py's (plain fine-tuning with Trainer), not this loop's.")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.save_strategy == SaveStrategy.BEST:
+        raise ValueError("--save_strategy best keeps the best checkpoint by evaluation during training, which "
+                         "train_accelerate.py does not do: use steps, epoch or no.")
     set_seed(args.seed)
-    task = prepare_glue_task(model_args, adnet_args, data_args)
+    data_args.require_files({"train": "train_accelerate.py", "validation": "train_accelerate.py"})
+    checkpoint = resume_checkpoint(args)
+    task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
     model, tokenizer = task.model, task.tokenizer
     collate = DataCollatorWithPadding(tokenizer)
     train_data = select(task.tokenized["train"], data_args.max_train_samples)
     eval_data = select(task.tokenized["validation"], data_args.max_eval_samples)
+    # Its own generator: drawing from the global one each epoch would shift the dropout masks of a resumed run.
     train_loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate)
+                              collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
 
     accelerator = build_accelerator(args, model.config.loss_type)
@@ -124,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer, scheduler = build_optimizer(model, args, total_updates * accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
-    train(accelerator, model, optimizer, scheduler, train_loader, args, total_updates)
+    position = LoopPosition() if checkpoint is None else load_checkpoint(accelerator, checkpoint)
+    train(accelerator, model, optimizer, scheduler, train_loader, args, total_updates, position,
+          partial(save_checkpoint, accelerator, args, tokenizer))
     metrics = evaluate(accelerator, model, eval_loader)
 
     accelerator.wait_for_everyone()

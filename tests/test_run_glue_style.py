@@ -154,6 +154,7 @@ def test_no_arguments_run_the_offline_default(monkeypatch):
     model_args, _, data_args, training_args = run_glue_style.parse_args([])
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
     assert training_args.output_dir == "outputs/sst2-adnet" and training_args.do_train and training_args.do_eval
+    assert training_args.overwrite_output_dir  # a demo: run again, it trains afresh (it saves no checkpoints)
     monkeypatch.setattr(arguments_adnet, "minilm_path", lambda: None)
     model_args = run_glue_style.parse_args([])[0]
     assert model_args.model_name_or_path is None and json.loads(model_args.backbone_config)["model_type"] == "bert"
