@@ -50,6 +50,7 @@ from adnet_hf.arguments_adnet import (
     num_blocks,
     parse_arguments,
     read_json_argument,
+    resume_checkpoint,
     save_results,
 )
 from adnet_hf.data_adnet import (
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
     raw = data_args.load(training_args.seed)
     for split, flag, wanted in (("train", "--do_train", training_args.do_train),
                                 ("validation", "--do_eval", training_args.do_eval)):
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             compute_metrics=compute_classification_metrics)
     results: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:
