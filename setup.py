@@ -22,8 +22,9 @@ setup(
         "huggingface_hub>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "matplotlib>=3.7", "peft>=0.17"],
         "bench": ["matplotlib>=3.7"],
+        "peft": ["peft>=0.17"],
     },
     license="Apache-2.0",
 )
