@@ -381,12 +381,15 @@ class LoraArguments:
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"--lora_r must be a positive rank, got {self.lora_r}.")
 
-    def apply(self, model: PreTrainedModel) -> PreTrainedModel:
-        """`model` with LoRA adapters (a `PeftModel`), or `model` itself without `--lora_r`."""
+    def apply(self, model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
+        """`model` (built from `model_args`) with LoRA adapters (a `PeftModel`), or itself without `--lora_r`."""
         if self.lora_r is None:
             return model
-        if model.config.model_type != "adnet":
+        if model_args.plain_baseline:
             raise ValueError("--lora_r adapts an ADNet model; --plain_baseline trains the backbone's own model fully.")
+        if model_args.freeze_full_depth:
+            raise ValueError("--lora_r trains the backbone (through adapters) and every unit, --freeze_full_depth "
+                             "keeps them as loaded: choose one.")
         from peft import get_peft_model
 
         from .peft_adnet import adnet_lora_config

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
 
     task = prepare_glue_task(model_args, adnet_args, data_args)
-    model = lora_args.apply(task.model)
+    model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
     train_dataset = select(task.tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None

@@ -239,6 +239,8 @@ def test_glue_script_with_lora_saves_a_merged_adnet_checkpoint(tmp_path):
     lora = 2 * 2 * 4 * TINY_BERT["hidden_size"] * TINY_BERT["num_hidden_layers"]  # A and B of query and value
     units_and_heads = sum(p.numel() for m in (*model.adnet.units, *model.output_layers) for p in m.parameters())
     assert trained == lora + units_and_heads
-    with pytest.raises(ValueError, match="--lora_r adapts an ADNet model"):
-        run_glue_style.main(["--plain_baseline", "--backbone_config", json.dumps(TINY_BERT), "--train_file", train,
-                             "--output_dir", str(tmp_path / "plain"), "--do_train", "--lora_r", "4", *FAST])
+    refusals = {"--plain_baseline": "--lora_r adapts an ADNet model", "--freeze_full_depth": "choose one"}
+    for flag, refusal in refusals.items():
+        with pytest.raises(ValueError, match=refusal):
+            run_glue_style.main([flag, "--backbone_config", json.dumps(TINY_BERT), "--train_file", train,
+                                 "--output_dir", str(tmp_path / "refused"), "--do_train", "--lora_r", "4", *FAST])
