@@ -23,9 +23,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100", "onnx>=1.17", "onnxruntime>=1.20",
-                "onnxscript>=0.3"],
+                "onnxscript>=0.3", "peft>=0.17"],
         "bench": ["matplotlib>=3.7"],
         "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
+        "peft": ["peft>=0.17"],
     },
     license="Apache-2.0",
 )

@@ -474,3 +474,52 @@ def _remove_checkpoints(output_dir: str, should_save: bool) -> None:
         logger.warning("--overwrite_output_dir: removing the earlier run's checkpoints %s.", ", ".join(checkpoints))
     for checkpoint in checkpoints if should_save else []:
         shutil.rmtree(checkpoint)
+
+
+@dataclass
+class LoraArguments:
+    """LoRA (PEFT) on the backbone's blocks, ADNet's units and output layers trained fully (`peft_adnet`)."""
+
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "Fine-tune with LoRA adapters of this rank on every linear layer of the backbone's blocks "
+                          "(attention and MLP) instead of the whole backbone; the units and output layers are trained "
+                          "fully. The saved model has the adapters merged: a plain ADNet checkpoint (the Trainer's "
+                          "checkpoints hold the adapter)."},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scaling numerator: updates scale by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only the block layers with these names (e.g. query value), instead of every linear layer."},
+    )
+
+    def __post_init__(self):
+        if self.lora_r is None and self.lora_target_modules is not None:
+            raise ValueError("--lora_target_modules needs --lora_r (the LoRA rank).")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be a positive rank, got {self.lora_r}.")
+
+    def apply(self, model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
+        """`model` (built from `model_args`) with LoRA adapters (a `PeftModel`), or itself without `--lora_r`."""
+        if self.lora_r is None:
+            return model
+        if model_args.plain_baseline:
+            raise ValueError("--lora_r adapts an ADNet model; --plain_baseline trains the backbone's own model fully.")
+        if model_args.freeze_full_depth:
+            raise ValueError("--lora_r trains the backbone (through adapters) and every unit, --freeze_full_depth "
+                             "keeps them as loaded: choose one.")
+        from peft import get_peft_model
+
+        from .peft_adnet import adnet_lora_config
+
+        config = adnet_lora_config(model, self.lora_target_modules, r=self.lora_r, lora_alpha=self.lora_alpha,
+                                   lora_dropout=self.lora_dropout)
+        return get_peft_model(model, config)
+
+
+def merge_lora(trainer: Trainer) -> None:
+    """Merge the trained LoRA adapters of `trainer`'s model into the backbone: from here on it trains, evaluates and
+    saves a plain ADNet model (loadable as any ADNet checkpoint, also as remote code). No-op without adapters."""
+    if hasattr(trainer.model, "merge_and_unload"):
+        trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()

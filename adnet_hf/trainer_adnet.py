@@ -84,12 +84,19 @@ def group_learning_rate(args: TrainingArguments, group: str) -> float:
     return args.learning_rate if value is None else value
 
 
+def adnet_base_model(model: nn.Module) -> nn.Module:
+    """The `ADNetModel` of a task model, also when PEFT wraps it (a `PeftModel`'s `base_model` is its tuner)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return (model if get_base_model is None else get_base_model()).base_model
+
+
 def adnet_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Trainable parameters by group: the backbone, the calculation units, and the rest (the output layers).
+    """Trainable parameters by group: the backbone (LoRA's weights in it included), the calculation units, and the
+    rest (the output layers).
 
     Groups go by identity, so a LM head tied to the input embeddings counts once, as backbone.
     """
-    base = model.base_model
+    base = adnet_base_model(model)
     owner = {id(p): "backbone" for p in base.backbone.parameters()}
     owner.update({id(p): "unit" for p in base.units.parameters()})
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {group: [] for group in PARAMETER_GROUPS}
@@ -105,7 +112,7 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     Backbone weights (a tied LM head included) are left alone: the constraint is on ADNet's own layers. So are
     frozen ones (`freeze_full_depth`), which must stay exactly as loaded.
     """
-    backbone = {id(p) for p in model.base_model.backbone.parameters()}
+    backbone = {id(p) for p in adnet_base_model(model).backbone.parameters()}
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear) and module.weight.requires_grad and id(module.weight) not in backbone:
@@ -183,6 +190,11 @@ class ADNetTrainer(Trainer):
             logger.warning(f"loss_type={self.model.config.loss_type!r} trains no halting units, yet "
                            "exit_policy='halting' exits by them: set exit_policy='none' (or 'confidence' / "
                            "'patience' after training the exits).")
+        units = list(adnet_base_model(self.model).units.parameters())
+        if units and not any(param.requires_grad for param in units):
+            logger.warning("The calculation units are frozen (no unit parameter requires a gradient), so halting "
+                           "stays as initialised. Under PEFT, put them in modules_to_save: "
+                           "get_peft_model(model, adnet_hf.peft_adnet.adnet_lora_config(model, r=...)) does.")
         self.add_callback(MaxNormCallback)
         self._train_stats = _RunningMeans()
         self._exit_stats = _RunningMeans()

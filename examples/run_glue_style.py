@@ -28,7 +28,9 @@ from transformers import set_seed
 from adnet_hf.arguments_adnet import (
     GLUE_ARGUMENTS,
     MINILM_HUB_ID,
+    LoraArguments,
     TextModelArguments,
+    merge_lora,
     minilm_path,
     num_blocks,
     offline_default,
@@ -46,8 +48,8 @@ OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.js
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
-    """The `GLUE_ARGUMENTS` dataclasses; with no arguments, the offline default."""
-    return parse_arguments(GLUE_ARGUMENTS, argv, partial(offline_default, OFFLINE_DEFAULT))
+    """The `GLUE_ARGUMENTS` dataclasses and `LoraArguments`; with no arguments, the offline default."""
+    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments), argv, partial(offline_default, OFFLINE_DEFAULT))
 
 
 def base_model_id(model_args: TextModelArguments) -> str | None:
@@ -77,7 +79,7 @@ def logits_and_exit_steps(predictions, model) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics (empty without `--do_eval`)."""
-    model_args, adnet_args, data_args, training_args = parse_args(argv)
+    model_args, adnet_args, data_args, training_args, lora_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
 
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
-    model = task.model
+    model = lora_args.apply(task.model, model_args)
+    trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
     train_dataset = select(task.tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
     trainer = task.trainer_class(model=model, args=training_args, train_dataset=train_dataset,
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
+        merge_lora(trainer)
         trainer.save_model()
-        save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset)})
+        save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset),
+                                        "trainable_parameters": trainable_parameters})
         trainer.save_state()
 
     metrics = {}

@@ -151,7 +151,8 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, _, data_args, training_args = run_glue_style.parse_args([])
+    model_args, _, data_args, training_args, lora_args = run_glue_style.parse_args([])
+    assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
     assert training_args.output_dir == "outputs/sst2-adnet" and training_args.do_train and training_args.do_eval
     assert training_args.overwrite_output_dir  # a demo: run again, it trains afresh (it saves no checkpoints)

@@ -1,0 +1,90 @@
+"""Parameter-efficient fine-tuning (PEFT) of ADNet: LoRA on the backbone's blocks, the units and heads fully trained.
+
+PEFT picks LoRA's target modules by the model type (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`) and makes a
+sequence classifier's `classifier` / `score` fully trainable (`modules_to_save`). An ADNet model is neither of the
+types PEFT knows nor named like them: its targets depend on the backbone, and its calculation units and output layers
+are new (randomly initialised), so they must be trained fully. `adnet_lora_config` names both for PEFT:
+
+    from peft import get_peft_model
+    from adnet_hf.peft_adnet import adnet_lora_config
+
+    model = get_peft_model(model, adnet_lora_config(model, r=8, lora_alpha=16))
+
+Targets are given as the full names of the layers in the backbone's blocks, so the units' own `dense` layers (and a
+pooler or LM head outside the blocks) never get an adapter.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, TaskType
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .modeling_adnet import ADNetForCausalLM, ADNetForSequenceClassification, ADNetPreTrainedModel
+
+# The layer types LoRA adapts that a transformer block holds (GPT-2's fused projections are `Conv1D`).
+LORA_LAYER_TYPES = (nn.Linear, Conv1D)
+# PEFT's wrapper for each head (`ADNetModel` alone gives features); PEFT's task wrappers pass the inputs through.
+_TASK_TYPES = {ADNetForSequenceClassification: TaskType.SEQ_CLS, ADNetForCausalLM: TaskType.CAUSAL_LM}
+
+
+def _adnet_model(model: ADNetPreTrainedModel):
+    if not isinstance(model, ADNetPreTrainedModel):
+        raise TypeError(f"model must be an ADNet model (ADNetPreTrainedModel), got {type(model).__name__}.")
+    if not model.base_model.adapter.has_attention:
+        raise ValueError("LoRA on a ResNet backbone is not supported: its BatchNorm statistics change in training "
+                         "and are not part of the adapter. Use a text backbone (BERT, RoBERTa, GPT-2, Llama).")
+    return model.base_model
+
+
+def lora_target_modules(model: ADNetPreTrainedModel, names: list[str] | None = None) -> list[str]:
+    """Full names of the layers LoRA adapts: every linear layer of the backbone's blocks (attention and MLP), or with
+    `names` (e.g. `["query", "value"]`) those among them whose name is or ends with one of `names`."""
+    adnet = _adnet_model(model)
+    blocks = {id(block) for block in adnet.adapter.blocks(adnet.backbone)}
+    targets = []
+    for block_name, block in model.named_modules():
+        if id(block) not in blocks:
+            continue
+        for name, layer in block.named_modules():
+            if isinstance(layer, LORA_LAYER_TYPES) and (names is None or any(
+                    name == wanted or name.endswith(f".{wanted}") for wanted in names)):
+                targets.append(f"{block_name}.{name}")
+    if not targets:
+        raise ValueError(f"target_modules {names} match no linear layer in the backbone's blocks; the layers of the "
+                         f"first block are {sorted(_block_layer_names(adnet))}.")
+    return targets
+
+
+def _block_layer_names(adnet) -> set[str]:
+    block = adnet.adapter.blocks(adnet.backbone)[0]
+    return {name for name, layer in block.named_modules() if isinstance(layer, LORA_LAYER_TYPES)}
+
+
+def adnet_trained_modules(model: ADNetPreTrainedModel) -> list[str]:
+    """Full names of the modules ADNet adds to the backbone, which PEFT trains fully and saves (`modules_to_save`):
+    each calculation unit with weights, and each output layer of a classifier (a causal LM predicts with the
+    backbone's own LM head, which stays frozen)."""
+    adnet = _adnet_model(model)
+    added = [*adnet.units, *getattr(model, "output_layers", ())]
+    added = {id(module) for module in added if any(True for _ in module.parameters())}
+    return [name for name, module in model.named_modules() if id(module) in added]
+
+
+def adnet_lora_config(model: ADNetPreTrainedModel, target_modules: list[str] | None = None,
+                      **lora_kwargs) -> LoraConfig:
+    """A `LoraConfig` for `model`: LoRA on its backbone blocks' linear layers (all of them, or those named in
+    `target_modules`), its units and output layers in `modules_to_save`, the task type of its head.
+
+    `lora_kwargs` go to `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, ...).
+    """
+    for key in ("modules_to_save", "task_type"):
+        if key in lora_kwargs:
+            raise ValueError(f"{key} is set by adnet_lora_config from the model; pass LoraConfig(...) yourself to "
+                             "choose it.")
+    task_type = _TASK_TYPES.get(type(model), TaskType.FEATURE_EXTRACTION)
+    return LoraConfig(task_type=task_type, target_modules=lora_target_modules(model, target_modules),
+                      modules_to_save=adnet_trained_modules(model), **lora_kwargs)
+
+
+__all__ = ["adnet_lora_config", "adnet_trained_modules", "lora_target_modules"]
