@@ -214,6 +214,7 @@ def _manifest(model: nn.Module, inputs: list[str], state: list[str], files: list
         "exit_settings": {rule.config_field: getattr(config, rule.config_field) for rule in EXIT_RULES.values()
                           if hasattr(config, rule.config_field)},
         "problem_type": config.problem_type,
+        "is_regression": config.is_regression,
     }
 
 
@@ -257,6 +258,7 @@ class ADNetStepRunner:
         self.embeddings = session(self.manifest["embeddings"])
         self.steps = [session(step["file"]) for step in self.manifest["steps"]]
         self.exit_config = SimpleNamespace(problem_type=self.manifest["problem_type"],
+                                           is_regression=self.manifest["is_regression"],
                                            **self.manifest["exit_settings"])
 
     @property
