@@ -43,8 +43,16 @@ def _floating(name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
                         f".to(model.dtype).")
 
 
+def _values_checkable() -> bool:
+    """Value checks read the data, which a graph being traced (`torch.export`, `torch.compile`) does not have: there
+    only shapes and dtypes are checked, as in Transformers' own models."""
+    return not torch.compiler.is_compiling()
+
+
 def _in_range(name: str, value: torch.Tensor, low: float, high: float, what: str, ignore: int | None = None) -> None:
     """Every element of `value` (but `ignore`) lies in [low, high) (`high` included for float ranges)."""
+    if not _values_checkable():
+        return
     kept = value if ignore is None else value[value != ignore]
     if not kept.numel():
         return
@@ -143,7 +151,7 @@ def _check_attention_mask(value: Any, batch: int, length: int) -> None:
     _same_shape("attention_mask", mask, (batch, length), "the tokens (with the cached ones, if any)")
     if mask.is_complex():
         raise TypeError(f"attention_mask must be a bool, integer or float tensor, got {mask.dtype}.")
-    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+    if mask.dtype != torch.bool and _values_checkable() and ((mask != 0) & (mask != 1)).any():
         raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding, got other values.")
 
 
