@@ -12,7 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .backbones_adnet import SUPPORTED_BACKBONES, backbone_adapter
 from .exits_adnet import EXIT_RULES, ExitRule, exit_policies, is_int, is_number, require, task_exit_rule
-from .losses_adnet import LOSSES
+from .losses_adnet import LOSSES, PLATEAU_TARGETS
 
 LOSS_TYPES = tuple(LOSSES)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -89,6 +89,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "classifier_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
     "tie_word_embeddings": FieldRule("None or a bool", _optional(_is_bool)),
     "per_token_units": FieldRule("None or a bool", _optional(_is_bool)),
+    "halting_evidence": FieldRule("None or a bool", _optional(_is_bool)),
+    "gpsl_plateau": FieldRule(f"one of {PLATEAU_TARGETS}", _one_of(PLATEAU_TARGETS)),
     "problem_type": FieldRule(f"None or one of {PROBLEM_TYPES}", _optional(_one_of(PROBLEM_TYPES))),
     "num_labels": FieldRule(f"an integer in [1, {MAX_NUM_LABELS}]",
                             lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
@@ -145,6 +147,17 @@ class ADNetConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*): causal LM only; defaults to the backbone's own setting.
         per_token_units (`bool`, *optional*): units that halt per token (causal LMs) instead of per pooled sample.
             Set by the task model that builds the config; saved, so every Auto class rebuilds the same units.
+        halting_evidence (`bool`, *optional*): the halting units read the step prediction's evidence (top-class
+            log-odds, margin, certainty, agreement with the previous step, halting mass so far:
+            `units_adnet.step_evidence`) next to their summary. `None` is resolved by the model built: `True` for the
+            classifiers, `False` for per-token units and `ADNetModel` alone; a checkpoint saved before the field
+            existed loads with `False`, the units it was trained with.
+        gpsl_plateau (`str`): the target of GPSL's plateau term. `settled`: all the halting mass on the first step
+            from which the prediction stays the full-depth one (classifiers; BERxiT's and CALM's target); then
+            the plateau term is the survival log-likelihood of that step, the halting units learn from it alone (the
+            expected-loss term weights the step losses by `p` without moving them) and `halting_epsilon` bounds the
+            estimated chance that the prediction has not settled. `loss`: the softmax of the step losses and step
+            cost (the paper's form; regression and causal LMs always use it).
 
     Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
     assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
@@ -177,6 +190,8 @@ class ADNetConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     tie_word_embeddings: bool | None = None
     per_token_units: bool | None = None
+    halting_evidence: bool | None = None
+    gpsl_plateau: str = "settled"
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()
@@ -187,6 +202,8 @@ class ADNetConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.per_token_units is None and "ADNetForCausalLM" in (self.architectures or ()):
             self.per_token_units = True  # a causal LM saved before the field existed
+        if self.halting_evidence is None and self.architectures:
+            self.halting_evidence = False  # saved before the field existed: units that read their summary only
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
@@ -313,6 +330,9 @@ class ADNetConfig(PreTrainedConfig):
                 self.num_fixed_steps)
         if self.exit_policy in EXIT_RULES:
             task_exit_rule(self.exit_policy, self, owner="ADNetConfig.exit_policy")
+        if self.halting_evidence and self.per_token_units:
+            raise ValueError("ADNetConfig.halting_evidence must be False or None for per-token units (causal LMs), "
+                             "got True: their units read the hidden state only.")
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
             raise ValueError("ADNetConfig.num_labels must be >= 2 for problem_type='single_label_classification', "
                              "got 1: use num_labels=2 for two classes, or problem_type='regression'.")
@@ -321,7 +341,8 @@ class ADNetConfig(PreTrainedConfig):
 _UNSET = object()
 # The fields a built model's modules depend on (with the backbone config itself and its depth).
 ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
-                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units")
+                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units",
+                       "halting_evidence")
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 

@@ -35,12 +35,15 @@ class StepHead:
     loss: the unreduced task loss of a step's logits, taken as soon as the step has run (full depth only).
     keep_logits: return every step's logits (a causal LM's N x B x T x vocab is large). Without them, training's
         fused logits are detached.
+    evidence: `evidence(logits, previous_logits, not_halted)`, what a step's prediction says about stopping there
+        (`units_adnet.step_evidence`), for units whose halting layer reads it.
     """
 
     predict: Callable[[int, torch.Tensor | None, torch.Tensor], torch.Tensor]
     flops: float = 0.0
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None
     keep_logits: bool = True
+    evidence: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | float], torch.Tensor] | None = None
 
 
 @dataclass
@@ -167,17 +170,37 @@ class StepEngine:
             hidden = finish_block(step * self.layers_per_step + offset, output)
         return hidden, flops
 
+    @property
+    def units_read_evidence(self) -> bool:
+        """Whether the halting units read the step predictions (`CalculationUnit.reads_evidence`)."""
+        return any(unit.reads_evidence for unit in self.units)
+
+    def needs_predictions(self, rule: ExitRule) -> bool:
+        """Whether exiting by `rule` needs the head's prediction at every variable step."""
+        return rule.needs_predictions or self.units_read_evidence
+
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
-                 done: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Variable step n's unit on the step output in `state`: its summary and halting probabilities."""
+                 done: torch.Tensor, head: StepHead | None = None, previous: torch.Tensor | None = None,
+                 not_halted: torch.Tensor | float = 1.0
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Variable step n's unit on the step output in `state`: its summary, halting probabilities and, when a
+        `head` is given, the step's prediction (made from the summary before the unit halts, so a unit that reads
+        the evidence sees it, with the `previous` step's prediction and the mass `not_halted` so far)."""
         unit = self.units[n]
         positions = self.adapter.unit_view(state.hidden)
-        summary, lambdas = unit(positions, None if self.per_token else state.token_mask)
+        summary = unit.summarise(positions, None if self.per_token else state.token_mask)
         real = state.token_mask if state.token_mask is not None else positions.new_ones(positions.shape[:2])
         per_position, per_summary = unit.flops()
         flops.add_positions(active, done, per_position * real.to(positions.dtype))
+        logits = evidence = None
+        if head is not None:
+            logits = head.predict(n, summary, state.hidden)
+            flops.add(active, done, head.flops)
+        if unit.reads_evidence:
+            evidence = head.evidence(logits, previous, not_halted)
+        lambdas = unit.halt(summary, positions, evidence)
         flops.add(active, done, per_summary)
-        return summary, lambdas
+        return summary, lambdas, logits
 
     def full_depth(self, state: StepState, head: StepHead | None, trace: Trace, cache=None,
                    fuse: bool = False) -> StepOutputs:
@@ -185,8 +208,11 @@ class StepEngine:
         predictions (`fuse`, a step loss, kept step logits), else at the last step only."""
         padding, everyone = self.padding(state), slice(None)
         flops, distribution = FlopsAccountant(padding, self.per_token), HaltingDistribution()
-        predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits)
-        probs, step_logits, step_losses, logits = [], [], [], None
+        predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits
+                                                   or self.units_read_evidence)
+        # Units that read the predictions cannot halt without a head (ADNetModel alone): no halting is computed.
+        halts = head is not None or not self.units_read_evidence
+        probs, step_logits, step_losses, logits, previous = [], [], [], None, None
         trace.record(-1, state.hidden, everyone)
 
         def finish_block(index: int, output: torch.Tensor) -> torch.Tensor:
@@ -197,15 +223,17 @@ class StepEngine:
             state.hidden, block_flops = self.run_blocks(step, state, cache, finish_block)
             flops.add_positions(everyone, padding, block_flops)
             n = step - self.num_fixed_steps
-            if n < 0:
+            if n < 0 or not halts:
                 continue
             last = n == len(self.units) - 1
-            summary, lambdas = self.run_unit(n, state, flops, everyone, padding)
+            predicts = head is not None and (predict_every_step or last)
+            summary, lambdas, prediction = self.run_unit(n, state, flops, everyone, padding,
+                                                         head if predicts else None, previous,
+                                                         distribution.not_halted)
             probs.append(distribution.step(lambdas, last))
-            if head is None or not (predict_every_step or last):
+            if not predicts:
                 continue
-            prediction = head.predict(n, summary, state.hidden)
-            flops.add(everyone, padding, head.flops)
+            previous = prediction
             if head.loss is not None:
                 step_losses.append(head.loss(prediction))
             if head.keep_logits:
@@ -213,7 +241,7 @@ class StepEngine:
             logits = _fuse(logits, probs[-1], prediction, head.keep_logits) if fuse else prediction
         return StepOutputs(
             last_hidden_state=state.hidden, logits=logits,
-            halting_probs=torch.stack(probs, dim=-1).masked_fill(padding.unsqueeze(-1), 0.0),
+            halting_probs=torch.stack(probs, dim=-1).masked_fill(padding.unsqueeze(-1), 0.0) if halts else None,
             exit_steps=torch.full(padding.shape, len(self.steps), device=padding.device).masked_fill(padding, 0),
             flops=flops.total, step_logits=torch.stack(step_logits) if step_logits else None,
             step_losses=torch.stack(step_losses, dim=-1) if step_losses else None, **trace.outputs(),
@@ -222,8 +250,10 @@ class StepEngine:
     def exiting(self, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace,
                 cache=None) -> StepOutputs:
         """Each item stops at the step `rule` picks; samples whose items have all stopped leave the batch."""
-        if rule.needs_predictions and head is None:
-            raise ValueError(f"exit_policy={rule.name!r} needs step predictions: use a task model, not ADNetModel.")
+        if self.needs_predictions(rule) and head is None:
+            reason = "" if rule.needs_predictions else " (these halting units read them)"
+            raise ValueError(f"exit_policy={rule.name!r} needs step predictions{reason}: use a task model, not "
+                             "ADNetModel.")
         return _ExitingPass(self, state, head, rule, trace, cache).run()
 
 
@@ -249,6 +279,7 @@ class _ExitingPass:
         self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
         self.halting = state.hidden.new_zeros(*self.padding.shape, len(engine.units))
         self.logits: torch.Tensor | None = None
+        self.previous: torch.Tensor | None = None  # the last step's predictions of the samples present
         self.exit_states: dict[torch.Size, torch.Tensor] = {}  # per shape: the samples that left, full batch
         self.last_block = -1  # the deepest block run for any sample
         self.distribution = HaltingDistribution()
@@ -303,11 +334,12 @@ class _ExitingPass:
 
     def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:
         """Variable step n: the unit, the rule's decision, the outputs of the items that stop."""
-        summary, lambdas = self.engine.run_unit(n, self.state, self.flops, self.active, self.done)
-        logits = None
-        if self.rule.needs_predictions:  # the halting rule decides without: the head runs for who stops only
-            logits = self.head.predict(n, summary, hidden)
-            self.flops.add(self.active, self.done, self.head.flops)
+        # A rule that decides without the predictions (halting on units that do not read them) runs the head for
+        # the items that stop only.
+        head = self.head if self.engine.needs_predictions(self.rule) else None
+        summary, lambdas, logits = self.engine.run_unit(n, self.state, self.flops, self.active, self.done, head,
+                                                        self.previous, self.distribution.not_halted)
+        self.previous = logits
         stop, self.halting[self.active, ..., n] = exit_decision(self.distribution, self.rule, lambdas, logits,
                                                                 n == len(self.engine.units) - 1, self.done)
         self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
@@ -345,3 +377,5 @@ class _ExitingPass:
         self.state = self.state.select(keep)
         self.distribution.select(keep)
         self.rule.select(keep)
+        if self.previous is not None:
+            self.previous = self.previous[keep]

@@ -7,7 +7,9 @@ full depth (`exit_policy="none"`) only. Each step alone is static, so each is ex
 - `embeddings.onnx`: the model inputs -> the first block's input, the token mask and the blocks' keyword tensors
   (4-D attention mask, positions), all with the batch first;
 - `step_NN.onnx`: one step's blocks, then (a step that carries a unit) its calculation unit and the task model's
-  output layer -> the step output, the halting probabilities `lambda_n` and the step's logits;
+  output layer -> the step output, the halting probabilities `lambda_n` and the step's logits; a unit that reads
+  the step evidence also takes the halting mass not yet halted and (after the first variable step) the previous
+  step's logits (`EVIDENCE_INPUTS`);
 - `adnet_steps.json`: the manifest (step layout, graph input/output names, the exit settings; no pickle).
 
 `ADNetStepRunner` loads them with ONNX Runtime and runs the exit loop on the host: it decides with the package's
@@ -34,8 +36,9 @@ from .backbones_adnet import StepState
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, HaltingDistribution, exit_decision, exit_rule
 
 MANIFEST_NAME = "adnet_steps.json"
-MANIFEST_FORMAT = "adnet-exported-steps/1"
+MANIFEST_FORMAT = "adnet-exported-steps/2"
 STEP_OUTPUTS = ("step_hidden", "lambdas", "logits")  # what a step with a unit returns; a fixed step: the first only
+EVIDENCE_INPUTS = ("not_halted", "previous_logits")  # what a unit that reads the evidence takes besides the state
 
 
 def _classifier(model) -> nn.Module:
@@ -91,18 +94,29 @@ class EmbeddingGraph(nn.Module):
         return _state_tree(self.adnet.adapter.embed(self.adnet.backbone, dict(zip(self.input_names, inputs))))
 
 
+def evidence_inputs(engine, step: int) -> list[str]:
+    """The `EVIDENCE_INPUTS` that step `step`'s graph takes after the state: none unless its unit reads them."""
+    n = step - engine.num_fixed_steps
+    if n < 0 or not engine.units[n].reads_evidence:
+        return []
+    return list(EVIDENCE_INPUTS if n > 0 else EVIDENCE_INPUTS[:1])
+
+
 class StepGraph(nn.Module):
-    """One step as a graph: its blocks on the state of the samples present (flat, as `layout`), then, for
-    a variable step, the unit and the task model's output layer. Returns `STEP_OUTPUTS` (a fixed step: the step
-    output only)."""
+    """One step as a graph: its blocks on the state of the samples present (flat, as `layout`, then the
+    `evidence_inputs`), then, for a variable step, the unit and the task model's output layer. Returns
+    `STEP_OUTPUTS` (a fixed step: the step output only)."""
 
     def __init__(self, model: nn.Module, step: int, layout: StateLayout):
         super().__init__()
         self.model, self.step, self.layout = model, step, layout
         self.engine = model.adnet.step_engine()
         self.blocks = nn.ModuleList(self.engine.steps[step])  # registered, so the export sees their parameters
+        self.num_evidence_inputs = len(evidence_inputs(self.engine, step))
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        extra = tensors[len(tensors) - self.num_evidence_inputs:]
+        tensors = tensors[:len(tensors) - self.num_evidence_inputs]
         hidden, token_mask = tensors[0], tensors[1] if self.layout.has_mask else None
         leaves = tensors[1 + self.layout.has_mask:]
         state = StepState(hidden, token_mask, tree_unflatten(list(leaves), self.layout.kwargs_spec))
@@ -110,8 +124,14 @@ class StepGraph(nn.Module):
         n = self.step - self.engine.num_fixed_steps
         if n < 0:
             return (hidden,)
-        summary, lambdas = self.engine.units[n](self.engine.adapter.unit_view(hidden), token_mask)
-        return hidden, lambdas, self.model.step_head(n, summary, hidden)
+        unit, positions = self.engine.units[n], self.engine.adapter.unit_view(hidden)
+        summary = unit.summarise(positions, token_mask)
+        logits = self.model.step_head(n, summary, hidden)
+        evidence = None
+        if extra:
+            not_halted, previous = extra[0], extra[1] if len(extra) > 1 else None
+            evidence = self.model.evidence_reader()(logits, previous, not_halted)
+        return hidden, unit.halt(summary, positions, evidence), logits
 
 
 def _dynamic_shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]]:
@@ -159,10 +179,14 @@ def export_step_programs(model: nn.Module, example_inputs: dict[str, torch.Tenso
         programs = [torch.export.export(EmbeddingGraph(model, names), inputs, dynamic_shapes=_dynamic_shapes(inputs))]
         tensors, spec = tree_flatten(programs[0].module()(*inputs))
         layout = StateLayout.from_spec(spec)
+        previous = None
         for step in range(len(model.adnet.step_engine().steps)):
             graph = StepGraph(model, step, layout)
-            programs.append(torch.export.export(graph, tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors)))
-            tensors = [graph(*tensors)[0], *tensors[1:]]
+            extra = [torch.ones(tensors[0].shape[0]), previous][:graph.num_evidence_inputs]
+            arguments = (*tensors, *extra)
+            programs.append(torch.export.export(graph, arguments, dynamic_shapes=_dynamic_shapes(arguments)))
+            outputs = graph(*arguments)
+            tensors, previous = [outputs[0], *tensors[1:]], outputs[-1]
     return StepPrograms(names, layout.names, programs)
 
 
@@ -177,7 +201,8 @@ def export_steps(model: nn.Module, directory: str | Path, example_inputs: dict[s
     files = ["embeddings.onnx", *(f"step_{step:02d}.onnx" for step in range(len(engine.steps)))]
     for index, (program, file) in enumerate(zip(exported.programs, files)):
         inputs, outputs = ((exported.input_names, exported.state_names) if index == 0
-                           else (exported.state_names, _step_outputs(engine, index - 1)))
+                           else ([*exported.state_names, *evidence_inputs(engine, index - 1)],
+                                 _step_outputs(engine, index - 1)))
         torch.onnx.export(program, (), str(directory / file), dynamo=True, input_names=inputs,
                           output_names=outputs, external_data=False, verbose=False)
     manifest = _manifest(model, exported.input_names, exported.state_names, files)
@@ -199,7 +224,7 @@ def _manifest(model: nn.Module, inputs: list[str], state: list[str], files: list
         n = step - engine.num_fixed_steps
         blocks = [step * config.layers_per_step + offset for offset in range(len(engine.steps[step]))]
         steps.append({"file": file, "blocks": blocks, "unit": n if n >= 0 else None,
-                      "outputs": _step_outputs(engine, step)})
+                      "evidence_inputs": evidence_inputs(engine, step), "outputs": _step_outputs(engine, step)})
     return {
         "format": MANIFEST_FORMAT,
         "architecture": type(model).__name__,
@@ -286,8 +311,12 @@ class ADNetStepRunner:
         logits = np.zeros((batch, self.manifest["num_labels"]), dtype=state["hidden"].dtype)
         exit_steps = np.zeros(batch, dtype=np.int64)
         halting = np.zeros((batch, self.num_variable_steps), dtype=state["hidden"].dtype)
+        previous = None  # the last step's logits of the samples present
         for step, session in enumerate(self.steps):
-            outputs = session.run(None, state)
+            not_halted = torch.as_tensor(distribution.not_halted, dtype=torch.float32).expand(len(active))
+            evidence = {"not_halted": not_halted.numpy(), "previous_logits": previous}
+            outputs = session.run(None, {**state, **{name: evidence[name]
+                                                     for name in self.manifest["steps"][step]["evidence_inputs"]}})
             state["hidden"] = outputs[0]
             n = step - fixed
             if n < 0:
@@ -303,6 +332,7 @@ class ADNetStepRunner:
                 break
             keep = np.flatnonzero(~stop)
             active, state = active[keep], {name: value[keep] for name, value in state.items()}
+            previous = outputs[2][keep]
             distribution.select(torch.from_numpy(keep))
             if rule is not None:
                 rule.select(torch.from_numpy(keep))

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+# Targets of GPSL's plateau term: the first step whose prediction stays the full-depth one, or the loss curve's plateau.
+PLATEAU_TARGETS = ("settled", "loss")
 
 
 def resolve_problem_type(problem_type: str | None, num_labels: int, labels: torch.Tensor) -> str:
@@ -52,6 +54,17 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
 
 
+def settled_steps(step_logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Rows x N booleans: True at the steps from which a classifier's prediction (`step_logits`: N x rows x C) no
+    longer changes, so it is the full-depth one (every label, for multi-label). The last step is always settled."""
+    if problem_type == "multi_label_classification":
+        agrees = ((step_logits > 0) == (step_logits[-1] > 0)).all(-1)
+    else:
+        predictions = step_logits.argmax(-1)
+        agrees = predictions == predictions[-1]
+    return agrees.flip(0).long().cumprod(0).flip(0).bool().transpose(0, 1)
+
+
 def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:
     """1-based step indices n = 1..N."""
     return torch.arange(1, num_steps + 1, device=like.device, dtype=like.dtype)
@@ -68,14 +81,18 @@ class ADNetLoss(nn.Module):
 
     trains_halting: bool = True
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean of `row_losses` over the rows to `keep` (a boolean mask over the rows; default: every row)."""
+    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor, keep: torch.Tensor | None = None,
+                settled: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean of `row_losses` over the rows to `keep` (a boolean mask over the rows; default: every row).
+        `settled` (rows x N, `settled_steps`): where each row's prediction has settled, for losses that train the
+        halting units toward it."""
         if keep is not None:
             step_losses, halting_probs = step_losses[keep], halting_probs[keep]
-        return mean_over_rows(self.row_losses(step_losses, halting_probs))
+            settled = None if settled is None else settled[keep]
+        return mean_over_rows(self.row_losses(step_losses, halting_probs, settled))
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of each row (rows x N -> rows)."""
         raise NotImplementedError
 
@@ -85,13 +102,22 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
     `sum_n p_n L_n + alpha sum_n w_n L_n + beta KL(q || p)` with logistic growth weights
     `w_n ∝ sigmoid(growth_rate (n - growth_midpoint))` and the plateau target
     `q = softmax(-(stopgrad(L_n) + step_cost n / N) / temperature)`.
+
+    With `plateau="settled"` and the rows' `settled` steps given, `q` is all mass on the first settled step (where
+    the prediction becomes the full-depth one for good: BERxiT's learning-to-exit and CALM's consistency target).
+    `KL(q || p)` is then `-log p_first`, the log-likelihood of a discrete-time survival model whose hazards are the
+    `lambda_n`, so `prod_k (1 - lambda_k)` estimates the chance the prediction has not settled yet: what the
+    `halting` rule compares with epsilon. The expected-loss term then weights the step losses by a detached `p`:
+    the units learn from the plateau term alone, and the step predictions from the first two terms.
     """
 
     def __init__(self, alpha: float = 0.3, beta: float = 0.1, step_cost: float = 0.05, temperature: float = 0.5,
-                 growth_rate: float = 1.0, growth_midpoint: float | None = None):
+                 growth_rate: float = 1.0, growth_midpoint: float | None = None, plateau: str = "loss"):
         super().__init__()
+        if plateau not in PLATEAU_TARGETS:
+            raise ValueError(f"plateau must be one of {PLATEAU_TARGETS}, got {plateau!r}.")
         self.alpha, self.beta, self.step_cost, self.temperature = alpha, beta, step_cost, temperature
-        self.growth_rate, self.growth_midpoint = growth_rate, growth_midpoint
+        self.growth_rate, self.growth_midpoint, self.plateau = growth_rate, growth_midpoint, plateau
 
     def growth_weights(self, num_steps: int, like: torch.Tensor) -> torch.Tensor:
         """`w_n`: grows with depth along a logistic curve, then plateaus; sums to 1. Normalised in log space (in
@@ -106,10 +132,19 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
         cost = self.step_cost * _step_index(num_steps, step_losses) / num_steps
         return torch.softmax(-(step_losses.detach() + cost) / self.temperature, dim=-1)
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
-        expected = (halting_probs * step_losses).sum(-1)
+    def settled_target(self, settled: torch.Tensor) -> torch.Tensor:
+        """`q` for `plateau="settled"`: one-hot at each row's first settled step."""
+        first = settled.shape[-1] - settled.sum(-1)  # settled steps form a suffix ending at the last step
+        return F.one_hot(first, settled.shape[-1]).to(torch.float32)
+
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
+        by_settling = self.plateau == "settled" and settled is not None
+        weights = halting_probs.detach() if by_settling else halting_probs
+        expected = (weights * step_losses).sum(-1)
         growing = (self.growth_weights(step_losses.shape[-1], step_losses) * step_losses).sum(-1)
-        plateau = _kl(self.plateau_target(step_losses), halting_probs)
+        target = self.settled_target(settled) if by_settling else self.plateau_target(step_losses)
+        plateau = _kl(target.to(halting_probs.dtype), halting_probs)
         return expected + self.alpha * growing + self.beta * plateau
 
 
@@ -120,7 +155,8 @@ class PonderNetLoss(ADNetLoss):
         super().__init__()
         self.prior, self.beta = prior, beta
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
         geometric = (1 - self.prior) ** (steps - 1)  # the factor `prior` cancels in the normalisation (and underflows)
         geometric = geometric / geometric.sum()
@@ -133,7 +169,8 @@ class DeepSupervisionLoss(ADNetLoss):
 
     trains_halting = False
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
         return (steps * step_losses).sum(-1) / steps.sum()
 
@@ -143,7 +180,8 @@ class LastStepLoss(ADNetLoss):
 
     trains_halting = False
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
         return step_losses[..., -1]
 
 
@@ -161,7 +199,7 @@ def build_loss(config) -> ADNetLoss:
         return GrowingPlateauSensitiveLoss(
             alpha=config.gpsl_alpha, beta=config.gpsl_beta, step_cost=config.gpsl_step_cost,
             temperature=config.gpsl_temperature, growth_rate=config.gpsl_growth_rate,
-            growth_midpoint=config.gpsl_growth_midpoint,
+            growth_midpoint=config.gpsl_growth_midpoint, plateau=config.gpsl_plateau,
         )
     if config.loss_type == "pondernet":
         return PonderNetLoss(prior=config.pondernet_prior, beta=config.pondernet_beta)

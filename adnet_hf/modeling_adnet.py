@@ -6,7 +6,9 @@ for a causal LM) at its exit step; samples that have exited leave the batch, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
@@ -21,9 +23,9 @@ from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
-from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, task_loss
+from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, settled_steps, task_loss
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
-from .units_adnet import CalculationUnit
+from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 
 logger = logging.get_logger(__name__)
 
@@ -147,7 +149,9 @@ class ADNetPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Units and output layers only: the backbone is a sub-model and keeps its own (or loaded) weights."""
-        if isinstance(module, nn.Linear):
+        if isinstance(module, EvidenceWeights):
+            init.zeros_(module.weight)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -217,7 +221,7 @@ class ADNetModel(ADNetPreTrainedModel):
         variable_sizes = step_sizes[config.num_fixed_steps :]
         self.units = nn.ModuleList(
             CalculationUnit(size, config.unit_hidden_size, bool(config.per_token_units),
-                            halts=n < len(variable_sizes) - 1)
+                            halts=n < len(variable_sizes) - 1, reads_evidence=bool(config.halting_evidence))
             for n, size in enumerate(variable_sizes)
         )
         config.bind_architecture()
@@ -241,7 +245,7 @@ class ADNetModel(ADNetPreTrainedModel):
         """`config.exit_policy`, or full depth when it needs step predictions and none can be made: a checkpoint
         saved with `confidence` or `patience` loaded as the base model (`AutoModel`) has no task head."""
         policy = self.config.exit_policy
-        if step_head is None and policy in EXIT_RULES and EXIT_RULES[policy].needs_predictions:
+        if step_head is None and policy in EXIT_RULES and self.step_engine().needs_predictions(EXIT_RULES[policy]):
             logger.warning_once(f"exit_policy={policy!r} needs the task head's predictions, which ADNetModel alone "
                                 f"does not make: running at full depth. Load the checkpoint with its task model "
                                 f"({', '.join(self.config.architectures or ['an ADNetFor* class'])}) to exit.")
@@ -321,6 +325,8 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
         config.use_per_token_units(False, type(self).__name__)
+        if config.halting_evidence is None:
+            config.halting_evidence = True
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
             raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
@@ -349,7 +355,8 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
-        head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss)
+        head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss,
+                        evidence=self.evidence_reader())
         out = self.adnet(step_head=head, return_dict=True, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
@@ -358,14 +365,27 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
+    def evidence_reader(self) -> Callable | None:
+        """`step_evidence` for this model's task (the config's, or as the heads infer it while unset), when the
+        units read it."""
+        if not self.config.halting_evidence:
+            return None
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            problem_type = "regression" if self.config.is_regression else "single_label_classification"
+        return partial(step_evidence, problem_type=problem_type)
+
     def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
-        """Training: the configured loss over the steps. Inference: the task loss of the prediction made. Both are
-        means over the samples whose label is not -100."""
-        keep = labelled_rows(labels, self.config.problem_type)
+        """Training: the configured loss over the steps, given where each sample's prediction settles (for GPSL's
+        `settled` plateau). Inference: the task loss of the prediction made. Both are means over the samples whose
+        label is not -100."""
+        problem_type = self.config.problem_type
+        keep = labelled_rows(labels, problem_type)
         if out.step_losses is None:
-            losses = task_loss(out.logits, labels, self.config.problem_type)
+            losses = task_loss(out.logits, labels, problem_type)
             return mean_over_rows(losses if keep is None else losses[keep])
-        return self.loss_fn(out.step_losses, out.halting_probs, keep)
+        settled = None if problem_type == "regression" else settled_steps(out.step_logits, problem_type)
+        return self.loss_fn(out.step_losses, out.halting_probs, keep, settled)
 
 
 class ADNetForSequenceClassification(_ADNetClassifier):

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
+
+# What a unit that reads the step evidence is given next to its summary, per item (see `step_evidence`).
+EVIDENCE_FEATURES = ("confidence_logit", "margin", "certainty", "agreement", "log_not_halted")
+LOG_FLOOR = -30.0  # log-probabilities and log-odds are clamped here, so a saturated softmax gives finite features
 
 
 def masked_mean_max(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,6 +25,56 @@ def masked_mean_max(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[to
     return mean, maximum
 
 
+def _log_odds(probs: torch.Tensor) -> torch.Tensor:
+    return (torch.log(probs) - torch.log1p(-probs)).clamp(LOG_FLOOR, -LOG_FLOOR)
+
+
+def step_evidence(logits: torch.Tensor, previous: torch.Tensor | None, not_halted: torch.Tensor | float,
+                  problem_type: str | None) -> torch.Tensor:
+    """What a step's prediction says about stopping there, per item (items x `len(EVIDENCE_FEATURES)`), as the
+    confidence and patience rules read it, on scales a linear halting layer with max-norm weights can use:
+
+    - confidence_logit: log-odds of the top class probability (multi-label: of the least certain label);
+    - margin: top-1 minus top-2 logit (multi-label: the smallest |logit|);
+    - certainty: 1 - entropy / log(C) (multi-label: averaged over the labels);
+    - agreement: 1 when the prediction equals the previous step's (0 at the first variable step);
+    - log_not_halted: log of the halting mass not yet halted before this step.
+
+    A regressor has no classes: confidence_logit, margin and certainty become -|change| from the previous step, the
+    prediction itself and whether there was a previous step. Computed without gradient: the unit reads the
+    prediction, it does not shape it.
+    """
+    with torch.no_grad():
+        logits = logits.float()
+        if problem_type == "regression":
+            change = logits - previous.float() if previous is not None else torch.zeros_like(logits)
+            features = [-change.abs().mean(-1), logits.mean(-1), torch.full_like(logits[..., 0], previous is not None)]
+            same = change.abs().amax(-1) == 0
+        elif problem_type == "multi_label_classification":
+            probs = torch.sigmoid(logits)
+            certain = torch.maximum(probs, 1 - probs)
+            entropy = F.binary_cross_entropy_with_logits(logits, probs, reduction="none")
+            features = [_log_odds(certain.amin(-1).clamp(max=1 - 1e-7)), logits.abs().amin(-1),
+                        1 - (entropy / math.log(2.0)).mean(-1)]
+            same = None if previous is None else ((logits > 0) == (previous > 0)).all(-1)
+        else:
+            log_probs = torch.log_softmax(logits, dim=-1).clamp(min=LOG_FLOOR)
+            top = logits.topk(2, dim=-1).values
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            features = [_log_odds(log_probs.amax(-1).exp().clamp(max=1 - 1e-7)), top[..., 0] - top[..., 1],
+                        1 - entropy / math.log(logits.shape[-1])]
+            same = None if previous is None else logits.argmax(-1) == previous.argmax(-1)
+        agreement = torch.zeros_like(features[0]) if same is None else same.float()
+        log_not_halted = torch.log(torch.as_tensor(not_halted, dtype=torch.float32, device=logits.device)
+                                   ).clamp(min=LOG_FLOOR).expand_as(agreement)
+        return torch.stack([*features, agreement, log_not_halted], dim=-1)
+
+
+class EvidenceWeights(nn.Linear):
+    """The halting layer's weights on the step evidence: initialised to zero (`ADNetPreTrainedModel._init_weights`),
+    so an untrained unit halts on its summary alone, as the paper's does, and learns what the evidence adds."""
+
+
 class CalculationUnit(nn.Module):
     """One variable step's unit: `S = sigmoid(W h + b)`, summary `r`, halting probability `lambda`.
 
@@ -24,27 +82,61 @@ class CalculationUnit(nn.Module):
     Per token (causal LM): `r = S`, B x T x d, one `lambda` per token, no look at later tokens.
     The last step's unit has no halting layer: it always halts (`lambda = 1`), taking the remaining probability;
     a per-token unit then has nothing left to compute (the LM head reads the hidden state itself).
+
+    `reads_evidence`: the halting layer also reads the step prediction's evidence (`step_evidence`, weighted by
+    `evidence`), as BERxiT's learning-to-exit and CALM's learned confidence do: from `r` alone a unit cannot tell a
+    confident step from an unsure one. `lambda = sigmoid(w . r + c + v . e)`. The prediction is made from `r` first
+    (`summarise`), then the unit halts on both (`halt`).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, per_token: bool = False, halts: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, per_token: bool = False, halts: bool = True,
+                 reads_evidence: bool = False):
         super().__init__()
         self.per_token = per_token
         self.dense = None if per_token and not halts else nn.Linear(input_size, hidden_size)
         self.halting = nn.Linear(hidden_size if per_token else 2 * hidden_size, 1) if halts else None
+        # built without drawing random numbers (they are zeroed anyway), so adding them leaves every other module's
+        # initialisation as it was
+        self.evidence = (skip_init(EvidenceWeights, len(EVIDENCE_FEATURES), 1, bias=False)
+                         if reads_evidence and halts else None)
+
+    @property
+    def reads_evidence(self) -> bool:
+        return self.evidence is not None
 
     def flops(self) -> tuple[float, float]:
         """Estimated FLOPs per real position (the dense layer) and per summary (the halting layer, which a pooled
         unit runs once per sample and a per-token unit once per token)."""
         dense = 0.0 if self.dense is None else 2.0 * self.dense.weight.numel()
         halting = 0.0 if self.halting is None else 2.0 * self.halting.weight.numel()
+        if self.evidence is not None:
+            halting += 2.0 * self.evidence.weight.numel()
         return dense, halting
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden: B x T x H. Returns the summary `r` and the halting probability `lambda` (B, or B x T)."""
+    def summarise(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """hidden: B x T x H. The summary `r` (None for a last per-token unit, which computes nothing)."""
         if self.dense is None:
-            return None, hidden.new_ones(hidden.shape[:-1])
+            return None
         activations = torch.sigmoid(self.dense(hidden))
-        summary = activations if self.per_token else torch.cat(masked_mean_max(activations, mask), dim=-1)
+        return activations if self.per_token else torch.cat(masked_mean_max(activations, mask), dim=-1)
+
+    def halt(self, summary: torch.Tensor | None, hidden: torch.Tensor,
+             evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """The halting probability `lambda` (B, or B x T) from the summary (and the evidence, if the unit reads it);
+        `hidden` (B x T x H) gives the shape where there is no summary."""
         if self.halting is None:
-            return summary, summary.new_ones(summary.shape[:-1])
-        return summary, torch.sigmoid(self.halting(summary)).squeeze(-1)
+            like = hidden if summary is None else summary
+            return like.new_ones(like.shape[:-1])
+        logits = self.halting(summary)
+        if self.reads_evidence:
+            if evidence is None:
+                raise ValueError("This unit's halting layer reads the step prediction's evidence "
+                                 "(ADNetConfig.halting_evidence=True): it needs the task model's step predictions.")
+            logits = logits + self.evidence(evidence.to(logits.dtype))
+        return torch.sigmoid(logits).squeeze(-1)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                evidence: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """hidden: B x T x H. Returns the summary `r` and the halting probability `lambda` (B, or B x T)."""
+        summary = self.summarise(hidden, mask)
+        return summary, self.halt(summary, hidden, evidence)

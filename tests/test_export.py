@@ -65,12 +65,18 @@ def test_a_step_graph_is_the_engine_step_unit_and_head():
         state = engine_step(0, model.adnet.adapter.embed(model.adnet.backbone, {"input_ids": ids,
                                                                                 "attention_mask": mask}))
         graph = StepGraph(model, 1, StateLayout.of(state))
-        hidden, lambdas, logits = graph(state.hidden, state.token_mask, state.block_kwargs["attention_mask"])
+        not_halted = torch.ones(len(ids))  # the first variable step's unit reads the evidence with no halting yet
+        hidden, lambdas, logits = graph(state.hidden, state.token_mask, state.block_kwargs["attention_mask"],
+                                        not_halted)
         state = engine_step(1, state)
-        summary, expected_lambdas = engine.units[0](state.hidden, state.token_mask)
+        summary = engine.units[0].summarise(state.hidden, state.token_mask)
+        expected_logits = model.step_head(0, summary, state.hidden)
+        evidence = model.evidence_reader()(expected_logits, None, not_halted)
+        expected_lambdas = engine.units[0].halt(summary, state.hidden, evidence)
+    assert engine.units[0].reads_evidence
     torch.testing.assert_close(hidden, state.hidden)
     torch.testing.assert_close(lambdas, expected_lambdas)
-    torch.testing.assert_close(logits, model.step_head(0, summary, state.hidden))
+    torch.testing.assert_close(logits, expected_logits)
 
 
 def test_bad_export_requests_are_refused_by_name(tmp_path):

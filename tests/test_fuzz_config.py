@@ -59,6 +59,8 @@ DOCUMENTED = {
     "classifier_dropout": lambda v: _real(v, 0, 1, high_open=True),
     "tie_word_embeddings": lambda v: v is None or isinstance(v, bool),  # None: when constructing only
     "per_token_units": lambda v: v is None or v is False,  # True: a causal LM's units, which a classifier refuses
+    "halting_evidence": lambda v: v is None or isinstance(v, bool),
+    "gpsl_plateau": lambda v: v in ("settled", "loss"),
     "num_labels": lambda v: _int(v) and 1 <= v <= 100_000,
     "problem_type": lambda v: v in (None, "regression", "single_label_classification", "multi_label_classification"),
     "backbone_config": lambda v: v in ("bert", "gpt2"),  # the names standing for a tiny config (`backbone`)
@@ -76,6 +78,8 @@ def documented(values: dict, path: str = "construct") -> bool:
         return False
     if path == "assign" and "tie_word_embeddings" in values and values["tie_word_embeddings"] is None:
         return False
+    if config.get("halting_evidence") and config["per_token_units"]:  # a causal LM's units read no evidence
+        return False
     if NUM_BLOCKS % config["layers_per_step"] or config["num_fixed_steps"] >= NUM_BLOCKS // config["layers_per_step"]:
         return False
     problem, labels = config["problem_type"], config["num_labels"]
@@ -92,6 +96,7 @@ UNIT_FLOATS = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 1e-300, 1 - 
 SCALE_FLOATS = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-6, 1e6, 1e6 + 1, 1e300, -1e-9]))
 CHOICES = {"exit_policy": ["halting", "confidence", "patience", "none", "Halting", "entropy"],
            "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "gpls", "ce"],
+           "gpsl_plateau": ["settled", "loss", "Settled", "plateau"],
            "problem_type": [None, "regression", "single_label_classification", "multi_label_classification",
                             "ranking"]}
 LIKELY = {
@@ -105,6 +110,7 @@ LIKELY = {
     "pondernet_prior": UNIT_FLOATS, "max_weight_norm": st.one_of(st.none(), SCALE_FLOATS),
     "classifier_dropout": UNIT_FLOATS, "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
     "per_token_units": st.one_of(st.none(), st.booleans()),
+    "halting_evidence": st.one_of(st.none(), st.booleans()),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
                                         7]),

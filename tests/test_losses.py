@@ -13,6 +13,7 @@ from adnet_hf import (
     PonderNetLoss,
 )
 from adnet_hf.exits_adnet import halting_distribution
+from adnet_hf.losses_adnet import settled_steps
 
 STEP_LOSSES = [[1.0, 0.5, 0.4, 0.39], [0.2, 0.9, 1.3, 0.1]]
 HALTING = [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]
@@ -97,7 +98,8 @@ def test_each_loss_type_is_what_the_model_trains_with(loss_type, loss_class):
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     step_losses = torch.stack([torch.nn.functional.cross_entropy(logits, labels, reduction="none")
                                for logits in out.step_logits], dim=-1)
-    torch.testing.assert_close(out.loss, model.loss_fn(step_losses, out.halting_probs))
+    settled = settled_steps(out.step_logits, "single_label_classification")
+    torch.testing.assert_close(out.loss, model.loss_fn(step_losses, out.halting_probs, settled=settled))
     out.loss.backward()
 
 
