@@ -60,7 +60,8 @@ def evaluate_exits(model, batches: Iterable[dict], policy: str, exit_threshold: 
     return metrics[calibration_metric(metrics)], metrics["executed_layers"]
 
 
-def _within_budget(quality: float, reference: float, budget: float, lower_is_better: bool) -> bool:
+def within_budget(quality: float, reference: float, budget: float, lower_is_better: bool) -> bool:
+    """Whether `quality` loses at most `budget` to `reference`: relatively where lower is better, else absolutely."""
     if lower_is_better:
         return quality <= reference * (1 + budget)
     return quality >= reference - budget
@@ -99,14 +100,22 @@ def certify(exit_errors: np.ndarray, full_errors: np.ndarray, budget: float, del
     return p_values, certified
 
 
+def unbounded_task(config) -> str | None:
+    """The kind of model `config` is when risk control has no valid bound for it, else None (a single-label
+    classifier, whose accuracy drop `certify` bounds)."""
+    if config.per_token_units:
+        return "a causal LM (perplexity)"
+    if config.is_regression:
+        return "a regressor (mean squared error)"
+    return "a multi-label classifier (micro-F1)" if config.problem_type == "multi_label_classification" else None
+
+
 def check_risk_control(config, budget: float, delta) -> None:
     """Refuse `delta` (naming it) unless risk control applies: a number in (0, 1), a single-label classifier (the
     only task with a valid bound here) and a budget that is an accuracy drop."""
     require(is_number(delta) and 0 < delta < 1, "delta", "None (the empirical choice, no guarantee) or a number in "
             "(0, 1)", delta)
-    task = ("a causal LM (perplexity)" if config.per_token_units else "a regressor (mean squared error)"
-            if config.is_regression else "a multi-label classifier (micro-F1)"
-            if config.problem_type == "multi_label_classification" else None)
+    task = unbounded_task(config)
     if task is not None:
         raise ValueError(f"delta={delta!r}: risk control bounds a single-label classifier's accuracy drop, and this "
                          f"model is {task}, for which no valid bound is implemented. Pass delta=None for the "
@@ -165,7 +174,7 @@ def calibrate_exit(model, batches: Iterable[dict], policy: str = "halting", budg
     for record in records:
         result.candidates.append({field_name: record["exit_threshold"], "quality": record[name],
                                   "executed_layers": record["executed_layers"],
-                                  "within_budget": _within_budget(record[name], reference, budget, lower_is_better)})
+                                  "within_budget": within_budget(record[name], reference, budget, lower_is_better)})
     if delta is not None:
         risks, calibration_size = _risk_control(full_depth, records, budget, delta)
         for candidate, risk in zip(result.candidates, risks):
