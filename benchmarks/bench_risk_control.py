@@ -90,6 +90,12 @@ def resample(outcomes: dict[str, np.ndarray], budgets: list[float], deltas: list
     return rows
 
 
+def smallest_certifiable_budget(calibration_size: int, delta: float) -> float:
+    """The smallest budget any setting can be certified at on `calibration_size` samples, even one that loses
+    nothing there: `certify`'s p-value is then `(1 - budget) ** calibration_size`, which must be <= delta."""
+    return 1 - delta ** (1 / calibration_size)
+
+
 def candidate_table(outcomes: dict[str, np.ndarray], candidates: list) -> list[dict]:
     """Each candidate on the whole dev set: accuracy drop, the risk-control loss rate and mean executed layers."""
     full_errors = outcomes["full_errors"]
@@ -125,11 +131,24 @@ def main(argv: list[str] | None = None):
     calibration_size = round(args.calibration_fraction * samples)
     rows = resample(outcomes, args.budgets, args.deltas, args.splits, calibration_size, args.seed, config.num_blocks)
     payload = {"benchmark": "risk_control", "model": args.model, "data": args.data or args.images,
-               "samples": samples, "calibration_size": calibration_size, "test_size": samples - calibration_size,
+               "samples": samples, "splits": args.splits, "calibration_size": calibration_size,
+               "test_size": samples - calibration_size,
                "policy": args.policy, "num_blocks": config.num_blocks,
                "full_depth_accuracy": float(1 - outcomes["full_errors"].mean()),
+               "smallest_certifiable_budget_pts": {
+                   str(delta): 100 * smallest_certifiable_budget(calibration_size, delta) for delta in args.deltas},
                "candidates": candidate_table(outcomes, candidates)}
-    return write_results(args.name, payload, rows, results_dir=args.results_dir)
+    return write_results(args.name, payload, rows, results_dir=args.results_dir, preamble=preamble(payload))
+
+
+def preamble(payload: dict) -> str:
+    """What the table's rows were measured on, and the smallest budget the calibration size can certify."""
+    smallest = ", ".join(f"{float(points):.2f} points at delta {delta}"
+                         for delta, points in payload["smallest_certifiable_budget_pts"].items())
+    return (f"`{payload['policy']}` on {payload['model']}, {payload['samples']} samples of {payload['data']} (full "
+            f"depth: {100 * payload['full_depth_accuracy']:.2f}%), split {payload['splits']} times into "
+            f"{payload['calibration_size']} to calibrate on and {payload['test_size']} to test. On "
+            f"{payload['calibration_size']} samples no setting can be certified below {smallest}.\n\n")
 
 
 if __name__ == "__main__":
