@@ -163,7 +163,8 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     args = {"model_name_or_path": str(backbone), "train_file": train, "validation_file": train,
             "output_dir": str(tmp_path / "out"), "do_train": True, "do_eval": True, "num_train_epochs": 1,
             "use_cpu": True, "disable_tqdm": True, "report_to": "none", "save_strategy": "no",
-            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3}
+            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3,
+            "calibration_split": 0.25, "calibration_budget": 0.05}
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps(args))
     metrics = run_glue_style.main([str(args_file)])
@@ -172,6 +173,10 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
         assert metrics[f"eval_{name}"] == pytest.approx(saved[name]), name
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    # no risk-control bound for regression: calibrated empirically (relative MSE), with no guarantee
+    calibration = json.loads((tmp_path / "out" / "calibration_results.json").read_text())
+    assert (calibration["metric"], calibration["guarantee"], calibration["calibration_samples"]) == ("mse", None, 5)
+    assert model.config.exit_guarantee is None and model.config.exit_policy == calibration["policy"]
 
 
 @pytest.mark.parametrize("columns, expected", [
