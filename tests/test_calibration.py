@@ -282,3 +282,12 @@ def test_causal_lm_and_budgets_over_one_refuse_delta():
     classifier = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
     with pytest.raises(ValueError, match=r"budget must be an accuracy drop in \[0, 1\] with delta"):
         calibrate_exit(classifier, iter([]), budget=1.5, delta=0.1)
+
+
+def test_delta_refuses_multi_label_labels_on_a_config_without_a_problem_type():
+    """A classifier whose problem type is only inferred from its labels (Transformers' way) is caught by its items."""
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8,
+                                                       num_labels=3))
+    with pytest.raises(ValueError, match=r"delta needs a single-label classifier's labels: sample_errors needs"):
+        calibrate_exit(model, task_batches("multi_label", 1), policy="halting", budget=0.05, delta=0.1)
+    assert model.config.exit_policy == "halting" and model.config.exit_guarantee is None
