@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
+import torch
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import (
     AutoConfig,
@@ -44,6 +45,7 @@ from . import (
     ADNetForSequenceClassification,
     ADNetTrainer,
 )
+from .calibration_adnet import CalibrationResult, calibrate_exit, unbounded_task
 from .data_adnet import (
     LABEL_COLUMNS,
     TASK_TO_KEYS,
@@ -55,6 +57,7 @@ from .data_adnet import (
     load_text_datasets,
     tokenize_texts,
 )
+from .exits_adnet import EXIT_RULES, task_exit_rule
 from .losses_adnet import LOSSES
 from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
@@ -409,7 +412,7 @@ def command_line() -> str:
 def save_results(trainer: Trainer, split: str, metrics: dict) -> dict:
     """Log `split`'s metrics, and save them (`{split}_results.json`, `all_results.json`) with the command that made
     them, which model cards quote; returns what was saved."""
-    trainer.log_metrics(split, metrics)
+    trainer.log_metrics(split, {name: value for name, value in metrics.items() if isinstance(value, (int, float, str))})
     metrics = {**metrics, "command": command_line()}
     trainer.save_metrics(split, metrics)
     return metrics
@@ -523,3 +526,70 @@ def merge_lora(trainer: Trainer) -> None:
     saves a plain ADNet model (loadable as any ADNet checkpoint, also as remote code). No-op without adapters."""
     if hasattr(trainer.model, "merge_and_unload"):
         trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()
+
+
+@dataclass
+class CalibrationArguments:
+    """Calibrate the saved exit setting after training, on data held out of training (`calibrate_exit`)."""
+
+    calibration_split: float | None = field(
+        default=None,
+        metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed) and, after "
+                          "training, choose the saved exit setting on it; the evaluation data never takes part."},
+    )
+    calibration_policy: str = field(
+        default="halting",
+        metadata={"help": f"The exit policy to calibrate ({', '.join(EXIT_RULES)}); its setting is chosen from the "
+                          "rule's grid."},
+    )
+    calibration_budget: float = field(
+        default=0.01,
+        metadata={"help": "Quality loss allowed against full depth: the accuracy drop (0.01 = 1 point) of a "
+                          "single-label classifier, the micro-F1 drop of a multi-label one, the relative increase of "
+                          "a regressor's mean squared error."},
+    )
+    calibration_delta: float = field(
+        default=0.1,
+        metadata={"help": "Risk control: the setting keeps the accuracy drop on new data within the budget with "
+                          "probability >= 1 - delta over the calibration sample (Learn-then-Test), for single-label "
+                          "classifiers. 0 (and every task without a valid bound: regression, multi-label) takes the "
+                          "empirical choice, within the budget on the calibration data, with no guarantee."},
+    )
+
+    def __post_init__(self):
+        if self.calibration_split is not None and not 0 < self.calibration_split < 1:
+            raise ValueError(f"--calibration_split must be a fraction in (0, 1), got {self.calibration_split}.")
+        if self.calibration_policy not in EXIT_RULES:
+            raise ValueError(f"--calibration_policy must be one of {tuple(EXIT_RULES)}, got "
+                             f"{self.calibration_policy!r}.")
+        if not 0 <= self.calibration_delta < 1:
+            raise ValueError(f"--calibration_delta must be in [0, 1) (0: no guarantee), got {self.calibration_delta}.")
+
+    def check(self, model: PreTrainedModel, model_args: ModelArguments, do_train: bool) -> None:
+        """Refuse, before any training, a calibration this run cannot do."""
+        if self.calibration_split is None:
+            return
+        if model_args.plain_baseline or not do_train:
+            raise ValueError("--calibration_split holds data out of training to calibrate the trained model's exits: "
+                             "it needs --do_train and an ADNet model (not --plain_baseline).")
+        task_exit_rule(self.calibration_policy, model.config, owner="--calibration_policy")
+
+    def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """The data to train on and the calibration data held out of it (None without --calibration_split)."""
+        if self.calibration_split is None:
+            return train, None
+        parts = train.train_test_split(test_size=self.calibration_split, seed=seed)
+        return parts["train"], parts["test"]
+
+    def calibrate(self, trainer: Trainer, dataset: datasets.Dataset) -> CalibrationResult:
+        """Choose and write into the trained model's config the exit setting, on `dataset` (every sample, on every
+        process), risk-controlled where the task has a valid bound."""
+        model = trainer.model
+        delta = self.calibration_delta or None
+        if delta is not None and unbounded_task(model.config) is not None:
+            logger.warning("--calibration_delta: no risk-control bound for %s; calibrating empirically (no "
+                           "guarantee).", unbounded_task(model.config))
+            delta = None
+        loader = torch.utils.data.DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
+                                             collate_fn=trainer.data_collator)
+        return calibrate_exit(model, list(loader), self.calibration_policy, self.calibration_budget, delta=delta)

@@ -11,7 +11,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .backbones_adnet import SUPPORTED_BACKBONES, backbone_adapter
-from .exits_adnet import EXIT_RULES, ExitRule, exit_policies, is_int, is_number, require, task_exit_rule
+from .exits_adnet import EXIT_RULES, FULL_DEPTH, ExitRule, exit_policies, is_int, is_number, require, task_exit_rule
 from .losses_adnet import LOSSES, PLATEAU_TARGETS
 
 LOSS_TYPES = tuple(LOSSES)
@@ -63,6 +63,23 @@ class FieldRule:
         require(self.is_valid(value), owner, self.allowed, value)
 
 
+# What `calibrate_exit(..., delta=...)` stores as `exit_guarantee`, and the values each key may take.
+GUARANTEE_KEYS = {"policy": "an exit policy", "value": "its setting, None for 'none'", "metric": "'accuracy'",
+                  "budget": "a number in [0, 1]", "delta": "a number in (0, 1)",
+                  "calibration_size": "an integer >= 1", "method": "a string"}
+
+
+def _is_guarantee(value) -> bool:
+    """A risk-control guarantee as `calibrate_exit` stores it (`GUARANTEE_KEYS`)."""
+    if not isinstance(value, dict) or set(value) != set(GUARANTEE_KEYS) or value["policy"] not in exit_policies():
+        return False
+    policy, setting, size = value["policy"], value["value"], value["calibration_size"]
+    return ((setting is None if policy == FULL_DEPTH else EXIT_RULES[policy].is_valid(setting))
+            and value["metric"] == "accuracy" and _in_range(0, 1)(value["budget"])
+            and _in_range(0, 1, low_open=True, high_open=True)(value["delta"]) and is_int(size) and size >= 1
+            and isinstance(value["method"], str))
+
+
 _WEIGHT = FieldRule(f"a number in [0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE))
 FIELD_RULES: dict[str, FieldRule] = {
     "backbone_config": FieldRule(f"a config (or a dict with a model_type) of one of {SUPPORTED_BACKBONES}, or None "
@@ -94,6 +111,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "problem_type": FieldRule(f"None or one of {PROBLEM_TYPES}", _optional(_one_of(PROBLEM_TYPES))),
     "num_labels": FieldRule(f"an integer in [1, {MAX_NUM_LABELS}]",
                             lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
+    "exit_guarantee": FieldRule("None or a dict with exactly the keys " + ", ".join(
+        f"{key} ({allowed})" for key, allowed in GUARANTEE_KEYS.items()), _optional(_is_guarantee)),
 }
 
 
@@ -158,6 +177,11 @@ class ADNetConfig(PreTrainedConfig):
             expected-loss term weights the step losses by `p` without moving them) and `halting_epsilon` bounds the
             estimated chance that the prediction has not settled. `loss`: the softmax of the step losses and step
             cost (the paper's form; regression and causal LMs always use it).
+        exit_guarantee (`dict`, *optional*): set by `calibrate_exit(..., delta=...)`: the exit setting (`policy`,
+            `value`) certified by risk control to lose at most `budget` of `metric` against full depth on new data
+            from the calibration data's distribution, with probability >= 1 - `delta` over its `calibration_size`
+            samples (`method`). It holds for that setting only; `None` (the default, and checkpoints saved before the
+            field existed) when the exit setting carries no guarantee.
 
     Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
     assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
@@ -192,6 +216,7 @@ class ADNetConfig(PreTrainedConfig):
     per_token_units: bool | None = None
     halting_evidence: bool | None = None
     gpsl_plateau: str = "settled"
+    exit_guarantee: dict | None = None
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()

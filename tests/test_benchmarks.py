@@ -5,15 +5,23 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import bert_config
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
-from adnet_hf import ADNetConfig, ADNetForSequenceClassification
+from adnet_hf import ADNetConfig, ADNetForSequenceClassification, calibrate_exit
 from adnet_hf.data_adnet import read_tsv
 from adnet_hf.evaluation_adnet import evaluate_batches, task_metrics
-from benchmarks import bench_classification, bench_costs, bench_generation, halting_profile, step_perplexity
+from benchmarks import (
+    bench_classification,
+    bench_costs,
+    bench_generation,
+    bench_risk_control,
+    halting_profile,
+    step_perplexity,
+)
 
 
 @pytest.fixture
@@ -285,3 +293,27 @@ def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_
         ("eager", "patience", 1), ("ONNX Runtime runner", "patience", 1), ("ONNX Runtime runner", "none", None)]]
     assert all(row["seconds"] > 0 for row in result["rows"])
     assert [row["samples"] for row in result["rows"]] == [3] * 6 + [12] * 6
+
+
+@pytest.mark.slow
+def test_risk_control_benchmark_chooses_as_calibrate_exit_does(tiny_checkpoint):
+    """The benchmark's choice on a calibration part, from per-sample outcomes of whole-set passes, is the one
+    `calibrate_exit` makes on that part's own passes (risk-controlled and empirical); its rows cover every budget and
+    delta."""
+    path = bench_risk_control.main([
+        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--splits", "20",
+        "--budgets", "0.2", "0.5", "--deltas", "0.1", "--batch_size", "4", "--name", "tiny",
+        "--results_dir", str(tiny_checkpoint / "results")])
+    result = json.loads(path.read_text())
+    assert [(row["budget_pts"], row["delta"]) for row in result["rows"]] == [(20.0, 0.1), (50.0, 0.1)]
+    assert result["samples"] == 12 and result["calibration_size"] == 6
+    assert all(0 <= row["violation_share"] <= 1 and row["within_delta"] == (row["violation_share"] <= 0.1)
+               for row in result["rows"])
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
+    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 6)
+    grid = [row["setting"] for row in result["candidates"]]
+    outcomes = bench_risk_control.sample_outcomes(model, batches, "halting", grid)
+    for budget, delta in [(0.2, None), (0.2, 0.1), (0.5, None), (0.5, 0.1)]:  # 0.8^6 > 0.1: (0.2, 0.1) certifies none
+        choice = bench_risk_control.choose(outcomes, np.arange(6), budget, delta, 4)
+        calibrated = calibrate_exit(model, batches[:1], "halting", budget, grid, delta=delta)
+        assert calibrated.value == (None if choice is None else grid[choice])

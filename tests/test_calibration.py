@@ -1,11 +1,15 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, bert_config, gpt2_config, spread_halting, token_batch
+from scipy.stats import binom
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification, PatienceExit
-from adnet_hf.calibration_adnet import calibrate_exit, evaluate_exits
-from adnet_hf.evaluation_adnet import sweep_exits
+from adnet_hf.calibration_adnet import RISK_CONTROL_METHOD, calibrate_exit, certify, evaluate_exits
+from adnet_hf.evaluation_adnet import sample_errors, sweep_exits
 
 
 def classification_batches(count=4):
@@ -167,3 +171,123 @@ def test_bad_candidates_are_refused_before_anything_is_written(candidates, match
     with pytest.raises(ValueError, match=match):
         calibrate_exit(model, classification_batches(1), policy="halting", candidates=candidates)
     assert model.config.to_dict() == before
+
+
+def nested_exit_errors(rng, samples: int, loss_rates: list[float], full_error_rate: float = 0.1):
+    """Synthetic outcomes with known accuracy drops: full depth is wrong with `full_error_rate`; each candidate is
+    wrong wherever full depth is, and where it is right with the candidate's rate (exits nested as real ones are, one
+    uniform per sample), so its accuracy drop is exactly its `loss_rates` entry."""
+    full = rng.random(samples) < full_error_rate
+    uniform = rng.random(samples)
+    exits = np.stack([full | (uniform < rate / (1 - full_error_rate)) for rate in loss_rates])
+    return exits, full
+
+
+def test_certified_settings_keep_their_budget_with_probability_one_minus_delta():
+    """2,000 calibration samples of 300 drawn with known error rates: a candidate 0.1 point over the budget is
+    certified in at most delta of them (measured: 5.1%; the empirical choice takes it in 45%), one well within it in
+    most (81%)."""
+    rng = np.random.default_rng(0)
+    rates, budget, delta = [0.0, 0.005, 0.021, 0.05], 0.02, 0.1
+    certified, empirical = [], []
+    for _ in range(2000):
+        exits, full = nested_exit_errors(rng, 300, rates)
+        certified.append(certify(exits, full, budget, delta)[1])
+        empirical.append((exits.mean(-1) - full.mean()) <= budget)
+    certified, empirical = np.array(certified), np.array(empirical)
+    violates = np.array(rates) > budget
+    assert (certified & violates).any(-1).mean() <= delta
+    assert (empirical & violates).any(-1).mean() > 0.3  # what the guarantee protects against
+    assert certified[:, 1].mean() > 0.7 and certified[:, 0].all()
+
+
+def test_fixed_sequence_stops_at_the_first_candidate_it_cannot_certify():
+    full = np.zeros(400, dtype=bool)
+    exits = np.stack([full, np.arange(400) < 40, full])  # the middle candidate loses 10 points
+    p_values, certified = certify(exits, full, budget=0.02, delta=0.1)
+    assert certified.tolist() == [True, False, False]  # the third, perfect on its own, comes after a failure
+    assert p_values == pytest.approx(binom.cdf([0, 40, 0], 400, 0.02))
+
+
+def test_risk_controlled_choice_is_certified_and_stored_with_its_guarantee(trained, tmp_path):
+    state, config, batches = trained
+    model = ADNetForSequenceClassification(ADNetConfig.from_dict(config.to_dict()))
+    model.load_state_dict(state)
+    result = calibrate_exit(model, batches, policy="halting", budget=0.1, delta=0.1)
+    full, *records = sweep_exits(model, batches, [("none", None)] + [("halting", c["halting_epsilon"])
+                                                                     for c in result.candidates], return_items=True)
+    full_errors = sample_errors(full["items"])
+    for candidate, record in zip(result.candidates, records):
+        losses = int((sample_errors(record["items"]) & ~full_errors).sum())
+        assert candidate["p_value"] == pytest.approx(binom.cdf(losses, 32, 0.1))
+    flags = [c["certified"] for c in result.candidates]
+    assert flags == sorted(flags, reverse=True) and any(flags)  # a prefix of the grid, not empty here
+    chosen = min((c for c in result.candidates if c["certified"]), key=lambda c: c["executed_layers"])
+    assert (result.policy, result.value) == ("halting", chosen["halting_epsilon"])
+    expected = {"policy": "halting", "value": result.value, "metric": "accuracy", "budget": 0.1, "delta": 0.1,
+                "calibration_size": 32, "method": RISK_CONTROL_METHOD}
+    assert result.guarantee == expected
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert reloaded.config.exit_guarantee == expected and reloaded.config.halting_epsilon == result.value
+    calibrate_exit(model, batches, policy="halting", budget=0.1)  # an empirical choice carries no guarantee
+    assert model.config.exit_guarantee is None
+
+
+def test_too_few_samples_certify_nothing_and_keep_full_depth(trained):
+    """On 8 samples even a setting that loses nothing cannot be certified at 5 points (0.95^8 = 0.66 > delta)."""
+    state, config, batches = trained
+    model = ADNetForSequenceClassification(ADNetConfig.from_dict(config.to_dict()))
+    model.load_state_dict(state)
+    result = calibrate_exit(model, batches[:1], policy="confidence", budget=0.05, delta=0.1)
+    assert not any(c["certified"] for c in result.candidates)
+    assert min(c["p_value"] for c in result.candidates) == pytest.approx(0.95**8)
+    assert model.config.exit_policy == "none" and result.executed_layers == config.num_blocks
+    assert model.config.exit_guarantee == {**result.guarantee, "policy": "none", "value": None,
+                                           "calibration_size": 8}
+
+
+def test_checkpoint_saved_before_the_guarantee_field_loads_without_one(tmp_path):
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.pop("exit_guarantee", None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path).config.exit_guarantee is None
+
+
+@pytest.mark.parametrize("delta", [0, 1, 1.5, float("nan"), True, "0.1"])
+def test_bad_delta_is_refused_before_anything_is_measured(delta):
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=r"delta must be None \(the empirical choice, no guarantee\) or a number in"):
+        calibrate_exit(model, iter([]), delta=delta)
+    assert model.config.to_dict() == before
+
+
+@pytest.mark.parametrize("kind,task", [("regression", "a regressor"), ("multi_label", "a multi-label classifier")])
+def test_tasks_without_a_valid_bound_refuse_delta(kind, task):
+    model = task_model(kind)
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match=f"delta=0.1: risk control bounds a single-label classifier's accuracy drop, "
+                                         f"and this model is {task}"):
+        calibrate_exit(model, task_batches(kind), policy="halting", budget=0.01, delta=0.1)
+    assert model.config.to_dict() == before
+
+
+def test_causal_lm_and_budgets_over_one_refuse_delta():
+    lm = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8))
+    with pytest.raises(ValueError, match="this model is a causal LM"):
+        calibrate_exit(lm, iter([]), delta=0.1)
+    classifier = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
+    with pytest.raises(ValueError, match=r"budget must be an accuracy drop in \[0, 1\] with delta"):
+        calibrate_exit(classifier, iter([]), budget=1.5, delta=0.1)
+
+
+def test_delta_refuses_multi_label_labels_on_a_config_without_a_problem_type():
+    """A classifier whose problem type is only inferred from its labels (Transformers' way) is caught by its items."""
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8,
+                                                       num_labels=3))
+    with pytest.raises(ValueError, match=r"delta needs a single-label classifier's labels: sample_errors needs"):
+        calibrate_exit(model, task_batches("multi_label", 1), policy="halting", budget=0.05, delta=0.1)
+    assert model.config.exit_policy == "halting" and model.config.exit_guarantee is None

@@ -36,6 +36,9 @@ def _real(value, low: float, high: float, low_open: bool = False, high_open: boo
     return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
 
 
+# A guarantee as `calibrate_exit(..., delta=...)` stores it (README "Risk-controlled calibration").
+GUARANTEE = {"policy": "halting", "value": 0.3, "metric": "accuracy", "budget": 0.01, "delta": 0.1,
+             "calibration_size": 400, "method": "Learn-then-Test"}
 # The documented values of each field (README "Validation", ADNetConfig's docstring).
 DOCUMENTED = {
     "num_fixed_steps": lambda v: _int(v) and v >= 0,
@@ -64,6 +67,11 @@ DOCUMENTED = {
     "num_labels": lambda v: _int(v) and 1 <= v <= 100_000,
     "problem_type": lambda v: v in (None, "regression", "single_label_classification", "multi_label_classification"),
     "backbone_config": lambda v: v in ("bert", "gpt2"),  # the names standing for a tiny config (`backbone`)
+    "exit_guarantee": lambda v: v is None or (
+        isinstance(v, dict) and set(v) == set(GUARANTEE) and v["metric"] == "accuracy" and _real(v["budget"], 0, 1)
+        and _real(v["delta"], 0, 1, low_open=True, high_open=True) and _int(v["calibration_size"])
+        and v["calibration_size"] >= 1 and isinstance(v["method"], str)
+        and (v["policy"], v["value"]) in (("none", None), ("halting", 0.3), ("patience", 2))),
 }
 
 
@@ -115,6 +123,12 @@ LIKELY = {
     "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
                                         7]),
     **{name: st.sampled_from(choices) for name, choices in CHOICES.items()},
+    "exit_guarantee": st.sampled_from([None, GUARANTEE, {**GUARANTEE, "policy": "none", "value": None},
+                                       {**GUARANTEE, "policy": "patience", "value": 2},
+                                       {**GUARANTEE, "value": 1.5}, {**GUARANTEE, "delta": 0.0},
+                                       {**GUARANTEE, "budget": 2}, {**GUARANTEE, "calibration_size": 0},
+                                       {**GUARANTEE, "metric": "mse"}, {**GUARANTEE, "policy": "none"},
+                                       {**GUARANTEE, "extra": 1}, {"budget": 0.01}]),
 }
 FIELDS = sorted(LIKELY)
 

@@ -111,3 +111,32 @@ def test_committed_card_is_its_results_rendered(spec):
     it was typed by hand, and none has drifted from the results."""
     card, _, _ = make_model_cards.render(make_model_cards.CardSpec.from_yaml(spec), spec.parent.name)
     assert str(card) == (spec.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_card_states_the_exit_guarantee_and_how_often_it_held(tmp_path):
+    rows = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.88, "accuracy_drop_pts": 0.0,
+             "executed_layers": 6.0, "ideal_speedup": 1.0},
+            {"policy": "halting", "setting": 0.3, "accuracy": 0.875, "accuracy_drop_pts": 0.5, "executed_layers": 4.5,
+             "ideal_speedup": 1.33, "speedup_b1": 1.2, "speedup_b32": 1.25}]
+    guarantee = {"policy": "halting", "value": 0.3, "metric": "accuracy", "budget": 0.01, "delta": 0.1,
+                 "calibration_size": 400, "method": "Learn-then-Test"}
+    calibration = {"calibration_samples": 400, "policy": "halting", "value": 0.3, "guarantee": guarantee,
+                   "command": "python examples/run_glue_style.py"}
+    risk = {"samples": 872, "calibration_size": 436, "test_size": 436, "policy": "halting", "rows": [
+        {"budget_pts": 0.5, "delta": 0.1, "splits": 200, "violation_share": 0.01, "mean_layers": 5.8,
+         "empirical_violation_share": 0.35, "empirical_mean_layers": 4.9}]}
+    spec = {"title": "SST-2", "pipeline_tag": "text-classification", "dataset": DATASETS["glue"],
+            "rows": ["none (full depth)", "halting"], "calibration": "calibration.json", "risk_control": "risk.json",
+            "commands": ["calibration.json", "bench.json"]}
+    written = write_card(tmp_path, spec, {"benchmark": "classification", "rows": rows},
+                         **{"calibration.json": calibration, "risk.json": risk})
+    assert ("The saved exit setting, `halting=0.3`, is risk-controlled: with probability at least 90% over the 400 "
+            "calibration samples") in written.text
+    assert "new data from the same distribution is at most 1 point below full depth" in written.text
+    assert "Over 200 random splits of the validation set (872 samples) into\n436 to calibrate `halting`" in written.text
+    assert "| 0.5 points | 0.1 | 1.0% | 5.80 | 35.0% | 4.90 |" in written.text
+    none = {**calibration, "policy": "none", "value": None, "guarantee": {**guarantee, "policy": "none",
+                                                                           "value": None}}
+    assert make_model_cards.guarantee_text(none).startswith("No setting could be certified to lose at most 1 point of")
+    empirical = make_model_cards.guarantee_text({**calibration, "guarantee": None})
+    assert empirical.startswith("The saved exit setting, `halting=0.3`, was chosen empirically on 400 samples")

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_loads_as_remote_code, text_metrics
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-from adnet_hf import arguments_adnet
+from adnet_hf import ADNetForSequenceClassification, arguments_adnet
 from adnet_hf.arguments_adnet import build_model, train_wordpiece_tokenizer
 from adnet_hf.data_adnet import detect_columns, load_text_datasets
 from examples import run_glue_style
@@ -80,10 +80,60 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "second").config.loss_type == "pondernet"
 
 
+@pytest.mark.slow
+def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_path):
+    """`--calibration_split`: a quarter of the training rows is held out of training, the saved `halting` setting
+    and its guarantee are chosen on it, and `eval_results.json` reports the dev set under that setting and at full
+    depth."""
+    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 64))
+    dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 24))
+    out = tmp_path / "out"
+    metrics = run_glue_style.main([
+        "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
+        "--output_dir", str(out), "--do_train", "--do_eval", "--num_train_epochs", "1", "--calibration_split", "0.25",
+        "--calibration_budget", "0.25", "--calibration_delta", "0.1", *FAST,
+    ])
+    calibration = json.loads((out / "calibration_results.json").read_text())
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert calibration["calibration_samples"] == 16 and train_results["train_samples"] == 48
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    guarantee = model.config.exit_guarantee
+    assert guarantee == calibration["guarantee"] and guarantee["calibration_size"] == 16
+    assert (guarantee["budget"], guarantee["delta"], guarantee["metric"]) == (0.25, 0.1, "accuracy")
+    assert model.config.exit_policy == guarantee["policy"] == calibration["policy"] == metrics["eval_exit_policy"]
+    if guarantee["policy"] == "halting":
+        assert model.config.halting_epsilon == guarantee["value"] == metrics["eval_exit_setting"]
+    saved, full = text_metrics(out, dev, 16), text_metrics(out, dev, 16, exit_policy="none")
+    for name in ("accuracy", "executed_layers"):
+        assert metrics[f"eval_{name}"] == pytest.approx(saved[name]), name
+        assert metrics[f"eval_full_depth_{name}"] == pytest.approx(full[name]), name
+    assert metrics["eval_full_depth_executed_layers"] == 4
+    assert json.loads((out / "eval_results.json").read_text()) == pytest.approx(metrics)
+
+
+def test_calibration_arguments_are_checked_before_training():
+    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+
+    for bad, match in [({"calibration_split": 1.0}, "--calibration_split must be a fraction in"),
+                       ({"calibration_policy": "none"}, "--calibration_policy must be one of"),
+                       ({"calibration_delta": 1.0}, r"--calibration_delta must be in \[0, 1\)")]:
+        with pytest.raises(ValueError, match=match):
+            CalibrationArguments(**bad)
+    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
+                                                                                 "num_labels": 1})
+    args = CalibrationArguments(calibration_split=0.2, calibration_policy="confidence")
+    adnet = TextModelArguments(backbone_config="{}")
+    with pytest.raises(ValueError, match="--calibration_split holds data out of training.*--do_train"):
+        args.check(model, adnet, do_train=False)
+    with pytest.raises(ValueError, match=r"--calibration_split .* \(not --plain_baseline\)"):
+        args.check(model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True)
+    with pytest.raises(ValueError, match="--calibration_policy='confidence' needs class predictions"):
+        args.check(model, adnet, do_train=True)
+
+
 def test_saved_exit_policy_follows_what_is_trained(tmp_path):
     """`--loss_type last` trains no exits, so its model is saved to run at full depth; a `--freeze_full_depth` run
     trains only the exits and saves `halting`; a given `--exit_policy` always wins."""
-    from adnet_hf import ADNetForSequenceClassification
 
     def build(name_or_path, overrides, freeze=False):
         backbone = None if name_or_path else dict(TINY_BERT)
@@ -113,7 +163,8 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     args = {"model_name_or_path": str(backbone), "train_file": train, "validation_file": train,
             "output_dir": str(tmp_path / "out"), "do_train": True, "do_eval": True, "num_train_epochs": 1,
             "use_cpu": True, "disable_tqdm": True, "report_to": "none", "save_strategy": "no",
-            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3}
+            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3,
+            "calibration_split": 0.25, "calibration_budget": 0.05}
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps(args))
     metrics = run_glue_style.main([str(args_file)])
@@ -122,6 +173,10 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
         assert metrics[f"eval_{name}"] == pytest.approx(saved[name]), name
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    # no risk-control bound for regression: calibrated empirically (relative MSE), with no guarantee
+    calibration = json.loads((tmp_path / "out" / "calibration_results.json").read_text())
+    assert (calibration["metric"], calibration["guarantee"], calibration["calibration_samples"]) == ("mse", None, 5)
+    assert model.config.exit_guarantee is None and model.config.exit_policy == calibration["policy"]
 
 
 @pytest.mark.parametrize("columns, expected", [
@@ -151,8 +206,11 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, _, data_args, training_args, lora_args = run_glue_style.parse_args([])
+    model_args, _, data_args, training_args, lora_args, calibration_args = run_glue_style.parse_args([])
     assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
+    # the saved exits: learned halting, risk-controlled on a fifth of the training sample held out of training
+    assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (0.2, "halting")
+    assert (calibration_args.calibration_budget, calibration_args.calibration_delta) == (0.01, 0.1)
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
     assert training_args.output_dir == "outputs/sst2-adnet" and training_args.do_train and training_args.do_eval
     assert training_args.overwrite_output_dir  # a demo: run again, it trains afresh (it saves no checkpoints)
