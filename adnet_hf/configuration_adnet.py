@@ -92,6 +92,9 @@ FIELD_RULES: dict[str, FieldRule] = {
     "problem_type": FieldRule(f"None or one of {PROBLEM_TYPES}", _optional(_one_of(PROBLEM_TYPES))),
     "num_labels": FieldRule(f"an integer in [1, {MAX_NUM_LABELS}]",
                             lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
+    "layer_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
+    "early_exit_loss_scale": FieldRule("a number in [0, 1]", _in_range(0, 1)),
+    "exit_adapters": FieldRule("a bool", _is_bool),
 }
 
 
@@ -135,7 +138,7 @@ class ADNetConfig(PreTrainedConfig):
         halting_epsilon (`float`): `halting` stops once the cumulative halting probability reaches `1 - eps`.
         confidence_threshold (`float`): `confidence` stops once the max class probability reaches it.
         patience (`int`): `patience` stops once the prediction is unchanged for this many consecutive steps.
-        loss_type (`str`): `gpsl`, `pondernet`, `deep_supervision` or `last`.
+        loss_type (`str`): `gpsl`, `pondernet`, `deep_supervision`, `last` or `layerskip`.
         gpsl_* (`float`): the Growing Plateau Sensitive Loss weights (see `GrowingPlateauSensitiveLoss`);
             `gpsl_growth_midpoint=None` means half the number of variable steps.
         pondernet_prior (`float`): parameter of the geometric prior of the `pondernet` loss.
@@ -145,6 +148,14 @@ class ADNetConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*): causal LM only; defaults to the backbone's own setting.
         per_token_units (`bool`, *optional*): units that halt per token (causal LMs) instead of per pooled sample.
             Set by the task model that builds the config; saved, so every Auto class rebuilds the same units.
+        layer_dropout (`float`): LayerSkip's layer dropout in training: block `l` of `L` is skipped for each sample
+            with probability `layer_dropout * (2 ** (l / (L - 1)) - 1)`, 0 for the first block and this maximum for
+            the last. Never at evaluation or inference.
+        early_exit_loss_scale (`float`): the `layerskip` loss's `e_scale`, the weight of every exit but the last
+            relative to it.
+        exit_adapters (`bool`): causal LM only: an identity-initialised affine map after every step but the last,
+            before the shared final norm and LM head (tuned lens), so that a frozen backbone's intermediate layers
+            can be read by its head; used by per-token exits and self-speculative drafts.
 
     Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
     assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
@@ -177,6 +188,9 @@ class ADNetConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
     tie_word_embeddings: bool | None = None
     per_token_units: bool | None = None
+    layer_dropout: float = 0.0
+    early_exit_loss_scale: float = 1.0
+    exit_adapters: bool = False
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()
@@ -321,7 +335,8 @@ class ADNetConfig(PreTrainedConfig):
 _UNSET = object()
 # The fields a built model's modules depend on (with the backbone config itself and its depth).
 ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
-                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units")
+                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units",
+                       "exit_adapters")
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 

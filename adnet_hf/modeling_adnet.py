@@ -19,6 +19,7 @@ from transformers.utils.generic import can_return_tuple
 from .backbones_adnet import backbone_adapter, backbones_taking, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
+from .exit_adapters_adnet import ExitAdapter
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
 from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, task_loss
@@ -151,6 +152,9 @@ class ADNetPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, ExitAdapter):  # the identity map: the exit reads as through the plain head
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
     @classmethod
     def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
@@ -193,6 +197,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
         output_layers = getattr(self, "output_layers", None)
         if output_layers is not None and len(output_layers) > 1:
             output_layers[:-1].requires_grad_(True)
+        if getattr(self, "exit_adapters", None) is not None:  # the last step has none: full depth is unchanged
+            self.exit_adapters.requires_grad_(True)
 
 
 class ADNetModel(ADNetPreTrainedModel):
@@ -253,7 +259,8 @@ class ADNetModel(ADNetPreTrainedModel):
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
         return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
-                          bool(self.config.per_token_units), size, self.sync_exits)
+                          bool(self.config.per_token_units), size, self.sync_exits,
+                          self.config.layer_dropout if self.training else 0.0)
 
     @can_return_tuple
     def forward(
@@ -321,6 +328,9 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
         config.use_per_token_units(False, type(self).__name__)
+        if config.exit_adapters:
+            raise ValueError(f"ADNetConfig.exit_adapters maps exits into a causal LM's head; {type(self).__name__} "
+                             f"reads unit summaries: leave it False.")
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
             raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
@@ -440,6 +450,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             raise ValueError(f"ADNetForCausalLM needs a decoder backbone, got {config.backbone_config.model_type!r}")
         backbone_config = config.backbone_config
         self.lm_head = nn.Linear(backbone_config.hidden_size, backbone_config.vocab_size, bias=False)
+        self.exit_adapters = nn.ModuleList(
+            ExitAdapter(backbone_config.hidden_size) for _ in range(config.num_steps - 1)
+        ) if config.exit_adapters else None
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
@@ -455,7 +468,20 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return self.adnet.get_input_embeddings()
 
     def step_head(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+        return self.exit_head(hidden, (self.config.num_fixed_steps + n + 1) * self.config.layers_per_step)
+
+    def exit_head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """The logits read from `hidden`, the output of the first `depth` blocks (at a step boundary): through that
+        exit's adapter (`config.exit_adapters`; none after the last block), the final norm and the LM head."""
+        if self.exit_adapters is not None and depth < self.config.num_blocks:
+            hidden = self.exit_adapters[depth // self.config.layers_per_step - 1](hidden)
         return self.lm_head(self.adnet.adapter.final_norm(self.adnet.backbone)(hidden))
+
+    def head_flops(self) -> float:
+        """FLOPs of one step prediction per token: the LM head, and an exit adapter where the model has them
+        (counted at the last step too, which has none: an upper bound)."""
+        adapters = 0.0 if self.exit_adapters is None else max((a.flops() for a in self.exit_adapters), default=0.0)
+        return 2.0 * matmul_weights(self.lm_head) + adapters
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from
@@ -551,7 +577,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
             return task_loss(logits[:, :-1], targets, "single_label_classification")
 
-        head = StepHead(self.step_head, 2.0 * matmul_weights(self.lm_head),
+        head = StepHead(self.step_head, self.head_flops(),
                         step_loss if labels is not None and self.training else None, output_step_logits)
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

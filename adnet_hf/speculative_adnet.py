@@ -1,7 +1,8 @@
 """Self-speculative decoding from ADNet's exits: the first blocks draft, the remaining blocks verify, nothing is lost.
 
-Each round, the draft runs the blocks up to an exit (`assistant_early_exit` of them) and the shared LM head for one
-token at a time, up to `num_assistant_tokens` tokens, stopping early once the draft's top probability falls below
+Each round, the draft runs the blocks up to an exit (`assistant_early_exit` of them) and the shared LM head (through
+that exit's adapter, `ADNetConfig.exit_adapters`, where the model has them) for one token at a time, up to
+`num_assistant_tokens` tokens, stopping early once the draft's top probability falls below
 `assistant_confidence_threshold`. The verification then runs only the blocks after the exit, over every drafted
 token at once, on the exit hidden states the draft already computed and with the cache the draft already filled:
 no block runs twice for a token. Greedy decoding keeps the longest drafted prefix the full model agrees with, plus
@@ -136,9 +137,10 @@ class SelfSpeculativeDecoder:
             hidden = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), self.cache)
         return hidden
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared LM head (after the final norm) on hidden states (1 x n x H), as float logits (n x vocab)."""
-        return self.model.step_head(0, None, hidden)[0].float()
+    def head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """The shared LM head on the output of the first `depth` blocks (1 x n x H), through the final norm and that
+        exit's adapter if the model has one, as float logits (n x vocab)."""
+        return self.model.exit_head(hidden, depth)[0].float()
 
     def processed(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Next-token scores after `sequence` (1 x length) as `generate` processes them (penalties, temperature)."""
@@ -155,7 +157,7 @@ class SelfSpeculativeDecoder:
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
         hidden = self.run_blocks(input_ids, 0, len(self.blocks))
-        logits = self.head(hidden[:, -1:])[0]
+        logits = self.head(hidden[:, -1:], len(self.blocks))[0]
         scores = self.processed(input_ids, logits)
         sequence, done = self.emit(input_ids, [self.choose(scores)], [logits], [scores])
         while not done:
@@ -173,7 +175,8 @@ class SelfSpeculativeDecoder:
                                                                      max(remaining - 1, 0)))
         fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
         exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
-        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)))
+        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)),
+                           len(self.blocks))
         candidate = torch.cat([sequence, fed[:, 1:]], dim=1)
         scores = [self.processed(candidate[:, : past + 1 + i], logits[i]) for i in range(len(fed[0]))]
         kept = self.accept(drafts, draft_scores, scores)
@@ -191,7 +194,7 @@ class SelfSpeculativeDecoder:
         token = sequence[:, -1:]
         for _ in range(length):
             exit_hidden.append(self.run_blocks(token, 0, self.depth))
-            scores = self.processed(sequence, self.head(exit_hidden[-1])[0])
+            scores = self.processed(sequence, self.head(exit_hidden[-1], self.depth)[0])
             drafts.append(self.choose(scores))
             draft_scores.append(scores)
             sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)

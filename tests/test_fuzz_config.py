@@ -46,7 +46,7 @@ DOCUMENTED = {
     "halting_epsilon": lambda v: _real(v, 0, 1, low_open=True, high_open=True),
     "confidence_threshold": lambda v: _real(v, 0, 1, low_open=True),
     "patience": lambda v: _int(v) and 1 <= v <= 10_000,
-    "loss_type": lambda v: v in ("gpsl", "pondernet", "deep_supervision", "last"),
+    "loss_type": lambda v: v in ("gpsl", "pondernet", "deep_supervision", "last", "layerskip"),
     "gpsl_alpha": lambda v: _real(v, 0, 1e6),
     "gpsl_beta": lambda v: _real(v, 0, 1e6),
     "gpsl_step_cost": lambda v: _real(v, 0, 1e6),
@@ -62,6 +62,9 @@ DOCUMENTED = {
     "num_labels": lambda v: _int(v) and 1 <= v <= 100_000,
     "problem_type": lambda v: v in (None, "regression", "single_label_classification", "multi_label_classification"),
     "backbone_config": lambda v: v in ("bert", "gpt2"),  # the names standing for a tiny config (`backbone`)
+    "layer_dropout": lambda v: _real(v, 0, 1, high_open=True),
+    "early_exit_loss_scale": lambda v: _real(v, 0, 1),
+    "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
 }
 
 
@@ -91,7 +94,7 @@ NOISE = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), FLOATS
 UNIT_FLOATS = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 1e-300, 1 - 1e-16]))
 SCALE_FLOATS = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-6, 1e6, 1e6 + 1, 1e300, -1e-9]))
 CHOICES = {"exit_policy": ["halting", "confidence", "patience", "none", "Halting", "entropy"],
-           "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "gpls", "ce"],
+           "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "layerskip", "gpls", "ce"],
            "problem_type": [None, "regression", "single_label_classification", "multi_label_classification",
                             "ranking"]}
 LIKELY = {
@@ -105,6 +108,7 @@ LIKELY = {
     "pondernet_prior": UNIT_FLOATS, "max_weight_norm": st.one_of(st.none(), SCALE_FLOATS),
     "classifier_dropout": UNIT_FLOATS, "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
     "per_token_units": st.one_of(st.none(), st.booleans()),
+    "layer_dropout": UNIT_FLOATS, "early_exit_loss_scale": UNIT_FLOATS, "exit_adapters": st.booleans(),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
                                         7]),
@@ -198,7 +202,8 @@ def outcome(path: str, values: dict) -> str:
     with tempfile.TemporaryDirectory() as folder:
         try:
             config = set_values(path, values, Path(folder))
-            if config.per_token_units:  # the classifier refuses a causal LM's units when it is built
+            if config.per_token_units or config.exit_adapters:  # a classifier refuses a causal LM's units and
+                # exit adapters when it is built
                 ADNetForSequenceClassification(config)
         except (ValueError, TypeError) as error:
             if not names_a_field(error, values):
