@@ -1,6 +1,8 @@
 """LayerSkip training (Elhoushi et al. 2024): layer dropout rising with depth in training only, and the early-exit
 loss with its `sum_l` scale."""
 
+import json
+
 import pytest
 import torch
 from conftest import DECODER_BACKBONES, lm_model, seq_model, token_batch
@@ -106,3 +108,32 @@ def test_configs_saved_before_the_fields_load_with_their_defaults():
         saved.pop(name)
     config = ADNetConfig.from_dict(saved)
     assert (config.layer_dropout, config.early_exit_loss_scale, config.exit_adapters) == (0.0, 1.0, False)
+
+
+@pytest.mark.slow
+def test_run_clm_trains_the_layerskip_way_then_exit_adapters_on_it(tmp_path, shared_data):
+    """From scratch with the LayerSkip flags, then exit adapters on the frozen result: full depth is unchanged by
+    the second run, which saves its adapters."""
+    from safetensors.torch import load_file
+
+    from examples import run_clm
+
+    text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:6000])
+    (tmp_path / "valid.txt").write_text(text[6000:9000])
+    common = ["--tokenizer_name", str(shared_data / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
+              "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "16", "--do_train", "--do_eval",
+              "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--save_strategy", "no",
+              "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0", "--loss_type", "layerskip"]
+    first = run_clm.main([
+        "--backbone_config", '{"model_type": "gpt2", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": 32}',
+        "--num_fixed_steps", "0", "--layer_dropout", "0.2", "--early_exit_loss_scale", "0.2",
+        "--output_dir", str(tmp_path / "layerskip"), *common])
+    config = json.loads((tmp_path / "layerskip" / "config.json").read_text())
+    assert (config["layer_dropout"], config["early_exit_loss_scale"], config["exit_policy"]) == (0.2, 0.2, "none")
+    second = run_clm.main(["--model_name_or_path", str(tmp_path / "layerskip"), "--exit_adapters", "true",
+                           "--freeze_full_depth", "--layer_dropout", "0", "--output_dir", str(tmp_path / "adapters"),
+                           *common])
+    assert second["eval_full_depth_perplexity"] == pytest.approx(first["eval_full_depth_perplexity"], rel=1e-6)
+    weights = load_file(tmp_path / "adapters" / "model.safetensors")
+    assert any(weights[f"exit_adapters.{i}.weight"].any() for i in range(3))
