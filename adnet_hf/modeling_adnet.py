@@ -471,11 +471,15 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return self.exit_head(hidden, (self.config.num_fixed_steps + n + 1) * self.config.layers_per_step)
 
     def exit_head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
-        """The logits read from `hidden`, the output of the first `depth` blocks (at a step boundary): through that
-        exit's adapter (`config.exit_adapters`; none after the last block), the final norm and the LM head."""
+        """The logits read from `hidden`, the output of the first `depth` blocks (at a step boundary)."""
+        return self.lm_head(self.exit_states(hidden, depth))
+
+    def exit_states(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """What the LM head reads from `hidden`, the output of the first `depth` blocks (at a step boundary): `hidden`
+        through that exit's adapter (`config.exit_adapters`; none after the last block) and the final norm."""
         if self.exit_adapters is not None and depth < self.config.num_blocks:
             hidden = self.exit_adapters[depth // self.config.layers_per_step - 1](hidden)
-        return self.lm_head(self.adnet.adapter.final_norm(self.adnet.backbone)(hidden))
+        return self.adnet.adapter.final_norm(self.adnet.backbone)(hidden)
 
     def head_flops(self) -> float:
         """FLOPs of one step prediction per token: the LM head, and an exit adapter where the model has them
@@ -495,7 +499,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
         full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
         blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
-        apply."""
+        apply. `draft_vocabulary=` (token ids, e.g. `frequent_tokens` of a corpus) makes the draft's LM head read
+        those rows only; verification always uses the full head."""
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if config.assistant_early_exit is None:
             return super().generate(inputs, generation_config, **kwargs)
@@ -507,10 +512,12 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
         stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
         streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
+        vocabulary = model_kwargs.pop("draft_vocabulary", None)
         model_kwargs.pop("use_cache", None)
         if input_ids is None or model_kwargs:
             raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
-                             f"stopping_criteria and streamer, got {sorted(model_kwargs) or 'no input_ids'}.")
+                             f"stopping_criteria, streamer and draft_vocabulary, got "
+                             f"{sorted(model_kwargs) or 'no input_ids'}.")
         check_settings(config, input_ids.shape[0])
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if config.max_new_tokens is not None:
@@ -519,7 +526,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
                                                 device=input_ids.device, model_kwargs={"attention_mask": mask})
         stopping = self._get_stopping_criteria(config, stopping)
         decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
-                                         torch.ones_like(input_ids) if mask is None else mask, streamer)
+                                         torch.ones_like(input_ids) if mask is None else mask, streamer, vocabulary)
         sequence = decoder.generate(input_ids)
         return decoder.output(sequence) if config.return_dict_in_generate else sequence
 
