@@ -167,6 +167,8 @@ class ADNetArguments:
                                                        "early exits relative to the last")
     exit_adapters: bool | None = _adnet_field("exit_adapters: an identity-initialised affine map before the LM head at "
                                               "each exit (causal LM), trained e.g. with --freeze_full_depth")
+    exit_distillation: bool | None = _adnet_field("exit_distillation: train each step towards the model's own "
+                                                  "full-depth prediction (KL) instead of the next token (causal LM)")
 
     def overrides(self) -> dict:
         """The fields given on the command line, as `ADNetConfig` keyword arguments."""

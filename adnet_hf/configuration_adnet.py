@@ -95,6 +95,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "layer_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
     "early_exit_loss_scale": FieldRule("a number in [0, 1]", _in_range(0, 1)),
     "exit_adapters": FieldRule("a bool", _is_bool),
+    "exit_distillation": FieldRule("a bool", _is_bool),
 }
 
 
@@ -156,6 +157,10 @@ class ADNetConfig(PreTrainedConfig):
         exit_adapters (`bool`): causal LM only: an identity-initialised affine map after every step but the last,
             before the shared final norm and LM head (tuned lens), so that a frozen backbone's intermediate layers
             can be read by its head; used by per-token exits and self-speculative drafts.
+        exit_distillation (`bool`): causal LM training only: each step's loss is the KL divergence from the model's
+            own full-depth prediction (made first, without gradients) instead of the next token's cross-entropy, so
+            exits learn to agree with the full model, which drafts and exits are judged by (the tuned lens's
+            objective). The backbone then runs forward twice.
 
     Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
     assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
@@ -191,6 +196,7 @@ class ADNetConfig(PreTrainedConfig):
     layer_dropout: float = 0.0
     early_exit_loss_scale: float = 1.0
     exit_adapters: bool = False
+    exit_distillation: bool = False
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()

@@ -52,6 +52,14 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
 
 
+def distillation_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Unreduced KL(teacher || step) of one step's `logits` (items x vocab) from the teacher's log-probabilities
+    (same shape), per item; 0 where the label is -100, as `task_loss` leaves an ignored token."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(-1)
+    return kl.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
 def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:
     """1-based step indices n = 1..N."""
     return torch.arange(1, num_steps + 1, device=like.device, dtype=like.dtype)

@@ -22,7 +22,15 @@ from .engine_adnet import StepEngine, StepHead, Trace
 from .exit_adapters_adnet import ExitAdapter
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
-from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, task_loss
+from .losses_adnet import (
+    IGNORE_INDEX,
+    ADNetLoss,
+    build_loss,
+    distillation_loss,
+    labelled_rows,
+    mean_over_rows,
+    task_loss,
+)
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit
 
@@ -328,9 +336,10 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
         config.use_per_token_units(False, type(self).__name__)
-        if config.exit_adapters:
-            raise ValueError(f"ADNetConfig.exit_adapters maps exits into a causal LM's head; {type(self).__name__} "
-                             f"reads unit summaries: leave it False.")
+        for name in ("exit_adapters", "exit_distillation"):
+            if getattr(config, name):
+                raise ValueError(f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
+                                 f"summaries: leave it False.")
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
             raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
@@ -584,6 +593,13 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
             return task_loss(logits[:, :-1], targets, "single_label_classification")
 
+        if labels is not None and self.training and self.config.exit_distillation:
+            teacher = self._full_depth_log_probs(input_ids=input_ids, attention_mask=attention_mask,
+                                                 position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+            def step_loss(logits: torch.Tensor) -> torch.Tensor:
+                return distillation_loss(logits[:, :-1], teacher[:, :-1], targets)
+
         head = StepHead(self.step_head, self.head_flops(),
                         step_loss if labels is not None and self.training else None, output_step_logits)
         out = self.adnet(
@@ -598,6 +614,16 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops, cache=out.cache,
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
+
+    @torch.no_grad()
+    def _full_depth_log_probs(self, **inputs) -> torch.Tensor:
+        """The model's own full-depth next-token log-probabilities, as at evaluation (no dropout, no fusion): the
+        target of `exit_distillation`."""
+        self.eval()
+        try:
+            return torch.log_softmax(self(**inputs, exit_policy=FULL_DEPTH).logits.float(), dim=-1)
+        finally:
+            self.train()
 
     def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor,
                        num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:

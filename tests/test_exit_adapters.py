@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from test_speculative import PROMPTS, drafting_model, speculative
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM
+from adnet_hf.losses_adnet import distillation_loss
 from benchmarks.bench_speculative import plain_causal_lm
 
 
@@ -141,3 +142,42 @@ def test_drafts_read_their_exit_through_its_adapter():
 def test_a_classifier_refuses_adapters():
     with pytest.raises(ValueError, match="exit_adapters"):
         seq_model("bert", exit_adapters=True)
+
+
+def test_distillation_trains_the_exits_towards_the_full_depth_prediction():
+    """With `exit_distillation`, the step losses are KL divergences from the model's own full-depth prediction (made
+    in a pass at evaluation, after which the model is back in training); training the adapters on them brings an
+    exit's prediction closer to full depth's."""
+    torch.manual_seed(0)
+    model = drafting_model("llama", exit_adapters=True, num_fixed_steps=0, loss_type="layerskip",
+                           exit_distillation=True)
+    model.freeze_full_depth()
+    ids = torch.randint(3, 99, (4, 12))
+    labels = ids.clone()
+    labels[0, 5:] = -100
+
+    def exit_kl() -> torch.Tensor:
+        with torch.no_grad():
+            out = model.eval()(input_ids=ids, output_step_logits=True, exit_policy="none")
+        full = torch.log_softmax(out.logits, -1)
+        return torch.nn.functional.kl_div(torch.log_softmax(out.step_logits[1], -1), full, log_target=True,
+                                          reduction="batchmean")
+
+    before = exit_kl()
+    model.train()
+    assert model(input_ids=ids, labels=labels).loss > 0 and model.training
+    optimizer = torch.optim.Adam(model.exit_adapters.parameters(), lr=1e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        model.train()(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    assert exit_kl() < 0.7 * before
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_ignored_tokens():
+    logits = torch.randn(2, 3, 11)
+    teacher = torch.log_softmax(logits, -1)
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    assert distillation_loss(logits, teacher, labels).abs().max() < 1e-6
+    loss = distillation_loss(torch.randn(2, 3, 11), teacher, labels)
+    assert (loss[labels == -100] == 0).all() and (loss[labels != -100] > 0).all()

@@ -65,6 +65,7 @@ DOCUMENTED = {
     "layer_dropout": lambda v: _real(v, 0, 1, high_open=True),
     "early_exit_loss_scale": lambda v: _real(v, 0, 1),
     "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
+    "exit_distillation": lambda v: v is False,  # the same
 }
 
 
@@ -109,6 +110,7 @@ LIKELY = {
     "classifier_dropout": UNIT_FLOATS, "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
     "per_token_units": st.one_of(st.none(), st.booleans()),
     "layer_dropout": UNIT_FLOATS, "early_exit_loss_scale": UNIT_FLOATS, "exit_adapters": st.booleans(),
+    "exit_distillation": st.booleans(),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
                                         7]),
@@ -202,8 +204,8 @@ def outcome(path: str, values: dict) -> str:
     with tempfile.TemporaryDirectory() as folder:
         try:
             config = set_values(path, values, Path(folder))
-            if config.per_token_units or config.exit_adapters:  # a classifier refuses a causal LM's units and
-                # exit adapters when it is built
+            # a classifier refuses a causal LM's units, exit adapters and distillation when it is built
+            if config.per_token_units or config.exit_adapters or config.exit_distillation:
                 ADNetForSequenceClassification(config)
         except (ValueError, TypeError) as error:
             if not names_a_field(error, values):

@@ -104,10 +104,11 @@ def test_layerskip_loss_weights_follow_the_sum_scale():
 
 def test_configs_saved_before_the_fields_load_with_their_defaults():
     saved = lm_model("gpt2").config.to_dict()
-    for name in ("layer_dropout", "early_exit_loss_scale", "exit_adapters"):
+    fields = {"layer_dropout": 0.0, "early_exit_loss_scale": 1.0, "exit_adapters": False, "exit_distillation": False}
+    for name in fields:
         saved.pop(name)
     config = ADNetConfig.from_dict(saved)
-    assert (config.layer_dropout, config.early_exit_loss_scale, config.exit_adapters) == (0.0, 1.0, False)
+    assert {name: getattr(config, name) for name in fields} == fields
 
 
 @pytest.mark.slow
