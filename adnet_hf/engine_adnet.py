@@ -183,12 +183,20 @@ class StepEngine:
                              "cannot follow: train without use_cache.")
         runs = (torch.rand(state.hidden.shape[0], device=state.hidden.device) >= rate).nonzero().squeeze(-1)
         if not runs.numel():
-            return state.hidden, state.hidden.new_zeros(self.adapter.unit_view(state.hidden).shape[:2])
+            return self._stand_in(block, state)
         kept = state.select(runs)
         output = self.adapter.run_block(block, kept, cache)
         flops = self.adapter.block_flops(block, kept, output)
         return (state.hidden.index_copy(0, runs, output),
                 flops.new_zeros(state.hidden.shape[0], *flops.shape[1:]).index_copy(0, runs, flops))
+
+    def _stand_in(self, block: nn.Module, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample skips the block: it still runs, on one sample, its output weighted 0, so that every process
+        runs and backpropagates through every block (a collective on sharded blocks, as `sharding_adnet`'s stand-in;
+        DDP sees every parameter used). Nothing is counted; each sample keeps its input."""
+        output = self.adapter.run_block(block, state.select(torch.arange(1, device=state.hidden.device)))
+        flops = state.hidden.new_zeros(self.adapter.unit_view(state.hidden).shape[:2])
+        return state.hidden + 0.0 * output.sum(), flops
 
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
                  done: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -62,7 +62,9 @@ def test_no_block_is_skipped_at_evaluation(backbone):
 @pytest.mark.parametrize("backbone", sorted(DECODER_BACKBONES))
 def test_a_skipped_block_passes_its_input_on_and_gradients_flow(backbone):
     """A sample that skips a block keeps its input there (its hidden state is unchanged by the block), the others
-    are changed; the loss backpropagates through both to every block that ran."""
+    are changed; the loss backpropagates through both to every block that ran. A block every sample skipped still
+    runs (on one sample, weighted 0): its parameters get a zero gradient, so that distributed processes stay in
+    step."""
     torch.manual_seed(1)
     model = lm_model(backbone, layer_dropout=0.8, num_fixed_steps=0, loss_type="layerskip").train()
     ids, mask = token_batch(batch=8, pad_lengths=(0, 2, 0, 3, 0, 1, 0, 0), left_padding=True)
@@ -73,8 +75,8 @@ def test_a_skipped_block_passes_its_input_on_and_gradients_flow(backbone):
     assert torch.isfinite(out.loss)
     for index, block in enumerate(model.adnet.adapter.blocks(model.adnet.backbone)):
         for name, param in block.named_parameters():
-            ran = param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
-            assert ran == (not skipped[index].all()), (index, name)
+            assert param.grad is not None and torch.isfinite(param.grad).all(), (index, name)
+            assert bool(param.grad.any()) == (not skipped[index].all()), (index, name)
     assert torch.isfinite(model.get_input_embeddings().weight.grad).all()
 
 
