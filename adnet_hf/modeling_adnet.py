@@ -195,7 +195,7 @@ class ADNetPreTrainedModel(PreTrainedModel):
     def freeze_full_depth(self) -> None:
         """Freeze everything the last step's prediction reads: the backbone, the last unit, its output layer (or
         the LM head). Training then moves only the earlier steps' units (and their own output layers, when not
-        shared), so full-depth outputs stay exactly as loaded.
+        shared, or a causal LM's exit adapters), so full-depth outputs stay exactly as loaded.
 
         This is DeeBERT's second stage: exits added to a model fine-tuned at full depth (e.g. with
         `loss_type="last"`) keep that model's full-depth accuracy, which joint training of all steps can lower.
