@@ -110,7 +110,7 @@ def test_training_on_the_frozen_backbone_lowers_the_exit_loss():
     assert all(p.grad is None for p in model.adnet.backbone.parameters())
 
 
-@pytest.mark.parametrize("backbone", sorted(DECODER_BACKBONES))
+@pytest.mark.parametrize("backbone", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_speculative_output_with_adapters_is_the_full_depth_output(backbone):
     base = drafting_model(backbone)
     model = with_adapters(base, scale=0.05)

@@ -296,12 +296,12 @@ def test_speculative_sampling_with_a_draft_vocabulary_keeps_the_full_models_dist
     q_scores = torch.full_like(q_scores, float("-inf")).index_copy(0, vocabulary, q_scores[vocabulary])
     q = torch.softmax(q_scores, -1)
     torch.manual_seed(0)
-    drafts = torch.multinomial(q, 8000, replacement=True)
+    drafts = torch.multinomial(q, 4000, replacement=True)
     firsts = [speculative_sampling([draft], [q_scores], [p_scores, p_scores])[0] for draft in drafts]
     counts = torch.bincount(torch.stack(firsts), minlength=q.shape[0])
     assert p_value(counts, torch.softmax(p_scores, -1)) > 1e-3
     outside = torch.ones_like(q, dtype=torch.bool).index_fill(0, vocabulary, False)
-    assert counts[outside].sum() > 1000  # tokens the draft never proposes, from the residual max(0, p - q)
+    assert counts[outside].sum() > 500  # tokens the draft never proposes, from the residual max(0, p - q)
 
 
 @pytest.mark.parametrize("vocabulary, error", [([1, 2], TypeError), (torch.tensor([1.0]), TypeError),
