@@ -157,13 +157,21 @@ class ADNetArguments:
     halting_epsilon: float | None = _adnet_field("halting_epsilon")
     confidence_threshold: float | None = _adnet_field("confidence_threshold")
     patience: int | None = _adnet_field("patience")
-    loss_type: str | None = _adnet_field("loss_type: gpsl, pondernet, deep_supervision or last")
+    loss_type: str | None = _adnet_field("loss_type: gpsl, pondernet, deep_supervision, last or layerskip")
     gpsl_alpha: float | None = _adnet_field("gpsl_alpha: weight of the growing deep supervision")
     gpsl_beta: float | None = _adnet_field("gpsl_beta: weight of the plateau term")
     gpsl_step_cost: float | None = _adnet_field("gpsl_step_cost")
     gpsl_temperature: float | None = _adnet_field("gpsl_temperature: sharpness of the plateau target")
     max_weight_norm: float | None = _adnet_field("max_weight_norm: max-norm of unit and output-layer rows")
     classifier_dropout: float | None = _adnet_field("classifier_dropout")
+    layer_dropout: float | None = _adnet_field("layer_dropout: LayerSkip's layer dropout in training, the rate of the "
+                                               "last block (earlier blocks less, the first none)")
+    early_exit_loss_scale: float | None = _adnet_field("early_exit_loss_scale: the layerskip loss's weight of the "
+                                                       "early exits relative to the last")
+    exit_adapters: bool | None = _adnet_field("exit_adapters: an identity-initialised affine map before the LM head at "
+                                              "each exit (causal LM), trained e.g. with --freeze_full_depth")
+    exit_distillation: bool | None = _adnet_field("exit_distillation: train each step towards the model's own "
+                                                  "full-depth prediction (KL) instead of the next token (causal LM)")
 
     def overrides(self) -> dict:
         """The fields given on the command line, as `ADNetConfig` keyword arguments."""

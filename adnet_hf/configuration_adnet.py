@@ -113,6 +113,10 @@ FIELD_RULES: dict[str, FieldRule] = {
                             lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
     "exit_guarantee": FieldRule("None or a dict with exactly the keys " + ", ".join(
         f"{key} ({allowed})" for key, allowed in GUARANTEE_KEYS.items()), _optional(_is_guarantee)),
+    "layer_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
+    "early_exit_loss_scale": FieldRule("a number in [0, 1]", _in_range(0, 1)),
+    "exit_adapters": FieldRule("a bool", _is_bool),
+    "exit_distillation": FieldRule("a bool", _is_bool),
 }
 
 
@@ -156,7 +160,7 @@ class ADNetConfig(PreTrainedConfig):
         halting_epsilon (`float`): `halting` stops once the cumulative halting probability reaches `1 - eps`.
         confidence_threshold (`float`): `confidence` stops once the max class probability reaches it.
         patience (`int`): `patience` stops once the prediction is unchanged for this many consecutive steps.
-        loss_type (`str`): `gpsl`, `pondernet`, `deep_supervision` or `last`.
+        loss_type (`str`): `gpsl`, `pondernet`, `deep_supervision`, `last` or `layerskip`.
         gpsl_* (`float`): the Growing Plateau Sensitive Loss weights (see `GrowingPlateauSensitiveLoss`);
             `gpsl_growth_midpoint=None` means half the number of variable steps.
         pondernet_prior (`float`): parameter of the geometric prior of the `pondernet` loss.
@@ -182,6 +186,18 @@ class ADNetConfig(PreTrainedConfig):
             from the calibration data's distribution, with probability >= 1 - `delta` over its `calibration_size`
             samples (`method`). It holds for that setting only; `None` (the default, and checkpoints saved before the
             field existed) when the exit setting carries no guarantee.
+        layer_dropout (`float`): LayerSkip's layer dropout in training: block `l` of `L` is skipped for each sample
+            with probability `layer_dropout * (2 ** (l / (L - 1)) - 1)`, 0 for the first block and this maximum for
+            the last. Never at evaluation or inference.
+        early_exit_loss_scale (`float`): the `layerskip` loss's `e_scale`, the weight of every exit but the last
+            relative to it.
+        exit_adapters (`bool`): causal LM only: an identity-initialised affine map after every step but the last,
+            before the shared final norm and LM head (tuned lens), so that a frozen backbone's intermediate layers
+            can be read by its head; used by per-token exits and self-speculative drafts.
+        exit_distillation (`bool`): causal LM training only: each step's loss is the KL divergence from the model's
+            own full-depth prediction (made first, without gradients) instead of the next token's cross-entropy, so
+            exits learn to agree with the full model, which drafts and exits are judged by (the tuned lens's
+            objective). The backbone then runs forward twice.
 
     Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
     assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
@@ -217,6 +233,10 @@ class ADNetConfig(PreTrainedConfig):
     halting_evidence: bool | None = None
     gpsl_plateau: str = "settled"
     exit_guarantee: dict | None = None
+    layer_dropout: float = 0.0
+    early_exit_loss_scale: float = 1.0
+    exit_adapters: bool = False
+    exit_distillation: bool = False
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()
@@ -367,7 +387,7 @@ _UNSET = object()
 # The fields a built model's modules depend on (with the backbone config itself and its depth).
 ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
                        "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units",
-                       "halting_evidence")
+                       "halting_evidence", "exit_adapters")
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 

@@ -142,13 +142,15 @@ class Trace:
 class StepEngine:
     """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit.
 
-    `sync_exits`: whether the exiting pass keeps processes in step (`sharding_adnet`); None detects sharded blocks."""
+    `sync_exits`: whether the exiting pass keeps processes in step (`sharding_adnet`); None detects sharded blocks.
+    `layer_dropout`: LayerSkip's maximum layer dropout rate (training only: the model passes 0 otherwise)."""
 
     def __init__(self, adapter: BackboneAdapter, backbone_config: PreTrainedConfig, steps: list[list[nn.Module]],
-                 units: nn.ModuleList, per_token: bool, layers_per_step: int, sync_exits: bool | None = None):
+                 units: nn.ModuleList, per_token: bool, layers_per_step: int, sync_exits: bool | None = None,
+                 layer_dropout: float = 0.0):
         self.adapter, self.backbone_config, self.steps, self.units = adapter, backbone_config, steps, units
         self.per_token, self.layers_per_step = per_token, layers_per_step
-        self.sync_exits = sync_exits
+        self.sync_exits, self.layer_dropout = sync_exits, layer_dropout
         self.num_fixed_steps = len(steps) - len(units)
 
     def padding(self, state: StepState) -> torch.Tensor:
@@ -164,10 +166,11 @@ class StepEngine:
         `finish_block(block_index, output)` gives the state the next block reads (and records it)."""
         hidden, flops = state.hidden, 0.0
         for offset, block in enumerate(self.steps[step]):
-            block_state = StepState(hidden, state.token_mask, state.block_kwargs)
-            output = self.adapter.run_block(block, block_state, cache)
-            flops = flops + self.adapter.block_flops(block, block_state, output)
-            hidden = finish_block(step * self.layers_per_step + offset, output)
+            index = step * self.layers_per_step + offset
+            output, block_flops = self.run_block(block, index, StepState(hidden, state.token_mask, state.block_kwargs),
+                                                 cache)
+            flops = flops + block_flops
+            hidden = finish_block(index, output)
         return hidden, flops
 
     @property
@@ -178,6 +181,33 @@ class StepEngine:
     def needs_predictions(self, rule: ExitRule) -> bool:
         """Whether exiting by `rule` needs the head's prediction at every variable step."""
         return rule.needs_predictions or self.units_read_evidence
+    def run_block(self, block: nn.Module, index: int, state: StepState, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `index`'s output and FLOPs per position. Under layer dropout (LayerSkip) each sample skips the block
+        with its rate (`layer_dropout_rate`): it keeps its input and costs nothing, and the block runs for the
+        others only."""
+        rate = layer_dropout_rate(self.layer_dropout, index, sum(len(blocks) for blocks in self.steps))
+        if not rate:
+            output = self.adapter.run_block(block, state, cache)
+            return output, self.adapter.block_flops(block, state, output)
+        if cache is not None:
+            raise ValueError("ADNetConfig.layer_dropout skips blocks per sample in training, which a key/value cache "
+                             "cannot follow: train without use_cache.")
+        runs = (torch.rand(state.hidden.shape[0], device=state.hidden.device) >= rate).nonzero().squeeze(-1)
+        if not runs.numel():
+            return self._stand_in(block, state)
+        kept = state.select(runs)
+        output = self.adapter.run_block(block, kept, cache)
+        flops = self.adapter.block_flops(block, kept, output)
+        return (state.hidden.index_copy(0, runs, output),
+                flops.new_zeros(state.hidden.shape[0], *flops.shape[1:]).index_copy(0, runs, flops))
+
+    def _stand_in(self, block: nn.Module, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample skips the block: it still runs, on one sample, its output weighted 0, so that every process
+        runs and backpropagates through every block (a collective on sharded blocks, as `sharding_adnet`'s stand-in;
+        DDP sees every parameter used). Nothing is counted; each sample keeps its input."""
+        output = self.adapter.run_block(block, state.select(torch.arange(1, device=state.hidden.device)))
+        flops = state.hidden.new_zeros(self.adapter.unit_view(state.hidden).shape[:2])
+        return state.hidden + 0.0 * output.sum(), flops
 
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
                  done: torch.Tensor, head: StepHead | None = None, previous: torch.Tensor | None = None,
@@ -255,6 +285,14 @@ class StepEngine:
             raise ValueError(f"exit_policy={rule.name!r} needs step predictions{reason}: use a task model, not "
                              "ADNetModel.")
         return _ExitingPass(self, state, head, rule, trace, cache).run()
+
+
+def layer_dropout_rate(maximum: float, block: int, num_blocks: int) -> float:
+    """LayerSkip's rate for `block` (0-based) of `num_blocks`: `maximum * (2 ** (block / (num_blocks - 1)) - 1)`,
+    rising exponentially with depth from 0 at the first block to `maximum` at the last (a lone block: `maximum`)."""
+    if num_blocks == 1:
+        return maximum
+    return maximum * (2.0 ** (block / (num_blocks - 1)) - 1.0)
 
 
 def _fuse(fused: torch.Tensor | None, probs: torch.Tensor, logits: torch.Tensor, differentiable: bool) -> torch.Tensor:

@@ -63,6 +63,12 @@ def settled_steps(step_logits: torch.Tensor, problem_type: str) -> torch.Tensor:
         predictions = step_logits.argmax(-1)
         agrees = predictions == predictions[-1]
     return agrees.flip(0).long().cumprod(0).flip(0).bool().transpose(0, 1)
+def distillation_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Unreduced KL(teacher || step) of one step's `logits` (items x vocab) from the teacher's log-probabilities
+    (same shape), per item; 0 where the label is -100, as `task_loss` leaves an ignored token."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(-1)
+    return kl.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
 def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:
@@ -185,11 +191,34 @@ class LastStepLoss(ADNetLoss):
         return step_losses[..., -1]
 
 
+class LayerSkipLoss(ADNetLoss):
+    """LayerSkip's early-exit loss (Elhoushi et al. 2024, its `sum_l` scale): step n of N weighs n(n+1)/2, times
+    `scale` (their `e_scale`) for every step but the last, normalised to sum 1. It grows faster with depth than
+    `deep_supervision`'s n, and `scale` < 1 keeps the last step's weight near 1, so full-depth quality holds. Every
+    block is an exit, as in LayerSkip, with `num_fixed_steps=0` and `layers_per_step=1`. Halting untrained."""
+
+    trains_halting = False
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def step_weights(self, num_steps: int, like: torch.Tensor) -> torch.Tensor:
+        steps = _step_index(num_steps, like)
+        weights = steps * (steps + 1) / 2 * torch.where(steps < num_steps, self.scale, 1.0)
+        return weights / weights.sum()
+
+    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
+                   settled: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.step_weights(step_losses.shape[-1], step_losses) * step_losses).sum(-1)
+
+
 LOSSES: dict[str, type[ADNetLoss]] = {
     "gpsl": GrowingPlateauSensitiveLoss,
     "pondernet": PonderNetLoss,
     "deep_supervision": DeepSupervisionLoss,
     "last": LastStepLoss,
+    "layerskip": LayerSkipLoss,
 }
 
 
@@ -203,6 +232,8 @@ def build_loss(config) -> ADNetLoss:
         )
     if config.loss_type == "pondernet":
         return PonderNetLoss(prior=config.pondernet_prior, beta=config.pondernet_beta)
+    if config.loss_type == "layerskip":
+        return LayerSkipLoss(scale=config.early_exit_loss_scale)
     if config.loss_type not in LOSSES:
         raise ValueError(f"ADNetConfig.loss_type must be one of {tuple(LOSSES)}, got {config.loss_type!r}.")
     return LOSSES[config.loss_type]()

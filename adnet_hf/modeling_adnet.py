@@ -21,9 +21,19 @@ from transformers.utils.generic import can_return_tuple
 from .backbones_adnet import backbone_adapter, backbones_taking, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
 from .engine_adnet import StepEngine, StepHead, Trace
+from .exit_adapters_adnet import ExitAdapter
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
-from .losses_adnet import IGNORE_INDEX, ADNetLoss, build_loss, labelled_rows, mean_over_rows, settled_steps, task_loss
+from .losses_adnet import (
+    IGNORE_INDEX,
+    ADNetLoss,
+    build_loss,
+    distillation_loss,
+    labelled_rows,
+    mean_over_rows,
+    settled_steps,
+    task_loss,
+)
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 
@@ -155,6 +165,9 @@ class ADNetPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, ExitAdapter):  # the identity map: the exit reads as through the plain head
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
     @classmethod
     def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
@@ -187,7 +200,7 @@ class ADNetPreTrainedModel(PreTrainedModel):
     def freeze_full_depth(self) -> None:
         """Freeze everything the last step's prediction reads: the backbone, the last unit, its output layer (or
         the LM head). Training then moves only the earlier steps' units (and their own output layers, when not
-        shared), so full-depth outputs stay exactly as loaded.
+        shared, or a causal LM's exit adapters), so full-depth outputs stay exactly as loaded.
 
         This is DeeBERT's second stage: exits added to a model fine-tuned at full depth (e.g. with
         `loss_type="last"`) keep that model's full-depth accuracy, which joint training of all steps can lower.
@@ -197,6 +210,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
         output_layers = getattr(self, "output_layers", None)
         if output_layers is not None and len(output_layers) > 1:
             output_layers[:-1].requires_grad_(True)
+        if getattr(self, "exit_adapters", None) is not None:  # the last step has none: full depth is unchanged
+            self.exit_adapters.requires_grad_(True)
 
 
 class ADNetModel(ADNetPreTrainedModel):
@@ -257,7 +272,8 @@ class ADNetModel(ADNetPreTrainedModel):
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
         return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
-                          bool(self.config.per_token_units), size, self.sync_exits)
+                          bool(self.config.per_token_units), size, self.sync_exits,
+                          self.config.layer_dropout if self.training else 0.0)
 
     @can_return_tuple
     def forward(
@@ -327,6 +343,10 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         config.use_per_token_units(False, type(self).__name__)
         if config.halting_evidence is None:
             config.halting_evidence = True
+        for name in ("exit_adapters", "exit_distillation"):
+            if getattr(config, name):
+                raise ValueError(f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
+                                 f"summaries: leave it False.")
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
             raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
@@ -460,6 +480,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             raise ValueError(f"ADNetForCausalLM needs a decoder backbone, got {config.backbone_config.model_type!r}")
         backbone_config = config.backbone_config
         self.lm_head = nn.Linear(backbone_config.hidden_size, backbone_config.vocab_size, bias=False)
+        self.exit_adapters = nn.ModuleList(
+            ExitAdapter(backbone_config.hidden_size) for _ in range(config.num_steps - 1)
+        ) if config.exit_adapters else None
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
@@ -475,7 +498,24 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return self.adnet.get_input_embeddings()
 
     def step_head(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.adnet.adapter.final_norm(self.adnet.backbone)(hidden))
+        return self.exit_head(hidden, (self.config.num_fixed_steps + n + 1) * self.config.layers_per_step)
+
+    def exit_head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """The logits read from `hidden`, the output of the first `depth` blocks (at a step boundary)."""
+        return self.lm_head(self.exit_states(hidden, depth))
+
+    def exit_states(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """What the LM head reads from `hidden`, the output of the first `depth` blocks (at a step boundary): `hidden`
+        through that exit's adapter (`config.exit_adapters`; none after the last block) and the final norm."""
+        if self.exit_adapters is not None and depth < self.config.num_blocks:
+            hidden = self.exit_adapters[depth // self.config.layers_per_step - 1](hidden)
+        return self.adnet.adapter.final_norm(self.adnet.backbone)(hidden)
+
+    def head_flops(self) -> float:
+        """FLOPs of one step prediction per token: the LM head, and an exit adapter where the model has them
+        (counted at the last step too, which has none: an upper bound)."""
+        adapters = 0.0 if self.exit_adapters is None else max((a.flops() for a in self.exit_adapters), default=0.0)
+        return 2.0 * matmul_weights(self.lm_head) + adapters
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from
@@ -489,7 +529,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
         full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
         blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
-        apply."""
+        apply. `draft_vocabulary=` (token ids, e.g. `frequent_tokens` of a corpus) makes the draft's LM head read
+        those rows only; verification always uses the full head."""
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if config.assistant_early_exit is None:
             return super().generate(inputs, generation_config, **kwargs)
@@ -501,10 +542,12 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
         stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
         streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
+        vocabulary = model_kwargs.pop("draft_vocabulary", None)
         model_kwargs.pop("use_cache", None)
         if input_ids is None or model_kwargs:
             raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
-                             f"stopping_criteria and streamer, got {sorted(model_kwargs) or 'no input_ids'}.")
+                             f"stopping_criteria, streamer and draft_vocabulary, got "
+                             f"{sorted(model_kwargs) or 'no input_ids'}.")
         check_settings(config, input_ids.shape[0])
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if config.max_new_tokens is not None:
@@ -513,7 +556,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
                                                 device=input_ids.device, model_kwargs={"attention_mask": mask})
         stopping = self._get_stopping_criteria(config, stopping)
         decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
-                                         torch.ones_like(input_ids) if mask is None else mask, streamer)
+                                         torch.ones_like(input_ids) if mask is None else mask, streamer, vocabulary)
         sequence = decoder.generate(input_ids)
         return decoder.output(sequence) if config.return_dict_in_generate else sequence
 
@@ -571,7 +614,14 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
             return task_loss(logits[:, :-1], targets, "single_label_classification")
 
-        head = StepHead(self.step_head, 2.0 * matmul_weights(self.lm_head),
+        if labels is not None and self.training and self.config.exit_distillation:
+            teacher = self._full_depth_log_probs(input_ids=input_ids, attention_mask=attention_mask,
+                                                 position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+            def step_loss(logits: torch.Tensor) -> torch.Tensor:
+                return distillation_loss(logits[:, :-1], teacher[:, :-1], targets)
+
+        head = StepHead(self.step_head, self.head_flops(),
                         step_loss if labels is not None and self.training else None, output_step_logits)
         out = self.adnet(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -585,6 +635,16 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops, cache=out.cache,
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
+
+    @torch.no_grad()
+    def _full_depth_log_probs(self, **inputs) -> torch.Tensor:
+        """The model's own full-depth next-token log-probabilities, as at evaluation (no dropout, no fusion): the
+        target of `exit_distillation`."""
+        self.eval()
+        try:
+            return torch.log_softmax(self(**inputs, exit_policy=FULL_DEPTH).logits.float(), dim=-1)
+        finally:
+            self.train()
 
     def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor,
                        num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:

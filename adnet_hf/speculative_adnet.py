@@ -1,13 +1,19 @@
 """Self-speculative decoding from ADNet's exits: the first blocks draft, the remaining blocks verify, nothing is lost.
 
-Each round, the draft runs the blocks up to an exit (`assistant_early_exit` of them) and the shared LM head for one
-token at a time, up to `num_assistant_tokens` tokens, stopping early once the draft's top probability falls below
+Each round, the draft runs the blocks up to an exit (`assistant_early_exit` of them) and the shared LM head (through
+that exit's adapter, `ADNetConfig.exit_adapters`, where the model has them) for one token at a time, up to
+`num_assistant_tokens` tokens, stopping early once the draft's top probability falls below
 `assistant_confidence_threshold`. The verification then runs only the blocks after the exit, over every drafted
 token at once, on the exit hidden states the draft already computed and with the cache the draft already filled:
 no block runs twice for a token. Greedy decoding keeps the longest drafted prefix the full model agrees with, plus
 the full model's next token, so the output is token for token the full-depth greedy output. Sampling keeps a drafted
 token with probability `min(1, p/q)` and otherwise samples from `max(0, p - q)` (Leviathan et al. 2023; Chen et al.
 2023), so tokens follow the full model's distribution. On rejection every layer's cache is cropped back.
+
+Where the LM head dominates a token's cost, a draft vocabulary (`generate(..., draft_vocabulary=ids)`, e.g. the most
+frequent tokens of a corpus, `frequent_tokens`) makes the draft read only those rows of the head, the other tokens
+getting -inf; the verification reads the whole head once per round for all drafted tokens, so the output (greedy) or
+its distribution (sampling: q is 0 outside the vocabulary) is unchanged.
 
 Why not Transformers' own `assistant_early_exit` path (`EarlyExitCandidateGenerator`): it drafts by lowering
 `config.num_hidden_layers` on the model itself with a second cache, and verifies by running the whole model over the
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -78,6 +85,29 @@ def draft_depth(config, depth) -> int:
     return depth
 
 
+def check_vocabulary(vocabulary, vocab_size: int) -> torch.LongTensor | None:
+    """`draft_vocabulary` checked: None, or distinct token ids in [0, vocab_size) as a non-empty 1-D tensor."""
+    if vocabulary is None:
+        return None
+    integers = isinstance(vocabulary, torch.Tensor) and not vocabulary.is_floating_point() and \
+        not vocabulary.is_complex() and vocabulary.dtype != torch.bool
+    if not integers or vocabulary.dim() != 1 or not len(vocabulary):
+        got = f"a {vocabulary.dtype} tensor of shape {tuple(vocabulary.shape)}" if isinstance(
+            vocabulary, torch.Tensor) else f"a {type(vocabulary).__name__}"
+        raise TypeError(f"draft_vocabulary must be a non-empty 1-D integer tensor of token ids, got {got}.")
+    if vocabulary.min() < 0 or vocabulary.max() >= vocab_size or len(vocabulary.unique()) != len(vocabulary):
+        raise ValueError(f"draft_vocabulary must hold distinct token ids in [0, {vocab_size}).")
+    return vocabulary.long()
+
+
+def frequent_tokens(token_ids: torch.Tensor, size: int, vocab_size: int) -> torch.LongTensor:
+    """The `size` most frequent of `token_ids` (e.g. a tokenised training corpus), most frequent first: a draft
+    vocabulary, so that drafting reads `size` rows of the LM head instead of `vocab_size`."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"size must be in [1, {vocab_size}], got {size}.")
+    return torch.bincount(token_ids.flatten(), minlength=vocab_size).topk(size).indices
+
+
 def check_settings(generation: GenerationConfig, batch_size: int) -> None:
     """Refuse what self-speculative decoding does not do, naming the setting."""
     if batch_size != 1:
@@ -107,7 +137,8 @@ class SelfSpeculativeDecoder:
     """
 
     def __init__(self, model, generation: GenerationConfig, processors: LogitsProcessorList,
-                 stopping: StoppingCriteriaList, attention_mask: torch.Tensor, streamer=None):
+                 stopping: StoppingCriteriaList, attention_mask: torch.Tensor, streamer=None,
+                 draft_vocabulary: torch.Tensor | None = None):
         self.model, self.generation, self.processors, self.stopping = model, generation, processors, stopping
         adnet = model.adnet
         self.adapter, self.backbone = adnet.adapter, adnet.backbone
@@ -119,6 +150,8 @@ class SelfSpeculativeDecoder:
         room = generation.max_length + generation.num_assistant_tokens + 1 - attention_mask.shape[1]
         self.mask = torch.cat([attention_mask, attention_mask.new_ones(1, max(room, 0))], dim=1)
         self.streamer = streamer
+        self.vocabulary = check_vocabulary(draft_vocabulary, model.lm_head.weight.shape[0])
+        self.draft_rows = None if self.vocabulary is None else model.lm_head.weight[self.vocabulary]
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
         self.verifications = self.drafted = self.accepted = 0
@@ -136,9 +169,21 @@ class SelfSpeculativeDecoder:
             hidden = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), self.cache)
         return hidden
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The shared LM head (after the final norm) on hidden states (1 x n x H), as float logits (n x vocab)."""
-        return self.model.step_head(0, None, hidden)[0].float()
+    def head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """The shared LM head on the output of the first `depth` blocks (1 x n x H), through the final norm and that
+        exit's adapter if the model has one, as float logits (n x vocab)."""
+        return self.model.exit_head(hidden, depth)[0].float()
+
+    def draft_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's logits at its exit (n x vocab): with a draft vocabulary, only its rows of the LM head are
+        read, and every other token gets -inf (the draft never proposes it; verification still can)."""
+        if self.vocabulary is None:
+            return self.head(hidden, self.depth)
+        states = self.model.exit_states(hidden, self.depth)[0]
+        logits = states.new_full((states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"),
+                                 dtype=torch.float)
+        logits[:, self.vocabulary] = F.linear(states, self.draft_rows).float()
+        return logits
 
     def processed(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Next-token scores after `sequence` (1 x length) as `generate` processes them (penalties, temperature)."""
@@ -155,7 +200,7 @@ class SelfSpeculativeDecoder:
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
         hidden = self.run_blocks(input_ids, 0, len(self.blocks))
-        logits = self.head(hidden[:, -1:])[0]
+        logits = self.head(hidden[:, -1:], len(self.blocks))[0]
         scores = self.processed(input_ids, logits)
         sequence, done = self.emit(input_ids, [self.choose(scores)], [logits], [scores])
         while not done:
@@ -173,7 +218,8 @@ class SelfSpeculativeDecoder:
                                                                      max(remaining - 1, 0)))
         fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
         exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
-        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)))
+        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)),
+                           len(self.blocks))
         candidate = torch.cat([sequence, fed[:, 1:]], dim=1)
         scores = [self.processed(candidate[:, : past + 1 + i], logits[i]) for i in range(len(fed[0]))]
         kept = self.accept(drafts, draft_scores, scores)
@@ -191,7 +237,7 @@ class SelfSpeculativeDecoder:
         token = sequence[:, -1:]
         for _ in range(length):
             exit_hidden.append(self.run_blocks(token, 0, self.depth))
-            scores = self.processed(sequence, self.head(exit_hidden[-1])[0])
+            scores = self.processed(sequence, self.draft_head(exit_hidden[-1])[0])
             drafts.append(self.choose(scores))
             draft_scores.append(scores)
             sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)

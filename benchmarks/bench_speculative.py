@@ -8,6 +8,9 @@ drafted tokens accepted, the mean accepted length per verification, and whether 
 
     python -m benchmarks.bench_speculative --model outputs/ptb-gpt2-adnet --data ../shared/data/ptb/ptb.test.txt \
         --name ptb_gpt2_speculative --depths 1 2 3 --draft_lengths 4 8
+
+`--draft_vocab_size N --draft_vocab_data TRAIN.txt` adds, for every setting, a row drafting over the N most frequent
+tokens of the training text only (`draft_vocabulary`; verification reads the full LM head).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, Pre
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
 from adnet_hf.data_adnet import token_blocks
+from adnet_hf.speculative_adnet import frequent_tokens
 
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
 
@@ -67,6 +71,22 @@ def lm_head_share(model: ADNetForCausalLM) -> float:
 def draft_settings(args: argparse.Namespace) -> list[dict]:
     return [{"assistant_early_exit": depth, "num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
             for depth, length, threshold in itertools.product(args.depths, args.draft_lengths, args.thresholds)]
+
+
+def with_vocabulary(settings: list[dict], vocabulary: torch.Tensor | None) -> list[dict]:
+    """Each setting also with the draft vocabulary, when one is given."""
+    if vocabulary is None:
+        return settings
+    return [extra for setting in settings for extra in (setting, {**setting, "draft_vocabulary": vocabulary})]
+
+
+def draft_vocabulary(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tensor | None:
+    """`--draft_vocab_size` most frequent tokens of `--draft_vocab_data` (training text, not the prompts' file)."""
+    if args.draft_vocab_size is None:
+        return None
+    if args.draft_vocab_data is None:
+        raise ValueError("--draft_vocab_size ranks the tokens of --draft_vocab_data (a training text file): pass it.")
+    return frequent_tokens(token_blocks(tokenizer, Path(args.draft_vocab_data), 1), args.draft_vocab_size, vocab_size)
 
 
 def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
@@ -121,12 +141,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[4], help="num_assistant_tokens values")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0],
                         help="assistant_confidence_threshold values (0: fixed draft length)")
+    parser.add_argument("--draft_vocab_size", type=int, help="also draft over this many most frequent tokens only")
+    parser.add_argument("--draft_vocab_data", help="training text the draft vocabulary's frequencies come from")
     parser.add_argument("--note", default="", help="what the model is, stored with the results")
     args = parse_benchmark_args(parser, argv)
     model = load_model(args)
     tokenizer = load_tokenizer(args)
     prompts = list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
-    rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, draft_settings(args), args.repeats)
+    settings = with_vocabulary(draft_settings(args), draft_vocabulary(args, tokenizer, model.config.vocab_size))
+    rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, settings, args.repeats)
+    for row in rows:
+        vocabulary = row.pop("draft_vocabulary", None)
+        row["draft_vocab_size"] = None if vocabulary is None else len(vocabulary)
     for row in rows:
         print(row, flush=True)
     source = args.model or args.backbone or f"untrained {args.backbone_config}"

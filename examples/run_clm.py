@@ -10,6 +10,15 @@
     # units only, on a frozen pretrained Llama-family LM shipped as GGUF
     python examples/run_clm.py --model_name_or_path DIR --gguf_file model.gguf --freeze_full_depth ...
 
+    # the LayerSkip way (early-exit loss at every exit with the shared head, layer dropout rising with depth)
+    python examples/run_clm.py --backbone_config '{"model_type": "gpt2", ...}' --num_fixed_steps 0 \
+        --loss_type layerskip --early_exit_loss_scale 0.2 --layer_dropout 0.1 ...
+
+    # exit adapters on a frozen model, so that its head can read its intermediate layers (drafts, exits), trained
+    # towards the model's own full-depth prediction
+    python examples/run_clm.py --model_name_or_path DIR --exit_adapters true --freeze_full_depth \
+        --exit_distillation true --loss_type layerskip ...
+
 Evaluation reports perplexity with the configured exit policy, perplexity at full depth and the mean number of
 backbone layers executed per token, and writes them to `eval_results.json` / `predict_results.json`. Perplexity is
 pooled over every predicted token of the set (`adnet_hf.evaluation_adnet`).

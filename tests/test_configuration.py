@@ -85,7 +85,7 @@ def test_nan_and_infinities_are_refused_for_every_float_field(field, value):
 
 def test_a_typo_in_loss_type_lists_the_losses():
     with pytest.raises(ValueError, match=r"ADNetConfig\.loss_type must be one of \('gpsl', 'pondernet', "
-                                         r"'deep_supervision', 'last'\), got 'gpls'"):
+                                         r"'deep_supervision', 'last', 'layerskip'\), got 'gpls'"):
         ADNetConfig(backbone_config=bert_config(), loss_type="gpls")
 
 

@@ -49,7 +49,7 @@ DOCUMENTED = {
     "halting_epsilon": lambda v: _real(v, 0, 1, low_open=True, high_open=True),
     "confidence_threshold": lambda v: _real(v, 0, 1, low_open=True),
     "patience": lambda v: _int(v) and 1 <= v <= 10_000,
-    "loss_type": lambda v: v in ("gpsl", "pondernet", "deep_supervision", "last"),
+    "loss_type": lambda v: v in ("gpsl", "pondernet", "deep_supervision", "last", "layerskip"),
     "gpsl_alpha": lambda v: _real(v, 0, 1e6),
     "gpsl_beta": lambda v: _real(v, 0, 1e6),
     "gpsl_step_cost": lambda v: _real(v, 0, 1e6),
@@ -72,6 +72,10 @@ DOCUMENTED = {
         and _real(v["delta"], 0, 1, low_open=True, high_open=True) and _int(v["calibration_size"])
         and v["calibration_size"] >= 1 and isinstance(v["method"], str)
         and (v["policy"], v["value"]) in (("none", None), ("halting", 0.3), ("patience", 2))),
+    "layer_dropout": lambda v: _real(v, 0, 1, high_open=True),
+    "early_exit_loss_scale": lambda v: _real(v, 0, 1),
+    "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
+    "exit_distillation": lambda v: v is False,  # the same
 }
 
 
@@ -103,7 +107,7 @@ NOISE = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), FLOATS
 UNIT_FLOATS = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 1e-300, 1 - 1e-16]))
 SCALE_FLOATS = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-6, 1e6, 1e6 + 1, 1e300, -1e-9]))
 CHOICES = {"exit_policy": ["halting", "confidence", "patience", "none", "Halting", "entropy"],
-           "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "gpls", "ce"],
+           "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "layerskip", "gpls", "ce"],
            "gpsl_plateau": ["settled", "loss", "Settled", "plateau"],
            "problem_type": [None, "regression", "single_label_classification", "multi_label_classification",
                             "ranking"]}
@@ -119,6 +123,8 @@ LIKELY = {
     "classifier_dropout": UNIT_FLOATS, "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
     "per_token_units": st.one_of(st.none(), st.booleans()),
     "halting_evidence": st.one_of(st.none(), st.booleans()),
+    "layer_dropout": UNIT_FLOATS, "early_exit_loss_scale": UNIT_FLOATS, "exit_adapters": st.booleans(),
+    "exit_distillation": st.booleans(),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
                                         7]),
@@ -218,7 +224,8 @@ def outcome(path: str, values: dict) -> str:
     with tempfile.TemporaryDirectory() as folder:
         try:
             config = set_values(path, values, Path(folder))
-            if config.per_token_units:  # the classifier refuses a causal LM's units when it is built
+            # a classifier refuses a causal LM's units, exit adapters and distillation when it is built
+            if config.per_token_units or config.exit_adapters or config.exit_distillation:
                 ADNetForSequenceClassification(config)
         except (ValueError, TypeError) as error:
             if not names_a_field(error, values):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Tokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM
-from adnet_hf.speculative_adnet import speculative_sampling
+from adnet_hf.speculative_adnet import SelfSpeculativeDecoder, frequent_tokens, speculative_sampling
 from benchmarks import bench_speculative
 from benchmarks.bench_speculative import plain_causal_lm
 
@@ -188,19 +188,21 @@ def next_token_scores(model, ids, depth: int | None = None) -> torch.Tensor:
         return model.step_head(0, None, out.hidden_states[depth][:, -1:])[:, 0]
 
 
-def assert_follows(counts: torch.Tensor, probs: torch.Tensor, draft_probs: torch.Tensor) -> None:
-    """Counts agree with `probs` (chi-square, bins of small expected count merged) and not with `draft_probs`,
-    which shows the test can tell the two apart."""
-    def p_value(expected_probs: torch.Tensor) -> float:
-        expected = expected_probs.double() / expected_probs.double().sum() * counts.sum()
-        big = expected >= 5
-        observed = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
-        expected = torch.cat([expected[big], expected[~big].sum().view(1)])
-        keep = expected > 0
-        return chisquare(observed[keep].numpy(), expected[keep].numpy()).pvalue
+def p_value(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Chi-square p-value of `counts` under `expected_probs`, bins of small expected count merged (a bin expected
+    nowhere must be empty)."""
+    expected = expected_probs.double() / expected_probs.double().sum() * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = expected > 0
+    return chisquare(observed[keep].numpy(), expected[keep].numpy()).pvalue
 
-    assert p_value(probs) > 1e-3
-    assert p_value(draft_probs) < 1e-6
+
+def assert_follows(counts: torch.Tensor, probs: torch.Tensor, draft_probs: torch.Tensor) -> None:
+    """Counts agree with `probs` and not with `draft_probs`, which shows the test can tell the two apart."""
+    assert p_value(counts, probs) > 1e-3
+    assert p_value(counts, draft_probs) < 1e-6
 
 
 def test_speculative_sampling_rule_keeps_the_full_models_distribution():
@@ -249,9 +251,63 @@ def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_dat
         source, str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
         "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--depths", "1", "3", "--draft_lengths", "2",
         "--thresholds", "0", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
+        "--draft_vocab_size", "50", "--draft_vocab_data", str(shared_data / "ptb" / "ptb.valid.txt"),
     ])
     rows = json.loads(path.read_text())["rows"]
-    assert [(row["assistant_early_exit"], row["assistant_confidence_threshold"]) for row in rows] == [
-        (1, 0.0), (1, 0.5), (3, 0.0), (3, 0.5)]
+    assert [(row["assistant_early_exit"], row["assistant_confidence_threshold"], row["draft_vocab_size"])
+            for row in rows] == [(depth, threshold, size) for depth in (1, 3) for threshold in (0.0, 0.5)
+                                 for size in (None, 50)]
     assert all(row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0
                for row in rows)
+
+
+def test_a_draft_vocabulary_keeps_the_full_depth_output(model, monkeypatch):
+    """Drafts restricted to a few tokens (most of them rejected) or to the tokens the output uses: the same output,
+    and the draft's logits are finite on its vocabulary only."""
+    ids = PROMPTS[2]
+    reference = plain_causal_lm(model).generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                               pad_token_id=0)
+    finite = set()
+    original = SelfSpeculativeDecoder.draft_head
+
+    def draft_head(self, hidden):
+        logits = original(self, hidden)
+        finite.update(logits.isfinite().nonzero()[:, 1].tolist())
+        return logits
+
+    monkeypatch.setattr(SelfSpeculativeDecoder, "draft_head", draft_head)
+    accepted = []
+    for vocabulary in (torch.tensor([3, 50, 7]), frequent_tokens(reference, 12, model.config.vocab_size)):
+        finite.clear()
+        out = speculative(model, ids, assistant_early_exit=2, num_assistant_tokens=4, draft_vocabulary=vocabulary)
+        assert torch.equal(out.sequences, reference)
+        assert finite == set(vocabulary.tolist())
+        accepted.append(out.accepted_tokens)
+    assert accepted[0] < accepted[1]
+    assert frequent_tokens(torch.tensor([5, 5, 9, 5, 9, 1]), 2, 10).tolist() == [5, 9]
+
+
+def test_speculative_sampling_with_a_draft_vocabulary_keeps_the_full_models_distribution():
+    """Drafts drawn from the exit's distribution over a few tokens (0 elsewhere): the first token still follows p."""
+    model = drafting_model("gpt2")
+    ids = PROMPTS[0]
+    p_scores, q_scores = next_token_scores(model, ids)[0], next_token_scores(model, ids, depth=1)[0]
+    vocabulary = q_scores.topk(10).indices
+    q_scores = torch.full_like(q_scores, float("-inf")).index_copy(0, vocabulary, q_scores[vocabulary])
+    q = torch.softmax(q_scores, -1)
+    torch.manual_seed(0)
+    drafts = torch.multinomial(q, 4000, replacement=True)
+    firsts = [speculative_sampling([draft], [q_scores], [p_scores, p_scores])[0] for draft in drafts]
+    counts = torch.bincount(torch.stack(firsts), minlength=q.shape[0])
+    assert p_value(counts, torch.softmax(p_scores, -1)) > 1e-3
+    outside = torch.ones_like(q, dtype=torch.bool).index_fill(0, vocabulary, False)
+    assert counts[outside].sum() > 500  # tokens the draft never proposes, from the residual max(0, p - q)
+
+
+@pytest.mark.parametrize("vocabulary, error", [([1, 2], TypeError), (torch.tensor([1.0]), TypeError),
+                                               (torch.tensor([], dtype=torch.long), TypeError),
+                                               (torch.tensor([[1, 2]]), TypeError), (torch.tensor([1, 99]), ValueError),
+                                               (torch.tensor([-1]), ValueError), (torch.tensor([4, 4]), ValueError)])
+def test_a_bad_draft_vocabulary_is_refused(vocabulary, error):
+    with pytest.raises(error, match="draft_vocabulary"):
+        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2, draft_vocabulary=vocabulary)
