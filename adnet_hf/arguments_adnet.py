@@ -162,6 +162,11 @@ class ADNetArguments:
     gpsl_beta: float | None = _adnet_field("gpsl_beta: weight of the plateau term")
     gpsl_step_cost: float | None = _adnet_field("gpsl_step_cost")
     gpsl_temperature: float | None = _adnet_field("gpsl_temperature: sharpness of the plateau target")
+    halting_evidence: bool | None = _adnet_field("halting_evidence: the halting units read the step prediction's "
+                                                 "evidence (true for a classifier built here; give true to add it to "
+                                                 "a checkpoint saved without it)")
+    gpsl_plateau: str | None = _adnet_field("gpsl_plateau: settled (the first step whose prediction stays the "
+                                            "full-depth one) or loss (the loss curve's plateau)")
     max_weight_norm: float | None = _adnet_field("max_weight_norm: max-norm of unit and output-layer rows")
     classifier_dropout: float | None = _adnet_field("classifier_dropout")
     layer_dropout: float | None = _adnet_field("layer_dropout: LayerSkip's layer dropout in training, the rate of the "
