@@ -160,7 +160,7 @@ class ADNetPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Units and output layers only: the backbone is a sub-model and keeps its own (or loaded) weights."""
         if isinstance(module, EvidenceWeights):
-            init.zeros_(module.weight)
+            init.copy_(module.weight, EvidenceWeights.prior(module.weight))
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:

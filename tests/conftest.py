@@ -95,10 +95,14 @@ def token_batch(batch=4, length=7, pad_lengths=(0, 2, 0, 3), left_padding=False,
 
 
 def spread_halting(model, scale=25.0):
-    """Make halting probabilities differ strongly between inputs, so samples exit at different steps."""
+    """Make halting probabilities differ strongly between inputs, so samples exit at different steps: the units
+    halt on their summary alone (a random model's step evidence barely differs between inputs; the evidence is
+    tested in test_halting_evidence.py)."""
     with torch.no_grad():
         for unit in model.base_model.units[:-1]:
             unit.halting.weight.mul_(scale)
+            if unit.reads_evidence:
+                unit.evidence.weight.zero_()
 
 
 def seq_model(backbone="bert", **overrides):

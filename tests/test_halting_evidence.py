@@ -46,7 +46,7 @@ def test_step_evidence_of_a_known_prediction():
 def test_the_halting_probabilities_follow_the_evidence_and_not_without_it():
     model = seq_model(num_fixed_steps=0).eval()
     assert model.config.halting_evidence and all(unit.reads_evidence for unit in model.adnet.units[:-1])
-    assert all(unit.evidence.weight.abs().sum() == 0 for unit in model.adnet.units[:-1]), "zero-initialised"
+    assert all(torch.equal(unit.evidence.weight, torch.tensor([[1.0, 0, 0, 0, 0]])) for unit in model.adnet.units[:-1])
     ids, mask = token_batch()
     with torch.no_grad():
         untrained = model(input_ids=ids, attention_mask=mask, exit_policy="none").halting_probs
@@ -176,13 +176,13 @@ def test_a_checkpoint_saved_before_the_evidence_loads_as_it_was(tmp_path):
         loaded = ADNetForSequenceClassification.from_pretrained(tmp_path).eval()
         assert loaded.config.halting_evidence is False and not loaded.adnet.units[0].reads_evidence
         same = loaded(input_ids=ids, attention_mask=mask)
-        # the evidence added to it starts from zero weights: the same exits until trained
+        # the evidence can be added to it (the prior weights then start where they start in a new model)
         added = ADNetForSequenceClassification.from_pretrained(tmp_path, halting_evidence=True).eval()
         assert added.adnet.units[0].reads_evidence
-        grown = added(input_ids=ids, attention_mask=mask)
-    for out in (same, grown):
-        torch.testing.assert_close(out.logits, expected.logits)
-        assert torch.equal(out.exit_steps, expected.exit_steps)
+        assert torch.equal(added.adnet.units[0].evidence.weight, torch.tensor([[1.0, 0, 0, 0, 0]]))
+        torch.testing.assert_close(added.adnet.units[0].halting.weight, model.adnet.units[0].halting.weight)
+    torch.testing.assert_close(same.logits, expected.logits)
+    assert torch.equal(same.exit_steps, expected.exit_steps)
 
 
 def test_the_base_model_of_a_classifier_with_evidence_units(tmp_path):
