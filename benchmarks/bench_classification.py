@@ -6,7 +6,10 @@ batch 1 and batch 32, on a GLUE-style TSV (single sentences or pairs, e.g. SST-2
 images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation for a regression model (one
 output; only `halting` exits then, as `confidence` and `patience` need classes), with the executed layers from
 `adnet_hf.evaluation_adnet.sweep_exits`: each setting is passed per call, never written into the config. A plain
-fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference.
+fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference (`--reference`); without
+one, `--plain_timing` times the plain Transformers model of the same architecture holding the ADNet backbone's
+weights (its head random: wall-clock does not depend on the weights' values, so its quality is not reported). Either
+plain arm is then timed in turns with every exit setting too, for the `speedup_vs_plain_b*` columns.
 
     python -m benchmarks.bench_classification --model outputs/sst2-adnet \
         --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
@@ -44,6 +47,8 @@ DEFAULT_SETTINGS = {
     "confidence": [0.99, 0.95, 0.9, 0.8, 0.7],
     "patience": [3, 2, 1],
 }
+# The plain arm's row with `--plain_timing`: the backbone's plain model on the ADNet weights, timed, not scored.
+PLAIN_TIMING_ROW = "plain model, ADNet backbone weights (timing only)"
 
 
 def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -91,34 +96,59 @@ def quality_row(record: dict, full: dict, num_blocks: int) -> dict:
             "ideal_speedup": num_blocks / layers}
 
 
-def measure(model, reference, batches_by_size, labels, settings, repeats) -> list[dict]:
-    """The full-depth row, the plain reference's and one per exit setting: quality and executed layers from
-    `sweep_exits` on the largest batches, and the measured speed-up at every batch size."""
+def plain_twin(model, auto_class):
+    """The plain Transformers model of `model`'s backbone, holding the ADNet backbone's weights (its own head, e.g.
+    BERT's pooler and classifier, random)."""
+    config = model.config.backbone_config.__class__.from_dict(model.config.backbone_config.to_dict())
+    config.num_labels = model.config.num_labels
+    plain = auto_class.from_config(config)
+    _, unexpected = plain.base_model.load_state_dict(model.base_model.backbone.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"The plain {config.model_type} model does not hold the ADNet backbone's {unexpected}")
+    return plain.eval()
+
+
+def timed_arms(model, reference, batches: list[dict], **exit_setting) -> dict:
+    """What `interleaved_seconds` takes turns at: ADNet at full depth, with `exit_setting` when given, and the plain
+    `reference` when there is one."""
+    arms = {"none": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH)}
+    if exit_setting:
+        arms["exit"] = lambda: run_batches(model, batches, **exit_setting)
+    if reference is not None:
+        arms["plain"] = lambda: run_batches(reference, batches)
+    return arms
+
+
+def plain_row(model, reference, largest: list[dict], labels: torch.Tensor, metric: str, timing_only: bool) -> dict:
+    """The plain arm's row: the reference's quality, or none for the timing-only twin (`--plain_timing`)."""
+    quality = None if timing_only else plain_quality(reference, largest, labels)[metric]
+    return {"policy": PLAIN_TIMING_ROW if timing_only else "plain reference", "setting": None, metric: quality,
+            f"{metric}_drop_pts": None, "executed_layers": float(model.config.num_blocks), "ideal_speedup": 1.0}
+
+
+def measure(model, reference, batches_by_size, labels, settings, repeats, timing_only: bool = False) -> list[dict]:
+    """The full-depth row, the plain arm's and one per exit setting: quality and executed layers from `sweep_exits`
+    on the largest batches, and the measured speed-up at every batch size against full depth (`speedup_b*`) and
+    against the plain arm timed in the same turns (`speedup_vs_plain_b*`)."""
     num_blocks = model.config.num_blocks
     largest = batches_by_size[max(batches_by_size)]
     records = sweep_exits(model, with_labels(largest, labels), [(FULL_DEPTH, None)] + settings)
     full, *exits = [quality_row(record, records[0], num_blocks) for record in records]
     rows = [full]
     if reference is not None:
-        metric = quality_metric(full)
-        quality = plain_quality(reference, largest, labels)[metric]
-        plain = {"policy": "plain reference", "setting": None, metric: quality, f"{metric}_drop_pts": None,
-                 "executed_layers": float(num_blocks), "ideal_speedup": 1.0}
+        plain = plain_row(model, reference, largest, labels, quality_metric(full), timing_only)
         for size, batches in batches_by_size.items():
-            seconds = interleaved_seconds({"plain": lambda: run_batches(reference, batches),
-                                           "none": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH)},
-                                          repeats)
+            seconds = interleaved_seconds(timed_arms(model, reference, batches), repeats)
             plain[f"speedup_b{size}"] = seconds["none"] / seconds["plain"]
         rows.append(plain)
     for row in exits:
-        policy, threshold = row["policy"], row["setting"]
+        exit_setting = {"exit_policy": row["policy"], "exit_threshold": row["setting"]}
         for size, batches in batches_by_size.items():
-            seconds = interleaved_seconds({
-                "exit": lambda: run_batches(model, batches, exit_policy=policy, exit_threshold=threshold),
-                "none": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH),
-            }, repeats)
+            seconds = interleaved_seconds(timed_arms(model, reference, batches, **exit_setting), repeats)
             row[f"speedup_b{size}"] = seconds["none"] / seconds["exit"]
             row[f"efficiency_b{size}"] = row[f"speedup_b{size}"] / row["ideal_speedup"]
+            if reference is not None:
+                row[f"speedup_vs_plain_b{size}"] = seconds["plain"] / seconds["exit"]
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -180,14 +210,20 @@ def load_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def load_models(auto_class, args: argparse.Namespace):
+    """The ADNet model and its plain arm: `--reference`, the `--plain_timing` twin, or none."""
     model = auto_class.from_pretrained(args.model).eval()
-    return model, auto_class.from_pretrained(args.reference).eval() if args.reference else None
+    if args.reference:
+        return model, auto_class.from_pretrained(args.reference).eval()
+    return model, plain_twin(model, auto_class) if getattr(args, "plain_timing", False) else None
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "classification")
     add_input_arguments(parser)
-    parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
+    plain = parser.add_mutually_exclusive_group()
+    plain.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
+    plain.add_argument("--plain_timing", action="store_true",
+                       help="time the plain model of the backbone's architecture with the ADNet backbone's weights")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max_samples_batch1", type=int, default=200,
                         help="samples timed at batch 1 (accuracy always uses all samples)")
@@ -204,9 +240,10 @@ def main(argv: list[str] | None = None) -> Path:
     if regression and needing_classes:
         parser.error(f"a regression model cannot exit by {', '.join(needing_classes)} (they need class predictions)")
     settings = [(policy, value) for policy in policies for value in getattr(args, policy)]
-    rows = measure(model, reference, batches_by_size, labels, settings, args.repeats)
+    rows = measure(model, reference, batches_by_size, labels, settings, args.repeats, args.plain_timing)
     payload = {"benchmark": "regression" if regression else "classification", "model": args.model,
-               "reference": args.reference, "data": args.data or args.images, "samples": len(labels),
+               "reference": PLAIN_TIMING_ROW if args.plain_timing else args.reference, "data": args.data or args.images,
+               "samples": len(labels),
                "samples_timed_batch1": args.max_samples_batch1, "num_blocks": model.config.num_blocks}
     return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
 

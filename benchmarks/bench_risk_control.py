@@ -31,10 +31,15 @@ from .common import benchmark_parser, parse_benchmark_args, write_results
 
 
 def sample_outcomes(model, batches: list[dict], policy: str, candidates: list) -> dict[str, np.ndarray]:
-    """Per-sample errors at full depth (`full_errors`: samples) and under each candidate (`exit_errors`: candidates
-    x samples), and each candidate's executed layers per sample (`layers`), from one real pass per setting."""
-    full, *records = sweep_exits(model, batches, [(FULL_DEPTH, None)] + [(policy, value) for value in candidates],
-                                 return_items=True)
+    """`setting_outcomes` of every candidate of one policy."""
+    return setting_outcomes(model, batches, [(policy, value) for value in candidates])
+
+
+def setting_outcomes(model, batches: list[dict], settings: list[tuple[str, float | int]]) -> dict[str, np.ndarray]:
+    """Per-sample errors at full depth (`full_errors`: samples) and under each `(exit_policy, exit_threshold)` setting
+    (`exit_errors`: settings x samples), and each setting's executed layers per sample (`layers`), from one real pass
+    per setting."""
+    full, *records = sweep_exits(model, batches, [(FULL_DEPTH, None)] + list(settings), return_items=True)
     return {"full_errors": sample_errors(full["items"]).numpy(),
             "exit_errors": np.stack([sample_errors(record["items"]).numpy() for record in records]),
             "layers": np.stack([record["items"]["executed_layers"].double().numpy() for record in records])}

@@ -119,14 +119,16 @@ def save_figure(path: Path, panels: int, draw: Callable[[object, int], None]) ->
     plt.close(figure)
 
 
-def markdown_table(rows: list[dict], command: str) -> str:
+def markdown_table(rows: list[dict], command: str | None = None) -> str:
+    """`rows` as a markdown table, followed by the `command` that measured them when given."""
+    footer = "" if command is None else f"\nCommand: `{command}`\n"
     if not rows:
-        return f"No rows.\n\nCommand: `{command}`\n"
+        return f"No rows.\n{footer}"
     columns = list(dict.fromkeys(column for row in rows for column in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_format(row.get(column)) for column in columns) + " |")
-    return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
+    return "\n".join(lines) + "\n" + footer
 
 
 def _format(value) -> str:

@@ -20,6 +20,7 @@ from benchmarks import (
     bench_generation,
     bench_risk_control,
     halting_profile,
+    pareto_exits,
     step_perplexity,
 )
 
@@ -317,3 +318,86 @@ def test_risk_control_benchmark_chooses_as_calibrate_exit_does(tiny_checkpoint):
         choice = bench_risk_control.choose(outcomes, np.arange(6), budget, delta, 4)
         calibrated = calibrate_exit(model, batches[:1], "halting", budget, grid, delta=delta)
         assert calibrated.value == (None if choice is None else grid[choice])
+
+
+def test_pareto_budget_table_takes_each_policys_cheapest_setting_within_budget():
+    """Known points: per budget, each policy's fewest-layer setting within it (full depth when none is), and whether
+    halting needs no more layers than the others."""
+    points = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.90, "executed_layers": 6.0}] + [
+        {"policy": policy, "setting": setting, "accuracy": accuracy, "executed_layers": layers}
+        for policy, setting, accuracy, layers in [
+            ("halting", 0.1, 0.899, 3.0), ("halting", 0.3, 0.893, 2.0), ("halting", 0.5, 0.85, 1.0),
+            ("confidence", 0.99, 0.90, 4.0), ("confidence", 0.9, 0.896, 2.5), ("confidence", 0.8, 0.88, 1.5),
+            ("patience", 2, 0.897, 3.5), ("patience", 1, 0.891, 2.2)]]
+    rows = pareto_exits.budget_table(points, [0.0025, 0.005, 0.01], 6)
+    chosen = [(row["budget_pts"], row["policy"], row["setting"], row["executed_layers"]) for row in rows]
+    assert chosen == [(0.25, "halting", 0.1, 3.0), (0.25, "confidence", 0.99, 4.0),
+                      (0.25, "patience", "none (full depth)", 6.0),
+                      (0.5, "halting", 0.1, 3.0), (0.5, "confidence", 0.9, 2.5), (0.5, "patience", 2, 3.5),
+                      (1.0, "halting", 0.3, 2.0), (1.0, "confidence", 0.9, 2.5), (1.0, "patience", 1, 2.2)]
+    assert [row.get("halting_no_more_layers") for row in rows] == [True, None, None, False, None, None,
+                                                                    True, None, None]
+    assert [row["accuracy_drop_pts"] for row in rows[:3]] == pytest.approx([0.1, 0.0, 0.0])
+    front = pareto_exits.pareto_front([point for point in points if point["policy"] != "confidence"
+                                       and point["policy"] != "patience"])
+    assert [point["setting"] for point in front] == [0.5, 0.3, 0.1, None]
+
+
+def test_pareto_held_out_choice_is_scored_on_the_other_half():
+    """A setting right on every sample and one wrong on every sample: whichever half chooses, each policy's pick
+    and its held-out layers and drop are known."""
+    full_errors = np.zeros(8, dtype=bool)
+    outcomes = {"full_errors": full_errors, "exit_errors": np.stack([full_errors, ~full_errors]),
+                "layers": np.array([[3.0] * 8, [1.0] * 8])}
+    settings = [("halting", 0.1), ("confidence", 0.6)]
+    rows = pareto_exits.held_out_table(settings, outcomes, [0.01], 4, splits=5, seed=0)
+    assert [(row["policy"], row["mean_layers"], row["violation_share"]) for row in rows] == [
+        ("halting", 3.0, 0.0), ("confidence", 4.0, 0.0)]
+    assert rows[0]["halting_no_more_layers"] is True and all(row["mean_drop_pts"] == 0.0 for row in rows)
+
+
+def test_plain_twin_holds_the_adnet_backbone_weights(tiny_checkpoint):
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model")
+    plain = bench_classification.plain_twin(model, AutoModelForSequenceClassification)
+    assert type(plain).__name__ == "BertForSequenceClassification" and plain.config.num_labels == 2
+    weights = plain.base_model.state_dict()
+    for name, value in model.adnet.backbone.state_dict().items():
+        assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.slow
+def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint):
+    out_dir = tiny_checkpoint / "results"
+    path = pareto_exits.main([
+        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--grid_size", "6",
+        "--batch_size", "5", "--budgets", "0.1", "0.3", "--splits", "4", "--name", "tiny", "--results_dir",
+        str(out_dir)])
+    result = json.loads(path.read_text())
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
+    steps = model.config.num_variable_steps
+    points = result["points"]
+    assert [(point["policy"], point["setting"]) for point in points] == [("none (full depth)", None)] + [
+        (policy, value) for policy in pareto_exits.POLICIES for value in pareto_exits.dense_grid(policy, steps, 6)]
+    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
+    for point in points[1::4]:
+        metrics = evaluate_batches(model, batches, point["policy"], point["setting"])
+        assert (point["accuracy"], point["executed_layers"]) == pytest.approx(
+            (metrics["accuracy"], metrics["executed_layers"])), point
+    assert result["rows"] == pareto_exits.budget_table(points, [0.1, 0.3], model.config.num_blocks)
+    assert [(row["budget_pts"], row["policy"]) for row in result["budget_rows_held_out"]] == [
+        (budget, policy) for budget in (10.0, 30.0) for policy in pareto_exits.POLICIES]
+    assert "Held-out verdict" in (out_dir / "tiny.md").read_text() and (out_dir / "tiny.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_classification_benchmark_times_the_plain_twin_in_turns(tiny_checkpoint):
+    path = bench_classification.main([
+        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--plain_timing",
+        "--batch_sizes", "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--policies", "halting",
+        "--halting", "0.3", "--name", "tiny", "--results_dir", str(tiny_checkpoint / "results")])
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["policy"] for row in rows] == ["none (full depth)", bench_classification.PLAIN_TIMING_ROW, "halting"]
+    assert rows[1]["accuracy"] is None and all(math.isfinite(rows[2][f"speedup_vs_plain_b{size}"]) for size in (1, 4))
+    with pytest.raises(SystemExit):  # one plain arm at most
+        bench_classification.main(["--model", str(tiny_checkpoint / "model"), "--data",
+                                   str(tiny_checkpoint / "dev.tsv"), "--plain_timing", "--reference", "plain"])
