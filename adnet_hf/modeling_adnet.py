@@ -212,6 +212,20 @@ class ADNetPreTrainedModel(PreTrainedModel):
             output_layers[:-1].requires_grad_(True)
         if getattr(self, "exit_adapters", None) is not None:  # the last step has none: full depth is unchanged
             self.exit_adapters.requires_grad_(True)
+        self._full_depth_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`; with the full depth frozen (`freeze_full_depth`), the frozen modules stay in eval mode:
+        their dropout trains nothing and would only make the step predictions, and so where each one settles (what
+        the exits learn from), differ from what inference sees."""
+        super().train(mode)
+        if mode and getattr(self, "_full_depth_frozen", False):
+            for module in self.modules():
+                parameters = list(module.parameters())
+                if parameters and not any(p.requires_grad for p in parameters):
+                    module.eval()
+        return self
 
 
 class ADNetModel(ADNetPreTrainedModel):

@@ -257,3 +257,20 @@ def test_label_smoothing_is_refused_with_either_arguments(tmp_path, args_class):
     args = args_class(output_dir=str(tmp_path / "out"), use_cpu=True, label_smoothing_factor=0.1, report_to="none")
     with pytest.raises(ValueError, match="label_smoothing_factor is not used by ADNetTrainer"):
         ADNetTrainer(model=classifier(), args=args)
+
+
+def test_the_frozen_full_depth_runs_without_dropout_in_training():
+    """Stage two trains the exits on the step predictions inference will see: the frozen backbone and output layer
+    keep no dropout in training mode, the trained units (and their own output layers) keep theirs."""
+    config = ADNetConfig(backbone_config=bert_config(hidden_dropout_prob=0.5), num_labels=3, unit_hidden_size=8,
+                         classifier_dropout=0.5, share_output_layer=False)
+    model = ADNetForSequenceClassification(config)
+    ids, mask = token_batch()
+    model.freeze_full_depth()
+    model.train()
+    assert not model.adnet.backbone.training and not model.output_layers[-1].training
+    assert model.adnet.units[0].training and model.output_layers[0].training
+    with torch.no_grad():
+        trained = model(input_ids=ids, attention_mask=mask, labels=torch.zeros(4, dtype=torch.long))
+        inference = model.eval()(input_ids=ids, attention_mask=mask, exit_policy="none")
+    torch.testing.assert_close(trained.step_logits[-1], inference.step_logits[-1])
