@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from .backbones_adnet import BackboneAdapter, StepState
+from .backbones_adnet import BackboneAdapter, Flops, StepState
 from .exits_adnet import ExitRule, HaltingDistribution, exit_decision
 from .generation_adnet import exit_cache
 from .sharding_adnet import exit_sync
@@ -71,20 +71,60 @@ def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int,
 
 
 class FlopsAccountant:
-    """Estimated FLOPs per item (B, or B x T for per-token units), of the items still running."""
+    """Estimated FLOPs per item (B, or B x T for per-token units), of the items still running.
 
-    def __init__(self, padding: torch.Tensor, per_token: bool):
-        self.per_token = per_token
-        self.total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+    FLOPs are added up as numbers (`Flops`) while the same items run on the same tokens, and put on the items once
+    that changes or `total` is read: a full-depth pass touches a tensor once, not at every block, unit and head.
+    """
+
+    def __init__(self, padding: torch.Tensor, per_token: bool, context_lengths: Callable[[StepState], torch.Tensor]):
+        self.per_token, self.context_lengths = per_token, context_lengths
+        self._total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+        self._active: torch.Tensor | slice | None = None
+        self._done: torch.Tensor | None = None
+        self._state: StepState | None = None
+        self._items: torch.Tensor | float = 0.0
+        self._flops = Flops()
+
+    @property
+    def total(self) -> torch.Tensor:
+        self._flush()
+        return self._total
 
     def add(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor | float) -> None:
-        """Add `flops` per item to the samples `active`, except their items that are `done` (a float is not copied
-        to the device: no host-device sync in the step loop)."""
-        self.total[active] += (~done).double() * flops
+        """Add `flops` per item to the samples `active`, except their items that are `done`."""
+        self._begin(active, done)
+        self._items = self._items + flops
 
-    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor) -> None:
-        """Add FLOPs per position (B x T): per item, or summed over a pooled sample's positions."""
-        self.add(active, done, flops.double() if self.per_token else flops.double().sum(-1))
+    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: Flops, state: StepState) -> None:
+        """Add `flops` (per real token and its context in `state`) to the samples `active`, except their items that
+        are `done`."""
+        self._begin(active, done, state)
+        self._flops = self._flops + flops
+
+    def _begin(self, active: torch.Tensor | slice, done: torch.Tensor, state: StepState | None = None) -> None:
+        """Put what was added on the items first unless the same items (and tokens) still run."""
+        same_tokens = state is None or self._state is None or (
+            state.token_mask is self._state.token_mask and state.block_kwargs is self._state.block_kwargs)
+        if active is not self._active or done is not self._done or not same_tokens:
+            self._flush()
+            self._active, self._done = active, done
+        if state is not None:
+            self._state = state
+
+    def _flush(self) -> None:
+        if self._active is None:
+            return
+        items, flops = self._items, self._flops
+        if flops.tokens or flops.context:
+            tokens = self._state.token_mask.to(torch.float64)
+            per_token = flops.tokens * tokens
+            if flops.context:
+                per_token = per_token + flops.context * tokens * self.context_lengths(self._state)
+            items = items + (per_token if self.per_token else per_token.sum(-1))
+        self._total[self._active] += (~self._done).double() * (items + flops.items)
+        self._active = self._done = self._state = None
+        self._items, self._flops = 0.0, Flops()
 
 
 class Trace:
@@ -155,15 +195,14 @@ class StepEngine:
         return torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
 
     def run_blocks(self, step: int, state: StepState, cache,
-                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step `step`'s output for the samples of `state`, and its estimated FLOPs at each position (B x T).
+                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, Flops]:
+        """Step `step`'s output for the samples of `state`, and its estimated FLOPs per token.
 
         `finish_block(block_index, output)` gives the state the next block reads (and records it)."""
-        hidden, flops = state.hidden, 0.0
+        hidden, flops = state.hidden, Flops()
         for offset, block in enumerate(self.steps[step]):
-            block_state = StepState(hidden, state.token_mask, state.block_kwargs)
-            output = self.adapter.run_block(block, block_state, cache)
-            flops = flops + self.adapter.block_flops(block, block_state, output)
+            output = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), cache)
+            flops = flops + self.adapter.block_flops(block, output)
             hidden = finish_block(step * self.layers_per_step + offset, output)
         return hidden, flops
 
@@ -172,10 +211,12 @@ class StepEngine:
         """Variable step n's unit on the step output in `state`: its summary and halting probabilities."""
         unit = self.units[n]
         positions = self.adapter.unit_view(state.hidden)
-        summary, lambdas = unit(positions, None if self.per_token else state.token_mask)
-        real = state.token_mask if state.token_mask is not None else positions.new_ones(positions.shape[:2])
+        summary, lambdas = unit(positions, None if self.per_token else state.pooling_mask())
         per_position, per_summary = unit.flops()
-        flops.add_positions(active, done, per_position * real.to(positions.dtype))
+        if state.token_mask is None:  # every position is real (a CNN's feature map)
+            per_summary += per_position * positions.shape[1]
+        else:
+            flops.add_positions(active, done, Flops(tokens=per_position), state)
         flops.add(active, done, per_summary)
         return summary, lambdas
 
@@ -184,7 +225,8 @@ class StepEngine:
         """Every step for every item. The head predicts at every variable step when something reads those
         predictions (`fuse`, a step loss, kept step logits), else at the last step only."""
         padding, everyone = self.padding(state), slice(None)
-        flops, distribution = FlopsAccountant(padding, self.per_token), HaltingDistribution()
+        flops = FlopsAccountant(padding, self.per_token, self.adapter.context_lengths)
+        distribution = HaltingDistribution()
         predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits)
         probs, step_logits, step_losses, logits = [], [], [], None
         trace.record(-1, state.hidden, everyone)
@@ -195,7 +237,7 @@ class StepEngine:
 
         for step in range(len(self.steps)):
             state.hidden, block_flops = self.run_blocks(step, state, cache, finish_block)
-            flops.add_positions(everyone, padding, block_flops)
+            flops.add_positions(everyone, padding, block_flops, state)
             n = step - self.num_fixed_steps
             if n < 0:
                 continue
@@ -252,7 +294,7 @@ class _ExitingPass:
         self.exit_states: dict[torch.Size, torch.Tensor] = {}  # per shape: the samples that left, full batch
         self.last_block = -1  # the deepest block run for any sample
         self.distribution = HaltingDistribution()
-        self.flops = FlopsAccountant(self.padding, engine.per_token)
+        self.flops = FlopsAccountant(self.padding, engine.per_token, engine.adapter.context_lengths)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
         self.sync = exit_sync(engine.steps, engine.sync_exits)
         if self.cache.fills_after_exit and self.sync.in_step:
@@ -298,7 +340,7 @@ class _ExitingPass:
             return output
 
         self.state.hidden, position_flops = self.engine.run_blocks(step, self.state, self.cache.view, finish_block)
-        self.flops.add_positions(self.active, self.done, position_flops)
+        self.flops.add_positions(self.active, self.done, position_flops, self.state)
         return self.state.hidden
 
     def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:
