@@ -34,6 +34,14 @@ class StepState:
     hidden: torch.Tensor
     token_mask: torch.Tensor | None = None
     block_kwargs: dict[str, Any] = field(default_factory=dict)
+    _padded: bool | None = field(default=None, init=False, repr=False)
+
+    def pooling_mask(self) -> torch.Tensor | None:
+        """`token_mask` for pooling over the tokens, or None when every token is real (always at batch 1), so that
+        pooling reads no mask. The mask is read once per state, not while a graph is traced."""
+        if self.token_mask is not None and self._padded is None:
+            self._padded = torch.compiler.is_compiling() or not bool(self.token_mask.all())
+        return self.token_mask if self._padded else None
 
     def select(self, keep: torch.Tensor) -> StepState:
         """The state of the samples at indices `keep` only."""
@@ -42,6 +50,21 @@ class StepState:
             token_mask=None if self.token_mask is None else self.token_mask[keep],
             block_kwargs=select_batch(self.block_kwargs, keep),
         )
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Estimated FLOPs as numbers per item, so that adding them up costs no tensor operation: `items` for each item,
+    `tokens` for each real token it covers (a pooled sample's real tokens, or a token itself) and `context` for each
+    position such a token attends to. `FlopsAccountant` puts them on the items with the token mask and the context
+    of each token (`BackboneAdapter.context_lengths`)."""
+
+    items: float = 0.0
+    tokens: float = 0.0
+    context: float = 0.0
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(self.items + other.items, self.tokens + other.tokens, self.context + other.context)
 
 
 def select_batch(value: Any, keep: torch.Tensor) -> Any:
@@ -127,22 +150,16 @@ class BackboneAdapter:
         """The block output as B x T x H, the layout the calculation units read."""
         return hidden
 
-    def block_flops(self, block: nn.Module, state: StepState, output: torch.Tensor) -> torch.Tensor:
-        """Estimated FLOPs of `block` at each real position (B x T): its matrix products, and for attention the
-        scores and weighted values over the position's context (all tokens, or the causal past with the cache)."""
-        positions = self.unit_view(output)
-        mask = state.token_mask
-        if mask is None:
-            mask = positions.new_ones(positions.shape[:2])
-        mask = mask.to(positions.dtype)
-        flops = 2.0 * matmul_weights(block) * mask
-        if self.has_attention:
-            if self.is_causal:
-                context = state.block_kwargs["position_ids"].to(mask.dtype) + 1
-            else:
-                context = mask.sum(-1, keepdim=True)
-            flops = flops + 4.0 * positions.shape[-1] * context * mask
-        return flops
+    def block_flops(self, block: nn.Module, output: torch.Tensor) -> Flops:
+        """Estimated FLOPs of `block` at each real token: its matrix products (2 per weight), and for attention the
+        scores and weighted values over the token's context (all tokens, or the causal past with the cache)."""
+        return Flops(tokens=2.0 * matmul_weights(block), context=4.0 * output.shape[-1] if self.has_attention else 0.0)
+
+    def context_lengths(self, state: StepState) -> torch.Tensor:
+        """How many positions each token attends to (B x T, or B x 1 for the same number in a whole sample)."""
+        if self.is_causal:
+            return state.block_kwargs["position_ids"] + 1
+        return state.token_mask.sum(-1, keepdim=True)
 
     def final_norm(self, backbone: PreTrainedModel) -> nn.Module:
         """The norm applied before the LM head (causal LMs only)."""
@@ -299,6 +316,10 @@ class ResNetAdapter(BackboneAdapter):
 
     def unit_view(self, hidden):
         return hidden.flatten(2).transpose(1, 2)
+
+    def block_flops(self, block, output):
+        """Every position of a feature map is real: its FLOPs are a number per image."""
+        return Flops(items=2.0 * matmul_weights(block) * output.shape[2] * output.shape[3])
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from .backbones_adnet import BackboneAdapter, StepState
+from .backbones_adnet import BackboneAdapter, Flops, StepState
 from .exits_adnet import ExitRule, HaltingDistribution, exit_decision
 from .generation_adnet import exit_cache
 from .sharding_adnet import exit_sync
@@ -74,20 +74,60 @@ def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int,
 
 
 class FlopsAccountant:
-    """Estimated FLOPs per item (B, or B x T for per-token units), of the items still running."""
+    """Estimated FLOPs per item (B, or B x T for per-token units), of the items still running.
 
-    def __init__(self, padding: torch.Tensor, per_token: bool):
-        self.per_token = per_token
-        self.total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+    FLOPs are added up as numbers (`Flops`) while the same items run on the same tokens, and put on the items once
+    that changes or `total` is read: a full-depth pass touches a tensor once, not at every block, unit and head.
+    """
+
+    def __init__(self, padding: torch.Tensor, per_token: bool, context_lengths: Callable[[StepState], torch.Tensor]):
+        self.per_token, self.context_lengths = per_token, context_lengths
+        self._total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+        self._active: torch.Tensor | slice | None = None
+        self._done: torch.Tensor | None = None
+        self._state: StepState | None = None
+        self._items: torch.Tensor | float = 0.0
+        self._flops = Flops()
+
+    @property
+    def total(self) -> torch.Tensor:
+        self._flush()
+        return self._total
 
     def add(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor | float) -> None:
-        """Add `flops` per item to the samples `active`, except their items that are `done` (a float is not copied
-        to the device: no host-device sync in the step loop)."""
-        self.total[active] += (~done).double() * flops
+        """Add `flops` per item to the samples `active`, except their items that are `done`."""
+        self._begin(active, done)
+        self._items = self._items + flops
 
-    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor) -> None:
-        """Add FLOPs per position (B x T): per item, or summed over a pooled sample's positions."""
-        self.add(active, done, flops.double() if self.per_token else flops.double().sum(-1))
+    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: Flops, state: StepState) -> None:
+        """Add `flops` (per real token and its context in `state`) to the samples `active`, except their items that
+        are `done`."""
+        self._begin(active, done, state)
+        self._flops = self._flops + flops
+
+    def _begin(self, active: torch.Tensor | slice, done: torch.Tensor, state: StepState | None = None) -> None:
+        """Put what was added on the items first unless the same items (and tokens) still run."""
+        same_tokens = state is None or self._state is None or (
+            state.token_mask is self._state.token_mask and state.block_kwargs is self._state.block_kwargs)
+        if active is not self._active or done is not self._done or not same_tokens:
+            self._flush()
+            self._active, self._done = active, done
+        if state is not None:
+            self._state = state
+
+    def _flush(self) -> None:
+        if self._active is None:
+            return
+        items, flops = self._items, self._flops
+        if flops.tokens or flops.context:
+            tokens = self._state.token_mask.to(torch.float64)
+            per_token = flops.tokens * tokens
+            if flops.context:
+                per_token = per_token + flops.context * tokens * self.context_lengths(self._state)
+            items = items + (per_token if self.per_token else per_token.sum(-1))
+        self._total[self._active] += (~self._done).double() * (items + flops.items)
+        self._active = self._done = self._state = None
+        self._items, self._flops = 0.0, Flops()
 
 
 class Trace:
@@ -160,11 +200,11 @@ class StepEngine:
         return torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
 
     def run_blocks(self, step: int, state: StepState, cache,
-                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step `step`'s output for the samples of `state`, and its estimated FLOPs at each position (B x T).
+                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, Flops]:
+        """Step `step`'s output for the samples of `state`, and its estimated FLOPs per token.
 
         `finish_block(block_index, output)` gives the state the next block reads (and records it)."""
-        hidden, flops = state.hidden, 0.0
+        hidden, flops = state.hidden, Flops()
         for offset, block in enumerate(self.steps[step]):
             index = step * self.layers_per_step + offset
             output, block_flops = self.run_block(block, index, StepState(hidden, state.token_mask, state.block_kwargs),
@@ -181,33 +221,30 @@ class StepEngine:
     def needs_predictions(self, rule: ExitRule) -> bool:
         """Whether exiting by `rule` needs the head's prediction at every variable step."""
         return rule.needs_predictions or self.units_read_evidence
-    def run_block(self, block: nn.Module, index: int, state: StepState, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `index`'s output and FLOPs per position. Under layer dropout (LayerSkip) each sample skips the block
-        with its rate (`layer_dropout_rate`): it keeps its input and costs nothing, and the block runs for the
-        others only."""
+
+    def run_block(self, block: nn.Module, index: int, state: StepState, cache) -> tuple[torch.Tensor, Flops]:
+        """Block `index`'s output and FLOPs. Under layer dropout (LayerSkip, training only) each sample skips the
+        block with its rate (`layer_dropout_rate`): it keeps its input, and the block runs for the others only;
+        the FLOPs estimate, numbers shared by every item, still counts the block for all of them."""
         rate = layer_dropout_rate(self.layer_dropout, index, sum(len(blocks) for blocks in self.steps))
         if not rate:
             output = self.adapter.run_block(block, state, cache)
-            return output, self.adapter.block_flops(block, state, output)
+            return output, self.adapter.block_flops(block, output)
         if cache is not None:
             raise ValueError("ADNetConfig.layer_dropout skips blocks per sample in training, which a key/value cache "
                              "cannot follow: train without use_cache.")
         runs = (torch.rand(state.hidden.shape[0], device=state.hidden.device) >= rate).nonzero().squeeze(-1)
         if not runs.numel():
             return self._stand_in(block, state)
-        kept = state.select(runs)
-        output = self.adapter.run_block(block, kept, cache)
-        flops = self.adapter.block_flops(block, kept, output)
-        return (state.hidden.index_copy(0, runs, output),
-                flops.new_zeros(state.hidden.shape[0], *flops.shape[1:]).index_copy(0, runs, flops))
+        output = self.adapter.run_block(block, state.select(runs), cache)
+        return state.hidden.index_copy(0, runs, output), self.adapter.block_flops(block, output)
 
-    def _stand_in(self, block: nn.Module, state: StepState) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stand_in(self, block: nn.Module, state: StepState) -> tuple[torch.Tensor, Flops]:
         """Every sample skips the block: it still runs, on one sample, its output weighted 0, so that every process
         runs and backpropagates through every block (a collective on sharded blocks, as `sharding_adnet`'s stand-in;
         DDP sees every parameter used). Nothing is counted; each sample keeps its input."""
         output = self.adapter.run_block(block, state.select(torch.arange(1, device=state.hidden.device)))
-        flops = state.hidden.new_zeros(self.adapter.unit_view(state.hidden).shape[:2])
-        return state.hidden + 0.0 * output.sum(), flops
+        return state.hidden + 0.0 * output.sum(), Flops()
 
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
                  done: torch.Tensor, head: StepHead | None = None, previous: torch.Tensor | None = None,
@@ -218,10 +255,12 @@ class StepEngine:
         the evidence sees it, with the `previous` step's prediction and the mass `not_halted` so far)."""
         unit = self.units[n]
         positions = self.adapter.unit_view(state.hidden)
-        summary = unit.summarise(positions, None if self.per_token else state.token_mask)
-        real = state.token_mask if state.token_mask is not None else positions.new_ones(positions.shape[:2])
+        summary = unit.summarise(positions, None if self.per_token else state.pooling_mask())
         per_position, per_summary = unit.flops()
-        flops.add_positions(active, done, per_position * real.to(positions.dtype))
+        if state.token_mask is None:  # every position is real (a CNN's feature map)
+            per_summary += per_position * positions.shape[1]
+        else:
+            flops.add_positions(active, done, Flops(tokens=per_position), state)
         logits = evidence = None
         if head is not None:
             logits = head.predict(n, summary, state.hidden)
@@ -237,7 +276,8 @@ class StepEngine:
         """Every step for every item. The head predicts at every variable step when something reads those
         predictions (`fuse`, a step loss, kept step logits), else at the last step only."""
         padding, everyone = self.padding(state), slice(None)
-        flops, distribution = FlopsAccountant(padding, self.per_token), HaltingDistribution()
+        flops = FlopsAccountant(padding, self.per_token, self.adapter.context_lengths)
+        distribution = HaltingDistribution()
         predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits
                                                    or self.units_read_evidence)
         # Units that read the predictions cannot halt without a head (ADNetModel alone): no halting is computed.
@@ -251,7 +291,7 @@ class StepEngine:
 
         for step in range(len(self.steps)):
             state.hidden, block_flops = self.run_blocks(step, state, cache, finish_block)
-            flops.add_positions(everyone, padding, block_flops)
+            flops.add_positions(everyone, padding, block_flops, state)
             n = step - self.num_fixed_steps
             if n < 0 or not halts:
                 continue
@@ -321,7 +361,7 @@ class _ExitingPass:
         self.exit_states: dict[torch.Size, torch.Tensor] = {}  # per shape: the samples that left, full batch
         self.last_block = -1  # the deepest block run for any sample
         self.distribution = HaltingDistribution()
-        self.flops = FlopsAccountant(self.padding, engine.per_token)
+        self.flops = FlopsAccountant(self.padding, engine.per_token, engine.adapter.context_lengths)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
         self.sync = exit_sync(engine.steps, engine.sync_exits)
         if self.cache.fills_after_exit and self.sync.in_step:
@@ -367,7 +407,7 @@ class _ExitingPass:
             return output
 
         self.state.hidden, position_flops = self.engine.run_blocks(step, self.state, self.cache.view, finish_block)
-        self.flops.add_positions(self.active, self.done, position_flops)
+        self.flops.add_positions(self.active, self.done, position_flops, self.state)
         return self.state.hidden
 
     def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:

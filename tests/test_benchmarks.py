@@ -401,3 +401,24 @@ def test_classification_benchmark_times_the_plain_twin_in_turns(tiny_checkpoint)
     with pytest.raises(SystemExit):  # one plain arm at most
         bench_classification.main(["--model", str(tiny_checkpoint / "model"), "--data",
                                    str(tiny_checkpoint / "dev.tsv"), "--plain_timing", "--reference", "plain"])
+
+
+def test_overhead_benchmark_times_adnet_at_full_depth_against_its_plain_twin(tiny_checkpoint):
+    from benchmarks import bench_overhead
+
+    out_dir = tiny_checkpoint / "results"
+    path = bench_overhead.main([
+        "--model", str(tiny_checkpoint / "model"), "--tokenizer", str(tiny_checkpoint / "model"),
+        "--data", str(tiny_checkpoint / "dev.tsv"), "--batch_sizes", "1", "4", "--samples_batch1", "3",
+        "--samples", "8", "--repeats", "2", "--profile", "--name", "tiny_overhead", "--results_dir", str(out_dir),
+    ])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["task"], row["batch_size"], row["forwards"]) for row in rows] == [("text", 1, 3), ("text", 4, 2)]
+    assert all(row["plain_ms"] > 0 and row["adnet_ms"] > 0 and row[key] > 0 for row in rows
+               for key in ("ratio", "ratio_fastest", "ratio_paired", "ratio_cpu"))
+    profile = (out_dir / "tiny_overhead_profile.md").read_text()
+    assert "## text, batch 1 (3 forwards)" in profile and "adnet_hf/engine_adnet.py" in profile
+    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model")
+    plain = bench_overhead.plain_twin(model, AutoModelForSequenceClassification)
+    for name, tensor in model.adnet.backbone.state_dict().items():
+        assert torch.equal(plain.base_model.state_dict()[name], tensor), name

@@ -164,6 +164,7 @@ def test_batched_equals_one_by_one_with_padding(backbone, policy):
             assert single.exit_steps.item() == batched.exit_steps[row].item()
             torch.testing.assert_close(single.logits[0], batched.logits[row], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(single.halting_probs[0], batched.halting_probs[row], rtol=1e-4, atol=1e-5)
+            assert single.flops.item() == pytest.approx(batched.flops[row].item(), rel=1e-9)
     if policy != "none":
         assert len(set(batched.exit_steps.tolist())) > 1, "every sample exited at the same step"
 
