@@ -8,7 +8,14 @@ from conftest import image_model, lm_model, midpoint_threshold, seq_model, sprea
 from torch.utils._pytree import tree_flatten
 
 from adnet_hf.backbones_adnet import StepState
-from adnet_hf.export_adnet import ADNetStepRunner, StateLayout, StepGraph, export_step_programs, export_steps
+from adnet_hf.export_adnet import (
+    ADNetStepRunner,
+    StateLayout,
+    StepGraph,
+    evidence_inputs,
+    export_step_programs,
+    export_steps,
+)
 
 POLICIES = ("none", "halting", "confidence", "patience")
 
@@ -44,9 +51,11 @@ def test_step_programs_chain_to_the_full_depth_logits_at_another_batch_and_lengt
     exported = export_step_programs(model, {"input_ids": ids, "attention_mask": mask})
     tensors = tree_flatten(exported.programs[0].module()(*(inputs[name] for name in exported.input_names)))[0]
     assert len(tensors) == len(exported.state_names) == 3  # hidden, token_mask, the 4-D mask
-    for program in exported.programs[1:]:
-        outputs = program.module()(*tensors)
-        tensors = (outputs[0], *tensors[1:])
+    engine, previous = model.adnet.step_engine(), None
+    for step, program in enumerate(exported.programs[1:]):
+        extra = {"not_halted": torch.ones(len(tensors[0])), "previous_logits": previous}
+        outputs = program.module()(*tensors, *(extra[name] for name in evidence_inputs(engine, step)))
+        tensors, previous = (outputs[0], *tensors[1:]), outputs[-1]
     with torch.no_grad():
         full = model(**inputs, exit_policy="none")
     torch.testing.assert_close(outputs[2], full.logits, rtol=1e-5, atol=1e-5)

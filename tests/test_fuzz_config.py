@@ -184,6 +184,8 @@ def set_values(path: str, values: dict, folder: Path) -> ADNetConfig:
             assert comparable(config) == before, f"a refused assignment of {name} was kept"
             error.applied = applied  # what had been assigned when it was refused
             raise
+        if config.per_token_units:  # the classifier refuses a causal LM's units when it is built
+            ADNetForSequenceClassification(config)
         assert documented(applied, path), f"accepted the assignments {applied}"
     return config
 
