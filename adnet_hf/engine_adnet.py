@@ -192,6 +192,8 @@ class StepEngine:
         self.per_token, self.layers_per_step = per_token, layers_per_step
         self.sync_exits, self.layer_dropout = sync_exits, layer_dropout
         self.num_fixed_steps = len(steps) - len(units)
+        # whether the halting units read the step predictions (`CalculationUnit.reads_evidence`)
+        self.units_read_evidence = any(unit.reads_evidence for unit in units)
 
     def padding(self, state: StepState) -> torch.Tensor:
         """Items that are not real: padding tokens for per-token units, none for pooled ones."""
@@ -212,11 +214,6 @@ class StepEngine:
             flops = flops + block_flops
             hidden = finish_block(index, output)
         return hidden, flops
-
-    @property
-    def units_read_evidence(self) -> bool:
-        """Whether the halting units read the step predictions (`CalculationUnit.reads_evidence`)."""
-        return any(unit.reads_evidence for unit in self.units)
 
     def needs_predictions(self, rule: ExitRule) -> bool:
         """Whether exiting by `rule` needs the head's prediction at every variable step."""
