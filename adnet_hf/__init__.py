@@ -17,6 +17,7 @@ from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
 from .evaluation_adnet import evaluate_batches, sweep_exits, task_metrics
 from .exits_adnet import EXIT_RULES, ConfidenceExit, ExitRule, HaltingExit, PatienceExit, register_exit_rule
+from .halting_adnet import HaltingFit, fit_halting
 from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
 from .modeling_adnet import (
     ADNetCausalLMOutput,
@@ -61,6 +62,8 @@ __all__ = [
     "compute_classification_metrics",
     "CalibrationResult",
     "calibrate_exit",
+    "HaltingFit",
+    "fit_halting",
     "evaluate_batches",
     "sweep_exits",
     "task_metrics",

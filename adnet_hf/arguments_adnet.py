@@ -55,9 +55,11 @@ from .data_adnet import (
     detect_columns,
     label_info,
     load_text_datasets,
+    select,
     tokenize_texts,
 )
 from .exits_adnet import EXIT_RULES, task_exit_rule
+from .halting_adnet import HaltingFit, fit_halting, fits_halting
 from .losses_adnet import LOSSES
 from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
@@ -541,6 +543,40 @@ def merge_lora(trainer: Trainer) -> None:
         trainer.model = trainer.model_wrapped = trainer.model.merge_and_unload()
 
 
+def eval_loader(trainer: Trainer, dataset: datasets.Dataset) -> torch.utils.data.DataLoader:
+    """`dataset` in order, in evaluation batches, through the trainer's collator (every sample, on every process)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
+                                       collate_fn=trainer.data_collator)
+
+
+@dataclass
+class HaltingFitArguments:
+    """Fit a trained classifier's halting units to its settling steps on the training data (`fit_halting`)."""
+
+    fit_halting: bool = field(
+        default=True,
+        metadata={"help": "After training, fit the halting units to the trained model's settling steps on the "
+                          "training data (`fit_halting`), where the units read the step evidence (classifiers)."},
+    )
+    fit_halting_samples: int | None = field(
+        default=20_000,
+        metadata={"help": "The training samples --fit_halting reads (one full-depth pass over them)."},
+    )
+
+    def fit(self, trainer: Trainer, dataset: datasets.Dataset) -> HaltingFit | None:
+        """Fit the trained model's halting units on (the first --fit_halting_samples of) `dataset`, where they read
+        the step evidence; None where they do not (or without --fit_halting)."""
+        if not self.fit_halting or not fits_halting(trainer.model):
+            return None
+        return fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)))
+
+    @staticmethod
+    def save(trainer: Trainer, fit: HaltingFit | None) -> None:
+        """`halting_fit_results.json`, where a fit was made."""
+        if fit is not None:
+            save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples, "halting_fit_steps": fit.steps})
+
+
 @dataclass
 class CalibrationArguments:
     """Calibrate the saved exit setting after training, on data held out of training (`calibrate_exit`)."""
@@ -603,6 +639,5 @@ class CalibrationArguments:
             logger.warning("--calibration_delta: no risk-control bound for %s; calibrating empirically (no "
                            "guarantee).", unbounded_task(model.config))
             delta = None
-        loader = torch.utils.data.DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                                             collate_fn=trainer.data_collator)
-        return calibrate_exit(model, list(loader), self.calibration_policy, self.calibration_budget, delta=delta)
+        return calibrate_exit(model, list(eval_loader(trainer, dataset)), self.calibration_policy,
+                              self.calibration_budget, delta=delta)

@@ -135,13 +135,18 @@ class CalculationUnit(nn.Module):
         if self.halting is None:
             like = hidden if summary is None else summary
             return like.new_ones(like.shape[:-1])
+        return torch.sigmoid(self.halting_logits(summary, evidence))
+
+    def halting_logits(self, summary: torch.Tensor, evidence: torch.Tensor | None = None) -> torch.Tensor:
+        """`w . r + c (+ v . e)`, whose sigmoid is `lambda` (B, or B x T): what `fit_halting` fits by logistic
+        regression."""
         logits = self.halting(summary)
         if self.reads_evidence:
             if evidence is None:
                 raise ValueError("This unit's halting layer reads the step prediction's evidence "
                                  "(ADNetConfig.halting_evidence=True): it needs the task model's step predictions.")
             logits = logits + self.evidence(evidence.to(logits.dtype))
-        return torch.sigmoid(logits).squeeze(-1)
+        return logits.squeeze(-1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
                 evidence: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:

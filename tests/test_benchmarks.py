@@ -25,20 +25,6 @@ from benchmarks import (
 )
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))  # v5: `vocab`, not `vocab_file`
-    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), num_labels=2,
-                                                       unit_hidden_size=8, num_fixed_steps=0))
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{(i * 7) % 90}\t{i % 2}" for i in range(12)]
-    (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n")
-    return tmp_path
-
-
 def labelled_text_batches(folder: Path, data: Path, batch_size: int, label_type=int) -> list[dict]:
     """The benchmark's largest batches of `data`, tokenised by the checkpoint's tokenizer, with their labels."""
     texts, labels = read_tsv(data)

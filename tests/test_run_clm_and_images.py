@@ -116,6 +116,7 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     for name in ("accuracy", "exit_steps", "executed_layers"):
         assert saved[f"eval_{name}"] == pytest.approx(reference[name]), name
     assert saved["eval_num_blocks"] == 2
+    assert json.loads((tmp_path / "out" / "halting_fit_results.json").read_text())["halting_fit_samples"] == 64
 
 
 @pytest.mark.slow

@@ -96,7 +96,9 @@ def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_
     calibration = json.loads((out / "calibration_results.json").read_text())
     train_results = json.loads((out / "train_results.json").read_text())
     assert calibration["calibration_samples"] == 16 and train_results["train_samples"] == 48
+    assert json.loads((out / "halting_fit_results.json").read_text())["halting_fit_samples"] == 48
     model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert all(unit.halting.weight.abs().sum() == 0 for unit in model.base_model.units[:-1]), "fitted before saving"
     guarantee = model.config.exit_guarantee
     assert guarantee == calibration["guarantee"] and guarantee["calibration_size"] == 16
     assert (guarantee["budget"], guarantee["delta"], guarantee["metric"]) == (0.25, 0.1, "accuracy")
@@ -206,7 +208,7 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, _, data_args, training_args, lora_args, calibration_args = run_glue_style.parse_args([])
+    model_args, _, data_args, training_args, lora_args, _, calibration_args = run_glue_style.parse_args([])
     assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
     # the saved exits: learned halting, risk-controlled on a fifth of the training sample held out of training
     assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (0.2, "halting")

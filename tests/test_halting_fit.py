@@ -1,0 +1,66 @@
+"""`fit_halting`: the evidence-reading halting units fitted to the trained model's settling steps."""
+
+import json
+
+import pytest
+import torch
+from conftest import seq_model, token_batch
+
+from adnet_hf.halting_adnet import fit_halting
+from adnet_hf.losses_adnet import settled_steps
+from examples import fit_halting as fit_halting_script
+
+
+def batches_of(count: int = 4) -> list[dict]:
+    return [dict(zip(("input_ids", "attention_mask"), token_batch(batch=8, length=9, pad_lengths=(0, 3) * 4)))
+            for _ in range(count)]
+
+
+@torch.no_grad()
+def full_depth(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    outputs = [model(**batch, exit_policy="none") for batch in batches]
+    return (torch.cat([out.logits for out in outputs]), torch.cat([out.step_logits for out in outputs], dim=1),
+            torch.cat([out.halting_probs for out in outputs]))
+
+
+def survival_nll(step_logits: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    """GPSL's `settled` halting term: -log of the halting probability at each sample's first settled step."""
+    settled = settled_steps(step_logits, "single_label_classification").float().argmax(-1)
+    return -halting_probs.gather(1, settled[:, None]).log().mean()
+
+
+def test_fit_lowers_the_engines_survival_loss_by_what_it_reports_and_leaves_predictions_unchanged():
+    model = seq_model(num_fixed_steps=0).eval()
+    batches = batches_of()
+    logits, step_logits, halting_probs = full_depth(model, batches)
+    before = survival_nll(step_logits, halting_probs)
+    fit = fit_halting(model, batches)
+    logits_after, step_logits_after, halting_after = full_depth(model, batches)
+    torch.testing.assert_close(logits_after, logits)
+    torch.testing.assert_close(step_logits_after, step_logits)
+    after = survival_nll(step_logits, halting_after)
+    assert after < before - 0.05
+    # the per-step losses the fit reports, weighted by the items at risk, are the engine's loss (same evidence)
+    reported = sum(step["at_risk"] * step["loss"][1] for step in fit.steps if step["loss"]) / fit.samples
+    assert fit.samples == len(logits)
+    torch.testing.assert_close(after, torch.tensor(reported), rtol=1e-4, atol=1e-5)
+    assert all(unit.halting.weight.abs().sum() == 0 for unit in model.base_model.units[:-1])
+
+
+def test_fit_refuses_units_without_evidence_and_regressors():
+    with pytest.raises(ValueError, match="halting_evidence=True"):
+        fit_halting(seq_model(halting_evidence=False), batches_of(1))
+    with pytest.raises(ValueError, match="needs a classifier"):
+        fit_halting(seq_model(problem_type="regression"), batches_of(1))
+
+
+def test_script_saves_the_fitted_model_and_its_report(tiny_checkpoint):
+    out = tiny_checkpoint / "fitted"
+    report = fit_halting_script.main(["--model", str(tiny_checkpoint / "model"), "--data",
+                                      str(tiny_checkpoint / "dev.tsv"), "--output_dir", str(out)])
+    assert json.loads((out / "halting_fit.json").read_text()) == report
+    assert report["samples"] == 12 and report["command"].startswith("python examples/fit_halting.py --model")
+    saved = fit_halting_script.AutoModelForSequenceClassification.from_pretrained(out)
+    assert all(unit.halting.weight.abs().sum() == 0 for unit in saved.base_model.units[:-1])
+    assert fit_halting_script.AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"] == \
+        fit_halting_script.AutoTokenizer.from_pretrained(tiny_checkpoint / "model")("w1 w2")["input_ids"]
