@@ -35,17 +35,17 @@ POLICIES = ("halting", "confidence", "patience")
 LAYER_TOLERANCE = 1e-9
 
 
-def dense_grid(policy: str, num_variable_steps: int, size: int) -> list[float | int]:
+def dense_grid(policy: str, num_variable_steps: int, size: int, num_labels: int = 2) -> list[float | int]:
     """`size` settings of `policy` spread over its range (every patience from 1 to `num_variable_steps` - 1):
     halting epsilon log-spaced from 1e-4 to 0.99 (a trained model's useful epsilons are small: most samples halt at
-    the first variable step from about 0.2 on), confidence thresholds from 0.5 to 0.9999, denser towards 1 (1 - a
-    log-spaced gap)."""
+    the first variable step from about 0.2 on), confidence thresholds from 1 / `num_labels` (every prediction is at
+    least that confident: 0.5 for two classes, 0.1 for ten) to 0.9999, denser towards 1 (1 - a log-spaced gap)."""
     if policy == "patience":
         return list(range(1, num_variable_steps))
     if policy == "halting":
         values = np.geomspace(1e-4, 0.99, size)
     elif policy == "confidence":
-        values = 1 - np.geomspace(0.5, 1e-4, size)
+        values = 1 - np.geomspace(1 - 1 / num_labels, 1e-4, size)
     else:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
     return [float(f"{value:.6g}") for value in values]
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None):
         parser.error("a regression model has no accuracy to trade, and only `halting` exits it")
     config = model.config
     settings = [(policy, value) for policy in POLICIES
-                for value in getattr(args, policy) or dense_grid(policy, config.num_variable_steps, args.grid_size)]
+                for value in getattr(args, policy) or dense_grid(policy, config.num_variable_steps, args.grid_size,
+                                                               config.num_labels)]
     with torch.inference_mode():
         outcomes = setting_outcomes(model, with_labels(batches_by_size[args.batch_size], labels), settings)
     points = setting_points(settings, outcomes, config.num_blocks)

@@ -364,6 +364,8 @@ def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint
     points = result["points"]
     assert [(point["policy"], point["setting"]) for point in points] == [("none (full depth)", None)] + [
         (policy, value) for policy in pareto_exits.POLICIES for value in pareto_exits.dense_grid(policy, steps, 6)]
+    ten_classes = pareto_exits.dense_grid("confidence", steps, 6, num_labels=10)
+    assert ten_classes[0] == pytest.approx(0.1) and ten_classes[-1] == pytest.approx(0.9999)  # from 1 / C
     batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
     for point in points[1::4]:
         metrics = evaluate_batches(model, batches, point["policy"], point["setting"])
