@@ -47,22 +47,29 @@ def full_depth_step_logits(model, batches: Iterable[dict]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def fits_halting(model) -> bool:
-    """Whether `fit_halting` applies: an ADNet classifier whose halting units read the step evidence."""
+def unfit_reason(model) -> str | None:
+    """Why `fit_halting` does not apply to `model`, or None where it does (an ADNet classifier whose halting units
+    read the step evidence)."""
     units = getattr(model.base_model, "units", None)
-    return (getattr(model.config, "model_type", None) == "adnet" and units is not None
-            and all(unit.reads_evidence for unit in units[:-1]) and model.config.problem_type != "regression"
-            and model.config.num_labels > 1)
+    if getattr(model.config, "model_type", None) != "adnet" or units is None:
+        return "fit_halting fits an ADNet model's halting units."
+    if not all(unit.reads_evidence for unit in units[:-1]):
+        return ("fit_halting fits halting units that read the step evidence: the model needs "
+                "ADNetConfig.halting_evidence=True (a classifier).")
+    if model.config.problem_type == "regression" or model.config.num_labels == 1:
+        return ("fit_halting needs a classifier: a regressor's prediction has no step at which it settles (train its "
+                "units with gpsl_plateau='loss').")
+    return None
+
+
+def fits_halting(model) -> bool:
+    return unfit_reason(model) is None
 
 
 def _check(model) -> None:
-    units = model.base_model.units
-    if not all(unit.reads_evidence for unit in units[:-1]):
-        raise ValueError("fit_halting fits halting units that read the step evidence: the model needs "
-                         "ADNetConfig.halting_evidence=True (a classifier).")
-    if model.config.problem_type == "regression" or model.config.num_labels == 1:
-        raise ValueError("fit_halting needs a classifier: a regressor's prediction has no step at which it settles "
-                         "(train its units with gpsl_plateau='loss').")
+    reason = unfit_reason(model)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def _fit_unit(unit, summary: torch.Tensor, evidence: torch.Tensor, target: torch.Tensor, weight_decay: float,
