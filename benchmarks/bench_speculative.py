@@ -108,10 +108,11 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
                                           return_tensors="pt")["input_ids"][0] for text in instructions[: args.prompts]]
 
 
-def generation_kwargs(model: ADNetForCausalLM, new_tokens: int) -> dict:
-    """Greedy, exactly `new_tokens` new tokens (no end-of-sequence stop), for every arm."""
+def generation_kwargs(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy, exactly `new_tokens` new tokens (no end-of-sequence stop), for every arm. The mask is given: inferred,
+    it would hide every pad token (here the end-of-sequence token, e.g. a chat template's end of turn) in the prompt."""
     return {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
-            "pad_token_id": model.config.backbone_config.eos_token_id or 0}
+            "pad_token_id": model.config.backbone_config.eos_token_id or 0, "attention_mask": torch.ones_like(ids)}
 
 
 PHASES = ("prefill", "draft_blocks", "draft_head", "verify_blocks", "verify_head")
@@ -122,7 +123,7 @@ def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, s
     `record_function` labels) and the rest (acceptance, logits processors, cache cropping, Python) as `other`."""
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        model.generate(ids.unsqueeze(0), **generation_kwargs(model, new_tokens), **setting)
+        model.generate(ids.unsqueeze(0), **generation_kwargs(model, ids.unsqueeze(0), new_tokens), **setting)
         total = time.perf_counter() - start
     labels = {event.key: event.cpu_time_total / 1e6 for event in prof.key_averages()}
     phases = {f"{phase}_s": labels.get(f"speculative::{phase}", 0.0) for phase in PHASES}
@@ -133,11 +134,11 @@ def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings
             ) -> list[dict]:
     """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt. Every timed run
     is also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
-    common = generation_kwargs(model, new_tokens)
     totals = [dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
               | {"identical": True} for _ in settings]
     for ids in prompts:
         ids = ids.unsqueeze(0)
+        common = generation_kwargs(model, ids, new_tokens)
         outputs: dict = {"backbone": [], **{index: [] for index in range(len(settings))}}
         runs = {"backbone": lambda: outputs["backbone"].append(plain.generate(ids, **common))}
         for index, setting in enumerate(settings):

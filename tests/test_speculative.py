@@ -71,6 +71,18 @@ def test_left_padded_prompt_gives_the_full_depth_output(model):
     assert torch.equal(out, reference)
 
 
+def test_pad_token_in_a_prompt_without_a_mask_is_masked_as_generate_does(model):
+    """Without an attention mask, generate() masks the pad token where it is not the end-of-sequence token (e.g. a
+    chat template's end-of-turn token given as pad_token_id); self-speculative decoding must read the same mask."""
+    ids = torch.tensor([[5, 17, 7, 33, 8, 7, 61]])
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None, "pad_token_id": 7}
+    reference = model.generate(ids, exit_policy="none", **settings)
+    assert not torch.equal(reference, model.generate(ids, exit_policy="none", **{**settings, "pad_token_id": 0}))
+    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
+                         **settings)
+    assert torch.equal(out, reference)
+
+
 def test_verification_runs_each_block_once_per_token(model):
     """Every block, before and after the exit, sees each fed token once: the verification reuses the draft's exit
     states and cache instead of running the first blocks again."""
