@@ -564,13 +564,14 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
                              f"{sorted(model_kwargs) or 'no input_ids'}.")
         check_settings(config, input_ids.shape[0])
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
+        if mask is None:  # as generate() infers it: the pad token masked where it is not the end-of-sequence token
+            mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
         if config.max_new_tokens is not None:
             config.max_length = input_ids.shape[1] + config.max_new_tokens
         processors = self._get_logits_processor(config, input_ids.shape[1], input_ids, logits_processor=processors,
                                                 device=input_ids.device, model_kwargs={"attention_mask": mask})
         stopping = self._get_stopping_criteria(config, stopping)
-        decoder = SelfSpeculativeDecoder(self, config, processors, stopping,
-                                         torch.ones_like(input_ids) if mask is None else mask, streamer, vocabulary)
+        decoder = SelfSpeculativeDecoder(self, config, processors, stopping, mask, streamer, vocabulary)
         sequence = decoder.generate(input_ids)
         return decoder.output(sequence) if config.return_dict_in_generate else sequence
 

@@ -19,6 +19,9 @@ Why not Transformers' own `assistant_early_exit` path (`EarlyExitCandidateGenera
 `config.num_hidden_layers` on the model itself with a second cache, and verifies by running the whole model over the
 drafted tokens from the embeddings up, so the shared blocks run twice for every token. On ADNet it also cannot
 truncate a GPT-2 (whose blocks do not read `num_hidden_layers`) and would regroup a Llama's steps under its units.
+
+Each phase runs under a `torch.profiler.record_function` label (`speculative::prefill`, `::draft_blocks`,
+`::draft_head`, `::verify_blocks`, `::verify_head`), so a profile says where a generation's time goes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -199,8 +203,8 @@ class SelfSpeculativeDecoder:
         """Decode from `input_ids` (1 x prompt) until a stopping criterion holds; returns prompt and new tokens."""
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
-        hidden = self.run_blocks(input_ids, 0, len(self.blocks))
-        logits = self.head(hidden[:, -1:], len(self.blocks))[0]
+        with record_function("speculative::prefill"):
+            logits = self.head(self.run_blocks(input_ids, 0, len(self.blocks))[:, -1:], len(self.blocks))[0]
         scores = self.processed(input_ids, logits)
         sequence, done = self.emit(input_ids, [self.choose(scores)], [logits], [scores])
         while not done:
@@ -217,9 +221,12 @@ class SelfSpeculativeDecoder:
         drafts, draft_scores, exit_hidden = self.draft(sequence, min(self.generation.num_assistant_tokens,
                                                                      max(remaining - 1, 0)))
         fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
-        exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
-        logits = self.head(self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1)),
-                           len(self.blocks))
+        with record_function("speculative::draft_blocks"):
+            exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
+        with record_function("speculative::verify_blocks"):
+            hidden = self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1))
+        with record_function("speculative::verify_head"):
+            logits = self.head(hidden, len(self.blocks))
         candidate = torch.cat([sequence, fed[:, 1:]], dim=1)
         scores = [self.processed(candidate[:, : past + 1 + i], logits[i]) for i in range(len(fed[0]))]
         kept = self.accept(drafts, draft_scores, scores)
@@ -236,8 +243,10 @@ class SelfSpeculativeDecoder:
         drafts, draft_scores, exit_hidden = [], [], []
         token = sequence[:, -1:]
         for _ in range(length):
-            exit_hidden.append(self.run_blocks(token, 0, self.depth))
-            scores = self.processed(sequence, self.draft_head(exit_hidden[-1])[0])
+            with record_function("speculative::draft_blocks"):
+                exit_hidden.append(self.run_blocks(token, 0, self.depth))
+            with record_function("speculative::draft_head"):
+                scores = self.processed(sequence, self.draft_head(exit_hidden[-1])[0])
             drafts.append(self.choose(scores))
             draft_scores.append(scores)
             sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)

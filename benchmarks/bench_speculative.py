@@ -10,7 +10,10 @@ drafted tokens accepted, the mean accepted length per verification, and whether 
         --name ptb_gpt2_speculative --depths 1 2 3 --draft_lengths 4 8
 
 `--draft_vocab_size N --draft_vocab_data TRAIN.txt` adds, for every setting, a row drafting over the N most frequent
-tokens of the training text only (`draft_vocabulary`; verification reads the full LM head).
+tokens of the training text only (`draft_vocabulary`; verification reads the full LM head). `--prompts_file` takes
+instructions (a JSON list of strings, e.g. `benchmarks/data/instructions.json`) as user turns of the tokenizer's chat
+template instead of cutting prompts from `--data`. `--profile` adds where one generation's time goes (first prompt,
+torch.profiler): prefill, draft blocks, draft head, verification blocks, verification head, and the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -89,28 +93,68 @@ def draft_vocabulary(args: argparse.Namespace, tokenizer, vocab_size: int) -> to
     return frequent_tokens(token_blocks(tokenizer, Path(args.draft_vocab_data), 1), args.draft_vocab_size, vocab_size)
 
 
+def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
+    """`--prompts` blocks of `--prompt_length` tokens cut from `--data`, or the first `--prompts` instructions of
+    `--prompts_file`, each a user turn of the tokenizer's chat template with the assistant's turn opened."""
+    if args.data:
+        return list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
+    instructions = json.loads(Path(args.prompts_file).read_text(encoding="utf-8"))
+    if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
+        raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
+    if not tokenizer.chat_template:
+        raise ValueError("--prompts_file needs a tokenizer with a chat template (chat_template); this one has none: "
+                         "cut prompts from a text file with --data instead.")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          return_tensors="pt")["input_ids"][0] for text in instructions[: args.prompts]]
+
+
+def generation_kwargs(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy, exactly `new_tokens` new tokens (no end-of-sequence stop), for every arm. The mask is given: inferred,
+    it would hide every pad token (here the end-of-sequence token, e.g. a chat template's end of turn) in the prompt."""
+    return {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
+            "pad_token_id": model.config.backbone_config.eos_token_id or 0, "attention_mask": torch.ones_like(ids)}
+
+
+PHASES = ("prefill", "draft_blocks", "draft_head", "verify_blocks", "verify_head")
+
+
+def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, setting: dict) -> dict[str, float]:
+    """Where one generation's time goes, under torch.profiler: seconds in each of the decoder's phases (its
+    `record_function` labels) and the rest (acceptance, logits processors, cache cropping, Python) as `other`."""
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        model.generate(ids.unsqueeze(0), **generation_kwargs(model, ids.unsqueeze(0), new_tokens), **setting)
+        total = time.perf_counter() - start
+    labels = {event.key: event.cpu_time_total / 1e6 for event in prof.key_averages()}
+    phases = {f"{phase}_s": labels.get(f"speculative::{phase}", 0.0) for phase in PHASES}
+    return phases | {"other_s": total - sum(phases.values()), "profiled_total_s": total}
+
+
 def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
             ) -> list[dict]:
-    """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt."""
-    common = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
-              "pad_token_id": model.config.backbone_config.eos_token_id or 0}
+    """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt. Every timed run
+    is also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
     totals = [dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
               | {"identical": True} for _ in settings]
     for ids in prompts:
         ids = ids.unsqueeze(0)
+        common = generation_kwargs(model, ids, new_tokens)
+        outputs: dict = {"backbone": [], **{index: [] for index in range(len(settings))}}
+        runs = {"backbone": lambda: outputs["backbone"].append(plain.generate(ids, **common))}
+        for index, setting in enumerate(settings):
+            runs[index] = lambda index=index, setting=setting: outputs[index].append(
+                model.generate(ids, return_dict_in_generate=True, **common, **setting))
         with torch.inference_mode():
-            reference = plain.generate(ids, **common)
-            runs = {"backbone": lambda: plain.generate(ids, **common)}
-            for index, setting in enumerate(settings):
-                out = model.generate(ids, return_dict_in_generate=True, **common, **setting)
-                total = totals[index]
-                total["identical"] &= torch.equal(out.sequences, reference)
-                total["verifications"] += out.verifications
-                total["drafted"] += out.drafted_tokens
-                total["accepted"] += out.accepted_tokens
-                runs[index] = lambda setting=setting: model.generate(ids, **common, **setting)
-            seconds = interleaved_seconds(runs, repeats)
+            seconds = interleaved_seconds(runs, repeats, warmup=0)
+        reference = outputs["backbone"][0]
+        if not all(torch.equal(out, reference) for out in outputs["backbone"]):
+            raise RuntimeError("the reference's greedy output changed between runs: nothing can be compared to it.")
         for index, total in enumerate(totals):
+            first = outputs[index][0]  # greedy: every run drafts and accepts alike
+            total["identical"] &= all(torch.equal(out.sequences, reference) for out in outputs[index])
+            total["verifications"] += first.verifications
+            total["drafted"] += first.drafted_tokens
+            total["accepted"] += first.accepted_tokens
             total["backbone_s"] += seconds["backbone"]
             total["speculative_s"] += seconds[index]
     tokens = len(prompts) * new_tokens
@@ -133,7 +177,9 @@ def main(argv: list[str] | None = None) -> Path:
                         "machinery and where the time goes, not a trained model's acceptance (needs --tokenizer)")
     parser.add_argument("--backbone_kwargs", default="{}", help='JSON for from_pretrained, e.g. {"gguf_file": "x"}')
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model or --backbone)")
-    parser.add_argument("--data", required=True, help="plain text file the prompts are cut from")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--data", help="plain text file the prompts are cut from")
+    prompts.add_argument("--prompts_file", help="JSON list of instructions, given as chat-template user turns")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -143,21 +189,25 @@ def main(argv: list[str] | None = None) -> Path:
                         help="assistant_confidence_threshold values (0: fixed draft length)")
     parser.add_argument("--draft_vocab_size", type=int, help="also draft over this many most frequent tokens only")
     parser.add_argument("--draft_vocab_data", help="training text the draft vocabulary's frequencies come from")
+    parser.add_argument("--profile", action="store_true", help="also profile one generation per setting")
     parser.add_argument("--note", default="", help="what the model is, stored with the results")
     args = parse_benchmark_args(parser, argv)
     model = load_model(args)
     tokenizer = load_tokenizer(args)
-    prompts = list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
+    prompts = load_prompts(args, tokenizer)
     settings = with_vocabulary(draft_settings(args), draft_vocabulary(args, tokenizer, model.config.vocab_size))
     rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, settings, args.repeats)
+    if args.profile:
+        for row, setting in zip(rows, settings):
+            row.update(phase_seconds(model, prompts[0], args.new_tokens, setting))
     for row in rows:
         vocabulary = row.pop("draft_vocabulary", None)
         row["draft_vocab_size"] = None if vocabulary is None else len(vocabulary)
     for row in rows:
         print(row, flush=True)
     source = args.model or args.backbone or f"untrained {args.backbone_config}"
-    payload = {"benchmark": "speculative", "model": source, "data": args.data,
-               "prompts": len(prompts), "prompt_length": args.prompt_length, "new_tokens": args.new_tokens,
+    payload = {"benchmark": "speculative", "model": source, "data": args.data or args.prompts_file,
+               "prompts": len(prompts), "prompt_lengths": [len(ids) for ids in prompts], "new_tokens": args.new_tokens,
                "num_blocks": model.config.num_blocks, "lm_head_weight_share": lm_head_share(model), "note": args.note}
     return write_results(args.name, payload, rows, None, args.results_dir)
 

@@ -251,6 +251,8 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
                                  "--max_blocks", "4", "--name", "tiny", "--results_dir", str(tmp_path / "r")])
     rows = json.loads(path.read_text())["rows"]
     assert [row["executed_layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
+    assert rows[-1]["agreement_with_last_step"] == 1.0 and all(0 <= row["agreement_with_last_step"] <= 1
+                                                                for row in rows)
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
     with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
         full_depth = model(input_ids=blocks, labels=blocks, exit_policy="none")

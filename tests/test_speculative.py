@@ -1,6 +1,7 @@
 """Self-speculative decoding (`generate(..., assistant_early_exit=k)`): the full model's output, each block run once
 per token, the full model's distribution when sampling."""
 
+import argparse
 import json
 
 import pytest
@@ -65,6 +66,18 @@ def test_left_padded_prompt_gives_the_full_depth_output(model):
     settings = {"attention_mask": mask, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None,
                 "pad_token_id": 0}
     reference = model.generate(ids, exit_policy="none", **settings)
+    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
+                         **settings)
+    assert torch.equal(out, reference)
+
+
+def test_pad_token_in_a_prompt_without_a_mask_is_masked_as_generate_does(model):
+    """Without an attention mask, generate() masks the pad token where it is not the end-of-sequence token (e.g. a
+    chat template's end-of-turn token given as pad_token_id); self-speculative decoding must read the same mask."""
+    ids = torch.tensor([[5, 17, 7, 33, 8, 7, 61]])
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None, "pad_token_id": 7}
+    reference = model.generate(ids, exit_policy="none", **settings)
+    assert not torch.equal(reference, model.generate(ids, exit_policy="none", **{**settings, "pad_token_id": 0}))
     out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
                          **settings)
     assert torch.equal(out, reference)
@@ -311,3 +324,32 @@ def test_speculative_sampling_with_a_draft_vocabulary_keeps_the_full_models_dist
 def test_a_bad_draft_vocabulary_is_refused(vocabulary, error):
     with pytest.raises(error, match="draft_vocabulary"):
         lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2, draft_vocabulary=vocabulary)
+
+
+def test_profile_splits_one_generation_into_the_decoders_phases(model):
+    """Every phase the decoder labels takes time, and together they take no more than the generation did."""
+    phases = bench_speculative.phase_seconds(model, PROMPTS[0][0], 8, {
+        "assistant_early_exit": 2, "num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0})
+    labelled = [phases[f"{phase}_s"] for phase in bench_speculative.PHASES]
+    assert all(seconds > 0 for seconds in labelled)
+    assert phases["other_s"] >= 0 and sum(labelled) + phases["other_s"] == pytest.approx(phases["profiled_total_s"])
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+                "{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_benchmark_prompts_file_gives_chat_template_user_turns(tmp_path, shared_data):
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(["Say hi.", "Count to three.", "unused"]))
+    args = argparse.Namespace(data=None, prompts_file=str(path), prompts=2)
+    with pytest.raises(ValueError, match="chat template"):
+        bench_speculative.load_prompts(args, tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompts = bench_speculative.load_prompts(args, tokenizer)
+    assert [tokenizer.decode(ids) for ids in prompts] == ["<user>Say hi.\n<assistant>",
+                                                          "<user>Count to three.\n<assistant>"]
+    path.write_text(json.dumps({"instructions": ["Say hi."]}))
+    with pytest.raises(ValueError, match="--prompts_file"):
+        bench_speculative.load_prompts(args, tokenizer)
