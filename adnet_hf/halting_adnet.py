@@ -7,7 +7,7 @@ sum_{n<s} log(1 - lambda_n)`, which is one logistic regression per step over the
 (target: settled at that step). Once the step predictions are trained (and frozen), the evidence each unit reads is
 fixed, so that term can be minimised to convergence on one full-depth pass over the training data instead of by a
 few SGD steps shared with the prediction loss, which move the hazards little (measured on SST-2: 3.47 layers within
-0.5 points after a GPSL stage, 2.39 after this fit; `benchmarks/results/sst2_minilm_*_pareto.md`).
+0.5 points after a GPSL stage, 2.39-2.49 after this fit; `benchmarks/results/sst2_minilm_*_pareto.md`).
 
 The fit sets the summary weights `w` to zero and fits the bias `c` and the evidence weights `v` (six numbers per
 unit) with an L2 penalty: on SST-2 fitting `w` too (256 more numbers per unit) saved 0.05 more layers, which small
