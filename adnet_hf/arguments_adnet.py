@@ -564,17 +564,14 @@ class HaltingFitArguments:
     )
 
     def fit(self, trainer: Trainer, dataset: datasets.Dataset) -> HaltingFit | None:
-        """Fit the trained model's halting units on (the first --fit_halting_samples of) `dataset`, where they read
-        the step evidence; None where they do not (or without --fit_halting)."""
+        """Fit the trained model's halting units on (the first --fit_halting_samples of) `dataset` and save what was
+        fitted (`halting_fit_results.json`), where they read the step evidence; None where they do not (or without
+        --fit_halting)."""
         if not self.fit_halting or not fits_halting(trainer.model):
             return None
-        return fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)))
-
-    @staticmethod
-    def save(trainer: Trainer, fit: HaltingFit | None) -> None:
-        """`halting_fit_results.json`, where a fit was made."""
-        if fit is not None:
-            save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples, "halting_fit_steps": fit.steps})
+        fit = fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)))
+        save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples, "halting_fit_steps": fit.steps})
+        return fit
 
 
 @dataclass

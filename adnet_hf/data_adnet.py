@@ -405,6 +405,25 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
+def make_batches(tokenizer, texts: Texts, batch_size: int, max_length: int, limit: int | None = None) -> list[dict]:
+    """Tokenised batches of the first `limit` texts (sentences, or sentence pairs)."""
+    first, second = texts
+    count = len(first) if limit is None else min(limit, len(first))
+
+    def encode(start: int) -> dict:
+        pair = () if second is None else (second[start : start + batch_size],)
+        return tokenizer(first[start : start + batch_size], *pair, padding=True, truncation=True,
+                         max_length=max_length, return_tensors="pt")
+
+    return [encode(start) for start in range(0, count, batch_size)]
+
+
+def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
+    """`pixel_values` batches of the first `limit` images of `dataset`, in order (labels left out)."""
+    pixels = dataset.pixel_values[:limit]
+    return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
+
+
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
     """A text file as consecutive blocks of `block_size` token ids (blocks x block_size), the rest dropped."""
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .exits_adnet import HaltingDistribution
 from .losses_adnet import settled_steps
 
 
@@ -116,11 +117,11 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
     settled = settled_steps(step_logits, problem_type).float().argmax(-1)  # first settled step per sample
     evidence_of = model.evidence_reader()
     result = HaltingFit(samples=step_logits.shape[1])
-    not_halted, previous = torch.ones(step_logits.shape[1]), None
+    distribution, previous = HaltingDistribution(), None  # the halting mass each unit reads, as the engine builds it
     for n, unit in enumerate(model.base_model.units[:-1]):
         device = unit.halting.weight.device
         unit.halting.weight.data.zero_()
-        evidence = evidence_of(step_logits[n], previous, not_halted).to(device)
+        evidence = evidence_of(step_logits[n], previous, distribution.not_halted).to(device)
         summary = evidence.new_zeros(len(evidence), unit.halting.in_features)
         at_risk = (settled >= n).to(device)
         step = {"step": n, "at_risk": int(at_risk.sum()), "settle_here": 0.0, "loss": None}
@@ -130,7 +131,8 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
             step["loss"] = _fit_unit(unit, summary[at_risk], evidence[at_risk], target, weight_decay, max_iter)
         with torch.no_grad():
             lambdas = unit.halt(summary, None, evidence)
-        not_halted, previous = not_halted * (1 - lambdas.float().cpu()), step_logits[n]
+        distribution.step(lambdas.float().cpu())
+        previous = step_logits[n]
         result.steps.append(step)
     return result
 

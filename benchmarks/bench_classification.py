@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import ImageDataset, Texts, read_idx, read_tsv, saved_image_processor
+from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import quality_metric, sweep_exits, task_metrics
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
@@ -49,24 +49,6 @@ DEFAULT_SETTINGS = {
 }
 # The plain arm's row with `--plain_timing`: the backbone's plain model on the ADNet weights, timed, not scored.
 PLAIN_TIMING_ROW = "plain model, ADNet backbone weights (timing only)"
-
-
-def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = None) -> list[dict]:
-    pixels = dataset.pixel_values[:limit]
-    return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
-
-
-def make_batches(tokenizer, texts: Texts, batch_size: int, max_length: int, limit: int | None = None) -> list[dict]:
-    """Tokenised batches of the first `limit` texts (sentences, or sentence pairs)."""
-    first, second = texts
-    count = len(first) if limit is None else min(limit, len(first))
-
-    def encode(start: int) -> dict:
-        pair = () if second is None else (second[start : start + batch_size],)
-        return tokenizer(first[start : start + batch_size], *pair, padding=True, truncation=True,
-                         max_length=max_length, return_tensors="pt")
-
-    return [encode(start) for start in range(0, count, batch_size)]
 
 
 def with_labels(batches: list[dict], labels: torch.Tensor) -> list[dict]:

@@ -29,11 +29,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from adnet_hf import ADNetForSequenceClassification
-from adnet_hf.data_adnet import read_tsv
+from adnet_hf.data_adnet import make_batches, read_tsv
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.losses_adnet import LOSSES
 
-from .bench_classification import make_batches
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, run_batches, save_figure, write_results
 
 LOSS_TYPES = tuple(LOSSES)

@@ -19,10 +19,9 @@ from peft import get_peft_model
 from transformers import AutoTokenizer
 
 from adnet_hf import ADNetForSequenceClassification
-from adnet_hf.data_adnet import read_tsv
+from adnet_hf.data_adnet import make_batches, read_tsv
 from adnet_hf.peft_adnet import adnet_lora_config
 
-from .bench_classification import make_batches
 from .bench_costs import training_step
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
 

@@ -36,10 +36,10 @@ from transformers import (
 
 import adnet_hf
 from adnet_hf import ADNetConfig, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import ImageDataset, read_idx, read_tsv, saved_image_processor
+from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.exits_adnet import FULL_DEPTH
 
-from .bench_classification import image_batches, make_batches, plain_twin
+from .bench_classification import plain_twin
 from .common import benchmark_parser, environment, parse_benchmark_args, run_batches, write_results
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -27,7 +27,15 @@ import numpy as np
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import ImageDataset, read_idx, read_image_csv, read_tsv, saved_image_processor
+from adnet_hf.data_adnet import (
+    ImageDataset,
+    image_batches,
+    make_batches,
+    read_idx,
+    read_image_csv,
+    read_tsv,
+    saved_image_processor,
+)
 from adnet_hf.halting_adnet import fit_halting
 
 
@@ -48,29 +56,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def text_batches(args: argparse.Namespace):
+def text_inputs(args: argparse.Namespace):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    (first, second), _ = read_tsv(Path(args.data), args.max_samples)
-    batches = []
-    for start in range(0, len(first), args.batch_size):
-        pair = () if second is None else (second[start : start + args.batch_size],)
-        batches.append(tokenizer(first[start : start + args.batch_size], *pair, padding=True, truncation=True,
-                                 max_length=args.max_length, return_tensors="pt"))
+    texts, _ = read_tsv(Path(args.data), args.max_samples)
+    batches = make_batches(tokenizer, texts, args.batch_size, args.max_length)
     return AutoModelForSequenceClassification.from_pretrained(args.model), batches, tokenizer
 
 
-def image_batches(args: argparse.Namespace):
+def image_inputs(args: argparse.Namespace):
     images, labels = (read_image_csv(args.images) if args.image_labels is None
                       else (read_idx(args.images), read_idx(args.image_labels)))
     processor = saved_image_processor(args.model)
-    pixels = ImageDataset(images, np.asarray(labels), args.max_samples, processor).pixel_values
-    batches = [{"pixel_values": pixels[i : i + args.batch_size]} for i in range(0, len(pixels), args.batch_size)]
+    batches = image_batches(ImageDataset(images, np.asarray(labels), args.max_samples, processor), args.batch_size)
     return AutoModelForImageClassification.from_pretrained(args.model), batches, processor
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model, batches, preprocessor = (text_batches if args.data else image_batches)(args)
+    model, batches, preprocessor = (text_inputs if args.data else image_inputs)(args)
     fit = fit_halting(model, batches, weight_decay=args.weight_decay)
     model.save_pretrained(args.output_dir)
     if preprocessor is not None:

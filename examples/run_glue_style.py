@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         merge_lora(trainer)
-        fit_args.save(trainer, fit_args.fit(trainer, train_dataset))
+        fit_args.fit(trainer, train_dataset)
         if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
             calibration = calibration_args.calibrate(trainer, calibration_dataset)
             save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),

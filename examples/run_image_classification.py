@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # fitted on the training images without augmentation: the step predictions inference will see
-        fit_args.save(trainer, fit_args.fit(trainer, raw["train"].with_transform(
-            image_transform(processor, num_channels))))
+        fit_args.fit(trainer, raw["train"].with_transform(image_transform(processor, num_channels)))
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:

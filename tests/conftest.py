@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import ImageDataset, read_idx, read_tsv, saved_image_processor
+from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import evaluate_batches
-from benchmarks.bench_classification import image_batches, make_batches, plain_quality, with_labels
+from benchmarks.bench_classification import plain_quality, with_labels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
