@@ -270,15 +270,17 @@ class StepEngine:
 
     def full_depth(self, state: StepState, head: StepHead | None, trace: Trace, cache=None,
                    fuse: bool = False) -> StepOutputs:
-        """Every step for every item. The head predicts at every variable step when something reads those
-        predictions (`fuse`, a step loss, kept step logits), else at the last step only."""
+        """Every step for every item. With a head, the units halt and the head predicts at every variable step only
+        when something reads the step outputs (`fuse`, a step loss, kept step logits); otherwise only the last
+        step's unit and head run, as the plain model runs its head once, and no halting distribution is returned.
+        Without a head (`ADNetModel` alone) the units halt at every step, unless they read the predictions."""
         padding, everyone = self.padding(state), slice(None)
         flops = FlopsAccountant(padding, self.per_token, self.adapter.context_lengths)
         distribution = HaltingDistribution()
-        predict_every_step = head is not None and (fuse or head.loss is not None or head.keep_logits
-                                                   or self.units_read_evidence)
-        # Units that read the predictions cannot halt without a head (ADNetModel alone): no halting is computed.
-        halts = head is not None or not self.units_read_evidence
+        if head is None:
+            halts = not self.units_read_evidence
+        else:
+            halts = fuse or head.loss is not None or head.keep_logits
         probs, step_logits, step_losses, logits, previous = [], [], [], None, None
         trace.record(-1, state.hidden, everyone)
 
@@ -290,15 +292,14 @@ class StepEngine:
             state.hidden, block_flops = self.run_blocks(step, state, cache, finish_block)
             flops.add_positions(everyone, padding, block_flops, state)
             n = step - self.num_fixed_steps
-            if n < 0 or not halts:
-                continue
             last = n == len(self.units) - 1
-            predicts = head is not None and (predict_every_step or last)
-            summary, lambdas, prediction = self.run_unit(n, state, flops, everyone, padding,
-                                                         head if predicts else None, previous,
+            if n < 0 or not (halts or last and head is not None):
+                continue
+            summary, lambdas, prediction = self.run_unit(n, state, flops, everyone, padding, head, previous,
                                                          distribution.not_halted)
-            probs.append(distribution.step(lambdas, last))
-            if not predicts:
+            if halts:
+                probs.append(distribution.step(lambdas, last))
+            if head is None:
                 continue
             previous = prediction
             if head.loss is not None:
@@ -426,11 +427,17 @@ class _ExitingPass:
     def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
                           logits: torch.Tensor | None, stop: torch.Tensor) -> None:
         """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
+        # the whole batch stops at once (always at batch 1): its predictions are the outputs as they are
+        everyone = self.logits is None and len(self.active) == self.padding.shape[0] and bool(stop.all())
+        pick = slice(None) if everyone else stop
         if logits is None:
-            logits = self.head.predict(n, None if summary is None else summary[stop], hidden[stop])
+            logits = self.head.predict(n, None if summary is None else summary[pick], hidden[pick])
             self.flops.add(self.active, self.done, self.head.flops * stop.double())
-        else:
+        elif not everyone:
             logits = logits[stop]
+        if everyone:
+            self.logits = logits
+            return
         if self.logits is None:
             self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
         index = stop.nonzero(as_tuple=True)
@@ -441,13 +448,18 @@ class _ExitingPass:
         finished = self.done.reshape(self.done.shape[0], -1).all(-1)
         if not finished.any():
             return
-        shape = hidden.shape[1:]
-        if shape not in self.exit_states:
-            self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
-        self.exit_states[shape][self.active[finished]] = hidden[finished]
         keep = (~finished).nonzero().squeeze(-1)
-        if not keep.numel():
+        shape = hidden.shape[1:]
+        if shape not in self.exit_states and not keep.numel() and len(self.active) == self.padding.shape[0]:
+            self.exit_states[shape] = hidden  # the whole batch leaves at once (always at batch 1)
+        else:
+            if shape not in self.exit_states:
+                self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
+            self.exit_states[shape][self.active[finished]] = hidden[finished]
+        if not keep.numel():  # nothing but `active` is read once every sample has left
             self.sync.last_samples_leave(self.state)
+            self.active, self.done = self.active[:0], self.done[:0]
+            return
         self.active, self.done = self.active[keep], self.done[keep]
         self.state = self.state.select(keep)
         self.distribution.select(keep)

@@ -44,7 +44,7 @@ def full_depth_step_logits(model, batches: Iterable[dict]) -> torch.Tensor:
     parts = []
     for batch in batches:
         inputs = {name: value.to(model.device) for name, value in batch.items() if name != "labels"}
-        parts.append(model(**inputs, exit_policy="none").step_logits.float().cpu())
+        parts.append(model(**inputs, exit_policy="none", output_step_logits=True).step_logits.float().cpu())
     return torch.cat(parts, dim=1)
 
 

@@ -64,12 +64,15 @@ class ADNetModelOutput(ModelOutput):
         Items are samples, or batch x tokens for a causal LM (under exits a padding token's logits are 0, also when
         the whole mask is 0). `None` without a step head.
     step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
-        Every variable step's prediction; in training and with `exit_policy="none"` only.
+        Every variable step's prediction, at full depth when the task model is asked for them
+        (`output_step_logits=True`, and a classifier in training).
     step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
         Every variable step's unreduced task loss, when the step head has a loss (full depth only).
     halting_probs (`torch.Tensor` of shape `(*items, num_variable_steps)`):
         The halting distribution `p_n`. At inference with exits, the exit step takes the mass not yet halted and
-        the steps after it get 0, so each row still sums to 1.
+        the steps after it get 0, so each row still sums to 1. At full depth a task model computes it only in
+        training or with `output_step_logits=True`: otherwise, like the plain model, it runs the last step's unit
+        and head only, and this is `None`.
     exit_steps (`torch.LongTensor` of shape `items`):
         Backbone steps executed for each item, fixed steps included (0 for padding tokens).
     executed_layers (`torch.LongTensor` of shape `items`): backbone blocks executed for each item.
@@ -103,8 +106,9 @@ class ADNetSequenceClassifierOutput(ModelOutput):
     logits (`torch.Tensor` of shape `(batch_size, num_labels)`): the prediction at each sample's exit step
         (training: fused under the halting distribution).
     step_logits (`torch.Tensor` of shape `(num_variable_steps, batch_size, num_labels)`): each variable step's
-        prediction (training and `exit_policy="none"`).
-    halting_probs (`torch.Tensor` of shape `(batch_size, num_variable_steps)`): the halting distribution.
+        prediction (at full depth: in training, or with `output_step_logits=True`).
+    halting_probs (`torch.Tensor` of shape `(batch_size, num_variable_steps)`): the halting distribution (with
+        exits; at full depth as `step_logits`).
     exit_steps (`torch.LongTensor` of shape `(batch_size,)`): backbone steps executed per sample.
     executed_layers (`torch.LongTensor` of shape `(batch_size,)`): backbone blocks executed per sample.
     flops (`torch.Tensor` of shape `(batch_size,)`): estimated FLOPs per sample (see `ADNetModelOutput`).
@@ -379,7 +383,8 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
-    def _classify(self, labels: torch.Tensor | None, **inputs) -> ADNetSequenceClassifierOutput:
+    def _classify(self, labels: torch.Tensor | None, output_step_logits: bool,
+                  **inputs) -> ADNetSequenceClassifierOutput:
         if labels is not None:
             labels, self.config.problem_type = check_classification_labels(
                 labels, self.config.problem_type, self.config.num_labels, input_shape(inputs))
@@ -389,8 +394,9 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
+        # training reads the step predictions for GPSL's `settled` plateau
         head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss,
-                        evidence=self.evidence_reader())
+                        keep_logits=self.training or output_step_logits, evidence=self.evidence_reader())
         out = self.adnet(step_head=head, return_dict=True, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
@@ -436,6 +442,7 @@ class ADNetForSequenceClassification(_ADNetClassifier):
         labels: torch.Tensor | None = None,
         exit_policy: str | None = None,
         exit_threshold: float | int | None = None,
+        output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
@@ -445,11 +452,14 @@ class ADNetForSequenceClassification(_ADNetClassifier):
             `config.loss_type`; at inference it is the task loss of the prediction made (at the exit step).
         exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call.
         exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
+        output_step_logits (`bool`): at full depth, also return every variable step's prediction and the halting
+            distribution. Off by default: they cost a unit and a head at every step, which the prediction does not
+            need (always on in training, which reads them).
         """
         return self._classify(
-            labels, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, exit_policy=exit_policy,
-            exit_threshold=exit_threshold, output_hidden_states=output_hidden_states,
+            labels, output_step_logits, input_ids=input_ids, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            exit_policy=exit_policy, exit_threshold=exit_threshold, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
 
@@ -467,13 +477,15 @@ class ADNetForImageClassification(_ADNetClassifier):
         labels: torch.Tensor | None = None,
         exit_policy: str | None = None,
         exit_threshold: float | int | None = None,
+        output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
         r"""
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the images.
         labels (`torch.LongTensor` of shape `(batch_size,)`): class indices.
+        output_step_logits (`bool`): as `ADNetForSequenceClassification`'s.
         """
-        return self._classify(labels, pixel_values=pixel_values, exit_policy=exit_policy,
+        return self._classify(labels, output_step_logits, pixel_values=pixel_values, exit_policy=exit_policy,
                               exit_threshold=exit_threshold, output_hidden_states=output_hidden_states)
 
 
@@ -608,8 +620,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
     ) -> ADNetCausalLMOutput:
         r"""
         token_type_ids: refused (decoder backbones take none); named here so that it is not silently dropped.
-        output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry). Off by
-            default: the per-step losses are taken as each step runs, and training's fused `logits` are detached.
+        output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry) and, at
+            full depth, the halting distribution. Off by default: the per-step losses are taken as each step runs,
+            training's fused `logits` are detached, and at inference full depth runs no unit but the last.
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
             causal LM (shifted inside; -100 is ignored).
         cache (`Cache`, *optional*): key/value cache for generation.

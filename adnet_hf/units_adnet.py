@@ -57,16 +57,19 @@ def step_evidence(logits: torch.Tensor, previous: torch.Tensor | None, not_halte
             features = [_log_odds(certain.amin(-1).clamp(max=1 - 1e-7)), logits.abs().amin(-1),
                         1 - (entropy / math.log(2.0)).mean(-1)]
             same = None if previous is None else ((logits > 0) == (previous > 0)).all(-1)
-        else:
-            log_probs = torch.log_softmax(logits, dim=-1).clamp(min=LOG_FLOOR)
-            top = logits.topk(2, dim=-1).values
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-            features = [_log_odds(log_probs.amax(-1).exp().clamp(max=1 - 1e-7)), top[..., 0] - top[..., 1],
-                        1 - entropy / math.log(logits.shape[-1])]
-            same = None if previous is None else logits.argmax(-1) == previous.argmax(-1)
+        else:  # in few operations: at batch 1 each costs more than its arithmetic
+            log_probs = torch.log_softmax(logits, dim=-1)
+            first, second = log_probs.topk(2, dim=-1).values.unbind(-1)  # their gap is the logits' margin
+            entropy = torch.special.entr(log_probs.exp()).sum(-1)
+            features = [torch.special.logit(first.exp(), eps=1e-7), first - second,
+                        torch.rsub(entropy, 1.0, alpha=1 / math.log(logits.shape[-1]))]
+            same = None if previous is None else log_probs.argmax(-1) == previous.argmax(-1)
         agreement = torch.zeros_like(features[0]) if same is None else same.float()
-        log_not_halted = torch.log(torch.as_tensor(not_halted, dtype=torch.float32, device=logits.device)
-                                   ).clamp(min=LOG_FLOOR).expand_as(agreement)
+        if isinstance(not_halted, torch.Tensor):
+            log_not_halted = not_halted.float().log().clamp(min=LOG_FLOOR).expand_as(agreement)
+        else:
+            log_not_halted = torch.full_like(agreement, max(math.log(not_halted), LOG_FLOOR) if not_halted > 0
+                                             else LOG_FLOOR)
         return torch.stack([*features, agreement, log_not_halted], dim=-1)
 
 

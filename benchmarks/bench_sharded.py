@@ -46,7 +46,8 @@ def split_threshold(model, batches: list[torch.Tensor], unit: int) -> float:
     """A halting epsilon that splits this process's samples in two halves: those that stop after unit `unit` and
     those that go on (a random backbone's states differ too little between inputs to spread exits otherwise)."""
     with torch.no_grad():
-        probs = torch.cat([model(input_ids=ids, exit_policy="none").halting_probs for ids in batches])
+        probs = torch.cat([model(input_ids=ids, exit_policy="none", output_step_logits=True).halting_probs
+                           for ids in batches])
     not_halted = 1 - probs[:, : unit + 1].sum(-1)
     return float(not_halted.median())
 

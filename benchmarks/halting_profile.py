@@ -26,7 +26,8 @@ from .common import benchmark_parser, parse_benchmark_args, save_figure, variabl
 @torch.inference_mode()
 def halting_probs(model, batches: list[dict]) -> torch.Tensor:
     """Inputs x variable steps: the halting distribution of every input at full depth."""
-    return torch.cat([model(**batch, exit_policy=FULL_DEPTH).halting_probs for batch in batches])
+    return torch.cat([model(**batch, exit_policy=FULL_DEPTH, output_step_logits=True).halting_probs
+                      for batch in batches])
 
 
 def subset_quality(items: dict[str, torch.Tensor], keep: torch.Tensor, metric: str) -> float | None:

@@ -95,7 +95,7 @@ def check_training(model: ADNetForSequenceClassification, wrapping: str, rank: i
 def exit_settings(model: ADNetForSequenceClassification, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """A setting per exit policy that splits the pool into early and late exits."""
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, exit_policy="none")
+        out = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
     first_confidence = out.step_logits[0].softmax(-1).max(-1).values
     return {"halting": midpoint_threshold(1 - out.halting_probs[:, :2].sum(-1)),
             "confidence": midpoint_threshold(first_confidence),

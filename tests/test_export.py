@@ -38,7 +38,7 @@ def build_model(kind: str):
 def thresholds(model, inputs: dict) -> dict:
     """A setting per exit policy that splits the batch between early and late exits."""
     with torch.no_grad():
-        full = model(**inputs, exit_policy="none")
+        full = model(**inputs, exit_policy="none", output_step_logits=True)
     return {"none": None, "halting": midpoint_threshold(1 - full.halting_probs[:, :2].sum(-1)),
             "confidence": midpoint_threshold(full.step_logits[0].softmax(-1).amax(-1)), "patience": 1}
 

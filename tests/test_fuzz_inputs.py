@@ -264,7 +264,7 @@ def splitting_threshold(model, inputs: dict, mask: torch.Tensor | None, case: Ca
     """A `halting` / `confidence` threshold between two of the items' values at a variable step of the full-depth
     pass (at quantile `case.split`, never within 5e-6 of a value): the tiny random models otherwise
     exit a whole batch at one step. None when the items' values are too close to split."""
-    full = run(model, **plain_inputs(inputs), exit_policy="none", **lm_step_logits(model))
+    full = run(model, **plain_inputs(inputs), exit_policy="none", output_step_logits=True)
     if case.policy == "halting":  # the mass not halted only falls: a split at any step separates the items
         step = min(case.split_step, full.halting_probs.shape[-1] - 2)
         values = 1 - full.halting_probs[..., : step + 1].sum(-1)
@@ -281,10 +281,6 @@ def splitting_threshold(model, inputs: dict, mask: torch.Tensor | None, case: Ca
 def plain_inputs(inputs: dict) -> dict:
     """The model inputs without labels and exit settings."""
     return {k: v for k, v in inputs.items() if k not in ("labels", "exit_policy", "exit_threshold")}
-
-
-def lm_step_logits(model) -> dict:
-    return {"output_step_logits": True} if hasattr(model, "lm_head") else {}
 
 
 def run(model, **inputs):
@@ -326,7 +322,7 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 def check_classifier(model, inputs: dict, out, mask: torch.Tensor | None) -> None:
     """Batch independence; each sample's prediction is the full-depth pass's at its exit step; the loss."""
     check_batch_independence(model, inputs, out, mask)
-    full = run(model, **plain_inputs(inputs), exit_policy="none")
+    full = run(model, **plain_inputs(inputs), exit_policy="none", output_step_logits=True)
     at_exit = full.step_logits[out.exit_steps - fixed_steps(model) - 1, torch.arange(out.logits.shape[0])]
     torch.testing.assert_close(out.logits, at_exit, **TOLERANCE, msg=lambda m: f"exit prediction differs: {m}")
     if "labels" in inputs:

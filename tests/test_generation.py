@@ -13,7 +13,8 @@ def model_with_split_exits(backbone, ids, mask):
     model = lm_model(backbone, num_fixed_steps=0).eval()
     spread_halting(model, scale=5.0)
     with torch.no_grad():
-        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none").halting_probs[..., 0]
+        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none",
+                             output_step_logits=True).halting_probs[..., 0]
     model.config.halting_epsilon = midpoint_threshold(1 - first_lambda[mask.bool()])
     return model
 

@@ -49,9 +49,9 @@ def test_the_halting_probabilities_follow_the_evidence_and_not_without_it():
     assert all(torch.equal(unit.evidence.weight, torch.tensor([[1.0, 0, 0, 0, 0]])) for unit in model.adnet.units[:-1])
     ids, mask = token_batch()
     with torch.no_grad():
-        untrained = model(input_ids=ids, attention_mask=mask, exit_policy="none").halting_probs
+        untrained = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True).halting_probs
         set_evidence_weights(model, 1.0)
-        reading = model(input_ids=ids, attention_mask=mask, exit_policy="none").halting_probs
+        reading = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True).halting_probs
     assert (untrained - reading).abs().max() > 1e-3
     with pytest.raises(ValueError, match="reads the step prediction's evidence"):
         model.adnet.units[0].halt(torch.zeros(1, 16), torch.zeros(1, 1, 32))
@@ -66,7 +66,7 @@ def test_batched_equals_one_by_one_when_the_units_read_the_evidence():
     model.step_head = lambda n, summary, hidden: summary[:, 5:8] * 30.0 * (1 + n)
     ids, mask = token_batch(batch=6, pad_lengths=(0, 2, 0, 3, 1, 4))
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, exit_policy="none")
+        full = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
         ordered = full.halting_probs[:, 0].sort().values
         model.config.halting_epsilon = float(1 - (ordered[2] + ordered[3]) / 2)
         batched = model(input_ids=ids, attention_mask=mask, exit_policy="halting")

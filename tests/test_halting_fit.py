@@ -18,7 +18,7 @@ def batches_of(count: int = 4) -> list[dict]:
 
 @torch.no_grad()
 def full_depth(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outputs = [model(**batch, exit_policy="none") for batch in batches]
+    outputs = [model(**batch, exit_policy="none", output_step_logits=True) for batch in batches]
     return (torch.cat([out.logits for out in outputs]), torch.cat([out.step_logits for out in outputs], dim=1),
             torch.cat([out.halting_probs for out in outputs]))
 

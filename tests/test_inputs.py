@@ -147,7 +147,8 @@ def confidence_model(backbone: str):
 def left_padded_against_alone(model, ids, mask, **inputs) -> tuple[float, int]:
     """The largest logit difference and the number of exit flips between the batch and each sample alone."""
     with torch.no_grad():
-        confidence = model(input_ids=ids, attention_mask=mask, exit_policy="none", **inputs).step_logits[0]
+        confidence = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True,
+                           **inputs).step_logits[0]
         model.config.confidence_threshold = midpoint_threshold(confidence.softmax(-1).amax(-1))
         batched = model(input_ids=ids, attention_mask=mask, **inputs)
         worst, flips = 0.0, 0
@@ -193,7 +194,7 @@ def test_broadcast_position_ids_survive_samples_leaving_the_batch():
     spread_halting(model)
     ids = torch.randint(3, VOCAB, (8, 6))
     with torch.no_grad():
-        not_halted = 1 - model(input_ids=ids, exit_policy="none").halting_probs[:, 0]
+        not_halted = 1 - model(input_ids=ids, exit_policy="none", output_step_logits=True).halting_probs[:, 0]
         threshold = midpoint_threshold(not_halted)
         out = model(input_ids=ids, position_ids=torch.arange(6)[None], exit_policy="halting", exit_threshold=threshold)
         reference = model(input_ids=ids, exit_policy="halting", exit_threshold=threshold)

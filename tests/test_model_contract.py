@@ -69,7 +69,7 @@ def exiting_model(head: str, **overrides):
     spread_halting(model, scale=5.0 if HEADS[head][2] == "causal" else 200.0)
     inputs = inputs_for(head, labels=False)
     with torch.no_grad():
-        first = model(**inputs, exit_policy="none").halting_probs[..., 0]
+        first = model(**inputs, exit_policy="none", output_step_logits=True).halting_probs[..., 0]
     real = first[inputs["attention_mask"].bool()] if HEADS[head][2] == "causal" else first
     return model, midpoint_threshold(1 - real.flatten())
 

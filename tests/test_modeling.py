@@ -124,7 +124,7 @@ def test_image_exits_in_stages_of_different_shapes():
     model = image_model(num_fixed_steps=0).eval()
     pixels = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
-        full = model(pixel_values=pixels, exit_policy="none")
+        full = model(pixel_values=pixels, exit_policy="none", output_step_logits=True)
         model.config.confidence_threshold = midpoint_threshold(torch.softmax(full.step_logits[0], -1).amax(-1))
         out = model(pixel_values=pixels, exit_policy="confidence")
     # blocks 0-1 (8 channels) make stage 1, blocks 2-3 (16 channels, half the side) stage 2
@@ -139,7 +139,7 @@ def test_image_exits_in_stages_of_different_shapes():
 def thresholds_that_split_the_batch(model, ids, mask) -> dict:
     """Exit settings under which some samples exit at the first variable step and others go on."""
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, exit_policy="none")
+        full = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
     first_lambda = full.halting_probs[:, 0]
     first_confidence = torch.softmax(full.step_logits[0], -1).amax(-1)
     return {"halting_epsilon": midpoint_threshold(1 - first_lambda),
@@ -157,10 +157,10 @@ def test_batched_equals_one_by_one_with_padding(backbone, policy):
     for field, value in thresholds_that_split_the_batch(model, ids, mask).items():
         setattr(model.config, field, value)
     with torch.no_grad():
-        batched = model(input_ids=ids, attention_mask=mask, exit_policy=policy)
+        batched = model(input_ids=ids, attention_mask=mask, exit_policy=policy, output_step_logits=True)
         for row in range(6):
             length = int(mask[row].sum())
-            single = model(input_ids=ids[row : row + 1, :length], exit_policy=policy)
+            single = model(input_ids=ids[row : row + 1, :length], exit_policy=policy, output_step_logits=True)
             assert single.exit_steps.item() == batched.exit_steps[row].item()
             torch.testing.assert_close(single.logits[0], batched.logits[row], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(single.halting_probs[0], batched.halting_probs[row], rtol=1e-4, atol=1e-5)
@@ -174,7 +174,8 @@ def lm_with_split_exits(ids, mask=None):
     model = lm_model(num_fixed_steps=0).eval()
     spread_halting(model, scale=5.0)
     with torch.no_grad():
-        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none").halting_probs[..., 0]
+        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none",
+                             output_step_logits=True).halting_probs[..., 0]
     real = first_lambda if mask is None else first_lambda[mask.bool()]
     model.config.halting_epsilon = midpoint_threshold(1 - real.flatten())
     return model
@@ -372,3 +373,27 @@ def test_flops_follow_the_exits_in_a_batch():
             single = model(input_ids=ids[row : row + 1, : int(mask[row].sum())])
             assert single.flops.item() == pytest.approx(batched.flops[row].item(), rel=1e-6)
     assert len(set(batched.exit_steps.tolist())) > 1
+
+
+@pytest.mark.parametrize("make", [seq_model, image_model, lm_model], ids=["sequence", "image", "causal"])
+def test_full_depth_runs_the_per_step_work_only_when_asked(make):
+    """At inference full depth the units and head run at the last step only, as the plain model runs its head once:
+    the prediction is the same as with every step's outputs, which `output_step_logits=True` adds."""
+    model = make().eval()
+    units = model.base_model.units
+    calls = [0] * len(units)
+    for index, unit in enumerate(units):
+        if unit.dense is not None:
+            unit.dense.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    inputs = ({"pixel_values": torch.randn(2, 1, 16, 16)} if make is image_model
+              else dict(zip(("input_ids", "attention_mask"), token_batch())))
+    with torch.no_grad():
+        lean = model(**inputs, exit_policy="none")
+        lean_calls, calls[:] = list(calls), [0] * len(units)
+        full = model(**inputs, exit_policy="none", output_step_logits=True)
+    torch.testing.assert_close(lean.logits, full.logits)
+    assert lean.halting_probs is None and lean.step_logits is None
+    assert full.halting_probs.shape[-1] == full.step_logits.shape[0] == len(units)
+    ran = [index for index, count in enumerate(calls) if count]
+    assert lean_calls == [int(index == len(units) - 1 and index in ran) for index in range(len(units))]
+    assert len(ran) >= len(units) - 1 and (lean.flops <= full.flops).all() and lean.flops.sum() < full.flops.sum()

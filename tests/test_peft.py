@@ -163,7 +163,7 @@ def test_exits_skip_blocks_with_adapters_attached():
     spread_halting(model)
     peft_model = get_peft_model(model, adnet_lora_config(model, r=4, init_lora_weights=False))  # random B: LoRA acts
     ids, mask = token_batch(batch=8, pad_lengths=[0, 2, 0, 3] * 2)
-    full_depth = outputs(peft_model, ids, mask, exit_policy="none")
+    full_depth = outputs(peft_model, ids, mask, exit_policy="none", output_step_logits=True)
     epsilon = midpoint_threshold(1.0 - full_depth.halting_probs[:, 0])  # about half the samples stop at once
     rows = count_block_rows(peft_model)
     with_adapters = outputs(peft_model, ids, mask, exit_policy="halting", exit_threshold=epsilon)
