@@ -117,7 +117,7 @@ def test_onnx_runner_equals_the_eager_model(exported, policy):
     model, runner, inputs = exported
     threshold = thresholds(model, inputs)[policy]
     with torch.no_grad():
-        eager = model(**inputs, exit_policy=policy, exit_threshold=threshold)
+        eager = model(**inputs, exit_policy=policy, exit_threshold=threshold, output_step_logits=True)
     out = runner(exit_policy=policy, exit_threshold=threshold, **{k: v.numpy() for k, v in inputs.items()})
     np.testing.assert_array_equal(out.exit_steps, eager.exit_steps.numpy())
     np.testing.assert_allclose(out.logits, eager.logits.numpy(), rtol=1e-5, atol=1e-5)
