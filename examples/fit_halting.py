@@ -36,7 +36,7 @@ from adnet_hf.data_adnet import (
     read_tsv,
     saved_image_processor,
 )
-from adnet_hf.halting_adnet import fit_halting
+from adnet_hf.halting_adnet import OBJECTIVES, fit_halting
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="L2 penalty of the fit")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="survival",
+                        help="what the units are fitted to (adnet_hf.fit_halting's docstring compares them)")
     args = parser.parse_args(argv)
     if (args.data is None) == (args.images is None):
         parser.error("pass either --data (a TSV) or --images")
@@ -74,7 +76,7 @@ def image_inputs(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model, batches, preprocessor = (text_inputs if args.data else image_inputs)(args)
-    fit = fit_halting(model, batches, weight_decay=args.weight_decay)
+    fit = fit_halting(model, batches, weight_decay=args.weight_decay, objective=args.objective)
     model.save_pretrained(args.output_dir)
     if preprocessor is not None:
         preprocessor.save_pretrained(args.output_dir)

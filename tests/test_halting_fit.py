@@ -24,30 +24,43 @@ def full_depth(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def survival_nll(step_logits: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
-    """GPSL's `settled` halting term: -log of the halting probability at each sample's first settled step."""
+    """GPSL's `settled` halting term: -log of the halting probability at each sample's first settled step, summed
+    over the samples (the fit's per-step means weighted by the rows they read add up to it)."""
     settled = settled_steps(step_logits, "single_label_classification").float().argmax(-1)
-    return -halting_probs.gather(1, settled[:, None]).log().mean()
+    return -halting_probs.gather(1, settled[:, None]).log().sum()
 
 
-def test_fit_lowers_the_engines_survival_loss_by_what_it_reports_and_leaves_predictions_unchanged():
+def settled_by_loss(step_logits: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
+    """At every step but the last, the log loss of the halted mass so far against "settled by this step", each a
+    mean over the samples, summed over the steps."""
+    settled = settled_steps(step_logits, "single_label_classification").float()[:, :-1]
+    halted = halting_probs.cumsum(-1)[:, :-1].clamp(1e-7, 1 - 1e-7)
+    return torch.nn.functional.binary_cross_entropy(halted, settled, reduction="none").mean(0).sum()
+
+
+@pytest.mark.parametrize("objective, engine_loss", [("survival", survival_nll), ("settled_by", settled_by_loss)])
+def test_fit_lowers_the_engines_loss_by_what_it_reports_and_leaves_predictions_unchanged(objective, engine_loss):
     model = seq_model(num_fixed_steps=0).eval()
     batches = batches_of()
     logits, step_logits, halting_probs = full_depth(model, batches)
-    before = survival_nll(step_logits, halting_probs)
-    fit = fit_halting(model, batches)
+    before = engine_loss(step_logits, halting_probs)
+    fit = fit_halting(model, batches, objective=objective)
     logits_after, step_logits_after, halting_after = full_depth(model, batches)
     torch.testing.assert_close(logits_after, logits)
     torch.testing.assert_close(step_logits_after, step_logits)
-    after = survival_nll(step_logits, halting_after)
+    after = engine_loss(step_logits, halting_after)
     assert after < before - 0.05
-    # the per-step losses the fit reports, weighted by the items at risk, are the engine's loss (same evidence)
-    reported = sum(step["at_risk"] * step["loss"][1] for step in fit.steps if step["loss"]) / fit.samples
+    # the losses the fit reports are the engine's (same evidence, same halting mass)
+    weights = [step["rows"] if objective == "survival" else 1 for step in fit.steps]
+    reported = sum(weight * step["loss"][1] for weight, step in zip(weights, fit.steps) if step["loss"])
     assert fit.samples == len(logits)
-    torch.testing.assert_close(after, torch.tensor(reported), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after, torch.tensor(reported), rtol=1e-4, atol=1e-4)
     assert all(unit.halting.weight.abs().sum() == 0 for unit in model.base_model.units[:-1])
 
 
-def test_fit_refuses_units_without_evidence_and_regressors():
+def test_fit_refuses_units_without_evidence_regressors_and_unknown_objectives():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fit_halting(seq_model(), batches_of(1), objective="hazard")
     with pytest.raises(ValueError, match="halting_evidence=True"):
         fit_halting(seq_model(halting_evidence=False), batches_of(1))
     with pytest.raises(ValueError, match="needs a classifier"):
