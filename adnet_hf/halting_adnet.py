@@ -122,10 +122,10 @@ def fit_halting(model, batches: Iterable[dict], weight_decay: float = 1e-3, max_
     logistic regression over the samples not settled before each step); `"settled_by"` scores at every step the
     halted mass `1 - prod_{k<=n}(1 - lambda_k)`, the quantity the `halting` rule thresholds, against whether the
     prediction has settled by that step (a log loss over every sample). Both are proper scores of the same
-    distribution, and linear units represent it only approximately, so they trade differently. Replayed on the saved
-    step predictions of the README's models (fewest mean layers within 0.25 / 0.5 / 1 point, whole dev set):
-    `"settled_by"` is cheaper on MNIST (2.51 / 2.37 / 2.20 against 2.69 / 2.48 / 2.30) and MRPC (4.21 / 4.21 / 3.96
-    against 5.25 / 5.19 / 3.90) and dearer on SST-2 (2.97 / 2.89 / 2.67 against 2.47 / 2.37 / 2.30).
+    distribution, and linear units represent it only approximately, so they trade differently. Measured on the
+    README's models (fewest mean layers within 0.25 / 0.5 / 1 point, whole dev / test set, `benchmarks/pareto_exits`):
+    `"settled_by"` is cheaper on MNIST (2.52 / 2.37 / 2.20 against 2.68 / 2.54 / 2.30) and MRPC (4.72 / 4.27 / 4.27
+    against 5.28 / 5.28 / 4.59) and dearer on SST-2 (2.98 / 2.91 / 2.67 against 2.49 / 2.49 / 2.39).
 
     Only the units' halting layers change (in place; the step predictions and full-depth outputs do not): set the
     exit setting afterwards with `calibrate_exit` on held-out data.
