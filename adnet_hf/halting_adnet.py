@@ -17,8 +17,9 @@ predecessors left (`log_not_halted`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -73,20 +74,29 @@ def _check(model) -> None:
         raise ValueError(reason)
 
 
-def _log_not_halted_after(log_not_halted: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log of the halting mass left after a step whose halting logits are `logits`: `log(nh) + log(1 - lambda)`."""
-    return log_not_halted + F.logsigmoid(-logits)
-
-
 def _settled_by_loss(logits: torch.Tensor, log_not_halted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Log loss of the halted mass after this step, `1 - nh (1 - lambda)`, against `target` (settled by this step)."""
-    log_left = _log_not_halted_after(log_not_halted, logits).clamp(max=-1e-7)
+    log_left = (log_not_halted + F.logsigmoid(-logits)).clamp(max=-1e-7)  # log(nh (1 - lambda))
     log_halted = torch.log(-torch.expm1(log_left))
     return -(target * log_halted + (1 - target) * log_left).mean()
 
 
-def _fit_unit(unit, loss_of_logits, summary: torch.Tensor, evidence: torch.Tensor, weight_decay: float,
-              max_iter: int) -> list[float]:
+def _unit_loss(objective: str, n: int, settled: torch.Tensor, not_halted: torch.Tensor | float,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """What unit n is fitted to under `objective`: the rows its loss reads, their target, and the loss of their
+    halting logits (`settled`: each sample's first settled step; `not_halted`: the mass left before step n)."""
+    if objective == "survival":
+        rows = (settled >= n).to(device)  # at risk: not settled before this step
+        target = (settled == n).float().to(device)[rows]
+        return rows, target, partial(F.binary_cross_entropy_with_logits, target=target)
+    rows = torch.ones(len(settled), dtype=torch.bool, device=device)
+    target = (settled <= n).float().to(device)
+    log_not_halted = torch.log(torch.as_tensor(not_halted, device=device).float().expand(len(settled)))
+    return rows, target, partial(_settled_by_loss, log_not_halted=log_not_halted, target=target)
+
+
+def _fit_unit(unit, loss_of_logits: Callable[[torch.Tensor], torch.Tensor], summary: torch.Tensor,
+              evidence: torch.Tensor, weight_decay: float, max_iter: int) -> list[float]:
     """Fit the unit's bias and evidence weights (its summary weights at zero, `summary` zeros) to minimise
     `loss_of_logits(halting logits)` by L-BFGS with an L2 penalty; returns the loss before and after."""
     params = [unit.halting.bias, unit.evidence.weight]
@@ -151,20 +161,7 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
         unit.halting.weight.data.zero_()
         evidence = evidence_of(step_logits[n], previous, distribution.not_halted).to(device)
         summary = evidence.new_zeros(len(evidence), unit.halting.in_features)
-        if objective == "survival":
-            rows = (settled >= n).to(device)  # at risk: not settled before this step
-            target = (settled == n).float().to(device)[rows]
-
-            def loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
-                return F.binary_cross_entropy_with_logits(logits, target)
-        else:
-            rows = torch.ones(len(evidence), dtype=torch.bool, device=device)
-            target = (settled <= n).float().to(device)
-            log_not_halted = torch.log(torch.as_tensor(distribution.not_halted, device=device).float()
-                                       .expand(len(evidence)))
-
-            def loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
-                return _settled_by_loss(logits, log_not_halted, target)
+        rows, target, loss_of_logits = _unit_loss(objective, n, settled, distribution.not_halted, device)
         step = {"step": n, "rows": int(rows.sum()), "target": target.mean().item() if rows.any() else 0.0,
                 "loss": None}
         if rows.any():
