@@ -368,6 +368,11 @@ class _ExitingPass:
                                       "blocks, where FSDP / ZeRO-3 has not gathered them. Decode with "
                                       "exit_policy='none', or shard the model as one unit.")
 
+    @property
+    def none_left_yet(self) -> bool:
+        """No sample has left the batch: `active` is every sample, in order (and no exit state is stored)."""
+        return len(self.active) == self.padding.shape[0]
+
     def run(self) -> StepOutputs:
         self.trace.record(-1, self.state.hidden, self.active)
         for step, blocks in enumerate(self.engine.steps):
@@ -428,7 +433,7 @@ class _ExitingPass:
                           logits: torch.Tensor | None, stop: torch.Tensor) -> None:
         """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
         # the whole batch stops at once (always at batch 1): its predictions are the outputs as they are
-        everyone = self.logits is None and len(self.active) == self.padding.shape[0] and bool(stop.all())
+        everyone = self.logits is None and self.none_left_yet and bool(stop.all())
         pick = slice(None) if everyone else stop
         if logits is None:
             logits = self.head.predict(n, None if summary is None else summary[pick], hidden[pick])
@@ -450,7 +455,7 @@ class _ExitingPass:
             return
         keep = (~finished).nonzero().squeeze(-1)
         shape = hidden.shape[1:]
-        if shape not in self.exit_states and not keep.numel() and len(self.active) == self.padding.shape[0]:
+        if not keep.numel() and self.none_left_yet:
             self.exit_states[shape] = hidden  # the whole batch leaves at once (always at batch 1)
         else:
             if shape not in self.exit_states:
