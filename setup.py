@@ -20,6 +20,7 @@ setup(
         "scipy>=1.7",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
+        "pillow>=9.1",  # data_adnet reads images (Image.Transpose needs 9.1)
     ],
     extras_require={
         "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100", "onnx>=1.17", "onnxruntime>=1.20",
