@@ -153,12 +153,18 @@ def plot(rows: list[dict], sizes: list[int]):
     return lambda path: save_figure(path, len(sizes), draw)
 
 
+def timed_samples(args: argparse.Namespace, size: int) -> int | None:
+    """How many samples the batches of `size` hold: batch 1 only the first `max_samples_batch1` (timing), unless it
+    is the largest size, whose batches the quality sweep reads over every sample."""
+    return args.max_samples_batch1 if size == 1 < max(args.batch_sizes) else None
+
+
 def text_inputs(args: argparse.Namespace):
-    """Batches of each size (batch 1 on the first `max_samples_batch1` only), labels, the models."""
+    """Batches of each size (`timed_samples`), labels, the models."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     texts, raw_labels = read_tsv(Path(args.data), args.max_samples)
-    batches_by_size = {size: make_batches(tokenizer, texts, size, args.max_length,
-                                          args.max_samples_batch1 if size == 1 else None) for size in args.batch_sizes}
+    batches_by_size = {size: make_batches(tokenizer, texts, size, args.max_length, timed_samples(args, size))
+                       for size in args.batch_sizes}
     model, reference = load_models(AutoModelForSequenceClassification, args)
     kind = float if is_regression(model) else int
     return batches_by_size, torch.tensor([kind(label) for label in raw_labels]), model, reference
@@ -167,8 +173,7 @@ def text_inputs(args: argparse.Namespace):
 def image_inputs(args: argparse.Namespace):
     dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples,
                            saved_image_processor(args.model))
-    batches_by_size = {size: image_batches(dataset, size, args.max_samples_batch1 if size == 1 else None)
-                       for size in args.batch_sizes}
+    batches_by_size = {size: image_batches(dataset, size, timed_samples(args, size)) for size in args.batch_sizes}
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
 
 
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> Path:
                        help="time the plain model of the backbone's architecture with the ADNet backbone's weights")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--max_samples_batch1", type=int, default=200,
-                        help="samples timed at batch 1 (accuracy always uses all samples)")
+                        help="samples timed at batch 1 when a larger batch size is measured too (accuracy always uses "
+                        "all samples)")
     parser.add_argument("--policies", nargs="+", choices=list(DEFAULT_SETTINGS),
                         help="default: all three, or those that need no classes for a regression model")
     for policy, values in DEFAULT_SETTINGS.items():

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny random model (their real results come from their commands); their
 quality and layer counts agree with `evaluation_adnet` and with direct forwards on the same model and data."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -377,6 +378,15 @@ def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint
     assert [(row["budget_pts"], row["policy"]) for row in result["budget_rows_held_out"]] == [
         (budget, policy) for budget in (10.0, 30.0) for policy in pareto_exits.POLICIES]
     assert "Held-out verdict" in (out_dir / "tiny.md").read_text() and (out_dir / "tiny.png").stat().st_size > 0
+
+
+def test_batch_one_alone_is_timed_and_scored_on_every_sample():
+    """Batch 1 is cut to `--max_samples_batch1` for timing only while a larger size covers every sample for the
+    quality sweep; measured alone (`--batch_sizes 1`) it is that sweep's size, so it keeps every sample."""
+    args = argparse.Namespace(max_samples_batch1=3, batch_sizes=[1])
+    assert bench_classification.timed_samples(args, 1) is None
+    args.batch_sizes = [1, 4]
+    assert bench_classification.timed_samples(args, 1) == 3 and bench_classification.timed_samples(args, 4) is None
 
 
 @pytest.mark.slow
