@@ -421,28 +421,44 @@ class _ExitingPass:
         summary, lambdas, logits = self.engine.run_unit(n, self.state, self.flops, self.active, self.done, head,
                                                         self.previous, self.distribution.not_halted)
         self.previous = logits
-        stop, self.halting[self.active, ..., n] = exit_decision(self.distribution, self.rule, lambdas, logits,
-                                                                n == len(self.engine.units) - 1, self.done)
+        stop, probs = exit_decision(self.distribution, self.rule, lambdas, logits, n == len(self.engine.units) - 1,
+                                    self.done)
+        if self.none_left_yet and bool(stop.all()):
+            self._all_leave(n, step, summary, hidden, logits, probs)
+            return
+        self.halting[self.active, ..., n] = probs
         self.exit_steps[self.active] = torch.where(stop, step + 1, self.exit_steps[self.active])
         if self.head is not None and (stop.any() or self.logits is None):  # allocated even if only padding stops
             self._keep_exit_logits(n, summary, hidden, logits, stop)
         self.done = self.done | stop
         self._drop_finished(hidden)
 
+    def _all_leave(self, n: int, step: int, summary: torch.Tensor | None, hidden: torch.Tensor,
+                   logits: torch.Tensor | None, probs: torch.Tensor) -> None:
+        """Every item of the whole batch stops at this step (always so at batch 1): this step's outputs are the
+        pass's, as they are, with no scatter into the full batch."""
+        self.halting[..., n] = probs
+        self.exit_steps.fill_(step + 1)
+        if self.head is not None:
+            self.logits = self._stopping_logits(n, summary, hidden, logits, slice(None))
+        self.exit_states[hidden.shape[1:]] = hidden
+        self.sync.last_samples_leave(self.state)
+        self.active, self.done = self.active[:0], self.done[:0]
+
+    def _stopping_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
+                         logits: torch.Tensor | None, stop: torch.Tensor | slice) -> torch.Tensor:
+        """The prediction of the items that `stop` now, running the head for them alone if the rule decided
+        without it."""
+        if logits is not None:
+            return logits[stop]
+        self.flops.add(self.active, self.done, self.head.flops * (stop.double() if isinstance(stop, torch.Tensor)
+                                                                  else 1.0))
+        return self.head.predict(n, None if summary is None else summary[stop], hidden[stop])
+
     def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
                           logits: torch.Tensor | None, stop: torch.Tensor) -> None:
-        """Store the prediction of the items that stop now, running the head for them alone if not yet run."""
-        # the whole batch stops at once (always at batch 1): its predictions are the outputs as they are
-        everyone = self.logits is None and self.none_left_yet and bool(stop.all())
-        pick = slice(None) if everyone else stop
-        if logits is None:
-            logits = self.head.predict(n, None if summary is None else summary[pick], hidden[pick])
-            self.flops.add(self.active, self.done, self.head.flops * stop.double())
-        elif not everyone:
-            logits = logits[stop]
-        if everyone:
-            self.logits = logits
-            return
+        """Store the prediction of the items that stop now in the full-batch logits."""
+        logits = self._stopping_logits(n, summary, hidden, logits, stop)
         if self.logits is None:
             self.logits = logits.new_zeros(*self.padding.shape, logits.shape[-1])
         index = stop.nonzero(as_tuple=True)
@@ -455,12 +471,9 @@ class _ExitingPass:
             return
         keep = (~finished).nonzero().squeeze(-1)
         shape = hidden.shape[1:]
-        if not keep.numel() and self.none_left_yet:
-            self.exit_states[shape] = hidden  # the whole batch leaves at once (always at batch 1)
-        else:
-            if shape not in self.exit_states:
-                self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
-            self.exit_states[shape][self.active[finished]] = hidden[finished]
+        if shape not in self.exit_states:
+            self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
+        self.exit_states[shape][self.active[finished]] = hidden[finished]
         if not keep.numel():  # nothing but `active` is read once every sample has left
             self.sync.last_samples_leave(self.state)
             self.active, self.done = self.active[:0], self.done[:0]

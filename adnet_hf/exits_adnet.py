@@ -200,7 +200,7 @@ def exit_decision(distribution: HaltingDistribution, rule: ExitRule | None, lamb
     mass not yet halted and an item already `done` gets 0. The one place the eager engine and the exported-steps
     runner (`export_adnet`) decide."""
     probs = distribution.step(lambdas)
-    stop = torch.full_like(done, last) if rule is None else rule.step(distribution.not_halted, logits) | last
+    stop = torch.full_like(done, last) if rule is None or last else rule.step(distribution.not_halted, logits)
     stop = stop & ~done
     return stop, distribution.halt(probs, stop).masked_fill(done, 0.0)
 
