@@ -16,14 +16,22 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
 from adnet_hf.data_adnet import token_blocks
 from adnet_hf.evaluation_adnet import sweep_exits
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, row_policy, save_figure, write_results
+from .common import (
+    benchmark_parser,
+    interleaved_seconds,
+    load_tokenizer_folder,
+    parse_benchmark_args,
+    row_policy,
+    save_figure,
+    write_results,
+)
 
 
 def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str, threshold: float,
@@ -62,7 +70,7 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_text_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model (in eval mode) and the token blocks of `--data`."""
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer_folder(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     return model, token_blocks(tokenizer, Path(args.data), args.block_size, args.max_blocks)
 

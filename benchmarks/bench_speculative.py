@@ -25,14 +25,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
 from adnet_hf.data_adnet import token_blocks
 from adnet_hf.speculative_adnet import frequent_tokens
 
-from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
+from .common import (
+    benchmark_parser,
+    interleaved_seconds,
+    load_tokenizer_folder,
+    parse_benchmark_args,
+    write_results,
+)
 
 
 def plain_causal_lm(model: ADNetForCausalLM) -> PreTrainedModel:
@@ -58,11 +64,8 @@ def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
 def load_tokenizer(args: argparse.Namespace):
     """`--tokenizer`, or the checkpoint's (a GGUF backbone's from its file); a bare `vocab.json` + `merges.txt`
     folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
-    folder = args.tokenizer or args.model or args.backbone
-    if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
-        return GPT2Tokenizer.from_pretrained(folder)
     gguf = json.loads(args.backbone_kwargs).get("gguf_file") if args.backbone and not args.tokenizer else None
-    return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    return load_tokenizer_folder(args.tokenizer or args.model or args.backbone, **({"gguf_file": gguf} if gguf else {}))
 
 
 def lm_head_share(model: ADNetForCausalLM) -> float:

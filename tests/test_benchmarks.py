@@ -146,11 +146,11 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
                                          unit_hidden_size=8, num_fixed_steps=0))
     model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text((data / "ptb" / "ptb.valid.txt").read_text()[:4000])
-    path = bench_generation.main([
-        "--model", str(tmp_path / "model"), "--data", str(text), "--name", "tiny", "--block_size", "16",
+    path = bench_generation.main([  # the bare vocab.json + merges.txt folder, as the README's commands pass it
+        "--model", str(tmp_path / "model"), "--tokenizer", str(data / "gpt2-tokenizer"), "--data", str(text),
+        "--name", "tiny", "--block_size", "16",
         "--max_blocks", "4", "--batch_size", "2", "--generation_batch_sizes", "1", "2", "--prompt_length", "4",
         "--new_tokens", "3", "--epsilons", "0.1", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
     ])
