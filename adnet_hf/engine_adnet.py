@@ -442,6 +442,10 @@ class _ExitingPass:
         if self.head is not None:
             self.logits = self._stopping_logits(n, summary, hidden, logits, slice(None))
         self.exit_states[hidden.shape[1:]] = hidden
+        self._last_samples_leave()
+
+    def _last_samples_leave(self) -> None:
+        """The batch is empty from now on; nothing but `active` is read once every sample has left."""
         self.sync.last_samples_leave(self.state)
         self.active, self.done = self.active[:0], self.done[:0]
 
@@ -474,9 +478,8 @@ class _ExitingPass:
         if shape not in self.exit_states:
             self.exit_states[shape] = hidden.new_zeros(self.padding.shape[0], *shape)
         self.exit_states[shape][self.active[finished]] = hidden[finished]
-        if not keep.numel():  # nothing but `active` is read once every sample has left
-            self.sync.last_samples_leave(self.state)
-            self.active, self.done = self.active[:0], self.done[:0]
+        if not keep.numel():
+            self._last_samples_leave()
             return
         self.active, self.done = self.active[keep], self.done[keep]
         self.state = self.state.select(keep)
