@@ -2,11 +2,11 @@
 
 A `card.yaml` says what its card is about, in words: the title, task, dataset and base model; the benchmark whose
 rows it shows (`rows`: the policies, in order); optionally the training runs to set against the plain model, the
-benchmark of each exit point, the calibration that chose the saved exit setting (`calibration`: its guarantee) and
-a risk-control benchmark (`risk_control`); its limits; and the results files whose commands made the model. Every
-number and command in the card is read from those results (`benchmarks/results/`, `examples/results/`);
-`template.md` lays it out, and `huggingface_hub.ModelCard` writes the metadata (a `model-index` with the measured
-results).
+benchmark of each exit point, the calibration that chose the saved exit setting (`calibration`: its guarantee), a
+risk-control benchmark (`risk_control`) and a self-speculative generation benchmark (`speculative`); its limits; and
+the results files whose commands made the model. Every number and command in the card is read from those results
+(`benchmarks/results/`, `examples/results/`); `template.md` lays it out, and `huggingface_hub.ModelCard` writes the
+metadata (a `model-index` with the measured results).
 
     python -m model_cards.make_model_cards                         # every card
     python -m model_cards.make_model_cards adnet-minilm-l6-sst2    # the cards named
@@ -75,6 +75,7 @@ class CardSpec:
     steps: str | None = None  # a step_perplexity benchmark of the model
     calibration: str | None = None  # the `calibration_results.json` of the run that chose the saved exit setting
     risk_control: str | None = None  # a bench_risk_control benchmark of the model
+    speculative: str | None = None  # a bench_speculative benchmark of the model (self-speculative generation)
 
     @classmethod
     def from_yaml(cls, path: Path) -> CardSpec:
@@ -151,6 +152,19 @@ def risk_control_table(bench: dict) -> str:
     return "\n".join(lines)
 
 
+def speculative_table(bench: dict) -> str:
+    """Each draft setting of self-speculative greedy decoding against the backbone's own `generate()`."""
+    lines = ["| draft depth | draft length | confidence threshold | draft vocabulary | accepted | tokens per "
+             "verification | tokens/s | backbone tokens/s | speed-up | output identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {row['assistant_early_exit']} | {row['num_assistant_tokens']} | "
+              f"{row['assistant_confidence_threshold']:g} | {row['draft_vocab_size'] or 'full'} | "
+              f"{row['acceptance_rate']:.1%} | {row['tokens_per_verification']:.2f} | {row['tokens_per_s']:.1f} | "
+              f"{row['backbone_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+              f"{'yes' if row['identical_outputs'] else 'no'} |" for row in bench["rows"]]
+    return "\n".join(lines)
+
+
 def cheapest_within(rows: list[dict], measure: Measure) -> dict | None:
     """The benchmarked setting with the fewest executed layers that loses at most the budget to full depth."""
     admissible = [row for row in rows if row.get(measure.loss_key) is not None and row.get("setting") is not None
@@ -197,6 +211,7 @@ def render(spec: CardSpec, name: str, root: Path = ROOT) -> tuple[ModelCard, lis
     bench = read(root, spec.benchmark)
     steps = spec.steps and read(root, spec.steps)
     risk_control = spec.risk_control and read(root, spec.risk_control)
+    speculative = spec.speculative and read(root, spec.speculative)
     measure = MEASURES[bench["benchmark"]]
     rows = [row for policy in spec.rows for row in bench["rows"] if row["policy"] == policy]
     full = next(row for row in rows if row["policy"] == "none (full depth)")
@@ -214,6 +229,7 @@ def render(spec: CardSpec, name: str, root: Path = ROOT) -> tuple[ModelCard, lis
         block_size=bench.get("block_size"), dataset_split=spec.dataset["dataset_split"],
         guarantee=spec.calibration and guarantee_text(read(root, spec.calibration)), risk_control=risk_control,
         risk_control_table=risk_control and risk_control_table(risk_control),
+        speculative=speculative, speculative_table=speculative and speculative_table(speculative),
         commands=[command(read(root, path)) for path in spec.commands])
     return card, rows, measure
 

@@ -83,6 +83,7 @@ def test_generation_card_reports_perplexity_within_its_budget_and_each_exit_poin
     assert "| halting | 0.7 | 160.0 | 3.00 | 2.00x | 1.80x | 1.70x |" in written.text
     assert "on the first 4 blocks of 16 tokens of the test set:" in written.text
     assert "| 3 | 3.5e+06 | 2.3e+04 |" in written.text
+    assert "## Self-speculative generation" not in written.text
     note = "- Perplexity in the exit policy table is on the first 8 blocks of 32 tokens of the test set."
     assert note in written.text
     assert "AutoModelForCausalLM" in written.text
@@ -140,3 +141,23 @@ def test_card_states_the_exit_guarantee_and_how_often_it_held(tmp_path):
     assert make_model_cards.guarantee_text(none).startswith("No setting could be certified to lose at most 1 point of")
     empirical = make_model_cards.guarantee_text({**calibration, "guarantee": None})
     assert empirical.startswith("The saved exit setting, `halting=0.3`, was chosen empirically on 400 samples")
+
+
+def test_generation_card_shows_the_self_speculative_table(tmp_path):
+    rows = [{"policy": "none (full depth)", "setting": None, "perplexity": 150.0, "ppl_increase_pct": 0.0,
+             "executed_layers": 6.0, "ideal_speedup": 1.0}]
+    draft = {"assistant_early_exit": 2, "num_assistant_tokens": 8, "assistant_confidence_threshold": 0.0,
+             "backbone_tokens_per_s": 50.0, "tokens_per_s": 105.0, "speedup": 2.1, "acceptance_rate": 0.875,
+             "tokens_per_verification": 5.5, "identical_outputs": True, "draft_vocab_size": None}
+    speculative = {"environment": {"command": "python -m benchmarks.bench_speculative --depths 2"}, "prompts": 4,
+                   "prompt_lengths": [16] * 4, "new_tokens": 48,
+                   "rows": [draft, {**draft, "assistant_confidence_threshold": 0.5, "draft_vocab_size": 4096,
+                                    "speedup": 0.9, "identical_outputs": False}]}
+    spec = {"title": "An LM", "pipeline_tag": "text-generation", "dataset": DATASETS["ptb"],
+            "rows": ["none (full depth)"], "speculative": "speculative.json"}
+    written = write_card(tmp_path, spec, {"benchmark": "generation", "rows": rows},
+                         **{"speculative.json": speculative})
+    assert "4 prompts of 16 tokens\nfrom the test set, 48 new tokens each" in written.text
+    assert "`python -m benchmarks.bench_speculative --depths 2`" in written.text
+    assert "| 2 | 8 | 0 | full | 87.5% | 5.50 | 105.0 | 50.0 | 2.10x | yes |" in written.text
+    assert "| 2 | 8 | 0.5 | 4096 | 87.5% | 5.50 | 105.0 | 50.0 | 0.90x | no |" in written.text
