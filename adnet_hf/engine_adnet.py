@@ -25,6 +25,8 @@ from .exits_adnet import ExitRule, HaltingDistribution, exit_decision
 from .generation_adnet import exit_cache
 from .sharding_adnet import exit_sync
 
+EVERYONE = slice(None)  # every sample of the batch, as an index: FLOPs added for it need no index operation
+
 
 @dataclass
 class StepHead:
@@ -80,9 +82,11 @@ class FlopsAccountant:
     that changes or `total` is read: a full-depth pass touches a tensor once, not at every block, unit and head.
     """
 
-    def __init__(self, padding: torch.Tensor, per_token: bool, context_lengths: Callable[[StepState], torch.Tensor]):
+    def __init__(self, items: torch.Size, device: torch.device, per_token: bool,
+                 context_lengths: Callable[[StepState], torch.Tensor]):
         self.per_token, self.context_lengths = per_token, context_lengths
-        self._total = torch.zeros(padding.shape, dtype=torch.float64, device=padding.device)
+        self._shape, self._device = items, device
+        self._total: torch.Tensor | None = None
         self._active: torch.Tensor | slice | None = None
         self._done: torch.Tensor | None = None
         self._state: StepState | None = None
@@ -92,20 +96,24 @@ class FlopsAccountant:
     @property
     def total(self) -> torch.Tensor:
         self._flush()
-        return self._total
+        return self._filled(0.0) if self._total is None else self._total
 
-    def add(self, active: torch.Tensor | slice, done: torch.Tensor, flops: torch.Tensor | float) -> None:
-        """Add `flops` per item to the samples `active`, except their items that are `done`."""
+    def _filled(self, value: float) -> torch.Tensor:
+        return torch.full(self._shape, value, dtype=torch.float64, device=self._device)
+
+    def add(self, active: torch.Tensor | slice, done: torch.Tensor | None, flops: torch.Tensor | float) -> None:
+        """Add `flops` per item to the samples `active`, except their items that are `done` (None: none is)."""
         self._begin(active, done)
         self._items = self._items + flops
 
-    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor, flops: Flops, state: StepState) -> None:
+    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor | None, flops: Flops,
+                      state: StepState) -> None:
         """Add `flops` (per real token and its context in `state`) to the samples `active`, except their items that
         are `done`."""
         self._begin(active, done, state)
         self._flops = self._flops + flops
 
-    def _begin(self, active: torch.Tensor | slice, done: torch.Tensor, state: StepState | None = None) -> None:
+    def _begin(self, active: torch.Tensor | slice, done: torch.Tensor | None, state: StepState | None = None) -> None:
         """Put what was added on the items first unless the same items (and tokens) still run."""
         same_tokens = state is None or self._state is None or (
             state.token_mask is self._state.token_mask and state.block_kwargs is self._state.block_kwargs)
@@ -125,7 +133,15 @@ class FlopsAccountant:
             if flops.context:
                 per_token = per_token + flops.context * tokens * self.context_lengths(self._state)
             items = items + (per_token if self.per_token else per_token.sum(-1))
-        self._total[self._active] += (~self._done).double() * (items + flops.items)
+        items = items + flops.items
+        if self._done is not None:
+            items = (~self._done).double() * items
+        if self._total is None and isinstance(self._active, slice):  # the first FLOPs, for every item
+            self._total = items if isinstance(items, torch.Tensor) else self._filled(items)
+        else:
+            if self._total is None:
+                self._total = self._filled(0.0)
+            self._total[self._active] += items
         self._active = self._done = self._state = None
         self._items, self._flops = 0.0, Flops()
 
@@ -133,16 +149,16 @@ class FlopsAccountant:
 class Trace:
     """The hidden states and attention weights asked for, with the backbone's own length and layout.
 
-    Hidden states: the embedding output, then the output of every block in `hidden_blocks` (every block of a
-    transformer, the last block of each stage of a ResNet). Attentions: one entry per block. A sample that has left
-    the batch is given its exit state in the later hidden states (zeros when a CNN's later stages differ in shape)
-    and zero attention weights; `exit_steps` says which entries were computed.
+    Hidden states (when `hidden_blocks` is given): the embedding output, then the output of every block in
+    `hidden_blocks` (every block of a transformer, the last block of each stage of a ResNet). Attentions: one entry
+    per block. A sample that has left the batch is given its exit state in the later hidden states (zeros when a
+    CNN's later stages differ in shape) and zero attention weights; `exit_steps` says which entries were computed.
     """
 
-    def __init__(self, batch_size: int, hidden_states: bool, attention_records: list[torch.Tensor] | None,
-                 hidden_blocks: list[int], num_blocks: int):
+    def __init__(self, batch_size: int, hidden_blocks: list[int] | None, attention_records: list[torch.Tensor] | None,
+                 num_blocks: int):
         self.batch_size, self.hidden_blocks, self.num_blocks = batch_size, hidden_blocks, num_blocks
-        self.hidden_states: list[torch.Tensor] | None = [] if hidden_states else None
+        self.hidden_states: list[torch.Tensor] | None = None if hidden_blocks is None else []
         self.records = attention_records
         self.attentions: list[torch.Tensor] = []
 
@@ -223,7 +239,8 @@ class StepEngine:
         """Block `index`'s output and FLOPs. Under layer dropout (LayerSkip, training only) each sample skips the
         block with its rate (`layer_dropout_rate`): it keeps its input, and the block runs for the others only;
         the FLOPs estimate, numbers shared by every item, still counts the block for all of them."""
-        rate = layer_dropout_rate(self.layer_dropout, index, sum(len(blocks) for blocks in self.steps))
+        rate = self.layer_dropout and layer_dropout_rate(self.layer_dropout, index,
+                                                         sum(len(blocks) for blocks in self.steps))
         if not rate:
             output = self.adapter.run_block(block, state, cache)
             return output, self.adapter.block_flops(block, output)
@@ -244,16 +261,18 @@ class StepEngine:
         return state.hidden + 0.0 * output.sum(), Flops()
 
     def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
-                 done: torch.Tensor, head: StepHead | None = None, previous: torch.Tensor | None = None,
-                 not_halted: torch.Tensor | float = 1.0
-                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """Variable step n's unit on the step output in `state`: its summary, halting probabilities and, when a
-        `head` is given, the step's prediction (made from the summary before the unit halts, so a unit that reads
-        the evidence sees it, with the `previous` step's prediction and the mass `not_halted` so far)."""
+                 done: torch.Tensor | None, head: StepHead | None = None, previous: torch.Tensor | None = None,
+                 not_halted: torch.Tensor | float = 1.0, halts: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Variable step n's unit on the step output in `state`: its summary, halting probabilities (None unless it
+        `halts`) and, when a `head` is given, the step's prediction (made from the summary before the unit halts, so
+        a unit that reads the evidence sees it, with the `previous` step's prediction and the mass `not_halted` so
+        far)."""
         unit = self.units[n]
         positions = self.adapter.unit_view(state.hidden)
         summary = unit.summarise(positions, None if self.per_token else state.pooling_mask())
-        per_position, per_summary = unit.flops()
+        per_position, halting_flops = unit.flops()
+        per_summary = halting_flops if halts else 0.0
         if state.token_mask is None:  # every position is real (a CNN's feature map)
             per_summary += per_position * positions.shape[1]
         else:
@@ -262,11 +281,12 @@ class StepEngine:
         if head is not None:
             logits = head.predict(n, summary, state.hidden)
             flops.add(active, done, head.flops)
+        flops.add(active, done, per_summary)
+        if not halts:
+            return summary, None, logits
         if unit.reads_evidence:
             evidence = head.evidence(logits, previous, not_halted)
-        lambdas = unit.halt(summary, positions, evidence)
-        flops.add(active, done, per_summary)
-        return summary, lambdas, logits
+        return summary, unit.halt(summary, positions, evidence), logits
 
     def full_depth(self, state: StepState, head: StepHead | None, trace: Trace, cache=None,
                    fuse: bool = False) -> StepOutputs:
@@ -274,8 +294,10 @@ class StepEngine:
         when something reads the step outputs (`fuse`, a step loss, kept step logits); otherwise only the last
         step's unit and head run, as the plain model runs its head once, and no halting distribution is returned.
         Without a head (`ADNetModel` alone) the units halt at every step, unless they read the predictions."""
-        padding, everyone = self.padding(state), slice(None)
-        flops = FlopsAccountant(padding, self.per_token, self.adapter.context_lengths)
+        # pooled units have no padding items: at full depth nothing is masked for them
+        padding, everyone = self.padding(state) if self.per_token else None, EVERYONE
+        items = state.hidden.shape[:1] if padding is None else padding.shape
+        flops = FlopsAccountant(items, state.hidden.device, self.per_token, self.adapter.context_lengths)
         distribution = HaltingDistribution()
         if head is None:
             halts = not self.units_read_evidence
@@ -296,7 +318,7 @@ class StepEngine:
             if n < 0 or not (halts or last and head is not None):
                 continue
             summary, lambdas, prediction = self.run_unit(n, state, flops, everyone, padding, head, previous,
-                                                         distribution.not_halted)
+                                                         distribution.not_halted, halts)
             if halts:
                 probs.append(distribution.step(lambdas, last))
             if head is None:
@@ -307,10 +329,13 @@ class StepEngine:
             if head.keep_logits:
                 step_logits.append(prediction)
             logits = _fuse(logits, probs[-1], prediction, head.keep_logits) if fuse else prediction
+        halting_probs = torch.stack(probs, dim=-1) if halts else None
+        exit_steps = torch.full(items, len(self.steps), device=state.hidden.device)
+        if padding is not None:
+            halting_probs = None if halting_probs is None else halting_probs.masked_fill(padding.unsqueeze(-1), 0.0)
+            exit_steps = exit_steps.masked_fill(padding, 0)
         return StepOutputs(
-            last_hidden_state=state.hidden, logits=logits,
-            halting_probs=torch.stack(probs, dim=-1).masked_fill(padding.unsqueeze(-1), 0.0) if halts else None,
-            exit_steps=torch.full(padding.shape, len(self.steps), device=padding.device).masked_fill(padding, 0),
+            last_hidden_state=state.hidden, logits=logits, halting_probs=halting_probs, exit_steps=exit_steps,
             flops=flops.total, step_logits=torch.stack(step_logits) if step_logits else None,
             step_losses=torch.stack(step_losses, dim=-1) if step_losses else None, **trace.outputs(),
         )
@@ -359,7 +384,7 @@ class _ExitingPass:
         self.exit_states: dict[torch.Size, torch.Tensor] = {}  # per shape: the samples that left, full batch
         self.last_block = -1  # the deepest block run for any sample
         self.distribution = HaltingDistribution()
-        self.flops = FlopsAccountant(self.padding, engine.per_token, engine.adapter.context_lengths)
+        self.flops = FlopsAccountant(self.padding.shape, device, engine.per_token, engine.adapter.context_lengths)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
         self.sync = exit_sync(engine.steps, engine.sync_exits)
         if self.cache.fills_after_exit and self.sync.in_step:
@@ -372,6 +397,11 @@ class _ExitingPass:
     def none_left_yet(self) -> bool:
         """No sample has left the batch: `active` is every sample, in order (and no exit state is stored)."""
         return len(self.active) == self.padding.shape[0]
+
+    @property
+    def counted(self) -> torch.Tensor | slice:
+        """The samples FLOPs are added for: `active`, or `EVERYONE` while it is every sample."""
+        return EVERYONE if self.none_left_yet else self.active
 
     def run(self) -> StepOutputs:
         self.trace.record(-1, self.state.hidden, self.active)
@@ -410,7 +440,7 @@ class _ExitingPass:
             return output
 
         self.state.hidden, position_flops = self.engine.run_blocks(step, self.state, self.cache.view, finish_block)
-        self.flops.add_positions(self.active, self.done, position_flops, self.state)
+        self.flops.add_positions(self.counted, self.done, position_flops, self.state)
         return self.state.hidden
 
     def _decide(self, n: int, step: int, hidden: torch.Tensor) -> None:
@@ -418,7 +448,7 @@ class _ExitingPass:
         # A rule that decides without the predictions (halting on units that do not read them) runs the head for
         # the items that stop only.
         head = self.head if self.engine.needs_predictions(self.rule) else None
-        summary, lambdas, logits = self.engine.run_unit(n, self.state, self.flops, self.active, self.done, head,
+        summary, lambdas, logits = self.engine.run_unit(n, self.state, self.flops, self.counted, self.done, head,
                                                         self.previous, self.distribution.not_halted)
         self.previous = logits
         stop, probs = exit_decision(self.distribution, self.rule, lambdas, logits, n == len(self.engine.units) - 1,
@@ -455,7 +485,7 @@ class _ExitingPass:
         without it."""
         if logits is not None:
             return logits[stop]
-        self.flops.add(self.active, self.done, self.head.flops * (stop.double() if isinstance(stop, torch.Tensor)
+        self.flops.add(self.counted, self.done, self.head.flops * (stop.double() if isinstance(stop, torch.Tensor)
                                                                   else 1.0))
         return self.head.predict(n, None if summary is None else summary[stop], hidden[stop])
 

@@ -130,7 +130,7 @@ class StepGraph(nn.Module):
         evidence = None
         if extra:
             not_halted, previous = extra[0], extra[1] if len(extra) > 1 else None
-            evidence = self.model.evidence_reader()(logits, previous, not_halted)
+            evidence = self.model.read_step_evidence(logits, previous, not_halted)
         return hidden, unit.halt(summary, positions, evidence), logits
 
 

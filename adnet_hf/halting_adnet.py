@@ -153,13 +153,12 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
     problem_type = model.config.problem_type or "single_label_classification"
     settled = settled_steps(step_logits, problem_type).float().argmax(-1)  # first settled step per sample
-    evidence_of = model.evidence_reader()
     result = HaltingFit(samples=step_logits.shape[1])
     distribution, previous = HaltingDistribution(), None  # the halting mass each unit reads, as the engine builds it
     for n, unit in enumerate(model.base_model.units[:-1]):
         device = unit.halting.weight.device
         unit.halting.weight.data.zero_()
-        evidence = evidence_of(step_logits[n], previous, distribution.not_halted).to(device)
+        evidence = model.read_step_evidence(step_logits[n], previous, distribution.not_halted).to(device)
         summary = evidence.new_zeros(len(evidence), unit.halting.in_features)
         rows, target, loss_of_logits = _unit_loss(objective, n, settled, distribution.not_halted, device)
         step = {"step": n, "rows": int(rows.sum()), "target": target.mean().item() if rows.any() else 0.0,

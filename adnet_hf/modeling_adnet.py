@@ -6,9 +6,7 @@ for a causal LM) at its exit step; samples that have exited leave the batch, so 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -335,16 +333,14 @@ class ADNetModel(ADNetPreTrainedModel):
             output_attentions = self.config.output_attentions
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        backbone_config = self.config.backbone_config
+        hidden_blocks = self.adapter.hidden_state_blocks(self.config.backbone_config) if output_hidden_states else None
         with recording_attentions(self.backbone, bool(output_attentions)) as records:
-            trace = Trace(state.hidden.shape[0], bool(output_hidden_states), records,
-                          self.adapter.hidden_state_blocks(backbone_config), self.config.num_blocks)
+            trace = Trace(state.hidden.shape[0], hidden_blocks, records, self.config.num_blocks)
             if rule is None:
                 steps = engine.full_depth(state, step_head, trace, cache, fuse=self.training)
             else:
                 steps = engine.exiting(state, step_head, rule, trace, cache)
-        outputs = {f.name: getattr(steps, f.name) for f in fields(steps)}
-        return ADNetModelOutput(**outputs, executed_layers=steps.exit_steps * self.config.layers_per_step,
+        return ADNetModelOutput(**vars(steps), executed_layers=steps.exit_steps * self.config.layers_per_step,
                                 cache=cache)
 
 
@@ -396,7 +392,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 
         # training reads the step predictions for GPSL's `settled` plateau
         head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss,
-                        keep_logits=self.training or output_step_logits, evidence=self.evidence_reader())
+                        keep_logits=self.training or output_step_logits, evidence=self.read_step_evidence)
         out = self.adnet(step_head=head, return_dict=True, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
@@ -405,15 +401,14 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
-    def evidence_reader(self) -> Callable | None:
-        """`step_evidence` for this model's task (the config's, or as the heads infer it while unset), when the
-        units read it."""
-        if not self.config.halting_evidence:
-            return None
+    def read_step_evidence(self, logits: torch.Tensor, previous: torch.Tensor | None,
+                           not_halted: torch.Tensor | float) -> torch.Tensor:
+        """`step_evidence` for this model's task (the config's, or as the heads infer it while unset), for units
+        that read it; looked up when a unit asks, so that a pass whose units do not read it pays nothing."""
         problem_type = self.config.problem_type
         if problem_type is None:
             problem_type = "regression" if self.config.is_regression else "single_label_classification"
-        return partial(step_evidence, problem_type=problem_type)
+        return step_evidence(logits, previous, not_halted, problem_type)
 
     def combine_losses(self, out: ADNetModelOutput, labels: torch.Tensor) -> torch.Tensor:
         """Training: the configured loss over the steps, given where each sample's prediction settles (for GPSL's

@@ -14,10 +14,11 @@ from adnet_hf.units_adnet import CalculationUnit
 def test_pooled_flops_follow_the_tokens_and_the_items_still_running():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     state = StepState(torch.zeros(2, 3, 4), mask)
-    padding, everyone = torch.zeros(2, dtype=torch.bool), slice(None)
-    flops = FlopsAccountant(padding, False, backbone_adapter(bert_config()).context_lengths)
-    flops.add_positions(everyone, padding, Flops(tokens=2.0, context=1.0), state)
-    flops.add(everyone, padding, 5.0)
+    everyone = slice(None)
+    flops = FlopsAccountant(torch.Size([2]), state.hidden.device, False,
+                            backbone_adapter(bert_config()).context_lengths)
+    flops.add_positions(everyone, None, Flops(tokens=2.0, context=1.0), state)  # None: no item has stopped
+    flops.add(everyone, None, 5.0)
     flops.add(everyone, torch.tensor([False, True]), 7.0)  # the second sample has stopped
     first = torch.tensor([0])
     flops.add_positions(first, torch.tensor([False]), Flops(tokens=1.0, items=0.5), state.select(first))
@@ -29,7 +30,7 @@ def test_per_token_flops_count_each_tokens_causal_context():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding
     state = StepState(torch.zeros(2, 3, 4), mask, {"position_ids": torch.tensor([[0, 0, 1], [0, 1, 2]])})
     padding = mask == 0
-    flops = FlopsAccountant(padding, True, backbone_adapter(gpt2_config()).context_lengths)
+    flops = FlopsAccountant(padding.shape, padding.device, True, backbone_adapter(gpt2_config()).context_lengths)
     flops.add_positions(slice(None), padding, Flops(tokens=2.0, context=1.0), state)
     flops.add(slice(None), padding, 1.0)
     assert flops.total.tolist() == [[0, 4, 5], [4, 5, 6]]

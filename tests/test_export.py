@@ -80,7 +80,7 @@ def test_a_step_graph_is_the_engine_step_unit_and_head():
         state = engine_step(1, state)
         summary = engine.units[0].summarise(state.hidden, state.token_mask)
         expected_logits = model.step_head(0, summary, state.hidden)
-        evidence = model.evidence_reader()(expected_logits, None, not_halted)
+        evidence = model.read_step_evidence(expected_logits, None, not_halted)
         expected_lambdas = engine.units[0].halt(summary, state.hidden, evidence)
     assert engine.units[0].reads_evidence
     torch.testing.assert_close(hidden, state.hidden)
