@@ -136,14 +136,19 @@ class FlopsAccountant:
         items = items + flops.items
         if self._done is not None:
             items = (~self._done).double() * items
-        if self._total is None and isinstance(self._active, slice):  # the first FLOPs, for every item
-            self._total = items if isinstance(items, torch.Tensor) else self._filled(items)
-        else:
-            if self._total is None:
-                self._total = self._filled(0.0)
-            self._total[self._active] += items
+        self._place(items)
         self._active = self._done = self._state = None
         self._items, self._flops = 0.0, Flops()
+
+    def _place(self, items: torch.Tensor | float) -> None:
+        """Add `items` (FLOPs per item of the samples `_active`) to the total, created by the first."""
+        if self._total is not None:
+            self._total[self._active] += items
+        elif isinstance(self._active, slice):  # every item: the total so far
+            self._total = items if isinstance(items, torch.Tensor) else self._filled(items)
+        else:
+            self._total = self._filled(0.0)
+            self._total[self._active] = items
 
 
 class Trace:

@@ -4,7 +4,9 @@ reads the token mask only where some token is padding."""
 import pytest
 import torch
 from conftest import bert_config, gpt2_config, image_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import ResNetForImageClassification
 
 from adnet_hf.backbones_adnet import Flops, StepState, backbone_adapter
 from adnet_hf.engine_adnet import FlopsAccountant
@@ -57,3 +59,35 @@ def test_pooling_reads_the_mask_only_where_a_token_is_padding():
     with torch.no_grad():
         for with_mask, without in zip(unit(hidden, torch.ones(2, 3)), unit(hidden, None)):
             torch.testing.assert_close(with_mask, without)
+
+
+class _CountedOperations(TorchDispatchMode):
+    """The aten operations run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_full_depth_inference_adds_only_the_unit_the_head_and_the_exit_counts_to_the_plain_model():
+    """At batch 1 each tensor operation outside the blocks costs more than its arithmetic: ADNet at full depth runs
+    the plain ResNet's operations, its last unit and head instead of the pooler and classifier, and fills exit
+    steps, executed layers and FLOPs (one operation each)."""
+    model = image_model().eval()
+    plain = ResNetForImageClassification(model.config.backbone_config).eval()
+    plain.resnet.load_state_dict(model.adnet.backbone.state_dict())
+    pixels = torch.randn(1, 1, 16, 16)
+    counts = {}
+    for name, run in {"adnet": lambda: model(pixel_values=pixels, exit_policy="none"),
+                      "plain": lambda: plain(pixel_values=pixels)}.items():
+        with torch.inference_mode(), _CountedOperations() as counted:
+            run()
+        counts[name] = counted.names
+    unit_and_head = ["flatten", "transpose", "linear", "sigmoid", "mean", "amax", "cat", "dropout", "linear"]
+    pooler_and_classifier = ["adaptive_avg_pool2d", "flatten", "linear"]
+    bookkeeping = len(counts["adnet"]) - len(counts["plain"]) - len(unit_and_head) + len(pooler_and_classifier)
+    assert bookkeeping <= 3, counts["adnet"]
