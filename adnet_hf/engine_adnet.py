@@ -475,7 +475,7 @@ class _ExitingPass:
         self.halting[..., n] = probs
         self.exit_steps.fill_(step + 1)
         if self.head is not None:
-            self.logits = self._stopping_logits(n, summary, hidden, logits, slice(None))
+            self.logits = self._stopping_logits(n, summary, hidden, logits, EVERYONE)
         self.exit_states[hidden.shape[1:]] = hidden
         self._last_samples_leave()
 
