@@ -59,7 +59,7 @@ from .data_adnet import (
     tokenize_texts,
 )
 from .exits_adnet import EXIT_RULES, task_exit_rule
-from .halting_adnet import HaltingFit, fit_halting, fits_halting
+from .halting_adnet import OBJECTIVES, HaltingFit, fit_halting, fits_halting, unfit_reason
 from .losses_adnet import LOSSES
 from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
@@ -549,19 +549,64 @@ def eval_loader(trainer: Trainer, dataset: datasets.Dataset) -> torch.utils.data
                                        collate_fn=trainer.data_collator)
 
 
+def hold_out(dataset: datasets.Dataset, fraction: float | None, seed: int
+             ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """`dataset` without a random `fraction` of it (drawn with `seed`), and that fraction (None without one)."""
+    if fraction is None:
+        return dataset, None
+    parts = dataset.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def check_fraction(value: float | None, flag: str) -> None:
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"{flag} must be a fraction in (0, 1), got {value}.")
+
+
 @dataclass
 class HaltingFitArguments:
-    """Fit a trained classifier's halting units to its settling steps on the training data (`fit_halting`)."""
+    """Fit a trained classifier's halting units to its settling steps (`fit_halting`), on data held out of training
+    or on the training data."""
 
     fit_halting: bool = field(
         default=True,
-        metadata={"help": "After training, fit the halting units to the trained model's settling steps on the "
-                          "training data (`fit_halting`), where the units read the step evidence (classifiers)."},
+        metadata={"help": "After training, fit the halting units to the trained model's settling steps "
+                          "(`fit_halting`), where the units read the step evidence (classifiers): on the "
+                          "--fit_halting_split data, else on the training data."},
+    )
+    fit_halting_split: float | None = field(
+        default=None,
+        metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed, after "
+                          "--calibration_split's) and fit the halting units on it: a trained model's predictions on "
+                          "its own training data settle earlier than on new data, and units fitted there exit too "
+                          "early where it matters (README, What the halting units learn)."},
     )
     fit_halting_samples: int | None = field(
         default=20_000,
-        metadata={"help": "The training samples --fit_halting reads (one full-depth pass over them)."},
+        metadata={"help": "The samples --fit_halting reads (one full-depth pass over them)."},
     )
+    fit_halting_objective: str = field(
+        default="settled_by",
+        metadata={"help": f"What the units are fitted to, one of {OBJECTIVES} (`adnet_hf.fit_halting`)."},
+    )
+
+    def __post_init__(self):
+        check_fraction(self.fit_halting_split, "--fit_halting_split")
+        if self.fit_halting_objective not in OBJECTIVES:
+            raise ValueError(f"--fit_halting_objective must be one of {OBJECTIVES}, got "
+                             f"{self.fit_halting_objective!r}.")
+
+    def check(self, model: PreTrainedModel, do_train: bool) -> None:
+        """Refuse, before any training, to hold out data that no fit would read."""
+        if self.fit_halting_split is None:
+            return
+        reason = "it needs --do_train and --fit_halting" if not (do_train and self.fit_halting) else unfit_reason(model)
+        if reason is not None:
+            raise ValueError(f"--fit_halting_split holds data out of training to fit the halting units on: {reason}")
+
+    def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """The data to train on and the data held out of it to fit on (None without --fit_halting_split)."""
+        return hold_out(train, self.fit_halting_split, seed)
 
     def fit(self, trainer: Trainer, dataset: datasets.Dataset) -> HaltingFit | None:
         """Fit the trained model's halting units on (the first --fit_halting_samples of) `dataset` and save what was
@@ -569,8 +614,12 @@ class HaltingFitArguments:
         --fit_halting)."""
         if not self.fit_halting or not fits_halting(trainer.model):
             return None
-        fit = fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)))
-        save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples, "halting_fit_steps": fit.steps})
+        fit = fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)),
+                          objective=self.fit_halting_objective)
+        save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples,
+                                              "halting_fit_objective": self.fit_halting_objective,
+                                              "halting_fit_held_out": self.fit_halting_split is not None,
+                                              "halting_fit_steps": fit.steps})
         return fit
 
 
@@ -603,8 +652,7 @@ class CalibrationArguments:
     )
 
     def __post_init__(self):
-        if self.calibration_split is not None and not 0 < self.calibration_split < 1:
-            raise ValueError(f"--calibration_split must be a fraction in (0, 1), got {self.calibration_split}.")
+        check_fraction(self.calibration_split, "--calibration_split")
         if self.calibration_policy not in EXIT_RULES:
             raise ValueError(f"--calibration_policy must be one of {tuple(EXIT_RULES)}, got "
                              f"{self.calibration_policy!r}.")
@@ -622,10 +670,7 @@ class CalibrationArguments:
 
     def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """The data to train on and the calibration data held out of it (None without --calibration_split)."""
-        if self.calibration_split is None:
-            return train, None
-        parts = train.train_test_split(test_size=self.calibration_split, seed=seed)
-        return parts["train"], parts["test"]
+        return hold_out(train, self.calibration_split, seed)
 
     def calibrate(self, trainer: Trainer, dataset: datasets.Dataset) -> CalibrationResult:
         """Choose and write into the trained model's config the exit setting, on `dataset` (every sample, on every

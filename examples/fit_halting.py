@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="L2 penalty of the fit")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="survival",
+    parser.add_argument("--objective", choices=OBJECTIVES, default="settled_by",
                         help="what the units are fitted to (adnet_hf.fit_halting's docstring compares them)")
     args = parser.parse_args(argv)
     if (args.data is None) == (args.images is None):

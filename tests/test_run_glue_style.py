@@ -84,19 +84,21 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
 def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_path):
     """`--calibration_split`: a quarter of the training rows is held out of training, the saved `halting` setting
     and its guarantee are chosen on it, and `eval_results.json` reports the dev set under that setting and at full
-    depth."""
+    depth; `--fit_halting_split` holds a quarter of the rest out too, and the units are fitted on it."""
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 64))
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 24))
     out = tmp_path / "out"
     metrics = run_glue_style.main([
         "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
         "--output_dir", str(out), "--do_train", "--do_eval", "--num_train_epochs", "1", "--calibration_split", "0.25",
-        "--calibration_budget", "0.25", "--calibration_delta", "0.1", *FAST,
+        "--calibration_budget", "0.25", "--calibration_delta", "0.1", "--fit_halting_split", "0.25", *FAST,
     ])
     calibration = json.loads((out / "calibration_results.json").read_text())
     train_results = json.loads((out / "train_results.json").read_text())
-    assert calibration["calibration_samples"] == 16 and train_results["train_samples"] == 48
-    assert json.loads((out / "halting_fit_results.json").read_text())["halting_fit_samples"] == 48
+    assert calibration["calibration_samples"] == 16 and train_results["train_samples"] == 36
+    fit = json.loads((out / "halting_fit_results.json").read_text())
+    assert (fit["halting_fit_samples"], fit["halting_fit_held_out"], fit["halting_fit_objective"]) == \
+        (12, True, "settled_by")
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert all(unit.halting.weight.abs().sum() == 0 for unit in model.base_model.units[:-1]), "fitted before saving"
     guarantee = model.config.exit_guarantee
@@ -131,6 +133,30 @@ def test_calibration_arguments_are_checked_before_training():
         args.check(model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True)
     with pytest.raises(ValueError, match="--calibration_policy='confidence' needs class predictions"):
         args.check(model, adnet, do_train=True)
+
+
+def test_halting_fit_arguments_are_checked_before_training():
+    from adnet_hf.arguments_adnet import HaltingFitArguments
+
+    for bad, match in [({"fit_halting_split": 0.0}, "--fit_halting_split must be a fraction in"),
+                       ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            HaltingFitArguments(**bad)
+    classifier = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
+    regressor = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
+                                                                                     "num_labels": 1})
+    args = HaltingFitArguments(fit_halting_split=0.1)
+    args.check(classifier, do_train=True)
+    for model, do_train, fit, match in [(classifier, False, True, "needs --do_train and --fit_halting"),
+                                        (classifier, True, False, "needs --do_train and --fit_halting"),
+                                        (regressor, True, True, "fit_halting needs a classifier")]:
+        with pytest.raises(ValueError, match=f"--fit_halting_split holds data out of training.*{match}"):
+            HaltingFitArguments(fit_halting=fit, fit_halting_split=0.1).check(model, do_train)
+    train = datasets.Dataset.from_dict({"x": list(range(100))})
+    kept, held_out = args.split(train, seed=0)
+    assert (len(kept), len(held_out)) == (90, 10) and not set(kept["x"]) & set(held_out["x"])
+    assert held_out["x"] == args.split(train, seed=0)[1]["x"], "the same rows for every stage of a recipe"
+    assert HaltingFitArguments().split(train, seed=0) == (train, None)
 
 
 def test_saved_exit_policy_follows_what_is_trained(tmp_path):
@@ -208,9 +234,12 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, _, data_args, training_args, lora_args, _, calibration_args = run_glue_style.parse_args([])
+    model_args, _, data_args, training_args, lora_args, fit_args, calibration_args = run_glue_style.parse_args([])
     assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
-    # the saved exits: learned halting, risk-controlled on a fifth of the training sample held out of training
+    # the saved exits: learned halting, its units fitted on a tenth of the rest held out of training, risk-controlled
+    # on a fifth of the training sample held out of training
+    assert (fit_args.fit_halting, fit_args.fit_halting_split, fit_args.fit_halting_objective) == (True, 0.1,
+                                                                                                  "settled_by")
     assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (0.2, "halting")
     assert (calibration_args.calibration_budget, calibration_args.calibration_delta) == (0.01, 0.1)
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
