@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Fit a trained ADNet classifier's halting units to its own step predictions on its training data (`fit_halting`)
-and save the fitted model, for a checkpoint trained before `run_glue_style.py` did this itself.
+"""Fit a trained ADNet classifier's halting units to its own step predictions on the given data (`fit_halting`) and
+save the fitted model, for a checkpoint trained before `run_glue_style.py` did this itself. Data the model was not
+trained on fits best (the training scripts' `--fit_halting_split` holds some out for it).
 
     python examples/fit_halting.py --model outputs/sst2-adnet --data ../shared/data/glue/SST-2/train.tsv \\
         --max_samples 20000 --max_length 64 --output_dir outputs/sst2-adnet-fitted
@@ -43,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained ADNet classifier checkpoint folder")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--data", help="GLUE-style TSV of the training texts")
-    parser.add_argument("--images", help="training digits: a CSV (pixels, then label) or an IDX images file")
+    parser.add_argument("--data", help="GLUE-style TSV of the texts to fit on")
+    parser.add_argument("--images", help="digits to fit on: a CSV (pixels, then label) or an IDX images file")
     parser.add_argument("--image_labels", help="IDX labels of --images (needed to read an IDX pair)")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
