@@ -6,7 +6,9 @@ for a causal LM) at its exit step; samples that have exited leave the batch, so 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +48,27 @@ _EXIT_CONTRACT = """
 """
 
 
+class ADNetOutput(ModelOutput):
+    """Base of ADNet's outputs: `ModelOutput` whose field writes look the name up in the class's dataclass fields.
+
+    `ModelOutput.__setattr__` rebuilds the set of field names at every write, so building an output of n fields
+    visits n^2 fields: for ADNet's ten-field outputs about 30 us of a 2 ms forward at batch 1
+    (`benchmarks/bench_overhead.py`). A field write does what it does there (a value that is not None also goes in
+    the dict, in field order); any other name is left to it. (The subclasses declare no `ClassVar`, so every entry
+    of `__dataclass_fields__` is a field.)
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in type(self).__dataclass_fields__:
+            super().__setattr__(name, value)
+            return
+        if value is not None:
+            OrderedDict.__setitem__(self, name, value)
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ADNetModelOutput(ModelOutput):
+class ADNetModelOutput(ADNetOutput):
     r"""
     The fields of Transformers' `BaseModelOutputWithPast` first, then ADNet's own.
 
@@ -95,7 +116,7 @@ ADNetModelOutput.__doc__ += _EXIT_CONTRACT
 
 
 @dataclass
-class ADNetSequenceClassifierOutput(ModelOutput):
+class ADNetSequenceClassifierOutput(ADNetOutput):
     r"""
     Output of [`ADNetForSequenceClassification`] and [`ADNetForImageClassification`]: the fields of Transformers'
     `SequenceClassifierOutput` first (so `return_dict=False` gives `(loss, logits, ...)` as theirs), then ADNet's.
@@ -127,7 +148,7 @@ ADNetSequenceClassifierOutput.__doc__ += _EXIT_CONTRACT
 
 
 @dataclass
-class ADNetCausalLMOutput(ModelOutput):
+class ADNetCausalLMOutput(ADNetOutput):
     r"""
     Output of [`ADNetForCausalLM`]: the fields of Transformers' `CausalLMOutputWithPast` first, then ADNet's. Items
     are tokens: `logits` is `(batch_size, seq_len, vocab_size)`, `halting_probs`

@@ -6,6 +6,8 @@ attributes utilities read, loss scaling under gradient accumulation through `Tra
 early exit changes a convention, the documented behaviour is asserted instead (see `ADNetModelOutput`).
 """
 
+from dataclasses import fields, make_dataclass
+
 import pytest
 import torch
 from conftest import (
@@ -19,8 +21,10 @@ from conftest import (
     token_batch,
 )
 from transformers import AutoModel, Trainer, TrainingArguments
+from transformers.modeling_outputs import ModelOutput
 
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
+from adnet_hf.modeling_adnet import ADNetCausalLMOutput, ADNetModelOutput, ADNetSequenceClassifierOutput
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
 NO_DROPOUT = {
@@ -94,6 +98,28 @@ def test_return_dict_false_gives_the_tuple_loss_first(head, policy, exits):
         assert torch.equal(result[0], as_dict.loss) and torch.equal(result[1], as_dict.logits)
         for ours, theirs in zip(result[2:], expected[2:]):
             assert type(ours) is type(theirs)
+
+
+@pytest.mark.parametrize("output_class", [ADNetModelOutput, ADNetSequenceClassifierOutput, ADNetCausalLMOutput])
+def test_outputs_behave_as_model_outputs_of_the_same_fields(output_class):
+    """ADNet's outputs write fields without `ModelOutput.__setattr__` (`ADNetOutput`): keys, order, tuple, item and
+    attribute access after every kind of write are a plain `ModelOutput`'s."""
+    plain_class = make_dataclass("Plain", [(f.name, f.type, f.default) for f in fields(output_class)],
+                                 bases=(ModelOutput,))
+    names = [f.name for f in fields(output_class)]
+    values = {name: torch.full((1,), float(i)) for i, name in enumerate(names)}
+    given = {name: values[name] for name in names[1::2]}
+    ours, theirs = output_class(**given), plain_class(**given)
+    writes = [(names[0], values[names[0]]), (names[1], None), (names[2], values[names[2]]), ("extra", 1)]
+    if "cache" in names:  # the legacy name, which `ModelOutput` renames
+        writes.append(("past_key_values", "a cache"))
+    for name, value in writes:
+        setattr(ours, name, value)
+        setattr(theirs, name, value)
+        assert list(ours.keys()) == list(theirs.keys())
+        assert [id(v) for v in ours.to_tuple()] == [id(v) for v in theirs.to_tuple()]
+        assert all(getattr(ours, n) is getattr(theirs, n) for n in names)
+    assert ours[0] is theirs[0] and ours.extra == theirs.extra == 1 and "extra" not in ours
 
 
 def backbone_outputs(model, inputs: dict):
