@@ -380,6 +380,8 @@ class _ExitingPass:
         self.engine, self.state, self.head, self.rule, self.trace = engine, state, head, rule, trace
         batch, device = state.hidden.shape[0], state.hidden.device
         self.padding = engine.padding(state)
+        # with padding items, a sample can finish without any item stopping (all its tokens are padding)
+        self.unpadded = not bool(self.padding.any())
         self.active = torch.arange(batch, device=device)
         self.done = self.padding
         self.exit_steps = torch.zeros(self.padding.shape, dtype=torch.long, device=device)
@@ -458,6 +460,11 @@ class _ExitingPass:
         self.previous = logits
         stop, probs = exit_decision(self.distribution, self.rule, lambdas, logits, n == len(self.engine.units) - 1,
                                     self.done)
+        if self.unpadded and not bool(stop.any()):
+            # nothing stops, so no sample finishes: only the halting probabilities to keep, and `done` stays the
+            # same tensor, so the FLOPs of the next step are added up with this one's (`FlopsAccountant`)
+            self.halting[self.active, ..., n] = probs
+            return
         if self.none_left_yet and bool(stop.all()):
             self._all_leave(n, step, summary, hidden, logits, probs)
             return

@@ -1,5 +1,5 @@
-"""The full-depth pass's bookkeeping, kept cheap: FLOPs added up as numbers and put on the items once, pooling that
-reads the token mask only where some token is padding."""
+"""The passes' bookkeeping, kept cheap: FLOPs added up as numbers and put on the items once, pooling that reads the
+token mask only where some token is padding, no exit bookkeeping at a step where nothing stops."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ResNetForImageClassification
 
+from adnet_hf import ADNetConfig, ADNetForSequenceClassification
 from adnet_hf.backbones_adnet import Flops, StepState, backbone_adapter
 from adnet_hf.engine_adnet import FlopsAccountant
 from adnet_hf.units_adnet import CalculationUnit
@@ -91,3 +92,27 @@ def test_full_depth_inference_adds_only_the_unit_the_head_and_the_exit_counts_to
     pooler_and_classifier = ["adaptive_avg_pool2d", "flatten", "linear"]
     bookkeeping = len(counts["adnet"]) - len(counts["plain"]) - len(unit_and_head) + len(pooler_and_classifier)
     assert bookkeeping <= 3, counts["adnet"]
+
+
+def test_a_step_where_nothing_stops_adds_only_the_decision_to_the_full_depth_step():
+    """A variable step where no item stops runs what the same step runs at full depth with step outputs (unit, head,
+    evidence, halting) plus the rule's decision (7 operations), one check of it and the halting record: no exit
+    steps, logits or FLOPs to update (37 operations more than at full depth before, at every such step)."""
+    torch.manual_seed(0)
+    extra = {}
+    for layers in (4, 6):
+        backbone = bert_config()
+        backbone.num_hidden_layers = layers
+        model = ADNetForSequenceClassification(ADNetConfig(backbone_config=backbone, num_labels=2,
+                                                           num_fixed_steps=0)).eval()
+        ids = torch.randint(5, 50, (1, 7))
+        counts, outputs = {}, {}
+        for name, kwargs in {"exiting": {"exit_policy": "halting", "exit_threshold": 1e-9},
+                             "full": {"exit_policy": "none", "output_step_logits": True}}.items():
+            with torch.inference_mode(), _CountedOperations() as counted:
+                outputs[name] = model(input_ids=ids, **kwargs)
+            counts[name] = len(counted.names)
+        assert outputs["exiting"].exit_steps.item() == layers  # nothing stopped before the last step
+        torch.testing.assert_close(outputs["exiting"].halting_probs, outputs["full"].halting_probs)
+        extra[layers] = counts["exiting"] - counts["full"]
+    assert (extra[6] - extra[4]) / 2 <= 11
