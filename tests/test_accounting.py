@@ -96,7 +96,7 @@ def test_full_depth_inference_adds_only_the_unit_the_head_and_the_exit_counts_to
 
 def test_a_step_where_nothing_stops_adds_only_the_decision_to_the_full_depth_step():
     """A variable step where no item stops runs what the same step runs at full depth with step outputs (unit, head,
-    evidence, halting) plus the rule's decision (7 operations), one check of it and the halting record: no exit
+    evidence, halting) plus the rule's decision (6 operations), one check of it and the halting record: no exit
     steps, logits or FLOPs to update (37 operations more than at full depth before, at every such step)."""
     torch.manual_seed(0)
     extra = {}
