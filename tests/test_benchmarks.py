@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import bert_config
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification, calibrate_exit
+from adnet_hf.arguments_adnet import hold_out
 from adnet_hf.data_adnet import read_tsv
 from adnet_hf.evaluation_adnet import evaluate_batches, task_metrics
 from benchmarks import (
@@ -21,6 +23,7 @@ from benchmarks import (
     bench_generation,
     bench_risk_control,
     halting_profile,
+    halting_transfer,
     pareto_exits,
     step_perplexity,
 )
@@ -422,3 +425,29 @@ def test_overhead_benchmark_times_adnet_at_full_depth_against_its_plain_twin(tin
     plain = bench_overhead.plain_twin(model, AutoModelForSequenceClassification)
     for name, tensor in model.adnet.backbone.state_dict().items():
         assert torch.equal(plain.base_model.state_dict()[name], tensor), name
+
+
+def test_halting_transfer_halves_split_the_rows_training_held_out():
+    """The two halves are disjoint and together exactly the rows `--fit_halting_split` held out with that seed."""
+    halves = halting_transfer.held_out_halves(200, 0.1, split_seed=42, seed=0)
+    held_out = hold_out(datasets.Dataset.from_dict({"row": range(200)}), 0.1, 42)[1]["row"]
+    assert sorted(np.concatenate(halves).tolist()) == sorted(held_out) and [len(half) for half in halves] == [10, 10]
+    other = halting_transfer.held_out_halves(200, 0.1, split_seed=42, seed=1)
+    assert sorted(other[0].tolist()) != sorted(halves[0].tolist())
+
+
+@pytest.mark.slow
+def test_halting_transfer_fits_on_one_half_and_scores_real_exits_on_the_other_and_the_evaluation_data(
+        tiny_checkpoint):
+    path = halting_transfer.main([
+        "--model", str(tiny_checkpoint / "model"), "--fit_data", str(tiny_checkpoint / "dev.tsv"), "--fit_split", "0.5",
+        "--data", str(tiny_checkpoint / "dev.tsv"), "--grid_size", "3", "--batch_size", "4", "--budgets", "0.1",
+        "--name", "tiny_transfer", "--results_dir", str(tiny_checkpoint / "results")])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["fitted_on"], row["scored_on"], row["policy"]) for row in rows] == [
+        (fitted, scored, policy) for fitted, other in (("half 0", "half 1"), ("half 1", "half 0"))
+        for scored in (other, "evaluation") for policy in ("halting", "confidence")]
+    # the confidence rule does not read the halting units: the same choice on the evaluation data after either fit
+    on_evaluation = [row for row in rows if row["scored_on"] == "evaluation" and row["policy"] == "confidence"]
+    assert on_evaluation[0] == {**on_evaluation[1], "fitted_on": "half 0"}
+    assert all(1 <= row["executed_layers"] <= 4 for row in rows)  # the tiny backbone has 4 layers
