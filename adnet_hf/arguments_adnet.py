@@ -15,12 +15,14 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
 import torch
+from accelerate import Accelerator
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import (
     AutoConfig,
@@ -431,6 +433,18 @@ def save_results(trainer: Trainer, split: str, metrics: dict) -> dict:
     metrics = {**metrics, "command": command_line()}
     trainer.save_metrics(split, metrics)
     return metrics
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """End a script after its last collective: `end_training` destroys a multi-process run's process group, which
+    nothing else does (left to interpreter exit, a 2-process `run_glue_style.py` aborted there about once in ten runs:
+    "terminate called without an active exception"). Then, on several processes, pause before the caller frees its
+    DDP model: that frees the gloo process group, whose destructor joins its worker threads while holding the GIL, and a
+    worker still releasing the last collective's tensors needs the GIL (the process hung there; torch 2.13). Sleeping
+    lets the worker finish: a timing fix, not a guarantee."""
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        time.sleep(1.0)
 
 
 def resume_checkpoint(args: TrainingArguments) -> str | None:

@@ -39,6 +39,7 @@ from adnet_hf.arguments_adnet import (
     ADNetArguments,
     TextModelArguments,
     build_task_model,
+    end_run,
     num_blocks,
     parse_arguments,
     read_json_argument,
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for split, prefix, wanted in evaluations:
         if wanted and split in data:
             results.update(save_results(trainer, prefix, evaluate_perplexity(trainer, data[split], prefix)))
+    end_run(trainer.accelerator)
     return results
 
 

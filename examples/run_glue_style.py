@@ -41,6 +41,7 @@ from adnet_hf.arguments_adnet import (
     HaltingFitArguments,
     LoraArguments,
     TextModelArguments,
+    end_run,
     merge_lora,
     minilm_path,
     num_blocks,
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
+    end_run(trainer.accelerator)
     return metrics
 
 

@@ -50,6 +50,7 @@ from adnet_hf.arguments_adnet import (
     HaltingFitArguments,
     ImageModelArguments,
     build_task_model,
+    end_run,
     num_blocks,
     parse_arguments,
     read_json_argument,
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:
         results.update(save_results(trainer, "eval", {**trainer.evaluate(), "eval_num_blocks": num_blocks(model)}))
+    end_run(trainer.accelerator)
     return results
 
 

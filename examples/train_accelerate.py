@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, Sche
 from adnet_hf.arguments_adnet import (
     GLUE_ARGUMENTS,
     command_line,
+    end_run,
     offline_default,
     parse_arguments,
     prepare_glue_task,
@@ -204,12 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as file:
             json.dump({**metrics, "command": command_line()}, file, indent=2)
         logger.info("eval: %s", metrics)
-    accelerator.end_training()
-    # Freeing the DDP model (at return) frees the gloo process group, whose destructor joins its worker thread while
-    # holding the GIL; a worker still releasing the last collective's tensors needs the GIL, and the process hung at
-    # exit (torch 2.13, gloo: 2 of 3 runs of tests/test_distributed.py). Sleeping releases the GIL so that the worker
-    # can finish; a timing fix, not a guarantee.
-    time.sleep(1.0)
+    end_run(accelerator)
     return metrics
 
 
