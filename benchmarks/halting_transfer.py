@@ -41,15 +41,19 @@ def held_out_halves(count: int, fraction: float, split_seed: int, seed: int) -> 
     return np.split(np.random.default_rng(seed).permutation(rows), [len(rows) // 2])
 
 
-def labelled_batches(tokenizer, path: str, batch_size: int, max_length: int, *row_sets: np.ndarray) -> list[list[dict]]:
-    """Tokenised batches, with labels, of the TSV's rows: of each of `row_sets`, or of all rows without any."""
+def labelled_batches(tokenizer, texts, labels: torch.Tensor, rows: np.ndarray | None, batch_size: int,
+                     max_length: int) -> list[dict]:
+    """Tokenised batches, with labels, of the `rows` of a TSV's `texts` and `labels` (all of them for None)."""
+    if rows is not None:
+        texts = tuple(None if column is None else [column[row] for row in rows] for column in texts)
+        labels = labels[rows]
+    return with_labels(make_batches(tokenizer, texts, batch_size, max_length), labels)
+
+
+def read_labelled(path: str) -> tuple[tuple, torch.Tensor]:
+    """A labelled classification TSV's texts and integer labels."""
     texts, labels = read_tsv(Path(path))
-    labels = torch.tensor([int(label) for label in labels])
-    if not row_sets:
-        return [with_labels(make_batches(tokenizer, texts, batch_size, max_length), labels)]
-    return [with_labels(make_batches(tokenizer, tuple(None if column is None else [column[row] for row in rows]
-                                                      for column in texts), batch_size, max_length), labels[rows])
-            for rows in row_sets]
+    return texts, torch.tensor([int(label) for label in labels])
 
 
 def outcomes_of(model, batches: list[dict], settings: list[tuple[str, float]]) -> dict[str, np.ndarray]:
@@ -83,11 +87,13 @@ def main(argv: list[str] | None = None) -> Path:
     config = model.config
     settings = {policy: [(policy, value) for value in dense_grid(policy, config.num_variable_steps, args.grid_size,
                                                                  config.num_labels)] for policy in POLICIES}
-    halves = held_out_halves(len(read_tsv(Path(args.fit_data))[1]), args.fit_split, args.split_seed, args.seed)
-    batches = labelled_batches(tokenizer, args.fit_data, args.batch_size, args.max_length, *halves)
-    [evaluation] = labelled_batches(tokenizer, args.data, args.batch_size, args.max_length)
+    texts, labels = read_labelled(args.fit_data)
+    halves = held_out_halves(len(labels), args.fit_split, args.split_seed, args.seed)
+    parts = {f"half {index}": labelled_batches(tokenizer, texts, labels, half, args.batch_size, args.max_length)
+             for index, half in enumerate(halves)}
+    parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size,
+                                           args.max_length)
     every = settings["halting"] + settings["confidence"]
-    parts = {"half 0": batches[0], "half 1": batches[1], "evaluation": evaluation}
     confidence = {data: outcomes_of(model, part, settings["confidence"]) for data, part in parts.items()}
     rows = []
     for fitting, scoring in (("half 0", "half 1"), ("half 1", "half 0")):
@@ -95,9 +101,10 @@ def main(argv: list[str] | None = None) -> Path:
         for data in (scoring, "evaluation"):
             outcomes = joined(outcomes_of(model, parts[data], settings["halting"]), confidence[data])
             points = setting_points(every, outcomes, config.num_blocks)
-            rows += [{"fitted_on": fitting, "scored_on": data, **row}
-                     for row in budget_table(points, args.budgets, config.num_blocks)]
-        print(*rows, sep="\n", flush=True)
+            fold_rows = [{"fitted_on": fitting, "scored_on": data, **row}
+                         for row in budget_table(points, args.budgets, config.num_blocks)]
+            print(*fold_rows, sep="\n", flush=True)
+            rows += fold_rows
     payload = {"benchmark": "halting_transfer", "model": args.model, "fit_data": args.fit_data, "data": args.data,
                "halves": [len(half) for half in halves], "num_blocks": config.num_blocks, "rows": rows}
     return write_results(args.name, payload, rows, results_dir=args.results_dir)
