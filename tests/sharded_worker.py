@@ -144,10 +144,10 @@ def main(wrapping: str, folder: Path) -> None:
 
 
 def exit_now() -> None:
-    """Exit without interpreter finalisation. The FSDP-wrapped copies keep gloo's process group alive past
-    `destroy_process_group`, and freeing it during finalisation aborted about one run in 40 ("terminate called without
-    an active exception", after `atexit` had run and both results were written; torch 2.13, CPU). The checks are done
-    and their results closed by then, so nothing is lost by skipping it."""
+    """Exit without interpreter finalisation. Gloo's process group outlives `destroy_process_group` here (still
+    referenced, most likely by the wrapped copies' reference cycles), and freeing it during finalisation aborted about
+    one run in 40 ("terminate called without an active exception", after `atexit` had run and both results were
+    written; torch 2.13, CPU). The checks are done and their results closed by then, so nothing is lost."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
