@@ -61,18 +61,17 @@ class StateLayout:
     names: list[str]
 
     @classmethod
-    def from_spec(cls, spec: TreeSpec) -> StateLayout:
-        """The layout of a `_state_tree` flattened with tree spec `spec`."""
-        _, mask_spec, kwargs_spec = spec.children_specs
-        leaves = tree_flatten_with_path(tree_unflatten([None] * kwargs_spec.num_leaves, kwargs_spec))[0]
-        kwargs = ["block_" + "_".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-                  for path, _ in leaves]
-        has_mask = mask_spec.num_leaves == 1
-        return cls(has_mask, kwargs_spec, ["hidden", *(["token_mask"] if has_mask else []), *kwargs])
+    def of(cls, state: StepState) -> StateLayout:
+        return cls.of_tree(_state_tree(state))
 
     @classmethod
-    def of(cls, state: StepState) -> StateLayout:
-        return cls.from_spec(tree_flatten(_state_tree(state))[1])
+    def of_tree(cls, tree: tuple) -> StateLayout:
+        """The layout of a `_state_tree` (or the embedding graph's output, which has its structure)."""
+        _, mask, kwargs = tree
+        leaves, kwargs_spec = tree_flatten_with_path(kwargs)
+        names = ["block_" + "_".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+                 for path, _ in leaves]
+        return cls(bool(mask), kwargs_spec, ["hidden", *(["token_mask"] if mask else []), *names])
 
 
 def _state_tree(state: StepState) -> tuple:
@@ -177,8 +176,8 @@ def export_step_programs(model: nn.Module, example_inputs: dict[str, torch.Tenso
     inputs = tuple(example_inputs[name] for name in names)
     with torch.no_grad():
         programs = [torch.export.export(EmbeddingGraph(model, names), inputs, dynamic_shapes=_dynamic_shapes(inputs))]
-        tensors, spec = tree_flatten(programs[0].module()(*inputs))
-        layout = StateLayout.from_spec(spec)
+        state_tree = programs[0].module()(*inputs)
+        tensors, layout = tree_flatten(state_tree)[0], StateLayout.of_tree(state_tree)
         previous = None
         for step in range(len(model.adnet.step_engine().steps)):
             graph = StepGraph(model, step, layout)
