@@ -62,6 +62,7 @@ class StateLayout:
 
     @classmethod
     def of(cls, state: StepState) -> StateLayout:
+        """The layout of the step state `state`."""
         return cls.of_tree(_state_tree(state))
 
     @classmethod

@@ -1,16 +1,16 @@
 """Do halting units fitted on held-out training data carry over to the evaluation data?
 
-Takes the training rows that `--fit_split` held out of a model's training (drawn with `--split_seed`, as
-`run_glue_style.py --fit_halting_split` draws them), splits them into two random halves, fits the halting units
-(`fit_halting`) on one half and sweeps `halting` and `confidence` with real exits on the other half (the fit's own
-distribution) and on `--data`; then the same with the halves swapped. Per fold, data and budget it gives each
-policy's fewest mean layers within the budget (`pareto_exits.budget_table`, chosen and scored on the same data).
-Where `halting` needs fewer layers than `confidence` on the other half but not on `--data`, what the units learned
-does not carry over from the training data to the evaluation data.
+Takes the training rows that `--fit_split` held out of a model's training (drawn with `--split_seed` after
+`--calibration_split`'s rows, as `run_glue_style.py --fit_halting_split` draws them), splits them into two random
+halves, fits the halting units (`fit_halting`) on one half and sweeps `halting` and `confidence` with real exits on
+the other half (the fit's own distribution) and on `--data`; then the same with the halves swapped. Per fold, data and
+budget it gives each policy's fewest mean layers within the budget (`pareto_exits.budget_table`, chosen and scored on
+the same data). Where `halting` needs fewer layers than `confidence` on the other half but not on `--data`, what the
+units learned does not carry over from the training data to the evaluation data.
 
     python -m benchmarks.halting_transfer --model outputs/sst2-f0-evidence \
         --fit_data ../shared/data/glue/SST-2/train.tsv --fit_split 0.05 \
-        --data ../shared/data/glue/SST-2/dev.tsv --max_length 64 --name sst2_minilm_first_layer_transfer
+        --data ../shared/data/glue/SST-2/dev.tsv --max_length 64 --grid_size 64 --name sst2_minilm_first_layer_transfer
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ from .pareto_exits import budget_table, dense_grid, setting_points
 POLICIES = ("halting", "confidence")
 
 
-def held_out_halves(count: int, fraction: float, split_seed: int, seed: int) -> list[np.ndarray]:
-    """The indices of the `fraction` of `count` training rows that training held out (`hold_out` with
-    `split_seed`), in two random halves drawn with `seed`."""
-    rows = hold_out(datasets.Dataset.from_dict({"row": range(count)}), fraction, split_seed)[1]["row"]
+def held_out_halves(count: int, fraction: float, split_seed: int, seed: int,
+                     calibration_fraction: float | None = None) -> list[np.ndarray]:
+    """The indices of the `fraction` of `count` training rows that training held out to fit the halting units on,
+    in two random halves drawn with `seed`: `run_glue_style.py` first holds out `calibration_fraction` of the rows,
+    then `fraction` of the rest (`hold_out` with `split_seed` both times)."""
+    rows = hold_out(datasets.Dataset.from_dict({"row": range(count)}), calibration_fraction, split_seed)[0]
+    rows = hold_out(rows, fraction, split_seed)[1]["row"]
     return np.split(np.random.default_rng(seed).permutation(rows), [len(rows) // 2])
 
 
@@ -73,12 +76,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", required=True, help="ADNet classifier trained with --fit_halting_split")
     parser.add_argument("--fit_data", required=True, help="the GLUE-style TSV the model was trained on")
     parser.add_argument("--fit_split", type=float, required=True, help="the --fit_halting_split it was trained with")
+    parser.add_argument("--calibration_split", type=float, help="the --calibration_split it was trained with")
     parser.add_argument("--split_seed", type=int, default=42, help="the --seed it was trained with")
     parser.add_argument("--data", required=True, help="the labelled evaluation TSV")
     parser.add_argument("--seed", type=int, default=0, help="draws the two halves")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--grid_size", type=int, default=32, help="settings of halting and of confidence")
+    parser.add_argument("--grid_size", type=int, default=40, help="settings of halting and of confidence")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.0025, 0.005, 0.01],
                         help="accuracy drops allowed (0.005 = 0.5 points)")
     args = parse_benchmark_args(parser, argv)
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     settings = {policy: [(policy, value) for value in dense_grid(policy, config.num_variable_steps, args.grid_size,
                                                                  config.num_labels)] for policy in POLICIES}
     texts, labels = read_labelled(args.fit_data)
-    halves = held_out_halves(len(labels), args.fit_split, args.split_seed, args.seed)
+    halves = held_out_halves(len(labels), args.fit_split, args.split_seed, args.seed, args.calibration_split)
     parts = {f"half {index}": labelled_batches(tokenizer, texts, labels, half, args.batch_size, args.max_length)
              for index, half in enumerate(halves)}
     parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size,
