@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from adnet_hf.arguments_adnet import hold_out
+from adnet_hf.arguments_adnet import CalibrationArguments, HaltingFitArguments
 from adnet_hf.data_adnet import make_batches, read_tsv
 from adnet_hf.halting_adnet import fit_halting
 
@@ -37,10 +37,10 @@ POLICIES = ("halting", "confidence")
 def held_out_halves(count: int, fraction: float, split_seed: int, seed: int,
                      calibration_fraction: float | None = None) -> list[np.ndarray]:
     """The indices of the `fraction` of `count` training rows that training held out to fit the halting units on,
-    in two random halves drawn with `seed`: `run_glue_style.py` first holds out `calibration_fraction` of the rows,
-    then `fraction` of the rest (`hold_out` with `split_seed` both times)."""
-    rows = hold_out(datasets.Dataset.from_dict({"row": range(count)}), calibration_fraction, split_seed)[0]
-    rows = hold_out(rows, fraction, split_seed)[1]["row"]
+    in two random halves drawn with `seed`: split as `run_glue_style.py` splits them, calibration rows first."""
+    rows = datasets.Dataset.from_dict({"row": range(count)})
+    rows = CalibrationArguments(calibration_split=calibration_fraction).split(rows, split_seed)[0]
+    rows = HaltingFitArguments(fit_halting_split=fraction).split(rows, split_seed)[1]["row"]
     return np.split(np.random.default_rng(seed).permutation(rows), [len(rows) // 2])
 
 
@@ -57,12 +57,6 @@ def read_labelled(path: str) -> tuple[tuple, torch.Tensor]:
     """A labelled classification TSV's texts and integer labels."""
     texts, labels = read_tsv(Path(path))
     return texts, torch.tensor([int(label) for label in labels])
-
-
-def outcomes_of(model, batches: list[dict], settings: list[tuple[str, float]]) -> dict[str, np.ndarray]:
-    """`setting_outcomes` without autograd."""
-    with torch.inference_mode():
-        return setting_outcomes(model, batches, settings)
 
 
 def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,12 +92,12 @@ def main(argv: list[str] | None = None) -> Path:
     parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size,
                                            args.max_length)
     every = settings["halting"] + settings["confidence"]
-    confidence = {data: outcomes_of(model, part, settings["confidence"]) for data, part in parts.items()}
+    confidence = {data: setting_outcomes(model, part, settings["confidence"]) for data, part in parts.items()}
     rows = []
     for fitting, scoring in (("half 0", "half 1"), ("half 1", "half 0")):
         fit_halting(model, parts[fitting])  # in place; the step predictions it reads do not change
         for data in (scoring, "evaluation"):
-            outcomes = joined(outcomes_of(model, parts[data], settings["halting"]), confidence[data])
+            outcomes = joined(setting_outcomes(model, parts[data], settings["halting"]), confidence[data])
             points = setting_points(every, outcomes, config.num_blocks)
             fold_rows = [{"fitted_on": fitting, "scored_on": data, **row}
                          for row in budget_table(points, args.budgets, config.num_blocks)]
