@@ -120,7 +120,6 @@ def quality_metric(metrics: Mapping[str, float]) -> str:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
                  exit_threshold: float | int | None = None,
                  gather: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
