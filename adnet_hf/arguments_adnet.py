@@ -228,8 +228,46 @@ class GlueDataArguments:
         return {**{split: f"GLUE {self.task_name} {split}" for split in splits}, **self.files()}
 
 
+@dataclass
+class RecipeTrainingArguments(ADNetTrainingArguments):
+    """`ADNetTrainingArguments` whose defaults are the recommended recipe for fine-tuning ADNet on a text task: the
+    units and output layers learn at 1e-3 beside the backbone's `learning_rate`, every group warms up over the first
+    tenth of training and decays to a tenth of its rate, with weight decay 0.01 (with `RECIPE_MODEL_DEFAULTS` on the
+    model). Each is a flag that overrides it; a `--plain_baseline` run (Transformers' `Trainer`) takes the warm-up,
+    weight decay and `learning_rate`, the rest is ADNet's."""
+
+    unit_learning_rate: float | None = field(
+        default=1e-3, metadata={"help": "Initial learning rate of the calculation units (recipe default 1e-3)."}
+    )
+    output_learning_rate: float | None = field(
+        default=1e-3, metadata={"help": "Initial learning rate of the output layers (recipe default 1e-3)."}
+    )
+    min_learning_rate_ratio: float = field(
+        default=0.1,
+        metadata={"help": "Terminal learning rate of every group as a ratio of its own initial rate (recipe default "
+                          "0.1; 0 with a --lr_scheduler_type other than linear or cosine)."},
+    )
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Warm-up steps, or below 1 a fraction of the training steps (recipe: 0.1)."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (recipe default 0.01)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device "
+                                                                        "(recipe default 32)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device "
+                                                                      "(default 64)."})
+    logging_steps: float = field(
+        default=0.05,
+        metadata={"help": "Log the training loss every N steps, or below 1 every fraction of the training steps "
+                          "(default 0.05: twenty logs a run, whatever the data's size)."},
+    )
+
+
+# What the recipe sets on a new ADNet model (not on a loaded ADNet checkpoint, which keeps its own), under the
+# command line's ADNet flags: the max-norm constraint on the units' and output layers' rows.
+RECIPE_MODEL_DEFAULTS = {"max_weight_norm": 3.0}
+
 # What `run_glue_style.py` and `train_accelerate.py` both take.
-GLUE_ARGUMENTS = (TextModelArguments, ADNetArguments, GlueDataArguments, ADNetTrainingArguments)
+GLUE_ARGUMENTS = (TextModelArguments, ADNetArguments, GlueDataArguments, RecipeTrainingArguments)
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None,
@@ -275,11 +313,13 @@ def offline_default(args_file: Path) -> dict:
 
 def build_task_model(task: str, model_args: ModelArguments, adnet_args: ADNetArguments, config_kwargs: dict,
                      backbone_config: dict | PreTrainedConfig | None = None,
-                     backbone_kwargs: dict | None = None) -> tuple[PreTrainedModel, type[Trainer]]:
+                     backbone_kwargs: dict | None = None, new_model_defaults: dict | None = None
+                     ) -> tuple[PreTrainedModel, type[Trainer]]:
     """The model to train for the pipeline `task` (a `TASK_MODELS` key), and the trainer class that trains it.
 
     ADNet (from `model_args.model_name_or_path`, or from `backbone_config` with random weights) gets
-    `config_kwargs` and the ADNet overrides; the `--plain_baseline` model gets `config_kwargs` only.
+    `config_kwargs` and the ADNet overrides, and a new one (not a loaded ADNet checkpoint) `new_model_defaults` under
+    them; the `--plain_baseline` model gets `config_kwargs` only.
     """
     adnet_class, plain_class = TASK_MODELS[task]
     if model_args.plain_baseline:
@@ -287,22 +327,31 @@ def build_task_model(task: str, model_args: ModelArguments, adnet_args: ADNetArg
                                   backbone_kwargs)
         return plain, Trainer
     model = build_model(adnet_class, model_args.model_name_or_path, backbone_config,
-                        {**adnet_args.overrides(), **config_kwargs}, backbone_kwargs, model_args.freeze_full_depth)
+                        {**adnet_args.overrides(), **config_kwargs}, backbone_kwargs, model_args.freeze_full_depth,
+                        new_model_defaults)
     return model, ADNetTrainer
 
 
 def build_model(model_class, name_or_path: str | None, backbone_config, overrides: dict,
-                backbone_kwargs: dict | None = None, freeze_full_depth: bool = False) -> PreTrainedModel:
+                backbone_kwargs: dict | None = None, freeze_full_depth: bool = False,
+                new_model_defaults: dict | None = None) -> PreTrainedModel:
     """A model of `model_class` from a backbone config (a config or a dict with `model_type`: random weights, to
     train from scratch), a saved ADNet checkpoint, or a backbone checkpoint to wrap (its weights loaded unchanged).
+    A new model (not a loaded ADNet checkpoint) takes `new_model_defaults` where `overrides` do not set them.
     With `freeze_full_depth`, only its exits are left to train (`ADNetPreTrainedModel.freeze_full_depth`)."""
     overrides = {**_trained_exit_policy(overrides.get("loss_type"), freeze_full_depth), **overrides}
+    if backbone_config is None and is_adnet_checkpoint(name_or_path):
+        return _frozen(model_class.from_pretrained(name_or_path, **overrides), freeze_full_depth)
+    overrides = {**(new_model_defaults or {}), **overrides}
     if backbone_config is not None:
         model = model_class(ADNetConfig(backbone_config=backbone_config, **overrides))
-    elif is_adnet_checkpoint(name_or_path):
-        model = model_class.from_pretrained(name_or_path, **overrides)
     else:
         model = model_class.from_backbone(name_or_path, backbone_kwargs=backbone_kwargs, **overrides)
+    return _frozen(model, freeze_full_depth)
+
+
+def _frozen(model: PreTrainedModel, freeze_full_depth: bool) -> PreTrainedModel:
+    """`model`, with only its exits left to train under `freeze_full_depth`."""
     if freeze_full_depth:
         model.freeze_full_depth()
     return model
@@ -390,7 +439,7 @@ def build_text_classifier(model_args: TextModelArguments, adnet_args: ADNetArgum
     if backbone_config is not None:
         backbone_config.vocab_size, backbone_config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
     model, trainer_class = build_task_model("text-classification", model_args, adnet_args, labels.config_kwargs(),
-                                            backbone_config)
+                                            backbone_config, new_model_defaults=RECIPE_MODEL_DEFAULTS)
     return model, trainer_class, tokenizer
 
 
@@ -566,15 +615,38 @@ def eval_loader(trainer: Trainer, dataset: datasets.Dataset) -> torch.utils.data
 def hold_out(dataset: datasets.Dataset, fraction: float | None, seed: int
              ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """`dataset` without a random `fraction` of it (drawn with `seed`), and that fraction (None without one)."""
-    if fraction is None:
+    if not fraction:
         return dataset, None
     parts = dataset.train_test_split(test_size=fraction, seed=seed)
     return parts["train"], parts["test"]
 
 
 def check_fraction(value: float | None, flag: str) -> None:
-    if value is not None and not 0 < value < 1:
-        raise ValueError(f"{flag} must be a fraction in (0, 1), got {value}.")
+    """`value` is unset, 0 (off) or a fraction in (0, 1)."""
+    if value is not None and not 0 <= value < 1:
+        raise ValueError(f"{flag} must be a fraction in (0, 1), or 0 for none, got {value}.")
+
+
+# Below this many training rows the automatic held-out splits are off: a fifth of fewer rows is too small a
+# calibration sample to certify any saving, and every row is needed for training.
+MIN_ROWS_TO_HOLD_OUT = 500
+
+
+def automatic_split(value: float | None, default: float, reason: str | None, rows: int, flag: str
+                    ) -> tuple[float | None, str | None]:
+    """A held-out fraction as a run takes it, and why there is none (None where there is one): the one given (0:
+    none), else `default` unless `reason` (why the split does not apply) is set or the training data has fewer than
+    `MIN_ROWS_TO_HOLD_OUT` rows; logged either way."""
+    if value is not None:
+        return value or None, None if value else f"{flag} 0"
+    if reason is None and rows < MIN_ROWS_TO_HOLD_OUT:
+        reason = (f"the training data has {rows} rows, fewer than {MIN_ROWS_TO_HOLD_OUT}; pass {flag} to hold some "
+                  "out anyway")
+    if reason is not None:
+        logger.warning("%s: none, %s.", flag, reason)
+        return None, reason
+    logger.warning("%s: %s of the %d training rows (the default; %s 0 turns it off).", flag, default, rows, flag)
+    return default, None
 
 
 @dataclass
@@ -593,7 +665,8 @@ class HaltingFitArguments:
         metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed, after "
                           "--calibration_split's) and fit the halting units on it: a trained model's predictions on "
                           "its own training data settle earlier than on new data, and units fitted there exit too "
-                          "early where it matters (README, What the halting units learn)."},
+                          f"early. Default: 0.1 wherever the units are fitted and the training data has at least "
+                          f"{MIN_ROWS_TO_HOLD_OUT} rows, else none; 0 fits on the training data."},
     )
     fit_halting_samples: int | None = field(
         default=20_000,
@@ -609,14 +682,16 @@ class HaltingFitArguments:
         if self.fit_halting_objective not in OBJECTIVES:
             raise ValueError(f"--fit_halting_objective must be one of {OBJECTIVES}, got "
                              f"{self.fit_halting_objective!r}.")
+        if self.fit_halting_samples is not None and self.fit_halting_samples < 1:
+            raise ValueError(f"--fit_halting_samples must be at least 1, got {self.fit_halting_samples}.")
 
-    def check(self, model: PreTrainedModel, do_train: bool) -> None:
-        """Refuse, before any training, to hold out data that no fit would read."""
-        if self.fit_halting_split is None:
-            return
+    def resolve(self, model: PreTrainedModel, do_train: bool, rows: int) -> None:
+        """Settle the held-out fraction for a run that trains `model` on `rows` rows: refuse one given that no fit
+        would read, take the default where none is given (`automatic_split`)."""
         reason = "it needs --do_train and --fit_halting" if not (do_train and self.fit_halting) else unfit_reason(model)
-        if reason is not None:
+        if self.fit_halting_split and reason is not None:
             raise ValueError(f"--fit_halting_split holds data out of training to fit the halting units on: {reason}")
+        self.fit_halting_split, _ = automatic_split(self.fit_halting_split, 0.1, reason, rows, "--fit_halting_split")
 
     def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """The data to train on and the data held out of it to fit on (None without --fit_halting_split)."""
@@ -632,7 +707,7 @@ class HaltingFitArguments:
                           objective=self.fit_halting_objective)
         save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples,
                                               "halting_fit_objective": self.fit_halting_objective,
-                                              "halting_fit_held_out": self.fit_halting_split is not None,
+                                              "halting_fit_held_out": bool(self.fit_halting_split),
                                               "halting_fit_steps": fit.steps})
         return fit
 
@@ -644,12 +719,16 @@ class CalibrationArguments:
     calibration_split: float | None = field(
         default=None,
         metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed) and, after "
-                          "training, choose the saved exit setting on it; the evaluation data never takes part."},
+                          "training, choose the saved exit setting on it; the evaluation data never takes part. "
+                          f"Default: 0.2 for an ADNet model trained here whose training data has at least "
+                          f"{MIN_ROWS_TO_HOLD_OUT} rows and whose exit policy is not `none`, else none; 0 turns it "
+                          "off (the model is then saved with its exit policy's configured setting)."},
     )
-    calibration_policy: str = field(
-        default="halting",
+    calibration_policy: str | None = field(
+        default=None,
         metadata={"help": f"The exit policy to calibrate ({', '.join(EXIT_RULES)}); its setting is chosen from the "
-                          "rule's grid."},
+                          "rule's grid. Default: the model's exit policy (--exit_policy, else the checkpoint's or "
+                          "`halting`)."},
     )
     calibration_budget: float = field(
         default=0.01,
@@ -667,20 +746,41 @@ class CalibrationArguments:
 
     def __post_init__(self):
         check_fraction(self.calibration_split, "--calibration_split")
-        if self.calibration_policy not in EXIT_RULES:
+        if self.calibration_policy is not None and self.calibration_policy not in EXIT_RULES:
             raise ValueError(f"--calibration_policy must be one of {tuple(EXIT_RULES)}, got "
                              f"{self.calibration_policy!r}.")
         if not 0 <= self.calibration_delta < 1:
             raise ValueError(f"--calibration_delta must be in [0, 1) (0: no guarantee), got {self.calibration_delta}.")
+        if self.calibration_budget < 0:
+            raise ValueError(f"--calibration_budget must be >= 0, got {self.calibration_budget}.")
+        self.skipped: str | None = None  # why this run calibrates nothing, once `resolve` has settled it
 
-    def check(self, model: PreTrainedModel, model_args: ModelArguments, do_train: bool) -> None:
-        """Refuse, before any training, a calibration this run cannot do."""
-        if self.calibration_split is None:
+    def check_exit_policy(self, exit_policy: str | None) -> None:
+        """Refuse, at parse time, a calibration that would replace the `--exit_policy` the user set."""
+        if exit_policy is None or not self.calibration_policy or self.calibration_split == 0:
             return
+        if exit_policy != self.calibration_policy:
+            raise ValueError(f"--calibration_policy {self.calibration_policy} would save the model with the "
+                             f"{self.calibration_policy} policy, replacing --exit_policy {exit_policy}: pass one of "
+                             "them (or the same policy to both), or --calibration_split 0 to keep --exit_policy "
+                             "uncalibrated.")
+
+    def resolve(self, model: PreTrainedModel, model_args: ModelArguments, do_train: bool, rows: int) -> None:
+        """Settle the policy (the model's own by default) and the held-out fraction for a run that trains `model` on
+        `rows` rows: refuse a calibration this run cannot do, take the default where none is given."""
+        self.calibration_policy = self.calibration_policy or model.config.exit_policy
+        reason = None
         if model_args.plain_baseline or not do_train:
-            raise ValueError("--calibration_split holds data out of training to calibrate the trained model's exits: "
-                             "it needs --do_train and an ADNet model (not --plain_baseline).")
-        task_exit_rule(self.calibration_policy, model.config, owner="--calibration_policy")
+            reason = "it needs --do_train and an ADNet model (not --plain_baseline)"
+        elif self.calibration_policy not in EXIT_RULES:
+            reason = "the exit policy is `none`: pass --calibration_policy to calibrate one"
+        if self.calibration_split and reason is not None:
+            raise ValueError(f"--calibration_split holds data out of training to calibrate the trained model's exits: "
+                             f"{reason}.")
+        if reason is None:
+            task_exit_rule(self.calibration_policy, model.config, owner="--calibration_policy")
+        self.calibration_split, self.skipped = automatic_split(self.calibration_split, 0.2, reason, rows,
+                                                               "--calibration_split")
 
     def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """The data to train on and the calibration data held out of it (None without --calibration_split)."""

@@ -25,9 +25,14 @@ TASK_TO_KEYS = {
     "qnli": ("question", "sentence"), "qqp": ("question1", "question2"), "rte": ("sentence1", "sentence2"),
     "sst2": ("sentence", None), "stsb": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
 }
-# Local files: the column names of the GLUE distribution (`#1 String` and `Quality` are MRPC's, `score` STS-B's).
-TEXT_COLUMNS = (("sentence1", "sentence2"), ("#1 String", "#2 String"), ("sentence", None))
-LABEL_COLUMNS = ("label", "Quality", "score")
+# Local files: the text columns of GLUE's distributed files, in the order they are looked for: a pair before a single
+# sentence (QNLI has `question` and `sentence`). `#1 String` is MRPC's, `question1` QQP's, `question` QNLI's.
+TEXT_COLUMNS = (("sentence1", "sentence2"), ("#1 String", "#2 String"), ("question1", "question2"),
+                ("question", "sentence"), ("sentence", None), ("text", None))
+# The label column: `Quality` is MRPC's, `score` STS-B's, `gold_label` MNLI's, `is_duplicate` QQP's.
+LABEL_COLUMNS = ("label", "Quality", "score", "gold_label", "is_duplicate")
+# CoLA's files have no header: source, label, the original annotation, sentence.
+COLA_COLUMNS = ("source", "label", "original_label", "sentence")
 # MNIST's pixel mean and standard deviation after scaling to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # PIL's modes of grey images (1-bit, 8-bit, with transparency, 32-bit integer, 16-bit, float).
@@ -38,19 +43,39 @@ Texts = tuple[list[str], list[str] | None]  # the first sentences, and the secon
 
 
 def detect_columns(columns: list[str], task_name: str | None = None) -> tuple[TextKeys, str | None]:
-    """The text column(s) and the label column (None for unlabelled data) of a GLUE task or of local files."""
+    """The text column(s) and the label column (None for unlabelled data) of a GLUE task or of local files: the first
+    of `TEXT_COLUMNS` whose columns are all present, and the first of `LABEL_COLUMNS` present."""
     label = next((name for name in LABEL_COLUMNS if name in columns), None)
     if task_name is not None:
         return TASK_TO_KEYS[task_name], label
     keys = next((keys for keys in TEXT_COLUMNS if all(k in columns for k in keys if k is not None)), None)
     if keys is None:
         expected = [" + ".join(key for key in pair if key) for pair in TEXT_COLUMNS]
-        raise ValueError(f"No text columns among {columns}: expected one of {expected}.")
+        raise ValueError(f"No text columns among {columns}: expected one of {expected}, or name them with "
+                         "--text_columns.")
     return keys, label
 
 
+def file_delimiter(path: str) -> str:
+    """The field delimiter of a .tsv or .csv file."""
+    return "\t" if Path(path).suffix == ".tsv" else ","
+
+
+def read_header(path: str) -> list[str] | None:
+    """The column names of a local .tsv or .csv file: its first row, or CoLA's names (`COLA_COLUMNS`) for a file in
+    CoLA's headerless layout (four fields, the second a 0 / 1 label); None for other formats."""
+    if Path(path).suffix not in (".tsv", ".csv"):
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # MRPC's TSVs start with a byte-order mark
+        first = next(csv.reader(handle, delimiter=file_delimiter(path), quoting=csv.QUOTE_NONE), [])
+    if len(first) == len(COLA_COLUMNS) and first[1] in ("0", "1") and not set(first) & set(LABEL_COLUMNS):
+        return list(COLA_COLUMNS)
+    return first
+
+
 def load_text_datasets(task_name: str | None, files: dict[str, str]) -> datasets.DatasetDict:
-    """GLUE `task_name` from the Hub, or local `files` (split name -> .csv, .tsv or .json(l) path)."""
+    """GLUE `task_name` from the Hub, or local `files` (split name -> .csv, .tsv or .json(l) path). Files in CoLA's
+    headerless layout are read with CoLA's column names."""
     if task_name is not None:
         try:
             raw = datasets.load_dataset("nyu-mll/glue", task_name)
@@ -62,17 +87,27 @@ def load_text_datasets(task_name: str | None, files: dict[str, str]) -> datasets
             raw["validation"], raw["test"] = raw["validation_matched"], raw["test_matched"]
         return raw
     extension = Path(next(iter(files.values()))).suffix.lstrip(".")
-    if extension == "tsv":  # GLUE's TSVs hold unescaped quotes
-        return datasets.load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
-    if extension in ("csv", "json", "jsonl"):
-        return datasets.load_dataset("json" if extension == "jsonl" else extension, data_files=files)
+    if extension in ("tsv", "csv"):
+        headerless = {split: read_header(path) == list(COLA_COLUMNS) for split, path in files.items()}
+        names = {"column_names": list(COLA_COLUMNS)} if all(headerless.values()) else {}
+        # GLUE's TSVs hold unescaped quotes
+        quoting = {"quoting": csv.QUOTE_NONE} if extension == "tsv" else {}
+        return datasets.DatasetDict({
+            split: datasets.load_dataset("csv", data_files={split: path}, delimiter=file_delimiter(path),
+                                         split=split, **names, **quoting)
+            for split, path in files.items()
+        })
+    if extension in ("json", "jsonl"):
+        return datasets.load_dataset("json", data_files=files)
     raise ValueError(f"Data files must be .csv, .tsv or .json(l), got .{extension}.")
 
 
 def read_tsv(path: Path, max_samples: int | None = None) -> tuple[Texts, list[str]]:
     """The texts and the raw labels of a labelled GLUE-style TSV, as lists (for batching by hand)."""
+    header = read_header(str(path))
+    names = header if header == list(COLA_COLUMNS) else None
     with open(path, newline="", encoding="utf-8-sig") as handle:  # MRPC's TSVs start with a byte-order mark
-        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = list(csv.DictReader(handle, fieldnames=names, delimiter="\t", quoting=csv.QUOTE_NONE))
     rows = rows[:max_samples] if max_samples else rows
     (first, second), label = detect_columns(list(rows[0]) if rows else [])
     if label is None:

@@ -108,6 +108,77 @@ def exit_metrics(trainer) -> dict:
             **{name: value for name, value in full.items() if not name.endswith(timings)}}
 
 
+def trivial_baseline(train_labels: list, eval_labels: list, is_regression: bool) -> dict:
+    """What a model that learnt nothing scores on the evaluation data: the training data's majority class
+    (`eval_majority_class_accuracy`), or a regressor's constant prediction of the training mean
+    (`eval_mean_prediction_mse`). Empty for multi-label data."""
+    if is_regression:
+        mean = float(np.mean(train_labels))
+        return {"eval_mean_prediction_mse": float(np.mean((np.asarray(eval_labels, dtype=float) - mean) ** 2))}
+    if not train_labels or isinstance(train_labels[0], list):
+        return {}
+    values, counts = np.unique(train_labels, return_counts=True)
+    return {"eval_majority_class_accuracy": float(np.mean(np.asarray(eval_labels) == values[counts.argmax()]))}
+
+
+def guarantee(config, calibration_args: CalibrationArguments) -> str:
+    """What the saved exit setting is known to cost, in words: certified, measured on calibration data, or neither."""
+    held_out = config.exit_guarantee
+    if held_out is None:
+        if calibration_args.skipped is not None:
+            return f"not calibrated ({calibration_args.skipped}): the exit policy's configured setting, no guarantee"
+        return ("calibrated empirically (no risk-control bound for this task): within the budget on the calibration "
+                "data, no guarantee on new data")
+    if held_out["policy"] == FULL_DEPTH:
+        return (f"no {calibration_args.calibration_policy} setting certified on {held_out['calibration_size']} "
+                "calibration samples: saved at full depth")
+    return (f"certified: with probability >= {1 - held_out['delta']:g}, the {held_out['metric']} drop against full "
+            f"depth on new data is at most {held_out['budget']:g} ({held_out['calibration_size']} calibration "
+            "samples)")
+
+
+def run_warnings(metrics: dict, budget: float) -> list[str]:
+    """What the evaluation says went wrong: a model no better than one that learnt nothing, or a saved exit setting
+    that loses more than the calibration budget against full depth."""
+    found = []
+    if "eval_majority_class_accuracy" in metrics:
+        floor = metrics["eval_majority_class_accuracy"]
+        for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
+            accuracy = metrics.get(f"{prefix}_accuracy")
+            if accuracy is not None and accuracy <= floor + 0.01:
+                found.append(f"the model {what} scores {accuracy:.2%}, no better than always predicting the "
+                             f"training data's majority class ({floor:.2%}): it has not learnt the task.")
+    if "eval_mean_prediction_mse" in metrics:
+        for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
+            mse = metrics.get(f"{prefix}_mse")
+            if mse is not None and mse >= 0.99 * metrics["eval_mean_prediction_mse"]:
+                found.append(f"the model {what} has MSE {mse:.4f}, no better than always predicting the training "
+                             f"mean ({metrics['eval_mean_prediction_mse']:.4f}): it has not learnt the task.")
+    if metrics.get("eval_exit_policy") not in (None, FULL_DEPTH) and "eval_full_depth_accuracy" in metrics:
+        drop = metrics["eval_full_depth_accuracy"] - metrics["eval_accuracy"]
+        if drop > budget:
+            found.append(f"the saved exit setting loses {drop:.2%} accuracy against full depth on the evaluation "
+                         f"data, more than the calibration budget ({budget:.2%}).")
+    return found
+
+
+def summarise(trainer, metrics: dict, calibration_args: CalibrationArguments) -> dict:
+    """The run's summary: quality under the saved setting and at full depth, mean layers, the guarantee, warnings;
+    logged, and returned to be saved with the evaluation results."""
+    config = trainer.model.config
+    summary = {"eval_guarantee": guarantee(config, calibration_args) if config.model_type == "adnet" else None,
+               "eval_warnings": run_warnings(metrics, calibration_args.calibration_budget)}
+    for warning in summary["eval_warnings"]:
+        logger.warning(warning)
+    shown = ("accuracy", "pearson", "mse", "executed_layers", "majority_class_accuracy", "mean_prediction_mse",
+             "exit_policy", "exit_setting")
+    trainer.log_metrics("summary", {name: value for name, value in metrics.items()
+                                    if name.removeprefix("eval_").removeprefix("full_depth_") in shown})
+    if summary["eval_guarantee"] is not None and trainer.is_world_process_zero():
+        print(f"  exit setting: {summary['eval_guarantee']}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics (empty without `--do_eval`)."""
     model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = parse_args(argv)
@@ -120,11 +191,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
     flags = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
     data_args.require_files({split: f"--{flag}" for split, flag in flags.items() if getattr(training_args, flag)})
+    calibration_args.check_exit_policy(adnet_args.exit_policy)
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
 
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
-    calibration_args.check(task.model, model_args, training_args.do_train)
-    fit_args.check(task.model, training_args.do_train)
+    rows = len(task.tokenized["train"]) if training_args.do_train else 0
+    calibration_args.resolve(task.model, model_args, training_args.do_train, rows)
+    fit_args.resolve(task.model, training_args.do_train, rows)
     model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
     train_dataset, calibration_dataset, fit_dataset = None, None, None
@@ -153,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = {}
     if training_args.do_eval:
         exits = exit_metrics(trainer) if trainer.model.config.model_type == "adnet" else {}
-        metrics = save_results(trainer, "eval", {**trainer.evaluate(), **exits, "eval_samples": len(eval_dataset),
-                                                 "eval_num_blocks": num_blocks(model)})
+        metrics = {**trainer.evaluate(), **exits, "eval_samples": len(eval_dataset),
+                   "eval_num_blocks": num_blocks(model)}
+        reference = task.tokenized["train" if training_args.do_train else "validation"]
+        metrics.update(trivial_baseline(reference["labels"], eval_dataset["labels"], task.labels.is_regression))
+        metrics = save_results(trainer, "eval", {**metrics, **summarise(trainer, metrics, calibration_args)})
 
     if training_args.do_predict:
         predict_dataset = select(task.tokenized["test"], data_args.max_predict_samples)

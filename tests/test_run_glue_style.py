@@ -119,44 +119,87 @@ def test_calibration_arguments_are_checked_before_training():
     from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
 
     for bad, match in [({"calibration_split": 1.0}, "--calibration_split must be a fraction in"),
+                       ({"calibration_split": -0.1}, "--calibration_split must be a fraction in"),
                        ({"calibration_policy": "none"}, "--calibration_policy must be one of"),
-                       ({"calibration_delta": 1.0}, r"--calibration_delta must be in \[0, 1\)")]:
+                       ({"calibration_delta": 1.0}, r"--calibration_delta must be in \[0, 1\)"),
+                       ({"calibration_budget": -0.01}, "--calibration_budget must be >= 0")]:
         with pytest.raises(ValueError, match=match):
             CalibrationArguments(**bad)
     model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
                                                                                  "num_labels": 1})
-    args = CalibrationArguments(calibration_split=0.2, calibration_policy="confidence")
     adnet = TextModelArguments(backbone_config="{}")
     with pytest.raises(ValueError, match="--calibration_split holds data out of training.*--do_train"):
-        args.check(model, adnet, do_train=False)
+        CalibrationArguments(calibration_split=0.2).resolve(model, adnet, do_train=False, rows=1000)
     with pytest.raises(ValueError, match=r"--calibration_split .* \(not --plain_baseline\)"):
-        args.check(model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True)
+        CalibrationArguments(calibration_split=0.2).resolve(
+            model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True, rows=1000)
     with pytest.raises(ValueError, match="--calibration_policy='confidence' needs class predictions"):
-        args.check(model, adnet, do_train=True)
+        CalibrationArguments(calibration_policy="confidence").resolve(model, adnet, do_train=True, rows=1000)
+    with pytest.raises(ValueError, match="--calibration_policy confidence would save .* replacing --exit_policy "
+                                         "patience"):
+        CalibrationArguments(calibration_policy="confidence").check_exit_policy("patience")
+    CalibrationArguments(calibration_policy="confidence", calibration_split=0).check_exit_policy("patience")
+
+
+@pytest.mark.parametrize("given, do_train, plain, rows, expected", [
+    (None, True, False, 1000, 0.2),     # the default: a fifth held out
+    (None, True, False, 499, None),     # too few rows to hold out
+    (None, False, False, 1000, None),   # nothing trained
+    (None, True, True, 1000, None),     # a plain model has no exits
+    (0.0, True, False, 1000, None),     # turned off
+    (0.3, True, False, 100, 0.3),       # given: taken whatever the size
+])
+def test_calibration_split_default(given, do_train, plain, rows, expected):
+    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+
+    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
+    args = CalibrationArguments(calibration_split=given)
+    args.resolve(model, TextModelArguments(backbone_config="{}", plain_baseline=plain), do_train, rows)
+    assert args.calibration_split == expected and args.calibration_policy == "halting"
+    assert (args.skipped is None) == (expected is not None)
+
+
+def test_calibration_policy_defaults_to_the_models_exit_policy():
+    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+
+    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
+                                                                                 "exit_policy": "confidence"})
+    args = CalibrationArguments()
+    args.resolve(model, TextModelArguments(backbone_config="{}"), do_train=True, rows=1000)
+    assert (args.calibration_policy, args.calibration_split) == ("confidence", 0.2)
+    model.config.exit_policy = "none"
+    args = CalibrationArguments()
+    args.resolve(model, TextModelArguments(backbone_config="{}"), do_train=True, rows=1000)
+    assert args.calibration_split is None and "exit policy is `none`" in args.skipped
 
 
 def test_halting_fit_arguments_are_checked_before_training():
     from adnet_hf.arguments_adnet import HaltingFitArguments
 
-    for bad, match in [({"fit_halting_split": 0.0}, "--fit_halting_split must be a fraction in"),
-                       ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of")]:
+    for bad, match in [({"fit_halting_split": 1.0}, "--fit_halting_split must be a fraction in"),
+                       ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of"),
+                       ({"fit_halting_samples": 0}, "--fit_halting_samples must be at least 1")]:
         with pytest.raises(ValueError, match=match):
             HaltingFitArguments(**bad)
     classifier = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
     regressor = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
                                                                                      "num_labels": 1})
     args = HaltingFitArguments(fit_halting_split=0.1)
-    args.check(classifier, do_train=True)
+    args.resolve(classifier, do_train=True, rows=100)
     for model, do_train, fit, match in [(classifier, False, True, "needs --do_train and --fit_halting"),
                                         (classifier, True, False, "needs --do_train and --fit_halting"),
                                         (regressor, True, True, "fit_halting needs a classifier")]:
         with pytest.raises(ValueError, match=f"--fit_halting_split holds data out of training.*{match}"):
-            HaltingFitArguments(fit_halting=fit, fit_halting_split=0.1).check(model, do_train)
+            HaltingFitArguments(fit_halting=fit, fit_halting_split=0.1).resolve(model, do_train, rows=1000)
     train = datasets.Dataset.from_dict({"x": list(range(100))})
     kept, held_out = args.split(train, seed=0)
     assert (len(kept), len(held_out)) == (90, 10) and not set(kept["x"]) & set(held_out["x"])
     assert held_out["x"] == args.split(train, seed=0)[1]["x"], "the same rows for every stage of a recipe"
     assert HaltingFitArguments().split(train, seed=0) == (train, None)
+    for model, rows, expected in [(classifier, 1000, 0.1), (classifier, 499, None), (regressor, 1000, None)]:
+        automatic = HaltingFitArguments()
+        automatic.resolve(model, do_train=True, rows=rows)
+        assert automatic.fit_halting_split == expected
 
 
 def test_saved_exit_policy_follows_what_is_trained(tmp_path):
@@ -212,6 +255,10 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], (("#1 String", "#2 String"), "Quality")),
     (["genre", "sentence1", "sentence2", "score"], (("sentence1", "sentence2"), "score")),
     (["index", "sentence"], (("sentence", None), None)),
+    (["index", "question", "sentence", "label"], (("question", "sentence"), "label")),  # QNLI
+    (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], (("question1", "question2"), "is_duplicate")),
+    (["index", "genre", "sentence1", "sentence2", "label1", "gold_label"], (("sentence1", "sentence2"), "gold_label")),
+    (["text", "label"], (("text", None), "label")),
 ])
 def test_column_detection(columns, expected):
     assert detect_columns(columns) == expected
@@ -219,7 +266,7 @@ def test_column_detection(columns, expected):
 
 def test_unknown_columns_fail_clearly():
     with pytest.raises(ValueError, match="No text columns"):
-        detect_columns(["text", "label"])
+        detect_columns(["review", "label"])
 
 
 def test_glue_task_without_hub_fails_clearly(monkeypatch):
@@ -234,13 +281,21 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, _, data_args, training_args, lora_args, fit_args, calibration_args = run_glue_style.parse_args([])
+    model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = (
+        run_glue_style.parse_args([]))
     assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
-    # the saved exits: learned halting, its units fitted on a tenth of the rest held out of training, risk-controlled
-    # on a fifth of the training sample held out of training
-    assert (fit_args.fit_halting, fit_args.fit_halting_split, fit_args.fit_halting_objective) == (True, 0.1,
+    # the demo's file holds the demo only (data, output, epochs, length); the recipe is every run's default
+    shipped = json.loads(run_glue_style.OFFLINE_DEFAULT.read_text())
+    assert set(shipped) == {"train_file", "validation_file", "output_dir", "overwrite_output_dir", "do_train",
+                            "do_eval", "max_seq_length", "num_train_epochs"}
+    assert (training_args.unit_learning_rate, training_args.output_learning_rate) == (1e-3, 1e-3)
+    assert (training_args.min_learning_rate_ratio, training_args.warmup_steps) == (0.1, 0.1)
+    assert (training_args.weight_decay, training_args.per_device_train_batch_size) == (0.01, 32)
+    assert adnet_args.max_weight_norm is None  # left to the recipe's new-model default (RECIPE_MODEL_DEFAULTS)
+    # held-out splits and the calibrated policy are settled once the model and data are known (`resolve`)
+    assert (fit_args.fit_halting, fit_args.fit_halting_split, fit_args.fit_halting_objective) == (True, None,
                                                                                                   "settled_by")
-    assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (0.2, "halting")
+    assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (None, None)
     assert (calibration_args.calibration_budget, calibration_args.calibration_delta) == (0.01, 0.1)
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
     assert training_args.output_dir == "outputs/sst2-adnet" and training_args.do_train and training_args.do_eval
