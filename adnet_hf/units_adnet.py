@@ -7,7 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 # What a unit that reads the step evidence is given next to its summary, per item (see `step_evidence`).
 EVIDENCE_FEATURES = ("confidence_logit", "margin", "certainty", "agreement", "log_not_halted")
@@ -85,6 +84,13 @@ class EvidenceWeights(nn.Linear):
         prior[..., EVIDENCE_FEATURES.index("confidence_logit")] = 1.0
         return prior
 
+    def reset_parameters(self) -> None:
+        """The prior instead of `nn.Linear`'s random draw: building the layer draws no random numbers, so adding it
+        leaves every other module's initialisation as it was, and its weight is made where `nn.Linear` makes it (on
+        `meta` under `torch.device("meta")` or `init_empty_weights`)."""
+        with torch.no_grad():
+            self.weight.copy_(self.prior(self.weight))
+
 
 class CalculationUnit(nn.Module):
     """One variable step's unit: `S = sigmoid(W h + b)`, summary `r`, halting probability `lambda`.
@@ -106,10 +112,7 @@ class CalculationUnit(nn.Module):
         self.per_token = per_token
         self.dense = None if per_token and not halts else nn.Linear(input_size, hidden_size)
         self.halting = nn.Linear(hidden_size if per_token else 2 * hidden_size, 1) if halts else None
-        # built without drawing random numbers (they are set to the prior anyway), so adding them leaves every other
-        # module's initialisation as it was
-        self.evidence = (skip_init(EvidenceWeights, len(EVIDENCE_FEATURES), 1, bias=False)
-                         if reads_evidence and halts else None)
+        self.evidence = EvidenceWeights(len(EVIDENCE_FEATURES), 1, bias=False) if reads_evidence and halts else None
 
     @property
     def reads_evidence(self) -> bool:

@@ -198,6 +198,6 @@ def test_the_base_model_of_a_classifier_with_evidence_units(tmp_path):
 
 
 def test_causal_lm_units_read_no_evidence():
-    assert lm_model().config.halting_evidence is None
+    assert lm_model().config.halting_evidence is False  # decided when built, so a saved config loads the same
     with pytest.raises(ValueError, match="halting_evidence must be False or None for per-token units"):
         lm_model(halting_evidence=True)

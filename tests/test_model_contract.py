@@ -10,6 +10,7 @@ from dataclasses import fields, make_dataclass
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from conftest import (
     bert_config,
     gpt2_config,
@@ -23,7 +24,13 @@ from conftest import (
 from transformers import AutoModel, Trainer, TrainingArguments
 from transformers.modeling_outputs import ModelOutput
 
-from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
+from adnet_hf import (
+    ADNetConfig,
+    ADNetForCausalLM,
+    ADNetForImageClassification,
+    ADNetForSequenceClassification,
+    ADNetModel,
+)
 from adnet_hf.modeling_adnet import ADNetCausalLMOutput, ADNetModelOutput, ADNetSequenceClassifierOutput
 from adnet_hf.trainer_adnet import ADNetTrainer, ADNetTrainingArguments
 
@@ -253,6 +260,48 @@ def test_config_exposes_what_utilities_read(head):
     if hasattr(backbone, "vocab_size"):
         model.config.vocab_size = 120
         assert backbone.vocab_size == 120
+
+
+def assert_config_round_trips(model, folder) -> None:
+    """The config `save_pretrained` writes loads back as the live one, which also survives `to_dict` / `from_dict`
+    before and after saving: a field the model resolves (e.g. `halting_evidence`) must be resolved in both."""
+    assert ADNetConfig.from_dict(model.config.to_dict()).to_dict() == model.config.to_dict()
+    model.save_pretrained(folder)
+    live = model.config.to_dict()
+    assert ADNetConfig.from_pretrained(folder).to_dict() == live
+    assert ADNetConfig.from_dict(live).to_dict() == live
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_saved_config_loads_as_the_live_one(head, tmp_path):
+    assert_config_round_trips(build(head), tmp_path)
+
+
+@pytest.mark.parametrize("backbone", [bert_config, gpt2_config], ids=["bert", "gpt2"])
+def test_base_model_config_loads_as_the_live_one(backbone, tmp_path):
+    assert_config_round_trips(ADNetModel(ADNetConfig(backbone_config=backbone(), unit_hidden_size=8)), tmp_path)
+
+
+# How low-memory loading builds a model with no storage. accelerate's `init_empty_weights()` moves parameters only
+# (`include_buffers=False`: buffers stay where their module made them, as for any Transformers model).
+EMPTY_CONSTRUCTIONS = {
+    "torch.device": (lambda: torch.device("meta"), True),
+    "init_empty_weights": (init_empty_weights, False),
+    "init_empty_weights-buffers": (lambda: init_empty_weights(include_buffers=True), True),
+}
+
+
+@pytest.mark.parametrize("construction", sorted(EMPTY_CONSTRUCTIONS))
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_meta_device_construction_leaves_every_tensor_on_meta(head, construction):
+    """Nothing ADNet adds is made on an explicit device: under a meta-device construction every parameter (and
+    buffer, where the construction moves buffers) is on `meta`, as `from_pretrained`'s low-memory path needs."""
+    context, moves_buffers = EMPTY_CONSTRUCTIONS[construction]
+    with context():
+        model = build(head)
+    tensors = [*model.named_parameters(), *(model.named_buffers() if moves_buffers else ())]
+    off_meta = [f"{name} on {tensor.device}" for name, tensor in tensors if tensor.device.type != "meta"]
+    assert not off_meta, f"not on meta under {construction}: {off_meta}"
 
 
 @pytest.mark.parametrize("policy", ["confidence", "patience"])
