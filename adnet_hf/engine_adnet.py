@@ -23,7 +23,7 @@ from transformers import PreTrainedConfig
 from .backbones_adnet import BackboneAdapter, Flops, StepState
 from .exits_adnet import ExitRule, HaltingDistribution, exit_decision
 from .generation_adnet import exit_cache
-from .sharding_adnet import exit_sync
+from .sharding_adnet import LocalExits
 
 EVERYONE = slice(None)  # every sample of the batch, as an index: FLOPs added for it need no index operation
 
@@ -203,15 +203,15 @@ class Trace:
 class StepEngine:
     """Runs `steps` (lists of backbone blocks) through `adapter`; the last `len(units)` steps carry a unit.
 
-    `sync_exits`: whether the exiting pass keeps processes in step (`sharding_adnet`); None detects sharded blocks.
+    `exit_sync`: how the exiting pass keeps processes in step (`sharding_adnet.exit_sync`).
     `layer_dropout`: LayerSkip's maximum layer dropout rate (training only: the model passes 0 otherwise)."""
 
     def __init__(self, adapter: BackboneAdapter, backbone_config: PreTrainedConfig, steps: list[list[nn.Module]],
-                 units: nn.ModuleList, per_token: bool, layers_per_step: int, sync_exits: bool | None = None,
+                 units: nn.ModuleList, per_token: bool, layers_per_step: int, exit_sync: LocalExits,
                  layer_dropout: float = 0.0):
         self.adapter, self.backbone_config, self.steps, self.units = adapter, backbone_config, steps, units
         self.per_token, self.layers_per_step = per_token, layers_per_step
-        self.sync_exits, self.layer_dropout = sync_exits, layer_dropout
+        self.exit_sync, self.layer_dropout = exit_sync, layer_dropout
         self.num_fixed_steps = len(steps) - len(units)
         # whether the halting units read the step predictions (`CalculationUnit.reads_evidence`)
         self.units_read_evidence = any(unit.reads_evidence for unit in units)
@@ -235,6 +235,10 @@ class StepEngine:
             flops = flops + block_flops
             hidden = finish_block(index, output)
         return hidden, flops
+
+    def step_output(self, step: int, state: StepState) -> torch.Tensor:
+        """Step `step`'s output for the samples of `state`, with nothing recorded, counted or cached (a stand-in's)."""
+        return self.run_blocks(step, state, None, lambda index, output: output)[0]
 
     def needs_predictions(self, rule: ExitRule) -> bool:
         """Whether exiting by `rule` needs the head's prediction at every variable step."""
@@ -393,7 +397,7 @@ class _ExitingPass:
         self.distribution = HaltingDistribution()
         self.flops = FlopsAccountant(self.padding.shape, device, engine.per_token, engine.adapter.context_lengths)
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
-        self.sync = exit_sync(engine.steps, engine.sync_exits)
+        self.sync = engine.exit_sync
         if self.cache.fills_after_exit and self.sync.in_step:
             raise NotImplementedError("Exits with a key/value cache on sharded blocks: the cache of the tokens that "
                                       "exited is filled by calling the blocks' key/value projections outside the "
@@ -417,7 +421,7 @@ class _ExitingPass:
                 break
             self.cache.begin_step(step * self.engine.layers_per_step, blocks, self.active, self.exit_hidden())
             if not self.active.numel():
-                self.sync.stand_in(self.engine, step)
+                self.sync.stand_in(partial(self.engine.step_output, step))
                 continue
             hidden = self._run_blocks(step)
             if step >= self.engine.num_fixed_steps:

@@ -43,9 +43,9 @@ EVIDENCE_INPUTS = ("not_halted", "previous_logits")  # what a unit that reads th
 
 def _classifier(model) -> nn.Module:
     """`model` if it is an ADNet classifier (it predicts from pooled unit summaries), else a `TypeError`."""
-    from .modeling_adnet import _ADNetClassifier
+    from .modeling_adnet import ADNetForImageClassification, ADNetForSequenceClassification
 
-    if not isinstance(model, _ADNetClassifier):
+    if not isinstance(model, (ADNetForSequenceClassification, ADNetForImageClassification)):
         raise TypeError("export_steps takes an ADNetForSequenceClassification or ADNetForImageClassification, got "
                         f"{type(model).__name__}: a causal LM's per-token exits with a cache are not exported.")
     return model

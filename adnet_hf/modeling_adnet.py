@@ -34,6 +34,7 @@ from .losses_adnet import (
     settled_steps,
     task_loss,
 )
+from .sharding_adnet import exit_sync
 from .speculative_adnet import SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 
@@ -266,6 +267,8 @@ class ADNetModel(ADNetPreTrainedModel):
 
     def __init__(self, config: ADNetConfig):
         super().__init__(config)
+        if config.halting_evidence is None:  # no task head chose (a causal LM, ADNetModel alone): False here, as
+            config.halting_evidence = False  # `ADNetConfig.__post_init__` reads a saved None, so saving round-trips
         self.adapter = backbone_adapter(config.backbone_config)
         self.backbone = self.adapter.build(config.backbone_config)
         sizes = self.adapter.block_sizes(config.backbone_config)
@@ -309,7 +312,7 @@ class ADNetModel(ADNetPreTrainedModel):
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
         return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
-                          bool(self.config.per_token_units), size, self.sync_exits,
+                          bool(self.config.per_token_units), size, exit_sync(steps, self.sync_exits),
                           self.config.layer_dropout if self.training else 0.0)
 
     @can_return_tuple
@@ -576,6 +579,10 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if config.assistant_early_exit is None:
             return super().generate(inputs, generation_config, **kwargs)
+        if "input_ids" in model_kwargs:  # `generate(**tokenizer(...))`, as Transformers' own generate takes it
+            if inputs is not None:
+                raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`, not both.")
+            inputs = model_kwargs.pop("input_ids")
         return self._self_speculative_generate(inputs, config, model_kwargs)
 
     @torch.no_grad()
@@ -586,10 +593,12 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
         vocabulary = model_kwargs.pop("draft_vocabulary", None)
         model_kwargs.pop("use_cache", None)
-        if input_ids is None or model_kwargs:
+        if input_ids is None:
+            raise ValueError("assistant_early_exit needs the prompt's input_ids (as `inputs` or `input_ids=`).")
+        if model_kwargs:
             raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
-                             f"stopping_criteria, streamer and draft_vocabulary, got "
-                             f"{sorted(model_kwargs) or 'no input_ids'}.")
+                             f"stopping_criteria, streamer and draft_vocabulary; it does not take "
+                             f"{', '.join(sorted(model_kwargs))}.")
         check_settings(config, input_ids.shape[0])
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if mask is None:  # as generate() infers it: the pad token masked where it is not the end-of-sequence token

@@ -12,16 +12,13 @@ Whole-model FSDP (one unit), DDP and a single process gather nothing inside a st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .backbones_adnet import StepState
-
-if TYPE_CHECKING:
-    from .engine_adnet import StepEngine
 
 
 class LocalExits:
@@ -36,8 +33,8 @@ class LocalExits:
     def last_samples_leave(self, state: StepState) -> None:
         """The samples of `state` (exit states, after a step) are the last to leave this process's batch."""
 
-    def stand_in(self, engine: StepEngine, step: int) -> None:
-        """Step `step` runs on other processes while no sample runs here."""
+    def stand_in(self, run: Callable[[StepState], torch.Tensor]) -> None:
+        """A step runs on other processes while no sample runs here; `run` gives its blocks' output for a state."""
 
 
 class ShardedExits(LocalExits):
@@ -54,8 +51,8 @@ class ShardedExits(LocalExits):
     def last_samples_leave(self, state: StepState) -> None:
         self.placeholder = state.select(torch.arange(1, device=state.hidden.device))
 
-    def stand_in(self, engine: StepEngine, step: int) -> None:
-        self.placeholder.hidden, _ = engine.run_blocks(step, self.placeholder, None, lambda index, output: output)
+    def stand_in(self, run: Callable[[StepState], torch.Tensor]) -> None:
+        self.placeholder.hidden = run(self.placeholder)
 
 
 def any_process(flag: bool, device: torch.device) -> bool:

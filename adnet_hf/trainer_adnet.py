@@ -10,16 +10,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import logging
 
@@ -126,15 +124,6 @@ class MaxNormCallback(TrainerCallback):
         max_norm = getattr(model.config, "max_weight_norm", None)
         if max_norm is not None:
             apply_max_norm(model, max_norm)
-
-
-def _decay_to_floor(step: int, *, warmup_steps: int, total_steps: int, floor: float, cosine: bool) -> float:
-    """LR multiplier: linear warm-up to 1, then linear or cosine decay to `floor` at `total_steps`."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
-    return floor + (1.0 - floor) * remaining
 
 
 class _RunningMeans:
@@ -278,9 +267,9 @@ class ADNetTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """With `min_learning_rate_ratio > 0`, one multiplier for all groups: each decays to its own floor."""
+        """With `min_learning_rate_ratio > 0`, `floor_scheduler`: each group decays to its own floor."""
         if self.lr_scheduler is None and adnet_argument(self.args, "min_learning_rate_ratio") > 0:
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, floor_schedule(self.args, num_training_steps))
+            self.lr_scheduler = floor_scheduler(optimizer or self.optimizer, self.args, num_training_steps)
             self._created_lr_scheduler = True  # rebuilt by the next `train()`, as Trainer's own schedulers are
         return super().create_scheduler(num_training_steps, optimizer)
 
@@ -301,11 +290,23 @@ def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_name
     return param_groups
 
 
-def floor_schedule(args: ADNetTrainingArguments, num_training_steps: int) -> Callable[[int], float]:
-    """The learning-rate multiplier of `args`: warm-up, then linear or cosine decay to `min_learning_rate_ratio`."""
-    return partial(_decay_to_floor, warmup_steps=args.get_warmup_steps(num_training_steps),
-                   total_steps=num_training_steps, floor=args.min_learning_rate_ratio,
-                   cosine=args.lr_scheduler_type == SchedulerType.COSINE)
+def floor_scheduler(optimizer: torch.optim.Optimizer, args: ADNetTrainingArguments,
+                    num_training_steps: int) -> LambdaLR:
+    """Transformers' scheduler for `args`: linear warm-up from 0, then linear or cosine decay to
+    `min_learning_rate_ratio` (its multiplier applies per parameter group, so each group decays to its own floor).
+
+    Linear decay to a floor is the polynomial decay of power 1 (warm-up-stable-decay would warm up from the floor,
+    not from 0), whose absolute end rate is taken as the ratio of the optimizer's default rate. With nothing to decay
+    (a floor of 1, or warm-up to the last step), which the polynomial decay rejects, the rate stays after warm-up.
+    """
+    warmup, ratio = args.get_warmup_steps(num_training_steps), args.min_learning_rate_ratio
+    if ratio == 1.0 or warmup >= num_training_steps:
+        name, kwargs = SchedulerType.CONSTANT_WITH_WARMUP, {}
+    elif args.lr_scheduler_type == SchedulerType.COSINE:
+        name, kwargs = SchedulerType.COSINE_WITH_MIN_LR, {"min_lr_rate": ratio}
+    else:
+        name, kwargs = SchedulerType.POLYNOMIAL, {"lr_end": ratio * optimizer.defaults["lr"], "power": 1.0}
+    return get_scheduler(name, optimizer, warmup, num_training_steps, scheduler_specific_kwargs=kwargs)
 
 
 def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -325,5 +326,5 @@ __all__ = [
     "adnet_parameter_groups",
     "apply_max_norm",
     "compute_classification_metrics",
-    "floor_schedule",
+    "floor_scheduler",
 ]

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,26 @@ def test_parameter_groups_learning_rates_and_floor(tmp_path):
     trainer.train()
     for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
         assert lr == pytest.approx(0.1 * initial[group["name"]])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_each_group_warms_up_from_zero_then_decays_to_its_own_floor(tmp_path, schedule):
+    """20 steps: warm-up over 4, then linear or cosine decay over 16 to 0.1 of each group's own initial rate."""
+    decay = {"linear": lambda progress: 1 - progress,
+             "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    multipliers = {0: 0.0, 2: 0.5, 4: 1.0, 8: 0.1 + 0.9 * decay(0.25), 12: 0.55, 20: 0.1}  # 12: mid-way, 20: last
+    initial = {"backbone": 1e-4, "unit": 1e-2, "output": 3e-3}
+    args = training_args(tmp_path, max_steps=20, warmup_steps=4, backbone_learning_rate=initial["backbone"],
+                         unit_learning_rate=initial["unit"], output_learning_rate=initial["output"],
+                         min_learning_rate_ratio=0.1, lr_scheduler_type=schedule)
+    trainer = ADNetTrainer(model=classifier(), args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    for step in range(21):
+        if step in multipliers:
+            for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
+                assert lr == pytest.approx(multipliers[step] * initial[group["name"]]), (step, group["name"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
 
 
 def test_floor_needs_a_decaying_schedule(tmp_path):
