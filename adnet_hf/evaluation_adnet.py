@@ -1,8 +1,8 @@
 """The one place where adnet_hf measures a model: task quality and the computation its exits used.
 
 - Quality: accuracy (with F1 of class 1 for two classes), subset accuracy and micro-F1 for multi-label, Pearson /
-  Spearman / MSE for regression, from the `evaluate` module shipped in `adnet_hf/metrics` (it loads offline);
-  perplexity for causal LMs.
+  Spearman / MSE for regression, computed with numpy alone to the values of scikit-learn's and scipy's functions
+  (GLUE's metric), so that the core package needs neither; perplexity for causal LMs.
 - Exit statistics: the means of the model's `exit_steps` (backbone steps executed, fixed steps included) and
   `executed_layers` (blocks executed), per sample, or per predicted token whose label is not -100 for a causal LM.
 
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,39 +23,70 @@ import torch.nn.functional as F
 
 from .losses_adnet import IGNORE_INDEX
 
-if TYPE_CHECKING:
-    import evaluate
-
-TASK_METRICS = Path(__file__).with_name("metrics") / "task_metrics.py"
 EXIT_STATISTICS = ("exit_steps", "executed_layers")
 # The metric an exit setting is judged by, in order of precedence: a causal LM's, a regressor's, a classifier's.
 QUALITY_METRICS = ("perplexity", "pearson", "accuracy")
 
 
-@lru_cache
-def load_task_metrics(task: str) -> evaluate.EvaluationModule:
-    """The `metrics/task_metrics.py` evaluate module for `task` (single_label, two_class, multi_label, regression),
-    loaded once per process."""
-    import evaluate  # here, not at the top: importing it takes seconds, and `import adnet_hf` should not
+def accuracy(predictions: np.ndarray, references: np.ndarray) -> float:
+    """The share of samples predicted right: every label of a sample, for multi-label (subset accuracy)."""
+    right = predictions == references
+    return float(right.reshape(len(right), -1).all(-1).mean())
 
-    return evaluate.load(str(TASK_METRICS), task, keep_in_memory=True)
+
+def positive_f1(predictions: np.ndarray, references: np.ndarray, undefined: float) -> float:
+    """F1 of the 1s over every entry: 2 TP / (2 TP + FP + FN), micro-averaged where entries are labels. `undefined`
+    is its value where no 1 is predicted nor present (scikit-learn's `zero_division`: 0 for its binary F1)."""
+    predicted, present = predictions == 1, references == 1
+    total = predicted.sum() + present.sum()
+    return float(2 * (predicted & present).sum() / total) if total else undefined
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r as scipy computes it: undefined (nan) where either side is constant, which is tested exactly
+    (a constant's mean can differ from it by rounding, and would give a spurious r)."""
+    if (x == x[0]).all() or (y == y[0]).all():
+        return math.nan
+    x, y = x - x.mean(), y - y.mean()
+    return float(np.clip(np.dot(x / np.linalg.norm(x), y / np.linalg.norm(y)), -1.0, 1.0))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 1, tied values sharing their average rank (Spearman's convention); all nan if a value is nan, as
+    scipy propagates it."""
+    if np.isnan(values).any():
+        return np.full(values.shape, math.nan)
+    _, groups, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[groups]
+
+
+def regression_metrics(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    """Pearson's and Spearman's correlations (GLUE's STS-B metric) and the mean squared error, in float64."""
+    predictions, references = predictions.astype(np.float64), references.astype(np.float64)
+    return {"pearson": pearson(predictions, references),
+            "spearman": pearson(average_ranks(predictions), average_ranks(references)),
+            "mse": float(np.mean((predictions - references) ** 2))}
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Quality of a classifier's or regressor's predictions; `logits` is samples x num_labels.
 
     One label is regression (Pearson, Spearman, MSE); labels shaped like the logits are multi-label (accuracy: every
-    label right, a label predicted when its logit is > 0); otherwise accuracy of the argmax, and for two classes the
-    F1 of class 1 (GLUE's metric for MRPC and QQP).
+    label right, a label predicted when its logit is > 0 and present when its label is > 0.5; and the micro-F1 over
+    every label, 1 where none is predicted nor present); otherwise accuracy of the argmax, and for two classes the
+    F1 of class 1 (GLUE's metric for MRPC and QQP; 0 where class 1 is neither predicted nor present).
     """
     if logits.shape[-1] == 1:
-        task, predictions, references = "regression", logits.reshape(-1), labels.reshape(-1)
-    elif labels.ndim == logits.ndim:
-        task, predictions, references = "multi_label", (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
-    else:
-        task = "two_class" if logits.shape[-1] == 2 else "single_label"
-        predictions, references = logits.argmax(-1), labels
-    return load_task_metrics(task).compute(predictions=predictions, references=references)
+        return regression_metrics(logits.reshape(-1), labels.reshape(-1))
+    if labels.ndim == logits.ndim:
+        predictions, references = (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
+        return {"accuracy": accuracy(predictions, references),
+                "micro_f1": positive_f1(predictions, references, undefined=1.0)}
+    predictions = logits.argmax(-1)
+    metrics = {"accuracy": accuracy(predictions, labels)}
+    if logits.shape[-1] == 2:
+        metrics["f1"] = positive_f1(predictions, labels, undefined=0.0)
+    return metrics
 
 
 def predicted_tokens(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,7 +215,6 @@ __all__ = [
     "evaluate_batches",
     "evaluation_metrics",
     "exit_items",
-    "load_task_metrics",
     "perplexity",
     "pooled_items",
     "prediction_items",

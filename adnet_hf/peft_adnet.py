@@ -16,16 +16,20 @@ pooler or LM head outside the blocks) never get an adapter.
 
 from __future__ import annotations
 
-from peft import LoraConfig, TaskType
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .modeling_adnet import ADNetForCausalLM, ADNetForSequenceClassification, ADNetPreTrainedModel
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 # The layer types LoRA adapts that a transformer block holds (GPT-2's fused projections are `Conv1D`).
 LORA_LAYER_TYPES = (nn.Linear, Conv1D)
-# PEFT's wrapper for each head (`ADNetModel` alone gives features); PEFT's task wrappers pass the inputs through.
-_TASK_TYPES = {ADNetForSequenceClassification: TaskType.SEQ_CLS, ADNetForCausalLM: TaskType.CAUSAL_LM}
+# PEFT's task type for each head (`ADNetModel` alone gives features); PEFT's task wrappers pass the inputs through.
+_TASK_TYPES = {ADNetForSequenceClassification: "SEQ_CLS", ADNetForCausalLM: "CAUSAL_LM"}
 
 
 def _adnet_model(model: ADNetPreTrainedModel):
@@ -76,13 +80,17 @@ def adnet_lora_config(model: ADNetPreTrainedModel, target_modules: list[str] | N
     """A `LoraConfig` for `model`: LoRA on its backbone blocks' linear layers (all of them, or those named in
     `target_modules`), its units and output layers in `modules_to_save`, the task type of its head.
 
-    `lora_kwargs` go to `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, ...).
+    `lora_kwargs` go to `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, ...). Needs `peft` (the `peft` extra).
     """
+    try:
+        from peft import LoraConfig
+    except ImportError as error:
+        raise ImportError("adnet_lora_config needs PEFT: pip install 'adnet-hf[peft]'.") from error
     for key in ("modules_to_save", "task_type"):
         if key in lora_kwargs:
             raise ValueError(f"{key} is set by adnet_lora_config from the model; pass LoraConfig(...) yourself to "
                              "choose it.")
-    task_type = _TASK_TYPES.get(type(model), TaskType.FEATURE_EXTRACTION)
+    task_type = _TASK_TYPES.get(type(model), "FEATURE_EXTRACTION")
     return LoraConfig(task_type=task_type, target_modules=lora_target_modules(model, target_modules),
                       modules_to_save=adnet_trained_modules(model), **lora_kwargs)
 

@@ -1,12 +1,13 @@
 import copy
+import itertools
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, gpt2_config, spread_halting, token_batch, vary_token_exits
-from scipy.stats import pearsonr
 
 from adnet_hf import EXIT_RULES, ADNetConfig, ADNetForCausalLM, ADNetForSequenceClassification
 from adnet_hf.evaluation_adnet import (
@@ -42,10 +43,76 @@ def test_regression_metrics():
     scores = np.array([[0.1], [0.4], [0.4], [0.9], [0.7]])
     targets = np.array([1.0, 2.0, 3.0, 5.0, 4.0])
     metrics = task_metrics(scores, targets)
-    assert metrics["pearson"] == pytest.approx(pearsonr(scores[:, 0], targets)[0])
+    assert metrics["pearson"] == pytest.approx(np.corrcoef(scores[:, 0], targets)[0, 1])
     # ranks of the scores: 1, 2.5, 2.5, 5, 4 (the tie shares its average rank) against 1, 2, 3, 5, 4
     assert metrics["spearman"] == pytest.approx(np.corrcoef([1, 2.5, 2.5, 5, 4], [1, 2, 3, 5, 4])[0, 1])
     assert metrics["mse"] == pytest.approx((0.81 + 2.56 + 6.76 + 16.81 + 10.89) / 5)
+
+
+def reference_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """What the `evaluate` module that `task_metrics` replaced computed: scikit-learn's and scipy's functions."""
+    metrics, stats = pytest.importorskip("sklearn.metrics"), pytest.importorskip("scipy.stats")
+    if logits.shape[-1] == 1:
+        predictions, references = logits.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
+        return {"pearson": stats.pearsonr(predictions, references)[0],
+                "spearman": stats.spearmanr(predictions, references)[0],
+                "mse": metrics.mean_squared_error(references, predictions)}
+    if labels.ndim == logits.ndim:
+        predictions, references = (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
+        return {"accuracy": metrics.accuracy_score(references, predictions),
+                "micro_f1": metrics.f1_score(references, predictions, average="micro", zero_division=1.0)}
+    predictions = logits.argmax(-1)
+    expected = {"accuracy": metrics.accuracy_score(labels, predictions)}
+    if logits.shape[-1] == 2:
+        expected["f1"] = metrics.f1_score(labels, predictions, pos_label=1, average="binary")
+    return expected
+
+
+def classes_at_rate(rng, samples: int, rate: float, num_classes: int) -> np.ndarray:
+    """Class 1 at `rate`, the other classes uniformly otherwise."""
+    others = rng.choice([c for c in range(num_classes) if c != 1], samples)
+    return np.where(rng.random(samples) < rate, 1, others)
+
+
+def classification_cases(rng, num_classes: int):
+    """(logits, labels) with class 1 predicted and present at rates 0 (F1's zero division), 0.3 and 1 (constant
+    predictions or labels)."""
+    for samples, predicted, present in itertools.product((1, 2, 9, 200), (0.0, 0.3, 1.0), (0.0, 0.3, 1.0)):
+        predictions = classes_at_rate(rng, samples, predicted, num_classes)
+        logits = rng.normal(size=(samples, num_classes)) + 10 * np.eye(num_classes)[predictions]
+        yield logits.astype(np.float32), classes_at_rate(rng, samples, present, num_classes)
+
+
+def multi_label_cases(rng):
+    """(logits, labels) of three labels, each predicted (logit > 0) and present (label > 0.5; 0.5 itself is absent)
+    at rates 0 (nothing predicted or present anywhere: micro-F1's zero division), 0.3 and 1."""
+    for samples, predicted, present in itertools.product((1, 2, 9, 200), (0.0, 0.3, 1.0), (0.0, 0.3, 1.0)):
+        shape = (samples, 3)
+        logits = np.where(rng.random(shape) < predicted, 1, -1) * rng.uniform(0.01, 3, shape)
+        labels = np.where(rng.random(shape) < present, rng.uniform(0.51, 1, shape), rng.choice([0, 0.2, 0.5], shape))
+        yield logits.astype(np.float32), labels.astype(np.float32)
+
+
+def regression_cases(rng):
+    """(scores, targets): continuous, with many ties (Spearman's average ranks), constant on either side (no
+    correlation: nan), from two samples on."""
+    for samples in (2, 3, 9, 500):
+        continuous, tied = rng.normal(size=(2, samples)), rng.integers(0, 3, (2, samples)).astype(np.float64)
+        constant = np.full(samples, 0.1 if samples < 9 else 0.9)  # from 3 samples, its mean is not exactly itself
+        for scores, targets in [continuous, tied, (tied[0], continuous[1]), (constant, continuous[1]),
+                                (continuous[0], constant)]:
+            yield scores[:, None], targets
+
+
+@pytest.mark.filterwarnings("ignore")  # scikit-learn's and scipy's warnings of zero division and constant inputs
+@pytest.mark.parametrize("cases", [partial(classification_cases, num_classes=2),
+                                   partial(classification_cases, num_classes=3), multi_label_cases, regression_cases],
+                         ids=["two_class", "three_class", "multi_label", "regression"])
+def test_task_metrics_match_scikit_learn_and_scipy(cases):
+    for logits, labels in cases(np.random.default_rng(0)):
+        metrics = task_metrics(logits, labels)
+        assert metrics == pytest.approx(reference_metrics(logits, labels), rel=1e-12, abs=1e-12, nan_ok=True)
+        assert all(type(value) is float for value in metrics.values())
 
 
 def test_perplexity_is_exp_of_the_shifted_cross_entropy():
@@ -113,7 +180,7 @@ def test_sweep_matches_forward_calls_with_the_setting_in_the_config(num_labels, 
         logits, steps = configured_forwards(model, batches, policy, threshold)
         if num_labels == 1:
             scores = logits[:, 0].double().numpy()
-            expected = {"pearson": pearsonr(scores, labels)[0], "mse": np.mean((scores - labels) ** 2)}
+            expected = {"pearson": np.corrcoef(scores, labels)[0, 1], "mse": np.mean((scores - labels) ** 2)}
         else:
             expected = {"accuracy": np.mean(logits.argmax(-1).numpy() == labels)}
         expected |= {"exit_steps": steps.mean().item(), "executed_layers": 2 * steps.mean().item()}
