@@ -1,6 +1,25 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# What the model needs: loading, forward, exits, generation, calibration, `fit_halting` and `ADNetTrainer`.
+CORE = [
+    "torch>=2.4",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0",  # Transformers' Trainer needs it
+    "safetensors>=0.4",
+    "huggingface_hub>=1.0",
+    "numpy>=1.24",
+]
+EXTRAS = {
+    # the example scripts and benchmarks: local data files and images, plots
+    "examples": ["datasets>=3.0", "pillow>=9.1", "matplotlib>=3.7"],
+    "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
+    "peft": ["peft>=0.17"],
+}
+# the tests also compare the metrics with scikit-learn's and scipy's, fuzz with Hypothesis, and lint with ruff
+EXTRAS["dev"] = sorted({*EXTRAS["examples"], *EXTRAS["onnx"], *EXTRAS["peft"], "pytest>=8", "hypothesis>=6.100",
+                        "scikit-learn>=1.0", "scipy>=1.7", "ruff>=0.8"})
 
 setup(
     name="adnet-hf",
@@ -8,26 +27,11 @@ setup(
     description="ADNet (Adaptive Computation Time Neural Network) for Hugging Face Transformers",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["adnet_hf", "adnet_hf.*"]),
+    # `adnet_examples`: what the example scripts and benchmarks share, beside them in examples/
+    packages=["adnet_hf", "adnet_examples"],
+    package_dir={"adnet_examples": "examples/adnet_examples"},
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "transformers>=5.0,<6",
-        "accelerate>=1.0",
-        "datasets>=3.0",
-        "evaluate>=0.4",
-        "scikit-learn>=1.0",
-        "scipy>=1.7",
-        "safetensors>=0.4",
-        "huggingface_hub>=1.0",
-        "pillow>=9.1",  # data_adnet reads images (Image.Transpose needs 9.1)
-    ],
-    extras_require={
-        "dev": ["pytest>=8", "matplotlib>=3.7", "hypothesis>=6.100", "onnx>=1.17", "onnxruntime>=1.20",
-                "onnxscript>=0.3", "peft>=0.17"],
-        "bench": ["matplotlib>=3.7"],
-        "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
-        "peft": ["peft>=0.17"],
-    },
+    install_requires=CORE,
+    extras_require=EXTRAS,
     license="Apache-2.0",
 )

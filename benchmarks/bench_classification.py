@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
+from adnet_examples.data import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import quality_metric, sweep_exits, task_metrics
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from adnet_examples.data import make_batches, read_tsv
 from adnet_hf import ADNetForSequenceClassification
-from adnet_hf.data_adnet import make_batches, read_tsv
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.losses_adnet import LOSSES
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import token_blocks
+from adnet_examples.data import token_blocks
 from adnet_hf.evaluation_adnet import sweep_exits
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 

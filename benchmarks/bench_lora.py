@@ -18,8 +18,8 @@ import torch
 from peft import get_peft_model
 from transformers import AutoTokenizer
 
+from adnet_examples.data import make_batches, read_tsv
 from adnet_hf import ADNetForSequenceClassification
-from adnet_hf.data_adnet import make_batches, read_tsv
 from adnet_hf.peft_adnet import adnet_lora_config
 
 from .bench_costs import training_step

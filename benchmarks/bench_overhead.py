@@ -35,8 +35,8 @@ from transformers import (
 )
 
 import adnet_hf
+from adnet_examples.data import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf import ADNetConfig, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.exits_adnet import FULL_DEPTH
 
 from .bench_classification import plain_twin

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from adnet_examples.data import token_blocks
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
-from adnet_hf.data_adnet import token_blocks
 from adnet_hf.speculative_adnet import frequent_tokens
 
 from .common import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2Tokenizer
 
-from adnet_hf.arguments_adnet import command_line
+from adnet_examples.arguments import command_line
 from adnet_hf.exits_adnet import FULL_DEPTH
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from adnet_hf.arguments_adnet import CalibrationArguments, HaltingFitArguments
-from adnet_hf.data_adnet import make_batches, read_tsv
+from adnet_examples.arguments import CalibrationArguments, HaltingFitArguments
+from adnet_examples.data import make_batches, read_tsv
 from adnet_hf.halting_adnet import fit_halting
 
 from .bench_classification import with_labels

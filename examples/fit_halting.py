@@ -28,7 +28,7 @@ import numpy as np
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_hf.data_adnet import (
+from adnet_examples.data import (
     ImageDataset,
     image_batches,
     make_batches,

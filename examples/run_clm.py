@@ -35,7 +35,7 @@ import transformers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
 
-from adnet_hf.arguments_adnet import (
+from adnet_examples.arguments import (
     ADNetArguments,
     TextModelArguments,
     build_task_model,
@@ -45,8 +45,9 @@ from adnet_hf.arguments_adnet import (
     read_json_argument,
     resume_checkpoint,
     save_results,
+    start_afresh,
 )
-from adnet_hf.data_adnet import TextBlocks, token_blocks
+from adnet_examples.data import TextBlocks, token_blocks
 from adnet_hf.evaluation_adnet import evaluate_batches, perplexity, token_losses
 from adnet_hf.exits_adnet import FULL_DEPTH
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             data_collator=default_data_collator)
     results: dict[str, float] = {}
     if training_args.do_train:
+        start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))

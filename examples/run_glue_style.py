@@ -34,13 +34,15 @@ import numpy as np
 import transformers
 from transformers import set_seed
 
-from adnet_hf.arguments_adnet import (
+from adnet_examples.arguments import (
     GLUE_ARGUMENTS,
     MINILM_HUB_ID,
     CalibrationArguments,
     HaltingFitArguments,
     LoraArguments,
     TextModelArguments,
+    check_evaluation_output,
+    check_splits,
     end_run,
     merge_lora,
     minilm_path,
@@ -50,8 +52,10 @@ from adnet_hf.arguments_adnet import (
     prepare_glue_task,
     resume_checkpoint,
     save_results,
+    saved_if_failing,
+    start_afresh,
 )
-from adnet_hf.data_adnet import LabelInfo, select
+from adnet_examples.data import LabelInfo, select
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.trainer_adnet import compute_classification_metrics
 
@@ -191,13 +195,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
     flags = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
     data_args.require_files({split: f"--{flag}" for split, flag in flags.items() if getattr(training_args, flag)})
+    data_args.check_files()
     calibration_args.check_exit_policy(adnet_args.exit_policy)
+    check_evaluation_output(training_args)
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
 
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
     rows = len(task.tokenized["train"]) if training_args.do_train else 0
     calibration_args.resolve(task.model, model_args, training_args.do_train, rows)
     fit_args.resolve(task.model, training_args.do_train, rows)
+    check_splits(rows, {"--calibration_split": calibration_args.calibration_split,
+                        "--fit_halting_split": fit_args.fit_halting_split})
     model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
     train_dataset, calibration_dataset, fit_dataset = None, None, None
@@ -211,13 +219,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  compute_metrics=compute_classification_metrics)
 
     if training_args.do_train:
+        start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        merge_lora(trainer)
-        fit_args.fit(trainer, train_dataset if fit_dataset is None else fit_dataset)
-        if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
-            calibration = calibration_args.calibrate(trainer, calibration_dataset)
-            save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),
-                                                  **dataclasses.asdict(calibration)})
+        with saved_if_failing(trainer, "Fitting and calibrating the exits"):
+            merge_lora(trainer)
+            fit_args.fit(trainer, train_dataset if fit_dataset is None else fit_dataset)
+            if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
+                calibration = calibration_args.calibrate(trainer, calibration_dataset)
+                save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),
+                                                      **dataclasses.asdict(calibration)})
         trainer.save_model()
         save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset),
                                         "trainable_parameters": trainable_parameters})

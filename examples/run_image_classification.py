@@ -45,7 +45,7 @@ import datasets
 import transformers
 from transformers import AutoConfig, set_seed
 
-from adnet_hf.arguments_adnet import (
+from adnet_examples.arguments import (
     ADNetArguments,
     HaltingFitArguments,
     ImageModelArguments,
@@ -56,8 +56,10 @@ from adnet_hf.arguments_adnet import (
     read_json_argument,
     resume_checkpoint,
     save_results,
+    saved_if_failing,
+    start_afresh,
 )
-from adnet_hf.data_adnet import (
+from adnet_examples.data import (
     align_class_labels,
     default_image_processor,
     image_transform,
@@ -241,10 +243,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             compute_metrics=compute_classification_metrics)
     results: dict[str, float] = {}
     if training_args.do_train:
+        start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.image_processor_name))
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # fitted without augmentation: the step predictions inference will see
         fit_images = raw["train"] if fit_raw is None else fit_raw
-        fit_args.fit(trainer, fit_images.with_transform(image_transform(processor, num_channels)))
+        with saved_if_failing(trainer, "Fitting the halting units"):
+            fit_args.fit(trainer, fit_images.with_transform(image_transform(processor, num_channels)))
         trainer.save_model()
         results.update(save_results(trainer, "train", train_result.metrics))
     if training_args.do_eval:

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, SchedulerType, rotate_checkpoints
 
-from adnet_hf.arguments_adnet import (
+from adnet_examples.arguments import (
     GLUE_ARGUMENTS,
     command_line,
     end_run,
@@ -38,11 +37,12 @@ from adnet_hf.arguments_adnet import (
     parse_arguments,
     prepare_glue_task,
     resume_checkpoint,
+    start_afresh,
 )
-from adnet_hf.data_adnet import select
+from adnet_examples.data import select
 from adnet_hf.evaluation_adnet import evaluation_metrics, pooled_items
 from adnet_hf.losses_adnet import LOSSES
-from adnet_hf.trainer_adnet import ADNetTrainingArguments, adnet_optimizer_groups, apply_max_norm, floor_schedule
+from adnet_hf.trainer_adnet import ADNetTrainingArguments, adnet_optimizer_groups, apply_max_norm, floor_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_tr
     decay_names = Trainer.get_decay_parameter_names(None, model)  # Trainer's rule: no decay on biases and norms
     optimizer = torch.optim.AdamW(adnet_optimizer_groups(model, args, decay_names), betas=(args.adam_beta1,
                                   args.adam_beta2), eps=args.adam_epsilon)
-    return optimizer, LambdaLR(optimizer, floor_schedule(args, num_training_steps))
+    return optimizer, floor_scheduler(optimizer, args, num_training_steps)
 
 
 def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoader, args: ADNetTrainingArguments,
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
 
+    start_afresh(args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
     accelerator = build_accelerator(args, model.config.loss_type)
     total_updates = training_updates(args, math.ceil(len(train_loader) / accelerator.num_processes))
     # The prepared scheduler steps once per process at every update.

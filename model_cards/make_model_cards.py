@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from adnet_hf.arguments_adnet import TASK_MODELS
+from adnet_examples.arguments import TASK_MODELS
 from benchmarks.common import save_figure
 
 CARDS_DIR = Path(__file__).resolve().parent

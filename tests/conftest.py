@@ -21,8 +21,8 @@ from transformers import (
     RobertaConfig,
 )
 
+from adnet_examples.data import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
 from adnet_hf.evaluation_adnet import evaluate_batches
 from benchmarks.bench_classification import plain_quality, with_labels
 

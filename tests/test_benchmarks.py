@@ -13,9 +13,9 @@ import torch
 from conftest import bert_config
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
+from adnet_examples.arguments import CalibrationArguments, HaltingFitArguments, hold_out
+from adnet_examples.data import read_tsv
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification, calibrate_exit
-from adnet_hf.arguments_adnet import CalibrationArguments, HaltingFitArguments, hold_out
-from adnet_hf.data_adnet import read_tsv
 from adnet_hf.evaluation_adnet import evaluate_batches, task_metrics
 from benchmarks import (
     bench_classification,

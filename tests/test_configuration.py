@@ -170,8 +170,8 @@ def test_save_refuses_a_config_made_invalid_behind_its_back(tmp_path):
 
 
 def test_script_flags_on_an_adnet_checkpoint_go_through_validation(tmp_path):
+    from adnet_examples.arguments import ADNetArguments, build_model
     from adnet_hf import ADNetForSequenceClassification
-    from adnet_hf.arguments_adnet import ADNetArguments, build_model
 
     ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8)).save_pretrained(
         tmp_path)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 import examples
-from adnet_hf.arguments_adnet import train_wordpiece_tokenizer
+from adnet_examples.arguments import train_wordpiece_tokenizer
 
 EXAMPLES = Path(examples.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"

@@ -11,8 +11,7 @@ import torch
 from conftest import bert_config, resnet_config
 from transformers import BertModel, ResNetConfig, ResNetForImageClassification, pipeline
 
-from adnet_hf import ADNetConfig, ADNetForImageClassification, ADNetForSequenceClassification
-from adnet_hf.data_adnet import (
+from adnet_examples.data import (
     align_class_labels,
     default_image_processor,
     image_transform,
@@ -20,6 +19,7 @@ from adnet_hf.data_adnet import (
     read_image_csv,
     to_channels,
 )
+from adnet_hf import ADNetConfig, ADNetForImageClassification, ADNetForSequenceClassification
 
 # Three classes a tiny ResNet separates in a few steps: solid colours (RGB), or dark / mid / bright (grey), with noise.
 COLOURS = {"blue": (0, 0, 230), "green": (0, 230, 0), "red": (230, 0, 0)}

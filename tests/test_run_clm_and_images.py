@@ -8,7 +8,7 @@ import torch
 from conftest import image_metrics
 from transformers import AutoModelForCausalLM, GPT2Tokenizer
 
-from adnet_hf.data_adnet import read_idx, token_blocks
+from adnet_examples.data import read_idx, token_blocks
 from examples import run_clm, run_image_classification
 
 

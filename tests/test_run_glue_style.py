@@ -12,9 +12,10 @@ import pytest
 from conftest import assert_loads_as_remote_code, text_metrics
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
-from adnet_hf import ADNetForSequenceClassification, arguments_adnet
-from adnet_hf.arguments_adnet import build_model, train_wordpiece_tokenizer
-from adnet_hf.data_adnet import detect_columns, load_text_datasets
+from adnet_examples import arguments as arguments_adnet
+from adnet_examples.arguments import build_model, train_wordpiece_tokenizer
+from adnet_examples.data import detect_columns, load_text_datasets
+from adnet_hf import ADNetForSequenceClassification
 from examples import run_glue_style
 
 SAMPLE = Path(run_glue_style.__file__).resolve().parent / "data" / "sst2_sample"
@@ -116,7 +117,7 @@ def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_
 
 
 def test_calibration_arguments_are_checked_before_training():
-    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+    from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
     for bad, match in [({"calibration_split": 1.0}, "--calibration_split must be a fraction in"),
                        ({"calibration_split": -0.1}, "--calibration_split must be a fraction in"),
@@ -150,7 +151,7 @@ def test_calibration_arguments_are_checked_before_training():
     (0.3, True, False, 100, 0.3),       # given: taken whatever the size
 ])
 def test_calibration_split_default(given, do_train, plain, rows, expected):
-    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+    from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
     model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
     args = CalibrationArguments(calibration_split=given)
@@ -160,7 +161,7 @@ def test_calibration_split_default(given, do_train, plain, rows, expected):
 
 
 def test_calibration_policy_defaults_to_the_models_exit_policy():
-    from adnet_hf.arguments_adnet import CalibrationArguments, TextModelArguments
+    from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
     model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
                                                                                  "exit_policy": "confidence"})
@@ -174,7 +175,7 @@ def test_calibration_policy_defaults_to_the_models_exit_policy():
 
 
 def test_halting_fit_arguments_are_checked_before_training():
-    from adnet_hf.arguments_adnet import HaltingFitArguments
+    from adnet_examples.arguments import HaltingFitArguments
 
     for bad, match in [({"fit_halting_split": 1.0}, "--fit_halting_split must be a fraction in"),
                        ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of"),

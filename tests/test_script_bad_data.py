@@ -21,9 +21,8 @@ from conftest import gpt2_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from adnet_hf import ADNetConfig, ADNetForCausalLM
-from adnet_hf.arguments_adnet import GlueDataArguments, resume_checkpoint, train_wordpiece_tokenizer
-from adnet_hf.data_adnet import (
+from adnet_examples.arguments import GlueDataArguments, resume_checkpoint, start_afresh, train_wordpiece_tokenizer
+from adnet_examples.data import (
     check_known_labels,
     check_text_cells,
     label_info,
@@ -31,6 +30,7 @@ from adnet_hf.data_adnet import (
     token_blocks,
     tokenize_texts,
 )
+from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
 from examples import run_clm, run_glue_style, train_accelerate
 
@@ -186,7 +186,7 @@ def test_output_dir_with_a_run_but_no_checkpoint_is_refused(tmp_path):
 
 def test_last_checkpoint_in_output_dir_is_resumed_and_said(tmp_path, caplog):
     make_checkpoints(tmp_path, 2, 10, 4)
-    with caplog.at_level(logging.WARNING, logger="adnet_hf.arguments_adnet"):
+    with caplog.at_level(logging.WARNING, logger="adnet_examples.arguments"):
         assert resume_checkpoint(training_args(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert f"Checkpoint detected, resuming training at {tmp_path / 'checkpoint-10'}" in caplog.text
     assert "--overwrite_output_dir to train from scratch" in caplog.text
@@ -212,11 +212,14 @@ def test_resume_from_checkpoint_true_takes_the_last_one(tmp_path):
 def test_overwrite_output_dir_removes_the_earlier_checkpoints_and_says_which(tmp_path, caplog):
     """Left in place, an earlier run's checkpoints would be rotated away by `--save_total_limit` among the new run's
     (by step number, whichever run they belong to) and picked up by a later resume."""
-    make_checkpoints(tmp_path, 2, 4)
-    with caplog.at_level(logging.WARNING, logger="adnet_hf.arguments_adnet"):
-        assert resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True, save_total_limit=1)) is None
+    make_checkpoints(tmp_path, 2, 4, 6)
+    args = training_args(tmp_path, overwrite_output_dir=True, save_total_limit=1)
+    assert resume_checkpoint(args) is None
+    assert len(list(tmp_path.iterdir())) == 3, "nothing removed before the run has passed every check"
+    with caplog.at_level(logging.WARNING, logger="adnet_examples.arguments"):
+        start_afresh(args, inputs=(str(tmp_path / "checkpoint-6"), None))
     assert "removing the earlier run's checkpoints" in caplog.text and "checkpoint-4" in caplog.text
-    assert not any(tmp_path.iterdir())
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint-6"], "a checkpoint this run loads is kept"
     with pytest.raises(ValueError, match="pass one of them"):
         resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True, resume_from_checkpoint="True"))
 
@@ -307,7 +310,7 @@ def test_run_glue_style_resumes_its_last_checkpoint_and_never_loses_one(tmp_path
     first_vocab = AutoTokenizer.from_pretrained(out / "checkpoint-4").get_vocab()
 
     changed = [[sentence.upper() + " extra words", label] for sentence, label in sst2_rows(24, "dev")]
-    with caplog.at_level(logging.WARNING, logger="adnet_hf.arguments_adnet"):
+    with caplog.at_level(logging.WARNING, logger="adnet_examples.arguments"):
         glue_run(tmp_path, changed, None, "--max_steps", "6", *steps)
     assert f"Checkpoint detected, resuming training at {out / 'checkpoint-4'}" in caplog.text
     assert saved_state(out)["global_step"] == 6

@@ -5,8 +5,10 @@ format as distributed, so that a training script and the benchmark of its model 
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # PIL's modes of grey images (1-bit, 8-bit, with transparency, 32-bit integer, 16-bit, float).
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
+logger = logging.getLogger(__name__)
+
 TextKeys = tuple[str, str | None]  # the first text column, and the second one of sentence pairs (or None)
 Texts = tuple[list[str], list[str] | None]  # the first sentences, and the second ones of pairs (or None)
 
@@ -45,7 +49,7 @@ Texts = tuple[list[str], list[str] | None]  # the first sentences, and the secon
 def detect_columns(columns: list[str], task_name: str | None = None) -> tuple[TextKeys, str | None]:
     """The text column(s) and the label column (None for unlabelled data) of a GLUE task or of local files: the first
     of `TEXT_COLUMNS` whose columns are all present, and the first of `LABEL_COLUMNS` present."""
-    label = next((name for name in LABEL_COLUMNS if name in columns), None)
+    label = detect_label(columns)
     if task_name is not None:
         return TASK_TO_KEYS[task_name], label
     keys = next((keys for keys in TEXT_COLUMNS if all(k in columns for k in keys if k is not None)), None)
@@ -54,6 +58,11 @@ def detect_columns(columns: list[str], task_name: str | None = None) -> tuple[Te
         raise ValueError(f"No text columns among {columns}: expected one of {expected}, or name them with "
                          "--text_columns.")
     return keys, label
+
+
+def detect_label(columns: list[str]) -> str | None:
+    """The first of `LABEL_COLUMNS` among `columns` (None: unlabelled data)."""
+    return next((name for name in LABEL_COLUMNS if name in columns), None)
 
 
 def file_delimiter(path: str) -> str:
@@ -71,6 +80,46 @@ def read_header(path: str) -> list[str] | None:
     if len(first) == len(COLA_COLUMNS) and first[1] in ("0", "1") and not set(first) & set(LABEL_COLUMNS):
         return list(COLA_COLUMNS)
     return first
+
+
+def check_data_files(files: dict[str, str]) -> None:
+    """Each local data file (split name -> path) exists and holds rows; a .tsv / .csv file's rows each have as many
+    fields as its header, and every file has the training file's columns (else the first given). Checked before
+    `datasets` reads them, so that each error names the file (and row) to fix."""
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise ValueError(f"--{split}_file {path}: no such file.")
+        if Path(path).stat().st_size == 0:
+            raise ValueError(f"--{split}_file {path} is empty.")
+    headers = {split: read_header(path) for split, path in files.items()}
+    for split, path in files.items():
+        if headers[split] is not None:
+            check_rows(path, headers[split], split)
+    reference = "train" if "train" in files else next(iter(files))
+    for split, header in headers.items():
+        expected = headers[reference]
+        if header is None or expected is None or split == "test":  # test labels are optional
+            continue
+        if set(header) != set(expected):
+            raise ValueError(f"--{split}_file {files[split]} has the columns {header}, and --{reference}_file "
+                             f"{files[reference]} has {expected}: give every split the same columns.")
+
+
+def check_rows(path: str, header: list[str], split: str) -> None:
+    """A .tsv / .csv file has at least one row below its header, and each row as many fields as the header."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = csv.reader(handle, delimiter=file_delimiter(path), quoting=csv.QUOTE_NONE)
+        if header != list(COLA_COLUMNS):
+            next(rows, None)
+        count = 0
+        for count, row in enumerate(rows, start=1):
+            if len(row) != len(header) and any(row):
+                raise ValueError(f"--{split}_file {path}: row {count} (not counting the header) has {len(row)} "
+                                 f"fields, the header {len(header)} ({header}). A text with a "
+                                 f"{'tab' if file_delimiter(path) == chr(9) else 'comma'} in it needs quoting (.csv), "
+                                 "or the row is missing a field.")
+    if count == 0:
+        raise ValueError(f"--{split}_file {path} has a header but no rows.")
 
 
 def load_text_datasets(task_name: str | None, files: dict[str, str]) -> datasets.DatasetDict:
@@ -132,20 +181,80 @@ class LabelInfo:
                 "label2id": {name: i for i, name in enumerate(self.names)}}
 
 
-def label_info(reference: datasets.Dataset, label_column: str, source: str = "the training data") -> LabelInfo:
-    """As `run_glue.py`: a float label column is regression; otherwise the sorted distinct values are the classes, of
-    which there must be two at least (one class would make a one-output model, which Transformers treats as
-    regression). `source` names the data in errors."""
+PROBLEM_TYPES = ("single_label_classification", "regression")
+
+
+def label_info(reference: datasets.Dataset, label_column: str, source: str = "the training data",
+               problem_type: str | None = None) -> LabelInfo:
+    """The problem type and classes of the labels in `reference` (`source` names it in errors), by a stated rule:
+    integers or words are classes; floats that are all whole numbers (how pandas writes an integer column that once
+    held a gap: 0.0, 1.0) are classes too, said so; other floats are regression. `problem_type` overrides the rule.
+    Classes are the sorted distinct values, at least two (one class would make a one-output model, which Transformers
+    treats as regression); labels that mix numbers and words are refused, and a class of a few stray rows is warned
+    about."""
     feature = reference.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return LabelInfo(is_regression=False, names=feature.names)
-    if feature.dtype in ("float32", "float64"):
+    values = reference[label_column]
+    floats = feature.dtype in ("float32", "float64")
+    if problem_type == "regression" or (problem_type is None and floats and not _whole(values)):
+        if not all(isinstance(value, (int, float)) for value in values):
+            raise ValueError(f"{source}: --problem_type regression needs numeric {label_column!r} values.")
         return LabelInfo(is_regression=True)
-    values = sorted(set(reference[label_column]))
-    if len(values) < 2:
-        raise ValueError(f"{source}: every {label_column!r} value is {values[0]!r}, and classification needs at least "
-                         "two classes. For regression, write the labels as floats (such as 1.0).")
-    return LabelInfo(is_regression=False, to_id={v: i for i, v in enumerate(values)}, names=[str(v) for v in values])
+    if floats:
+        logger.warning("%s: the %r labels are floats that are all whole numbers, read as classes (the rule: integers, "
+                       "words and whole floats are classes, other floats regression); pass --problem_type regression "
+                       "to regress on them.", source, label_column)
+    _check_label_spellings(values, label_column, source)
+    classes = sorted(set(values))
+    if len(classes) < 2:
+        raise ValueError(f"{source}: every {label_column!r} value is {_name(classes[0])}, and classification needs "
+                         "at least two classes. For regression, write the labels as floats (such as 1.5) or pass "
+                         "--problem_type regression.")
+    _warn_stray_classes(values, label_column, source)
+    return LabelInfo(is_regression=False, to_id={v: i for i, v in enumerate(classes)},
+                     names=[_name(v) for v in classes])
+
+
+def _whole(values: list) -> bool:
+    return all(float(value).is_integer() for value in values)
+
+
+def _name(value) -> str:
+    """A class's name: a whole float as the integer it stands for (1.0 -> "1")."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _check_label_spellings(values: list, label_column: str, source: str) -> None:
+    """Refuse labels that mix numbers and words (`0`, `1`, `positive`): one of the spellings is a mistake, and each
+    would become its own class."""
+    words = sorted({value for value in values if isinstance(value, str)})
+    numbers = [word for word in words if _is_number(word)]
+    if numbers and len(numbers) < len(words):
+        others = [word for word in words if not _is_number(word)]
+        raise ValueError(f"{source}: the {label_column!r} labels mix numbers ({', '.join(numbers[:5])}) and words "
+                         f"({', '.join(others[:5])}); each spelling would be a class of its own. Write every label "
+                         "one way.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# A class this rare in the training data is more likely a typo than a class: under 1% of the rows, and at most 5.
+STRAY_CLASS_SHARE, STRAY_CLASS_ROWS = 0.01, 5
+
+
+def _warn_stray_classes(values: list, label_column: str, source: str) -> None:
+    counts = collections.Counter(values)
+    for value, count in sorted(counts.items(), key=lambda item: item[1]):
+        if count <= STRAY_CLASS_ROWS and count < STRAY_CLASS_SHARE * len(values):
+            logger.warning("%s: the %r class %s has %d of %d rows: a typo? Each distinct label is a class.", source,
+                           label_column, _name(value), count, len(values))
 
 
 def tokenize_texts(raw: datasets.DatasetDict, tokenizer, text_keys: TextKeys, label_column: str | None,

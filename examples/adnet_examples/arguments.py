@@ -8,9 +8,11 @@ place where the two kinds of run differ.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import (
     AutoConfig,
@@ -40,30 +43,35 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from . import (
+from adnet_hf import (
     ADNetConfig,
     ADNetForCausalLM,
     ADNetForImageClassification,
     ADNetForSequenceClassification,
     ADNetTrainer,
 )
-from .calibration_adnet import CalibrationResult, calibrate_exit, unbounded_task
-from .data_adnet import (
+from adnet_hf.calibration_adnet import CalibrationResult, calibrate_exit, unbounded_task
+from adnet_hf.exits_adnet import EXIT_RULES, task_exit_rule
+from adnet_hf.halting_adnet import OBJECTIVES, HaltingFit, fit_halting, fits_halting, unfit_reason
+from adnet_hf.losses_adnet import LOSSES
+from adnet_hf.trainer_adnet import ADNetTrainingArguments, adnet_argument
+
+from .data import (
     LABEL_COLUMNS,
+    PROBLEM_TYPES,
     TASK_TO_KEYS,
     LabelInfo,
+    TextKeys,
+    check_data_files,
     check_known_labels,
     check_text_cells,
     detect_columns,
+    detect_label,
     label_info,
     load_text_datasets,
     select,
     tokenize_texts,
 )
-from .exits_adnet import EXIT_RULES, task_exit_rule
-from .halting_adnet import OBJECTIVES, HaltingFit, fit_halting, fits_halting, unfit_reason
-from .losses_adnet import LOSSES
-from .trainer_adnet import ADNetTrainingArguments, adnet_argument
 
 # Per pipeline task: the ADNet model, and the backbone's own model that `--plain_baseline` trains instead.
 TASK_MODELS = {
@@ -114,6 +122,7 @@ class ModelArguments:
         if (self.model_name_or_path is None) == (self.backbone_config is None):
             raise ValueError("Pass either --model_name_or_path (a checkpoint) or --backbone_config (train from "
                              "scratch).")
+        check_model_path("--model_name_or_path", self.model_name_or_path)
 
 
 @dataclass
@@ -126,6 +135,11 @@ class TextModelArguments(ModelArguments):
                           "--backbone_config without one gets a WordPiece vocabulary (of up to its vocab_size) learnt "
                           "from the training texts."},
     )
+
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_model_path("--tokenizer_name", self.tokenizer_name)
 
 
 @dataclass
@@ -201,10 +215,34 @@ class GlueDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation samples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N prediction samples."})
+    text_columns: list[str] | None = field(
+        default=None,
+        metadata={"help": "The text column, or the two of a sentence pair, instead of the detected ones (detected: the "
+                          "first of sentence1 + sentence2, #1 String + #2 String, question1 + question2, question + "
+                          "sentence, sentence, text that the file has)."},
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "The label column, instead of the detected one (the first of label, Quality, score, "
+                          "gold_label, is_duplicate that the file has)."},
+    )
+    problem_type: str | None = field(
+        default=None,
+        metadata={"help": "single_label_classification or regression, instead of the rule: integer, word and "
+                          "whole-float labels are classes, other floats regression."},
+    )
 
     def __post_init__(self):
         if self.task_name is None and self.train_file is None and self.validation_file is None:
             raise ValueError("Pass --task_name, or local data with --train_file / --validation_file.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1 (leave it out for every sample), got "
+                                 f"{getattr(self, name)}.")
+        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(f"--text_columns takes one column or the two of a pair, got {self.text_columns}.")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"--problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}.")
         self.task_name = None if self.task_name is None else self.task_name.lower()
         if self.task_name is not None and self.task_name not in TASK_TO_KEYS:
             raise ValueError(f"Unknown task {self.task_name!r}; GLUE tasks: {', '.join(TASK_TO_KEYS)}.")
@@ -221,6 +259,25 @@ class GlueDataArguments:
         if missing:
             split = missing[0]
             raise ValueError(f"{needs[split]} needs --{split}_file (or a --task_name), which is not given.")
+
+    def columns(self, column_names: list[str]) -> tuple[TextKeys, str | None]:
+        """The text and label columns: those given (--text_columns, --label_column), else detected."""
+        given = self.text_columns
+        if given is None:
+            text_keys, label = detect_columns(column_names, self.task_name)
+        else:
+            text_keys, label = (given[0], given[1] if len(given) == 2 else None), detect_label(column_names)
+        return text_keys, self.label_column or label
+
+    def check_files(self) -> None:
+        """The local data files as `check_data_files` checks them, and a validation file that is the training file
+        (an evaluation that measures nothing new) warned about."""
+        files = self.files()
+        check_data_files(files)
+        train, validation = files.get("train"), files.get("validation")
+        if train and validation and Path(train).read_bytes() == Path(validation).read_bytes():
+            logger.warning("--validation_file %s holds the same rows as --train_file %s: the evaluation measures the "
+                           "training data, not new data.", validation, train)
 
     def sources(self) -> dict[str, str]:
         """Each split's data as errors name it: its file, or the GLUE task's split."""
@@ -260,6 +317,11 @@ class RecipeTrainingArguments(ADNetTrainingArguments):
         metadata={"help": "Log the training loss every N steps, or below 1 every fraction of the training steps "
                           "(default 0.05: twenty logs a run, whatever the data's size)."},
     )
+
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_training_length(self)
 
 
 # What the recipe sets on a new ADNet model (not on a loaded ADNet checkpoint, which keeps its own), under the
@@ -322,6 +384,14 @@ def build_task_model(task: str, model_args: ModelArguments, adnet_args: ADNetArg
     them; the `--plain_baseline` model gets `config_kwargs` only.
     """
     adnet_class, plain_class = TASK_MODELS[task]
+    with loading("--model_name_or_path", model_args.model_name_or_path):
+        return _build_task_model(adnet_class, plain_class, model_args, adnet_args, config_kwargs, backbone_config,
+                                 backbone_kwargs, new_model_defaults)
+
+
+def _build_task_model(adnet_class, plain_class, model_args: ModelArguments, adnet_args: ADNetArguments,
+                      config_kwargs: dict, backbone_config, backbone_kwargs: dict | None,
+                      new_model_defaults: dict | None) -> tuple[PreTrainedModel, type[Trainer]]:
     if model_args.plain_baseline:
         plain = build_plain_model(plain_class, model_args.model_name_or_path, backbone_config, config_kwargs,
                                   backbone_kwargs)
@@ -405,11 +475,18 @@ def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments
     sources = data_args.sources()
     reference_split = "train" if "train" in raw else "validation"
     reference = raw[reference_split]
-    text_keys, label_column = detect_columns(reference.column_names, data_args.task_name)
+    text_keys, label_column = data_args.columns(reference.column_names)
     if label_column is None:
-        raise ValueError(f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}.")
+        raise ValueError(f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}, or name "
+                         "it with --label_column.")
+    if label_column not in reference.column_names:
+        raise ValueError(f"--label_column {label_column}: {sources[reference_split]} has no such column; its columns "
+                         f"are {reference.column_names}.")
     check_text_cells(raw, sources, text_keys, label_column)
-    labels = label_info(reference, label_column, sources[reference_split])
+    labels = label_info(reference, label_column, sources[reference_split], data_args.problem_type)
+    logger.warning("Reading %s: text %s, labels %r (%s).", sources[reference_split],
+                   " + ".join(repr(key) for key in text_keys if key is not None), label_column,
+                   "regression" if labels.is_regression else f"{len(labels.names)} classes: {labels.names[:10]}")
     check_known_labels(raw, sources, label_column, labels)
     texts = [text for key in text_keys if key is not None for text in reference[key]]
     model, trainer_class, tokenizer = build_text_classifier(model_args, adnet_args, labels, texts, checkpoint)
@@ -425,7 +502,9 @@ def build_text_classifier(model_args: TextModelArguments, adnet_args: ADNetArgum
     resumed from `checkpoint` takes the tokenizer saved there, which its embeddings were trained with."""
     backbone_config = None
     if model_args.backbone_config is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+        name = model_args.tokenizer_name or model_args.model_name_or_path
+        with loading("--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path", name):
+            tokenizer = AutoTokenizer.from_pretrained(name)
     else:
         backbone_config = AutoConfig.for_model(**read_json_argument(model_args.backbone_config))
         saved = model_args.tokenizer_name or checkpoint
@@ -500,8 +579,8 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     """The checkpoint a training run resumes from, decided as Transformers' example scripts do, so that no run loses
     saved work: `--resume_from_checkpoint` (a folder, or `True` for the last `checkpoint-N` in `output_dir`); else the
     last checkpoint in `output_dir`, said so. An `output_dir` with other content is refused unless
-    `--overwrite_output_dir`, which starts afresh: it removes the earlier run's checkpoints, saying which, so that
-    `--save_total_limit` and later resumes never mix two runs."""
+    `--overwrite_output_dir`, which starts afresh (`start_afresh`, once the run has passed every check). Removes
+    nothing."""
     output_dir, resume = args.output_dir, _resume_argument(args.resume_from_checkpoint)
     overwrite = adnet_argument(args, "overwrite_output_dir")
     if overwrite and resume is not None:
@@ -524,8 +603,7 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
         logger.warning("Resuming training from %s.", resume)
         return resume
     if overwrite:
-        _remove_checkpoints(output_dir, args.should_save)
-        return None
+        return None  # the earlier run's checkpoints go once everything is checked: `start_afresh`
     if last is not None:
         logger.warning("Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir "
                        "or add --overwrite_output_dir to train from scratch.", last)
@@ -548,13 +626,85 @@ def _resume_argument(value: str | bool | None) -> str | bool | None:
     return value or None
 
 
-def _remove_checkpoints(output_dir: str, should_save: bool) -> None:
-    """The `checkpoint-N` folders of an earlier run in `output_dir`, removed with a warning (on the saving process)."""
-    checkpoints = sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
+def start_afresh(args: TrainingArguments, inputs: Sequence[str | None] = ()) -> None:
+    """Under `--overwrite_output_dir`, remove the earlier run's `checkpoint-N` folders from `output_dir` (on the saving
+    process, saying which), so that `--save_total_limit` and later resumes never mix two runs; a checkpoint among
+    `inputs` (the model or tokenizer this run loads) is kept. Called once the run has passed every check, so that a
+    refused run loses nothing."""
+    if not adnet_argument(args, "overwrite_output_dir") or not os.path.isdir(args.output_dir):
+        return
+    kept = {Path(path).resolve() for path in inputs if path is not None and os.path.isdir(path)}
+    checkpoints = [path for path in sort_checkpoints(args.output_dir) if Path(path).resolve() not in kept]
     if checkpoints:
         logger.warning("--overwrite_output_dir: removing the earlier run's checkpoints %s.", ", ".join(checkpoints))
-    for checkpoint in checkpoints if should_save else []:
+    for checkpoint in checkpoints if args.should_save else []:
         shutil.rmtree(checkpoint)
+
+
+def check_evaluation_output(args: TrainingArguments) -> None:
+    """An evaluation-only run into a folder that holds a training run's results would overwrite its
+    `eval_results.json` and `all_results.json`: refused unless `--overwrite_output_dir`."""
+    trained = Path(args.output_dir) / "train_results.json"
+    if not args.do_train and trained.exists() and not adnet_argument(args, "overwrite_output_dir"):
+        raise ValueError(f"--output_dir {args.output_dir} holds a training run's results ({trained.name}), which an "
+                         "evaluation-only run would overwrite: choose another --output_dir (the model can stay "
+                         "--model_name_or_path), or pass --overwrite_output_dir.")
+
+
+@contextlib.contextmanager
+def saved_if_failing(trainer: Trainer, stage: str):
+    """Around what a script does after training (`stage`): if it fails, the trained model is saved first, and the
+    log says where, so that a failure there never loses the training."""
+    try:
+        yield
+    except Exception:
+        trainer.save_model()
+        logger.error("%s failed after training; the trained model is saved in %s (without what %s would have set).",
+                     stage, trainer.args.output_dir, stage)
+        raise
+
+
+@contextlib.contextmanager
+def loading(flag: str, path: str | None):
+    """Around a `from_pretrained` of `path`: an `OSError` (a name that is neither a local folder nor reachable on the
+    Hub, or a folder without the expected files) becomes an error that names the flag and what to change."""
+    try:
+        yield
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"{flag} {path}: not a loadable local folder, nor loadable from the Hugging Face Hub "
+                         f"({reason}). Pass the folder of a saved checkpoint.") from error
+
+
+def check_training_length(args: TrainingArguments) -> None:
+    """Refuse, at parse time, a training run that would train nothing."""
+    if args.do_train and args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"--do_train with --num_train_epochs {args.num_train_epochs:g} trains nothing: pass a "
+                         "positive --num_train_epochs (or --max_steps), or leave out --do_train to evaluate only.")
+
+
+def check_model_path(flag: str, path: str | None) -> None:
+    """A local checkpoint folder exists and its JSON and safetensors files are readable, each error naming the flag
+    and file; a name that is not a local path is left to the Hub (which is not reachable offline)."""
+    if path is None:
+        return
+    if not (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path):
+        return  # a Hub id (`name` or `org/name`): `loading` names it if it fails
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: no such folder (a checkpoint is the folder save_pretrained wrote).")
+    for file in sorted(Path(path).glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{flag} {path}: {file.name} is not valid JSON ({error}); restore or re-save "
+                             "it.") from None
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for a damaged header)
+            raise ValueError(f"{flag} {path}: {file.name} is not a readable safetensors file ({error}); restore or "
+                             "re-save it.") from None
 
 
 @dataclass
@@ -592,7 +742,7 @@ class LoraArguments:
                              "keeps them as loaded: choose one.")
         from peft import get_peft_model
 
-        from .peft_adnet import adnet_lora_config
+        from adnet_hf.peft_adnet import adnet_lora_config
 
         config = adnet_lora_config(model, self.lora_target_modules, r=self.lora_r, lora_alpha=self.lora_alpha,
                                    lora_dropout=self.lora_dropout)
@@ -630,6 +780,20 @@ def check_fraction(value: float | None, flag: str) -> None:
 # Below this many training rows the automatic held-out splits are off: a fifth of fewer rows is too small a
 # calibration sample to certify any saving, and every row is needed for training.
 MIN_ROWS_TO_HOLD_OUT = 500
+
+
+def check_splits(rows: int, fractions: dict[str, float | None]) -> None:
+    """Each held-out fraction (flag -> fraction, taken in turn from what the previous left) of `rows` training rows
+    holds at least one row out and leaves at least one to train on, as `datasets`' `train_test_split` counts them."""
+    left = rows
+    for flag, fraction in fractions.items():
+        if not fraction:
+            continue
+        held = math.ceil(fraction * left)
+        if held < 1 or held >= left:
+            raise ValueError(f"{flag} {fraction:g} of the {left} training rows left holds out {held} and leaves "
+                             f"{left - held} to train on: pass a smaller {flag} (or 0), or more training data.")
+        left -= held
 
 
 def automatic_split(value: float | None, default: float, reason: str | None, rows: int, flag: str
