@@ -18,8 +18,18 @@ EXTRAS = {
     "peft": ["peft>=0.17"],
 }
 # the tests also compare the metrics with scikit-learn's and scipy's, fuzz with Hypothesis, and lint with ruff
-EXTRAS["dev"] = sorted({*EXTRAS["examples"], *EXTRAS["onnx"], *EXTRAS["peft"], "pytest>=8", "hypothesis>=6.100",
-                        "scikit-learn>=1.0", "scipy>=1.7", "ruff>=0.8"})
+EXTRAS["dev"] = sorted(
+    {
+        *EXTRAS["examples"],
+        *EXTRAS["onnx"],
+        *EXTRAS["peft"],
+        "pytest>=8",
+        "hypothesis>=6.100",
+        "scikit-learn>=1.0",
+        "scipy>=1.7",
+        "ruff>=0.8",
+    }
+)
 
 setup(
     name="adnet-hf",

@@ -134,8 +134,9 @@ class BackboneAdapter:
         """The blocks whose outputs the backbone's own `hidden_states` holds (after the embedding output)."""
         return list(range(self.num_blocks(config)))
 
-    def skipped_block_shape(self, config: PreTrainedConfig, shape: torch.Size, from_block: int,
-                            block: int) -> torch.Size:
+    def skipped_block_shape(
+        self, config: PreTrainedConfig, shape: torch.Size, from_block: int, block: int
+    ) -> torch.Size:
         """The output shape (after the batch) of `block`, which ran for no sample, from `shape`, block
         `from_block`'s: a transformer's blocks keep it."""
         return shape
@@ -165,8 +166,9 @@ class BackboneAdapter:
         """The norm applied before the LM head (causal LMs only)."""
         raise NotImplementedError(f"{type(self).__name__} has no LM head")
 
-    def kv_projection(self, block: nn.Module, hidden: torch.Tensor,
-                      block_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_projection(
+        self, block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values `block` would cache for input `hidden` (B x T x H), as B x heads x T x head_dim,
         computed with its key/value projections only (decoders, for per-token exit with a cache)."""
         raise NotImplementedError(f"{type(self).__name__} has no key/value cache")
@@ -207,8 +209,9 @@ class DecoderAdapter(BackboneAdapter):
 
     is_causal = True
 
-    def encode_positions(self, backbone, embeds: torch.Tensor,
-                         positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def encode_positions(
+        self, backbone, embeds: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The first block's input and any position arguments every block takes."""
         raise NotImplementedError
 
@@ -222,8 +225,9 @@ class DecoderAdapter(BackboneAdapter):
         if positions is None:
             positions = _positions_from_mask(token_mask, past)
         positions = positions.expand(embeds.shape[0], -1)  # (1, T) broadcast: batch first, as samples leave
-        mask = create_causal_mask(config=backbone.config, inputs_embeds=embeds, attention_mask=token_mask,
-                                  cache=cache, position_ids=positions)
+        mask = create_causal_mask(
+            config=backbone.config, inputs_embeds=embeds, attention_mask=token_mask, cache=cache, position_ids=positions
+        )
         hidden, position_kwargs = self.encode_positions(backbone, embeds, positions)
         kwargs = {"attention_mask": mask, "position_ids": positions, **position_kwargs}
         return StepState(hidden, token_mask[:, past:], kwargs)
@@ -333,8 +337,10 @@ def recording_attentions(backbone: PreTrainedModel, enabled: bool) -> Iterator[l
     if spec is None:
         raise ValueError(f"output_attentions is not available for a {backbone.config.model_type} backbone")
     if backbone.config._attn_implementation != "eager":
-        raise ValueError("output_attentions needs the eager attention implementation: load the model with "
-                         "attn_implementation='eager'")
+        raise ValueError(
+            "output_attentions needs the eager attention implementation: load the model with "
+            "attn_implementation='eager'"
+        )
     recorder = spec if isinstance(spec, OutputRecorder) else OutputRecorder(spec, index=1)
     handles = [
         module.register_forward_hook(lambda _m, _i, out: records.append(out[recorder.index]))

@@ -27,8 +27,10 @@ from .exits_adnet import FULL_DEPTH, is_number, require, task_exit_rule
 # shrinks them keeps it, and is near 0 for a weak model, which would let every exit pass); a multi-label
 # classifier's micro-F1 over every label (subset accuracy is near 0 with many labels); otherwise accuracy.
 CALIBRATION_METRICS = {"perplexity": True, "mse": True, "micro_f1": False, "accuracy": False}
-RISK_CONTROL_METHOD = ("Learn-then-Test (Angelopoulos et al. 2021), fixed-sequence testing from the most cautious "
-                       "candidate, exact binomial p-value of the loss max(0, err_exit - err_full)")
+RISK_CONTROL_METHOD = (
+    "Learn-then-Test (Angelopoulos et al. 2021), fixed-sequence testing from the most cautious "
+    "candidate, exact binomial p-value of the loss max(0, err_exit - err_full)"
+)
 
 
 def calibration_metric(metrics: dict[str, float]) -> str:
@@ -53,8 +55,9 @@ class CalibrationResult:
     guarantee: dict | None = None  # with `delta`: what is stored as `config.exit_guarantee`
 
 
-def evaluate_exits(model, batches: Iterable[dict], policy: str, exit_threshold: float | int | None = None
-                   ) -> tuple[float, float]:
+def evaluate_exits(
+    model, batches: Iterable[dict], policy: str, exit_threshold: float | int | None = None
+) -> tuple[float, float]:
     """(quality by `calibration_metric`, mean executed layers per sample or per predicted token) with `policy` at
     `exit_threshold` (default: the config's setting) on `batches`."""
     metrics = evaluate_batches(model, batches, policy, exit_threshold)
@@ -80,13 +83,19 @@ def binomial_cdf(counts: np.ndarray, n: int, p: float) -> np.ndarray:
     in log space, so that tails down to 1e-300 keep their precision (where scipy's lose it below about 1e-200)."""
     k = torch.arange(n + 1, dtype=torch.float64)
     log_factorials, p = torch.lgamma(k + 1), torch.tensor(p, dtype=torch.float64)
-    log_pmf = (log_factorials[-1] - log_factorials - log_factorials.flip(0) + torch.special.xlogy(k, p)
-               + torch.special.xlog1py(n - k, -p))
+    log_pmf = (
+        log_factorials[-1]
+        - log_factorials
+        - log_factorials.flip(0)
+        + torch.special.xlogy(k, p)
+        + torch.special.xlog1py(n - k, -p)
+    )
     return torch.logcumsumexp(log_pmf, 0)[torch.as_tensor(counts)].exp().clamp(max=1.0).numpy()
 
 
-def certify(exit_errors: np.ndarray, full_errors: np.ndarray, budget: float, delta: float
-            ) -> tuple[np.ndarray, np.ndarray]:
+def certify(
+    exit_errors: np.ndarray, full_errors: np.ndarray, budget: float, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021, arXiv:2110.01052) of the candidates' accuracy
     drop: the p-value of each, and which are certified to drop accuracy by at most `budget` on new data from the
     calibration data's distribution, all of them at once with probability >= 1 - `delta` over the calibration sample.
@@ -123,13 +132,19 @@ def unbounded_task(config) -> str | None:
 def check_risk_control(config, budget: float, delta) -> None:
     """Refuse `delta` (naming it) unless risk control applies: a number in (0, 1), a single-label classifier (the
     only task with a valid bound here) and a budget that is an accuracy drop."""
-    require(is_number(delta) and 0 < delta < 1, "delta", "None (the empirical choice, no guarantee) or a number in "
-            "(0, 1)", delta)
+    require(
+        is_number(delta) and 0 < delta < 1,
+        "delta",
+        "None (the empirical choice, no guarantee) or a number in (0, 1)",
+        delta,
+    )
     task = unbounded_task(config)
     if task is not None:
-        raise ValueError(f"delta={delta!r}: risk control bounds a single-label classifier's accuracy drop, and this "
-                         f"model is {task}, for which no valid bound is implemented. Pass delta=None for the "
-                         "empirical choice (no guarantee).")
+        raise ValueError(
+            f"delta={delta!r}: risk control bounds a single-label classifier's accuracy drop, and this "
+            f"model is {task}, for which no valid bound is implemented. Pass delta=None for the "
+            "empirical choice (no guarantee)."
+        )
     require(budget <= 1, "budget", "an accuracy drop in [0, 1] with delta", budget)
 
 
@@ -142,12 +157,20 @@ def _risk_control(full_depth: dict, records: list[dict], budget: float, delta: f
         raise ValueError(f"delta needs a single-label classifier's labels: {error}") from None
     p_values, certified = certify(exit_errors, full_errors, budget, delta)
     loss_rates = (exit_errors & ~full_errors).mean(-1)
-    return [{"loss_rate": float(rate), "p_value": float(p), "certified": bool(ok)}
-            for rate, p, ok in zip(loss_rates, p_values, certified)], len(full_errors)
+    return [
+        {"loss_rate": float(rate), "p_value": float(p), "certified": bool(ok)}
+        for rate, p, ok in zip(loss_rates, p_values, certified)
+    ], len(full_errors)
 
 
-def calibrate_exit(model, batches: Iterable[dict], policy: str = "halting", budget: float = 0.005,
-                   candidates: list[float | int] | None = None, delta: float | None = None) -> CalibrationResult:
+def calibrate_exit(
+    model,
+    batches: Iterable[dict],
+    policy: str = "halting",
+    budget: float = 0.005,
+    candidates: list[float | int] | None = None,
+    delta: float | None = None,
+) -> CalibrationResult:
     """Choose `policy`'s setting with the fewest executed layers whose quality loss is within `budget`.
 
     `batches`: model inputs with `labels` (a list, or any iterable that can be read several times).
@@ -172,33 +195,54 @@ def calibrate_exit(model, batches: Iterable[dict], policy: str = "halting", budg
     require(len(values) > 0, "candidates", f"None (the rule's grid) or a non-empty list of {rule.allowed}", values)
     for value in values:
         rule.check(value, owner=f"calibrate_exit candidate for {field_name}")
-    full_depth, *records = sweep_exits(model, batches, [(FULL_DEPTH, None)] + [(policy, value) for value in values],
-                                       return_items=delta is not None)
+    full_depth, *records = sweep_exits(
+        model, batches, [(FULL_DEPTH, None)] + [(policy, value) for value in values], return_items=delta is not None
+    )
     name = calibration_metric(full_depth)
     reference = full_depth[name]
-    require(math.isfinite(reference), f"the full-depth {name}", "finite to calibrate against (are the labels "
-            "constant, or the predictions?)", reference)
-    result = CalibrationResult(FULL_DEPTH, None, name, reference, reference, full_depth["executed_layers"],
-                               config.num_blocks)
+    require(
+        math.isfinite(reference),
+        f"the full-depth {name}",
+        "finite to calibrate against (are the labels constant, or the predictions?)",
+        reference,
+    )
+    result = CalibrationResult(
+        FULL_DEPTH, None, name, reference, reference, full_depth["executed_layers"], config.num_blocks
+    )
     lower_is_better = CALIBRATION_METRICS[name]
     for record in records:
-        result.candidates.append({field_name: record["exit_threshold"], "quality": record[name],
-                                  "executed_layers": record["executed_layers"],
-                                  "within_budget": within_budget(record[name], reference, budget, lower_is_better)})
+        result.candidates.append(
+            {
+                field_name: record["exit_threshold"],
+                "quality": record[name],
+                "executed_layers": record["executed_layers"],
+                "within_budget": within_budget(record[name], reference, budget, lower_is_better),
+            }
+        )
     if delta is not None:
         risks, calibration_size = _risk_control(full_depth, records, budget, delta)
         for candidate, risk in zip(result.candidates, risks):
             candidate.update(risk)
     admitted = "within_budget" if delta is None else "certified"
-    best = cheapest([c["executed_layers"] for c in result.candidates], [c[admitted] for c in result.candidates],
-                    result.executed_layers)
+    best = cheapest(
+        [c["executed_layers"] for c in result.candidates],
+        [c[admitted] for c in result.candidates],
+        result.executed_layers,
+    )
     if best is not None:
         chosen = result.candidates[best]
         result.policy, result.value = policy, chosen[field_name]
         result.quality, result.executed_layers = chosen["quality"], chosen["executed_layers"]
     if delta is not None:
-        result.guarantee = {"policy": result.policy, "value": result.value, "metric": name, "budget": budget,
-                            "delta": delta, "calibration_size": calibration_size, "method": RISK_CONTROL_METHOD}
+        result.guarantee = {
+            "policy": result.policy,
+            "value": result.value,
+            "metric": name,
+            "budget": budget,
+            "delta": delta,
+            "calibration_size": calibration_size,
+            "method": RISK_CONTROL_METHOD,
+        }
     config.exit_policy = result.policy
     if result.value is not None:
         setattr(config, field_name, result.value)

@@ -36,8 +36,11 @@ MIN_TEMPERATURE = 1e-6  # below it, `loss / temperature` overflows float32 and t
 
 def _in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
     """A finite number between `low` and `high` (each end included unless `*_open`)."""
-    return lambda value: (is_number(value) and (low < value if low_open else low <= value)
-                          and (value < high if high_open else value <= high))
+    return lambda value: (
+        is_number(value)
+        and (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
 
 
 def _one_of(choices: tuple) -> Callable[[Any], bool]:
@@ -64,9 +67,15 @@ class FieldRule:
 
 
 # What `calibrate_exit(..., delta=...)` stores as `exit_guarantee`, and the values each key may take.
-GUARANTEE_KEYS = {"policy": "an exit policy", "value": "its setting, None for 'none'", "metric": "'accuracy'",
-                  "budget": "a number in [0, 1]", "delta": "a number in (0, 1)",
-                  "calibration_size": "an integer >= 1", "method": "a string"}
+GUARANTEE_KEYS = {
+    "policy": "an exit policy",
+    "value": "its setting, None for 'none'",
+    "metric": "'accuracy'",
+    "budget": "a number in [0, 1]",
+    "delta": "a number in (0, 1)",
+    "calibration_size": "an integer >= 1",
+    "method": "a string",
+}
 
 
 def _is_guarantee(value) -> bool:
@@ -74,45 +83,64 @@ def _is_guarantee(value) -> bool:
     if not isinstance(value, dict) or set(value) != set(GUARANTEE_KEYS) or value["policy"] not in exit_policies():
         return False
     policy, setting, size = value["policy"], value["value"], value["calibration_size"]
-    return ((setting is None if policy == FULL_DEPTH else EXIT_RULES[policy].is_valid(setting))
-            and value["metric"] == "accuracy" and _in_range(0, 1)(value["budget"])
-            and _in_range(0, 1, low_open=True, high_open=True)(value["delta"]) and is_int(size) and size >= 1
-            and isinstance(value["method"], str))
+    return (
+        (setting is None if policy == FULL_DEPTH else EXIT_RULES[policy].is_valid(setting))
+        and value["metric"] == "accuracy"
+        and _in_range(0, 1)(value["budget"])
+        and _in_range(0, 1, low_open=True, high_open=True)(value["delta"])
+        and is_int(size)
+        and size >= 1
+        and isinstance(value["method"], str)
+    )
 
 
 _WEIGHT = FieldRule(f"a number in [0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE))
 FIELD_RULES: dict[str, FieldRule] = {
-    "backbone_config": FieldRule(f"a config (or a dict with a model_type) of one of {SUPPORTED_BACKBONES}, or None "
-                                 "(BERT)", _optional(lambda value: isinstance(value, PreTrainedConfig) or (
-                                     isinstance(value, dict) and value.get("model_type") in SUPPORTED_BACKBONES))),
+    "backbone_config": FieldRule(
+        f"a config (or a dict with a model_type) of one of {SUPPORTED_BACKBONES}, or None (BERT)",
+        _optional(
+            lambda value: (
+                isinstance(value, PreTrainedConfig)
+                or (isinstance(value, dict) and value.get("model_type") in SUPPORTED_BACKBONES)
+            )
+        ),
+    ),
     "num_fixed_steps": FieldRule("an integer >= 0", lambda value: is_int(value) and value >= 0),
     "layers_per_step": FieldRule("an integer >= 1", lambda value: is_int(value) and value >= 1),
-    "unit_hidden_size": FieldRule(f"an integer in [1, {MAX_UNIT_HIDDEN_SIZE}]",
-                                  lambda value: is_int(value) and 1 <= value <= MAX_UNIT_HIDDEN_SIZE),
+    "unit_hidden_size": FieldRule(
+        f"an integer in [1, {MAX_UNIT_HIDDEN_SIZE}]", lambda value: is_int(value) and 1 <= value <= MAX_UNIT_HIDDEN_SIZE
+    ),
     "share_output_layer": FieldRule("a bool", _is_bool),
     "loss_type": FieldRule(f"one of {LOSS_TYPES}", _one_of(LOSS_TYPES)),
     "gpsl_alpha": _WEIGHT,
     "gpsl_beta": _WEIGHT,
     "gpsl_step_cost": _WEIGHT,
     "pondernet_beta": _WEIGHT,
-    "gpsl_temperature": FieldRule(f"a number in [{MIN_TEMPERATURE:g}, {MAX_SCALE:g}]",
-                                  _in_range(MIN_TEMPERATURE, MAX_SCALE)),
+    "gpsl_temperature": FieldRule(
+        f"a number in [{MIN_TEMPERATURE:g}, {MAX_SCALE:g}]", _in_range(MIN_TEMPERATURE, MAX_SCALE)
+    ),
     "gpsl_growth_rate": FieldRule(f"a number in (0, {MAX_SCALE:g}]", _in_range(0, MAX_SCALE, low_open=True)),
-    "gpsl_growth_midpoint": FieldRule(f"None or a number in [{-MAX_SCALE:g}, {MAX_SCALE:g}]",
-                                      _optional(_in_range(-MAX_SCALE, MAX_SCALE))),
+    "gpsl_growth_midpoint": FieldRule(
+        f"None or a number in [{-MAX_SCALE:g}, {MAX_SCALE:g}]", _optional(_in_range(-MAX_SCALE, MAX_SCALE))
+    ),
     "pondernet_prior": FieldRule("a number in (0, 1]", _in_range(0, 1, low_open=True)),
-    "max_weight_norm": FieldRule(f"None or a number in (0, {MAX_SCALE:g}]",
-                                 _optional(_in_range(0, MAX_SCALE, low_open=True))),
+    "max_weight_norm": FieldRule(
+        f"None or a number in (0, {MAX_SCALE:g}]", _optional(_in_range(0, MAX_SCALE, low_open=True))
+    ),
     "classifier_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
     "tie_word_embeddings": FieldRule("None or a bool", _optional(_is_bool)),
     "per_token_units": FieldRule("None or a bool", _optional(_is_bool)),
     "halting_evidence": FieldRule("None or a bool", _optional(_is_bool)),
     "gpsl_plateau": FieldRule(f"one of {PLATEAU_TARGETS}", _one_of(PLATEAU_TARGETS)),
     "problem_type": FieldRule(f"None or one of {PROBLEM_TYPES}", _optional(_one_of(PROBLEM_TYPES))),
-    "num_labels": FieldRule(f"an integer in [1, {MAX_NUM_LABELS}]",
-                            lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS),
-    "exit_guarantee": FieldRule("None or a dict with exactly the keys " + ", ".join(
-        f"{key} ({allowed})" for key, allowed in GUARANTEE_KEYS.items()), _optional(_is_guarantee)),
+    "num_labels": FieldRule(
+        f"an integer in [1, {MAX_NUM_LABELS}]", lambda value: is_int(value) and 1 <= value <= MAX_NUM_LABELS
+    ),
+    "exit_guarantee": FieldRule(
+        "None or a dict with exactly the keys "
+        + ", ".join(f"{key} ({allowed})" for key, allowed in GUARANTEE_KEYS.items()),
+        _optional(_is_guarantee),
+    ),
     "layer_dropout": FieldRule("a number in [0, 1)", _in_range(0, 1, high_open=True)),
     "early_exit_loss_scale": FieldRule("a number in [0, 1]", _in_range(0, 1)),
     "exit_adapters": FieldRule("a bool", _is_bool),
@@ -124,8 +152,11 @@ def field_rules() -> dict[str, FieldRule | type[ExitRule]]:
     """Every checked field and its rule; the exit policy's values and the exit rules' own fields are read from the
     registry when needed, so rules registered later count."""
     policies = exit_policies()
-    return {**FIELD_RULES, "exit_policy": FieldRule(f"one of {policies}", _one_of(policies)),
-            **{rule.config_field: rule for rule in EXIT_RULES.values()}}
+    return {
+        **FIELD_RULES,
+        "exit_policy": FieldRule(f"one of {policies}", _one_of(policies)),
+        **{rule.config_field: rule for rule in EXIT_RULES.values()},
+    }
 
 
 class _BackboneAttribute:
@@ -288,9 +319,11 @@ class ADNetConfig(PreTrainedConfig):
         built = self.__dict__.get("_built_architecture")
         if built is not None and self.architecture() != built:
             name = "num_labels" if name == "id2label" else name  # the label count is what the weights depend on
-            raise ValueError(f"ADNetConfig.{name} cannot change once a model is built from this config (its "
-                             f"weights or dropout were made for the old value): give it when building the model, "
-                             f"e.g. from_pretrained(path, {name}=...).")
+            raise ValueError(
+                f"ADNetConfig.{name} cannot change once a model is built from this config (its "
+                f"weights or dropout were made for the old value): give it when building the model, "
+                f"e.g. from_pretrained(path, {name}=...)."
+            )
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the settings, not the binding to a built model (a copy builds a new one)."""
@@ -312,7 +345,8 @@ class ADNetConfig(PreTrainedConfig):
     def is_regression(self) -> bool:
         """A regressor: `problem_type="regression"`, or unset with one label (as Transformers' heads infer it)."""
         return self.problem_type == "regression" or (
-            self.problem_type is None and self.num_labels == 1 and not self.per_token_units)
+            self.problem_type is None and self.num_labels == 1 and not self.per_token_units
+        )
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -351,43 +385,72 @@ class ADNetConfig(PreTrainedConfig):
         """Record the units `model_name` builds; a config saved for the other kind of units cannot be reused."""
         if self.per_token_units is not None and self.per_token_units != per_token:
             kind = "per-token (a causal LM's)" if self.per_token_units else "pooled (a classifier's)"
-            raise ValueError(f"ADNetConfig.per_token_units={self.per_token_units}: this config is for {kind} units, "
-                             f"which {model_name} does not build. Load it with the head it was saved from.")
+            raise ValueError(
+                f"ADNetConfig.per_token_units={self.per_token_units}: this config is for {kind} units, "
+                f"which {model_name} does not build. Load it with the head it was saved from."
+            )
         self.per_token_units = per_token
 
     def validate_adnet(self) -> None:
         """Raise a `ValueError` naming the first field outside its allowed values. A `@strict` class validator, so
         `save_pretrained` runs it too: no out-of-range value is ever saved."""
-        require(isinstance(self.backbone_config, PreTrainedConfig), "ADNetConfig.backbone_config",
-                "a PreTrainedConfig (or, when constructing, a dict with a model_type)", self.backbone_config)
+        require(
+            isinstance(self.backbone_config, PreTrainedConfig),
+            "ADNetConfig.backbone_config",
+            "a PreTrainedConfig (or, when constructing, a dict with a model_type)",
+            self.backbone_config,
+        )
         backbone_adapter(self.backbone_config)  # raises for an unsupported backbone
         for name, rule in field_rules().items():
             if hasattr(self, name):  # a rule registered later may bring a field older configs lack
                 rule.check(getattr(self, name), owner=f"ADNetConfig.{name}")
-        require(isinstance(self.tie_word_embeddings, bool), "ADNetConfig.tie_word_embeddings",
-                "a bool once constructed (None, the backbone's own setting, is resolved at construction)",
-                self.tie_word_embeddings)
-        require(self.num_blocks % self.layers_per_step == 0, "ADNetConfig.layers_per_step",
-                f"a divisor of the backbone's {self.num_blocks} blocks", self.layers_per_step)
-        require(self.num_fixed_steps < self.num_steps, "ADNetConfig.num_fixed_steps",
-                f"an integer in [0, {self.num_steps - 1}] (at least one of the {self.num_steps} steps, the backbone's "
-                f"{self.num_blocks} blocks in groups of layers_per_step={self.layers_per_step}, must carry a unit)",
-                self.num_fixed_steps)
+        require(
+            isinstance(self.tie_word_embeddings, bool),
+            "ADNetConfig.tie_word_embeddings",
+            "a bool once constructed (None, the backbone's own setting, is resolved at construction)",
+            self.tie_word_embeddings,
+        )
+        require(
+            self.num_blocks % self.layers_per_step == 0,
+            "ADNetConfig.layers_per_step",
+            f"a divisor of the backbone's {self.num_blocks} blocks",
+            self.layers_per_step,
+        )
+        require(
+            self.num_fixed_steps < self.num_steps,
+            "ADNetConfig.num_fixed_steps",
+            f"an integer in [0, {self.num_steps - 1}] (at least one of the {self.num_steps} steps, the backbone's "
+            f"{self.num_blocks} blocks in groups of layers_per_step={self.layers_per_step}, must carry a unit)",
+            self.num_fixed_steps,
+        )
         if self.exit_policy in EXIT_RULES:
             task_exit_rule(self.exit_policy, self, owner="ADNetConfig.exit_policy")
         if self.halting_evidence and self.per_token_units:
-            raise ValueError("ADNetConfig.halting_evidence must be False or None for per-token units (causal LMs), "
-                             "got True: their units read the hidden state only.")
+            raise ValueError(
+                "ADNetConfig.halting_evidence must be False or None for per-token units (causal LMs), "
+                "got True: their units read the hidden state only."
+            )
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
-            raise ValueError("ADNetConfig.num_labels must be >= 2 for problem_type='single_label_classification', "
-                             "got 1: use num_labels=2 for two classes, or problem_type='regression'.")
+            raise ValueError(
+                "ADNetConfig.num_labels must be >= 2 for problem_type='single_label_classification', "
+                "got 1: use num_labels=2 for two classes, or problem_type='regression'."
+            )
 
 
 _UNSET = object()
 # The fields a built model's modules depend on (with the backbone config itself and its depth).
-ARCHITECTURE_FIELDS = ("num_fixed_steps", "layers_per_step", "unit_hidden_size", "share_output_layer",
-                       "classifier_dropout", "num_labels", "tie_word_embeddings", "per_token_units",
-                       "halting_evidence", "exit_adapters")
+ARCHITECTURE_FIELDS = (
+    "num_fixed_steps",
+    "layers_per_step",
+    "unit_hidden_size",
+    "share_output_layer",
+    "classifier_dropout",
+    "num_labels",
+    "tie_word_embeddings",
+    "per_token_units",
+    "halting_evidence",
+    "exit_adapters",
+)
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})
 

@@ -63,8 +63,12 @@ class StepOutputs:
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-def scatter(tensor: torch.Tensor, active: torch.Tensor | slice, batch_size: int,
-            exit_states: dict[torch.Size, torch.Tensor] | None = None) -> torch.Tensor:
+def scatter(
+    tensor: torch.Tensor,
+    active: torch.Tensor | slice,
+    batch_size: int,
+    exit_states: dict[torch.Size, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A tensor of the samples `active`, placed in a full-batch tensor whose other rows are the samples' exit states
     of the same shape (`exit_states`, keyed by the shape after the batch), or zeros."""
     if tensor.shape[0] == batch_size:
@@ -82,8 +86,13 @@ class FlopsAccountant:
     that changes or `total` is read: a full-depth pass touches a tensor once, not at every block, unit and head.
     """
 
-    def __init__(self, items: torch.Size, device: torch.device, per_token: bool,
-                 context_lengths: Callable[[StepState], torch.Tensor]):
+    def __init__(
+        self,
+        items: torch.Size,
+        device: torch.device,
+        per_token: bool,
+        context_lengths: Callable[[StepState], torch.Tensor],
+    ):
         self.per_token, self.context_lengths = per_token, context_lengths
         self._shape, self._device = items, device
         self._total: torch.Tensor | None = None
@@ -106,8 +115,9 @@ class FlopsAccountant:
         self._begin(active, done)
         self._items = self._items + flops
 
-    def add_positions(self, active: torch.Tensor | slice, done: torch.Tensor | None, flops: Flops,
-                      state: StepState) -> None:
+    def add_positions(
+        self, active: torch.Tensor | slice, done: torch.Tensor | None, flops: Flops, state: StepState
+    ) -> None:
         """Add `flops` (per real token and its context in `state`) to the samples `active`, except their items that
         are `done`."""
         self._begin(active, done, state)
@@ -115,8 +125,11 @@ class FlopsAccountant:
 
     def _begin(self, active: torch.Tensor | slice, done: torch.Tensor | None, state: StepState | None = None) -> None:
         """Put what was added on the items first unless the same items (and tokens) still run."""
-        same_tokens = state is None or self._state is None or (
-            state.token_mask is self._state.token_mask and state.block_kwargs is self._state.block_kwargs)
+        same_tokens = (
+            state is None
+            or self._state is None
+            or (state.token_mask is self._state.token_mask and state.block_kwargs is self._state.block_kwargs)
+        )
         if active is not self._active or done is not self._done or not same_tokens:
             self._flush()
             self._active, self._done = active, done
@@ -160,15 +173,25 @@ class Trace:
     CNN's later stages differ in shape) and zero attention weights; `exit_steps` says which entries were computed.
     """
 
-    def __init__(self, batch_size: int, hidden_blocks: list[int] | None, attention_records: list[torch.Tensor] | None,
-                 num_blocks: int):
+    def __init__(
+        self,
+        batch_size: int,
+        hidden_blocks: list[int] | None,
+        attention_records: list[torch.Tensor] | None,
+        num_blocks: int,
+    ):
         self.batch_size, self.hidden_blocks, self.num_blocks = batch_size, hidden_blocks, num_blocks
         self.hidden_states: list[torch.Tensor] | None = None if hidden_blocks is None else []
         self.records = attention_records
         self.attentions: list[torch.Tensor] = []
 
-    def record(self, block: int, hidden: torch.Tensor, active: torch.Tensor | slice,
-               exit_states: dict[torch.Size, torch.Tensor] | None = None) -> None:
+    def record(
+        self,
+        block: int,
+        hidden: torch.Tensor,
+        active: torch.Tensor | slice,
+        exit_states: dict[torch.Size, torch.Tensor] | None = None,
+    ) -> None:
         """After block `block` (-1: the embeddings) ran for the samples `active`."""
         if self.hidden_states is not None and (block < 0 or block in self.hidden_blocks):
             self.hidden_states.append(scatter(hidden, active, self.batch_size, exit_states))
@@ -176,16 +199,21 @@ class Trace:
             self.attentions.extend(scatter(a, active, self.batch_size) for a in self.records)
             self.records.clear()
 
-    def outputs(self, skipped_shape: Callable[[int], torch.Size] | None = None,
-                exit_states: dict[torch.Size, torch.Tensor] | None = None) -> dict:
+    def outputs(
+        self,
+        skipped_shape: Callable[[int], torch.Size] | None = None,
+        exit_states: dict[torch.Size, torch.Tensor] | None = None,
+    ) -> dict:
         """The recorded tuples, completed for the blocks that ran for no sample: their hidden state is the exit
         state of each sample of the shape `skipped_shape(block)` gives (zeros for the others), their attention
         weights are zero."""
         hidden_states = attentions = None
         if self.hidden_states is not None:
-            skipped = self.hidden_blocks[len(self.hidden_states) - 1:]
-            hidden_states = (*self.hidden_states, *(self._exit_state(skipped_shape(block), exit_states or {})
-                                                    for block in skipped))
+            skipped = self.hidden_blocks[len(self.hidden_states) - 1 :]
+            hidden_states = (
+                *self.hidden_states,
+                *(self._exit_state(skipped_shape(block), exit_states or {}) for block in skipped),
+            )
         if self.attentions:
             zeros = torch.zeros_like(self.attentions[-1])
             attentions = (*self.attentions, *[zeros] * (self.num_blocks - len(self.attentions)))
@@ -206,9 +234,17 @@ class StepEngine:
     `exit_sync`: how the exiting pass keeps processes in step (`sharding_adnet.exit_sync`).
     `layer_dropout`: LayerSkip's maximum layer dropout rate (training only: the model passes 0 otherwise)."""
 
-    def __init__(self, adapter: BackboneAdapter, backbone_config: PreTrainedConfig, steps: list[list[nn.Module]],
-                 units: nn.ModuleList, per_token: bool, layers_per_step: int, exit_sync: LocalExits,
-                 layer_dropout: float = 0.0):
+    def __init__(
+        self,
+        adapter: BackboneAdapter,
+        backbone_config: PreTrainedConfig,
+        steps: list[list[nn.Module]],
+        units: nn.ModuleList,
+        per_token: bool,
+        layers_per_step: int,
+        exit_sync: LocalExits,
+        layer_dropout: float = 0.0,
+    ):
         self.adapter, self.backbone_config, self.steps, self.units = adapter, backbone_config, steps, units
         self.per_token, self.layers_per_step = per_token, layers_per_step
         self.exit_sync, self.layer_dropout = exit_sync, layer_dropout
@@ -222,16 +258,18 @@ class StepEngine:
             return state.token_mask == 0
         return torch.zeros(state.hidden.shape[0], dtype=torch.bool, device=state.hidden.device)
 
-    def run_blocks(self, step: int, state: StepState, cache,
-                   finish_block: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, Flops]:
+    def run_blocks(
+        self, step: int, state: StepState, cache, finish_block: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, Flops]:
         """Step `step`'s output for the samples of `state`, and its estimated FLOPs per token.
 
         `finish_block(block_index, output)` gives the state the next block reads (and records it)."""
         hidden, flops = state.hidden, Flops()
         for offset, block in enumerate(self.steps[step]):
             index = step * self.layers_per_step + offset
-            output, block_flops = self.run_block(block, index, StepState(hidden, state.token_mask, state.block_kwargs),
-                                                 cache)
+            output, block_flops = self.run_block(
+                block, index, StepState(hidden, state.token_mask, state.block_kwargs), cache
+            )
             flops = flops + block_flops
             hidden = finish_block(index, output)
         return hidden, flops
@@ -248,14 +286,17 @@ class StepEngine:
         """Block `index`'s output and FLOPs. Under layer dropout (LayerSkip, training only) each sample skips the
         block with its rate (`layer_dropout_rate`): it keeps its input, and the block runs for the others only;
         the FLOPs estimate, numbers shared by every item, still counts the block for all of them."""
-        rate = self.layer_dropout and layer_dropout_rate(self.layer_dropout, index,
-                                                         sum(len(blocks) for blocks in self.steps))
+        rate = self.layer_dropout and layer_dropout_rate(
+            self.layer_dropout, index, sum(len(blocks) for blocks in self.steps)
+        )
         if not rate:
             output = self.adapter.run_block(block, state, cache)
             return output, self.adapter.block_flops(block, output)
         if cache is not None:
-            raise ValueError("ADNetConfig.layer_dropout skips blocks per sample in training, which a key/value cache "
-                             "cannot follow: train without use_cache.")
+            raise ValueError(
+                "ADNetConfig.layer_dropout skips blocks per sample in training, which a key/value cache "
+                "cannot follow: train without use_cache."
+            )
         runs = (torch.rand(state.hidden.shape[0], device=state.hidden.device) >= rate).nonzero().squeeze(-1)
         if not runs.numel():
             return self._stand_in(block, state)
@@ -269,10 +310,18 @@ class StepEngine:
         output = self.adapter.run_block(block, state.select(torch.arange(1, device=state.hidden.device)))
         return state.hidden + 0.0 * output.sum(), Flops()
 
-    def run_unit(self, n: int, state: StepState, flops: FlopsAccountant, active: torch.Tensor | slice,
-                 done: torch.Tensor | None, head: StepHead | None = None, previous: torch.Tensor | None = None,
-                 not_halted: torch.Tensor | float = 1.0, halts: bool = True
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def run_unit(
+        self,
+        n: int,
+        state: StepState,
+        flops: FlopsAccountant,
+        active: torch.Tensor | slice,
+        done: torch.Tensor | None,
+        head: StepHead | None = None,
+        previous: torch.Tensor | None = None,
+        not_halted: torch.Tensor | float = 1.0,
+        halts: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Variable step n's unit on the step output in `state`: its summary, halting probabilities (None unless it
         `halts`) and, when a `head` is given, the step's prediction (made from the summary before the unit halts, so
         a unit that reads the evidence sees it, with the `previous` step's prediction and the mass `not_halted` so
@@ -297,8 +346,9 @@ class StepEngine:
             evidence = head.evidence(logits, previous, not_halted)
         return summary, unit.halt(summary, positions, evidence), logits
 
-    def full_depth(self, state: StepState, head: StepHead | None, trace: Trace, cache=None,
-                   fuse: bool = False) -> StepOutputs:
+    def full_depth(
+        self, state: StepState, head: StepHead | None, trace: Trace, cache=None, fuse: bool = False
+    ) -> StepOutputs:
         """Every step for every item. With a head, the units halt and the head predicts at every variable step only
         when something reads the step outputs (`fuse`, a step loss, kept step logits); otherwise only the last
         step's unit and head run, as the plain model runs its head once, and no halting distribution is returned.
@@ -326,8 +376,9 @@ class StepEngine:
             last = n == len(self.units) - 1
             if n < 0 or not (halts or last and head is not None):
                 continue
-            summary, lambdas, prediction = self.run_unit(n, state, flops, everyone, padding, head, previous,
-                                                         distribution.not_halted, halts)
+            summary, lambdas, prediction = self.run_unit(
+                n, state, flops, everyone, padding, head, previous, distribution.not_halted, halts
+            )
             if halts:
                 probs.append(distribution.step(lambdas, last))
             if head is None:
@@ -344,18 +395,23 @@ class StepEngine:
             halting_probs = None if halting_probs is None else halting_probs.masked_fill(padding.unsqueeze(-1), 0.0)
             exit_steps = exit_steps.masked_fill(padding, 0)
         return StepOutputs(
-            last_hidden_state=state.hidden, logits=logits, halting_probs=halting_probs, exit_steps=exit_steps,
-            flops=flops.total, step_logits=torch.stack(step_logits) if step_logits else None,
-            step_losses=torch.stack(step_losses, dim=-1) if step_losses else None, **trace.outputs(),
+            last_hidden_state=state.hidden,
+            logits=logits,
+            halting_probs=halting_probs,
+            exit_steps=exit_steps,
+            flops=flops.total,
+            step_logits=torch.stack(step_logits) if step_logits else None,
+            step_losses=torch.stack(step_losses, dim=-1) if step_losses else None,
+            **trace.outputs(),
         )
 
-    def exiting(self, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace,
-                cache=None) -> StepOutputs:
+    def exiting(self, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace, cache=None) -> StepOutputs:
         """Each item stops at the step `rule` picks; samples whose items have all stopped leave the batch."""
         if self.needs_predictions(rule) and head is None:
             reason = "" if rule.needs_predictions else " (these halting units read them)"
-            raise ValueError(f"exit_policy={rule.name!r} needs step predictions{reason}: use a task model, not "
-                             "ADNetModel.")
+            raise ValueError(
+                f"exit_policy={rule.name!r} needs step predictions{reason}: use a task model, not ADNetModel."
+            )
         return _ExitingPass(self, state, head, rule, trace, cache).run()
 
 
@@ -379,8 +435,9 @@ class _ExitingPass:
     """One forward pass with exits. `active` indexes the samples still in the batch, `done` their items that have
     stopped; every other tensor here is laid out for the full batch."""
 
-    def __init__(self, engine: StepEngine, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace,
-                 cache):
+    def __init__(
+        self, engine: StepEngine, state: StepState, head: StepHead | None, rule: ExitRule, trace: Trace, cache
+    ):
         self.engine, self.state, self.head, self.rule, self.trace = engine, state, head, rule, trace
         batch, device = state.hidden.shape[0], state.hidden.device
         self.padding = engine.padding(state)
@@ -399,10 +456,12 @@ class _ExitingPass:
         self.cache = exit_cache(cache, engine.adapter, state.block_kwargs, batch)
         self.sync = engine.exit_sync
         if self.cache.fills_after_exit and self.sync.in_step:
-            raise NotImplementedError("Exits with a key/value cache on sharded blocks: the cache of the tokens that "
-                                      "exited is filled by calling the blocks' key/value projections outside the "
-                                      "blocks, where FSDP / ZeRO-3 has not gathered them. Decode with "
-                                      "exit_policy='none', or shard the model as one unit.")
+            raise NotImplementedError(
+                "Exits with a key/value cache on sharded blocks: the cache of the tokens that "
+                "exited is filled by calling the blocks' key/value projections outside the "
+                "blocks, where FSDP / ZeRO-3 has not gathered them. Decode with "
+                "exit_policy='none', or shard the model as one unit."
+            )
 
     @property
     def none_left_yet(self) -> bool:
@@ -426,11 +485,19 @@ class _ExitingPass:
             hidden = self._run_blocks(step)
             if step >= self.engine.num_fixed_steps:
                 self._decide(step - self.engine.num_fixed_steps, step, hidden)
-        skipped_shape = partial(self.engine.adapter.skipped_block_shape, self.engine.backbone_config,
-                                self.state.hidden.shape[1:], self.last_block)
+        skipped_shape = partial(
+            self.engine.adapter.skipped_block_shape,
+            self.engine.backbone_config,
+            self.state.hidden.shape[1:],
+            self.last_block,
+        )
         return StepOutputs(
-            last_hidden_state=self.exit_hidden(), logits=self.logits, halting_probs=self.halting,
-            exit_steps=self.exit_steps, flops=self.flops.total, **self.trace.outputs(skipped_shape, self.exit_states),
+            last_hidden_state=self.exit_hidden(),
+            logits=self.logits,
+            halting_probs=self.halting,
+            exit_steps=self.exit_steps,
+            flops=self.flops.total,
+            **self.trace.outputs(skipped_shape, self.exit_states),
         )
 
     def exit_hidden(self) -> torch.Tensor | None:
@@ -459,11 +526,13 @@ class _ExitingPass:
         # A rule that decides without the predictions (halting on units that do not read them) runs the head for
         # the items that stop only.
         head = self.head if self.engine.needs_predictions(self.rule) else None
-        summary, lambdas, logits = self.engine.run_unit(n, self.state, self.flops, self.counted, self.done, head,
-                                                        self.previous, self.distribution.not_halted)
+        summary, lambdas, logits = self.engine.run_unit(
+            n, self.state, self.flops, self.counted, self.done, head, self.previous, self.distribution.not_halted
+        )
         self.previous = logits
-        stop, probs = exit_decision(self.distribution, self.rule, lambdas, logits, n == len(self.engine.units) - 1,
-                                    self.done)
+        stop, probs = exit_decision(
+            self.distribution, self.rule, lambdas, logits, n == len(self.engine.units) - 1, self.done
+        )
         if self.unpadded and not bool(stop.any()):
             # nothing stops, so no sample finishes: only the halting probabilities to keep, and `done` stays the
             # same tensor, so the FLOPs of the next step are added up with this one's (`FlopsAccountant`)
@@ -479,8 +548,15 @@ class _ExitingPass:
         self.done = self.done | stop
         self._drop_finished(hidden)
 
-    def _all_leave(self, n: int, step: int, summary: torch.Tensor | None, hidden: torch.Tensor,
-                   logits: torch.Tensor | None, probs: torch.Tensor) -> None:
+    def _all_leave(
+        self,
+        n: int,
+        step: int,
+        summary: torch.Tensor | None,
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None,
+        probs: torch.Tensor,
+    ) -> None:
         """Every item of the whole batch stops at this step (always so at batch 1): this step's outputs are the
         pass's, as they are, with no scatter into the full batch."""
         self.halting[..., n] = probs
@@ -495,18 +571,31 @@ class _ExitingPass:
         self.sync.last_samples_leave(self.state)
         self.active, self.done = self.active[:0], self.done[:0]
 
-    def _stopping_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
-                         logits: torch.Tensor | None, stop: torch.Tensor | slice) -> torch.Tensor:
+    def _stopping_logits(
+        self,
+        n: int,
+        summary: torch.Tensor | None,
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None,
+        stop: torch.Tensor | slice,
+    ) -> torch.Tensor:
         """The prediction of the items that `stop` now, running the head for them alone if the rule decided
         without it."""
         if logits is not None:
             return logits[stop]
-        self.flops.add(self.counted, self.done, self.head.flops * (stop.double() if isinstance(stop, torch.Tensor)
-                                                                  else 1.0))
+        self.flops.add(
+            self.counted, self.done, self.head.flops * (stop.double() if isinstance(stop, torch.Tensor) else 1.0)
+        )
         return self.head.predict(n, None if summary is None else summary[stop], hidden[stop])
 
-    def _keep_exit_logits(self, n: int, summary: torch.Tensor | None, hidden: torch.Tensor,
-                          logits: torch.Tensor | None, stop: torch.Tensor) -> None:
+    def _keep_exit_logits(
+        self,
+        n: int,
+        summary: torch.Tensor | None,
+        hidden: torch.Tensor,
+        logits: torch.Tensor | None,
+        stop: torch.Tensor,
+    ) -> None:
         """Store the prediction of the items that stop now in the full-batch logits."""
         logits = self._stopping_logits(n, summary, hidden, logits, stop)
         if self.logits is None:

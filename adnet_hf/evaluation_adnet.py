@@ -63,9 +63,11 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 def regression_metrics(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
     """Pearson's and Spearman's correlations (GLUE's STS-B metric) and the mean squared error, in float64."""
     predictions, references = predictions.astype(np.float64), references.astype(np.float64)
-    return {"pearson": pearson(predictions, references),
-            "spearman": pearson(average_ranks(predictions), average_ranks(references)),
-            "mse": float(np.mean((predictions - references) ** 2))}
+    return {
+        "pearson": pearson(predictions, references),
+        "spearman": pearson(average_ranks(predictions), average_ranks(references)),
+        "mse": float(np.mean((predictions - references) ** 2)),
+    }
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -80,8 +82,10 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         return regression_metrics(logits.reshape(-1), labels.reshape(-1))
     if labels.ndim == logits.ndim:
         predictions, references = (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
-        return {"accuracy": accuracy(predictions, references),
-                "micro_f1": positive_f1(predictions, references, undefined=1.0)}
+        return {
+            "accuracy": accuracy(predictions, references),
+            "micro_f1": positive_f1(predictions, references, undefined=1.0),
+        }
     predictions = logits.argmax(-1)
     metrics = {"accuracy": accuracy(predictions, labels)}
     if logits.shape[-1] == 2:
@@ -148,9 +152,13 @@ def quality_metric(metrics: Mapping[str, float]) -> str:
 
 
 @torch.no_grad()
-def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
-                 exit_threshold: float | int | None = None,
-                 gather: Callable[[dict], dict] | None = None) -> dict[str, torch.Tensor]:
+def pooled_items(
+    model,
+    batches: Iterable[dict],
+    exit_policy: str | None = None,
+    exit_threshold: float | int | None = None,
+    gather: Callable[[dict], dict] | None = None,
+) -> dict[str, torch.Tensor]:
     """The `prediction_items` of `model` on every batch (model inputs with `labels`), concatenated on the CPU.
 
     Kept per item, so that a subset (e.g. the items that exit at one step) can be scored too. `gather` (e.g.
@@ -170,8 +178,9 @@ def pooled_items(model, batches: Iterable[dict], exit_policy: str | None = None,
     return {name: torch.cat(values) for name, values in pooled.items()}
 
 
-def evaluate_batches(model, batches: Iterable[dict], exit_policy: str | None = None,
-                     exit_threshold: float | int | None = None) -> dict[str, float]:
+def evaluate_batches(
+    model, batches: Iterable[dict], exit_policy: str | None = None, exit_threshold: float | int | None = None
+) -> dict[str, float]:
     """`evaluation_metrics` of `model` on `batches` (model inputs with `labels`) with one exit setting.
 
     `exit_policy` / `exit_threshold` default to the config's; the threshold is the policy's setting
@@ -180,8 +189,9 @@ def evaluate_batches(model, batches: Iterable[dict], exit_policy: str | None = N
     return evaluation_metrics(pooled_items(model, batches, exit_policy, exit_threshold))
 
 
-def sweep_exits(model, batches: Iterable[dict], settings: Iterable[tuple[str, float | int | None]],
-                return_items: bool = False) -> list[dict]:
+def sweep_exits(
+    model, batches: Iterable[dict], settings: Iterable[tuple[str, float | int | None]], return_items: bool = False
+) -> list[dict]:
     """One record per `(exit_policy, exit_threshold)` setting: the setting and its `evaluate_batches` metrics.
 
     Put `("none", None)` first for the full-depth reference. The config is left as it was, so the sweep can be
@@ -203,9 +213,11 @@ def sample_errors(items: Mapping[str, torch.Tensor]) -> torch.Tensor:
     (bool); samples labelled -100 count in no metric, and are left out."""
     labels = items["labels"]
     if labels.dim() != 1 or items["logits"].shape[-1] < 2:
-        raise ValueError(f"sample_errors needs a single-label classifier's items (labels of shape (samples,) and "
-                         f"logits with >= 2 classes), got labels {tuple(labels.shape)} and logits "
-                         f"{tuple(items['logits'].shape)}.")
+        raise ValueError(
+            f"sample_errors needs a single-label classifier's items (labels of shape (samples,) and "
+            f"logits with >= 2 classes), got labels {tuple(labels.shape)} and logits "
+            f"{tuple(items['logits'].shape)}."
+        )
     kept = labels != IGNORE_INDEX
     return items["logits"][kept].argmax(-1) != labels[kept]
 

@@ -193,8 +193,14 @@ class PatienceExit(ExitRule):
             self.previous, self.unchanged = self.previous[keep], self.unchanged[keep]
 
 
-def exit_decision(distribution: HaltingDistribution, rule: ExitRule | None, lambdas: torch.Tensor,
-                  logits: torch.Tensor | None, last: bool, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_decision(
+    distribution: HaltingDistribution,
+    rule: ExitRule | None,
+    lambdas: torch.Tensor,
+    logits: torch.Tensor | None,
+    last: bool,
+    done: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One variable step's decision for the items still running: which stop now (`rule`'s choice, every item at the
     `last` step; `None`: full depth, the last step only), and their `p_n`, where an item that stops takes all the
     mass not yet halted and an item already `done` gets 0. The one place the eager engine and the exported-steps
@@ -214,8 +220,10 @@ def exit_rule(policy: str, config, threshold=None) -> ExitRule:
     """The rule of `policy`, set to `threshold` (default: the config's value of the rule's field)."""
     rule = task_exit_rule(policy, config)
     if threshold is None and not hasattr(config, rule.config_field):
-        raise ValueError(f"exit_policy={policy!r} reads ADNetConfig.{rule.config_field}, which this config lacks: "
-                         "set it, or pass exit_threshold.")
+        raise ValueError(
+            f"exit_policy={policy!r} reads ADNetConfig.{rule.config_field}, which this config lacks: "
+            "set it, or pass exit_threshold."
+        )
     return rule(getattr(config, rule.config_field) if threshold is None else threshold, config.problem_type)
 
 
@@ -228,7 +236,9 @@ def task_exit_rule(policy: str, config, owner: str = "exit_policy") -> type[Exit
     """The rule class of `policy`, refused (naming `owner`) unless registered and usable for `config`'s task."""
     require(isinstance(policy, str) and policy in EXIT_RULES, owner, f"one of {tuple(EXIT_RULES)}", policy)
     if config.is_regression and not EXIT_RULES[policy].supports_regression:
-        raise ValueError(f"{owner}={policy!r} needs class predictions, and this config is a regressor "
-                         f"(problem_type={config.problem_type!r}, num_labels={config.num_labels}): for regression "
-                         f"use one of {regression_policies()}.")
+        raise ValueError(
+            f"{owner}={policy!r} needs class predictions, and this config is a regressor "
+            f"(problem_type={config.problem_type!r}, num_labels={config.num_labels}): for regression "
+            f"use one of {regression_policies()}."
+        )
     return EXIT_RULES[policy]

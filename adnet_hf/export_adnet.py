@@ -46,8 +46,10 @@ def _classifier(model) -> nn.Module:
     from .modeling_adnet import ADNetForImageClassification, ADNetForSequenceClassification
 
     if not isinstance(model, (ADNetForSequenceClassification, ADNetForImageClassification)):
-        raise TypeError("export_steps takes an ADNetForSequenceClassification or ADNetForImageClassification, got "
-                        f"{type(model).__name__}: a causal LM's per-token exits with a cache are not exported.")
+        raise TypeError(
+            "export_steps takes an ADNetForSequenceClassification or ADNetForImageClassification, got "
+            f"{type(model).__name__}: a causal LM's per-token exits with a cache are not exported."
+        )
     return model
 
 
@@ -70,8 +72,10 @@ class StateLayout:
         """The layout of a `_state_tree` (or the embedding graph's output, which has its structure)."""
         _, mask, kwargs = tree
         leaves, kwargs_spec = tree_flatten_with_path(kwargs)
-        names = ["block_" + "_".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
-                 for path, _ in leaves]
+        names = [
+            "block_" + "_".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+            for path, _ in leaves
+        ]
         return cls(bool(mask), kwargs_spec, ["hidden", *(["token_mask"] if mask else []), *names])
 
 
@@ -115,10 +119,10 @@ class StepGraph(nn.Module):
         self.num_evidence_inputs = len(evidence_inputs(self.engine, step))
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        extra = tensors[len(tensors) - self.num_evidence_inputs:]
-        tensors = tensors[:len(tensors) - self.num_evidence_inputs]
+        extra = tensors[len(tensors) - self.num_evidence_inputs :]
+        tensors = tensors[: len(tensors) - self.num_evidence_inputs]
         hidden, token_mask = tensors[0], tensors[1] if self.layout.has_mask else None
-        leaves = tensors[1 + self.layout.has_mask:]
+        leaves = tensors[1 + self.layout.has_mask :]
         state = StepState(hidden, token_mask, tree_unflatten(list(leaves), self.layout.kwargs_spec))
         hidden, _ = self.engine.run_blocks(self.step, state, None, lambda index, output: output)
         n = self.step - self.engine.num_fixed_steps
@@ -139,23 +143,31 @@ def _dynamic_shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]
     than 1 dynamic where the graph allows (the sequence length, an image's sides), static where it fixes it (hidden
     size); a dim of 1 (an image's single channel, the mask's head dim) stays 1."""
     batch = Dim("batch")
-    return (tuple({0: batch, **{d: Dim.AUTO if t.shape[d] > 1 else Dim.STATIC for d in range(1, t.dim())}}
-                  for t in tensors),)
+    return (
+        tuple(
+            {0: batch, **{d: Dim.AUTO if t.shape[d] > 1 else Dim.STATIC for d in range(1, t.dim())}} for t in tensors
+        ),
+    )
 
 
 def _model_inputs(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> list[str]:
     """The names of `example_inputs`, in the order of the model's `forward`; each must be a tensor with batch >= 2
     (a batch of one would be specialised into the graph)."""
-    accepted = [name for name in inspect.signature(model.forward).parameters
-                if name in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")]
+    accepted = [
+        name
+        for name in inspect.signature(model.forward).parameters
+        if name in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+    ]
     unknown = sorted(set(example_inputs) - set(accepted))
     if unknown or not example_inputs:
         raise ValueError(f"example_inputs must hold model inputs among {accepted}, got {sorted(example_inputs)}.")
     for name, value in example_inputs.items():
         if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] < 2:
             shape = getattr(value, "shape", value)
-            raise ValueError(f"example_inputs[{name!r}] must be a tensor with a batch of at least 2 (the batch stays "
-                             f"dynamic; a batch of 1 would be fixed into the graph), got {shape}.")
+            raise ValueError(
+                f"example_inputs[{name!r}] must be a tensor with a batch of at least 2 (the batch stays "
+                f"dynamic; a batch of 1 would be fixed into the graph), got {shape}."
+            )
     return [name for name in accepted if name in example_inputs]
 
 
@@ -182,7 +194,7 @@ def export_step_programs(model: nn.Module, example_inputs: dict[str, torch.Tenso
         previous = None
         for step in range(len(model.adnet.step_engine().steps)):
             graph = StepGraph(model, step, layout)
-            extra = [torch.ones(tensors[0].shape[0]), previous][:graph.num_evidence_inputs]
+            extra = [torch.ones(tensors[0].shape[0]), previous][: graph.num_evidence_inputs]
             arguments = (*tensors, *extra)
             programs.append(torch.export.export(graph, arguments, dynamic_shapes=_dynamic_shapes(arguments)))
             outputs = graph(*arguments)
@@ -200,11 +212,21 @@ def export_steps(model: nn.Module, directory: str | Path, example_inputs: dict[s
     engine = model.adnet.step_engine()
     files = ["embeddings.onnx", *(f"step_{step:02d}.onnx" for step in range(len(engine.steps)))]
     for index, (program, file) in enumerate(zip(exported.programs, files)):
-        inputs, outputs = ((exported.input_names, exported.state_names) if index == 0
-                           else ([*exported.state_names, *evidence_inputs(engine, index - 1)],
-                                 _step_outputs(engine, index - 1)))
-        torch.onnx.export(program, (), str(directory / file), dynamo=True, input_names=inputs,
-                          output_names=outputs, external_data=False, verbose=False)
+        inputs, outputs = (
+            (exported.input_names, exported.state_names)
+            if index == 0
+            else ([*exported.state_names, *evidence_inputs(engine, index - 1)], _step_outputs(engine, index - 1))
+        )
+        torch.onnx.export(
+            program,
+            (),
+            str(directory / file),
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            external_data=False,
+            verbose=False,
+        )
     manifest = _manifest(model, exported.input_names, exported.state_names, files)
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -223,8 +245,15 @@ def _manifest(model: nn.Module, inputs: list[str], state: list[str], files: list
     for step, file in enumerate(files[1:]):
         n = step - engine.num_fixed_steps
         blocks = [step * config.layers_per_step + offset for offset in range(len(engine.steps[step]))]
-        steps.append({"file": file, "blocks": blocks, "unit": n if n >= 0 else None,
-                      "evidence_inputs": evidence_inputs(engine, step), "outputs": _step_outputs(engine, step)})
+        steps.append(
+            {
+                "file": file,
+                "blocks": blocks,
+                "unit": n if n >= 0 else None,
+                "evidence_inputs": evidence_inputs(engine, step),
+                "outputs": _step_outputs(engine, step),
+            }
+        )
     return {
         "format": MANIFEST_FORMAT,
         "architecture": type(model).__name__,
@@ -236,8 +265,11 @@ def _manifest(model: nn.Module, inputs: list[str], state: list[str], files: list
         "layers_per_step": config.layers_per_step,
         "num_labels": config.num_labels,
         "exit_policy": config.exit_policy,
-        "exit_settings": {rule.config_field: getattr(config, rule.config_field) for rule in EXIT_RULES.values()
-                          if hasattr(config, rule.config_field)},
+        "exit_settings": {
+            rule.config_field: getattr(config, rule.config_field)
+            for rule in EXIT_RULES.values()
+            if hasattr(config, rule.config_field)
+        },
         "problem_type": config.problem_type,
         "is_regression": config.is_regression,
     }
@@ -274,24 +306,28 @@ class ADNetStepRunner:
             raise ValueError(f"directory must hold an export_steps output ({MANIFEST_NAME}), none in {directory}.")
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path} has format {self.manifest.get('format')!r}; this runner reads "
-                             f"{MANIFEST_FORMAT!r}.")
+            raise ValueError(
+                f"{path} has format {self.manifest.get('format')!r}; this runner reads {MANIFEST_FORMAT!r}."
+            )
 
         def session(file: str):
             return onnxruntime.InferenceSession(str(directory / file), session_options, providers=list(providers))
 
         self.embeddings = session(self.manifest["embeddings"])
         self.steps = [session(step["file"]) for step in self.manifest["steps"]]
-        self.exit_config = SimpleNamespace(problem_type=self.manifest["problem_type"],
-                                           is_regression=self.manifest["is_regression"],
-                                           **self.manifest["exit_settings"])
+        self.exit_config = SimpleNamespace(
+            problem_type=self.manifest["problem_type"],
+            is_regression=self.manifest["is_regression"],
+            **self.manifest["exit_settings"],
+        )
 
     @property
     def num_variable_steps(self) -> int:
         return len(self.steps) - self.manifest["num_fixed_steps"]
 
-    def __call__(self, exit_policy: str | None = None, exit_threshold: float | int | None = None,
-                 **inputs: np.ndarray) -> StepRunnerOutput:
+    def __call__(
+        self, exit_policy: str | None = None, exit_threshold: float | int | None = None, **inputs: np.ndarray
+    ) -> StepRunnerOutput:
         expected = self.manifest["inputs"]
         if sorted(inputs) != sorted(expected):
             raise ValueError(f"inputs must be exactly {expected} (as exported), got {sorted(inputs)}.")
@@ -315,15 +351,22 @@ class ADNetStepRunner:
         for step, session in enumerate(self.steps):
             not_halted = torch.as_tensor(distribution.not_halted, dtype=torch.float32).expand(len(active))
             evidence = {"not_halted": not_halted.numpy(), "previous_logits": previous}
-            outputs = session.run(None, {**state, **{name: evidence[name]
-                                                     for name in self.manifest["steps"][step]["evidence_inputs"]}})
+            outputs = session.run(
+                None, {**state, **{name: evidence[name] for name in self.manifest["steps"][step]["evidence_inputs"]}}
+            )
             state["hidden"] = outputs[0]
             n = step - fixed
             if n < 0:
                 continue
             lambdas, step_logits = torch.from_numpy(outputs[1]), torch.from_numpy(outputs[2])
-            stop, probs = exit_decision(distribution, rule, lambdas, step_logits, n == self.num_variable_steps - 1,
-                                        torch.zeros_like(lambdas, dtype=torch.bool))
+            stop, probs = exit_decision(
+                distribution,
+                rule,
+                lambdas,
+                step_logits,
+                n == self.num_variable_steps - 1,
+                torch.zeros_like(lambdas, dtype=torch.bool),
+            )
             stop = stop.numpy()
             halting[active, n] = probs.numpy()
             exit_steps[active[stop]] = step + 1

@@ -60,8 +60,9 @@ class NoExitCache:
     view = None
     fills_after_exit = False
 
-    def begin_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
-                   ) -> None:
+    def begin_step(
+        self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
+    ) -> None:
         """Before a step's blocks run for the samples at indices `active`; `exit_hidden` holds (batch first) the exit
         state of every sample that has left the batch."""
 
@@ -76,16 +77,19 @@ class PropagatedExitCache(NoExitCache):
         self.view = SubBatchCache(cache, batch_size)
         self.adapter, self.block_kwargs = adapter, block_kwargs
 
-    def begin_step(self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
-                   ) -> None:
+    def begin_step(
+        self, first_layer: int, blocks: list, active: torch.Tensor, exit_hidden: torch.Tensor | None
+    ) -> None:
         view = self.view
         if active.numel() == view.batch_size:  # every sample runs: the blocks update the real cache themselves
             view.active = None
             return
         view.active, view.exited = active, complement(active, view.batch_size)
         hidden, kwargs = exit_hidden[view.exited], select_batch(self.block_kwargs, view.exited)
-        view.propagate = {first_layer + offset: lambda block=block: self.adapter.kv_projection(block, hidden, kwargs)
-                          for offset, block in enumerate(blocks)}
+        view.propagate = {
+            first_layer + offset: lambda block=block: self.adapter.kv_projection(block, hidden, kwargs)
+            for offset, block in enumerate(blocks)
+        }
         if not active.numel():  # no block runs: only the propagated keys/values are left to store
             for layer_idx in view.propagate:
                 view.update_whole_batch(layer_idx, None)

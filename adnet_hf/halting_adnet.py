@@ -61,11 +61,15 @@ def unfit_reason(model) -> str | None:
     if getattr(model.config, "model_type", None) != "adnet" or units is None:
         return "fit_halting fits an ADNet model's halting units."
     if not all(unit.reads_evidence for unit in units[:-1]):
-        return ("fit_halting fits halting units that read the step evidence: the model needs "
-                "ADNetConfig.halting_evidence=True (a classifier).")
+        return (
+            "fit_halting fits halting units that read the step evidence: the model needs "
+            "ADNetConfig.halting_evidence=True (a classifier)."
+        )
     if model.config.problem_type == "regression" or model.config.num_labels == 1:
-        return ("fit_halting needs a classifier: a regressor's prediction has no step at which it settles (train its "
-                "units with gpsl_plateau='loss').")
+        return (
+            "fit_halting needs a classifier: a regressor's prediction has no step at which it settles (train its "
+            "units with gpsl_plateau='loss')."
+        )
     return None
 
 
@@ -86,8 +90,9 @@ def _settled_by_loss(logits: torch.Tensor, log_not_halted: torch.Tensor, target:
     return -(target * log_halted + (1 - target) * log_left).mean()
 
 
-def _unit_loss(objective: str, n: int, settled: torch.Tensor, not_halted: torch.Tensor | float,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _unit_loss(
+    objective: str, n: int, settled: torch.Tensor, not_halted: torch.Tensor | float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """What unit n is fitted to under `objective`: the rows its loss reads, their target, and the loss of their
     halting logits (`settled`: each sample's first settled step; `not_halted`: the mass left before step n)."""
     if objective == "survival":
@@ -100,8 +105,14 @@ def _unit_loss(objective: str, n: int, settled: torch.Tensor, not_halted: torch.
     return rows, target, partial(_settled_by_loss, log_not_halted=log_not_halted, target=target)
 
 
-def _fit_unit(unit, loss_of_logits: Callable[[torch.Tensor], torch.Tensor], summary: torch.Tensor,
-              evidence: torch.Tensor, weight_decay: float, max_iter: int) -> list[float]:
+def _fit_unit(
+    unit,
+    loss_of_logits: Callable[[torch.Tensor], torch.Tensor],
+    summary: torch.Tensor,
+    evidence: torch.Tensor,
+    weight_decay: float,
+    max_iter: int,
+) -> list[float]:
     """Fit the unit's bias and evidence weights (its summary weights at zero, `summary` zeros) to minimise
     `loss_of_logits(halting logits)` by L-BFGS with an L2 penalty; returns the loss before and after."""
     params = [unit.halting.bias, unit.evidence.weight]
@@ -128,8 +139,9 @@ def _fit_unit(unit, loss_of_logits: Callable[[torch.Tensor], torch.Tensor], summ
 OBJECTIVES = ("survival", "settled_by")
 
 
-def fit_halting(model, batches: Iterable[dict], weight_decay: float = 1e-3, max_iter: int = 200,
-                objective: str = "settled_by") -> HaltingFit:
+def fit_halting(
+    model, batches: Iterable[dict], weight_decay: float = 1e-3, max_iter: int = 200, objective: str = "settled_by"
+) -> HaltingFit:
     """Fit every halting unit of a classifier whose units read the step evidence to its settling steps on
     `batches` (model inputs, best held out of training: see the module docstring; the model's labels are not read,
     its own predictions are).
@@ -145,12 +157,12 @@ def fit_halting(model, batches: Iterable[dict], weight_decay: float = 1e-3, max_
     exit setting afterwards with `calibrate_exit` on held-out data.
     """
     _check(model)
-    return fit_halting_to_predictions(model, full_depth_step_logits(model, batches), weight_decay, max_iter,
-                                      objective)
+    return fit_halting_to_predictions(model, full_depth_step_logits(model, batches), weight_decay, max_iter, objective)
 
 
-def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200,
-                               objective: str = "settled_by") -> HaltingFit:
+def fit_halting_to_predictions(
+    model, step_logits: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200, objective: str = "settled_by"
+) -> HaltingFit:
     """`fit_halting` on the model's full-depth `step_logits` (N x samples x C, `full_depth_step_logits`)."""
     _check(model)
     if objective not in OBJECTIVES:
@@ -165,8 +177,7 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
         evidence = model.read_step_evidence(step_logits[n], previous, distribution.not_halted).to(device)
         summary = evidence.new_zeros(len(evidence), unit.halting.in_features)
         rows, target, loss_of_logits = _unit_loss(objective, n, settled, distribution.not_halted, device)
-        step = {"step": n, "rows": int(rows.sum()), "target": target.mean().item() if rows.any() else 0.0,
-                "loss": None}
+        step = {"step": n, "rows": int(rows.sum()), "target": target.mean().item() if rows.any() else 0.0, "loss": None}
         if rows.any():
             step["loss"] = _fit_unit(unit, loss_of_logits, summary[rows], evidence[rows], weight_decay, max_iter)
         with torch.no_grad():
@@ -177,5 +188,11 @@ def fit_halting_to_predictions(model, step_logits: torch.Tensor, weight_decay: f
     return result
 
 
-__all__ = ["OBJECTIVES", "HaltingFit", "fit_halting", "fits_halting", "fit_halting_to_predictions",
-           "full_depth_step_logits"]
+__all__ = [
+    "OBJECTIVES",
+    "HaltingFit",
+    "fit_halting",
+    "fits_halting",
+    "fit_halting_to_predictions",
+    "full_depth_step_logits",
+]

@@ -48,8 +48,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> 
     if problem_type == "regression":
         return F.mse_loss(logits, labels.to(logits.dtype).reshape(logits.shape), reduction="none").mean(-1)
     if problem_type == "single_label_classification":
-        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
-                               ignore_index=IGNORE_INDEX)
+        flat = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+        )
         return flat.view(labels.shape)
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
 
@@ -63,6 +64,8 @@ def settled_steps(step_logits: torch.Tensor, problem_type: str) -> torch.Tensor:
         predictions = step_logits.argmax(-1)
         agrees = predictions == predictions[-1]
     return agrees.flip(0).long().cumprod(0).flip(0).bool().transpose(0, 1)
+
+
 def distillation_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Unreduced KL(teacher || step) of one step's `logits` (items x vocab) from the teacher's log-probabilities
     (same shape), per item; 0 where the label is -100, as `task_loss` leaves an ignored token."""
@@ -87,8 +90,13 @@ class ADNetLoss(nn.Module):
 
     trains_halting: bool = True
 
-    def forward(self, step_losses: torch.Tensor, halting_probs: torch.Tensor, keep: torch.Tensor | None = None,
-                settled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        step_losses: torch.Tensor,
+        halting_probs: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        settled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The mean of `row_losses` over the rows to `keep` (a boolean mask over the rows; default: every row).
         `settled` (rows x N, `settled_steps`): where each row's prediction has settled, for losses that train the
         halting units toward it."""
@@ -97,8 +105,9 @@ class ADNetLoss(nn.Module):
             settled = None if settled is None else settled[keep]
         return mean_over_rows(self.row_losses(step_losses, halting_probs, settled))
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss of each row (rows x N -> rows)."""
         raise NotImplementedError
 
@@ -117,8 +126,16 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
     the units learn from the plateau term alone, and the step predictions from the first two terms.
     """
 
-    def __init__(self, alpha: float = 0.3, beta: float = 0.1, step_cost: float = 0.05, temperature: float = 0.5,
-                 growth_rate: float = 1.0, growth_midpoint: float | None = None, plateau: str = "loss"):
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        beta: float = 0.1,
+        step_cost: float = 0.05,
+        temperature: float = 0.5,
+        growth_rate: float = 1.0,
+        growth_midpoint: float | None = None,
+        plateau: str = "loss",
+    ):
         super().__init__()
         if plateau not in PLATEAU_TARGETS:
             raise ValueError(f"plateau must be one of {PLATEAU_TARGETS}, got {plateau!r}.")
@@ -143,8 +160,9 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
         first = settled.shape[-1] - settled.sum(-1)  # settled steps form a suffix ending at the last step
         return F.one_hot(first, settled.shape[-1]).to(torch.float32)
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         by_settling = self.plateau == "settled" and settled is not None
         weights = halting_probs.detach() if by_settling else halting_probs
         expected = (weights * step_losses).sum(-1)
@@ -161,8 +179,9 @@ class PonderNetLoss(ADNetLoss):
         super().__init__()
         self.prior, self.beta = prior, beta
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
         geometric = (1 - self.prior) ** (steps - 1)  # the factor `prior` cancels in the normalisation (and underflows)
         geometric = geometric / geometric.sum()
@@ -175,8 +194,9 @@ class DeepSupervisionLoss(ADNetLoss):
 
     trains_halting = False
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         steps = _step_index(step_losses.shape[-1], step_losses)
         return (steps * step_losses).sum(-1) / steps.sum()
 
@@ -186,8 +206,9 @@ class LastStepLoss(ADNetLoss):
 
     trains_halting = False
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return step_losses[..., -1]
 
 
@@ -208,8 +229,9 @@ class LayerSkipLoss(ADNetLoss):
         weights = steps * (steps + 1) / 2 * torch.where(steps < num_steps, self.scale, 1.0)
         return weights / weights.sum()
 
-    def row_losses(self, step_losses: torch.Tensor, halting_probs: torch.Tensor,
-                   settled: torch.Tensor | None = None) -> torch.Tensor:
+    def row_losses(
+        self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return (self.step_weights(step_losses.shape[-1], step_losses) * step_losses).sum(-1)
 
 
@@ -226,9 +248,13 @@ def build_loss(config) -> ADNetLoss:
     """The combining loss that `config.loss_type` names, with the config's weights."""
     if config.loss_type == "gpsl":
         return GrowingPlateauSensitiveLoss(
-            alpha=config.gpsl_alpha, beta=config.gpsl_beta, step_cost=config.gpsl_step_cost,
-            temperature=config.gpsl_temperature, growth_rate=config.gpsl_growth_rate,
-            growth_midpoint=config.gpsl_growth_midpoint, plateau=config.gpsl_plateau,
+            alpha=config.gpsl_alpha,
+            beta=config.gpsl_beta,
+            step_cost=config.gpsl_step_cost,
+            temperature=config.gpsl_temperature,
+            growth_rate=config.gpsl_growth_rate,
+            growth_midpoint=config.gpsl_growth_midpoint,
+            plateau=config.gpsl_plateau,
         )
     if config.loss_type == "pondernet":
         return PonderNetLoss(prior=config.pondernet_prior, beta=config.pondernet_beta)

@@ -275,8 +275,13 @@ class ADNetModel(ADNetPreTrainedModel):
         step_sizes = [sizes[(s + 1) * config.layers_per_step - 1] for s in range(config.num_steps)]
         variable_sizes = step_sizes[config.num_fixed_steps :]
         self.units = nn.ModuleList(
-            CalculationUnit(size, config.unit_hidden_size, bool(config.per_token_units),
-                            halts=n < len(variable_sizes) - 1, reads_evidence=bool(config.halting_evidence))
+            CalculationUnit(
+                size,
+                config.unit_hidden_size,
+                bool(config.per_token_units),
+                halts=n < len(variable_sizes) - 1,
+                reads_evidence=bool(config.halting_evidence),
+            )
             for n, size in enumerate(variable_sizes)
         )
         config.bind_architecture()
@@ -301,9 +306,11 @@ class ADNetModel(ADNetPreTrainedModel):
         saved with `confidence` or `patience` loaded as the base model (`AutoModel`) has no task head."""
         policy = self.config.exit_policy
         if step_head is None and policy in EXIT_RULES and self.step_engine().needs_predictions(EXIT_RULES[policy]):
-            logger.warning_once(f"exit_policy={policy!r} needs the task head's predictions, which ADNetModel alone "
-                                f"does not make: running at full depth. Load the checkpoint with its task model "
-                                f"({', '.join(self.config.architectures or ['an ADNetFor* class'])}) to exit.")
+            logger.warning_once(
+                f"exit_policy={policy!r} needs the task head's predictions, which ADNetModel alone "
+                f"does not make: running at full depth. Load the checkpoint with its task model "
+                f"({', '.join(self.config.architectures or ['an ADNetFor* class'])}) to exit."
+            )
             return FULL_DEPTH
         return policy
 
@@ -311,9 +318,16 @@ class ADNetModel(ADNetPreTrainedModel):
         """The engine over the backbone's blocks grouped into steps of `layers_per_step`, and the units."""
         blocks, size = self.adapter.blocks(self.backbone), self.config.layers_per_step
         steps = [blocks[i : i + size] for i in range(0, len(blocks), size)]
-        return StepEngine(self.adapter, self.config.backbone_config, steps, self.units,
-                          bool(self.config.per_token_units), size, exit_sync(steps, self.sync_exits),
-                          self.config.layer_dropout if self.training else 0.0)
+        return StepEngine(
+            self.adapter,
+            self.config.backbone_config,
+            steps,
+            self.units,
+            bool(self.config.per_token_units),
+            size,
+            exit_sync(steps, self.sync_exits),
+            self.config.layer_dropout if self.training else 0.0,
+        )
 
     @can_return_tuple
     def forward(
@@ -342,16 +356,24 @@ class ADNetModel(ADNetPreTrainedModel):
         cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
             deeper layers' keys/values from their exit hidden state (CALM's state propagation).
         """
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-                  "position_ids": position_ids, "inputs_embeds": inputs_embeds, "pixel_values": pixel_values}
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+            "pixel_values": pixel_values,
+        }
         past_length = cache.get_seq_length() if cache is not None else 0
         check_model_inputs(self.adapter, self.config.backbone_config, inputs, self.dtype, past_length)
         state = self.adapter.embed(self.backbone, {k: v for k, v in inputs.items() if v is not None}, cache)
         policy = exit_policy or self._configured_policy(step_head)
         rule = None if self.training or policy == FULL_DEPTH else exit_rule(policy, self.config, exit_threshold)
         if rule is None and exit_threshold is not None:
-            raise ValueError("exit_threshold needs an exiting pass: it has no effect in training or with "
-                             f"exit_policy={FULL_DEPTH!r}.")
+            raise ValueError(
+                "exit_threshold needs an exiting pass: it has no effect in training or with "
+                f"exit_policy={FULL_DEPTH!r}."
+            )
         engine = self.step_engine()
         if output_attentions is None:
             output_attentions = self.config.output_attentions
@@ -364,8 +386,9 @@ class ADNetModel(ADNetPreTrainedModel):
                 steps = engine.full_depth(state, step_head, trace, cache, fuse=self.training)
             else:
                 steps = engine.exiting(state, step_head, rule, trace, cache)
-        return ADNetModelOutput(**vars(steps), executed_layers=steps.exit_steps * self.config.layers_per_step,
-                                cache=cache)
+        return ADNetModelOutput(
+            **vars(steps), executed_layers=steps.exit_steps * self.config.layers_per_step, cache=cache
+        )
 
 
 class _ADNetClassifier(ADNetPreTrainedModel):
@@ -383,18 +406,23 @@ class _ADNetClassifier(ADNetPreTrainedModel):
             config.halting_evidence = True
         for name in ("exit_adapters", "exit_distillation"):
             if getattr(config, name):
-                raise ValueError(f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
-                                 f"summaries: leave it False.")
+                raise ValueError(
+                    f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
+                    f"summaries: leave it False."
+                )
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
-            raise ValueError(f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
-                             f"{backbones_taking(self.main_input_name)}, got {config.backbone_config.model_type!r}, "
-                             f"which takes {backbone_input}.")
+            raise ValueError(
+                f"{type(self).__name__} takes {self.main_input_name}: its backbone must be one of "
+                f"{backbones_taking(self.main_input_name)}, got {config.backbone_config.model_type!r}, "
+                f"which takes {backbone_input}."
+            )
         self.adnet = ADNetModel(config)
 
         def output_layer() -> nn.Module:
-            return nn.Sequential(nn.Dropout(config.classifier_dropout),
-                                 nn.Linear(2 * config.unit_hidden_size, config.num_labels))
+            return nn.Sequential(
+                nn.Dropout(config.classifier_dropout), nn.Linear(2 * config.unit_hidden_size, config.num_labels)
+            )
 
         count = 1 if config.share_output_layer else config.num_variable_steps
         self.output_layers = nn.ModuleList(output_layer() for _ in range(count))
@@ -403,30 +431,45 @@ class _ADNetClassifier(ADNetPreTrainedModel):
     def step_head(self, n: int, summary: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_layers[0 if self.config.share_output_layer else n](summary)
 
-    def _classify(self, labels: torch.Tensor | None, output_step_logits: bool,
-                  **inputs) -> ADNetSequenceClassifierOutput:
+    def _classify(
+        self, labels: torch.Tensor | None, output_step_logits: bool, **inputs
+    ) -> ADNetSequenceClassifierOutput:
         if labels is not None:
             labels, self.config.problem_type = check_classification_labels(
-                labels, self.config.problem_type, self.config.num_labels, input_shape(inputs))
+                labels, self.config.problem_type, self.config.num_labels, input_shape(inputs)
+            )
         problem_type = self.config.problem_type
         step_loss = None
         if labels is not None and self.training:
+
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return task_loss(logits, labels, problem_type)
 
         # training reads the step predictions for GPSL's `settled` plateau
-        head = StepHead(self.step_head, 2.0 * matmul_weights(self.output_layers[0]), step_loss,
-                        keep_logits=self.training or output_step_logits, evidence=self.read_step_evidence)
+        head = StepHead(
+            self.step_head,
+            2.0 * matmul_weights(self.output_layers[0]),
+            step_loss,
+            keep_logits=self.training or output_step_logits,
+            evidence=self.read_step_evidence,
+        )
         out = self.adnet(step_head=head, return_dict=True, **inputs)
         loss = None if labels is None else self.combine_losses(out, labels)
         return ADNetSequenceClassifierOutput(
-            loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
-            exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops,
-            hidden_states=out.hidden_states, attentions=out.attentions,
+            loss=loss,
+            logits=out.logits,
+            step_logits=out.step_logits,
+            halting_probs=out.halting_probs,
+            exit_steps=out.exit_steps,
+            executed_layers=out.executed_layers,
+            flops=out.flops,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
-    def read_step_evidence(self, logits: torch.Tensor, previous: torch.Tensor | None,
-                           not_halted: torch.Tensor | float) -> torch.Tensor:
+    def read_step_evidence(
+        self, logits: torch.Tensor, previous: torch.Tensor | None, not_halted: torch.Tensor | float
+    ) -> torch.Tensor:
         """`step_evidence` for this model's task (the config's, or as the heads infer it while unset), for units
         that read it; looked up when a unit asks, so that a pass whose units do not read it pays nothing."""
         problem_type = self.config.problem_type
@@ -476,9 +519,16 @@ class ADNetForSequenceClassification(_ADNetClassifier):
             need (always on in training, which reads them).
         """
         return self._classify(
-            labels, output_step_logits, input_ids=input_ids, attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-            exit_policy=exit_policy, exit_threshold=exit_threshold, output_hidden_states=output_hidden_states,
+            labels,
+            output_step_logits,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            exit_policy=exit_policy,
+            exit_threshold=exit_threshold,
+            output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
 
@@ -504,8 +554,14 @@ class ADNetForImageClassification(_ADNetClassifier):
         labels (`torch.LongTensor` of shape `(batch_size,)`): class indices.
         output_step_logits (`bool`): as `ADNetForSequenceClassification`'s.
         """
-        return self._classify(labels, output_step_logits, pixel_values=pixel_values, exit_policy=exit_policy,
-                              exit_threshold=exit_threshold, output_hidden_states=output_hidden_states)
+        return self._classify(
+            labels,
+            output_step_logits,
+            pixel_values=pixel_values,
+            exit_policy=exit_policy,
+            exit_threshold=exit_threshold,
+            output_hidden_states=output_hidden_states,
+        )
 
 
 class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
@@ -525,9 +581,11 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             raise ValueError(f"ADNetForCausalLM needs a decoder backbone, got {config.backbone_config.model_type!r}")
         backbone_config = config.backbone_config
         self.lm_head = nn.Linear(backbone_config.hidden_size, backbone_config.vocab_size, bias=False)
-        self.exit_adapters = nn.ModuleList(
-            ExitAdapter(backbone_config.hidden_size) for _ in range(config.num_steps - 1)
-        ) if config.exit_adapters else None
+        self.exit_adapters = (
+            nn.ModuleList(ExitAdapter(backbone_config.hidden_size) for _ in range(config.num_steps - 1))
+            if config.exit_adapters
+            else None
+        )
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
@@ -567,8 +625,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         it (the adapter needs the token mask for positions, FLOPs and exits)."""
         return attention_mask
 
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
-                 **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
         the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
         below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
@@ -586,8 +643,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return self._self_speculative_generate(inputs, config, model_kwargs)
 
     @torch.no_grad()
-    def _self_speculative_generate(self, input_ids: torch.LongTensor | None, config: GenerationConfig,
-                                   model_kwargs: dict):
+    def _self_speculative_generate(
+        self, input_ids: torch.LongTensor | None, config: GenerationConfig, model_kwargs: dict
+    ):
         processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
         stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
         streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
@@ -596,17 +654,25 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("assistant_early_exit needs the prompt's input_ids (as `inputs` or `input_ids=`).")
         if model_kwargs:
-            raise ValueError(f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
-                             f"stopping_criteria, streamer and draft_vocabulary; it does not take "
-                             f"{', '.join(sorted(model_kwargs))}.")
+            raise ValueError(
+                f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
+                f"stopping_criteria, streamer and draft_vocabulary; it does not take "
+                f"{', '.join(sorted(model_kwargs))}."
+            )
         check_settings(config, input_ids.shape[0])
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if mask is None:  # as generate() infers it: the pad token masked where it is not the end-of-sequence token
             mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
         if config.max_new_tokens is not None:
             config.max_length = input_ids.shape[1] + config.max_new_tokens
-        processors = self._get_logits_processor(config, input_ids.shape[1], input_ids, logits_processor=processors,
-                                                device=input_ids.device, model_kwargs={"attention_mask": mask})
+        processors = self._get_logits_processor(
+            config,
+            input_ids.shape[1],
+            input_ids,
+            logits_processor=processors,
+            device=input_ids.device,
+            model_kwargs={"attention_mask": mask},
+        )
         stopping = self._get_stopping_criteria(config, stopping)
         decoder = SelfSpeculativeDecoder(self, config, processors, stopping, mask, streamer, vocabulary)
         sequence = decoder.generate(input_ids)
@@ -660,33 +726,59 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
 
             cache = DynamicCache(config=self.config.backbone_config)
         if labels is not None:
-            check_lm_labels(labels, input_shape({"input_ids": input_ids, "inputs_embeds": inputs_embeds}),
-                            self.config.backbone_config.vocab_size)
+            check_lm_labels(
+                labels,
+                input_shape({"input_ids": input_ids, "inputs_embeds": inputs_embeds}),
+                self.config.backbone_config.vocab_size,
+            )
         targets = None if labels is None else labels[:, 1:]
 
         def step_loss(logits: torch.Tensor) -> torch.Tensor:
             return task_loss(logits[:, :-1], targets, "single_label_classification")
 
         if labels is not None and self.training and self.config.exit_distillation:
-            teacher = self._full_depth_log_probs(input_ids=input_ids, attention_mask=attention_mask,
-                                                 position_ids=position_ids, inputs_embeds=inputs_embeds)
+            teacher = self._full_depth_log_probs(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+            )
 
             def step_loss(logits: torch.Tensor) -> torch.Tensor:
                 return distillation_loss(logits[:, :-1], teacher[:, :-1], targets)
 
-        head = StepHead(self.step_head, self.head_flops(),
-                        step_loss if labels is not None and self.training else None, output_step_logits)
+        head = StepHead(
+            self.step_head,
+            self.head_flops(),
+            step_loss if labels is not None and self.training else None,
+            output_step_logits,
+        )
         out = self.adnet(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache=cache, exit_policy=exit_policy, exit_threshold=exit_threshold,
-            step_head=head, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            return_dict=True, token_type_ids=token_type_ids,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            exit_policy=exit_policy,
+            exit_threshold=exit_threshold,
+            step_head=head,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            token_type_ids=token_type_ids,
         )
         loss = None if labels is None else self.combine_losses(out, targets, num_items_in_batch)
         return ADNetCausalLMOutput(
-            loss=loss, logits=out.logits, step_logits=out.step_logits, halting_probs=out.halting_probs,
-            exit_steps=out.exit_steps, executed_layers=out.executed_layers, flops=out.flops, cache=out.cache,
-            hidden_states=out.hidden_states, attentions=out.attentions,
+            loss=loss,
+            logits=out.logits,
+            step_logits=out.step_logits,
+            halting_probs=out.halting_probs,
+            exit_steps=out.exit_steps,
+            executed_layers=out.executed_layers,
+            flops=out.flops,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     @torch.no_grad()
@@ -699,8 +791,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         finally:
             self.train()
 
-    def combine_losses(self, out: ADNetModelOutput, targets: torch.Tensor,
-                       num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    def combine_losses(
+        self, out: ADNetModelOutput, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Over every predicted token whose target (B x T-1) is not -100: in training the configured loss over the
         steps, at inference the cross-entropy of the prediction made (so `exp(loss)` is the perplexity). A mean over
         these tokens, or with `num_items_in_batch` their sum divided by it."""

@@ -36,8 +36,10 @@ def _adnet_model(model: ADNetPreTrainedModel):
     if not isinstance(model, ADNetPreTrainedModel):
         raise TypeError(f"model must be an ADNet model (ADNetPreTrainedModel), got {type(model).__name__}.")
     if not model.base_model.adapter.has_attention:
-        raise ValueError("LoRA on a ResNet backbone is not supported: its BatchNorm statistics change in training "
-                         "and are not part of the adapter. Use a text backbone (BERT, RoBERTa, GPT-2, Llama).")
+        raise ValueError(
+            "LoRA on a ResNet backbone is not supported: its BatchNorm statistics change in training "
+            "and are not part of the adapter. Use a text backbone (BERT, RoBERTa, GPT-2, Llama)."
+        )
     return model.base_model
 
 
@@ -51,12 +53,15 @@ def lora_target_modules(model: ADNetPreTrainedModel, names: list[str] | None = N
         if id(block) not in blocks:
             continue
         for name, layer in block.named_modules():
-            if isinstance(layer, LORA_LAYER_TYPES) and (names is None or any(
-                    name == wanted or name.endswith(f".{wanted}") for wanted in names)):
+            if isinstance(layer, LORA_LAYER_TYPES) and (
+                names is None or any(name == wanted or name.endswith(f".{wanted}") for wanted in names)
+            ):
                 targets.append(f"{block_name}.{name}")
     if not targets:
-        raise ValueError(f"target_modules {names} match no linear layer in the backbone's blocks; the layers of the "
-                         f"first block are {sorted(_block_layer_names(adnet))}.")
+        raise ValueError(
+            f"target_modules {names} match no linear layer in the backbone's blocks; the layers of the "
+            f"first block are {sorted(_block_layer_names(adnet))}."
+        )
     return targets
 
 
@@ -75,8 +80,9 @@ def adnet_trained_modules(model: ADNetPreTrainedModel) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in added]
 
 
-def adnet_lora_config(model: ADNetPreTrainedModel, target_modules: list[str] | None = None,
-                      **lora_kwargs) -> LoraConfig:
+def adnet_lora_config(
+    model: ADNetPreTrainedModel, target_modules: list[str] | None = None, **lora_kwargs
+) -> LoraConfig:
     """A `LoraConfig` for `model`: LoRA on its backbone blocks' linear layers (all of them, or those named in
     `target_modules`), its units and output layers in `modules_to_save`, the task type of its head.
 
@@ -88,11 +94,16 @@ def adnet_lora_config(model: ADNetPreTrainedModel, target_modules: list[str] | N
         raise ImportError("adnet_lora_config needs PEFT: pip install 'adnet-hf[peft]'.") from error
     for key in ("modules_to_save", "task_type"):
         if key in lora_kwargs:
-            raise ValueError(f"{key} is set by adnet_lora_config from the model; pass LoraConfig(...) yourself to "
-                             "choose it.")
+            raise ValueError(
+                f"{key} is set by adnet_lora_config from the model; pass LoraConfig(...) yourself to choose it."
+            )
     task_type = _TASK_TYPES.get(type(model), "FEATURE_EXTRACTION")
-    return LoraConfig(task_type=task_type, target_modules=lora_target_modules(model, target_modules),
-                      modules_to_save=adnet_trained_modules(model), **lora_kwargs)
+    return LoraConfig(
+        task_type=task_type,
+        target_modules=lora_target_modules(model, target_modules),
+        modules_to_save=adnet_trained_modules(model),
+        **lora_kwargs,
+    )
 
 
 __all__ = ["adnet_lora_config", "adnet_trained_modules", "lora_target_modules"]

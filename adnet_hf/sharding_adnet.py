@@ -69,8 +69,11 @@ def blocks_are_sharded(blocks: list[nn.Module]) -> bool:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     units = (FSDPModule, FullyShardedDataParallel)
-    return any(isinstance(module, units) or any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
-               for block in blocks for module in block.modules())
+    return any(
+        isinstance(module, units) or any(hasattr(p, "ds_id") for p in module.parameters(recurse=False))
+        for block in blocks
+        for module in block.modules()
+    )
 
 
 def exit_sync(steps: list[list[nn.Module]], sync_exits: bool | None) -> LocalExits:

@@ -84,8 +84,10 @@ def draft_depth(config, depth) -> int:
     """`assistant_early_exit` checked: a positive step boundary below the full depth."""
     size, blocks = config.layers_per_step, config.num_blocks
     if isinstance(depth, bool) or not isinstance(depth, int) or not 0 < depth < blocks or depth % size:
-        raise ValueError(f"assistant_early_exit must be a number of blocks at an exit (a multiple of layers_per_step="
-                         f"{size}) in [{size}, {blocks - size}], got {depth!r}.")
+        raise ValueError(
+            f"assistant_early_exit must be a number of blocks at an exit (a multiple of layers_per_step="
+            f"{size}) in [{size}, {blocks - size}], got {depth!r}."
+        )
     return depth
 
 
@@ -93,11 +95,18 @@ def check_vocabulary(vocabulary, vocab_size: int) -> torch.LongTensor | None:
     """`draft_vocabulary` checked: None, or distinct token ids in [0, vocab_size) as a non-empty 1-D tensor."""
     if vocabulary is None:
         return None
-    integers = isinstance(vocabulary, torch.Tensor) and not vocabulary.is_floating_point() and \
-        not vocabulary.is_complex() and vocabulary.dtype != torch.bool
+    integers = (
+        isinstance(vocabulary, torch.Tensor)
+        and not vocabulary.is_floating_point()
+        and not vocabulary.is_complex()
+        and vocabulary.dtype != torch.bool
+    )
     if not integers or vocabulary.dim() != 1 or not len(vocabulary):
-        got = f"a {vocabulary.dtype} tensor of shape {tuple(vocabulary.shape)}" if isinstance(
-            vocabulary, torch.Tensor) else f"a {type(vocabulary).__name__}"
+        got = (
+            f"a {vocabulary.dtype} tensor of shape {tuple(vocabulary.shape)}"
+            if isinstance(vocabulary, torch.Tensor)
+            else f"a {type(vocabulary).__name__}"
+        )
         raise TypeError(f"draft_vocabulary must be a non-empty 1-D integer tensor of token ids, got {got}.")
     if vocabulary.min() < 0 or vocabulary.max() >= vocab_size or len(vocabulary.unique()) != len(vocabulary):
         raise ValueError(f"draft_vocabulary must hold distinct token ids in [0, {vocab_size}).")
@@ -115,19 +124,25 @@ def frequent_tokens(token_ids: torch.Tensor, size: int, vocab_size: int) -> torc
 def check_settings(generation: GenerationConfig, batch_size: int) -> None:
     """Refuse what self-speculative decoding does not do, naming the setting."""
     if batch_size != 1:
-        raise ValueError(f"assistant_early_exit (self-speculative decoding) takes a batch of 1 prompt, got "
-                         f"{batch_size}: rows accept different numbers of drafted tokens; generate them one by one.")
+        raise ValueError(
+            f"assistant_early_exit (self-speculative decoding) takes a batch of 1 prompt, got "
+            f"{batch_size}: rows accept different numbers of drafted tokens; generate them one by one."
+        )
     if generation.num_beams != 1 or generation.num_return_sequences != 1:
         raise ValueError("assistant_early_exit needs num_beams=1 and num_return_sequences=1.")
     if generation.cache_implementation not in (None, "dynamic"):
-        raise ValueError("assistant_early_exit crops the cache of each layer to its own length: it keeps a dynamic "
-                         f"cache, got cache_implementation={generation.cache_implementation!r}.")
+        raise ValueError(
+            "assistant_early_exit crops the cache of each layer to its own length: it keeps a dynamic "
+            f"cache, got cache_implementation={generation.cache_implementation!r}."
+        )
     if not isinstance(generation.num_assistant_tokens, int) or generation.num_assistant_tokens < 1:
         raise ValueError(f"num_assistant_tokens must be an integer >= 1, got {generation.num_assistant_tokens!r}.")
     if generation.num_assistant_tokens_schedule != "constant":
-        raise ValueError("assistant_early_exit drafts a constant num_assistant_tokens (cut short by "
-                         "assistant_confidence_threshold): num_assistant_tokens_schedule must be 'constant', got "
-                         f"{generation.num_assistant_tokens_schedule!r}.")
+        raise ValueError(
+            "assistant_early_exit drafts a constant num_assistant_tokens (cut short by "
+            "assistant_confidence_threshold): num_assistant_tokens_schedule must be 'constant', got "
+            f"{generation.num_assistant_tokens_schedule!r}."
+        )
     threshold = generation.assistant_confidence_threshold
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
         raise ValueError(f"assistant_confidence_threshold must be None or a number in [0, 1], got {threshold!r}.")
@@ -140,9 +155,16 @@ class SelfSpeculativeDecoder:
     every layer between rounds.
     """
 
-    def __init__(self, model, generation: GenerationConfig, processors: LogitsProcessorList,
-                 stopping: StoppingCriteriaList, attention_mask: torch.Tensor, streamer=None,
-                 draft_vocabulary: torch.Tensor | None = None):
+    def __init__(
+        self,
+        model,
+        generation: GenerationConfig,
+        processors: LogitsProcessorList,
+        stopping: StoppingCriteriaList,
+        attention_mask: torch.Tensor,
+        streamer=None,
+        draft_vocabulary: torch.Tensor | None = None,
+    ):
         self.model, self.generation, self.processors, self.stopping = model, generation, processors, stopping
         adnet = model.adnet
         self.adapter, self.backbone = adnet.adapter, adnet.backbone
@@ -160,14 +182,16 @@ class SelfSpeculativeDecoder:
         self.raw_logits: list[torch.Tensor] = []
         self.verifications = self.drafted = self.accepted = 0
 
-    def run_blocks(self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+    def run_blocks(
+        self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Blocks `start` to `stop` (exclusive) on `tokens` (1 x n), from `hidden` (their input at block `start`)
         or, for `start == 0`, from the embeddings; the cache gets their keys/values."""
         view = self.cache if start == 0 else self.upper_cache
         past = view.get_seq_length()
-        state = self.adapter.embed(self.backbone, {"input_ids": tokens,
-                                                   "attention_mask": self.mask[:, : past + tokens.shape[1]]}, view)
+        state = self.adapter.embed(
+            self.backbone, {"input_ids": tokens, "attention_mask": self.mask[:, : past + tokens.shape[1]]}, view
+        )
         hidden = state.hidden if hidden is None else hidden
         for block in self.blocks[start:stop]:
             hidden = self.adapter.run_block(block, StepState(hidden, state.token_mask, state.block_kwargs), self.cache)
@@ -184,8 +208,9 @@ class SelfSpeculativeDecoder:
         if self.vocabulary is None:
             return self.head(hidden, self.depth)
         states = self.model.exit_states(hidden, self.depth)[0]
-        logits = states.new_full((states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"),
-                                 dtype=torch.float)
+        logits = states.new_full(
+            (states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"), dtype=torch.float
+        )
         logits[:, self.vocabulary] = F.linear(states, self.draft_rows).float()
         return logits
 
@@ -218,8 +243,9 @@ class SelfSpeculativeDecoder:
         """Draft from the last emitted token, verify the drafts in one pass of the upper blocks, emit what is kept."""
         past = sequence.shape[1] - 1
         remaining = self.generation.max_length - sequence.shape[1]
-        drafts, draft_scores, exit_hidden = self.draft(sequence, min(self.generation.num_assistant_tokens,
-                                                                     max(remaining - 1, 0)))
+        drafts, draft_scores, exit_hidden = self.draft(
+            sequence, min(self.generation.num_assistant_tokens, max(remaining - 1, 0))
+        )
         fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
         with record_function("speculative::draft_blocks"):
             exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
@@ -236,8 +262,9 @@ class SelfSpeculativeDecoder:
         crop_cache(self.cache, past + len(kept))
         return self.emit(sequence, kept, list(logits[: len(kept)]), scores[: len(kept)])
 
-    def draft(self, sequence: torch.LongTensor, length: int
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def draft(
+        self, sequence: torch.LongTensor, length: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Up to `length` tokens from the exit after `self.depth` blocks, one at a time: the tokens, the draft's
         processed scores for each, and the exit hidden states of the tokens fed (the last emitted one first)."""
         drafts, draft_scores, exit_hidden = [], [], []
@@ -255,8 +282,9 @@ class SelfSpeculativeDecoder:
                 break
         return drafts, draft_scores, exit_hidden
 
-    def accept(self, drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
-               ) -> list[torch.Tensor]:
+    def accept(
+        self, drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """The drafted tokens kept and the full model's token after them (`scores`: one more than `drafts`)."""
         if not self.generation.do_sample:
             kept = []
@@ -267,8 +295,13 @@ class SelfSpeculativeDecoder:
             return [*kept, scores[len(kept)].argmax(-1)]
         return speculative_sampling(drafts, draft_scores, scores)
 
-    def emit(self, sequence: torch.LongTensor, tokens: list[torch.Tensor], logits: list[torch.Tensor],
-             scores: list[torch.Tensor]) -> tuple[torch.LongTensor, bool]:
+    def emit(
+        self,
+        sequence: torch.LongTensor,
+        tokens: list[torch.Tensor],
+        logits: list[torch.Tensor],
+        scores: list[torch.Tensor],
+    ) -> tuple[torch.LongTensor, bool]:
         """Append `tokens` one by one until a stopping criterion holds; stream them. Returns the sequence and
         whether generation is over."""
         done = False
@@ -286,15 +319,20 @@ class SelfSpeculativeDecoder:
     def output(self, sequence: torch.LongTensor) -> SelfSpeculativeOutput:
         generation = self.generation
         return SelfSpeculativeOutput(
-            sequences=sequence, scores=tuple(self.scores) if generation.output_scores else None,
-            logits=tuple(self.raw_logits) if generation.output_logits else None, cache=self.cache,
-            verifications=self.verifications, drafted_tokens=self.drafted, accepted_tokens=self.accepted,
+            sequences=sequence,
+            scores=tuple(self.scores) if generation.output_scores else None,
+            logits=tuple(self.raw_logits) if generation.output_logits else None,
+            cache=self.cache,
+            verifications=self.verifications,
+            drafted_tokens=self.drafted,
+            accepted_tokens=self.accepted,
             draft_depth=self.depth,
         )
 
 
-def speculative_sampling(drafts: list[torch.Tensor], draft_scores: list[torch.Tensor],
-                         scores: list[torch.Tensor]) -> list[torch.Tensor]:
+def speculative_sampling(
+    drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """Leviathan et al.'s rule: keep drafted token x (drawn from q) with probability min(1, p(x) / q(x)); at the
     first rejection draw from max(0, p - q) normalised instead; after all kept, draw the next token from p. The
     tokens then follow p, the full model's distribution."""

@@ -40,29 +40,38 @@ class ADNetTrainingArguments(TrainingArguments):
     )
     output_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Initial learning rate of the output layer(s), e.g. an untied LM head (default: "
-                          "`learning_rate`)."},
+        metadata={
+            "help": "Initial learning rate of the output layer(s), e.g. an untied LM head (default: `learning_rate`)."
+        },
     )
     min_learning_rate_ratio: float = field(
         default=0.0,
-        metadata={"help": "Terminal learning rate of every group as a ratio of its own initial rate; the linear or "
-                          "cosine schedule decays to it. 0 is plain decay to zero."},
+        metadata={
+            "help": "Terminal learning rate of every group as a ratio of its own initial rate; the linear or "
+            "cosine schedule decays to it. 0 is plain decay to zero."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into a non-empty output_dir from scratch instead of resuming from its last "
-                          "checkpoint; the earlier run's checkpoints are removed (Transformers 4's flag, which the "
-                          "example scripts keep)."},
+        metadata={
+            "help": "Train into a non-empty output_dir from scratch instead of resuming from its last "
+            "checkpoint; the earlier run's checkpoints are removed (Transformers 4's flag, which the "
+            "example scripts keep)."
+        },
     )
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.min_learning_rate_ratio <= 1.0:
             raise ValueError(f"min_learning_rate_ratio must be in [0, 1], got {self.min_learning_rate_ratio}.")
-        if self.min_learning_rate_ratio > 0 and self.lr_scheduler_type not in (SchedulerType.LINEAR,
-                                                                               SchedulerType.COSINE):
-            raise ValueError("min_learning_rate_ratio > 0 needs lr_scheduler_type 'linear' or 'cosine', got "
-                             f"{self.lr_scheduler_type.value!r}.")
+        if self.min_learning_rate_ratio > 0 and self.lr_scheduler_type not in (
+            SchedulerType.LINEAR,
+            SchedulerType.COSINE,
+        ):
+            raise ValueError(
+                "min_learning_rate_ratio > 0 needs lr_scheduler_type 'linear' or 'cosine', got "
+                f"{self.lr_scheduler_type.value!r}."
+            )
 
 
 # ADNet's own arguments and their documented defaults, which a plain `TrainingArguments` takes (as `Seq2SeqTrainer`
@@ -171,19 +180,25 @@ class ADNetTrainer(Trainer):
         """`args`: `ADNetTrainingArguments` for per-group rates and a floor, or a plain `TrainingArguments` (ADNet's
         own arguments then take their defaults: one learning rate, plain decay)."""
         if args is not None and args.label_smoothing_factor:
-            raise ValueError("label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
-                             "configured ADNet loss (ADNetConfig.loss_type).")
+            raise ValueError(
+                "label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
+                "configured ADNet loss (ADNetConfig.loss_type)."
+            )
         super().__init__(model=model, args=args or ADNetTrainingArguments(), **kwargs)
         loss_fn = getattr(self.model, "loss_fn", None)
         if not getattr(loss_fn, "trains_halting", True) and self.model.config.exit_policy == "halting":
-            logger.warning(f"loss_type={self.model.config.loss_type!r} trains no halting units, yet "
-                           "exit_policy='halting' exits by them: set exit_policy='none' (or 'confidence' / "
-                           "'patience' after training the exits).")
+            logger.warning(
+                f"loss_type={self.model.config.loss_type!r} trains no halting units, yet "
+                "exit_policy='halting' exits by them: set exit_policy='none' (or 'confidence' / "
+                "'patience' after training the exits)."
+            )
         units = list(adnet_base_model(self.model).units.parameters())
         if units and not any(param.requires_grad for param in units):
-            logger.warning("The calculation units are frozen (no unit parameter requires a gradient), so halting "
-                           "stays as initialised. Under PEFT, put them in modules_to_save: "
-                           "get_peft_model(model, adnet_hf.peft_adnet.adnet_lora_config(model, r=...)) does.")
+            logger.warning(
+                "The calculation units are frozen (no unit parameter requires a gradient), so halting "
+                "stays as initialised. Under PEFT, put them in modules_to_save: "
+                "get_peft_model(model, adnet_hf.peft_adnet.adnet_lora_config(model, r=...)) does."
+            )
         self.add_callback(MaxNormCallback)
         self._train_stats = _RunningMeans()
         self._exit_stats = _RunningMeans()
@@ -191,8 +206,9 @@ class ADNetTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`Trainer`'s loss (the model's own ADNet loss, scaled under gradient accumulation as the model declares
         with `accepts_loss_kwargs`); in training, also gathers the halting statistics for the next log."""
-        loss, outputs = super().compute_loss(model, {**inputs, "return_dict": True}, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "return_dict": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
             self._record_training_outputs(outputs, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss
@@ -245,13 +261,13 @@ class ADNetTrainer(Trainer):
         labels = (labels[0] if len(labels) == 1 else labels) if has_labels else None
         return loss, (outputs.logits, outputs.exit_steps), labels
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """Adds `{prefix}_exit_steps` and `{prefix}_executed_layers`: the backbone steps and blocks actually run per
         sample (per predicted token) with exits."""
         self._exit_stats = _RunningMeans()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, value in self._exit_stats.pop(self._sum_over_processes).items():
             output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
@@ -261,8 +277,9 @@ class ADNetTrainer(Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             param_groups = adnet_optimizer_groups(opt_model, self.args, self.get_decay_parameter_names(opt_model))
-            optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
-                                               or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -285,13 +302,20 @@ def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_name
         for decays in (True, False):
             params = [param for name, param in named if (name in decay) == decays]
             if params:
-                param_groups.append({"params": params, "name": group, "lr": group_learning_rate(args, group),
-                                     "weight_decay": args.weight_decay if decays else 0.0})
+                param_groups.append(
+                    {
+                        "params": params,
+                        "name": group,
+                        "lr": group_learning_rate(args, group),
+                        "weight_decay": args.weight_decay if decays else 0.0,
+                    }
+                )
     return param_groups
 
 
-def floor_scheduler(optimizer: torch.optim.Optimizer, args: ADNetTrainingArguments,
-                    num_training_steps: int) -> LambdaLR:
+def floor_scheduler(
+    optimizer: torch.optim.Optimizer, args: ADNetTrainingArguments, num_training_steps: int
+) -> LambdaLR:
     """Transformers' scheduler for `args`: linear warm-up from 0, then linear or cosine decay to
     `min_learning_rate_ratio` (its multiplier applies per parameter group, so each group decays to its own floor).
 

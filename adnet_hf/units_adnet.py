@@ -28,8 +28,9 @@ def _log_odds(probs: torch.Tensor) -> torch.Tensor:
     return (torch.log(probs) - torch.log1p(-probs)).clamp(LOG_FLOOR, -LOG_FLOOR)
 
 
-def step_evidence(logits: torch.Tensor, previous: torch.Tensor | None, not_halted: torch.Tensor | float,
-                  problem_type: str | None) -> torch.Tensor:
+def step_evidence(
+    logits: torch.Tensor, previous: torch.Tensor | None, not_halted: torch.Tensor | float, problem_type: str | None
+) -> torch.Tensor:
     """What a step's prediction says about stopping there, per item (items x `len(EVIDENCE_FEATURES)`), as the
     confidence and patience rules read it, on scales a linear halting layer with max-norm weights can use:
 
@@ -53,22 +54,29 @@ def step_evidence(logits: torch.Tensor, previous: torch.Tensor | None, not_halte
             probs = torch.sigmoid(logits)
             certain = torch.maximum(probs, 1 - probs)
             entropy = F.binary_cross_entropy_with_logits(logits, probs, reduction="none")
-            features = [_log_odds(certain.amin(-1).clamp(max=1 - 1e-7)), logits.abs().amin(-1),
-                        1 - (entropy / math.log(2.0)).mean(-1)]
+            features = [
+                _log_odds(certain.amin(-1).clamp(max=1 - 1e-7)),
+                logits.abs().amin(-1),
+                1 - (entropy / math.log(2.0)).mean(-1),
+            ]
             same = None if previous is None else ((logits > 0) == (previous > 0)).all(-1)
         else:  # in few operations: at batch 1 each costs more than its arithmetic
             log_probs = torch.log_softmax(logits, dim=-1)
             first, second = log_probs.topk(2, dim=-1).values.unbind(-1)  # their gap is the logits' margin
             entropy = torch.special.entr(log_probs.exp()).sum(-1)
-            features = [torch.special.logit(first.exp(), eps=1e-7), first - second,
-                        torch.rsub(entropy, 1.0, alpha=1 / math.log(logits.shape[-1]))]
+            features = [
+                torch.special.logit(first.exp(), eps=1e-7),
+                first - second,
+                torch.rsub(entropy, 1.0, alpha=1 / math.log(logits.shape[-1])),
+            ]
             same = None if previous is None else log_probs.argmax(-1) == previous.argmax(-1)
         agreement = torch.zeros_like(features[0]) if same is None else same.float()
         if isinstance(not_halted, torch.Tensor):
             log_not_halted = not_halted.float().log().clamp(min=LOG_FLOOR).expand_as(agreement)
         else:
-            log_not_halted = torch.full_like(agreement, max(math.log(not_halted), LOG_FLOOR) if not_halted > 0
-                                             else LOG_FLOOR)
+            log_not_halted = torch.full_like(
+                agreement, max(math.log(not_halted), LOG_FLOOR) if not_halted > 0 else LOG_FLOOR
+            )
         return torch.stack([*features, agreement, log_not_halted], dim=-1)
 
 
@@ -106,8 +114,14 @@ class CalculationUnit(nn.Module):
     (`summarise`), then the unit halts on both (`halt`).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, per_token: bool = False, halts: bool = True,
-                 reads_evidence: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        per_token: bool = False,
+        halts: bool = True,
+        reads_evidence: bool = False,
+    ):
         super().__init__()
         self.per_token = per_token
         self.dense = None if per_token and not halts else nn.Linear(input_size, hidden_size)
@@ -134,8 +148,9 @@ class CalculationUnit(nn.Module):
         activations = torch.sigmoid(self.dense(hidden))
         return activations if self.per_token else torch.cat(masked_mean_max(activations, mask), dim=-1)
 
-    def halt(self, summary: torch.Tensor | None, hidden: torch.Tensor,
-             evidence: torch.Tensor | None = None) -> torch.Tensor:
+    def halt(
+        self, summary: torch.Tensor | None, hidden: torch.Tensor, evidence: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The halting probability `lambda` (B, or B x T) from the summary (and the evidence, if the unit reads it);
         `hidden` (B x T x H) gives the shape where there is no summary."""
         if self.halting is None:
@@ -149,13 +164,16 @@ class CalculationUnit(nn.Module):
         logits = self.halting(summary)
         if self.reads_evidence:
             if evidence is None:
-                raise ValueError("This unit's halting layer reads the step prediction's evidence "
-                                 "(ADNetConfig.halting_evidence=True): it needs the task model's step predictions.")
+                raise ValueError(
+                    "This unit's halting layer reads the step prediction's evidence "
+                    "(ADNetConfig.halting_evidence=True): it needs the task model's step predictions."
+                )
             logits = logits + self.evidence(evidence.to(logits.dtype))
         return logits.squeeze(-1)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
-                evidence: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, evidence: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """hidden: B x T x H. Returns the summary `r` and the halting probability `lambda` (B, or B x T)."""
         summary = self.summarise(hidden, mask)
         return summary, self.halt(summary, hidden, evidence)

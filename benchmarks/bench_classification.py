@@ -73,9 +73,14 @@ def quality_row(record: dict, full: dict, num_blocks: int) -> dict:
     """A `sweep_exits` record as a results row: quality, its drop from the `full`-depth record's in points, and the
     executed layers."""
     metric, layers = quality_metric(full), record["executed_layers"]
-    return {"policy": row_policy(record["exit_policy"]), "setting": record["exit_threshold"], metric: record[metric],
-            f"{metric}_drop_pts": 100 * (full[metric] - record[metric]), "executed_layers": layers,
-            "ideal_speedup": num_blocks / layers}
+    return {
+        "policy": row_policy(record["exit_policy"]),
+        "setting": record["exit_threshold"],
+        metric: record[metric],
+        f"{metric}_drop_pts": 100 * (full[metric] - record[metric]),
+        "executed_layers": layers,
+        "ideal_speedup": num_blocks / layers,
+    }
 
 
 def plain_twin(model, auto_class):
@@ -104,8 +109,14 @@ def timed_arms(model, reference, batches: list[dict], **exit_setting) -> dict:
 def plain_row(model, reference, largest: list[dict], labels: torch.Tensor, metric: str, timing_only: bool) -> dict:
     """The plain arm's row: the reference's quality, or none for the timing-only twin (`--plain_timing`)."""
     quality = None if timing_only else plain_quality(reference, largest, labels)[metric]
-    return {"policy": PLAIN_TIMING_ROW if timing_only else "plain reference", "setting": None, metric: quality,
-            f"{metric}_drop_pts": None, "executed_layers": float(model.config.num_blocks), "ideal_speedup": 1.0}
+    return {
+        "policy": PLAIN_TIMING_ROW if timing_only else "plain reference",
+        "setting": None,
+        metric: quality,
+        f"{metric}_drop_pts": None,
+        "executed_layers": float(model.config.num_blocks),
+        "ideal_speedup": 1.0,
+    }
 
 
 def measure(model, reference, batches_by_size, labels, settings, repeats, timing_only: bool = False) -> list[dict]:
@@ -163,16 +174,19 @@ def text_inputs(args: argparse.Namespace):
     """Batches of each size (`timed_samples`), labels, the models."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     texts, raw_labels = read_tsv(Path(args.data), args.max_samples)
-    batches_by_size = {size: make_batches(tokenizer, texts, size, args.max_length, timed_samples(args, size))
-                       for size in args.batch_sizes}
+    batches_by_size = {
+        size: make_batches(tokenizer, texts, size, args.max_length, timed_samples(args, size))
+        for size in args.batch_sizes
+    }
     model, reference = load_models(AutoModelForSequenceClassification, args)
     kind = float if is_regression(model) else int
     return batches_by_size, torch.tensor([kind(label) for label in raw_labels]), model, reference
 
 
 def image_inputs(args: argparse.Namespace):
-    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), args.max_samples,
-                           saved_image_processor(args.model))
+    dataset = ImageDataset(
+        read_idx(args.images), read_idx(args.image_labels), args.max_samples, saved_image_processor(args.model)
+    )
     batches_by_size = {size: image_batches(dataset, size, timed_samples(args, size)) for size in args.batch_sizes}
     return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
 
@@ -182,8 +196,11 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
     parser.add_argument("--data", help="GLUE-style TSV: `sentence` (or a pair of sentence columns) and a label column")
-    parser.add_argument("--images", help="IDX grey images (instead of --data), through the model's saved image "
-                        "processor (without one, normalised with MNIST's statistics)")
+    parser.add_argument(
+        "--images",
+        help="IDX grey images (instead of --data), through the model's saved image "
+        "processor (without one, normalised with MNIST's statistics)",
+    )
     parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
@@ -209,17 +226,32 @@ def main(argv: list[str] | None = None) -> Path:
     add_input_arguments(parser)
     plain = parser.add_mutually_exclusive_group()
     plain.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
-    plain.add_argument("--plain_timing", action="store_true",
-                       help="time the plain model of the backbone's architecture with the ADNet backbone's weights")
+    plain.add_argument(
+        "--plain_timing",
+        action="store_true",
+        help="time the plain model of the backbone's architecture with the ADNet backbone's weights",
+    )
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--max_samples_batch1", type=int, default=200,
-                        help="samples timed at batch 1 when a larger batch size is measured too (accuracy always uses "
-                        "all samples)")
-    parser.add_argument("--policies", nargs="+", choices=list(DEFAULT_SETTINGS),
-                        help="default: all three, or those that need no classes for a regression model")
+    parser.add_argument(
+        "--max_samples_batch1",
+        type=int,
+        default=200,
+        help="samples timed at batch 1 when a larger batch size is measured too (accuracy always uses all samples)",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        choices=list(DEFAULT_SETTINGS),
+        help="default: all three, or those that need no classes for a regression model",
+    )
     for policy, values in DEFAULT_SETTINGS.items():
-        parser.add_argument(f"--{policy}", type=type(values[0]), nargs="+", default=values,
-                            help=f"{EXIT_RULES[policy].config_field} values")
+        parser.add_argument(
+            f"--{policy}",
+            type=type(values[0]),
+            nargs="+",
+            default=values,
+            help=f"{EXIT_RULES[policy].config_field} values",
+        )
     args = parse_benchmark_args(parser, argv)
     batches_by_size, labels, model, reference = load_inputs(parser, args)
     regression = is_regression(model)
@@ -229,10 +261,15 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"a regression model cannot exit by {', '.join(needing_classes)} (they need class predictions)")
     settings = [(policy, value) for policy in policies for value in getattr(args, policy)]
     rows = measure(model, reference, batches_by_size, labels, settings, args.repeats, args.plain_timing)
-    payload = {"benchmark": "regression" if regression else "classification", "model": args.model,
-               "reference": PLAIN_TIMING_ROW if args.plain_timing else args.reference, "data": args.data or args.images,
-               "samples": len(labels),
-               "samples_timed_batch1": args.max_samples_batch1, "num_blocks": model.config.num_blocks}
+    payload = {
+        "benchmark": "regression" if regression else "classification",
+        "model": args.model,
+        "reference": PLAIN_TIMING_ROW if args.plain_timing else args.reference,
+        "data": args.data or args.images,
+        "samples": len(labels),
+        "samples_timed_batch1": args.max_samples_batch1,
+        "num_blocks": model.config.num_blocks,
+    }
     return write_results(args.name, payload, rows, plot(rows, sorted(batches_by_size)), args.results_dir)
 
 

@@ -40,6 +40,7 @@ LOSS_TYPES = tuple(LOSSES)
 
 def training_step(model, batch: dict, optimizer: torch.optim.Optimizer):
     """A closure running one optimiser step of `model` on `batch`."""
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
@@ -60,12 +61,23 @@ def training_rows(backbone: str, batches: list[dict], repeats: int) -> list[dict
         steps = [training_step(model, batch, optimizer) for batch in batches]
         runs[name] = lambda steps=steps: [step() for step in steps]
     seconds = interleaved_seconds(runs, repeats)
-    rows = [{"measure": "training step", "setting": "plain", "seconds_per_step": seconds["plain"] / len(batches),
-             "ratio_to_plain": 1.0}]
+    rows = [
+        {
+            "measure": "training step",
+            "setting": "plain",
+            "seconds_per_step": seconds["plain"] / len(batches),
+            "ratio_to_plain": 1.0,
+        }
+    ]
     for loss_type in LOSS_TYPES:
-        rows.append({"measure": "training step", "setting": f"adnet {loss_type}",
-                     "seconds_per_step": seconds[loss_type] / len(batches),
-                     "ratio_to_plain": seconds[loss_type] / seconds["plain"]})
+        rows.append(
+            {
+                "measure": "training step",
+                "setting": f"adnet {loss_type}",
+                "seconds_per_step": seconds[loss_type] / len(batches),
+                "ratio_to_plain": seconds[loss_type] / seconds["plain"],
+            }
+        )
     return rows
 
 
@@ -99,15 +111,26 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_TRIM_THRESHOLD_=0": {"MALLOC_TRIM_THR
 
 def peak_memory_mib(spec: dict, allocator_env: dict) -> float:
     """Run `peak_memory_child` in a fresh process, started as this one was (`-m` from the same directory)."""
-    result = subprocess.run([sys.executable, "-m", __spec__.name, "--child", json.dumps(spec)], capture_output=True,
-                            text=True, check=True, env={**os.environ, **allocator_env})
+    result = subprocess.run(
+        [sys.executable, "-m", __spec__.name, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **allocator_env},
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rise_mib"]
 
 
 def memory_rows(args: argparse.Namespace) -> list[dict]:
     """Peak inference memory of each setting, and its ratio to the ADNet checkpoint at full depth."""
-    base = {"tokenizer": args.tokenizer or args.model, "data": args.data, "max_samples": args.max_samples,
-            "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads}
+    base = {
+        "tokenizer": args.tokenizer or args.model,
+        "data": args.data,
+        "max_samples": args.max_samples,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "threads": args.threads,
+    }
     exits, exit_setting = "adnet exits (saved policy)", {}
     if args.exit_policy is not None:
         exits = f"adnet exits ({args.exit_policy}={args.exit_value})"
@@ -117,12 +140,21 @@ def memory_rows(args: argparse.Namespace) -> list[dict]:
         settings["plain reference"] = (args.reference, {})
     rows = []
     for allocator, env in ALLOCATORS.items():
-        peaks = {name: peak_memory_mib({**base, "model": model, "exit_setting": setting}, env)
-                 for name, (model, setting) in settings.items()}
+        peaks = {
+            name: peak_memory_mib({**base, "model": model, "exit_setting": setting}, env)
+            for name, (model, setting) in settings.items()
+        }
         full = peaks["adnet none (full depth)"]
-        rows += [{"measure": f"inference peak memory, batch {args.batch_size}", "setting": name,
-                  "allocator": allocator, "peak_rise_mib": peak, "ratio_to_full_depth": peak / full}
-                 for name, peak in peaks.items()]
+        rows += [
+            {
+                "measure": f"inference peak memory, batch {args.batch_size}",
+                "setting": name,
+                "allocator": allocator,
+                "peak_rise_mib": peak,
+                "ratio_to_full_depth": peak / full,
+            }
+            for name, peak in peaks.items()
+        ]
     return rows
 
 
@@ -157,10 +189,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--exit_policy", choices=list(EXIT_RULES), help="policy for the memory run with exits "
-                        "(default: the checkpoint's saved policy and setting)")
-    parser.add_argument("--exit_value", type=number, help="its setting, passed per call (the policy's "
-                        f"{', '.join(rule.config_field for rule in EXIT_RULES.values())})")
+    parser.add_argument(
+        "--exit_policy",
+        choices=list(EXIT_RULES),
+        help="policy for the memory run with exits (default: the checkpoint's saved policy and setting)",
+    )
+    parser.add_argument(
+        "--exit_value",
+        type=number,
+        help="its setting, passed per call (the policy's "
+        f"{', '.join(rule.config_field for rule in EXIT_RULES.values())})",
+    )
     args = parse_benchmark_args(parser, argv)
     if (args.exit_policy is None) != (args.exit_value is None):
         parser.error("--exit_policy and --exit_value go together")
@@ -176,8 +215,14 @@ def main(argv: list[str] | None = None) -> Path:
     rows += memory_rows(args)
     for row in rows:
         print(row, flush=True)
-    payload = {"benchmark": "costs", "backbone": args.backbone, "model": args.model, "reference": args.reference,
-               "data": args.data, "train_batch_size": args.batch_size}
+    payload = {
+        "benchmark": "costs",
+        "backbone": args.backbone,
+        "model": args.model,
+        "reference": args.reference,
+        "data": args.data,
+        "train_batch_size": args.batch_size,
+    }
     return write_results(args.name, payload, rows, plot(rows), args.results_dir)
 
 

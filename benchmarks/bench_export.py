@@ -41,8 +41,9 @@ def exit_setting(text: str) -> tuple[str, float | int]:
     """`policy=threshold` (e.g. `confidence=0.9`, `patience=1`) as the policy and its setting."""
     policy, _, value = text.partition("=")
     if policy not in EXIT_RULES or not value:
-        raise argparse.ArgumentTypeError(f"an exit setting is POLICY=VALUE with POLICY in {list(EXIT_RULES)}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"an exit setting is POLICY=VALUE with POLICY in {list(EXIT_RULES)}, got {text!r}"
+        )
     number = float(value)
     return policy, int(number) if number.is_integer() and EXIT_RULES[policy].is_valid(int(number)) else number
 
@@ -57,8 +58,9 @@ def run_runner(runner: ADNetStepRunner, batches: list[dict[str, np.ndarray]], **
 
 
 @torch.inference_mode()
-def agreement(model, runner: ADNetStepRunner, batches: list[dict], labels: torch.Tensor, policy: str,
-              threshold) -> dict:
+def agreement(
+    model, runner: ADNetStepRunner, batches: list[dict], labels: torch.Tensor, policy: str, threshold
+) -> dict:
     """The runner against eager on every sample: accuracy of each, equal predictions and exit steps, largest logit
     difference, mean executed layers."""
     eager = [model(**batch, exit_policy=policy, exit_threshold=threshold) for batch in batches]
@@ -78,8 +80,9 @@ def agreement(model, runner: ADNetStepRunner, batches: list[dict], labels: torch
     }
 
 
-def timing_rows(model, runner: ADNetStepRunner, batches: list[dict], settings: list[tuple], repeats: int,
-                batch_size: int) -> list[dict]:
+def timing_rows(
+    model, runner: ADNetStepRunner, batches: list[dict], settings: list[tuple], repeats: int, batch_size: int
+) -> list[dict]:
     """Median seconds of every arm over `batches`, timed in turns, and its speed-up over eager full depth."""
     arrays = as_arrays(batches)
     arms = {(EAGER, FULL_DEPTH, None): lambda: run_batches(model, batches, exit_policy=FULL_DEPTH)}
@@ -91,10 +94,18 @@ def timing_rows(model, runner: ADNetStepRunner, batches: list[dict], settings: l
     seconds = interleaved_seconds(arms, repeats)
     reference = seconds[(EAGER, FULL_DEPTH, None)]
     samples = sum(len(next(iter(batch.values()))) for batch in batches)
-    return [{"batch_size": batch_size, "arm": arm, "policy": policy, "setting": threshold, "samples": samples,
-             "seconds": seconds[(arm, policy, threshold)],
-             "speedup_vs_eager_full_depth": reference / seconds[(arm, policy, threshold)]}
-            for arm, policy, threshold in arms]
+    return [
+        {
+            "batch_size": batch_size,
+            "arm": arm,
+            "policy": policy,
+            "setting": threshold,
+            "samples": samples,
+            "seconds": seconds[(arm, policy, threshold)],
+            "speedup_vs_eager_full_depth": reference / seconds[(arm, policy, threshold)],
+        }
+        for arm, policy, threshold in arms
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -103,10 +114,19 @@ def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "export")
     add_input_arguments(parser)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--max_samples_batch1", type=int, default=200,
-                        help="samples timed at batch 1 (agreement always uses all samples)")
-    parser.add_argument("--settings", type=exit_setting, nargs="+", default=[("confidence", 0.9)],
-                        help="exit settings as POLICY=VALUE, e.g. confidence=0.9 patience=1 halting=0.1")
+    parser.add_argument(
+        "--max_samples_batch1",
+        type=int,
+        default=200,
+        help="samples timed at batch 1 (agreement always uses all samples)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=exit_setting,
+        nargs="+",
+        default=[("confidence", 0.9)],
+        help="exit settings as POLICY=VALUE, e.g. confidence=0.9 patience=1 halting=0.1",
+    )
     parser.add_argument("--export_dir", type=Path, help="where the ONNX steps go (default: a temporary folder)")
     args = parse_benchmark_args(parser, argv)
     args.reference = None
@@ -118,17 +138,29 @@ def main(argv: list[str] | None = None) -> Path:
         directory = args.export_dir or Path(scratch)
         export_steps(model, directory, largest[0])
         runner = ADNetStepRunner(directory, session_options=options)
-        quality = [{"policy": policy, "setting": threshold, **agreement(model, runner, largest, labels, policy,
-                                                                       threshold)}
-                   for policy, threshold in [(FULL_DEPTH, None), *args.settings]]
-        rows = [row for size in args.batch_sizes
-                for row in timing_rows(model, runner, batches_by_size[size], args.settings, args.repeats, size)]
-    payload = {"model": args.model, "data": args.data or args.images, "repeats": args.repeats,
-               "onnxruntime": onnxruntime.__version__, "agreement": quality}
+        quality = [
+            {"policy": policy, "setting": threshold, **agreement(model, runner, largest, labels, policy, threshold)}
+            for policy, threshold in [(FULL_DEPTH, None), *args.settings]
+        ]
+        rows = [
+            row
+            for size in args.batch_sizes
+            for row in timing_rows(model, runner, batches_by_size[size], args.settings, args.repeats, size)
+        ]
+    payload = {
+        "model": args.model,
+        "data": args.data or args.images,
+        "repeats": args.repeats,
+        "onnxruntime": onnxruntime.__version__,
+        "agreement": quality,
+    }
     path = write_results(args.name, payload, rows, results_dir=args.results_dir)
     table = path.with_suffix(".md")
-    table.write_text(table.read_text() + f"\nAgreement with eager, every sample at batch {max(args.batch_sizes)}:\n\n"
-                     + markdown_table(quality, environment()["command"]))
+    table.write_text(
+        table.read_text()
+        + f"\nAgreement with eager, every sample at batch {max(args.batch_sizes)}:\n\n"
+        + markdown_table(quality, environment()["command"])
+    )
     return path
 
 

@@ -34,17 +34,26 @@ from .common import (
 )
 
 
-def generation_speed(model, prompts: torch.Tensor, new_tokens: int, policy: str, threshold: float,
-                     repeats: int) -> tuple[float, float]:
+def generation_speed(
+    model, prompts: torch.Tensor, new_tokens: int, policy: str, threshold: float, repeats: int
+) -> tuple[float, float]:
     """(speed-up against full depth, tokens/s) of `policy` at `threshold` generating `new_tokens` per prompt.
 
     With no end-of-sequence token every run makes exactly `new_tokens`; `min_new_tokens` would do it too, but through
     logits processors that scan the whole vocabulary at every token, a cost that is not the model's.
     """
+
     def generate(exit_policy: str, exit_threshold: float | None = None):
-        return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                      eos_token_id=None, do_sample=False, exit_policy=exit_policy,
-                                      exit_threshold=exit_threshold, pad_token_id=model.generation_config.eos_token_id)
+        return lambda: model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            eos_token_id=None,
+            do_sample=False,
+            exit_policy=exit_policy,
+            exit_threshold=exit_threshold,
+            pad_token_id=model.generation_config.eos_token_id,
+        )
 
     seconds = interleaved_seconds({"exit": generate(policy, threshold), "none": generate(FULL_DEPTH)}, repeats)
     return seconds["none"] / seconds["exit"], prompts.shape[0] * new_tokens / seconds["exit"]
@@ -54,9 +63,14 @@ def quality_row(record: dict, full: dict) -> dict:
     """A `sweep_exits` record as a results row: perplexity and its increase over the `full`-depth record's, layers
     per predicted token."""
     perplexity, layers = record["perplexity"], record["executed_layers"]
-    return {"policy": row_policy(record["exit_policy"]), "setting": record["exit_threshold"], "perplexity": perplexity,
-            "ppl_increase_pct": 100 * (perplexity / full["perplexity"] - 1), "executed_layers": layers,
-            "ideal_speedup": full["executed_layers"] / layers}
+    return {
+        "policy": row_policy(record["exit_policy"]),
+        "setting": record["exit_threshold"],
+        "perplexity": perplexity,
+        "ppl_increase_pct": 100 * (perplexity / full["perplexity"] - 1),
+        "executed_layers": layers,
+        "ideal_speedup": full["executed_layers"] / layers,
+    }
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,11 +96,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--generation_batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
-                        help=f"{EXIT_RULES['halting'].config_field} values")
-    parser.add_argument("--confidence", type=float, nargs="*", default=[],
-                        help=f"{EXIT_RULES['confidence'].config_field} values (CALM's softmax confidence: runs the LM "
-                        "head per step)")
+    parser.add_argument(
+        "--epsilons",
+        type=float,
+        nargs="+",
+        default=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+        help=f"{EXIT_RULES['halting'].config_field} values",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        nargs="*",
+        default=[],
+        help=f"{EXIT_RULES['confidence'].config_field} values (CALM's softmax confidence: runs the LM head per step)",
+    )
     args = parse_benchmark_args(parser, argv)
     model, blocks = load_text_inputs(args)
     settings = [("halting", value) for value in args.epsilons] + [("confidence", v) for v in args.confidence]
@@ -96,13 +119,21 @@ def main(argv: list[str] | None = None) -> Path:
     for row in rows[1:]:
         for size in args.generation_batch_sizes:
             prompts = blocks[:size, : args.prompt_length]
-            speedup, tokens_per_second = generation_speed(model, prompts, args.new_tokens, row["policy"],
-                                                          row["setting"], args.repeats)
+            speedup, tokens_per_second = generation_speed(
+                model, prompts, args.new_tokens, row["policy"], row["setting"], args.repeats
+            )
             row[f"tokens_per_s_b{size}"] = tokens_per_second
             row[f"speedup_b{size}"] = speedup
         print(row, flush=True)
-    payload = {"benchmark": "generation", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "new_tokens": args.new_tokens, "num_blocks": model.config.num_blocks}
+    payload = {
+        "benchmark": "generation",
+        "model": args.model,
+        "data": args.data,
+        "blocks": len(blocks),
+        "block_size": args.block_size,
+        "new_tokens": args.new_tokens,
+        "num_blocks": model.config.num_blocks,
+    }
     return write_results(args.name, payload, rows, plot(rows, args.generation_batch_sizes), args.results_dir)
 
 

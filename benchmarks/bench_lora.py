@@ -40,9 +40,15 @@ def step_rows(models: dict[str, torch.nn.Module], batches: list[dict], repeats: 
         runs[name] = lambda steps=steps: [step() for step in steps]
     seconds = interleaved_seconds(runs, repeats)
     reference = next(iter(seconds.values()))
-    return [{"setting": name, "trainable_parameters": trainable_parameters(model),
-             "seconds_per_step": seconds[name] / len(batches), "ratio_to_full_fine_tuning": seconds[name] / reference}
-            for name, model in models.items()]
+    return [
+        {
+            "setting": name,
+            "trainable_parameters": trainable_parameters(model),
+            "seconds_per_step": seconds[name] / len(batches),
+            "ratio_to_full_fine_tuning": seconds[name] / reference,
+        }
+        for name, model in models.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -69,9 +75,14 @@ def main(argv: list[str] | None = None) -> Path:
     rows = step_rows(models, batches, args.repeats)
     for row in rows:
         print(row, flush=True)
-    payload = {"benchmark": "lora_step", "backbone": args.backbone, "data": args.data,
-               "train_batch_size": args.batch_size, "lora_alpha": args.lora_alpha,
-               "lora_target_modules": args.lora_target_modules or "every linear layer of the blocks"}
+    payload = {
+        "benchmark": "lora_step",
+        "backbone": args.backbone,
+        "data": args.data,
+        "train_batch_size": args.batch_size,
+        "lora_alpha": args.lora_alpha,
+        "lora_target_modules": args.lora_target_modules or "every linear layer of the blocks",
+    }
     return write_results(args.name, payload, rows, results_dir=args.results_dir)
 
 

@@ -43,10 +43,15 @@ from .bench_classification import plain_twin
 from .common import benchmark_parser, environment, parse_benchmark_args, run_batches, write_results
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MINILM_L6 = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                 intermediate_size=1536, max_position_embeddings=512)
-MNIST_RESNET = dict(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2],
-                    layer_type="basic")
+MINILM_L6 = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+)
+MNIST_RESNET = dict(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2], layer_type="basic")
 PROFILE_ROWS = 15
 PROFILE_ROUNDS = 3
 
@@ -70,25 +75,42 @@ def load_arms(adnet_class, auto_class, model_path: str | None, reference: str | 
 def text_arms(args) -> tuple[dict, object, object]:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     texts, _ = read_tsv(Path(args.data), max(args.samples, args.samples_batch1))
-    batches = {size: make_batches(tokenizer, texts, size, args.max_length,
-                                  args.samples_batch1 if size == 1 else args.samples) for size in args.batch_sizes}
-    return batches, *load_arms(ADNetForSequenceClassification, AutoModelForSequenceClassification, args.model,
-                               args.reference, BertConfig(**MINILM_L6, num_labels=2))
+    batches = {
+        size: make_batches(tokenizer, texts, size, args.max_length, args.samples_batch1 if size == 1 else args.samples)
+        for size in args.batch_sizes
+    }
+    return batches, *load_arms(
+        ADNetForSequenceClassification,
+        AutoModelForSequenceClassification,
+        args.model,
+        args.reference,
+        BertConfig(**MINILM_L6, num_labels=2),
+    )
 
 
 def image_arms(args) -> tuple[dict, object, object]:
     limit = max(args.samples, args.samples_batch1)
-    dataset = ImageDataset(read_idx(args.images), read_idx(args.image_labels), limit,
-                           saved_image_processor(args.image_model))
-    batches = {size: image_batches(dataset, size, args.samples_batch1 if size == 1 else args.samples)
-               for size in args.batch_sizes}
-    return batches, *load_arms(ADNetForImageClassification, AutoModelForImageClassification, args.image_model,
-                               args.image_reference, ResNetConfig(**MNIST_RESNET, num_labels=10))
+    dataset = ImageDataset(
+        read_idx(args.images), read_idx(args.image_labels), limit, saved_image_processor(args.image_model)
+    )
+    batches = {
+        size: image_batches(dataset, size, args.samples_batch1 if size == 1 else args.samples)
+        for size in args.batch_sizes
+    }
+    return batches, *load_arms(
+        ADNetForImageClassification,
+        AutoModelForImageClassification,
+        args.image_model,
+        args.image_reference,
+        ResNetConfig(**MNIST_RESNET, num_labels=10),
+    )
 
 
 def arm_runs(model, plain, batches: list[dict]) -> dict:
-    return {"plain": lambda: run_batches(plain, batches), "adnet": lambda: run_batches(model, batches,
-                                                                                          exit_policy=FULL_DEPTH)}
+    return {
+        "plain": lambda: run_batches(plain, batches),
+        "adnet": lambda: run_batches(model, batches, exit_policy=FULL_DEPTH),
+    }
 
 
 def interleaved_forwards(model, plain, batches: list[dict], repeats: int) -> dict[str, torch.Tensor]:
@@ -96,8 +118,11 @@ def interleaved_forwards(model, plain, batches: list[dict], repeats: int) -> dic
     at every batch, the first alternating, so that a change in the machine's load hits both alike."""
     arms = arm_runs(model, plain, batches[:1])
     arms["plain"](), arms["adnet"]()  # warm-up
-    times = {f"{arm}_{clock}": torch.zeros(repeats, len(batches), dtype=torch.float64)
-             for arm in ("plain", "adnet") for clock in ("wall", "cpu")}
+    times = {
+        f"{arm}_{clock}": torch.zeros(repeats, len(batches), dtype=torch.float64)
+        for arm in ("plain", "adnet")
+        for clock in ("wall", "cpu")
+    }
     for repeat in range(repeats):
         for index, batch in enumerate(batches):
             order = arm_runs(model, plain, [batch])
@@ -119,13 +144,18 @@ def timing_row(task: str, size: int, batches: list[dict], model, plain, repeats:
     def median(name: str) -> float:
         return passes[name].median().item()
 
-    return {"task": task, "batch_size": size, "forwards": len(batches), "repeats": repeats,
-            "plain_ms": 1000 * median("plain_wall") / len(batches),
-            "adnet_ms": 1000 * median("adnet_wall") / len(batches),
-            "ratio": median("plain_wall") / median("adnet_wall"),
-            "ratio_fastest": (passes["plain_wall"].min() / passes["adnet_wall"].min()).item(),
-            "ratio_paired": (times["plain_wall"] / times["adnet_wall"]).median().item(),
-            "ratio_cpu": median("plain_cpu") / median("adnet_cpu")}
+    return {
+        "task": task,
+        "batch_size": size,
+        "forwards": len(batches),
+        "repeats": repeats,
+        "plain_ms": 1000 * median("plain_wall") / len(batches),
+        "adnet_ms": 1000 * median("adnet_wall") / len(batches),
+        "ratio": median("plain_wall") / median("adnet_wall"),
+        "ratio_fastest": (passes["plain_wall"].min() / passes["adnet_wall"].min()).item(),
+        "ratio_paired": (times["plain_wall"] / times["adnet_wall"]).median().item(),
+        "ratio_cpu": median("plain_cpu") / median("adnet_cpu"),
+    }
 
 
 def op_profiles(runs: dict, forwards: int, rounds: int = PROFILE_ROUNDS) -> dict[str, dict[str, tuple[float, float]]]:
@@ -137,10 +167,13 @@ def op_profiles(runs: dict, forwards: int, rounds: int = PROFILE_ROUNDS) -> dict
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run()
             for event in prof.key_averages():
-                samples[name].setdefault(event.key, []).append((event.self_cpu_time_total / forwards,
-                                                                event.count / forwards))
-    return {name: {op: (statistics.median(us for us, _ in values), values[0][1]) for op, values in ops.items()}
-            for name, ops in samples.items()}
+                samples[name].setdefault(event.key, []).append(
+                    (event.self_cpu_time_total / forwards, event.count / forwards)
+                )
+    return {
+        name: {op: (statistics.median(us for us, _ in values), values[0][1]) for op, values in ops.items()}
+        for name, ops in samples.items()
+    }
 
 
 def function_profile(run, forwards: int) -> list[dict]:
@@ -150,8 +183,14 @@ def function_profile(run, forwards: int) -> list[dict]:
     rows = []
     for (path, line, function), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
         short = path.split("site-packages/")[-1].split(f"{Path(__file__).resolve().parents[1]}/")[-1]
-        rows.append({"function": f"{short}:{line}({function})", "calls": calls / forwards,
-                     "own_us": 1e6 * own / forwards, "cumulative_us": 1e6 * cumulative / forwards})
+        rows.append(
+            {
+                "function": f"{short}:{line}({function})",
+                "calls": calls / forwards,
+                "own_us": 1e6 * own / forwards,
+                "cumulative_us": 1e6 * cumulative / forwards,
+            }
+        )
     return rows
 
 
@@ -162,19 +201,31 @@ def markdown_rows(header: list[str], rows: list[list]) -> list[str]:
 
 def op_lines(ops: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
     """The aten ops whose self CPU time per forward grows most from the plain arm to ADNet."""
+
     def arm(name: str, op: str) -> tuple[float, float]:
         return ops[name].get(op, (0.0, 0.0))
 
     names = sorted(set(ops["plain"]) | set(ops["adnet"]), key=lambda op: arm("plain", op)[0] - arm("adnet", op)[0])
-    rows = [[op, arm("plain", op)[0], arm("adnet", op)[0], f"{arm('adnet', op)[0] - arm('plain', op)[0]:+.0f}",
-             arm("plain", op)[1], arm("adnet", op)[1]] for op in names[:PROFILE_ROWS]]
+    rows = [
+        [
+            op,
+            arm("plain", op)[0],
+            arm("adnet", op)[0],
+            f"{arm('adnet', op)[0] - arm('plain', op)[0]:+.0f}",
+            arm("plain", op)[1],
+            arm("adnet", op)[1],
+        ]
+        for op in names[:PROFILE_ROWS]
+    ]
     return markdown_rows(["aten op", "plain us", "ADNet us", "ADNet - plain us", "plain calls", "ADNet calls"], rows)
 
 
 def function_lines(functions: list[dict], key: str) -> list[str]:
     chosen = sorted(functions, key=lambda row: row[key], reverse=True)[:PROFILE_ROWS]
-    return markdown_rows(["function", "calls", "own us", "cumulative us"],
-                         [[row["function"], row["calls"], row["own_us"], row["cumulative_us"]] for row in chosen])
+    return markdown_rows(
+        ["function", "calls", "own us", "cumulative us"],
+        [[row["function"], row["calls"], row["own_us"], row["cumulative_us"]] for row in chosen],
+    )
 
 
 def profile_section(task: str, size: int, batches: list[dict], model, plain) -> str:
@@ -183,16 +234,27 @@ def profile_section(task: str, size: int, batches: list[dict], model, plain) -> 
     runs, forwards = arm_runs(model, plain, batches), len(batches)
     ops = op_profiles(runs, forwards)
     (plain_us, plain_calls), (adnet_us, adnet_calls) = (
-        [sum(column) for column in zip(*ops[name].values())] for name in ("plain", "adnet"))
+        [sum(column) for column in zip(*ops[name].values())] for name in ("plain", "adnet")
+    )
     functions = function_profile(runs["adnet"], forwards)
     own = [row for row in functions if row["function"].startswith("adnet_hf/")]
-    lines = [f"## {task}, batch {size} ({forwards} forwards)", "",
-             f"Per forward (torch.profiler, median of {PROFILE_ROUNDS} rounds in turns): plain {plain_calls:.0f} aten "
-             f"calls, {plain_us:.0f} us self CPU; ADNet {adnet_calls:.0f} calls, {adnet_us:.0f} us "
-             f"({adnet_us - plain_us:+.0f} us). The aten ops that grow most:", "",
-             *op_lines(ops), "", "ADNet's Python functions by own time (cProfile), per forward:", "",
-             *function_lines(functions, "own_us"), "", "adnet_hf functions by cumulative time (cProfile):", "",
-             *function_lines(own, "cumulative_us")]
+    lines = [
+        f"## {task}, batch {size} ({forwards} forwards)",
+        "",
+        f"Per forward (torch.profiler, median of {PROFILE_ROUNDS} rounds in turns): plain {plain_calls:.0f} aten "
+        f"calls, {plain_us:.0f} us self CPU; ADNet {adnet_calls:.0f} calls, {adnet_us:.0f} us "
+        f"({adnet_us - plain_us:+.0f} us). The aten ops that grow most:",
+        "",
+        *op_lines(ops),
+        "",
+        "ADNet's Python functions by own time (cProfile), per forward:",
+        "",
+        *function_lines(functions, "own_us"),
+        "",
+        "adnet_hf functions by cumulative time (cProfile):",
+        "",
+        *function_lines(own, "cumulative_us"),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +264,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", help="ADNet sequence-classification checkpoint (default: random MiniLM-L6 shape)")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint (default: the ADNet backbone's weights)")
     parser.add_argument("--tokenizer", default=packaged_minilm(), help="default: the packaged MiniLM-L6's")
-    parser.add_argument("--data", default=str(SHARED_DATA / "glue" / "SST-2" / "dev.tsv"),
-                        help="TSV with a `sentence` column (or a sentence pair)")
+    parser.add_argument(
+        "--data",
+        default=str(SHARED_DATA / "glue" / "SST-2" / "dev.tsv"),
+        help="TSV with a `sentence` column (or a sentence pair)",
+    )
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--images", help="IDX grey images: also time the image models")
     parser.add_argument("--image_labels", help="IDX labels of --images")
@@ -227,16 +292,21 @@ def main(argv: list[str] | None = None) -> Path:
             print(rows[-1], flush=True)
             if args.profile:
                 sections.append(profile_section(task, size, batches, model, plain))
-    payload = {"benchmark": "overhead", "adnet_hf": str(Path(adnet_hf.__file__).parent),
-               "model": args.model or f"random BertConfig({MINILM_L6})",
-               "reference": args.reference or "plain model with the ADNet backbone's weights", "data": args.data,
-               "image_model": args.image_model or (f"random ResNetConfig({MNIST_RESNET})" if args.images else None)}
+    payload = {
+        "benchmark": "overhead",
+        "adnet_hf": str(Path(adnet_hf.__file__).parent),
+        "model": args.model or f"random BertConfig({MINILM_L6})",
+        "reference": args.reference or "plain model with the ADNet backbone's weights",
+        "data": args.data,
+        "image_model": args.image_model or (f"random ResNetConfig({MNIST_RESNET})" if args.images else None),
+    }
     path = write_results(args.name, payload, rows, results_dir=args.results_dir)
     if sections:
         title = "# Where the time goes: ADNet at full depth against the plain model"
         (args.results_dir / f"{args.name}_profile.md").write_text(
             f"{title}\n\nCommand: `{environment()['command']}` (adnet_hf: `{payload['adnet_hf']}`)\n\n"
-            + "\n".join(sections))
+            + "\n".join(sections)
+        )
     return path
 
 

@@ -40,26 +40,32 @@ def setting_outcomes(model, batches: list[dict], settings: list[tuple[str, float
     (`exit_errors`: settings x samples), and each setting's executed layers per sample (`layers`), from one real pass
     per setting."""
     full, *records = sweep_exits(model, batches, [(FULL_DEPTH, None)] + list(settings), return_items=True)
-    return {"full_errors": sample_errors(full["items"]).numpy(),
-            "exit_errors": np.stack([sample_errors(record["items"]).numpy() for record in records]),
-            "layers": np.stack([record["items"]["executed_layers"].double().numpy() for record in records])}
+    return {
+        "full_errors": sample_errors(full["items"]).numpy(),
+        "exit_errors": np.stack([sample_errors(record["items"]).numpy() for record in records]),
+        "layers": np.stack([record["items"]["executed_layers"].double().numpy() for record in records]),
+    }
 
 
-def choose(outcomes: dict[str, np.ndarray], part: np.ndarray, budget: float, delta: float | None,
-           num_blocks: int) -> int | None:
+def choose(
+    outcomes: dict[str, np.ndarray], part: np.ndarray, budget: float, delta: float | None, num_blocks: int
+) -> int | None:
     """The candidate `calibrate_exit` picks on the samples `part` (None: full depth), risk-controlled with `delta`,
     else empirically."""
     exit_errors, full_errors = outcomes["exit_errors"][:, part], outcomes["full_errors"][part]
     if delta is None:
-        admissible = [within_budget(1 - errors.mean(), 1 - full_errors.mean(), budget, lower_is_better=False)
-                      for errors in exit_errors]
+        admissible = [
+            within_budget(1 - errors.mean(), 1 - full_errors.mean(), budget, lower_is_better=False)
+            for errors in exit_errors
+        ]
     else:
         admissible = certify(exit_errors, full_errors, budget, delta)[1]
     return cheapest(outcomes["layers"][:, part].mean(-1), admissible, num_blocks)
 
 
-def test_drop_and_layers(outcomes: dict[str, np.ndarray], choice: int | None, part: np.ndarray,
-                         num_blocks: int) -> tuple[float, float]:
+def test_drop_and_layers(
+    outcomes: dict[str, np.ndarray], choice: int | None, part: np.ndarray, num_blocks: int
+) -> tuple[float, float]:
     """The chosen setting's accuracy drop against full depth and its mean executed layers on the samples `part`."""
     if choice is None:
         return 0.0, float(num_blocks)
@@ -67,8 +73,15 @@ def test_drop_and_layers(outcomes: dict[str, np.ndarray], choice: int | None, pa
     return float(drop), float(outcomes["layers"][choice, part].mean())
 
 
-def resample(outcomes: dict[str, np.ndarray], budgets: list[float], deltas: list[float], splits: int,
-             calibration_size: int, seed: int, num_blocks: int) -> list[dict]:
+def resample(
+    outcomes: dict[str, np.ndarray],
+    budgets: list[float],
+    deltas: list[float],
+    splits: int,
+    calibration_size: int,
+    seed: int,
+    num_blocks: int,
+) -> list[dict]:
     """One row per (budget, delta): over `splits` random splits, the risk-controlled choice's violation share, test
     drop and layers, beside the empirical choice's on the same splits."""
     rng = np.random.default_rng(seed)
@@ -76,21 +89,35 @@ def resample(outcomes: dict[str, np.ndarray], budgets: list[float], deltas: list
     parts = [np.split(rng.permutation(samples), [calibration_size]) for _ in range(splits)]
     rows = []
     for budget in budgets:
-        empirical = np.array([test_drop_and_layers(outcomes, choose(outcomes, calibration, budget, None, num_blocks),
-                                                   test, num_blocks) for calibration, test in parts])
+        empirical = np.array(
+            [
+                test_drop_and_layers(
+                    outcomes, choose(outcomes, calibration, budget, None, num_blocks), test, num_blocks
+                )
+                for calibration, test in parts
+            ]
+        )
         for delta in deltas:
             choices = [choose(outcomes, calibration, budget, delta, num_blocks) for calibration, _ in parts]
-            controlled = np.array([test_drop_and_layers(outcomes, choice, test, num_blocks)
-                                   for choice, (_, test) in zip(choices, parts)])
+            controlled = np.array(
+                [test_drop_and_layers(outcomes, choice, test, num_blocks) for choice, (_, test) in zip(choices, parts)]
+            )
             violation_share = float((controlled[:, 0] > budget).mean())
-            rows.append({"budget_pts": 100 * budget, "delta": delta, "splits": splits,
-                         "violation_share": violation_share, "within_delta": violation_share <= delta,
-                         "certified_share": float(np.mean([choice is not None for choice in choices])),
-                         "mean_layers": float(controlled[:, 1].mean()),
-                         "mean_test_drop_pts": float(100 * controlled[:, 0].mean()),
-                         "empirical_violation_share": float((empirical[:, 0] > budget).mean()),
-                         "empirical_mean_layers": float(empirical[:, 1].mean()),
-                         "empirical_mean_test_drop_pts": float(100 * empirical[:, 0].mean())})
+            rows.append(
+                {
+                    "budget_pts": 100 * budget,
+                    "delta": delta,
+                    "splits": splits,
+                    "violation_share": violation_share,
+                    "within_delta": violation_share <= delta,
+                    "certified_share": float(np.mean([choice is not None for choice in choices])),
+                    "mean_layers": float(controlled[:, 1].mean()),
+                    "mean_test_drop_pts": float(100 * controlled[:, 0].mean()),
+                    "empirical_violation_share": float((empirical[:, 0] > budget).mean()),
+                    "empirical_mean_layers": float(empirical[:, 1].mean()),
+                    "empirical_mean_test_drop_pts": float(100 * empirical[:, 0].mean()),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -104,9 +131,15 @@ def smallest_certifiable_budget(calibration_size: int, delta: float) -> float:
 def candidate_table(outcomes: dict[str, np.ndarray], candidates: list) -> list[dict]:
     """Each candidate on the whole dev set: accuracy drop, the risk-control loss rate and mean executed layers."""
     full_errors = outcomes["full_errors"]
-    return [{"setting": value, "accuracy_drop_pts": float(100 * (errors.mean() - full_errors.mean())),
-             "loss_rate": float((errors & ~full_errors).mean()), "executed_layers": float(layers.mean())}
-            for value, errors, layers in zip(candidates, outcomes["exit_errors"], outcomes["layers"])]
+    return [
+        {
+            "setting": value,
+            "accuracy_drop_pts": float(100 * (errors.mean() - full_errors.mean())),
+            "loss_rate": float((errors & ~full_errors).mean()),
+            "executed_layers": float(layers.mean()),
+        }
+        for value, errors, layers in zip(candidates, outcomes["exit_errors"], outcomes["layers"])
+    ]
 
 
 def main(argv: list[str] | None = None):
@@ -115,10 +148,19 @@ def main(argv: list[str] | None = None):
     parser.set_defaults(reference=None, max_samples_batch1=None)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--policy", default="halting", choices=list(EXIT_RULES))
-    parser.add_argument("--candidates", type=float, nargs="+",
-                        help="settings of --policy, most cautious first (default: the rule's calibration grid)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0025, 0.005, 0.01],
-                        help="accuracy drops allowed (0.005 = 0.5 points)")
+    parser.add_argument(
+        "--candidates",
+        type=float,
+        nargs="+",
+        help="settings of --policy, most cautious first (default: the rule's calibration grid)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.0025, 0.005, 0.01],
+        help="accuracy drops allowed (0.005 = 0.5 points)",
+    )
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.1, 0.05])
     parser.add_argument("--splits", type=int, default=200)
     parser.add_argument("--calibration_fraction", type=float, default=0.5)
@@ -127,33 +169,49 @@ def main(argv: list[str] | None = None):
     args.batch_sizes = [args.batch_size]
     batches_by_size, labels, model, _ = load_inputs(parser, args)
     rule, config = EXIT_RULES[args.policy], model.config
-    candidates = rule.candidates(config.num_variable_steps) if args.candidates is None else [
-        int(value) if args.policy == "patience" else value for value in args.candidates]
+    candidates = (
+        rule.candidates(config.num_variable_steps)
+        if args.candidates is None
+        else [int(value) if args.policy == "patience" else value for value in args.candidates]
+    )
     with torch.inference_mode():
-        outcomes = sample_outcomes(model, with_labels(batches_by_size[args.batch_size], labels), args.policy,
-                                   candidates)
+        outcomes = sample_outcomes(
+            model, with_labels(batches_by_size[args.batch_size], labels), args.policy, candidates
+        )
     samples = len(outcomes["full_errors"])
     calibration_size = round(args.calibration_fraction * samples)
     rows = resample(outcomes, args.budgets, args.deltas, args.splits, calibration_size, args.seed, config.num_blocks)
-    payload = {"benchmark": "risk_control", "model": args.model, "data": args.data or args.images,
-               "samples": samples, "splits": args.splits, "calibration_size": calibration_size,
-               "test_size": samples - calibration_size,
-               "policy": args.policy, "num_blocks": config.num_blocks,
-               "full_depth_accuracy": float(1 - outcomes["full_errors"].mean()),
-               "smallest_certifiable_budget_pts": {
-                   str(delta): 100 * smallest_certifiable_budget(calibration_size, delta) for delta in args.deltas},
-               "candidates": candidate_table(outcomes, candidates)}
+    payload = {
+        "benchmark": "risk_control",
+        "model": args.model,
+        "data": args.data or args.images,
+        "samples": samples,
+        "splits": args.splits,
+        "calibration_size": calibration_size,
+        "test_size": samples - calibration_size,
+        "policy": args.policy,
+        "num_blocks": config.num_blocks,
+        "full_depth_accuracy": float(1 - outcomes["full_errors"].mean()),
+        "smallest_certifiable_budget_pts": {
+            str(delta): 100 * smallest_certifiable_budget(calibration_size, delta) for delta in args.deltas
+        },
+        "candidates": candidate_table(outcomes, candidates),
+    }
     return write_results(args.name, payload, rows, results_dir=args.results_dir, preamble=preamble(payload))
 
 
 def preamble(payload: dict) -> str:
     """What the table's rows were measured on, and the smallest budget the calibration size can certify."""
-    smallest = ", ".join(f"{float(points):.2f} points at delta {delta}"
-                         for delta, points in payload["smallest_certifiable_budget_pts"].items())
-    return (f"`{payload['policy']}` on {payload['model']}, {payload['samples']} samples of {payload['data']} (full "
-            f"depth: {100 * payload['full_depth_accuracy']:.2f}%), split {payload['splits']} times into "
-            f"{payload['calibration_size']} to calibrate on and {payload['test_size']} to test. On "
-            f"{payload['calibration_size']} samples no setting can be certified below {smallest}.\n\n")
+    smallest = ", ".join(
+        f"{float(points):.2f} points at delta {delta}"
+        for delta, points in payload["smallest_certifiable_budget_pts"].items()
+    )
+    return (
+        f"`{payload['policy']}` on {payload['model']}, {payload['samples']} samples of {payload['data']} (full "
+        f"depth: {100 * payload['full_depth_accuracy']:.2f}%), split {payload['splits']} times into "
+        f"{payload['calibration_size']} to calibrate on and {payload['test_size']} to test. On "
+        f"{payload['calibration_size']} samples no setting can be certified below {smallest}.\n\n"
+    )
 
 
 if __name__ == "__main__":

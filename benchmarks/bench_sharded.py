@@ -29,8 +29,14 @@ from adnet_hf import ADNetConfig, ADNetForSequenceClassification
 
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
 
-BACKBONE = {"vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
-            "intermediate_size": 1024, "max_position_embeddings": 128}
+BACKBONE = {
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 128,
+}
 
 
 def sharded_model() -> ADNetForSequenceClassification:
@@ -46,8 +52,9 @@ def split_threshold(model, batches: list[torch.Tensor], unit: int) -> float:
     """A halting epsilon that splits this process's samples in two halves: those that stop after unit `unit` and
     those that go on (a random backbone's states differ too little between inputs to spread exits otherwise)."""
     with torch.no_grad():
-        probs = torch.cat([model(input_ids=ids, exit_policy="none", output_step_logits=True).halting_probs
-                           for ids in batches])
+        probs = torch.cat(
+            [model(input_ids=ids, exit_policy="none", output_step_logits=True).halting_probs for ids in batches]
+        )
     not_halted = 1 - probs[:, : unit + 1].sum(-1)
     return float(not_halted.median())
 
@@ -61,33 +68,48 @@ def count_block_calls(model) -> list[int]:
 
 
 def measure_rank(rank: int, port: int, args, out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.processes,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=args.processes,
+        timeout=timedelta(seconds=120),
+    )
     torch.set_num_threads(args.threads)
     model = sharded_model()
     calls = count_block_calls(model)
     generator = torch.Generator().manual_seed(1 + rank)
-    batches = [torch.randint(3, BACKBONE["vocab_size"], (args.batch_size, args.length), generator=generator)
-               for _ in range(args.batches)]
+    batches = [
+        torch.randint(3, BACKBONE["vocab_size"], (args.batch_size, args.length), generator=generator)
+        for _ in range(args.batches)
+    ]
     epsilon = split_threshold(model, batches, args.split_unit + 2 * rank)  # process r exits deeper than r - 1
-    settings = {"full depth": {"exit_policy": "none"},
-                f"halting {epsilon:.4f}": {"exit_policy": "halting", "exit_threshold": epsilon}}
+    settings = {
+        "full depth": {"exit_policy": "none"},
+        f"halting {epsilon:.4f}": {"exit_policy": "halting", "exit_threshold": epsilon},
+    }
 
     def run(setting: dict) -> None:
         with torch.no_grad():
             for ids in batches:
                 model(input_ids=ids, **setting)
 
-    seconds = interleaved_seconds({name: lambda s=setting: run(s) for name, setting in settings.items()},
-                                  args.repeats)
+    seconds = interleaved_seconds({name: lambda s=setting: run(s) for name, setting in settings.items()}, args.repeats)
     rows = []
     for name, setting in settings.items():
         calls[0] = 0
         with torch.no_grad():
             layers = torch.stack([model(input_ids=ids, **setting).executed_layers for ids in batches]).float()
-        rows.append({"rank": rank, "setting": name, "seconds_per_batch": seconds[name] / args.batches,
-                     "layers_per_sample": float(layers.mean()), "blocks_needed_per_batch": float(layers.amax(1).mean()),
-                     "blocks_run_per_batch": calls[0] / args.batches})
+        rows.append(
+            {
+                "rank": rank,
+                "setting": name,
+                "seconds_per_batch": seconds[name] / args.batches,
+                "layers_per_sample": float(layers.mean()),
+                "blocks_needed_per_batch": float(layers.amax(1).mean()),
+                "blocks_run_per_batch": calls[0] / args.batches,
+            }
+        )
     gathered = [None] * args.processes
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -114,16 +136,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batches", type=int, default=4, help="batches per process")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--split_unit", type=int, default=1,
-                        help="process r's halting epsilon stops half its samples after unit split_unit + 2r")
+    parser.add_argument(
+        "--split_unit",
+        type=int,
+        default=1,
+        help="process r's halting epsilon stops half its samples after unit split_unit + 2r",
+    )
     args = parse_benchmark_args(parser, argv)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "rows.json"
         mp.spawn(measure_rank, args=(free_port(), args, out), nprocs=args.processes)
         rows = with_ratios(json.loads(out.read_text()))
-    payload = {"benchmark": "sharded exits", "sharding": "FSDP2 fully_shard per block, then the root; gloo",
-               "backbone": BACKBONE, "processes": args.processes, "batches_per_process": args.batches,
-               "batch_size": args.batch_size, "length": args.length}
+    payload = {
+        "benchmark": "sharded exits",
+        "sharding": "FSDP2 fully_shard per block, then the root; gloo",
+        "backbone": BACKBONE,
+        "processes": args.processes,
+        "batches_per_process": args.batches,
+        "batch_size": args.batch_size,
+        "length": args.length,
+    }
     return write_results(args.name, payload, rows, results_dir=args.results_dir)
 
 

@@ -76,8 +76,10 @@ def lm_head_share(model: ADNetForCausalLM) -> float:
 
 
 def draft_settings(args: argparse.Namespace) -> list[dict]:
-    return [{"assistant_early_exit": depth, "num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
-            for depth, length, threshold in itertools.product(args.depths, args.draft_lengths, args.thresholds)]
+    return [
+        {"assistant_early_exit": depth, "num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
+        for depth, length, threshold in itertools.product(args.depths, args.draft_lengths, args.thresholds)
+    ]
 
 
 def with_vocabulary(settings: list[dict], vocabulary: torch.Tensor | None) -> list[dict]:
@@ -105,17 +107,28 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
         raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
     if not tokenizer.chat_template:
-        raise ValueError("--prompts_file needs a tokenizer with a chat template (chat_template); this one has none: "
-                         "cut prompts from a text file with --data instead.")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          return_tensors="pt")["input_ids"][0] for text in instructions[: args.prompts]]
+        raise ValueError(
+            "--prompts_file needs a tokenizer with a chat template (chat_template); this one has none: "
+            "cut prompts from a text file with --data instead."
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt"
+        )["input_ids"][0]
+        for text in instructions[: args.prompts]
+    ]
 
 
 def generation_kwargs(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int) -> dict:
     """Greedy, exactly `new_tokens` new tokens (no end-of-sequence stop), for every arm. The mask is given: inferred,
     it would hide every pad token (here the end-of-sequence token, e.g. a chat template's end of turn) in the prompt."""
-    return {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None,
-            "pad_token_id": model.config.backbone_config.eos_token_id or 0, "attention_mask": torch.ones_like(ids)}
+    return {
+        "max_new_tokens": new_tokens,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": model.config.backbone_config.eos_token_id or 0,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 PHASES = ("prefill", "draft_blocks", "draft_head", "verify_blocks", "verify_head")
@@ -133,12 +146,16 @@ def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, s
     return phases | {"other_s": total - sum(phases.values()), "profiled_total_s": total}
 
 
-def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
-            ) -> list[dict]:
+def measure(
+    model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
+) -> list[dict]:
     """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt. Every timed run
     is also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
-    totals = [dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
-              | {"identical": True} for _ in settings]
+    totals = [
+        dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
+        | {"identical": True}
+        for _ in settings
+    ]
     for ids in prompts:
         ids = ids.unsqueeze(0)
         common = generation_kwargs(model, ids, new_tokens)
@@ -146,7 +163,8 @@ def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings
         runs = {"backbone": lambda: outputs["backbone"].append(plain.generate(ids, **common))}
         for index, setting in enumerate(settings):
             runs[index] = lambda index=index, setting=setting: outputs[index].append(
-                model.generate(ids, return_dict_in_generate=True, **common, **setting))
+                model.generate(ids, return_dict_in_generate=True, **common, **setting)
+            )
         with torch.inference_mode():
             seconds = interleaved_seconds(runs, repeats, warmup=0)
         reference = outputs["backbone"][0]
@@ -161,14 +179,19 @@ def measure(model, plain, prompts: list[torch.Tensor], new_tokens: int, settings
             total["backbone_s"] += seconds["backbone"]
             total["speculative_s"] += seconds[index]
     tokens = len(prompts) * new_tokens
-    return [setting | {
-        "backbone_tokens_per_s": tokens / total["backbone_s"], "tokens_per_s": tokens / total["speculative_s"],
-        "speedup": total["backbone_s"] / total["speculative_s"],
-        "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
-        "mean_accepted_length": total["accepted"] / max(total["verifications"], 1),
-        "tokens_per_verification": (total["accepted"] + total["verifications"]) / max(total["verifications"], 1),
-        "identical_outputs": total["identical"],
-    } for setting, total in zip(settings, totals)]
+    return [
+        setting
+        | {
+            "backbone_tokens_per_s": tokens / total["backbone_s"],
+            "tokens_per_s": tokens / total["speculative_s"],
+            "speedup": total["backbone_s"] / total["speculative_s"],
+            "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
+            "mean_accepted_length": total["accepted"] / max(total["verifications"], 1),
+            "tokens_per_verification": (total["accepted"] + total["verifications"]) / max(total["verifications"], 1),
+            "identical_outputs": total["identical"],
+        }
+        for setting, total in zip(settings, totals)
+    ]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -176,8 +199,11 @@ def main(argv: list[str] | None = None) -> Path:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="ADNet causal LM checkpoint folder")
     source.add_argument("--backbone", help="plain causal LM checkpoint folder, wrapped with its weights unchanged")
-    source.add_argument("--backbone_config", help="JSON backbone config for UNTRAINED weights: measures the decoding "
-                        "machinery and where the time goes, not a trained model's acceptance (needs --tokenizer)")
+    source.add_argument(
+        "--backbone_config",
+        help="JSON backbone config for UNTRAINED weights: measures the decoding "
+        "machinery and where the time goes, not a trained model's acceptance (needs --tokenizer)",
+    )
     parser.add_argument("--backbone_kwargs", default="{}", help='JSON for from_pretrained, e.g. {"gguf_file": "x"}')
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model or --backbone)")
     prompts = parser.add_mutually_exclusive_group(required=True)
@@ -188,8 +214,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--depths", type=int, nargs="+", required=True, help="draft depths (blocks)")
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[4], help="num_assistant_tokens values")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.0],
-                        help="assistant_confidence_threshold values (0: fixed draft length)")
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="assistant_confidence_threshold values (0: fixed draft length)",
+    )
     parser.add_argument("--draft_vocab_size", type=int, help="also draft over this many most frequent tokens only")
     parser.add_argument("--draft_vocab_data", help="training text the draft vocabulary's frequencies come from")
     parser.add_argument("--profile", action="store_true", help="also profile one generation per setting")
@@ -209,9 +240,17 @@ def main(argv: list[str] | None = None) -> Path:
     for row in rows:
         print(row, flush=True)
     source = args.model or args.backbone or f"untrained {args.backbone_config}"
-    payload = {"benchmark": "speculative", "model": source, "data": args.data or args.prompts_file,
-               "prompts": len(prompts), "prompt_lengths": [len(ids) for ids in prompts], "new_tokens": args.new_tokens,
-               "num_blocks": model.config.num_blocks, "lm_head_weight_share": lm_head_share(model), "note": args.note}
+    payload = {
+        "benchmark": "speculative",
+        "model": source,
+        "data": args.data or args.prompts_file,
+        "prompts": len(prompts),
+        "prompt_lengths": [len(ids) for ids in prompts],
+        "new_tokens": args.new_tokens,
+        "num_blocks": model.config.num_blocks,
+        "lm_head_weight_share": lm_head_share(model),
+        "note": args.note,
+    }
     return write_results(args.name, payload, rows, None, args.results_dir)
 
 

@@ -98,8 +98,14 @@ def interleaved_seconds(runs: dict[str, Callable[[], None]], repeats: int, warmu
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def write_results(name: str, payload: dict, table: list[dict], plot: Callable[[Path], None] | None = None,
-                  results_dir: Path = RESULTS_DIR, preamble: str = "") -> Path:
+def write_results(
+    name: str,
+    payload: dict,
+    table: list[dict],
+    plot: Callable[[Path], None] | None = None,
+    results_dir: Path = RESULTS_DIR,
+    preamble: str = "",
+) -> Path:
     """Write `<name>.json`, `<name>.md` (`preamble`, then the table) and, with `plot`, `<name>.png`; return the JSON
     path."""
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ from .common import benchmark_parser, parse_benchmark_args, save_figure, variabl
 @torch.inference_mode()
 def halting_probs(model, batches: list[dict]) -> torch.Tensor:
     """Inputs x variable steps: the halting distribution of every input at full depth."""
-    return torch.cat([model(**batch, exit_policy=FULL_DEPTH, output_step_logits=True).halting_probs
-                      for batch in batches])
+    return torch.cat(
+        [model(**batch, exit_policy=FULL_DEPTH, output_step_logits=True).halting_probs for batch in batches]
+    )
 
 
 def subset_quality(items: dict[str, torch.Tensor], keep: torch.Tensor, metric: str) -> float | None:
@@ -40,9 +41,14 @@ def subset_quality(items: dict[str, torch.Tensor], keep: torch.Tensor, metric: s
 def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[float]) -> list[dict]:
     """One row per variable step: its halting probability across inputs, and who exits there under each epsilon."""
     probs = halting_probs(model, batches)
-    rows = [{"executed_layers": layers, "halting_prob_mean": probs[:, n].mean().item(),
-             "halting_prob_std": probs[:, n].std().item()}
-            for n, layers in enumerate(variable_step_layers(model.config))]
+    rows = [
+        {
+            "executed_layers": layers,
+            "halting_prob_mean": probs[:, n].mean().item(),
+            "halting_prob_std": probs[:, n].std().item(),
+        }
+        for n, layers in enumerate(variable_step_layers(model.config))
+    ]
     for epsilon in epsilons:
         items = pooled_items(model, with_labels(batches, labels), "halting", epsilon)
         metric = quality_metric(evaluation_metrics(items))
@@ -56,8 +62,13 @@ def profile(model, batches: list[dict], labels: torch.Tensor, epsilons: list[flo
 def plot(rows: list[dict]):
     def draw(axis, index: int) -> None:
         layers = [row["executed_layers"] for row in rows]
-        axis.bar(layers, [row["halting_prob_mean"] for row in rows], yerr=[row["halting_prob_std"] for row in rows],
-                 capsize=4, label="halting probability: mean, std across inputs")
+        axis.bar(
+            layers,
+            [row["halting_prob_mean"] for row in rows],
+            yerr=[row["halting_prob_std"] for row in rows],
+            capsize=4,
+            label="halting probability: mean, std across inputs",
+        )
         axis.set_xlabel("layers executed at the step")
         axis.set_ylabel("p_n")
 
@@ -67,14 +78,20 @@ def plot(rows: list[dict]):
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "halting_profile")
     add_input_arguments(parser)
-    parser.add_argument("--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7],
-                        help=f"{EXIT_RULES['halting'].config_field} values")
+    parser.add_argument(
+        "--halting", type=float, nargs="+", default=[0.3, 0.5, 0.7], help=f"{EXIT_RULES['halting'].config_field} values"
+    )
     args = parse_benchmark_args(parser, argv)
     args.batch_sizes, args.max_samples_batch1, args.reference = [32], None, None  # one batch size, no reference
     batches_by_size, labels, model, _ = load_inputs(parser, args)
     rows = profile(model, batches_by_size[32], labels, args.halting)
-    payload = {"benchmark": "halting_profile", "model": args.model, "data": args.data or args.images,
-               "samples": len(labels), "num_blocks": model.config.num_blocks}
+    payload = {
+        "benchmark": "halting_profile",
+        "model": args.model,
+        "data": args.data or args.images,
+        "samples": len(labels),
+        "num_blocks": model.config.num_blocks,
+    }
     return write_results(args.name, payload, rows, plot(rows), args.results_dir)
 
 

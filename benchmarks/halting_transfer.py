@@ -34,8 +34,9 @@ from .pareto_exits import budget_table, dense_grid, setting_points
 POLICIES = ("halting", "confidence")
 
 
-def held_out_halves(count: int, fraction: float, split_seed: int, seed: int,
-                     calibration_fraction: float | None = None) -> list[np.ndarray]:
+def held_out_halves(
+    count: int, fraction: float, split_seed: int, seed: int, calibration_fraction: float | None = None
+) -> list[np.ndarray]:
     """The indices of the `fraction` of `count` training rows that training held out to fit the halting units on,
     in two random halves drawn with `seed`: split as `run_glue_style.py` splits them, calibration rows first."""
     rows = datasets.Dataset.from_dict({"row": range(count)})
@@ -44,8 +45,9 @@ def held_out_halves(count: int, fraction: float, split_seed: int, seed: int,
     return np.split(np.random.default_rng(seed).permutation(rows), [len(rows) // 2])
 
 
-def labelled_batches(tokenizer, texts, labels: torch.Tensor, rows: np.ndarray | None, batch_size: int,
-                     max_length: int) -> list[dict]:
+def labelled_batches(
+    tokenizer, texts, labels: torch.Tensor, rows: np.ndarray | None, batch_size: int, max_length: int
+) -> list[dict]:
     """Tokenised batches, with labels, of the `rows` of a TSV's `texts` and `labels` (all of them for None)."""
     if rows is not None:
         texts = tuple(None if column is None else [column[row] for row in rows] for column in texts)
@@ -61,8 +63,10 @@ def read_labelled(path: str) -> tuple[tuple, torch.Tensor]:
 
 def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The outcomes of two setting lists on the same samples, as those of the first list followed by the second."""
-    return {"full_errors": first["full_errors"],
-            **{key: np.concatenate([first[key], second[key]]) for key in ("exit_errors", "layers")}}
+    return {
+        "full_errors": first["full_errors"],
+        **{key: np.concatenate([first[key], second[key]]) for key in ("exit_errors", "layers")},
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -77,20 +81,31 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--grid_size", type=int, default=40, help="settings of halting and of confidence")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0025, 0.005, 0.01],
-                        help="accuracy drops allowed (0.005 = 0.5 points)")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.0025, 0.005, 0.01],
+        help="accuracy drops allowed (0.005 = 0.5 points)",
+    )
     args = parse_benchmark_args(parser, argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
     config = model.config
-    settings = {policy: [(policy, value) for value in dense_grid(policy, config.num_variable_steps, args.grid_size,
-                                                                 config.num_labels)] for policy in POLICIES}
+    settings = {
+        policy: [
+            (policy, value)
+            for value in dense_grid(policy, config.num_variable_steps, args.grid_size, config.num_labels)
+        ]
+        for policy in POLICIES
+    }
     texts, labels = read_labelled(args.fit_data)
     halves = held_out_halves(len(labels), args.fit_split, args.split_seed, args.seed, args.calibration_split)
-    parts = {f"half {index}": labelled_batches(tokenizer, texts, labels, half, args.batch_size, args.max_length)
-             for index, half in enumerate(halves)}
-    parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size,
-                                           args.max_length)
+    parts = {
+        f"half {index}": labelled_batches(tokenizer, texts, labels, half, args.batch_size, args.max_length)
+        for index, half in enumerate(halves)
+    }
+    parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size, args.max_length)
     every = settings["halting"] + settings["confidence"]
     confidence = {data: setting_outcomes(model, part, settings["confidence"]) for data, part in parts.items()}
     rows = []
@@ -99,12 +114,21 @@ def main(argv: list[str] | None = None) -> Path:
         for data in (scoring, "evaluation"):
             outcomes = joined(setting_outcomes(model, parts[data], settings["halting"]), confidence[data])
             points = setting_points(every, outcomes, config.num_blocks)
-            fold_rows = [{"fitted_on": fitting, "scored_on": data, **row}
-                         for row in budget_table(points, args.budgets, config.num_blocks)]
+            fold_rows = [
+                {"fitted_on": fitting, "scored_on": data, **row}
+                for row in budget_table(points, args.budgets, config.num_blocks)
+            ]
             print(*fold_rows, sep="\n", flush=True)
             rows += fold_rows
-    payload = {"benchmark": "halting_transfer", "model": args.model, "fit_data": args.fit_data, "data": args.data,
-               "halves": [len(half) for half in halves], "num_blocks": config.num_blocks, "rows": rows}
+    payload = {
+        "benchmark": "halting_transfer",
+        "model": args.model,
+        "fit_data": args.fit_data,
+        "data": args.data,
+        "halves": [len(half) for half in halves],
+        "num_blocks": config.num_blocks,
+        "rows": rows,
+    }
     return write_results(args.name, payload, rows, results_dir=args.results_dir)
 
 

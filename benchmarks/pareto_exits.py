@@ -51,14 +51,28 @@ def dense_grid(policy: str, num_variable_steps: int, size: int, num_labels: int 
     return [float(f"{value:.6g}") for value in values]
 
 
-def setting_points(settings: Sequence[tuple[str, float | int]], outcomes: dict[str, np.ndarray], num_blocks: int,
-                   part: np.ndarray | slice = slice(None)) -> list[dict]:
+def setting_points(
+    settings: Sequence[tuple[str, float | int]],
+    outcomes: dict[str, np.ndarray],
+    num_blocks: int,
+    part: np.ndarray | slice = slice(None),
+) -> list[dict]:
     """Accuracy and mean executed layers on the samples `part`: full depth first, then every setting."""
-    full = {"policy": FULL_DEPTH_ROW, "setting": None, "accuracy": float(1 - outcomes["full_errors"][part].mean()),
-            "executed_layers": float(num_blocks)}
-    return [full] + [{"policy": policy, "setting": value, "accuracy": float(1 - errors[part].mean()),
-                      "executed_layers": float(layers[part].mean())}
-                     for (policy, value), errors, layers in zip(settings, outcomes["exit_errors"], outcomes["layers"])]
+    full = {
+        "policy": FULL_DEPTH_ROW,
+        "setting": None,
+        "accuracy": float(1 - outcomes["full_errors"][part].mean()),
+        "executed_layers": float(num_blocks),
+    }
+    return [full] + [
+        {
+            "policy": policy,
+            "setting": value,
+            "accuracy": float(1 - errors[part].mean()),
+            "executed_layers": float(layers[part].mean()),
+        }
+        for (policy, value), errors, layers in zip(settings, outcomes["exit_errors"], outcomes["layers"])
+    ]
 
 
 def fewest_layers(points: list[dict], budgets: Sequence[float], num_blocks: int) -> dict[tuple[float, str], int]:
@@ -70,8 +84,9 @@ def fewest_layers(points: list[dict], budgets: Sequence[float], num_blocks: int)
     for budget in budgets:
         for policy in policies:
             indices = [index for index, point in enumerate(points) if point["policy"] == policy]
-            admissible = [within_budget(points[index]["accuracy"], full, budget, lower_is_better=False)
-                          for index in indices]
+            admissible = [
+                within_budget(points[index]["accuracy"], full, budget, lower_is_better=False) for index in indices
+            ]
             best = cheapest([points[index]["executed_layers"] for index in indices], admissible, num_blocks)
             choices[budget, policy] = 0 if best is None else indices[best]
     return choices
@@ -82,8 +97,11 @@ def mark_halting(rows: list[dict], layers: str) -> list[dict]:
     (the issue's criterion)."""
     for row in rows:
         if row["policy"] == "halting":
-            others = [other[layers] for other in rows if other["budget_pts"] == row["budget_pts"]
-                      and other["policy"] != "halting"]
+            others = [
+                other[layers]
+                for other in rows
+                if other["budget_pts"] == row["budget_pts"] and other["policy"] != "halting"
+            ]
             if others:
                 row["halting_no_more_layers"] = row[layers] <= min(others) + LAYER_TOLERANCE
     return rows
@@ -96,15 +114,27 @@ def budget_table(points: list[dict], budgets: Sequence[float], num_blocks: int) 
     rows = []
     for (budget, policy), index in fewest_layers(points, budgets, num_blocks).items():
         point = points[index]
-        rows.append({"budget_pts": 100 * budget, "policy": policy,
-                     "setting": FULL_DEPTH_ROW if index == 0 else point["setting"],
-                     "executed_layers": point["executed_layers"], "accuracy": point["accuracy"],
-                     "accuracy_drop_pts": 100 * (full - point["accuracy"])})
+        rows.append(
+            {
+                "budget_pts": 100 * budget,
+                "policy": policy,
+                "setting": FULL_DEPTH_ROW if index == 0 else point["setting"],
+                "executed_layers": point["executed_layers"],
+                "accuracy": point["accuracy"],
+                "accuracy_drop_pts": 100 * (full - point["accuracy"]),
+            }
+        )
     return mark_halting(rows, "executed_layers")
 
 
-def held_out_table(settings: Sequence[tuple[str, float | int]], outcomes: dict[str, np.ndarray],
-                   budgets: Sequence[float], num_blocks: int, splits: int, seed: int) -> list[dict]:
+def held_out_table(
+    settings: Sequence[tuple[str, float | int]],
+    outcomes: dict[str, np.ndarray],
+    budgets: Sequence[float],
+    num_blocks: int,
+    splits: int,
+    seed: int,
+) -> list[dict]:
     """Per budget and policy, over `splits` random halves: the setting chosen on one half (`fewest_layers`) scored
     on the other, its mean executed layers, mean accuracy drop from full depth there, and how often the drop exceeds
     the budget."""
@@ -116,14 +146,22 @@ def held_out_table(settings: Sequence[tuple[str, float | int]], outcomes: dict[s
         choices = fewest_layers(setting_points(settings, outcomes, num_blocks, choosing), budgets, num_blocks)
         test = setting_points(settings, outcomes, num_blocks, scoring)
         for key, index in choices.items():
-            scores.setdefault(key, []).append((test[0]["accuracy"] - test[index]["accuracy"],
-                                               test[index]["executed_layers"]))
+            scores.setdefault(key, []).append(
+                (test[0]["accuracy"] - test[index]["accuracy"], test[index]["executed_layers"])
+            )
     rows = []
     for (budget, policy), values in scores.items():
         drops, layers = np.array(values).T
-        rows.append({"budget_pts": 100 * budget, "policy": policy, "splits": splits,
-                     "mean_layers": float(layers.mean()), "mean_drop_pts": float(100 * drops.mean()),
-                     "violation_share": float((drops > budget + 1e-12).mean())})
+        rows.append(
+            {
+                "budget_pts": 100 * budget,
+                "policy": policy,
+                "splits": splits,
+                "mean_layers": float(layers.mean()),
+                "mean_drop_pts": float(100 * drops.mean()),
+                "violation_share": float((drops > budget + 1e-12).mean()),
+            }
+        )
     return mark_halting(rows, "mean_layers")
 
 
@@ -147,13 +185,22 @@ def plot(points: list[dict], budgets: Sequence[float]):
         for number, policy in enumerate(policies):
             own = [point for point in points if point["policy"] == policy]
             color = f"C{number}"
-            axis.scatter([p["executed_layers"] for p in own], [100 * p["accuracy"] for p in own], s=10, color=color,
-                         alpha=0.5)
+            axis.scatter(
+                [p["executed_layers"] for p in own], [100 * p["accuracy"] for p in own], s=10, color=color, alpha=0.5
+            )
             front = pareto_front(own + [full])
-            axis.plot([p["executed_layers"] for p in front], [100 * p["accuracy"] for p in front], color=color,
-                      label=policy)
-        axis.scatter([full["executed_layers"]], [100 * full["accuracy"]], marker="*", s=120, color="black",
-                     label="full depth", zorder=3)
+            axis.plot(
+                [p["executed_layers"] for p in front], [100 * p["accuracy"] for p in front], color=color, label=policy
+            )
+        axis.scatter(
+            [full["executed_layers"]],
+            [100 * full["accuracy"]],
+            marker="*",
+            s=120,
+            color="black",
+            label="full depth",
+            zorder=3,
+        )
         for budget in budgets:
             axis.axhline(100 * (full["accuracy"] - budget), color="gray", linestyle=":", linewidth=0.8)
         if index == 1:
@@ -167,15 +214,27 @@ def plot(points: list[dict], budgets: Sequence[float]):
 
 def preamble(payload: dict, held_out: list[dict]) -> str:
     """The verdict per budget, and the held-out table; the budget table on the whole data follows."""
-    verdicts = {row["budget_pts"]: row.get("halting_no_more_layers") for row in payload["budget_rows_held_out"]
-                if row["policy"] == "halting"}
-    lines = [f"{len(payload['points']) - 1} exit settings on {payload['model']}, {payload['samples']} samples of "
-             f"{payload['data']} (full depth: {100 * payload['full_depth_accuracy']:.2f}% on {payload['num_blocks']} "
-             f"layers).", "", f"Chosen on a random half, scored on the other ({payload['splits']} splits, seed "
-             f"{payload['seed']}); `halting_no_more_layers` compares mean layers:", "", markdown_table(held_out),
-             "Held-out verdict (halting needs no more mean layers): " + ", ".join(
-                 f"{points:g} points: {verdict}" for points, verdict in verdicts.items()), "",
-             "Chosen and scored on the whole data:", "", ""]
+    verdicts = {
+        row["budget_pts"]: row.get("halting_no_more_layers")
+        for row in payload["budget_rows_held_out"]
+        if row["policy"] == "halting"
+    }
+    lines = [
+        f"{len(payload['points']) - 1} exit settings on {payload['model']}, {payload['samples']} samples of "
+        f"{payload['data']} (full depth: {100 * payload['full_depth_accuracy']:.2f}% on {payload['num_blocks']} "
+        f"layers).",
+        "",
+        f"Chosen on a random half, scored on the other ({payload['splits']} splits, seed "
+        f"{payload['seed']}); `halting_no_more_layers` compares mean layers:",
+        "",
+        markdown_table(held_out),
+        "Held-out verdict (halting needs no more mean layers): "
+        + ", ".join(f"{points:g} points: {verdict}" for points, verdict in verdicts.items()),
+        "",
+        "Chosen and scored on the whole data:",
+        "",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -186,10 +245,19 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--grid_size", type=int, default=40, help="settings of halting and of confidence")
     for policy in POLICIES:
-        parser.add_argument(f"--{policy}", type=int if policy == "patience" else float, nargs="+",
-                            help=f"{EXIT_RULES[policy].config_field} values (default: `dense_grid`)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0025, 0.005, 0.01],
-                        help="accuracy drops allowed (0.005 = 0.5 points)")
+        parser.add_argument(
+            f"--{policy}",
+            type=int if policy == "patience" else float,
+            nargs="+",
+            help=f"{EXIT_RULES[policy].config_field} values (default: `dense_grid`)",
+        )
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=[0.0025, 0.005, 0.01],
+        help="accuracy drops allowed (0.005 = 0.5 points)",
+    )
     parser.add_argument("--splits", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parse_benchmark_args(parser, argv)
@@ -198,21 +266,34 @@ def main(argv: list[str] | None = None):
     if is_regression(model):
         parser.error("a regression model has no accuracy to trade, and only `halting` exits it")
     config = model.config
-    settings = [(policy, value) for policy in POLICIES
-                for value in getattr(args, policy) or dense_grid(policy, config.num_variable_steps, args.grid_size,
-                                                               config.num_labels)]
+    settings = [
+        (policy, value)
+        for policy in POLICIES
+        for value in getattr(args, policy)
+        or dense_grid(policy, config.num_variable_steps, args.grid_size, config.num_labels)
+    ]
     with torch.inference_mode():
         outcomes = setting_outcomes(model, with_labels(batches_by_size[args.batch_size], labels), settings)
     points = setting_points(settings, outcomes, config.num_blocks)
     rows = budget_table(points, args.budgets, config.num_blocks)
     held_out = held_out_table(settings, outcomes, args.budgets, config.num_blocks, args.splits, args.seed)
     print(*rows, *held_out, sep="\n", flush=True)
-    payload = {"benchmark": "pareto_exits", "model": args.model, "data": args.data or args.images,
-               "samples": len(labels), "num_blocks": config.num_blocks, "full_depth_accuracy": points[0]["accuracy"],
-               "budgets_pts": [100 * budget for budget in args.budgets], "splits": args.splits, "seed": args.seed,
-               "budget_rows_held_out": held_out, "points": points}
-    return write_results(args.name, payload, rows, plot(points, args.budgets), args.results_dir,
-                         preamble(payload, held_out))
+    payload = {
+        "benchmark": "pareto_exits",
+        "model": args.model,
+        "data": args.data or args.images,
+        "samples": len(labels),
+        "num_blocks": config.num_blocks,
+        "full_depth_accuracy": points[0]["accuracy"],
+        "budgets_pts": [100 * budget for budget in args.budgets],
+        "splits": args.splits,
+        "seed": args.seed,
+        "budget_rows_held_out": held_out,
+        "points": points,
+    }
+    return write_results(
+        args.name, payload, rows, plot(points, args.budgets), args.results_dir, preamble(payload, held_out)
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ def step_perplexities(model, blocks: torch.Tensor, batch_size: int) -> tuple[lis
         for step, agreement, logits in zip(losses, agreements, out.step_logits):
             step.append(token_losses(logits, batch))
             agreement.append((logits[:, :-1].argmax(-1) == final).flatten())
-    return ([perplexity(torch.cat(step)) for step in losses],
-            [torch.cat(agreement).float().mean().item() for agreement in agreements])
+    return (
+        [perplexity(torch.cat(step)) for step in losses],
+        [torch.cat(agreement).float().mean().item() for agreement in agreements],
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -47,11 +49,23 @@ def main(argv: list[str] | None = None) -> Path:
     model, blocks = load_text_inputs(args)
     config = model.config
     perplexities, agreements = step_perplexities(model, blocks, args.batch_size)
-    rows = [{"executed_layers": layers, "perplexity": ppl, "ratio_to_last_step": ppl / perplexities[-1],
-             "agreement_with_last_step": agreement}
-            for layers, ppl, agreement in zip(variable_step_layers(config), perplexities, agreements)]
-    payload = {"benchmark": "step_perplexity", "model": args.model, "data": args.data, "blocks": len(blocks),
-               "block_size": args.block_size, "num_blocks": config.num_blocks}
+    rows = [
+        {
+            "executed_layers": layers,
+            "perplexity": ppl,
+            "ratio_to_last_step": ppl / perplexities[-1],
+            "agreement_with_last_step": agreement,
+        }
+        for layers, ppl, agreement in zip(variable_step_layers(config), perplexities, agreements)
+    ]
+    payload = {
+        "benchmark": "step_perplexity",
+        "model": args.model,
+        "data": args.data,
+        "blocks": len(blocks),
+        "block_size": args.block_size,
+        "num_blocks": config.num_blocks,
+    }
     return write_results(args.name, payload, rows, None, args.results_dir)
 
 

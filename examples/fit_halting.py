@@ -51,8 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--weight_decay", type=float, default=1e-3, help="L2 penalty of the fit")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="settled_by",
-                        help="what the units are fitted to (adnet_hf.fit_halting's docstring compares them)")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="settled_by",
+        help="what the units are fitted to (adnet_hf.fit_halting's docstring compares them)",
+    )
     args = parser.parse_args(argv)
     if (args.data is None) == (args.images is None):
         parser.error("pass either --data (a TSV) or --images")
@@ -67,8 +71,11 @@ def text_inputs(args: argparse.Namespace):
 
 
 def image_inputs(args: argparse.Namespace):
-    images, labels = (read_image_csv(args.images) if args.image_labels is None
-                      else (read_idx(args.images), read_idx(args.image_labels)))
+    images, labels = (
+        read_image_csv(args.images)
+        if args.image_labels is None
+        else (read_idx(args.images), read_idx(args.image_labels))
+    )
     processor = saved_image_processor(args.model)
     batches = image_batches(ImageDataset(images, np.asarray(labels), args.max_samples, processor), args.batch_size)
     return AutoModelForImageClassification.from_pretrained(args.model), batches, processor

@@ -76,8 +76,10 @@ class DataArguments:
 
     def __post_init__(self):
         if self.block_size < 2:
-            raise ValueError(f"--block_size must be at least 2 (a block predicts its tokens from the ones before), got "
-                             f"{self.block_size}.")
+            raise ValueError(
+                f"--block_size must be at least 2 (a block predicts its tokens from the ones before), got "
+                f"{self.block_size}."
+            )
 
 
 def load_tokenizer(model_args: ModelArguments):
@@ -108,8 +110,10 @@ def check_block_size(model, block_size: int) -> None:
     config = model.config.backbone_config if model.config.model_type == "adnet" else model.config
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and block_size > limit:
-        raise ValueError(f"--block_size {block_size} is longer than the backbone's {limit} positions "
-                         f"(max_position_embeddings): pass --block_size {limit} or less.")
+        raise ValueError(
+            f"--block_size {block_size} is longer than the backbone's {limit} positions "
+            f"(max_position_embeddings): pass --block_size {limit} or less."
+        )
 
 
 @torch.no_grad()
@@ -144,7 +148,8 @@ def evaluate_perplexity(trainer: Trainer, dataset, prefix: str) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, adnet_args, data_args, training_args = parse_arguments(
-        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), argv)
+        (ModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments), argv
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -154,14 +159,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, trainer_class = load_model(model_args, adnet_args, tokenizer)
     check_block_size(model, data_args.block_size)
     splits = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
-    data = {split: TextBlocks(token_blocks(tokenizer, path, data_args.block_size,
-                                           data_args.max_train_samples if split == "train" else
-                                           data_args.max_eval_samples))
-            for split, path in splits.items() if path is not None}
+    data = {
+        split: TextBlocks(
+            token_blocks(
+                tokenizer,
+                path,
+                data_args.block_size,
+                data_args.max_train_samples if split == "train" else data_args.max_eval_samples,
+            )
+        )
+        for split, path in splits.items()
+        if path is not None
+    }
 
-    trainer = trainer_class(model=model, args=training_args, train_dataset=data.get("train"),
-                            eval_dataset=data.get("eval"), processing_class=tokenizer,
-                            data_collator=default_data_collator)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=data.get("train"),
+        eval_dataset=data.get("eval"),
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
     results: dict[str, float] = {}
     if training_args.do_train:
         start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))

@@ -67,8 +67,11 @@ OFFLINE_DEFAULT = Path(__file__).resolve().parent / "data" / "offline_default.js
 def parse_args(argv: list[str] | None = None) -> tuple:
     """The `GLUE_ARGUMENTS` dataclasses, `LoraArguments`, `HaltingFitArguments` and `CalibrationArguments`; with no
     arguments, the offline default."""
-    return parse_arguments((*GLUE_ARGUMENTS, LoraArguments, HaltingFitArguments, CalibrationArguments), argv,
-                           partial(offline_default, OFFLINE_DEFAULT))
+    return parse_arguments(
+        (*GLUE_ARGUMENTS, LoraArguments, HaltingFitArguments, CalibrationArguments),
+        argv,
+        partial(offline_default, OFFLINE_DEFAULT),
+    )
 
 
 def base_model_id(model_args: TextModelArguments) -> str | None:
@@ -108,8 +111,11 @@ def exit_metrics(trainer) -> dict:
     finally:
         config.exit_policy = saved
     timings = ("_runtime", "_per_second")
-    return {"eval_exit_policy": saved, "eval_exit_setting": setting,
-            **{name: value for name, value in full.items() if not name.endswith(timings)}}
+    return {
+        "eval_exit_policy": saved,
+        "eval_exit_setting": setting,
+        **{name: value for name, value in full.items() if not name.endswith(timings)},
+    }
 
 
 def trivial_baseline(train_labels: list, eval_labels: list, is_regression: bool) -> dict:
@@ -131,14 +137,20 @@ def guarantee(config, calibration_args: CalibrationArguments) -> str:
     if held_out is None:
         if calibration_args.skipped is not None:
             return f"not calibrated ({calibration_args.skipped}): the exit policy's configured setting, no guarantee"
-        return ("calibrated empirically (no risk-control bound for this task): within the budget on the calibration "
-                "data, no guarantee on new data")
+        return (
+            "calibrated empirically (no risk-control bound for this task): within the budget on the calibration "
+            "data, no guarantee on new data"
+        )
     if held_out["policy"] == FULL_DEPTH:
-        return (f"no {calibration_args.calibration_policy} setting certified on {held_out['calibration_size']} "
-                "calibration samples: saved at full depth")
-    return (f"certified: with probability >= {1 - held_out['delta']:g}, the {held_out['metric']} drop against full "
-            f"depth on new data is at most {held_out['budget']:g} ({held_out['calibration_size']} calibration "
-            "samples)")
+        return (
+            f"no {calibration_args.calibration_policy} setting certified on {held_out['calibration_size']} "
+            "calibration samples: saved at full depth"
+        )
+    return (
+        f"certified: with probability >= {1 - held_out['delta']:g}, the {held_out['metric']} drop against full "
+        f"depth on new data is at most {held_out['budget']:g} ({held_out['calibration_size']} calibration "
+        "samples)"
+    )
 
 
 def run_warnings(metrics: dict, budget: float) -> list[str]:
@@ -150,19 +162,25 @@ def run_warnings(metrics: dict, budget: float) -> list[str]:
         for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
             accuracy = metrics.get(f"{prefix}_accuracy")
             if accuracy is not None and accuracy <= floor + 0.01:
-                found.append(f"the model {what} scores {accuracy:.2%}, no better than always predicting the "
-                             f"training data's majority class ({floor:.2%}): it has not learnt the task.")
+                found.append(
+                    f"the model {what} scores {accuracy:.2%}, no better than always predicting the "
+                    f"training data's majority class ({floor:.2%}): it has not learnt the task."
+                )
     if "eval_mean_prediction_mse" in metrics:
         for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
             mse = metrics.get(f"{prefix}_mse")
             if mse is not None and mse >= 0.99 * metrics["eval_mean_prediction_mse"]:
-                found.append(f"the model {what} has MSE {mse:.4f}, no better than always predicting the training "
-                             f"mean ({metrics['eval_mean_prediction_mse']:.4f}): it has not learnt the task.")
+                found.append(
+                    f"the model {what} has MSE {mse:.4f}, no better than always predicting the training "
+                    f"mean ({metrics['eval_mean_prediction_mse']:.4f}): it has not learnt the task."
+                )
     if metrics.get("eval_exit_policy") not in (None, FULL_DEPTH) and "eval_full_depth_accuracy" in metrics:
         drop = metrics["eval_full_depth_accuracy"] - metrics["eval_accuracy"]
         if drop > budget:
-            found.append(f"the saved exit setting loses {drop:.2%} accuracy against full depth on the evaluation "
-                         f"data, more than the calibration budget ({budget:.2%}).")
+            found.append(
+                f"the saved exit setting loses {drop:.2%} accuracy against full depth on the evaluation "
+                f"data, more than the calibration budget ({budget:.2%})."
+            )
     return found
 
 
@@ -170,14 +188,30 @@ def summarise(trainer, metrics: dict, calibration_args: CalibrationArguments) ->
     """The run's summary: quality under the saved setting and at full depth, mean layers, the guarantee, warnings;
     logged, and returned to be saved with the evaluation results."""
     config = trainer.model.config
-    summary = {"eval_guarantee": guarantee(config, calibration_args) if config.model_type == "adnet" else None,
-               "eval_warnings": run_warnings(metrics, calibration_args.calibration_budget)}
+    summary = {
+        "eval_guarantee": guarantee(config, calibration_args) if config.model_type == "adnet" else None,
+        "eval_warnings": run_warnings(metrics, calibration_args.calibration_budget),
+    }
     for warning in summary["eval_warnings"]:
         logger.warning(warning)
-    shown = ("accuracy", "pearson", "mse", "executed_layers", "majority_class_accuracy", "mean_prediction_mse",
-             "exit_policy", "exit_setting")
-    trainer.log_metrics("summary", {name: value for name, value in metrics.items()
-                                    if name.removeprefix("eval_").removeprefix("full_depth_") in shown})
+    shown = (
+        "accuracy",
+        "pearson",
+        "mse",
+        "executed_layers",
+        "majority_class_accuracy",
+        "mean_prediction_mse",
+        "exit_policy",
+        "exit_setting",
+    )
+    trainer.log_metrics(
+        "summary",
+        {
+            name: value
+            for name, value in metrics.items()
+            if name.removeprefix("eval_").removeprefix("full_depth_") in shown
+        },
+    )
     if summary["eval_guarantee"] is not None and trainer.is_world_process_zero():
         print(f"  exit setting: {summary['eval_guarantee']}")
     return summary
@@ -186,8 +220,11 @@ def summarise(trainer, metrics: dict, calibration_args: CalibrationArguments) ->
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics (empty without `--do_eval`)."""
     model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -204,8 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows = len(task.tokenized["train"]) if training_args.do_train else 0
     calibration_args.resolve(task.model, model_args, training_args.do_train, rows)
     fit_args.resolve(task.model, training_args.do_train, rows)
-    check_splits(rows, {"--calibration_split": calibration_args.calibration_split,
-                        "--fit_halting_split": fit_args.fit_halting_split})
+    check_splits(
+        rows,
+        {"--calibration_split": calibration_args.calibration_split, "--fit_halting_split": fit_args.fit_halting_split},
+    )
     model = lora_args.apply(task.model, model_args)
     trainable_parameters = sum(param.numel() for param in model.parameters() if param.requires_grad)
     train_dataset, calibration_dataset, fit_dataset = None, None, None
@@ -214,9 +253,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dataset, fit_dataset = fit_args.split(train_dataset, training_args.seed)
         train_dataset = select(train_dataset, data_args.max_train_samples)
     eval_dataset = select(task.tokenized["validation"], data_args.max_eval_samples) if training_args.do_eval else None
-    trainer = task.trainer_class(model=model, args=training_args, train_dataset=train_dataset,
-                                 eval_dataset=eval_dataset, processing_class=task.tokenizer,
-                                 compute_metrics=compute_classification_metrics)
+    trainer = task.trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=task.tokenizer,
+        compute_metrics=compute_classification_metrics,
+    )
 
     if training_args.do_train:
         start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
@@ -226,18 +270,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             fit_args.fit(trainer, train_dataset if fit_dataset is None else fit_dataset)
             if calibration_dataset is not None:  # before saving: the model is saved with the calibrated exit setting
                 calibration = calibration_args.calibrate(trainer, calibration_dataset)
-                save_results(trainer, "calibration", {"calibration_samples": len(calibration_dataset),
-                                                      **dataclasses.asdict(calibration)})
+                save_results(
+                    trainer,
+                    "calibration",
+                    {"calibration_samples": len(calibration_dataset), **dataclasses.asdict(calibration)},
+                )
         trainer.save_model()
-        save_results(trainer, "train", {**result.metrics, "train_samples": len(train_dataset),
-                                        "trainable_parameters": trainable_parameters})
+        save_results(
+            trainer,
+            "train",
+            {**result.metrics, "train_samples": len(train_dataset), "trainable_parameters": trainable_parameters},
+        )
         trainer.save_state()
 
     metrics = {}
     if training_args.do_eval:
         exits = exit_metrics(trainer) if trainer.model.config.model_type == "adnet" else {}
-        metrics = {**trainer.evaluate(), **exits, "eval_samples": len(eval_dataset),
-                   "eval_num_blocks": num_blocks(model)}
+        metrics = {
+            **trainer.evaluate(),
+            **exits,
+            "eval_samples": len(eval_dataset),
+            "eval_num_blocks": num_blocks(model),
+        }
         reference = task.tokenized["train" if training_args.do_train else "validation"]
         metrics.update(trivial_baseline(reference["labels"], eval_dataset["labels"], task.labels.is_regression))
         metrics = save_results(trainer, "eval", {**metrics, **summarise(trainer, metrics, calibration_args)})
@@ -248,13 +302,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             predict_dataset = predict_dataset.remove_columns("labels")
         output = trainer.predict(predict_dataset, metric_key_prefix="test")
         if trainer.is_world_process_zero():
-            write_predictions(os.path.join(training_args.output_dir, "predict_results.tsv"),
-                              *logits_and_exit_steps(output.predictions, model), task.labels)
+            write_predictions(
+                os.path.join(training_args.output_dir, "predict_results.tsv"),
+                *logits_and_exit_steps(output.predictions, model),
+                task.labels,
+            )
 
     if training_args.do_train:
         dataset_name = data_args.task_name or Path(data_args.train_file).resolve().parent.name
-        card = {"finetuned_from": base_model_id(model_args), "tasks": "text-classification",
-                "tags": ["adnet"] if model.config.model_type == "adnet" else [], "dataset": dataset_name}
+        card = {
+            "finetuned_from": base_model_id(model_args),
+            "tasks": "text-classification",
+            "tags": ["adnet"] if model.config.model_type == "adnet" else [],
+            "dataset": dataset_name,
+        }
         if training_args.push_to_hub:  # the card, then one commit of the output folder (as run_glue.py)
             trainer.push_to_hub(**card)
         else:

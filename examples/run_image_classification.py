@@ -81,39 +81,59 @@ logger = logging.getLogger(__name__)
 class DataArguments:
     """Images and labels: an image folder per split, a dataset, or MNIST-style CSV / IDX files."""
 
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "A dataset for `datasets.load_dataset` (a local folder or a Hub id): its train and validation splits."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset for `datasets.load_dataset` (a local folder or a Hub id): its train and validation "
+            "splits."
+        },
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder: one sub-folder of images per class."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder, like train_dir."})
-    train_file: str | None = field(default=None, metadata={"help": "Grey digits: a CSV(.gz) of pixels then label, or "
-                                                                   "IDX images."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Grey digits: a CSV(.gz) of pixels then label, or IDX images."}
+    )
     train_labels_file: str | None = field(default=None, metadata={"help": "IDX labels for an IDX train_file."})
     validation_file: str | None = field(default=None, metadata={"help": "Like train_file."})
     validation_labels_file: str | None = field(default=None, metadata={"help": "IDX labels for validation_file."})
     image_column_name: str = field(default="image", metadata={"help": "The dataset's image column."})
     label_column_name: str = field(default="label", metadata={"help": "The dataset's label column."})
-    image_size: int | None = field(default=None, metadata={
-        "help": "Side of the square input when no image processor is saved (default: the training images' side if "
-                "they share a square one, else 224)."})
-    augment: bool | None = field(default=None, metadata={
-        "help": "Random resized crop and horizontal flip of training images (default: on, except for digit files)."})
-    max_train_samples: int | None = field(default=None, metadata={
-        "help": "Keep N training images, drawn at random (--seed), as Transformers' example."})
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the square input when no image processor is saved (default: the training images' side if "
+            "they share a square one, else 224)."
+        },
+    )
+    augment: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Random resized crop and horizontal flip of training images (default: on, except for digit files)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep N training images, drawn at random (--seed), as Transformers' example."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation images."})
 
     def __post_init__(self):
-        sources = {"--dataset_name": self.dataset_name, "--train_dir / --validation_dir":
-                   self.train_dir or self.validation_dir, "--train_file / --validation_file":
-                   self.train_file or self.validation_file}
+        sources = {
+            "--dataset_name": self.dataset_name,
+            "--train_dir / --validation_dir": self.train_dir or self.validation_dir,
+            "--train_file / --validation_file": self.train_file or self.validation_file,
+        }
         given = [name for name, value in sources.items() if value is not None]
         if len(given) != 1:
             raise ValueError(f"Pass the images one way: {', '.join(sources)} (got {given or 'none'}).")
-        for labels, images in ((self.train_labels_file, self.train_file),
-                               (self.validation_labels_file, self.validation_file)):
+        for labels, images in (
+            (self.train_labels_file, self.train_file),
+            (self.validation_labels_file, self.validation_file),
+        ):
             if labels is not None and images is None:
-                raise ValueError(f"{labels} labels IDX images: pass those images too (--train_file / "
-                                 "--validation_file).")
+                raise ValueError(
+                    f"{labels} labels IDX images: pass those images too (--train_file / --validation_file)."
+                )
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}.")
         if self.augment is None:
@@ -123,18 +143,27 @@ class DataArguments:
         """The train and validation splits given, with `image` and `label` columns: `max_train_samples` training
         images drawn with `seed`, the first `max_eval_samples` validation images."""
         if self.train_file is not None or self.validation_file is not None:
-            files = {"train": (self.train_file, self.train_labels_file),
-                     "validation": (self.validation_file, self.validation_labels_file)}
-            return datasets.DatasetDict({
-                split: read_digits(*paths, self.limit(split), seed if split == "train" else None)
-                for split, paths in files.items() if paths[0] is not None})
+            files = {
+                "train": (self.train_file, self.train_labels_file),
+                "validation": (self.validation_file, self.validation_labels_file),
+            }
+            return datasets.DatasetDict(
+                {
+                    split: read_digits(*paths, self.limit(split), seed if split == "train" else None)
+                    for split, paths in files.items()
+                    if paths[0] is not None
+                }
+            )
         if self.dataset_name is None:
             folders = {"train": self.train_dir, "validation": self.validation_dir}
             raw = {split: read_image_folder(path) for split, path in folders.items() if path is not None}
         else:
             loaded = load_image_dataset(self.dataset_name, self.dataset_config_name)
-            raw = {split: self.standard_columns(split, loaded[split]) for split in ("train", "validation")
-                   if split in loaded}
+            raw = {
+                split: self.standard_columns(split, loaded[split])
+                for split in ("train", "validation")
+                if split in loaded
+            }
         if "train" in raw and self.max_train_samples is not None:
             raw["train"] = raw["train"].shuffle(seed=seed)
         return datasets.DatasetDict({split: select(dataset, self.limit(split)) for split, dataset in raw.items()})
@@ -147,8 +176,9 @@ class DataArguments:
         names = {self.image_column_name: "image", self.label_column_name: "label"}
         for column, flag in zip(names, ("--image_column_name", "--label_column_name")):
             if column not in dataset.column_names:
-                raise ValueError(f"The {split} split has no column {column!r} ({flag}); its columns: "
-                                 f"{dataset.column_names}.")
+                raise ValueError(
+                    f"The {split} split has no column {column!r} ({flag}); its columns: {dataset.column_names}."
+                )
         return dataset.rename_columns({old: new for old, new in names.items() if old != new})
 
 
@@ -189,10 +219,12 @@ def image_processor(model_args: ImageModelArguments, data_args: DataArguments, s
             raise ValueError(f"--image_size sets the default image processor's size; {name} has its own processor.")
         return processor
     processor = default_image_processor(sample, num_channels, data_args.image_size)
-    logger.warning(f"No image processor saved with {name or '--backbone_config'}: using a default, "
-                   f"{type(processor).__name__}(size={processor.size['shortest_edge']}, "
-                   f"image_mean={processor.image_mean}, image_std={processor.image_std}) from the training images. "
-                   "Pass --image_processor_name for another, or --image_size for another size.")
+    logger.warning(
+        f"No image processor saved with {name or '--backbone_config'}: using a default, "
+        f"{type(processor).__name__}(size={processor.size['shortest_edge']}, "
+        f"image_mean={processor.image_mean}, image_std={processor.image_std}) from the training images. "
+        "Pass --image_processor_name for another, or --image_size for another size."
+    )
     return processor
 
 
@@ -200,33 +232,47 @@ def check_channels(processor, num_channels: int, sample: list) -> None:
     """Refuse a processor normalising another number of channels, and sampled images the backbone cannot take."""
     mean = processor.image_mean if getattr(processor, "do_normalize", False) else None
     if isinstance(mean, (list, tuple)) and len(mean) != num_channels:
-        raise ValueError(f"The image processor normalises {len(mean)} channels (image_mean={list(mean)}), the "
-                         f"backbone takes num_channels={num_channels}.")
+        raise ValueError(
+            f"The image processor normalises {len(mean)} channels (image_mean={list(mean)}), the "
+            f"backbone takes num_channels={num_channels}."
+        )
     for image in sample:
         to_channels(image, num_channels)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, adnet_args, data_args, training_args, fit_args = parse_arguments(
-        (ImageModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments, HaltingFitArguments), argv)
+        (ImageModelArguments, ADNetArguments, DataArguments, ADNetTrainingArguments, HaltingFitArguments), argv
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     checkpoint = resume_checkpoint(training_args) if training_args.do_train else None
     raw = data_args.load(training_args.seed)
-    for split, flag, wanted in (("train", "--do_train", training_args.do_train),
-                                ("validation", "--do_eval", training_args.do_eval)):
+    for split, flag, wanted in (
+        ("train", "--do_train", training_args.do_train),
+        ("validation", "--do_eval", training_args.do_eval),
+    ):
         if wanted and split not in raw:
-            raise ValueError(f"{flag} needs {split} images: --{split}_dir, --{split}_file, or a dataset with a "
-                             f"{split} split.")
+            raise ValueError(
+                f"{flag} needs {split} images: --{split}_dir, --{split}_file, or a dataset with a {split} split."
+            )
     raw = align_class_labels(raw, "label", None if "train" in raw else checkpoint_classes(model_args))
     names = next(iter(raw.values())).features["label"].names
     sample = sample_images(raw["train" if "train" in raw else "validation"])
-    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-              "label2id": {name: i for i, name in enumerate(names)}}
+    labels = {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
     model, trainer_class = build_task_model(
-        "image-classification", model_args, adnet_args, labels, load_backbone_config(model_args, sample),
-        {"ignore_mismatched_sizes": True} if model_args.ignore_mismatched_sizes else None)
+        "image-classification",
+        model_args,
+        adnet_args,
+        labels,
+        load_backbone_config(model_args, sample),
+        {"ignore_mismatched_sizes": True} if model_args.ignore_mismatched_sizes else None,
+    )
     fit_args.check(model, training_args.do_train)
     fit_raw = None
     if training_args.do_train:
@@ -234,13 +280,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     num_channels = backbone_channels(model)
     processor = image_processor(model_args, data_args, sample, num_channels)
     check_channels(processor, num_channels, sample)
-    splits = {split: dataset.with_transform(image_transform(processor, num_channels, data_args.augment and
-                                                            split == "train"))
-              for split, dataset in raw.items()}
+    splits = {
+        split: dataset.with_transform(image_transform(processor, num_channels, data_args.augment and split == "train"))
+        for split, dataset in raw.items()
+    }
     training_args.remove_unused_columns = False  # the transform reads the `image` column, which forward does not
-    trainer = trainer_class(model=model, args=training_args, train_dataset=splits.get("train"),
-                            eval_dataset=splits.get("validation"), processing_class=processor,
-                            compute_metrics=compute_classification_metrics)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=splits.get("train"),
+        eval_dataset=splits.get("validation"),
+        processing_class=processor,
+        compute_metrics=compute_classification_metrics,
+    )
     results: dict[str, float] = {}
     if training_args.do_train:
         start_afresh(training_args, inputs=(model_args.model_name_or_path, model_args.image_processor_name))

@@ -63,8 +63,12 @@ def build_accelerator(args: ADNetTrainingArguments, loss_type: str) -> Accelerat
     """DDP looks for unused parameters only under losses that leave some without a gradient; the seeded sampler
     shuffles the same way whatever the number of processes (as Trainer's does)."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not LOSSES[loss_type].trains_halting)
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=args.use_cpu,
-                       kwargs_handlers=[ddp], dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=args.use_cpu,
+        kwargs_handlers=[ddp],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
 
 
 def training_updates(args: ADNetTrainingArguments, batches_per_epoch: int) -> int:
@@ -79,13 +83,25 @@ def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_tr
     if args.lr_scheduler_type not in (SchedulerType.LINEAR, SchedulerType.COSINE):
         raise ValueError(f"train_accelerate.py schedules are linear or cosine, got {args.lr_scheduler_type.value!r}.")
     decay_names = Trainer.get_decay_parameter_names(None, model)  # Trainer's rule: no decay on biases and norms
-    optimizer = torch.optim.AdamW(adnet_optimizer_groups(model, args, decay_names), betas=(args.adam_beta1,
-                                  args.adam_beta2), eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        adnet_optimizer_groups(model, args, decay_names),
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
     return optimizer, floor_scheduler(optimizer, args, num_training_steps)
 
 
-def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoader, args: ADNetTrainingArguments,
-          total_updates: int, position: LoopPosition, save) -> None:
+def train(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    loader: DataLoader,
+    args: ADNetTrainingArguments,
+    total_updates: int,
+    position: LoopPosition,
+    save,
+) -> None:
     """Optimiser steps from `position` to `total_updates`: accumulate, clip, step, then renormalise the unit and output
     rows; `save(position)` after the updates `--save_strategy` asks for."""
     unwrapped = accelerator.unwrap_model(model)
@@ -113,8 +129,11 @@ def train(accelerator: Accelerator, model, optimizer, scheduler, loader: DataLoa
                 logger.info("epoch %d update %d loss %.4f", position.epoch, position.updates, loss.item())
             end_of_epoch = position.batches == len(loader)
             if (save_every and position.updates % save_every == 0) or (end_of_epoch and save_every == 0):
-                save(LoopPosition(position.updates, position.epoch + end_of_epoch, 0 if end_of_epoch else
-                                  position.batches))
+                save(
+                    LoopPosition(
+                        position.updates, position.epoch + end_of_epoch, 0 if end_of_epoch else position.batches
+                    )
+                )
             if position.updates == total_updates:
                 return
         position.epoch, position.batches = position.epoch + 1, 0
@@ -150,8 +169,9 @@ def load_checkpoint(accelerator: Accelerator, folder: str) -> LoopPosition:
     """Restore what `save_checkpoint` saved in `folder`; returns the loop position to go on from."""
     state = Path(folder, LOOP_STATE)
     if not state.is_file():
-        raise ValueError(f"--resume_from_checkpoint {folder} is not a train_accelerate.py checkpoint: it has no "
-                         f"{LOOP_STATE}.")
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} is not a train_accelerate.py checkpoint: it has no {LOOP_STATE}."
+        )
     accelerator.load_state(folder)
     return LoopPosition(**json.loads(state.read_text()))
 
@@ -165,14 +185,17 @@ def evaluate(accelerator: Accelerator, model, loader: DataLoader) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the script; returns the evaluation metrics."""
-    model_args, adnet_args, data_args, args = parse_arguments(GLUE_ARGUMENTS, argv,
-                                                              partial(offline_default, OFFLINE_DEFAULT))
+    model_args, adnet_args, data_args, args = parse_arguments(
+        GLUE_ARGUMENTS, argv, partial(offline_default, OFFLINE_DEFAULT)
+    )
     if model_args.plain_baseline:
         raise ValueError("--plain_baseline is run_glue_style.py's (plain fine-tuning with Trainer), not this loop's.")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.save_strategy == SaveStrategy.BEST:
-        raise ValueError("--save_strategy best keeps the best checkpoint by evaluation during training, which "
-                         "train_accelerate.py does not do: use steps, epoch or no.")
+        raise ValueError(
+            "--save_strategy best keeps the best checkpoint by evaluation during training, which "
+            "train_accelerate.py does not do: use steps, epoch or no."
+        )
     set_seed(args.seed)
     data_args.require_files({"train": "train_accelerate.py", "validation": "train_accelerate.py"})
     checkpoint = resume_checkpoint(args)
@@ -182,8 +205,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_data = select(task.tokenized["train"], data_args.max_train_samples)
     eval_data = select(task.tokenized["validation"], data_args.max_eval_samples)
     # Its own generator: drawing from the global one each epoch would shift the dropout masks of a resumed run.
-    train_loader = DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=collate, generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(
+        train_data,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
 
     start_afresh(args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
@@ -192,10 +220,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The prepared scheduler steps once per process at every update.
     optimizer, scheduler = build_optimizer(model, args, total_updates * accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
     position = LoopPosition() if checkpoint is None else load_checkpoint(accelerator, checkpoint)
-    train(accelerator, model, optimizer, scheduler, train_loader, args, total_updates, position,
-          partial(save_checkpoint, accelerator, args, tokenizer))
+    train(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        args,
+        total_updates,
+        position,
+        partial(save_checkpoint, accelerator, args, tokenizer),
+    )
     metrics = evaluate(accelerator, model, eval_loader)
 
     accelerator.wait_for_everyone()

@@ -94,13 +94,18 @@ def command(results: dict) -> str:
 
 def results_table(rows: list[dict], measure: Measure) -> str:
     sizes = measure.batch_sizes
-    lines = [f"| policy | setting | {measure.metric} | mean layers | ideal speed-up | measured speed-up, batch "
-             f"{sizes[0]} | measured speed-up, batch {sizes[1]} |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| policy | setting | {measure.metric} | mean layers | ideal speed-up | measured speed-up, batch "
+        f"{sizes[0]} | measured speed-up, batch {sizes[1]} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         speed = [f"{row[f'speedup_b{size}']:.2f}x" if row.get(f"speedup_b{size}") is not None else "" for size in sizes]
         setting = "" if row.get("setting") is None else row["setting"]
-        lines.append(f"| {row['policy']} | {setting} | {measure.show(row[measure.metric])} | "
-                     f"{row['executed_layers']:.2f} | {row['ideal_speedup']:.2f}x | {speed[0]} | {speed[1]} |")
+        lines.append(
+            f"| {row['policy']} | {setting} | {measure.show(row[measure.metric])} | "
+            f"{row['executed_layers']:.2f} | {row['ideal_speedup']:.2f}x | {speed[0]} | {speed[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,15 +115,19 @@ def plain_table(comparison: list[dict], measure: Measure, root: Path) -> str:
     lines = ["| run | ADNet | plain | difference | from |", "|---|---|---|---|---|"]
     for pair in comparison:
         adnet, plain = (read(root, pair[side])[key] for side in ("adnet", "plain"))
-        lines.append(f"| {pair['run']} | {measure.show(adnet)} | {measure.show(plain)} | "
-                     f"{measure.difference(adnet, plain)} | `{pair['adnet']}`, `{pair['plain']}` |")
+        lines.append(
+            f"| {pair['run']} | {measure.show(adnet)} | {measure.show(plain)} | "
+            f"{measure.difference(adnet, plain)} | `{pair['adnet']}`, `{pair['plain']}` |"
+        )
     return "\n".join(lines)
 
 
 def steps_table(steps: dict) -> str:
     lines = ["| exit after layers | perplexity | ratio to the last exit |", "|---|---|---|"]
-    lines += [f"| {row['executed_layers']} | {row['perplexity']:.4g} | {row['ratio_to_last_step']:.4g} |"
-              for row in steps["rows"]]
+    lines += [
+        f"| {row['executed_layers']} | {row['perplexity']:.4g} | {row['ratio_to_last_step']:.4g} |"
+        for row in steps["rows"]
+    ]
     return "\n".join(lines)
 
 
@@ -127,65 +136,93 @@ def guarantee_text(calibration: dict) -> str:
     guarantee, samples = calibration["guarantee"], calibration["calibration_samples"]
     chosen = f"`{calibration['policy']}={calibration['value']}`"
     if guarantee is None:
-        return (f"The saved exit setting, {chosen}, was chosen empirically on {samples} samples held out of "
-                f"training: the cheapest setting within the budget there, with no guarantee on new data.")
+        return (
+            f"The saved exit setting, {chosen}, was chosen empirically on {samples} samples held out of "
+            f"training: the cheapest setting within the budget there, with no guarantee on new data."
+        )
     points, confidence = 100 * guarantee["budget"], f"{100 * (1 - guarantee['delta']):g}%"
     budget = f"{points:g} point{'' if points == 1 else 's'}"
     if guarantee["policy"] == "none":
-        return (f"No setting could be certified to lose at most {budget} of {guarantee['metric']} with probability "
-                f"{confidence} on the {samples} calibration samples held out of training, so the model is saved to "
-                "run at full depth.")
-    return (f"The saved exit setting, {chosen}, is risk-controlled: with probability at least {confidence} over the "
-            f"{samples} calibration samples it was chosen on (held out of training), its {guarantee['metric']} on "
-            f"new data from the same distribution is at most {budget} below full depth. Method: "
-            f"{guarantee['method']}. It is stored in the config as `exit_guarantee`, and holds for that setting only.")
+        return (
+            f"No setting could be certified to lose at most {budget} of {guarantee['metric']} with probability "
+            f"{confidence} on the {samples} calibration samples held out of training, so the model is saved to "
+            "run at full depth."
+        )
+    return (
+        f"The saved exit setting, {chosen}, is risk-controlled: with probability at least {confidence} over the "
+        f"{samples} calibration samples it was chosen on (held out of training), its {guarantee['metric']} on "
+        f"new data from the same distribution is at most {budget} below full depth. Method: "
+        f"{guarantee['method']}. It is stored in the config as `exit_guarantee`, and holds for that setting only."
+    )
 
 
 def risk_control_table(bench: dict) -> str:
     """Per budget and delta, how often the risk-controlled choice broke its budget on the test part, and at what
     cost in layers, beside the empirical choice's."""
-    lines = ["| budget | delta | violation share | mean layers | empirical choice: violation share | mean layers |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {row['budget_pts']:g} points | {row['delta']:g} | {row['violation_share']:.1%} | "
-              f"{row['mean_layers']:.2f} | {row['empirical_violation_share']:.1%} | "
-              f"{row['empirical_mean_layers']:.2f} |" for row in bench["rows"]]
+    lines = [
+        "| budget | delta | violation share | mean layers | empirical choice: violation share | mean layers |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['budget_pts']:g} points | {row['delta']:g} | {row['violation_share']:.1%} | "
+        f"{row['mean_layers']:.2f} | {row['empirical_violation_share']:.1%} | "
+        f"{row['empirical_mean_layers']:.2f} |"
+        for row in bench["rows"]
+    ]
     return "\n".join(lines)
 
 
 def speculative_table(bench: dict) -> str:
     """Each draft setting of self-speculative greedy decoding against the backbone's own `generate()`."""
-    lines = ["| draft depth | draft length | confidence threshold | draft vocabulary | accepted | tokens per "
-             "verification | tokens/s | backbone tokens/s | speed-up | output identical |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {row['assistant_early_exit']} | {row['num_assistant_tokens']} | "
-              f"{row['assistant_confidence_threshold']:g} | {row['draft_vocab_size'] or 'full'} | "
-              f"{row['acceptance_rate']:.1%} | {row['tokens_per_verification']:.2f} | {row['tokens_per_s']:.1f} | "
-              f"{row['backbone_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
-              f"{'yes' if row['identical_outputs'] else 'no'} |" for row in bench["rows"]]
+    lines = [
+        "| draft depth | draft length | confidence threshold | draft vocabulary | accepted | tokens per "
+        "verification | tokens/s | backbone tokens/s | speed-up | output identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['assistant_early_exit']} | {row['num_assistant_tokens']} | "
+        f"{row['assistant_confidence_threshold']:g} | {row['draft_vocab_size'] or 'full'} | "
+        f"{row['acceptance_rate']:.1%} | {row['tokens_per_verification']:.2f} | {row['tokens_per_s']:.1f} | "
+        f"{row['backbone_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+        f"{'yes' if row['identical_outputs'] else 'no'} |"
+        for row in bench["rows"]
+    ]
     return "\n".join(lines)
 
 
 def cheapest_within(rows: list[dict], measure: Measure) -> dict | None:
     """The benchmarked setting with the fewest executed layers that loses at most the budget to full depth."""
-    admissible = [row for row in rows if row.get(measure.loss_key) is not None and row.get("setting") is not None
-                  and row[measure.loss_key] <= measure.budget]
+    admissible = [
+        row
+        for row in rows
+        if row.get(measure.loss_key) is not None
+        and row.get("setting") is not None
+        and row[measure.loss_key] <= measure.budget
+    ]
     return min(admissible, key=lambda row: row["executed_layers"], default=None)
 
 
 def headline(spec: CardSpec, bench: dict, full: dict, best: dict | None, measure: Measure) -> str:
     """Full-depth quality and, where a setting stays within the budget, the cheapest such one and its speed-up."""
     metric = measure.metric
-    text = (f"At full depth it reaches **{measure.show(full[metric])}** {metric} on the "
-            f"{spec.dataset['dataset_name']} {spec.dataset['dataset_split']} split.")
+    text = (
+        f"At full depth it reaches **{measure.show(full[metric])}** {metric} on the "
+        f"{spec.dataset['dataset_name']} {spec.dataset['dataset_split']} split."
+    )
     if best is None:
         return text
-    speed = ", ".join(f"{best[f'speedup_b{size}']:.2f}x at batch {size}" for size in measure.batch_sizes
-                      if best.get(f"speedup_b{size}") is not None)
+    speed = ", ".join(
+        f"{best[f'speedup_b{size}']:.2f}x at batch {size}"
+        for size in measure.batch_sizes
+        if best.get(f"speedup_b{size}") is not None
+    )
     unit = "token" if metric == "perplexity" else "input"
-    return (f"{text} The cheapest measured setting within {measure.budget:g}{measure.budget_unit} of it, "
-            f"`{setting_name(best)}`, reaches **{measure.show(best[metric])}** running "
-            f"**{best['executed_layers']:.2f}** of {bench['num_blocks']} layers per {unit} on average; measured "
-            f"speed-up over full depth: {speed}.")
+    return (
+        f"{text} The cheapest measured setting within {measure.budget:g}{measure.budget_unit} of it, "
+        f"`{setting_name(best)}`, reaches **{measure.show(best[metric])}** running "
+        f"**{best['executed_layers']:.2f}** of {bench['num_blocks']} layers per {unit} on average; measured "
+        f"speed-up over full depth: {speed}."
+    )
 
 
 def setting_name(row: dict) -> str:
@@ -195,14 +232,27 @@ def setting_name(row: dict) -> str:
 def eval_results(spec: CardSpec, full: dict, best: dict | None, measure: Measure) -> list[EvalResult]:
     """The model-index: quality at full depth, and at the cheapest setting within budget with its executed layers."""
     task, metric = {"task_type": spec.pipeline_tag, **spec.dataset}, measure.metric
-    results = [EvalResult(**task, metric_type=metric, metric_name=f"{metric} at full depth",
-                          metric_value=round(full[metric], 4))]
+    results = [
+        EvalResult(
+            **task, metric_type=metric, metric_name=f"{metric} at full depth", metric_value=round(full[metric], 4)
+        )
+    ]
     if best is not None:
         name = setting_name(best)
-        results += [EvalResult(**task, metric_type=metric, metric_name=f"{metric} with exits ({name})",
-                               metric_value=round(best[metric], 4)),
-                    EvalResult(**task, metric_type="executed_layers", metric_name=f"mean executed layers ({name})",
-                               metric_value=round(best["executed_layers"], 3))]
+        results += [
+            EvalResult(
+                **task,
+                metric_type=metric,
+                metric_name=f"{metric} with exits ({name})",
+                metric_value=round(best[metric], 4),
+            ),
+            EvalResult(
+                **task,
+                metric_type="executed_layers",
+                metric_name=f"mean executed layers ({name})",
+                metric_value=round(best["executed_layers"], 3),
+            ),
+        ]
     return results
 
 
@@ -216,21 +266,39 @@ def render(spec: CardSpec, name: str, root: Path = ROOT) -> tuple[ModelCard, lis
     rows = [row for policy in spec.rows for row in bench["rows"] if row["policy"] == policy]
     full = next(row for row in rows if row["policy"] == "none (full depth)")
     best = cheapest_within(rows, measure)
-    data = ModelCardData(language="en" if spec.pipeline_tag.startswith("text") else None, license="apache-2.0",
-                         library_name="transformers", pipeline_tag=spec.pipeline_tag, base_model=spec.base_model,
-                         model_name=name, tags=["adnet", "early-exit", "adaptive-computation"],
-                         eval_results=eval_results(spec, full, best, measure))
+    data = ModelCardData(
+        language="en" if spec.pipeline_tag.startswith("text") else None,
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=spec.pipeline_tag,
+        base_model=spec.base_model,
+        model_name=name,
+        tags=["adnet", "early-exit", "adaptive-computation"],
+        eval_results=eval_results(spec, full, best, measure),
+    )
     card = ModelCard.from_template(
-        data, template_path=CARDS_DIR / "template.md", title=spec.title, environment=bench["environment"],
-        headline=headline(spec, bench, full, best, measure), results_table=results_table(rows, measure),
-        metric=measure.metric, auto_class=TASK_MODELS[spec.pipeline_tag][1].__name__, limits=spec.limits,
+        data,
+        template_path=CARDS_DIR / "template.md",
+        title=spec.title,
+        environment=bench["environment"],
+        headline=headline(spec, bench, full, best, measure),
+        results_table=results_table(rows, measure),
+        metric=measure.metric,
+        auto_class=TASK_MODELS[spec.pipeline_tag][1].__name__,
+        limits=spec.limits,
         plain_table=spec.plain_comparison and plain_table(spec.plain_comparison, measure, root),
-        steps=steps, steps_table=steps and steps_table(steps), blocks=bench.get("blocks"),
-        block_size=bench.get("block_size"), dataset_split=spec.dataset["dataset_split"],
-        guarantee=spec.calibration and guarantee_text(read(root, spec.calibration)), risk_control=risk_control,
+        steps=steps,
+        steps_table=steps and steps_table(steps),
+        blocks=bench.get("blocks"),
+        block_size=bench.get("block_size"),
+        dataset_split=spec.dataset["dataset_split"],
+        guarantee=spec.calibration and guarantee_text(read(root, spec.calibration)),
+        risk_control=risk_control,
         risk_control_table=risk_control and risk_control_table(risk_control),
-        speculative=speculative, speculative_table=speculative and speculative_table(speculative),
-        commands=[command(read(root, path)) for path in spec.commands])
+        speculative=speculative,
+        speculative_table=speculative and speculative_table(speculative),
+        commands=[command(read(root, path)) for path in spec.commands],
+    )
     return card, rows, measure
 
 
@@ -243,8 +311,9 @@ def plot(rows: list[dict], measure: Measure, path: Path) -> None:
             axis.plot(*zip(*points), marker="o", label=policy)
         for row in rows:
             if row.get("setting") is None:
-                axis.scatter([row["executed_layers"]], [scale * row[measure.metric]], marker="*", s=120,
-                             label=row["policy"])
+                axis.scatter(
+                    [row["executed_layers"]], [scale * row[measure.metric]], marker="*", s=120, label=row["policy"]
+                )
         axis.set_xlabel("mean executed layers")
         axis.set_ylabel(f"{measure.metric} (%)" if measure.percent else measure.metric)
 

@@ -41,13 +41,28 @@ def shared_data() -> Path:
 
 
 def bert_config(**kwargs):
-    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=37, max_position_embeddings=64, **kwargs)
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        **kwargs,
+    )
 
 
 def roberta_config(**kwargs):
-    return RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=37, max_position_embeddings=70, pad_token_id=1, **kwargs)
+    return RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=70,
+        pad_token_id=1,
+        **kwargs,
+    )
 
 
 def gpt2_config(**kwargs):
@@ -56,15 +71,26 @@ def gpt2_config(**kwargs):
 
 
 def llama_config(**kwargs):
-    defaults = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=37, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                    tie_word_embeddings=True)
+    defaults = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     return LlamaConfig(**{**defaults, **kwargs})
 
 
 def resnet_config(**kwargs):
-    return ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic",
-                        **kwargs)
+    return ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic", **kwargs
+    )
 
 
 TEXT_BACKBONES = {"bert": bert_config, "roberta": roberta_config, "gpt2": gpt2_config}
@@ -90,7 +116,7 @@ def token_batch(batch=4, length=7, pad_lengths=(0, 2, 0, 3), left_padding=False,
             if left_padding:
                 mask[row, :pad] = 0
             else:
-                mask[row, length - pad:] = 0
+                mask[row, length - pad :] = 0
     ids = ids.masked_fill(mask == 0, pad_id)
     return ids, mask
 
@@ -151,11 +177,20 @@ def assert_loads_as_remote_code(model, inputs: dict, folder: Path, auto_name: st
     `adnet_hf` cannot be imported, and gives `model`'s logits and exit steps on `inputs`."""
     with torch.no_grad():
         out = model(**inputs)
-    save_file({**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
-              str(folder / "expected.safetensors"))
+    save_file(
+        {**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
+        str(folder / "expected.safetensors"),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": f"{folder}_modules", "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name], capture_output=True,
-                            text=True, env=env, cwd=folder, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote ok" in result.stdout
 
@@ -203,8 +238,9 @@ def tiny_checkpoint(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab))
     tokenizer = BertTokenizer(vocab=str(tmp_path / "vocab.txt"))  # v5: `vocab`, not `vocab_file`
-    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), num_labels=2,
-                                                       unit_hidden_size=8, num_fixed_steps=0))
+    model = ADNetForSequenceClassification(
+        ADNetConfig(backbone_config=bert_config(), num_labels=2, unit_hidden_size=8, num_fixed_steps=0)
+    )
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{(i * 7) % 90}\t{i % 2}" for i in range(12)]

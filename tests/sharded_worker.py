@@ -33,8 +33,9 @@ def tiny_classifier() -> ADNetForSequenceClassification:
     strongly between inputs and steps, so that each exit policy stops samples at different steps."""
     torch.manual_seed(0)
     backbone = bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=backbone, num_labels=3, unit_hidden_size=8,
-                                                       classifier_dropout=0.0))
+    model = ADNetForSequenceClassification(
+        ADNetConfig(backbone_config=backbone, num_labels=3, unit_hidden_size=8, classifier_dropout=0.0)
+    )
     spread_halting(model)
     with torch.no_grad():
         for layer in [*(unit.dense for unit in model.base_model.units), model.output_layers[0][1]]:
@@ -57,8 +58,9 @@ def wrap(model: torch.nn.Module, wrapping: str) -> torch.nn.Module:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}),
-                                    device_id=torch.device("cpu"), use_orig_params=True)
+    return FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}), device_id=torch.device("cpu"), use_orig_params=True
+    )
 
 
 def full_weights(model: torch.nn.Module, wrapping: str) -> dict[str, torch.Tensor]:
@@ -70,8 +72,10 @@ def full_weights(model: torch.nn.Module, wrapping: str) -> dict[str, torch.Tenso
             state = model.state_dict()
     else:
         state = model.state_dict()
-    return {name.removeprefix("module."): value.full_tensor() if hasattr(value, "full_tensor") else value
-            for name, value in state.items()}
+    return {
+        name.removeprefix("module."): value.full_tensor() if hasattr(value, "full_tensor") else value
+        for name, value in state.items()
+    }
 
 
 def check_training(model: ADNetForSequenceClassification, wrapping: str, rank: int) -> None:
@@ -97,15 +101,19 @@ def exit_settings(model: ADNetForSequenceClassification, ids: torch.Tensor, mask
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
     first_confidence = out.step_logits[0].softmax(-1).max(-1).values
-    return {"halting": midpoint_threshold(1 - out.halting_probs[:, :2].sum(-1)),
-            "confidence": midpoint_threshold(first_confidence),
-            "patience": 1}
+    return {
+        "halting": midpoint_threshold(1 - out.halting_probs[:, :2].sum(-1)),
+        "confidence": midpoint_threshold(first_confidence),
+        "patience": 1,
+    }
 
 
 def diverging_batches(exit_steps: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """Pool indices of this process's batches: all early here and all late there, the reverse, then mixed."""
-    cut = max(range(int(exit_steps.min()), int(exit_steps.max())),
-              key=lambda step: min((exit_steps <= step).sum(), (exit_steps > step).sum()))
+    cut = max(
+        range(int(exit_steps.min()), int(exit_steps.max())),
+        key=lambda step: min((exit_steps <= step).sum(), (exit_steps > step).sum()),
+    )
     early, late = (exit_steps <= cut).nonzero().squeeze(-1), (exit_steps > cut).nonzero().squeeze(-1)
     assert len(early) >= 4 and len(late) >= 4, exit_steps
     order = (early, late) if rank == 0 else (late, early)

@@ -18,8 +18,9 @@ def test_pooled_flops_follow_the_tokens_and_the_items_still_running():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     state = StepState(torch.zeros(2, 3, 4), mask)
     everyone = slice(None)
-    flops = FlopsAccountant(torch.Size([2]), state.hidden.device, False,
-                            backbone_adapter(bert_config()).context_lengths)
+    flops = FlopsAccountant(
+        torch.Size([2]), state.hidden.device, False, backbone_adapter(bert_config()).context_lengths
+    )
     flops.add_positions(everyone, None, Flops(tokens=2.0, context=1.0), state)  # None: no item has stopped
     flops.add(everyone, None, 5.0)
     flops.add(everyone, torch.tensor([False, True]), 7.0)  # the second sample has stopped
@@ -83,8 +84,10 @@ def test_full_depth_inference_adds_only_the_unit_the_head_and_the_exit_counts_to
     plain.resnet.load_state_dict(model.adnet.backbone.state_dict())
     pixels = torch.randn(1, 1, 16, 16)
     counts = {}
-    for name, run in {"adnet": lambda: model(pixel_values=pixels, exit_policy="none"),
-                      "plain": lambda: plain(pixel_values=pixels)}.items():
+    for name, run in {
+        "adnet": lambda: model(pixel_values=pixels, exit_policy="none"),
+        "plain": lambda: plain(pixel_values=pixels),
+    }.items():
         with torch.inference_mode(), _CountedOperations() as counted:
             run()
         counts[name] = counted.names
@@ -103,12 +106,15 @@ def test_a_step_where_nothing_stops_adds_only_the_decision_to_the_full_depth_ste
     for layers in (4, 6):
         backbone = bert_config()
         backbone.num_hidden_layers = layers
-        model = ADNetForSequenceClassification(ADNetConfig(backbone_config=backbone, num_labels=2,
-                                                           num_fixed_steps=0)).eval()
+        model = ADNetForSequenceClassification(
+            ADNetConfig(backbone_config=backbone, num_labels=2, num_fixed_steps=0)
+        ).eval()
         ids = torch.randint(5, 50, (1, 7))
         counts, outputs = {}, {}
-        for name, kwargs in {"exiting": {"exit_policy": "halting", "exit_threshold": 1e-9},
-                             "full": {"exit_policy": "none", "output_step_logits": True}}.items():
+        for name, kwargs in {
+            "exiting": {"exit_policy": "halting", "exit_threshold": 1e-9},
+            "full": {"exit_policy": "none", "output_step_logits": True},
+        }.items():
             with torch.inference_mode(), _CountedOperations() as counted:
                 outputs[name] = model(input_ids=ids, **kwargs)
             counts[name] = len(counted.names)

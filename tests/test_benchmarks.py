@@ -63,17 +63,34 @@ def assert_rows_match_direct_evaluation(rows: list[dict], model, batches: list[d
 @pytest.mark.slow
 def test_classification_benchmark_writes_json_table_and_plot(tiny_checkpoint):
     out_dir = tiny_checkpoint / "results"
-    path = bench_classification.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
-        "--batch_sizes", "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--name", "tiny",
-        "--results_dir", str(out_dir), "--policies", "halting", "patience",
-    ])
+    path = bench_classification.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--batch_sizes",
+            "1",
+            "4",
+            "--max_samples_batch1",
+            "3",
+            "--repeats",
+            "1",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(out_dir),
+            "--policies",
+            "halting",
+            "patience",
+        ]
+    )
     result = json.loads(path.read_text())
     assert result["environment"]["command"] and result["samples"] == 12
     rows = result["rows"]
     assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None)] + [
-        ("halting", value) for value in bench_classification.DEFAULT_SETTINGS["halting"]] + [
-        ("patience", value) for value in bench_classification.DEFAULT_SETTINGS["patience"]]
+        ("halting", value) for value in bench_classification.DEFAULT_SETTINGS["halting"]
+    ] + [("patience", value) for value in bench_classification.DEFAULT_SETTINGS["patience"]]
     model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
     batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
     assert_rows_match_direct_evaluation(rows, model, batches, "accuracy")
@@ -87,16 +104,31 @@ def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tin
 
     tokenizer = BertTokenizer.from_pretrained(tiny_checkpoint / "model")
     regression = {"num_labels": 1, "problem_type": "regression"}
-    ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8, num_fixed_steps=0,
-                                               **regression)).save_pretrained(tiny_checkpoint / "stsb")
+    ADNetForSequenceClassification(
+        ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8, num_fixed_steps=0, **regression)
+    ).save_pretrained(tiny_checkpoint / "stsb")
     tokenizer.save_pretrained(tiny_checkpoint / "stsb")
     BertForSequenceClassification(bert_config(**regression)).save_pretrained(tiny_checkpoint / "plain")
-    rows = ["genre\tsentence1\tsentence2\tscore"] + [f"news\tw{i} w{i + 1}\tw{(i * 7) % 90} w3\t{i % 5}.{i}00"
-                                                      for i in range(10)]
+    rows = ["genre\tsentence1\tsentence2\tscore"] + [
+        f"news\tw{i} w{i + 1}\tw{(i * 7) % 90} w3\t{i % 5}.{i}00" for i in range(10)
+    ]
     (tiny_checkpoint / "stsb.tsv").write_text("\n".join(rows) + "\n")
     assert tokenizer.tokenize("w1 w2") == ["w1", "w2"]
-    args = ["--model", str(tiny_checkpoint / "stsb"), "--data", str(tiny_checkpoint / "stsb.tsv"), "--batch_sizes",
-            "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--results_dir", str(tiny_checkpoint / "results")]
+    args = [
+        "--model",
+        str(tiny_checkpoint / "stsb"),
+        "--data",
+        str(tiny_checkpoint / "stsb.tsv"),
+        "--batch_sizes",
+        "1",
+        "4",
+        "--max_samples_batch1",
+        "3",
+        "--repeats",
+        "1",
+        "--results_dir",
+        str(tiny_checkpoint / "results"),
+    ]
     path = bench_classification.main([*args, "--reference", str(tiny_checkpoint / "plain"), "--halting", "0.3"])
     result = json.loads(path.read_text())
     assert result["benchmark"] == "regression" and result["samples"] == 10
@@ -116,10 +148,21 @@ def test_classification_benchmark_reads_sentence_pairs_and_scores_regression(tin
 
 @pytest.mark.slow
 def test_halting_profile_accounts_for_every_input(tiny_checkpoint):
-    path = halting_profile.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--name", "tiny",
-        "--results_dir", str(tiny_checkpoint / "results"), "--halting", "0.2", "0.6",
-    ])
+    path = halting_profile.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+            "--halting",
+            "0.2",
+            "0.6",
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [row["executed_layers"] for row in rows] == [1, 2, 3, 4]
     assert sum(row["halting_prob_mean"] for row in rows) == pytest.approx(1.0)
@@ -146,21 +189,55 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
 
     data = shared_data
     tokenizer = GPT2Tokenizer.from_pretrained(data / "gpt2-tokenizer")
-    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
-                                         unit_hidden_size=8, num_fixed_steps=0))
+    model = ADNetForCausalLM(
+        ADNetConfig(
+            backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
+            unit_hidden_size=8,
+            num_fixed_steps=0,
+        )
+    )
     model.save_pretrained(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text((data / "ptb" / "ptb.valid.txt").read_text()[:4000])
-    path = bench_generation.main([  # the bare vocab.json + merges.txt folder, as the README's commands pass it
-        "--model", str(tmp_path / "model"), "--tokenizer", str(data / "gpt2-tokenizer"), "--data", str(text),
-        "--name", "tiny", "--block_size", "16",
-        "--max_blocks", "4", "--batch_size", "2", "--generation_batch_sizes", "1", "2", "--prompt_length", "4",
-        "--new_tokens", "3", "--epsilons", "0.1", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
-    ])
+    path = bench_generation.main(
+        [  # the bare vocab.json + merges.txt folder, as the README's commands pass it
+            "--model",
+            str(tmp_path / "model"),
+            "--tokenizer",
+            str(data / "gpt2-tokenizer"),
+            "--data",
+            str(text),
+            "--name",
+            "tiny",
+            "--block_size",
+            "16",
+            "--max_blocks",
+            "4",
+            "--batch_size",
+            "2",
+            "--generation_batch_sizes",
+            "1",
+            "2",
+            "--prompt_length",
+            "4",
+            "--new_tokens",
+            "3",
+            "--epsilons",
+            "0.1",
+            "0.5",
+            "--repeats",
+            "1",
+            "--results_dir",
+            str(tmp_path / "r"),
+        ]
+    )
     result = json.loads(path.read_text())
     rows = result["rows"]
-    assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None), ("halting", 0.1),
-                                                                  ("halting", 0.5)]
+    assert [(row["policy"], row["setting"]) for row in rows] == [
+        ("none (full depth)", None),
+        ("halting", 0.1),
+        ("halting", 0.5),
+    ]
     model.eval()
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
     with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
@@ -184,12 +261,34 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
 
     backbone = tiny_checkpoint / "backbone"
     BertForSequenceClassification(bert_config(num_labels=2)).save_pretrained(backbone)
-    path = bench_costs.main([
-        "--backbone", str(backbone), "--model", str(tiny_checkpoint / "model"), "--reference", str(backbone),
-        "--tokenizer", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
-        "--train_batches", "2", "--batch_size", "4", "--repeats", "1", "--name", "tiny",
-        "--results_dir", str(tiny_checkpoint / "results"), "--exit_policy", "patience", "--exit_value", "1",
-    ])
+    path = bench_costs.main(
+        [
+            "--backbone",
+            str(backbone),
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--reference",
+            str(backbone),
+            "--tokenizer",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--train_batches",
+            "2",
+            "--batch_size",
+            "4",
+            "--repeats",
+            "1",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+            "--exit_policy",
+            "patience",
+            "--exit_value",
+            "1",
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     training = [row for row in rows if row["measure"] == "training step"]
     assert [row["setting"] for row in training] == ["plain"] + [f"adnet {t}" for t in bench_costs.LOSS_TYPES]
@@ -197,8 +296,10 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
     memory = {(row["allocator"], row["setting"]): row for row in rows if "memory" in row["measure"]}
     settings = ("adnet none (full depth)", "adnet exits (patience=1)", "plain reference")
     assert set(memory) == {(allocator, setting) for allocator in bench_costs.ALLOCATORS for setting in settings}
-    assert all(memory[allocator, "adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
-               for allocator in bench_costs.ALLOCATORS)
+    assert all(
+        memory[allocator, "adnet none (full depth)"]["ratio_to_full_depth"] == 1.0
+        for allocator in bench_costs.ALLOCATORS
+    )
     assert all(row["peak_rise_mib"] > 0 for row in memory.values())  # a pass from a fresh allocator allocates
 
 
@@ -221,17 +322,38 @@ def test_classification_benchmark_on_idx_images(tmp_path):
     rng = np.random.default_rng(0)
     images = write_idx(tmp_path / "images.idx", rng.integers(0, 256, (10, 28, 28)))
     labels = write_idx(tmp_path / "labels.idx", rng.integers(0, 3, (10,)))
-    path = bench_classification.main([
-        "--model", str(tmp_path / "model"), "--images", images, "--image_labels", labels, "--batch_sizes", "1", "4",
-        "--max_samples_batch1", "3", "--repeats", "1", "--policies", "confidence", "--confidence", "0.5",
-        "--name", "tiny_images", "--results_dir", str(tmp_path / "results"),
-    ])
+    path = bench_classification.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--images",
+            images,
+            "--image_labels",
+            labels,
+            "--batch_sizes",
+            "1",
+            "4",
+            "--max_samples_batch1",
+            "3",
+            "--repeats",
+            "1",
+            "--policies",
+            "confidence",
+            "--confidence",
+            "0.5",
+            "--name",
+            "tiny_images",
+            "--results_dir",
+            str(tmp_path / "results"),
+        ]
+    )
     result = json.loads(path.read_text())
     assert result["samples"] == 10 and result["num_blocks"] == model.config.num_blocks
     rows = result["rows"]
     assert [(row["policy"], row["setting"]) for row in rows] == [("none (full depth)", None), ("confidence", 0.5)]
-    dataset = bench_classification.ImageDataset(bench_classification.read_idx(images),
-                                                bench_classification.read_idx(labels))
+    dataset = bench_classification.ImageDataset(
+        bench_classification.read_idx(images), bench_classification.read_idx(labels)
+    )
     batches = bench_classification.with_labels(bench_classification.image_batches(dataset, 4), dataset.labels)
     assert_rows_match_direct_evaluation(rows, model.eval(), batches, "accuracy")
     assert math.isfinite(rows[1]["speedup_b1"])
@@ -245,18 +367,38 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
     from adnet_hf import ADNetForCausalLM
 
     tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
-    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
-                                         unit_hidden_size=8, num_fixed_steps=1)).eval()
+    model = ADNetForCausalLM(
+        ADNetConfig(
+            backbone_config=gpt2_config(vocab_size=len(tokenizer), eos_token_id=0),
+            unit_hidden_size=8,
+            num_fixed_steps=1,
+        )
+    ).eval()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text((shared_data / "ptb" / "ptb.valid.txt").read_text()[:3000])
-    path = step_perplexity.main(["--model", str(tmp_path / "model"), "--data", str(text), "--block_size", "16",
-                                 "--max_blocks", "4", "--name", "tiny", "--results_dir", str(tmp_path / "r")])
+    path = step_perplexity.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(text),
+            "--block_size",
+            "16",
+            "--max_blocks",
+            "4",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(tmp_path / "r"),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [row["executed_layers"] for row in rows] == [2, 3, 4] and rows[-1]["ratio_to_last_step"] == 1.0
-    assert rows[-1]["agreement_with_last_step"] == 1.0 and all(0 <= row["agreement_with_last_step"] <= 1
-                                                                for row in rows)
+    assert rows[-1]["agreement_with_last_step"] == 1.0 and all(
+        0 <= row["agreement_with_last_step"] <= 1 for row in rows
+    )
     blocks = bench_generation.token_blocks(tokenizer, text, 16, 4)
     with torch.no_grad():  # one forward over every block: its loss is the mean over every predicted token
         full_depth = model(input_ids=blocks, labels=blocks, exit_policy="none")
@@ -267,11 +409,28 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
 def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_checkpoint):
     from benchmarks import bench_export
 
-    path = bench_export.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"),
-        "--batch_sizes", "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--name", "tiny_export",
-        "--results_dir", str(tiny_checkpoint / "results"), "--settings", "confidence=0.6", "patience=1",
-    ])
+    path = bench_export.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--batch_sizes",
+            "1",
+            "4",
+            "--max_samples_batch1",
+            "3",
+            "--repeats",
+            "1",
+            "--name",
+            "tiny_export",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+            "--settings",
+            "confidence=0.6",
+            "patience=1",
+        ]
+    )
     result = json.loads(path.read_text())
     model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
     batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
@@ -281,9 +440,18 @@ def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_
         assert row["eager_accuracy"] == pytest.approx(evaluate_batches(model, batches, **setting)["accuracy"])
         assert row["runner_accuracy"] == row["eager_accuracy"]
     arms = [(row["batch_size"], row["arm"], row["policy"], row["setting"]) for row in result["rows"]]
-    assert arms == [(size, arm, policy, setting) for size in (1, 4) for arm, policy, setting in [
-        ("eager", "none", None), ("eager", "confidence", 0.6), ("ONNX Runtime runner", "confidence", 0.6),
-        ("eager", "patience", 1), ("ONNX Runtime runner", "patience", 1), ("ONNX Runtime runner", "none", None)]]
+    assert arms == [
+        (size, arm, policy, setting)
+        for size in (1, 4)
+        for arm, policy, setting in [
+            ("eager", "none", None),
+            ("eager", "confidence", 0.6),
+            ("ONNX Runtime runner", "confidence", 0.6),
+            ("eager", "patience", 1),
+            ("ONNX Runtime runner", "patience", 1),
+            ("ONNX Runtime runner", "none", None),
+        ]
+    ]
     assert all(row["seconds"] > 0 for row in result["rows"])
     assert [row["samples"] for row in result["rows"]] == [3] * 6 + [12] * 6
 
@@ -293,15 +461,34 @@ def test_risk_control_benchmark_chooses_as_calibrate_exit_does(tiny_checkpoint):
     """The benchmark's choice on a calibration part, from per-sample outcomes of whole-set passes, is the one
     `calibrate_exit` makes on that part's own passes (risk-controlled and empirical); its rows cover every budget and
     delta."""
-    path = bench_risk_control.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--splits", "20",
-        "--budgets", "0.2", "0.5", "--deltas", "0.1", "--batch_size", "4", "--name", "tiny",
-        "--results_dir", str(tiny_checkpoint / "results")])
+    path = bench_risk_control.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--splits",
+            "20",
+            "--budgets",
+            "0.2",
+            "0.5",
+            "--deltas",
+            "0.1",
+            "--batch_size",
+            "4",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+        ]
+    )
     result = json.loads(path.read_text())
     assert [(row["budget_pts"], row["delta"]) for row in result["rows"]] == [(20.0, 0.1), (50.0, 0.1)]
     assert result["samples"] == 12 and result["calibration_size"] == 6
-    assert all(0 <= row["violation_share"] <= 1 and row["within_delta"] == (row["violation_share"] <= 0.1)
-               for row in result["rows"])
+    assert all(
+        0 <= row["violation_share"] <= 1 and row["within_delta"] == (row["violation_share"] <= 0.1)
+        for row in result["rows"]
+    )
     model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
     batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 6)
     grid = [row["setting"] for row in result["candidates"]]
@@ -318,20 +505,44 @@ def test_pareto_budget_table_takes_each_policys_cheapest_setting_within_budget()
     points = [{"policy": "none (full depth)", "setting": None, "accuracy": 0.90, "executed_layers": 6.0}] + [
         {"policy": policy, "setting": setting, "accuracy": accuracy, "executed_layers": layers}
         for policy, setting, accuracy, layers in [
-            ("halting", 0.1, 0.899, 3.0), ("halting", 0.3, 0.893, 2.0), ("halting", 0.5, 0.85, 1.0),
-            ("confidence", 0.99, 0.90, 4.0), ("confidence", 0.9, 0.896, 2.5), ("confidence", 0.8, 0.88, 1.5),
-            ("patience", 2, 0.897, 3.5), ("patience", 1, 0.891, 2.2)]]
+            ("halting", 0.1, 0.899, 3.0),
+            ("halting", 0.3, 0.893, 2.0),
+            ("halting", 0.5, 0.85, 1.0),
+            ("confidence", 0.99, 0.90, 4.0),
+            ("confidence", 0.9, 0.896, 2.5),
+            ("confidence", 0.8, 0.88, 1.5),
+            ("patience", 2, 0.897, 3.5),
+            ("patience", 1, 0.891, 2.2),
+        ]
+    ]
     rows = pareto_exits.budget_table(points, [0.0025, 0.005, 0.01], 6)
     chosen = [(row["budget_pts"], row["policy"], row["setting"], row["executed_layers"]) for row in rows]
-    assert chosen == [(0.25, "halting", 0.1, 3.0), (0.25, "confidence", 0.99, 4.0),
-                      (0.25, "patience", "none (full depth)", 6.0),
-                      (0.5, "halting", 0.1, 3.0), (0.5, "confidence", 0.9, 2.5), (0.5, "patience", 2, 3.5),
-                      (1.0, "halting", 0.3, 2.0), (1.0, "confidence", 0.9, 2.5), (1.0, "patience", 1, 2.2)]
-    assert [row.get("halting_no_more_layers") for row in rows] == [True, None, None, False, None, None,
-                                                                    True, None, None]
+    assert chosen == [
+        (0.25, "halting", 0.1, 3.0),
+        (0.25, "confidence", 0.99, 4.0),
+        (0.25, "patience", "none (full depth)", 6.0),
+        (0.5, "halting", 0.1, 3.0),
+        (0.5, "confidence", 0.9, 2.5),
+        (0.5, "patience", 2, 3.5),
+        (1.0, "halting", 0.3, 2.0),
+        (1.0, "confidence", 0.9, 2.5),
+        (1.0, "patience", 1, 2.2),
+    ]
+    assert [row.get("halting_no_more_layers") for row in rows] == [
+        True,
+        None,
+        None,
+        False,
+        None,
+        None,
+        True,
+        None,
+        None,
+    ]
     assert [row["accuracy_drop_pts"] for row in rows[:3]] == pytest.approx([0.1, 0.0, 0.0])
-    front = pareto_exits.pareto_front([point for point in points if point["policy"] != "confidence"
-                                       and point["policy"] != "patience"])
+    front = pareto_exits.pareto_front(
+        [point for point in points if point["policy"] != "confidence" and point["policy"] != "patience"]
+    )
     assert [point["setting"] for point in front] == [0.5, 0.3, 0.1, None]
 
 
@@ -339,12 +550,17 @@ def test_pareto_held_out_choice_is_scored_on_the_other_half():
     """A setting right on every sample and one wrong on every sample: whichever half chooses, each policy's pick
     and its held-out layers and drop are known."""
     full_errors = np.zeros(8, dtype=bool)
-    outcomes = {"full_errors": full_errors, "exit_errors": np.stack([full_errors, ~full_errors]),
-                "layers": np.array([[3.0] * 8, [1.0] * 8])}
+    outcomes = {
+        "full_errors": full_errors,
+        "exit_errors": np.stack([full_errors, ~full_errors]),
+        "layers": np.array([[3.0] * 8, [1.0] * 8]),
+    }
     settings = [("halting", 0.1), ("confidence", 0.6)]
     rows = pareto_exits.held_out_table(settings, outcomes, [0.01], 4, splits=5, seed=0)
     assert [(row["policy"], row["mean_layers"], row["violation_share"]) for row in rows] == [
-        ("halting", 3.0, 0.0), ("confidence", 4.0, 0.0)]
+        ("halting", 3.0, 0.0),
+        ("confidence", 4.0, 0.0),
+    ]
     assert rows[0]["halting_no_more_layers"] is True and all(row["mean_drop_pts"] == 0.0 for row in rows)
 
 
@@ -360,26 +576,46 @@ def test_plain_twin_holds_the_adnet_backbone_weights(tiny_checkpoint):
 @pytest.mark.slow
 def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint):
     out_dir = tiny_checkpoint / "results"
-    path = pareto_exits.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--grid_size", "6",
-        "--batch_size", "5", "--budgets", "0.1", "0.3", "--splits", "4", "--name", "tiny", "--results_dir",
-        str(out_dir)])
+    path = pareto_exits.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--grid_size",
+            "6",
+            "--batch_size",
+            "5",
+            "--budgets",
+            "0.1",
+            "0.3",
+            "--splits",
+            "4",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(out_dir),
+        ]
+    )
     result = json.loads(path.read_text())
     model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
     steps = model.config.num_variable_steps
     points = result["points"]
     assert [(point["policy"], point["setting"]) for point in points] == [("none (full depth)", None)] + [
-        (policy, value) for policy in pareto_exits.POLICIES for value in pareto_exits.dense_grid(policy, steps, 6)]
+        (policy, value) for policy in pareto_exits.POLICIES for value in pareto_exits.dense_grid(policy, steps, 6)
+    ]
     ten_classes = pareto_exits.dense_grid("confidence", steps, 6, num_labels=10)
     assert ten_classes[0] == pytest.approx(0.1) and ten_classes[-1] == pytest.approx(0.9999)  # from 1 / C
     batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
     for point in points[1::4]:
         metrics = evaluate_batches(model, batches, point["policy"], point["setting"])
         assert (point["accuracy"], point["executed_layers"]) == pytest.approx(
-            (metrics["accuracy"], metrics["executed_layers"])), point
+            (metrics["accuracy"], metrics["executed_layers"])
+        ), point
     assert result["rows"] == pareto_exits.budget_table(points, [0.1, 0.3], model.config.num_blocks)
     assert [(row["budget_pts"], row["policy"]) for row in result["budget_rows_held_out"]] == [
-        (budget, policy) for budget in (10.0, 30.0) for policy in pareto_exits.POLICIES]
+        (budget, policy) for budget in (10.0, 30.0) for policy in pareto_exits.POLICIES
+    ]
     assert "Held-out verdict" in (out_dir / "tiny.md").read_text() and (out_dir / "tiny.png").stat().st_size > 0
 
 
@@ -394,31 +630,82 @@ def test_batch_one_alone_is_timed_and_scored_on_every_sample():
 
 @pytest.mark.slow
 def test_classification_benchmark_times_the_plain_twin_in_turns(tiny_checkpoint):
-    path = bench_classification.main([
-        "--model", str(tiny_checkpoint / "model"), "--data", str(tiny_checkpoint / "dev.tsv"), "--plain_timing",
-        "--batch_sizes", "1", "4", "--max_samples_batch1", "3", "--repeats", "1", "--policies", "halting",
-        "--halting", "0.3", "--name", "tiny", "--results_dir", str(tiny_checkpoint / "results")])
+    path = bench_classification.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--plain_timing",
+            "--batch_sizes",
+            "1",
+            "4",
+            "--max_samples_batch1",
+            "3",
+            "--repeats",
+            "1",
+            "--policies",
+            "halting",
+            "--halting",
+            "0.3",
+            "--name",
+            "tiny",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [row["policy"] for row in rows] == ["none (full depth)", bench_classification.PLAIN_TIMING_ROW, "halting"]
     assert rows[1]["accuracy"] is None and all(math.isfinite(rows[2][f"speedup_vs_plain_b{size}"]) for size in (1, 4))
     with pytest.raises(SystemExit):  # one plain arm at most
-        bench_classification.main(["--model", str(tiny_checkpoint / "model"), "--data",
-                                   str(tiny_checkpoint / "dev.tsv"), "--plain_timing", "--reference", "plain"])
+        bench_classification.main(
+            [
+                "--model",
+                str(tiny_checkpoint / "model"),
+                "--data",
+                str(tiny_checkpoint / "dev.tsv"),
+                "--plain_timing",
+                "--reference",
+                "plain",
+            ]
+        )
 
 
 def test_overhead_benchmark_times_adnet_at_full_depth_against_its_plain_twin(tiny_checkpoint):
     from benchmarks import bench_overhead
 
     out_dir = tiny_checkpoint / "results"
-    path = bench_overhead.main([
-        "--model", str(tiny_checkpoint / "model"), "--tokenizer", str(tiny_checkpoint / "model"),
-        "--data", str(tiny_checkpoint / "dev.tsv"), "--batch_sizes", "1", "4", "--samples_batch1", "3",
-        "--samples", "8", "--repeats", "2", "--profile", "--name", "tiny_overhead", "--results_dir", str(out_dir),
-    ])
+    path = bench_overhead.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--tokenizer",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--batch_sizes",
+            "1",
+            "4",
+            "--samples_batch1",
+            "3",
+            "--samples",
+            "8",
+            "--repeats",
+            "2",
+            "--profile",
+            "--name",
+            "tiny_overhead",
+            "--results_dir",
+            str(out_dir),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [(row["task"], row["batch_size"], row["forwards"]) for row in rows] == [("text", 1, 3), ("text", 4, 2)]
-    assert all(row["plain_ms"] > 0 and row["adnet_ms"] > 0 and row[key] > 0 for row in rows
-               for key in ("ratio", "ratio_fastest", "ratio_paired", "ratio_cpu"))
+    assert all(
+        row["plain_ms"] > 0 and row["adnet_ms"] > 0 and row[key] > 0
+        for row in rows
+        for key in ("ratio", "ratio_fastest", "ratio_paired", "ratio_cpu")
+    )
     profile = (out_dir / "tiny_overhead_profile.md").read_text()
     assert "## text, batch 1 (3 forwards)" in profile and "adnet_hf/engine_adnet.py" in profile
     model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model")
@@ -446,14 +733,34 @@ def test_halting_transfer_halves_are_the_fit_rows_that_run_glue_style_holds_out_
 
 
 @pytest.mark.slow
-def test_halting_transfer_fits_on_one_half_and_scores_real_exits_on_the_other_and_the_evaluation_data(
-        tiny_checkpoint):
-    path = halting_transfer.main([
-        "--model", str(tiny_checkpoint / "model"), "--fit_data", str(tiny_checkpoint / "dev.tsv"), "--fit_split", "0.5",
-        "--data", str(tiny_checkpoint / "dev.tsv"), "--grid_size", "3", "--batch_size", "4", "--budgets", "0.1",
-        "--name", "tiny_transfer", "--results_dir", str(tiny_checkpoint / "results")])
+def test_halting_transfer_fits_on_one_half_and_scores_real_exits_on_the_other_and_the_evaluation_data(tiny_checkpoint):
+    path = halting_transfer.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--fit_data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--fit_split",
+            "0.5",
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--grid_size",
+            "3",
+            "--batch_size",
+            "4",
+            "--budgets",
+            "0.1",
+            "--name",
+            "tiny_transfer",
+            "--results_dir",
+            str(tiny_checkpoint / "results"),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [(row["fitted_on"], row["scored_on"], row["policy"]) for row in rows] == [
-        (fitted, scored, policy) for fitted, other in (("half 0", "half 1"), ("half 1", "half 0"))
-        for scored in (other, "evaluation") for policy in ("halting", "confidence")]
+        (fitted, scored, policy)
+        for fitted, other in (("half 0", "half 1"), ("half 1", "half 0"))
+        for scored in (other, "evaluation")
+        for policy in ("halting", "confidence")
+    ]
     assert all(1 <= row["executed_layers"] <= 4 for row in rows)  # the tiny backbone has 4 layers

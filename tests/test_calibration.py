@@ -25,8 +25,9 @@ def classification_batches(count=4):
 def trained():
     """A tiny classifier trained on its batches, so that full depth beats chance and exits can cost accuracy."""
     torch.manual_seed(0)
-    config = ADNetConfig(backbone_config=bert_config(), num_labels=2, unit_hidden_size=8, num_fixed_steps=0,
-                         classifier_dropout=0.0)
+    config = ADNetConfig(
+        backbone_config=bert_config(), num_labels=2, unit_hidden_size=8, num_fixed_steps=0, classifier_dropout=0.0
+    )
     model = ADNetForSequenceClassification(config)
     batches = classification_batches()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -38,8 +39,9 @@ def trained():
     return model.state_dict(), config, batches
 
 
-@pytest.mark.parametrize("policy,budget", [("halting", 0.0), ("halting", 0.1), ("confidence", 0.05),
-                                           ("patience", 0.05)])
+@pytest.mark.parametrize(
+    "policy,budget", [("halting", 0.0), ("halting", 0.1), ("confidence", 0.05), ("patience", 0.05)]
+)
 def test_stored_setting_meets_the_budget_on_its_data(trained, policy, budget, tmp_path):
     state, config, batches = trained
     model = ADNetForSequenceClassification(ADNetConfig.from_dict(config.to_dict()))
@@ -93,8 +95,11 @@ def test_candidates_are_passed_per_call_not_through_the_config(trained):
     model.register_forward_pre_hook(record, with_kwargs=True)
     calibrate_exit(model, batches, policy="halting", budget=0.1, candidates=[0.2, 0.5])
     assert {epsilon for epsilon, _, _ in calls} == {original}
-    assert {(policy, threshold) for _, policy, threshold in calls} == {("none", None), ("halting", 0.2),
-                                                                       ("halting", 0.5)}
+    assert {(policy, threshold) for _, policy, threshold in calls} == {
+        ("none", None),
+        ("halting", 0.2),
+        ("halting", 0.5),
+    }
 
 
 def test_candidates_come_from_the_rule_and_bad_ones_are_refused():
@@ -119,15 +124,22 @@ def task_batches(kind: str, count: int = 2) -> list[dict]:
 
 def task_model(kind: str) -> ADNetForSequenceClassification:
     num_labels, problem_type = (1, "regression") if kind == "regression" else (3, "multi_label_classification")
-    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8,
-                                                       num_fixed_steps=0, num_labels=num_labels,
-                                                       problem_type=problem_type))
+    model = ADNetForSequenceClassification(
+        ADNetConfig(
+            backbone_config=bert_config(),
+            unit_hidden_size=8,
+            num_fixed_steps=0,
+            num_labels=num_labels,
+            problem_type=problem_type,
+        )
+    )
     spread_halting(model)
     return model
 
 
-@pytest.mark.parametrize("kind,metric,lower_is_better", [("regression", "mse", True),
-                                                         ("multi_label", "micro_f1", False)])
+@pytest.mark.parametrize(
+    "kind,metric,lower_is_better", [("regression", "mse", True), ("multi_label", "micro_f1", False)]
+)
 def test_regression_and_multi_label_are_judged_by_their_own_metric(kind, metric, lower_is_better, tmp_path):
     model, batches, budget, grid = task_model(kind), task_batches(kind), 0.02, [0.05, 0.3, 0.6, 0.9]
     result = calibrate_exit(model, batches, policy="halting", budget=budget, candidates=grid)
@@ -163,9 +175,14 @@ def test_empty_data_is_a_clear_error_and_changes_nothing():
     assert model.config.to_dict() == before
 
 
-@pytest.mark.parametrize("candidates,match", [([], "candidates must be None"),
-                                              ([0.2, float("nan")], "candidate for halting_epsilon must be"),
-                                              ([0.2, True], "candidate for halting_epsilon must be")])
+@pytest.mark.parametrize(
+    "candidates,match",
+    [
+        ([], "candidates must be None"),
+        ([0.2, float("nan")], "candidate for halting_epsilon must be"),
+        ([0.2, True], "candidate for halting_epsilon must be"),
+    ],
+)
 def test_bad_candidates_are_refused_before_anything_is_written(candidates, match):
     model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8))
     before = model.config.to_dict()
@@ -243,8 +260,12 @@ def test_risk_controlled_choice_is_certified_and_stored_with_its_guarantee(train
     model = ADNetForSequenceClassification(ADNetConfig.from_dict(config.to_dict()))
     model.load_state_dict(state)
     result = calibrate_exit(model, batches, policy="halting", budget=0.1, delta=0.1)
-    full, *records = sweep_exits(model, batches, [("none", None)] + [("halting", c["halting_epsilon"])
-                                                                     for c in result.candidates], return_items=True)
+    full, *records = sweep_exits(
+        model,
+        batches,
+        [("none", None)] + [("halting", c["halting_epsilon"]) for c in result.candidates],
+        return_items=True,
+    )
     full_errors = sample_errors(full["items"])
     for candidate, record in zip(result.candidates, records):
         losses = int((sample_errors(record["items"]) & ~full_errors).sum())
@@ -253,8 +274,15 @@ def test_risk_controlled_choice_is_certified_and_stored_with_its_guarantee(train
     assert flags == sorted(flags, reverse=True) and any(flags)  # a prefix of the grid, not empty here
     chosen = min((c for c in result.candidates if c["certified"]), key=lambda c: c["executed_layers"])
     assert (result.policy, result.value) == ("halting", chosen["halting_epsilon"])
-    expected = {"policy": "halting", "value": result.value, "metric": "accuracy", "budget": 0.1, "delta": 0.1,
-                "calibration_size": 32, "method": RISK_CONTROL_METHOD}
+    expected = {
+        "policy": "halting",
+        "value": result.value,
+        "metric": "accuracy",
+        "budget": 0.1,
+        "delta": 0.1,
+        "calibration_size": 32,
+        "method": RISK_CONTROL_METHOD,
+    }
     assert result.guarantee == expected
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
@@ -272,8 +300,7 @@ def test_too_few_samples_certify_nothing_and_keep_full_depth(trained):
     assert not any(c["certified"] for c in result.candidates)
     assert min(c["p_value"] for c in result.candidates) == pytest.approx(0.95**8)
     assert model.config.exit_policy == "none" and result.executed_layers == config.num_blocks
-    assert model.config.exit_guarantee == {**result.guarantee, "policy": "none", "value": None,
-                                           "calibration_size": 8}
+    assert model.config.exit_guarantee == {**result.guarantee, "policy": "none", "value": None, "calibration_size": 8}
 
 
 def test_checkpoint_saved_before_the_guarantee_field_loads_without_one(tmp_path):
@@ -298,8 +325,10 @@ def test_bad_delta_is_refused_before_anything_is_measured(delta):
 def test_tasks_without_a_valid_bound_refuse_delta(kind, task):
     model = task_model(kind)
     before = model.config.to_dict()
-    with pytest.raises(ValueError, match=f"delta=0.1: risk control bounds a single-label classifier's accuracy drop, "
-                                         f"and this model is {task}"):
+    with pytest.raises(
+        ValueError,
+        match=f"delta=0.1: risk control bounds a single-label classifier's accuracy drop, and this model is {task}",
+    ):
         calibrate_exit(model, task_batches(kind), policy="halting", budget=0.01, delta=0.1)
     assert model.config.to_dict() == before
 
@@ -315,8 +344,7 @@ def test_causal_lm_and_budgets_over_one_refuse_delta():
 
 def test_delta_refuses_multi_label_labels_on_a_config_without_a_problem_type():
     """A classifier whose problem type is only inferred from its labels (Transformers' way) is caught by its items."""
-    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8,
-                                                       num_labels=3))
+    model = ADNetForSequenceClassification(ADNetConfig(backbone_config=bert_config(), unit_hidden_size=8, num_labels=3))
     with pytest.raises(ValueError, match=r"delta needs a single-label classifier's labels: sample_errors needs"):
         calibrate_exit(model, task_batches("multi_label", 1), policy="halting", budget=0.05, delta=0.1)
     assert model.config.exit_policy == "halting" and model.config.exit_guarantee is None

@@ -21,8 +21,15 @@ from adnet_examples.arguments import train_wordpiece_tokenizer
 EXAMPLES = Path(examples.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
 GLOBAL_BATCH = 8
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37,
-             "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +54,58 @@ def free_port() -> int:
 def train(task: dict[str, Path], script: str, processes: int, output: str, loss_type: str = "gpsl") -> Path:
     """Run `script` on `processes` CPU processes for 2 optimiser steps of `GLOBAL_BATCH` samples."""
     out = task["root"] / output
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        f"--master_port={free_port()}"]
-    args = ["--model_name_or_path", str(task["backbone"]), "--train_file", str(task["train"]),
-            "--validation_file", str(task["train"]), "--output_dir", str(out), "--do_train", "--do_eval",
-            "--num_train_epochs", "0.5", "--per_device_train_batch_size", str(GLOBAL_BATCH // processes),
-            "--per_device_eval_batch_size", "8", "--max_seq_length", "32", "--unit_hidden_size", "8",
-            "--classifier_dropout", "0", "--loss_type", loss_type, "--learning_rate", "1e-3", "--use_cpu",
-            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}",
+        ]
+    )
+    args = [
+        "--model_name_or_path",
+        str(task["backbone"]),
+        "--train_file",
+        str(task["train"]),
+        "--validation_file",
+        str(task["train"]),
+        "--output_dir",
+        str(out),
+        "--do_train",
+        "--do_eval",
+        "--num_train_epochs",
+        "0.5",
+        "--per_device_train_batch_size",
+        str(GLOBAL_BATCH // processes),
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_seq_length",
+        "32",
+        "--unit_hidden_size",
+        "8",
+        "--classifier_dropout",
+        "0",
+        "--loss_type",
+        loss_type,
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([*launcher, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env,
-                            timeout=600, check=False)
+    result = subprocess.run(
+        [*launcher, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out
 
@@ -78,8 +125,9 @@ def test_two_processes_match_one_with_the_same_global_batch(task, script):
     assert_same_weights(single, double)
     untrained = load_file(task["backbone"] / "model.safetensors")
     trained = load_file(single / "model.safetensors")
-    assert not torch.equal(trained["adnet.backbone.encoder.layer.0.output.dense.weight"],
-                           untrained["encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(
+        trained["adnet.backbone.encoder.layer.0.output.dense.weight"], untrained["encoder.layer.0.output.dense.weight"]
+    )
     # evaluated over the samples of both processes: the saved model's metrics on the whole set, in 8-sample batches
     results = json.loads((double / "eval_results.json").read_text())
     reference = text_metrics(double, task["train"], 8)
@@ -88,10 +136,15 @@ def test_two_processes_match_one_with_the_same_global_batch(task, script):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, loss_type", [
-    ("train_accelerate.py", "pondernet"), ("train_accelerate.py", "deep_supervision"),
-    ("train_accelerate.py", "last"), ("run_glue_style.py", "last"),
-])
+@pytest.mark.parametrize(
+    "script, loss_type",
+    [
+        ("train_accelerate.py", "pondernet"),
+        ("train_accelerate.py", "deep_supervision"),
+        ("train_accelerate.py", "last"),
+        ("run_glue_style.py", "last"),
+    ],
+)
 def test_every_loss_type_trains_on_two_processes(task, script, loss_type):
     """`last` and `deep_supervision` leave the halting layers (and `last` the earlier step heads) without gradient."""
     out = train(task, script, 2, f"{script}-{loss_type}", loss_type)

@@ -54,13 +54,17 @@ def reference_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float
     metrics, stats = pytest.importorskip("sklearn.metrics"), pytest.importorskip("scipy.stats")
     if logits.shape[-1] == 1:
         predictions, references = logits.reshape(-1).astype(np.float64), labels.reshape(-1).astype(np.float64)
-        return {"pearson": stats.pearsonr(predictions, references)[0],
-                "spearman": stats.spearmanr(predictions, references)[0],
-                "mse": metrics.mean_squared_error(references, predictions)}
+        return {
+            "pearson": stats.pearsonr(predictions, references)[0],
+            "spearman": stats.spearmanr(predictions, references)[0],
+            "mse": metrics.mean_squared_error(references, predictions),
+        }
     if labels.ndim == logits.ndim:
         predictions, references = (logits > 0).astype(np.int64), (labels > 0.5).astype(np.int64)
-        return {"accuracy": metrics.accuracy_score(references, predictions),
-                "micro_f1": metrics.f1_score(references, predictions, average="micro", zero_division=1.0)}
+        return {
+            "accuracy": metrics.accuracy_score(references, predictions),
+            "micro_f1": metrics.f1_score(references, predictions, average="micro", zero_division=1.0),
+        }
     predictions = logits.argmax(-1)
     expected = {"accuracy": metrics.accuracy_score(labels, predictions)}
     if logits.shape[-1] == 2:
@@ -99,15 +103,27 @@ def regression_cases(rng):
     for samples in (2, 3, 9, 500):
         continuous, tied = rng.normal(size=(2, samples)), rng.integers(0, 3, (2, samples)).astype(np.float64)
         constant = np.full(samples, 0.1 if samples < 9 else 0.9)  # from 3 samples, its mean is not exactly itself
-        for scores, targets in [continuous, tied, (tied[0], continuous[1]), (constant, continuous[1]),
-                                (continuous[0], constant)]:
+        for scores, targets in [
+            continuous,
+            tied,
+            (tied[0], continuous[1]),
+            (constant, continuous[1]),
+            (continuous[0], constant),
+        ]:
             yield scores[:, None], targets
 
 
 @pytest.mark.filterwarnings("ignore")  # scikit-learn's and scipy's warnings of zero division and constant inputs
-@pytest.mark.parametrize("cases", [partial(classification_cases, num_classes=2),
-                                   partial(classification_cases, num_classes=3), multi_label_cases, regression_cases],
-                         ids=["two_class", "three_class", "multi_label", "regression"])
+@pytest.mark.parametrize(
+    "cases",
+    [
+        partial(classification_cases, num_classes=2),
+        partial(classification_cases, num_classes=3),
+        multi_label_cases,
+        regression_cases,
+    ],
+    ids=["two_class", "three_class", "multi_label", "regression"],
+)
 def test_task_metrics_match_scikit_learn_and_scipy(cases):
     for logits, labels in cases(np.random.default_rng(0)):
         metrics = task_metrics(logits, labels)
@@ -142,8 +158,14 @@ REGRESSION_SETTINGS = [("none", None), ("halting", 0.3), ("halting", 0.7)]
 
 def adnet_classifier(num_labels):
     """4 steps of 2 GPT-2 blocks, with halting spread so that the settings exit at different steps."""
-    config = ADNetConfig(backbone_config=gpt2_config(n_layer=8), num_labels=num_labels, unit_hidden_size=8,
-                         num_fixed_steps=0, layers_per_step=2, classifier_dropout=0.0)
+    config = ADNetConfig(
+        backbone_config=gpt2_config(n_layer=8),
+        num_labels=num_labels,
+        unit_hidden_size=8,
+        num_fixed_steps=0,
+        layers_per_step=2,
+        classifier_dropout=0.0,
+    )
     model = ADNetForSequenceClassification(config).eval()
     spread_halting(model, scale=5.0)
     return model
@@ -164,13 +186,15 @@ def configured_forwards(model, batches, policy, threshold):
     configured = copy.deepcopy(model)
     if threshold is not None:
         setattr(configured.config, EXIT_RULES[policy].config_field, threshold)
-    outputs = [configured(input_ids=b["input_ids"], attention_mask=b["attention_mask"], exit_policy=policy)
-               for b in batches]
+    outputs = [
+        configured(input_ids=b["input_ids"], attention_mask=b["attention_mask"], exit_policy=policy) for b in batches
+    ]
     return torch.cat([out.logits for out in outputs]), torch.cat([out.exit_steps for out in outputs]).double()
 
 
-@pytest.mark.parametrize("num_labels,settings", [(2, CLASSIFIER_SETTINGS), (1, REGRESSION_SETTINGS)],
-                         ids=["classification", "regression"])
+@pytest.mark.parametrize(
+    "num_labels,settings", [(2, CLASSIFIER_SETTINGS), (1, REGRESSION_SETTINGS)], ids=["classification", "regression"]
+)
 def test_sweep_matches_forward_calls_with_the_setting_in_the_config(num_labels, settings):
     model = adnet_classifier(num_labels)
     batches = labelled_batches(num_labels)
@@ -213,4 +237,3 @@ def test_causal_lm_sweep_matches_the_model_loss():
         records[threshold] = record
     assert len({record["perplexity"] for record in records.values()}) == 3
     assert 1 < records[0.6]["exit_steps"] < records[None]["exit_steps"]
-

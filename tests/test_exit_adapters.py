@@ -33,8 +33,16 @@ def test_identity_at_initialisation(backbone):
     with torch.no_grad():
         # every token exits at the first exit (confidence >= 1e-6), or none does
         for policy, threshold in (("confidence", 1e-6), ("none", None)):
-            out, reference = (m(input_ids=ids, attention_mask=mask, exit_policy=policy, exit_threshold=threshold,
-                                output_step_logits=True) for m in (adapted, model))
+            out, reference = (
+                m(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    exit_policy=policy,
+                    exit_threshold=threshold,
+                    output_step_logits=True,
+                )
+                for m in (adapted, model)
+            )
             assert torch.equal(out.logits, reference.logits), policy
         assert torch.equal(out.step_logits, reference.step_logits)
 
@@ -44,8 +52,9 @@ def test_adapters_move_the_exits_and_never_the_last_step():
     adapted = with_adapters(model)
     ids, mask = token_batch()
     with torch.no_grad():
-        out, reference = (m(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
-                          for m in (adapted, model))
+        out, reference = (
+            m(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True) for m in (adapted, model)
+        )
     assert torch.equal(out.logits, reference.logits) and torch.equal(out.step_logits[-1], reference.step_logits[-1])
     assert all(not torch.allclose(a, b) for a, b in zip(out.step_logits[:-1], reference.step_logits[:-1]))
     assert len(adapted.exit_adapters) == model.config.num_steps - 1
@@ -62,8 +71,10 @@ def test_saved_and_loaded_with_the_model(tmp_path):
         assert torch.equal(loaded.exit_adapters[index].weight, adapter.weight)
     ids, _ = token_batch()
     with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits,
-                           model(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits)
+        assert torch.equal(
+            loaded(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits,
+            model(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits,
+        )
 
 
 def test_checkpoint_without_adapters_loads_unchanged_or_gains_identity_adapters(tmp_path):
@@ -75,8 +86,9 @@ def test_checkpoint_without_adapters_loads_unchanged_or_gains_identity_adapters(
     assert all(not a.weight.any() and not a.bias.any() for a in adapted.exit_adapters)
     ids, _ = token_batch()
     with torch.no_grad():
-        steps = [m(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits
-                 for m in (model, plain, adapted)]
+        steps = [
+            m(input_ids=ids, output_step_logits=True, exit_policy="none").step_logits for m in (model, plain, adapted)
+        ]
     assert torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])
 
 
@@ -115,8 +127,9 @@ def test_speculative_output_with_adapters_is_the_full_depth_output(backbone):
     base = drafting_model(backbone)
     model = with_adapters(base, scale=0.05)
     ids = PROMPTS[0]
-    reference = plain_causal_lm(model).generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                               pad_token_id=0)
+    reference = plain_causal_lm(model).generate(
+        ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     drafts = {}
     for depth in (3, 1, 2):
         out = speculative(model, ids, assistant_early_exit=depth, num_assistant_tokens=4)
@@ -149,8 +162,9 @@ def test_distillation_trains_the_exits_towards_the_full_depth_prediction():
     in a pass at evaluation, after which the model is back in training); training the adapters on them brings an
     exit's prediction closer to full depth's."""
     torch.manual_seed(0)
-    model = drafting_model("llama", exit_adapters=True, num_fixed_steps=0, loss_type="layerskip",
-                           exit_distillation=True)
+    model = drafting_model(
+        "llama", exit_adapters=True, num_fixed_steps=0, loss_type="layerskip", exit_distillation=True
+    )
     model.freeze_full_depth()
     ids = torch.randint(3, 99, (4, 12))
     labels = ids.clone()
@@ -160,8 +174,9 @@ def test_distillation_trains_the_exits_towards_the_full_depth_prediction():
         with torch.no_grad():
             out = model.eval()(input_ids=ids, output_step_logits=True, exit_policy="none")
         full = torch.log_softmax(out.logits, -1)
-        return torch.nn.functional.kl_div(torch.log_softmax(out.step_logits[1], -1), full, log_target=True,
-                                          reduction="batchmean")
+        return torch.nn.functional.kl_div(
+            torch.log_softmax(out.step_logits[1], -1), full, log_target=True, reduction="batchmean"
+        )
 
     before = exit_kl()
     model.train()

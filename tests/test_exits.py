@@ -28,14 +28,18 @@ def classifier():
 
 def test_registry_holds_each_rule_with_its_config_field():
     assert EXIT_RULES == {"halting": HaltingExit, "confidence": ConfidenceExit, "patience": PatienceExit}
-    assert {rule.config_field for rule in EXIT_RULES.values()} == {"halting_epsilon", "confidence_threshold",
-                                                                   "patience"}
+    assert {rule.config_field for rule in EXIT_RULES.values()} == {
+        "halting_epsilon",
+        "confidence_threshold",
+        "patience",
+    }
     assert [rule.needs_predictions for rule in EXIT_RULES.values()] == [False, True, True]
     assert PatienceExit.candidates(4) == [3, 2, 1]
 
 
-@pytest.mark.parametrize("policy,values", [("halting", [0.02, 0.3, 0.9]), ("confidence", [0.34, 0.5, 0.9]),
-                                           ("patience", [1, 2])])
+@pytest.mark.parametrize(
+    "policy,values", [("halting", [0.02, 0.3, 0.9]), ("confidence", [0.34, 0.5, 0.9]), ("patience", [1, 2])]
+)
 def test_threshold_per_call_equals_the_config_setting_and_leaves_the_config_alone(policy, values):
     model = classifier()
     ids, mask = token_batch(batch=8, pad_lengths=(0, 2, 0, 3, 1, 0, 4, 0))
@@ -55,9 +59,15 @@ def test_threshold_per_call_equals_the_config_setting_and_leaves_the_config_alon
     assert len(set(exits)) > 1, "every threshold gave the same exits: the test would prove nothing"
 
 
-@pytest.mark.parametrize("policy,value,field", [("halting", 1.5, "halting_epsilon"),
-                                                ("confidence", 0.0, "confidence_threshold"),
-                                                ("patience", 0, "patience"), ("patience", 1.5, "patience")])
+@pytest.mark.parametrize(
+    "policy,value,field",
+    [
+        ("halting", 1.5, "halting_epsilon"),
+        ("confidence", 0.0, "confidence_threshold"),
+        ("patience", 0, "patience"),
+        ("patience", 1.5, "patience"),
+    ],
+)
 def test_bad_threshold_per_call_is_refused_by_name(policy, value, field):
     ids, mask = token_batch()
     with pytest.raises(ValueError, match=f"exit_threshold \\(the {field} of exit_policy='{policy}'\\) must be"):
@@ -117,7 +127,8 @@ def test_causal_lm_saved_without_the_field_still_loads_through_auto_model(tmp_pa
 
 def test_a_head_refuses_the_other_kind_of_units(tmp_path):
     ADNetForSequenceClassification(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8)).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     with pytest.raises(ValueError, match="per_token_units=False.*pooled"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 

@@ -39,8 +39,12 @@ def thresholds(model, inputs: dict) -> dict:
     """A setting per exit policy that splits the batch between early and late exits."""
     with torch.no_grad():
         full = model(**inputs, exit_policy="none", output_step_logits=True)
-    return {"none": None, "halting": midpoint_threshold(1 - full.halting_probs[:, :2].sum(-1)),
-            "confidence": midpoint_threshold(full.step_logits[0].softmax(-1).amax(-1)), "patience": 1}
+    return {
+        "none": None,
+        "halting": midpoint_threshold(1 - full.halting_probs[:, :2].sum(-1)),
+        "confidence": midpoint_threshold(full.step_logits[0].softmax(-1).amax(-1)),
+        "patience": 1,
+    }
 
 
 @pytest.mark.slow
@@ -71,12 +75,14 @@ def test_a_step_graph_is_the_engine_step_unit_and_head():
         return StepState(hidden, state.token_mask, state.block_kwargs)
 
     with torch.no_grad():
-        state = engine_step(0, model.adnet.adapter.embed(model.adnet.backbone, {"input_ids": ids,
-                                                                                "attention_mask": mask}))
+        state = engine_step(
+            0, model.adnet.adapter.embed(model.adnet.backbone, {"input_ids": ids, "attention_mask": mask})
+        )
         graph = StepGraph(model, 1, StateLayout.of(state))
         not_halted = torch.ones(len(ids))  # the first variable step's unit reads the evidence with no halting yet
-        hidden, lambdas, logits = graph(state.hidden, state.token_mask, state.block_kwargs["attention_mask"],
-                                        not_halted)
+        hidden, lambdas, logits = graph(
+            state.hidden, state.token_mask, state.block_kwargs["attention_mask"], not_halted
+        )
         state = engine_step(1, state)
         summary = engine.units[0].summarise(state.hidden, state.token_mask)
         expected_logits = model.step_head(0, summary, state.hidden)

@@ -37,8 +37,15 @@ def _real(value, low: float, high: float, low_open: bool = False, high_open: boo
 
 
 # A guarantee as `calibrate_exit(..., delta=...)` stores it (README "Risk-controlled calibration").
-GUARANTEE = {"policy": "halting", "value": 0.3, "metric": "accuracy", "budget": 0.01, "delta": 0.1,
-             "calibration_size": 400, "method": "Learn-then-Test"}
+GUARANTEE = {
+    "policy": "halting",
+    "value": 0.3,
+    "metric": "accuracy",
+    "budget": 0.01,
+    "delta": 0.1,
+    "calibration_size": 400,
+    "method": "Learn-then-Test",
+}
 # The documented values of each field (README "Validation", ADNetConfig's docstring).
 DOCUMENTED = {
     "num_fixed_steps": lambda v: _int(v) and v >= 0,
@@ -67,11 +74,20 @@ DOCUMENTED = {
     "num_labels": lambda v: _int(v) and 1 <= v <= 100_000,
     "problem_type": lambda v: v in (None, "regression", "single_label_classification", "multi_label_classification"),
     "backbone_config": lambda v: v in ("bert", "gpt2"),  # the names standing for a tiny config (`backbone`)
-    "exit_guarantee": lambda v: v is None or (
-        isinstance(v, dict) and set(v) == set(GUARANTEE) and v["metric"] == "accuracy" and _real(v["budget"], 0, 1)
-        and _real(v["delta"], 0, 1, low_open=True, high_open=True) and _int(v["calibration_size"])
-        and v["calibration_size"] >= 1 and isinstance(v["method"], str)
-        and (v["policy"], v["value"]) in (("none", None), ("halting", 0.3), ("patience", 2))),
+    "exit_guarantee": lambda v: (
+        v is None
+        or (
+            isinstance(v, dict)
+            and set(v) == set(GUARANTEE)
+            and v["metric"] == "accuracy"
+            and _real(v["budget"], 0, 1)
+            and _real(v["delta"], 0, 1, low_open=True, high_open=True)
+            and _int(v["calibration_size"])
+            and v["calibration_size"] >= 1
+            and isinstance(v["method"], str)
+            and (v["policy"], v["value"]) in (("none", None), ("halting", 0.3), ("patience", 2))
+        )
+    ),
     "layer_dropout": lambda v: _real(v, 0, 1, high_open=True),
     "early_exit_loss_scale": lambda v: _real(v, 0, 1),
     "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
@@ -102,39 +118,69 @@ def documented(values: dict, path: str = "construct") -> bool:
 
 
 FLOATS = st.floats(allow_nan=True, allow_infinity=True)
-NOISE = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), FLOATS, st.text(max_size=6),
-                  st.lists(st.integers(0, 3), max_size=2), st.just({"a": 1}))
+NOISE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    FLOATS,
+    st.text(max_size=6),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.just({"a": 1}),
+)
 UNIT_FLOATS = st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 1e-300, 1 - 1e-16]))
 SCALE_FLOATS = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-6, 1e6, 1e6 + 1, 1e300, -1e-9]))
-CHOICES = {"exit_policy": ["halting", "confidence", "patience", "none", "Halting", "entropy"],
-           "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "layerskip", "gpls", "ce"],
-           "gpsl_plateau": ["settled", "loss", "Settled", "plateau"],
-           "problem_type": [None, "regression", "single_label_classification", "multi_label_classification",
-                            "ranking"]}
+CHOICES = {
+    "exit_policy": ["halting", "confidence", "patience", "none", "Halting", "entropy"],
+    "loss_type": ["gpsl", "pondernet", "deep_supervision", "last", "layerskip", "gpls", "ce"],
+    "gpsl_plateau": ["settled", "loss", "Settled", "plateau"],
+    "problem_type": [None, "regression", "single_label_classification", "multi_label_classification", "ranking"],
+}
 LIKELY = {
-    "num_fixed_steps": st.integers(-1, 4), "layers_per_step": st.integers(0, 5),
+    "num_fixed_steps": st.integers(-1, 4),
+    "layers_per_step": st.integers(0, 5),
     "unit_hidden_size": st.sampled_from([0, 1, 4, 8, 16, 65_536, 65_537, 10**9]),
-    "share_output_layer": st.booleans(), "halting_epsilon": UNIT_FLOATS, "confidence_threshold": UNIT_FLOATS,
+    "share_output_layer": st.booleans(),
+    "halting_epsilon": UNIT_FLOATS,
+    "confidence_threshold": UNIT_FLOATS,
     "patience": st.sampled_from([0, 1, 2, 3, 10_000, 10_001, 10**30]),
-    "gpsl_alpha": SCALE_FLOATS, "gpsl_beta": SCALE_FLOATS, "gpsl_step_cost": SCALE_FLOATS,
-    "gpsl_temperature": SCALE_FLOATS, "gpsl_growth_rate": SCALE_FLOATS, "pondernet_beta": SCALE_FLOATS,
+    "gpsl_alpha": SCALE_FLOATS,
+    "gpsl_beta": SCALE_FLOATS,
+    "gpsl_step_cost": SCALE_FLOATS,
+    "gpsl_temperature": SCALE_FLOATS,
+    "gpsl_growth_rate": SCALE_FLOATS,
+    "pondernet_beta": SCALE_FLOATS,
     "gpsl_growth_midpoint": st.one_of(st.none(), st.floats(-1e6, 1e6), st.sampled_from([1e7, -1e300])),
-    "pondernet_prior": UNIT_FLOATS, "max_weight_norm": st.one_of(st.none(), SCALE_FLOATS),
-    "classifier_dropout": UNIT_FLOATS, "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
+    "pondernet_prior": UNIT_FLOATS,
+    "max_weight_norm": st.one_of(st.none(), SCALE_FLOATS),
+    "classifier_dropout": UNIT_FLOATS,
+    "tie_word_embeddings": st.one_of(st.none(), st.booleans()),
     "per_token_units": st.one_of(st.none(), st.booleans()),
     "halting_evidence": st.one_of(st.none(), st.booleans()),
-    "layer_dropout": UNIT_FLOATS, "early_exit_loss_scale": UNIT_FLOATS, "exit_adapters": st.booleans(),
+    "layer_dropout": UNIT_FLOATS,
+    "early_exit_loss_scale": UNIT_FLOATS,
+    "exit_adapters": st.booleans(),
     "exit_distillation": st.booleans(),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
-    "backbone_config": st.sampled_from(["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base",
-                                        7]),
+    "backbone_config": st.sampled_from(
+        ["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base", 7]
+    ),
     **{name: st.sampled_from(choices) for name, choices in CHOICES.items()},
-    "exit_guarantee": st.sampled_from([None, GUARANTEE, {**GUARANTEE, "policy": "none", "value": None},
-                                       {**GUARANTEE, "policy": "patience", "value": 2},
-                                       {**GUARANTEE, "value": 1.5}, {**GUARANTEE, "delta": 0.0},
-                                       {**GUARANTEE, "budget": 2}, {**GUARANTEE, "calibration_size": 0},
-                                       {**GUARANTEE, "metric": "mse"}, {**GUARANTEE, "policy": "none"},
-                                       {**GUARANTEE, "extra": 1}, {"budget": 0.01}]),
+    "exit_guarantee": st.sampled_from(
+        [
+            None,
+            GUARANTEE,
+            {**GUARANTEE, "policy": "none", "value": None},
+            {**GUARANTEE, "policy": "patience", "value": 2},
+            {**GUARANTEE, "value": 1.5},
+            {**GUARANTEE, "delta": 0.0},
+            {**GUARANTEE, "budget": 2},
+            {**GUARANTEE, "calibration_size": 0},
+            {**GUARANTEE, "metric": "mse"},
+            {**GUARANTEE, "policy": "none"},
+            {**GUARANTEE, "extra": 1},
+            {"budget": 0.01},
+        ]
+    ),
 }
 FIELDS = sorted(LIKELY)
 
@@ -153,7 +199,8 @@ def backbone(value):
 
 # One to three fields, in the order they are set (the order matters to the `assign` path).
 CASES = st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3, unique=True).flatmap(
-    lambda names: st.fixed_dictionaries({name: field_values(name) for name in names}))
+    lambda names: st.fixed_dictionaries({name: field_values(name) for name in names})
+)
 PATHS = ("construct", "override", "load", "assign")
 
 
@@ -171,8 +218,9 @@ def set_values(path: str, values: dict, folder: Path) -> ADNetConfig:
         return AutoConfig.from_pretrained(folder, **given)
     if path == "load":
         data = json.loads((folder / "config.json").read_text())
-        data.update({name: value.to_dict() if isinstance(value, PreTrainedConfig) else value
-                     for name, value in given.items()})
+        data.update(
+            {name: value.to_dict() if isinstance(value, PreTrainedConfig) else value for name, value in given.items()}
+        )
         (folder / "config.json").write_text(json.dumps(data))
         return AutoConfig.from_pretrained(folder)
     config, applied = AutoConfig.from_pretrained(folder), {}
@@ -263,8 +311,12 @@ def test_every_config_field_is_fuzzed():
     assert own | {"num_labels", "problem_type"} <= set(LIKELY) == set(DOCUMENTED)
 
 
-FUZZ_SETTINGS = dict(derandomize=True, deadline=None, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ_SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @settings(max_examples=100, **FUZZ_SETTINGS)

@@ -29,26 +29,60 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 # Bad inputs: name -> the argument the error must name. Each applies to the heads whose inputs it can spoil.
 TEXT_MUTATIONS = {
-    "no_input": "input_ids", "ids_1d": "input_ids", "ids_3d": "input_ids", "ids_float": "input_ids",
-    "ids_bool": "input_ids", "ids_list": "input_ids", "ids_negative": "input_ids", "ids_too_large": "input_ids",
-    "empty_length": "input_ids", "empty_batch": "input_ids", "ids_and_embeds": "inputs_embeds",
-    "embeds_width": "inputs_embeds", "embeds_float64": "inputs_embeds", "embeds_long": "inputs_embeds",
-    "mask_short": "attention_mask", "mask_batch": "attention_mask", "mask_4d": "attention_mask",
-    "mask_1d": "attention_mask", "mask_values": "attention_mask", "mask_list": "attention_mask",
-    "positions_shape": "position_ids", "positions_float": "position_ids", "positions_negative": "position_ids",
-    "labels_float": "labels", "labels_batch": "labels", "labels_list": "labels", "labels_range": "labels",
-    "labels_shape": "labels", "policy_unknown": "exit_policy", "threshold_range": "exit_threshold",
+    "no_input": "input_ids",
+    "ids_1d": "input_ids",
+    "ids_3d": "input_ids",
+    "ids_float": "input_ids",
+    "ids_bool": "input_ids",
+    "ids_list": "input_ids",
+    "ids_negative": "input_ids",
+    "ids_too_large": "input_ids",
+    "empty_length": "input_ids",
+    "empty_batch": "input_ids",
+    "ids_and_embeds": "inputs_embeds",
+    "embeds_width": "inputs_embeds",
+    "embeds_float64": "inputs_embeds",
+    "embeds_long": "inputs_embeds",
+    "mask_short": "attention_mask",
+    "mask_batch": "attention_mask",
+    "mask_4d": "attention_mask",
+    "mask_1d": "attention_mask",
+    "mask_values": "attention_mask",
+    "mask_list": "attention_mask",
+    "positions_shape": "position_ids",
+    "positions_float": "position_ids",
+    "positions_negative": "position_ids",
+    "labels_float": "labels",
+    "labels_batch": "labels",
+    "labels_list": "labels",
+    "labels_range": "labels",
+    "labels_shape": "labels",
+    "policy_unknown": "exit_policy",
+    "threshold_range": "exit_threshold",
     "threshold_full_depth": "exit_threshold",
 }
 ABSOLUTE_MUTATIONS = {"too_long": "input_ids", "positions_too_large": "position_ids"}  # BERT, RoBERTa, GPT-2
-SEGMENT_MUTATIONS = {"segments_range": "token_type_ids", "segments_shape": "token_type_ids",
-                     "segments_float": "token_type_ids"}  # BERT, RoBERTa
+SEGMENT_MUTATIONS = {
+    "segments_range": "token_type_ids",
+    "segments_shape": "token_type_ids",
+    "segments_float": "token_type_ids",
+}  # BERT, RoBERTa
 DECODER_MUTATIONS = {"segments_on_decoder": "token_type_ids"}
 IMAGE_MUTATIONS = {
-    "no_input": "pixel_values", "pixels_3d": "pixel_values", "pixels_5d": "pixel_values", "pixels_long": "pixel_values",
-    "pixels_float64": "pixel_values", "pixels_list": "pixel_values", "pixels_channels": "pixel_values",
-    "empty_batch": "pixel_values", "labels_float": "labels", "labels_batch": "labels", "labels_range": "labels",
-    "text_input": "input_ids", "policy_unknown": "exit_policy", "threshold_range": "exit_threshold",
+    "no_input": "pixel_values",
+    "pixels_3d": "pixel_values",
+    "pixels_5d": "pixel_values",
+    "pixels_long": "pixel_values",
+    "pixels_float64": "pixel_values",
+    "pixels_list": "pixel_values",
+    "pixels_channels": "pixel_values",
+    "empty_batch": "pixel_values",
+    "labels_float": "labels",
+    "labels_batch": "labels",
+    "labels_range": "labels",
+    "text_input": "input_ids",
+    "policy_unknown": "exit_policy",
+    "threshold_range": "exit_threshold",
 }
 
 
@@ -115,8 +149,14 @@ class Case:
 def cases(draw) -> Case:
     head = draw(st.sampled_from(HEADS))
     backbone, kind = head.split("-")
-    valid = ["valid", "valid", "valid", "labels_column", "all_padding",
-             *(["longest"] if backbone in ("bert", "roberta", "gpt2") else [])]
+    valid = [
+        "valid",
+        "valid",
+        "valid",
+        "labels_column",
+        "all_padding",
+        *(["longest"] if backbone in ("bert", "roberta", "gpt2") else []),
+    ]
     mutation = draw(st.one_of(st.sampled_from(valid), st.sampled_from(sorted(mutations(head)))))
     batch, length = draw(st.sampled_from((4, 3, 2, 1))), draw(st.integers(1, 10))  # mostly several samples
     real_lengths = tuple(draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch)))
@@ -127,21 +167,37 @@ def cases(draw) -> Case:
     if backbone == "bert" and left_padding:
         positions = "full"  # BERT's default positions count left padding: the batch then differs, as plain BERT's
     policy = draw(st.sampled_from(POLICIES))
-    thresholds = {"halting": st.floats(0.01, 0.99), "confidence": st.floats(0.3, 1.0),
-                  "patience": st.integers(1, 3), "none": st.none()}
+    thresholds = {
+        "halting": st.floats(0.01, 0.99),
+        "confidence": st.floats(0.3, 1.0),
+        "patience": st.integers(1, 3),
+        "none": st.none(),
+    }
     split = draw(st.floats(0.0, 1.0) if draw(st.sampled_from((True, True, False))) else st.none())
-    return Case(head=head, mutation=mutation, batch=batch, length=length, real_lengths=real_lengths,
-                left_padding=left_padding, mask_dtype=draw(st.sampled_from(MASK_DTYPES)), positions=positions,
-                with_mask=draw(st.booleans()) or min(real_lengths) < length, with_labels=draw(st.booleans()),
-                policy=policy, threshold=draw(thresholds[policy]), split=split, split_step=draw(st.integers(0, 2)),
-                seed=draw(st.integers(0, 2**31 - 1)))
+    return Case(
+        head=head,
+        mutation=mutation,
+        batch=batch,
+        length=length,
+        real_lengths=real_lengths,
+        left_padding=left_padding,
+        mask_dtype=draw(st.sampled_from(MASK_DTYPES)),
+        positions=positions,
+        with_mask=draw(st.booleans()) or min(real_lengths) < length,
+        with_labels=draw(st.booleans()),
+        policy=policy,
+        threshold=draw(thresholds[policy]),
+        split=split,
+        split_step=draw(st.integers(0, 2)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def token_mask(case: Case) -> torch.Tensor:
     mask = torch.zeros(case.batch, case.length, dtype=torch.long)
     for row, real in enumerate(case.real_lengths):
         if case.left_padding:
-            mask[row, case.length - real:] = 1
+            mask[row, case.length - real :] = 1
         else:
             mask[row, :real] = 1
     return mask
@@ -198,11 +254,17 @@ def mutate(inputs: dict, case: Case, model) -> dict:
     limit = getattr(config, "max_position_embeddings", 0)
     changes = {
         "valid": lambda: {},
-        "labels_column": lambda: {"labels": inputs["labels"][:, None]}
-        if "labels" in inputs and not case.head.endswith("causal") else {},
+        "labels_column": lambda: (
+            {"labels": inputs["labels"][:, None]} if "labels" in inputs and not case.head.endswith("causal") else {}
+        ),
         "all_padding": lambda: {"attention_mask": torch.zeros_like(mask)} if ids is not None else {},
-        "longest": lambda: {"input_ids": torch.randint(3, VOCAB, (case.batch, longest(config))),
-                            "attention_mask": None, "position_ids": None, "token_type_ids": None, "labels": None},
+        "longest": lambda: {
+            "input_ids": torch.randint(3, VOCAB, (case.batch, longest(config))),
+            "attention_mask": None,
+            "position_ids": None,
+            "token_type_ids": None,
+            "labels": None,
+        },
         "no_input": lambda: {main: None},
         "ids_1d": lambda: {"input_ids": ids[0]},
         "ids_3d": lambda: {"input_ids": ids[..., None]},
@@ -211,14 +273,26 @@ def mutate(inputs: dict, case: Case, model) -> dict:
         "ids_list": lambda: {"input_ids": ids.tolist()},
         "ids_negative": lambda: {"input_ids": ids - 200},
         "ids_too_large": lambda: {"input_ids": ids + config.vocab_size},
-        "empty_length": lambda: {"input_ids": ids[:, :0], "attention_mask": mask[:, :0], "position_ids": None,
-                                 "token_type_ids": None, "labels": None},
-        "empty_batch": lambda: {main: inputs[main][:0], "attention_mask": None, "position_ids": None,
-                                "token_type_ids": None, "labels": None},
+        "empty_length": lambda: {
+            "input_ids": ids[:, :0],
+            "attention_mask": mask[:, :0],
+            "position_ids": None,
+            "token_type_ids": None,
+            "labels": None,
+        },
+        "empty_batch": lambda: {
+            main: inputs[main][:0],
+            "attention_mask": None,
+            "position_ids": None,
+            "token_type_ids": None,
+            "labels": None,
+        },
         "ids_and_embeds": lambda: {"inputs_embeds": torch.zeros(*ids.shape, config.hidden_size)},
         "embeds_width": lambda: {"input_ids": None, "inputs_embeds": torch.zeros(*ids.shape, config.hidden_size + 1)},
-        "embeds_float64": lambda: {"input_ids": None, "inputs_embeds": torch.zeros(*ids.shape, config.hidden_size,
-                                                                                 dtype=torch.float64)},
+        "embeds_float64": lambda: {
+            "input_ids": None,
+            "inputs_embeds": torch.zeros(*ids.shape, config.hidden_size, dtype=torch.float64),
+        },
         "embeds_long": lambda: {"input_ids": None, "inputs_embeds": ids[..., None].expand(-1, -1, config.hidden_size)},
         "mask_short": lambda: {"attention_mask": mask[:, :-1]},
         "mask_batch": lambda: {"attention_mask": torch.cat([mask, mask[:1]])},
@@ -230,21 +304,40 @@ def mutate(inputs: dict, case: Case, model) -> dict:
         "positions_float": lambda: {"position_ids": torch.zeros(case.batch, case.length)},
         "positions_negative": lambda: {"position_ids": torch.full((case.batch, case.length), -1)},
         "positions_too_large": lambda: {"position_ids": torch.full((case.batch, case.length), limit)},
-        "too_long": lambda: {"input_ids": torch.full((case.batch, limit + 1), 5), "attention_mask": None,
-                             "position_ids": None, "token_type_ids": None, "labels": None},
+        "too_long": lambda: {
+            "input_ids": torch.full((case.batch, limit + 1), 5),
+            "attention_mask": None,
+            "position_ids": None,
+            "token_type_ids": None,
+            "labels": None,
+        },
         "segments_range": lambda: {"token_type_ids": torch.full_like(ids, config.type_vocab_size)},
         "segments_shape": lambda: {"token_type_ids": torch.zeros(case.batch, case.length + 1, dtype=torch.long)},
         "segments_float": lambda: {"token_type_ids": torch.zeros(case.batch, case.length)},
         "segments_on_decoder": lambda: {"token_type_ids": torch.zeros_like(ids)},
-        "labels_float": lambda: {"labels": batch_labels.float() if ids is None else torch.zeros(ids.shape)
-                                 if case.head.endswith("causal") else batch_labels.float()},
-        "labels_batch": lambda: {"labels": torch.zeros(case.batch + 1, *(() if ids is None or not case.head.endswith(
-            "causal") else ids.shape[1:]), dtype=torch.long)},
+        "labels_float": lambda: {
+            "labels": batch_labels.float()
+            if ids is None
+            else torch.zeros(ids.shape)
+            if case.head.endswith("causal")
+            else batch_labels.float()
+        },
+        "labels_batch": lambda: {
+            "labels": torch.zeros(
+                case.batch + 1,
+                *(() if ids is None or not case.head.endswith("causal") else ids.shape[1:]),
+                dtype=torch.long,
+            )
+        },
         "labels_list": lambda: {"labels": batch_labels.tolist()},
-        "labels_range": lambda: {"labels": batch_labels + 100 if ids is None or not case.head.endswith("causal")
-                                 else torch.full_like(ids, config.vocab_size)},
-        "labels_shape": lambda: {"labels": torch.zeros(case.batch, 2, dtype=torch.long)
-                                 if not case.head.endswith("causal") else batch_labels},
+        "labels_range": lambda: {
+            "labels": batch_labels + 100
+            if ids is None or not case.head.endswith("causal")
+            else torch.full_like(ids, config.vocab_size)
+        },
+        "labels_shape": lambda: {
+            "labels": torch.zeros(case.batch, 2, dtype=torch.long) if not case.head.endswith("causal") else batch_labels
+        },
         "pixels_3d": lambda: {"pixel_values": inputs["pixel_values"][:, 0]},
         "pixels_5d": lambda: {"pixel_values": inputs["pixel_values"][:, None]},
         "pixels_long": lambda: {"pixel_values": inputs["pixel_values"].long()},
@@ -273,8 +366,11 @@ def splitting_threshold(model, inputs: dict, mask: torch.Tensor | None, case: Ca
     if mask is not None and values.dim() > 1:
         values = values[mask.bool()]
     values = values.flatten().sort().values.tolist()
-    gaps = [(abs(index - case.split * (len(values) - 1)), (low + high) / 2)
-            for index, (low, high) in enumerate(zip(values, values[1:])) if high - low > 1e-5]
+    gaps = [
+        (abs(index - case.split * (len(values) - 1)), (low + high) / 2)
+        for index, (low, high) in enumerate(zip(values, values[1:]))
+        if high - low > 1e-5
+    ]
     return min(gaps)[1] if gaps else None
 
 
@@ -339,16 +435,21 @@ def check_causal_lm(model, head: str, inputs: dict, out, mask: torch.Tensor) -> 
     full = run(model, **plain_inputs(inputs), exit_policy="none", output_step_logits=True)
     positions = default_positions(model, mask)
     theirs = run(backbone_lm(head), input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions)
-    torch.testing.assert_close(full.logits[real], theirs.logits[real], **TOLERANCE,
-                               msg=lambda m: f"full depth differs from the backbone LM: {m}")
+    torch.testing.assert_close(
+        full.logits[real],
+        theirs.logits[real],
+        **TOLERANCE,
+        msg=lambda m: f"full depth differs from the backbone LM: {m}",
+    )
     steps = out.exit_steps.masked_fill(~real, 10**6)
     earliest_before = torch.cummin(steps, dim=-1).values.roll(1, dims=-1)
     earliest_before[:, 0] = 10**6
     exact = real & (earliest_before >= out.exit_steps - 1)
     index = (out.exit_steps - fixed_steps(model) - 1).clamp(min=0)
     at_exit = full.step_logits.gather(0, index[None, ..., None].expand(1, *full.step_logits.shape[1:]))[0]
-    torch.testing.assert_close(out.logits[exact], at_exit[exact], **TOLERANCE,
-                               msg=lambda m: f"exit prediction differs: {m}")
+    torch.testing.assert_close(
+        out.logits[exact], at_exit[exact], **TOLERANCE, msg=lambda m: f"exit prediction differs: {m}"
+    )
     if inputs["exit_policy"] != "none":
         assert not out.logits[~real].any(), "padding tokens must have zero logits under exits"
     if "labels" in inputs:
@@ -357,7 +458,7 @@ def check_causal_lm(model, head: str, inputs: dict, out, mask: torch.Tensor) -> 
 
 
 def outcome(case: Case) -> str:
-    """"works", "clear error", or what went wrong ("obscure error: ..." / "silent wrong: ...")."""
+    """ "works", "clear error", or what went wrong ("obscure error: ..." / "silent wrong: ...")."""
     model = fuzz_model(case.head)
     generator = torch.Generator().manual_seed(case.seed)
     inputs = mutate(valid_inputs(case, model, generator), case, model)
@@ -394,8 +495,13 @@ def fuzz(max_examples: int) -> Counter:
     "works" or "clear error"."""
     outcomes: Counter = Counter()
 
-    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=cases())
     def one_case(case: Case) -> None:
         result = outcome(case)
@@ -407,8 +513,10 @@ def fuzz(max_examples: int) -> Counter:
 
 
 def report(outcomes: Counter) -> str:
-    return " | ".join(f"{name}: {outcomes[name]}" for name in
-                      ("works", "clear error", "obscure error", "obscure error in a reference run", "silent wrong"))
+    return " | ".join(
+        f"{name}: {outcomes[name]}"
+        for name in ("works", "clear error", "obscure error", "obscure error in a reference run", "silent wrong")
+    )
 
 
 def test_fuzzed_inputs_quick():

@@ -13,15 +13,23 @@ def model_with_split_exits(backbone, ids, mask):
     model = lm_model(backbone, num_fixed_steps=0).eval()
     spread_halting(model, scale=5.0)
     with torch.no_grad():
-        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none",
-                             output_step_logits=True).halting_probs[..., 0]
+        first_lambda = model(
+            input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True
+        ).halting_probs[..., 0]
     model.config.halting_epsilon = midpoint_threshold(1 - first_lambda[mask.bool()])
     return model
 
 
 def generate(model, ids, mask):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                          return_dict_in_generate=True, output_scores=True)
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
 
 
 @pytest.fixture(params=sorted(DECODER_BACKBONES))
@@ -61,8 +69,9 @@ def test_cache_holds_the_propagated_keys_and_values(setup):
         exit_state = reference.hidden_states[exit_step][row : row + 1, position : position + 1]
         kwargs = {k: v for k, v in state.block_kwargs.items() if k == "position_embeddings"}
         if kwargs:
-            kwargs["position_embeddings"] = tuple(t[row : row + 1, position : position + 1]
-                                                  for t in kwargs["position_embeddings"])
+            kwargs["position_embeddings"] = tuple(
+                t[row : row + 1, position : position + 1] for t in kwargs["position_embeddings"]
+            )
         for layer in range(exit_step, len(blocks)):
             key, value = adnet.adapter.kv_projection(blocks[layer], exit_state, kwargs)
             cached = out.cache.layers[layer]

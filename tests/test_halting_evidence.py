@@ -22,8 +22,12 @@ def set_evidence_weights(model, scale: float, seed: int = 0) -> None:
 
 def test_step_evidence_of_a_known_prediction():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
-    evidence = step_evidence(logits, previous=torch.tensor([[1.0, 0.0], [1.0, 0.0]]), not_halted=torch.tensor(
-        [0.5, 1.0]), problem_type="single_label_classification")
+    evidence = step_evidence(
+        logits,
+        previous=torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+        not_halted=torch.tensor([0.5, 1.0]),
+        problem_type="single_label_classification",
+    )
     assert evidence.shape == (2, len(EVIDENCE_FEATURES))
     confidence_logit, margin, certainty, agreement, log_not_halted = evidence.unbind(-1)
     torch.testing.assert_close(confidence_logit, torch.tensor([2.0, 0.0]))  # log-odds of sigmoid(2), of 1/2
@@ -79,9 +83,13 @@ def test_batched_equals_one_by_one_when_the_units_read_the_evidence():
 
 def test_settled_steps_and_the_settled_plateau_target():
     # 3 steps x 3 rows x 2 classes: row 0 settles at step 0, row 1 at step 2 (flips back), row 2 at step 1
-    step_logits = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],
-                                [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],
-                                [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    step_logits = torch.tensor(
+        [
+            [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],
+            [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],
+            [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]],
+        ]
+    )
     settled = settled_steps(step_logits, "single_label_classification")
     assert settled.tolist() == [[True, True, True], [False, False, True], [False, True, True]]
     step_losses = torch.rand(3, 3)
@@ -96,8 +104,11 @@ def test_settled_steps_and_the_settled_plateau_target():
     target = torch.zeros(3, 3)
     target[torch.arange(3), first] = -0.1 / halting.detach()[torch.arange(3), first]
     torch.testing.assert_close(halting.grad, target)
-    torch.testing.assert_close(loss_fn.row_losses(step_losses, halting), GrowingPlateauSensitiveLoss().row_losses(
-        step_losses, halting), msg="without the settled steps, the paper's plateau")
+    torch.testing.assert_close(
+        loss_fn.row_losses(step_losses, halting),
+        GrowingPlateauSensitiveLoss().row_losses(step_losses, halting),
+        msg="without the settled steps, the paper's plateau",
+    )
     with pytest.raises(ValueError, match="plateau must be one of"):
         GrowingPlateauSensitiveLoss(plateau="Settled")
 
@@ -121,8 +132,13 @@ def halting_of(units, logits, summaries) -> torch.Tensor:
     """Samples x steps halting distribution of `units` (the last step takes the remainder)."""
     distribution, probs = HaltingDistribution(), []
     for n, unit in enumerate(units):
-        evidence = step_evidence(logits[n], logits[n - 1] if n else None, distribution.not_halted,
-                                 "single_label_classification") if unit.reads_evidence else None
+        evidence = (
+            step_evidence(
+                logits[n], logits[n - 1] if n else None, distribution.not_halted, "single_label_classification"
+            )
+            if unit.reads_evidence
+            else None
+        )
         probs.append(distribution.step(unit.halt(summaries[n], summaries[n][:, None], evidence)))
     probs.append(distribution.step(torch.ones(logits.shape[1]), last=True))
     return torch.stack(probs, -1)

@@ -12,15 +12,20 @@ from examples import fit_halting as fit_halting_script
 
 
 def batches_of(count: int = 4) -> list[dict]:
-    return [dict(zip(("input_ids", "attention_mask"), token_batch(batch=8, length=9, pad_lengths=(0, 3) * 4)))
-            for _ in range(count)]
+    return [
+        dict(zip(("input_ids", "attention_mask"), token_batch(batch=8, length=9, pad_lengths=(0, 3) * 4)))
+        for _ in range(count)
+    ]
 
 
 @torch.no_grad()
 def full_depth(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outputs = [model(**batch, exit_policy="none", output_step_logits=True) for batch in batches]
-    return (torch.cat([out.logits for out in outputs]), torch.cat([out.step_logits for out in outputs], dim=1),
-            torch.cat([out.halting_probs for out in outputs]))
+    return (
+        torch.cat([out.logits for out in outputs]),
+        torch.cat([out.step_logits for out in outputs], dim=1),
+        torch.cat([out.halting_probs for out in outputs]),
+    )
 
 
 def survival_nll(step_logits: torch.Tensor, halting_probs: torch.Tensor) -> torch.Tensor:
@@ -69,11 +74,21 @@ def test_fit_refuses_units_without_evidence_regressors_and_unknown_objectives():
 
 def test_script_saves_the_fitted_model_and_its_report(tiny_checkpoint):
     out = tiny_checkpoint / "fitted"
-    report = fit_halting_script.main(["--model", str(tiny_checkpoint / "model"), "--data",
-                                      str(tiny_checkpoint / "dev.tsv"), "--output_dir", str(out)])
+    report = fit_halting_script.main(
+        [
+            "--model",
+            str(tiny_checkpoint / "model"),
+            "--data",
+            str(tiny_checkpoint / "dev.tsv"),
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert json.loads((out / "halting_fit.json").read_text()) == report
     assert report["samples"] == 12 and report["command"].startswith("python examples/fit_halting.py --model")
     saved = fit_halting_script.AutoModelForSequenceClassification.from_pretrained(out)
     assert all(unit.halting.weight.abs().sum() == 0 for unit in saved.base_model.units[:-1])
-    assert fit_halting_script.AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"] == \
-        fit_halting_script.AutoTokenizer.from_pretrained(tiny_checkpoint / "model")("w1 w2")["input_ids"]
+    assert (
+        fit_halting_script.AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"]
+        == fit_halting_script.AutoTokenizer.from_pretrained(tiny_checkpoint / "model")("w1 w2")["input_ids"]
+    )

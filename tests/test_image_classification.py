@@ -47,8 +47,9 @@ def split(labels: list, names: list[str] | None = None) -> datasets.Dataset:
 
 
 def test_validation_missing_a_class_keeps_the_training_ids():
-    raw = datasets.DatasetDict({"train": split([0, 1, 2], ["cat", "dog", "zebra"]),
-                                "validation": split([0, 1, 1], ["cat", "zebra"])})
+    raw = datasets.DatasetDict(
+        {"train": split([0, 1, 2], ["cat", "dog", "zebra"]), "validation": split([0, 1, 1], ["cat", "zebra"])}
+    )
     aligned = align_class_labels(raw)
     assert aligned["validation"].features["label"].names == ["cat", "dog", "zebra"]
     assert aligned["validation"]["label"] == [0, 2, 2]  # zebra keeps its training id, 2
@@ -66,8 +67,9 @@ def test_plain_integer_labels_are_numbered_in_numeric_order():
 
 def test_channels_follow_the_backbone():
     grey, colour = image(100), image((10, 200, 30))
-    assert to_channels(grey, 3).mode == "RGB" and np.array_equal(np.asarray(to_channels(grey, 3))[..., 1],
-                                                                    np.asarray(grey))
+    assert to_channels(grey, 3).mode == "RGB" and np.array_equal(
+        np.asarray(to_channels(grey, 3))[..., 1], np.asarray(grey)
+    )
     assert to_channels(grey, 1).mode == "L" and to_channels(colour, 3).mode == "RGB"
     with pytest.raises(ValueError, match=r"colour image \(PIL mode RGB\) for a backbone with num_channels=1"):
         to_channels(colour, 1)
@@ -122,8 +124,11 @@ def test_csv_rows_must_hold_square_images(tmp_path):
 
 
 def test_heads_refuse_a_backbone_of_the_other_modality(tmp_path):
-    with pytest.raises(ValueError, match=r"ADNetForImageClassification takes pixel_values: its backbone must be one "
-                                         r"of \('resnet',\), got 'bert', which takes input_ids"):
+    with pytest.raises(
+        ValueError,
+        match=r"ADNetForImageClassification takes pixel_values: its backbone must be one "
+        r"of \('resnet',\), got 'bert', which takes input_ids",
+    ):
         ADNetForImageClassification(ADNetConfig(backbone_config=bert_config()))
     BertModel(bert_config()).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="ADNetForImageClassification takes pixel_values"):
@@ -134,9 +139,28 @@ def test_heads_refuse_a_backbone_of_the_other_modality(tmp_path):
 
 # ---- the script, end to end -----------------------------------------------------------------------------------------
 
-TRAINING = ["--num_train_epochs", "20", "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "4",
-            "--learning_rate", "1e-2", "--unit_learning_rate", "1e-2", "--save_strategy", "no", "--report_to", "none",
-            "--seed", "0", "--num_fixed_steps", "0", "--unit_hidden_size", "8"]
+TRAINING = [
+    "--num_train_epochs",
+    "20",
+    "--per_device_train_batch_size",
+    "6",
+    "--per_device_eval_batch_size",
+    "4",
+    "--learning_rate",
+    "1e-2",
+    "--unit_learning_rate",
+    "1e-2",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--seed",
+    "0",
+    "--num_fixed_steps",
+    "0",
+    "--unit_hidden_size",
+    "8",
+]
 TINY_RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}
 
 
@@ -163,9 +187,21 @@ def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_th
     write_folder(tmp_path / "data" / "val", {name: COLOURS[name] for name in ("blue", "red")}, 3, 100)  # no green
     train, val = tmp_path / "data" / "train", tmp_path / "data" / "val"
     ResNetForImageClassification(ResNetConfig(num_channels=3, num_labels=5, **TINY_RESNET)).save_pretrained(
-        tmp_path / "resnet")  # a checkpoint without an image processor, and another number of classes
-    results = run_script(tmp_path, "--model_name_or_path", str(tmp_path / "resnet"), "--train_dir", str(train),
-                         "--validation_dir", str(val), "--image_size", "12", "--do_train", "--do_eval")
+        tmp_path / "resnet"
+    )  # a checkpoint without an image processor, and another number of classes
+    results = run_script(
+        tmp_path,
+        "--model_name_or_path",
+        str(tmp_path / "resnet"),
+        "--train_dir",
+        str(train),
+        "--validation_dir",
+        str(val),
+        "--image_size",
+        "12",
+        "--do_train",
+        "--do_eval",
+    )
     assert "No image processor saved with" in caplog.text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["backbone_config"]["num_channels"] == 3
@@ -181,8 +217,19 @@ def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_th
     assert run_script(tmp_path, *model, "--validation_dir", str(val), output="eval")["eval_accuracy"] == 1.0
     assert run_script(tmp_path, *model, "--dataset_name", str(tmp_path / "data"), output="eval")["eval_accuracy"] == 1.0
     # The plain reference from the same checkpoint: ResNet's own classifier, re-initialised for the three classes.
-    run_script(tmp_path, "--plain_baseline", "--ignore_mismatched_sizes", "--model_name_or_path",
-               str(tmp_path / "resnet"), "--train_dir", str(train), "--image_size", "12", "--do_train", output="plain")
+    run_script(
+        tmp_path,
+        "--plain_baseline",
+        "--ignore_mismatched_sizes",
+        "--model_name_or_path",
+        str(tmp_path / "resnet"),
+        "--train_dir",
+        str(train),
+        "--image_size",
+        "12",
+        "--do_train",
+        output="plain",
+    )
     plain = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert plain["architectures"] == ["ResNetForImageClassification"] and plain["id2label"] == config["id2label"]
     assert (tmp_path / "plain" / "preprocessor_config.json").exists()
@@ -192,9 +239,19 @@ def test_rgb_folder_on_a_saved_resnet_checkpoint_trains_on_colour_and_runs_in_th
 def test_grey_folder_from_scratch_trains_on_one_channel(tmp_path):
     write_folder(tmp_path / "train", GREYS, 6)
     write_folder(tmp_path / "val", GREYS, 2, first_seed=100)
-    results = run_script(tmp_path, "--backbone_config", json.dumps({"model_type": "resnet", **TINY_RESNET}),
-                         "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val"),
-                         "--image_size", "12", "--do_train", "--do_eval")
+    results = run_script(
+        tmp_path,
+        "--backbone_config",
+        json.dumps({"model_type": "resnet", **TINY_RESNET}),
+        "--train_dir",
+        str(tmp_path / "train"),
+        "--validation_dir",
+        str(tmp_path / "val"),
+        "--image_size",
+        "12",
+        "--do_train",
+        "--do_eval",
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["backbone_config"]["num_channels"] == 1  # set from the grey training images
     assert len(json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())["image_mean"]) == 1
@@ -215,7 +272,13 @@ def test_script_refuses_what_it_cannot_train_correctly(tmp_path):
         run_script(tmp_path, *one_channel, "--train_dir", str(tmp_path / "train"), "--do_train")
     BertModel(bert_config()).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="ADNetForImageClassification takes pixel_values.*got 'bert'"):
-        run_script(tmp_path, "--model_name_or_path", str(tmp_path / "bert"), "--train_dir", str(tmp_path / "train"),
-                   "--do_train")
+        run_script(
+            tmp_path,
+            "--model_name_or_path",
+            str(tmp_path / "bert"),
+            "--train_dir",
+            str(tmp_path / "train"),
+            "--do_train",
+        )
     with pytest.raises(ValueError, match="--do_eval needs validation images"):
         run_script(tmp_path, *scratch, "--train_dir", str(tmp_path / "train"), "--do_eval")

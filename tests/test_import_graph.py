@@ -37,15 +37,20 @@ def imports_of(tree: ast.AST, package: list[str]) -> list[tuple[str, str | None]
             base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join([*base, *([node.module] if node.module else [])])
             # `from package import submodule` imports the submodule
-            found += [(f"{module}.{alias.name}", None) if f"{module}.{alias.name}" in MODULES else (module, alias.name)
-                      for alias in node.names]
+            found += [
+                (f"{module}.{alias.name}", None) if f"{module}.{alias.name}" in MODULES else (module, alias.name)
+                for alias in node.names
+            ]
     return [(module, name) for module, name in found if module.partition(".")[0] == PACKAGE.name]
 
 
 def import_graph() -> dict[str, set[str]]:
     """Each module's intra-package imports; `__init__.py` files import nothing here."""
-    return {name: {module for module, _ in imported(path) if module != name}
-            for name, path in MODULES.items() if path.name != "__init__.py"}
+    return {
+        name: {module for module, _ in imported(path) if module != name}
+        for name, path in MODULES.items()
+        if path.name != "__init__.py"
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -58,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return [*path[path.index(target):], target]
+                return [*path[path.index(target) :], target]
             cycle = None if target in state else visit(target)
             if cycle:
                 return cycle
@@ -83,8 +88,11 @@ def f():
     import adnet_hf.losses_adnet
 """
     assert set(imports_of(ast.parse(source), ["adnet_hf"])) == {
-        ("adnet_hf.units_adnet", None), ("adnet_hf.engine_adnet", "StepEngine"), ("adnet_hf.exits_adnet", "_hidden"),
-        ("adnet_hf.losses_adnet", None)}
+        ("adnet_hf.units_adnet", None),
+        ("adnet_hf.engine_adnet", "StepEngine"),
+        ("adnet_hf.exits_adnet", "_hidden"),
+        ("adnet_hf.losses_adnet", None),
+    }
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -95,6 +103,10 @@ def test_no_import_cycle():
 
 
 def test_no_private_name_is_imported_from_another_module():
-    private = [f"{module_name(path)} imports {name} from {module}" for path in MODULES.values()
-               for module, name in imported(path) if name and name.startswith("_") and not name.startswith("__")]
+    private = [
+        f"{module_name(path)} imports {name} from {module}"
+        for path in MODULES.values()
+        for module, name in imported(path)
+        if name and name.startswith("_") and not name.startswith("__")
+    ]
     assert not private, "private names imported across modules:\n" + "\n".join(private)

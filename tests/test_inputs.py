@@ -27,18 +27,33 @@ BAD_TEXT_INPUTS = [  # (inputs, error, what the message says)
     ({"input_ids": IDS + VOCAB}, ValueError, r"input_ids must hold token ids in \[0, vocab_size=99\)"),
     ({"input_ids": IDS[:, :0]}, ValueError, "input_ids must not be empty"),
     ({"input_ids": IDS[:0]}, ValueError, "input_ids must not be empty"),
-    ({"input_ids": IDS, "inputs_embeds": torch.zeros(4, 7, 32)}, ValueError,
-     "Pass only one of input_ids or inputs_embeds"),
+    (
+        {"input_ids": IDS, "inputs_embeds": torch.zeros(4, 7, 32)},
+        ValueError,
+        "Pass only one of input_ids or inputs_embeds",
+    ),
     ({"inputs_embeds": torch.zeros(4, 7, 31)}, ValueError, "inputs_embeds must have hidden_size=32 features"),
-    ({"inputs_embeds": torch.zeros(4, 7, 32, dtype=torch.float64)}, TypeError,
-     "inputs_embeds must be a torch.float32 tensor like the model's weights"),
+    (
+        {"inputs_embeds": torch.zeros(4, 7, 32, dtype=torch.float64)},
+        TypeError,
+        "inputs_embeds must be a torch.float32 tensor like the model's weights",
+    ),
     ({"input_ids": torch.full((1, 65), 5)}, ValueError, "input_ids has 65 tokens, more than the 64 positions"),
-    ({"input_ids": IDS, "attention_mask": MASK[:, :5]}, ValueError,
-     r"attention_mask must have the shape of the tokens .*\(4, 7\), got \(4, 5\)"),
-    ({"input_ids": IDS, "attention_mask": MASK * 2}, ValueError,
-     "attention_mask must hold 1 for real tokens and 0 for padding"),
-    ({"input_ids": IDS, "position_ids": torch.arange(8)[None]}, ValueError,
-     r"position_ids must have shape \(4 or 1, 7\)"),
+    (
+        {"input_ids": IDS, "attention_mask": MASK[:, :5]},
+        ValueError,
+        r"attention_mask must have the shape of the tokens .*\(4, 7\), got \(4, 5\)",
+    ),
+    (
+        {"input_ids": IDS, "attention_mask": MASK * 2},
+        ValueError,
+        "attention_mask must hold 1 for real tokens and 0 for padding",
+    ),
+    (
+        {"input_ids": IDS, "position_ids": torch.arange(8)[None]},
+        ValueError,
+        r"position_ids must have shape \(4 or 1, 7\)",
+    ),
     ({"input_ids": IDS, "position_ids": torch.full((4, 7), 64)}, ValueError, r"position_ids must hold positions in \["),
 ]
 
@@ -50,12 +65,15 @@ def test_bad_text_inputs_are_refused_by_name(backbone, inputs, error, message):
         seq_model(backbone).eval()(**inputs)
 
 
-@pytest.mark.parametrize("labels, error, message", [
-    (torch.zeros(4), TypeError, "labels must be an integer tensor"),
-    (torch.zeros(3, dtype=torch.long), ValueError, r"labels must be class indices .* \(4,\), got shape \(3,\)"),
-    (torch.full((4,), 3), ValueError, r"labels must hold class indices in \[0, num_labels=3\) or -100"),
-    ([0, 1, 2, 0], TypeError, "labels must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        (torch.zeros(4), TypeError, "labels must be an integer tensor"),
+        (torch.zeros(3, dtype=torch.long), ValueError, r"labels must be class indices .* \(4,\), got shape \(3,\)"),
+        (torch.full((4,), 3), ValueError, r"labels must hold class indices in \[0, num_labels=3\) or -100"),
+        ([0, 1, 2, 0], TypeError, "labels must be a torch.Tensor"),
+    ],
+)
 def test_bad_classification_labels_are_refused_by_name(labels, error, message):
     model = seq_model(problem_type="single_label_classification")
     with pytest.raises(error, match=message):
@@ -79,11 +97,14 @@ def test_single_label_column_labels_are_flattened_as_transformers_does():
     torch.testing.assert_close(column.loss, flat.loss)
 
 
-@pytest.mark.parametrize("labels, error, message", [
-    (IDS[:, :3], ValueError, r"labels must have the shape of input_ids, \(4, 7\), got \(4, 3\)"),
-    (IDS.float(), TypeError, "labels must be an integer tensor"),
-    (IDS + VOCAB, ValueError, r"labels must hold token ids in \[0, vocab_size=99\) or -100"),
-])
+@pytest.mark.parametrize(
+    "labels, error, message",
+    [
+        (IDS[:, :3], ValueError, r"labels must have the shape of input_ids, \(4, 7\), got \(4, 3\)"),
+        (IDS.float(), TypeError, "labels must be an integer tensor"),
+        (IDS + VOCAB, ValueError, r"labels must hold token ids in \[0, vocab_size=99\) or -100"),
+    ],
+)
 def test_bad_causal_lm_labels_are_refused_by_name(labels, error, message):
     with pytest.raises(error, match=message):
         lm_model()(input_ids=IDS, attention_mask=MASK, labels=labels)
@@ -95,20 +116,28 @@ def test_token_type_ids_on_a_decoder_are_refused_not_dropped(backbone):
         lm_model(backbone)(input_ids=IDS, token_type_ids=torch.zeros_like(IDS))
 
 
-@pytest.mark.parametrize("pixel_values, error, message", [
-    (None, ValueError, "pixel_values is required"),
-    (torch.randn(1, 28, 28), ValueError, r"pixel_values must have shape \(batch_size, num_channels, height, width\)"),
-    (torch.randn(1, 1, 1, 28, 28), ValueError, r"pixel_values must have shape"),
-    (torch.randn(2, 3, 28, 28), ValueError, "pixel_values must have num_channels=1 channels"),
-    (torch.ones(2, 1, 28, 28, dtype=torch.long), TypeError, "pixel_values must be a torch.float32 tensor"),
-])
+@pytest.mark.parametrize(
+    "pixel_values, error, message",
+    [
+        (None, ValueError, "pixel_values is required"),
+        (
+            torch.randn(1, 28, 28),
+            ValueError,
+            r"pixel_values must have shape \(batch_size, num_channels, height, width\)",
+        ),
+        (torch.randn(1, 1, 1, 28, 28), ValueError, r"pixel_values must have shape"),
+        (torch.randn(2, 3, 28, 28), ValueError, "pixel_values must have num_channels=1 channels"),
+        (torch.ones(2, 1, 28, 28, dtype=torch.long), TypeError, "pixel_values must be a torch.float32 tensor"),
+    ],
+)
 def test_bad_pixel_values_are_refused_by_name(pixel_values, error, message):
     with pytest.raises(error, match=message):
         image_model()(pixel_values=pixel_values)
 
 
-@pytest.mark.parametrize("plain_class, config", [(BertForSequenceClassification, bert_config),
-                                                 (GPT2ForSequenceClassification, gpt2_config)])
+@pytest.mark.parametrize(
+    "plain_class, config", [(BertForSequenceClassification, bert_config), (GPT2ForSequenceClassification, gpt2_config)]
+)
 def test_a_plain_task_checkpoint_points_to_from_backbone(tmp_path, plain_class, config):
     plain_class(config(num_labels=3)).save_pretrained(tmp_path)
     for load in (ADNetForSequenceClassification.from_pretrained, ADNetConfig.from_pretrained):
@@ -147,8 +176,9 @@ def confidence_model(backbone: str):
 def left_padded_against_alone(model, ids, mask, **inputs) -> tuple[float, int]:
     """The largest logit difference and the number of exit flips between the batch and each sample alone."""
     with torch.no_grad():
-        confidence = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True,
-                           **inputs).step_logits[0]
+        confidence = model(
+            input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True, **inputs
+        ).step_logits[0]
         model.config.confidence_threshold = midpoint_threshold(confidence.softmax(-1).amax(-1))
         batched = model(input_ids=ids, attention_mask=mask, **inputs)
         worst, flips = 0.0, 0

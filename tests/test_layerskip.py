@@ -15,7 +15,7 @@ from adnet_hf.losses_adnet import LayerSkipLoss, build_loss
 def test_rates_rise_exponentially_from_zero_to_the_maximum():
     rates = [layer_dropout_rate(0.4, block, 5) for block in range(5)]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.4)
-    assert rates[2] == pytest.approx(0.4 * (2 ** 0.5 - 1))
+    assert rates[2] == pytest.approx(0.4 * (2**0.5 - 1))
     assert all(a < b for a, b in zip(rates, rates[1:]))
     assert layer_dropout_rate(0.3, 0, 1) == 0.3
 
@@ -98,8 +98,9 @@ def test_layerskip_loss_weights_follow_the_sum_scale():
     assert torch.allclose(weights, torch.tensor([1.0, 3.0, 6.0, 10.0]) / 20)
     weights = LayerSkipLoss(scale=0.1).step_weights(4, losses)
     assert torch.allclose(weights, torch.tensor([0.1, 0.3, 0.6, 10.0]) / 11)
-    assert build_loss(ADNetConfig(loss_type="layerskip", early_exit_loss_scale=0.1))(losses, losses).item() == \
-        pytest.approx((0.1 + 0.6 + 1.8 + 40.0) / 11)
+    assert build_loss(ADNetConfig(loss_type="layerskip", early_exit_loss_scale=0.1))(
+        losses, losses
+    ).item() == pytest.approx((0.1 + 0.6 + 1.8 + 40.0) / 11)
     with pytest.raises(ValueError, match="early_exit_loss_scale"):
         ADNetConfig(early_exit_loss_scale=1.5)
 
@@ -124,19 +125,63 @@ def test_run_clm_trains_the_layerskip_way_then_exit_adapters_on_it(tmp_path, sha
     text = (shared_data / "ptb" / "ptb.valid.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:6000])
     (tmp_path / "valid.txt").write_text(text[6000:9000])
-    common = ["--tokenizer_name", str(shared_data / "gpt2-tokenizer"), "--train_file", str(tmp_path / "train.txt"),
-              "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "16", "--do_train", "--do_eval",
-              "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--save_strategy", "no",
-              "--report_to", "none", "--learning_rate", "1e-3", "--seed", "0", "--loss_type", "layerskip"]
-    first = run_clm.main([
-        "--backbone_config", '{"model_type": "gpt2", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": 32}',
-        "--num_fixed_steps", "0", "--layer_dropout", "0.2", "--early_exit_loss_scale", "0.2",
-        "--output_dir", str(tmp_path / "layerskip"), *common])
+    common = [
+        "--tokenizer_name",
+        str(shared_data / "gpt2-tokenizer"),
+        "--train_file",
+        str(tmp_path / "train.txt"),
+        "--validation_file",
+        str(tmp_path / "valid.txt"),
+        "--block_size",
+        "16",
+        "--do_train",
+        "--do_eval",
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "0",
+        "--loss_type",
+        "layerskip",
+    ]
+    first = run_clm.main(
+        [
+            "--backbone_config",
+            '{"model_type": "gpt2", "n_layer": 4, "n_embd": 16, "n_head": 2, "n_positions": 32}',
+            "--num_fixed_steps",
+            "0",
+            "--layer_dropout",
+            "0.2",
+            "--early_exit_loss_scale",
+            "0.2",
+            "--output_dir",
+            str(tmp_path / "layerskip"),
+            *common,
+        ]
+    )
     config = json.loads((tmp_path / "layerskip" / "config.json").read_text())
     assert (config["layer_dropout"], config["early_exit_loss_scale"], config["exit_policy"]) == (0.2, 0.2, "none")
-    second = run_clm.main(["--model_name_or_path", str(tmp_path / "layerskip"), "--exit_adapters", "true",
-                           "--freeze_full_depth", "--layer_dropout", "0", "--output_dir", str(tmp_path / "adapters"),
-                           *common])
+    second = run_clm.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "layerskip"),
+            "--exit_adapters",
+            "true",
+            "--freeze_full_depth",
+            "--layer_dropout",
+            "0",
+            "--output_dir",
+            str(tmp_path / "adapters"),
+            *common,
+        ]
+    )
     assert second["eval_full_depth_perplexity"] == pytest.approx(first["eval_full_depth_perplexity"], rel=1e-6)
     weights = load_file(tmp_path / "adapters" / "model.safetensors")
     assert any(weights[f"exit_adapters.{i}.weight"].any() for i in range(3))

@@ -70,7 +70,14 @@ LEAN_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_calibration_and_trainer_metrics_run_without_the_optional_packages(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", LEAN_SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", LEAN_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lean ok" in result.stdout

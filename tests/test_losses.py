@@ -36,14 +36,25 @@ def gpsl_by_hand(losses, probs, alpha, beta, cost, tau, rate, midpoint):
     return total / len(losses)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(alpha=0.3, beta=0.1, step_cost=0.05, temperature=0.5, growth_rate=1.0, growth_midpoint=None),
-    dict(alpha=1.0, beta=0.5, step_cost=0.3, temperature=0.2, growth_rate=2.5, growth_midpoint=1.0),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(alpha=0.3, beta=0.1, step_cost=0.05, temperature=0.5, growth_rate=1.0, growth_midpoint=None),
+        dict(alpha=1.0, beta=0.5, step_cost=0.3, temperature=0.2, growth_rate=2.5, growth_midpoint=1.0),
+    ],
+)
 def test_gpsl_matches_the_formula_by_hand(settings):
     loss = GrowingPlateauSensitiveLoss(**settings)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
-    expected = gpsl_by_hand(STEP_LOSSES, HALTING, settings["alpha"], settings["beta"], settings["step_cost"],
-                            settings["temperature"], settings["growth_rate"], settings["growth_midpoint"])
+    expected = gpsl_by_hand(
+        STEP_LOSSES,
+        HALTING,
+        settings["alpha"],
+        settings["beta"],
+        settings["step_cost"],
+        settings["temperature"],
+        settings["growth_rate"],
+        settings["growth_midpoint"],
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -59,11 +70,14 @@ def test_pondernet_loss_by_hand():
     prior, beta = 0.3, 0.2
     geometric = [prior * (1 - prior) ** (n - 1) for n in range(1, 5)]
     geometric = [g / sum(geometric) for g in geometric]
-    expected = sum(
-        sum(p * loss for p, loss in zip(probs, losses))
-        + beta * sum(p * math.log(p / g) for p, g in zip(probs, geometric))
-        for losses, probs in zip(STEP_LOSSES, HALTING)
-    ) / 2
+    expected = (
+        sum(
+            sum(p * loss for p, loss in zip(probs, losses))
+            + beta * sum(p * math.log(p / g) for p, g in zip(probs, geometric))
+            for losses, probs in zip(STEP_LOSSES, HALTING)
+        )
+        / 2
+    )
     loss = PonderNetLoss(prior=prior, beta=beta)(torch.tensor(STEP_LOSSES), torch.tensor(HALTING))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -86,29 +100,41 @@ def model_for(**overrides):
     return ADNetForSequenceClassification(config)
 
 
-@pytest.mark.parametrize("loss_type,loss_class", [
-    ("gpsl", GrowingPlateauSensitiveLoss), ("pondernet", PonderNetLoss),
-    ("deep_supervision", DeepSupervisionLoss), ("last", LastStepLoss),
-])
+@pytest.mark.parametrize(
+    "loss_type,loss_class",
+    [
+        ("gpsl", GrowingPlateauSensitiveLoss),
+        ("pondernet", PonderNetLoss),
+        ("deep_supervision", DeepSupervisionLoss),
+        ("last", LastStepLoss),
+    ],
+)
 def test_each_loss_type_is_what_the_model_trains_with(loss_type, loss_class):
     model = model_for(num_labels=3, loss_type=loss_type)
     assert isinstance(model.loss_fn, loss_class)
     ids, mask = token_batch()
     labels = torch.tensor([0, 2, 1, 1])
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    step_losses = torch.stack([torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-                               for logits in out.step_logits], dim=-1)
+    step_losses = torch.stack(
+        [torch.nn.functional.cross_entropy(logits, labels, reduction="none") for logits in out.step_logits], dim=-1
+    )
     settled = settled_steps(out.step_logits, "single_label_classification")
     torch.testing.assert_close(out.loss, model.loss_fn(step_losses, out.halting_probs, settled=settled))
     out.loss.backward()
 
 
-@pytest.mark.parametrize("num_labels,labels,problem_type", [
-    (3, torch.tensor([0, 2, 1, 1]), "single_label_classification"),
-    (1, torch.tensor([0.5, 1.5, -0.2, 3.0]), "regression"),
-    (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
-     "multi_label_classification"),
-])
+@pytest.mark.parametrize(
+    "num_labels,labels,problem_type",
+    [
+        (3, torch.tensor([0, 2, 1, 1]), "single_label_classification"),
+        (1, torch.tensor([0.5, 1.5, -0.2, 3.0]), "regression"),
+        (
+            3,
+            torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+            "multi_label_classification",
+        ),
+    ],
+)
 def test_problem_types_inferred_and_their_step_losses(num_labels, labels, problem_type):
     model = model_for(num_labels=num_labels, loss_type="last")
     ids, mask = token_batch()
@@ -139,8 +165,9 @@ def test_causal_lm_loss_from_running_step_losses_matches_the_step_logits():
 
     from adnet_hf import ADNetForCausalLM
 
-    config = ADNetConfig(backbone_config=gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-                         unit_hidden_size=8)
+    config = ADNetConfig(
+        backbone_config=gpt2_config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), unit_hidden_size=8
+    )
     model = ADNetForCausalLM(config).train()
     ids, mask = token_batch(batch=2, length=6, pad_lengths=(0, 2))
     labels = ids.masked_fill(mask == 0, -100)
@@ -148,8 +175,13 @@ def test_causal_lm_loss_from_running_step_losses_matches_the_step_logits():
     full = model(input_ids=ids, attention_mask=mask, labels=labels, output_step_logits=True)
     assert lean.step_logits is None and not lean.logits.requires_grad
     targets, keep = labels[:, 1:], labels[:, 1:] != -100
-    step_losses = torch.stack([torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="none")
-                               for logits in full.step_logits], dim=-1)
+    step_losses = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="none")
+            for logits in full.step_logits
+        ],
+        dim=-1,
+    )
     expected = model.loss_fn(step_losses, full.halting_probs[:, :-1][keep])
     torch.testing.assert_close(lean.loss, expected)
     torch.testing.assert_close(full.loss, expected)
@@ -235,8 +267,9 @@ def test_an_all_ignored_causal_lm_batch_has_zero_loss_and_gradients(loss_type):
 
     from adnet_hf import ADNetForCausalLM
 
-    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8,
-                                         loss_type=loss_type)).train()
+    model = ADNetForCausalLM(
+        ADNetConfig(backbone_config=gpt2_config(), unit_hidden_size=8, loss_type=loss_type)
+    ).train()
     ids, mask = token_batch(batch=2, length=6, pad_lengths=(0, 2))
     out = model(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100))
     assert out.loss.item() == 0.0
@@ -253,9 +286,16 @@ def test_a_loss_set_after_construction_is_the_one_trained_with():
     assert model.loss_fn.alpha == 0.7
 
 
-@pytest.mark.parametrize("settings", [dict(growth_midpoint=1e6), dict(growth_midpoint=-1e6),
-                                      dict(growth_rate=1e6, growth_midpoint=2.0), dict(temperature=1e-6),
-                                      dict(alpha=1e6, beta=1e6, step_cost=1e6)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(growth_midpoint=1e6),
+        dict(growth_midpoint=-1e6),
+        dict(growth_rate=1e6, growth_midpoint=2.0),
+        dict(temperature=1e-6),
+        dict(alpha=1e6, beta=1e6, step_cost=1e6),
+    ],
+)
 def test_gpsl_stays_finite_at_the_bounds_of_its_settings(settings):
     losses = torch.tensor(STEP_LOSSES, requires_grad=True)
     probs = torch.tensor(HALTING, requires_grad=True)

@@ -53,8 +53,15 @@ CAUSAL_HEADS = [name for name, (_, _, kind) in HEADS.items() if kind == "causal"
 
 def build(head: str, **overrides):
     model_class, backbone, _ = HEADS[head]
-    config = ADNetConfig(backbone_config=backbone(), num_labels=3, unit_hidden_size=8, num_fixed_steps=0,
-                         classifier_dropout=0.0, attn_implementation="eager", **overrides)
+    config = ADNetConfig(
+        backbone_config=backbone(),
+        num_labels=3,
+        unit_hidden_size=8,
+        num_fixed_steps=0,
+        classifier_dropout=0.0,
+        attn_implementation="eager",
+        **overrides,
+    )
     return model_class(config)
 
 
@@ -64,12 +71,16 @@ def inputs_for(head: str, batch: int = 4, labels: bool = True, seed: int = 0) ->
     if kind == "image":
         inputs = {"pixel_values": torch.randn(batch, 1, 28, 28)}
     else:
-        ids, mask = token_batch(batch=batch, pad_lengths=(0, 2, 0, 3) * (batch // 4),
-                                pad_id=1 if head.startswith("roberta") else 0)
+        ids, mask = token_batch(
+            batch=batch, pad_lengths=(0, 2, 0, 3) * (batch // 4), pad_id=1 if head.startswith("roberta") else 0
+        )
         inputs = {"input_ids": ids, "attention_mask": mask}
     if labels:
-        inputs["labels"] = (inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100) if kind == "causal"
-                            else torch.randint(0, 3, (batch,)))
+        inputs["labels"] = (
+            inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            if kind == "causal"
+            else torch.randint(0, 3, (batch,))
+        )
     return inputs
 
 
@@ -111,8 +122,9 @@ def test_return_dict_false_gives_the_tuple_loss_first(head, policy, exits):
 def test_outputs_behave_as_model_outputs_of_the_same_fields(output_class):
     """ADNet's outputs write fields without `ModelOutput.__setattr__` (`ADNetOutput`): keys, order, tuple, item and
     attribute access after every kind of write are a plain `ModelOutput`'s."""
-    plain_class = make_dataclass("Plain", [(f.name, f.type, f.default) for f in fields(output_class)],
-                                 bases=(ModelOutput,))
+    plain_class = make_dataclass(
+        "Plain", [(f.name, f.type, f.default) for f in fields(output_class)], bases=(ModelOutput,)
+    )
     names = [f.name for f in fields(output_class)]
     values = {name: torch.full((1,), float(i)) for i, name in enumerate(names)}
     given = {name: values[name] for name in names[1::2]}
@@ -134,8 +146,12 @@ def backbone_outputs(model, inputs: dict):
     backbone = model.base_model.backbone
     if "pixel_values" in inputs:
         return backbone(inputs["pixel_values"], output_hidden_states=True).hidden_states, None
-    out = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                   output_hidden_states=True, output_attentions=True)
+    out = backbone(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        output_hidden_states=True,
+        output_attentions=True,
+    )
     return out.hidden_states, out.attentions
 
 
@@ -229,9 +245,17 @@ def test_image_head_refuses_gradient_checkpointing():
 def test_static_cache_generation_equals_dynamic(head, exits):
     model, threshold = exiting_model(head)
     ids, mask = token_batch(batch=3, length=5, pad_lengths=(0, 2, 1), left_padding=True)
-    kwargs = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0,
-              "exit_policy": "halting" if exits else "none", "exit_threshold": threshold if exits else None,
-              "return_dict_in_generate": True, "output_scores": True, "output_hidden_states": True}
+    kwargs = {
+        "attention_mask": mask,
+        "max_new_tokens": 5,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "exit_policy": "halting" if exits else "none",
+        "exit_threshold": threshold if exits else None,
+        "return_dict_in_generate": True,
+        "output_scores": True,
+        "output_hidden_states": True,
+    }
     with torch.no_grad():
         dynamic = model.generate(ids, **kwargs)
         static = model.generate(ids, cache_implementation="static", **kwargs)
@@ -317,8 +341,7 @@ def test_base_model_runs_a_checkpoint_saved_with_a_prediction_rule(policy, tmp_p
         base(**inputs, exit_policy=policy)
 
 
-def train_one_step(head: str, trainer_class, args_class, batch: int, accumulation: int, tmp_path,
-                   **arguments) -> dict:
+def train_one_step(head: str, trainer_class, args_class, batch: int, accumulation: int, tmp_path, **arguments) -> dict:
     data = inputs_for(head, batch=8)
     dataset = [{name: values[i] for name, values in data.items()} for i in range(8)]
     torch.manual_seed(0)
@@ -326,18 +349,30 @@ def train_one_step(head: str, trainer_class, args_class, batch: int, accumulatio
     for module in model.modules():  # BatchNorm's batch statistics differ between micro-batches by design
         if isinstance(module, torch.nn.BatchNorm2d):
             module.register_forward_pre_hook(lambda norm, _: setattr(norm, "training", False))
-    args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch,
-                      gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
-                      lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, save_strategy="no",
-                      report_to="none", seed=0, **arguments)
+    args = args_class(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        **arguments,
+    )
     trainer_class(model=model, args=args, train_dataset=dataset).train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
-@pytest.mark.parametrize("trainer_class,args_class", [(Trainer, TrainingArguments),
-                                                      (ADNetTrainer, ADNetTrainingArguments),
-                                                      (ADNetTrainer, TrainingArguments)],
-                         ids=["Trainer", "ADNetTrainer", "ADNetTrainer-plain-arguments"])
+@pytest.mark.parametrize(
+    "trainer_class,args_class",
+    [(Trainer, TrainingArguments), (ADNetTrainer, ADNetTrainingArguments), (ADNetTrainer, TrainingArguments)],
+    ids=["Trainer", "ADNetTrainer", "ADNetTrainer-plain-arguments"],
+)
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_gradient_accumulation_matches_the_full_batch(head, trainer_class, args_class, tmp_path):
     """1 x 8, 2 x 4 and 4 x 2 give the same weights after one SGD step: a doubled or halved loss would show. The
@@ -352,9 +387,11 @@ def test_gradient_accumulation_matches_the_full_batch(head, trainer_class, args_
             torch.testing.assert_close(accumulated[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("trainer_class,args_class", [(Trainer, TrainingArguments),
-                                                      (ADNetTrainer, ADNetTrainingArguments)],
-                         ids=["Trainer", "ADNetTrainer"])
+@pytest.mark.parametrize(
+    "trainer_class,args_class",
+    [(Trainer, TrainingArguments), (ADNetTrainer, ADNetTrainingArguments)],
+    ids=["Trainer", "ADNetTrainer"],
+)
 @pytest.mark.parametrize("head", TEXT_HEADS)
 def test_gradient_checkpointing_through_the_trainers(head, trainer_class, args_class, tmp_path):
     reference = train_one_step(head, trainer_class, args_class, 8, 1, tmp_path)

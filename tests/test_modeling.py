@@ -142,8 +142,11 @@ def thresholds_that_split_the_batch(model, ids, mask) -> dict:
         full = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True)
     first_lambda = full.halting_probs[:, 0]
     first_confidence = torch.softmax(full.step_logits[0], -1).amax(-1)
-    return {"halting_epsilon": midpoint_threshold(1 - first_lambda),
-            "confidence_threshold": midpoint_threshold(first_confidence), "patience": 1}
+    return {
+        "halting_epsilon": midpoint_threshold(1 - first_lambda),
+        "confidence_threshold": midpoint_threshold(first_confidence),
+        "patience": 1,
+    }
 
 
 @pytest.mark.parametrize("backbone", ["bert", "gpt2"])
@@ -174,8 +177,9 @@ def lm_with_split_exits(ids, mask=None):
     model = lm_model(num_fixed_steps=0).eval()
     spread_halting(model, scale=5.0)
     with torch.no_grad():
-        first_lambda = model(input_ids=ids, attention_mask=mask, exit_policy="none",
-                             output_step_logits=True).halting_probs[..., 0]
+        first_lambda = model(
+            input_ids=ids, attention_mask=mask, exit_policy="none", output_step_logits=True
+        ).halting_probs[..., 0]
     real = first_lambda if mask is None else first_lambda[mask.bool()]
     model.config.halting_epsilon = midpoint_threshold(1 - real.flatten())
     return model
@@ -240,8 +244,9 @@ def test_generate_equals_backbone_greedy(backbone, left_padding):
 
 
 def test_hidden_states_and_attentions_on_request():
-    config = ADNetConfig(backbone_config=bert_config(), num_labels=2, unit_hidden_size=8, halting_epsilon=0.3,
-                         num_fixed_steps=0)
+    config = ADNetConfig(
+        backbone_config=bert_config(), num_labels=2, unit_hidden_size=8, halting_epsilon=0.3, num_fixed_steps=0
+    )
     config.backbone_config._attn_implementation = "eager"
     model = ADNetForSequenceClassification(config).eval()
     spread_halting(model)
@@ -253,8 +258,9 @@ def test_hidden_states_and_attentions_on_request():
     assert len(out.hidden_states) == 5 and len(out.attentions) == 4
     assert out.hidden_states[1].shape == (4, 7, 32) and out.attentions[0].shape == (4, 4, 7, 7)
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, exit_policy="none", output_hidden_states=True,
-                     output_attentions=True)
+        full = model(
+            input_ids=ids, attention_mask=mask, exit_policy="none", output_hidden_states=True, output_attentions=True
+        )
     for row, exit_step in enumerate(out.exit_steps.tolist()):
         for block in range(1, 5):
             if block <= exit_step:  # computed: what the full-depth pass computes
@@ -340,14 +346,21 @@ def test_causal_lm_needs_a_decoder_backbone():
         ADNetForCausalLM(ADNetConfig(backbone_config=bert_config()))
 
 
-@pytest.mark.parametrize("backbone,policy", [("bert", "none"), ("bert", "halting"), ("gpt2", "none"),
-                                             ("gpt2", "halting")])
+@pytest.mark.parametrize(
+    "backbone,policy", [("bert", "none"), ("bert", "halting"), ("gpt2", "none"), ("gpt2", "halting")]
+)
 def test_flops_estimate_matches_a_flop_counter(backbone, policy):
     """For one sample alone, the reported FLOPs are what torch's FLOP counter sees (matrix products, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = ADNetConfig(backbone_config=TEXT_BACKBONES[backbone](), num_labels=3, unit_hidden_size=8,
-                         halting_epsilon=0.3, num_fixed_steps=0, attn_implementation="eager")
+    config = ADNetConfig(
+        backbone_config=TEXT_BACKBONES[backbone](),
+        num_labels=3,
+        unit_hidden_size=8,
+        halting_epsilon=0.3,
+        num_fixed_steps=0,
+        attn_implementation="eager",
+    )
     model = ADNetForSequenceClassification(config).eval()
     spread_halting(model)
     length, hidden = 6, 32
@@ -385,8 +398,11 @@ def test_full_depth_runs_the_per_step_work_only_when_asked(make):
     for index, unit in enumerate(units):
         if unit.dense is not None:
             unit.dense.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
-    inputs = ({"pixel_values": torch.randn(2, 1, 16, 16)} if make is image_model
-              else dict(zip(("input_ids", "attention_mask"), token_batch())))
+    inputs = (
+        {"pixel_values": torch.randn(2, 1, 16, 16)}
+        if make is image_model
+        else dict(zip(("input_ids", "attention_mask"), token_batch()))
+    )
     with torch.no_grad():
         lean = model(**inputs, exit_policy="none")
         lean_calls, calls[:] = list(calls), [0] * len(units)

@@ -37,14 +37,17 @@ from adnet_hf.trainer_adnet import logger as trainer_logger
 from benchmarks import bench_lora
 from examples import run_glue_style
 
-NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-              "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
+NO_DROPOUT = {
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
 
 
 def classifier(seed=0):
     torch.manual_seed(seed)
-    config = ADNetConfig(backbone_config=bert_config(**NO_DROPOUT["bert"]), num_labels=3, unit_hidden_size=8,
-                         classifier_dropout=0.0)
+    config = ADNetConfig(
+        backbone_config=bert_config(**NO_DROPOUT["bert"]), num_labels=3, unit_hidden_size=8, classifier_dropout=0.0
+    )
     return ADNetForSequenceClassification(config)
 
 
@@ -74,11 +77,24 @@ def assert_same_outputs(model, other, ids, mask, atol=1e-5):
 
 
 BLOCK_LAYERS = {
-    "bert": {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "intermediate.dense", "output.dense"},
+    "bert": {
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    },
     "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
-    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-              "mlp.up_proj", "mlp.down_proj"},
+    "llama": {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    },
 }
 
 
@@ -91,8 +107,9 @@ def test_lora_targets_the_blocks_and_trains_units_and_heads(backbone):
     assert {re.sub(r"^.*?\.\d+\.", "", name) for name in targets} == BLOCK_LAYERS[backbone]
 
     peft_model = get_peft_model(model, adnet_lora_config(model, r=2))
-    trainable = {name.removeprefix("base_model.model.") for name, param in peft_model.named_parameters()
-                 if param.requires_grad}
+    trainable = {
+        name.removeprefix("base_model.model.") for name, param in peft_model.named_parameters() if param.requires_grad
+    }
     assert {name.split(".lora_")[0] for name in trainable if ".lora_" in name} == set(targets)
     fully_trained = {name.split(".modules_to_save")[0] for name in trainable if ".lora_" not in name}
     assert fully_trained == set(adnet_trained_modules(model))
@@ -117,17 +134,27 @@ def test_target_module_names_pick_layers_of_the_blocks_only():
         lora_target_modules(BertModel(bert_config()))
 
 
-@pytest.mark.parametrize("model_fn", [classifier, pytest.param(causal_lm, marks=pytest.mark.slow)],
-                         ids=["bert_classifier", "gpt2_causal_lm"])
+@pytest.mark.parametrize(
+    "model_fn", [classifier, pytest.param(causal_lm, marks=pytest.mark.slow)], ids=["bert_classifier", "gpt2_causal_lm"]
+)
 def test_lora_trains_saves_loads_and_merges(tmp_path, model_fn):
     causal = model_fn is causal_lm
     model = model_fn()
     ids, mask = token_batch(batch=8, pad_lengths=[0, 2, 0, 3] * 2)
     before = outputs(model, ids, mask, exit_policy="none").logits
     peft_model = get_peft_model(model, adnet_lora_config(model, r=4, lora_alpha=8))
-    args = ADNetTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
-                                  disable_tqdm=True, save_strategy="no", report_to="none", seed=0, max_steps=3,
-                                  learning_rate=1e-2, unit_learning_rate=1e-2)
+    args = ADNetTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        max_steps=3,
+        learning_rate=1e-2,
+        unit_learning_rate=1e-2,
+    )
     ADNetTrainer(model=peft_model, args=args, train_dataset=dataset(causal)).train()
     trained = outputs(peft_model, ids, mask, exit_policy="none").logits
     assert not torch.allclose(trained, before)
@@ -192,11 +219,20 @@ def test_trainer_warns_when_peft_freezes_the_units(tmp_path):
 def test_lora_rank_and_learning_rate_groups(tmp_path):
     model = classifier()
     peft_model = get_peft_model(model, adnet_lora_config(model, r=2))
-    args = ADNetTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
-                                  learning_rate=1e-3, unit_learning_rate=1e-2, output_learning_rate=1e-1)
+    args = ADNetTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        learning_rate=1e-3,
+        unit_learning_rate=1e-2,
+        output_learning_rate=1e-1,
+    )
     trainer = ADNetTrainer(model=peft_model, args=args)
-    groups = {(group["name"], id(param)): group["lr"] for group in trainer.create_optimizer().param_groups
-              for param in group["params"]}
+    groups = {
+        (group["name"], id(param)): group["lr"]
+        for group in trainer.create_optimizer().param_groups
+        for param in group["params"]
+    }
     names = {id(param): name for name, param in peft_model.named_parameters()}
     for (group, param_id), lr in groups.items():
         name = names[param_id]
@@ -212,9 +248,26 @@ def test_step_time_benchmark_times_both_arms(tmp_path):
     BertModel(bert_config()).save_pretrained(tmp_path / "backbone")
     rows = ["sentence\tlabel"] + [f"w{i} w{i + 1} w{(i * 7) % 90}\t{i % 2}" for i in range(8)]
     (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n")
-    path = bench_lora.main(["--backbone", str(tmp_path / "backbone"), "--data", str(tmp_path / "dev.tsv"),
-                            "--train_batches", "2", "--batch_size", "4", "--repeats", "1", "--lora_r", "2",
-                            "--threads", "1", "--results_dir", str(tmp_path / "results")])
+    path = bench_lora.main(
+        [
+            "--backbone",
+            str(tmp_path / "backbone"),
+            "--data",
+            str(tmp_path / "dev.tsv"),
+            "--train_batches",
+            "2",
+            "--batch_size",
+            "4",
+            "--repeats",
+            "1",
+            "--lora_r",
+            "2",
+            "--threads",
+            "1",
+            "--results_dir",
+            str(tmp_path / "results"),
+        ]
+    )
     full, lora = json.loads(path.read_text())["rows"]
     assert (full["setting"], lora["setting"]) == ("full fine-tuning", "LoRA r=2")
     assert full["ratio_to_full_fine_tuning"] == 1.0 and math.isfinite(lora["ratio_to_full_fine_tuning"])
@@ -226,11 +279,28 @@ def test_glue_script_with_lora_saves_a_merged_adnet_checkpoint(tmp_path):
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 32))
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 16))
     out = tmp_path / "out"
-    metrics = run_glue_style.main([
-        "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
-        "--output_dir", str(out), "--do_train", "--do_eval", "--num_train_epochs", "1", "--lora_r", "4",
-        "--lora_target_modules", "query", "value", *FAST,
-    ])
+    metrics = run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--do_eval",
+            "--num_train_epochs",
+            "1",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "query",
+            "value",
+            *FAST,
+        ]
+    )
     assert not (out / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(out)  # a plain ADNet checkpoint: merged
     assert model.config.model_type == "adnet" and not any("lora" in name for name, _ in model.named_parameters())
@@ -242,5 +312,18 @@ def test_glue_script_with_lora_saves_a_merged_adnet_checkpoint(tmp_path):
     refusals = {"--plain_baseline": "--lora_r adapts an ADNet model", "--freeze_full_depth": "choose one"}
     for flag, refusal in refusals.items():
         with pytest.raises(ValueError, match=refusal):
-            run_glue_style.main([flag, "--backbone_config", json.dumps(TINY_BERT), "--train_file", train,
-                                 "--output_dir", str(tmp_path / "refused"), "--do_train", "--lora_r", "4", *FAST])
+            run_glue_style.main(
+                [
+                    flag,
+                    "--backbone_config",
+                    json.dumps(TINY_BERT),
+                    "--train_file",
+                    train,
+                    "--output_dir",
+                    str(tmp_path / "refused"),
+                    "--do_train",
+                    "--lora_r",
+                    "4",
+                    *FAST,
+                ]
+            )

@@ -19,12 +19,36 @@ from adnet_hf import ADNetForSequenceClassification
 from examples import run_glue_style
 
 SAMPLE = Path(run_glue_style.__file__).resolve().parent / "data" / "sst2_sample"
-TINY_BERT = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
-FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
-        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--max_seq_length", "32",
-        "--unit_hidden_size", "8", "--learning_rate", "1e-3", "--seed", "0"]
-
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+FAST = [
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "16",
+    "--max_seq_length",
+    "32",
+    "--unit_hidden_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--seed",
+    "0",
+]
 
 
 def sst2_rows(split: str, count: int) -> list[list[str]]:
@@ -44,12 +68,32 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 24))
     test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
     out = tmp_path / "out"
-    metrics = run_glue_style.main([
-        "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
-        "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval", "--do_predict",
-        "--num_train_epochs", "1", "--max_weight_norm", "1.0", "--unit_learning_rate", "3e-3",
-        "--min_learning_rate_ratio", "0.1", *FAST,
-    ])
+    metrics = run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+            "--test_file",
+            test,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--num_train_epochs",
+            "1",
+            "--max_weight_norm",
+            "1.0",
+            "--unit_learning_rate",
+            "3e-3",
+            "--min_learning_rate_ratio",
+            "0.1",
+            *FAST,
+        ]
+    )
     results = json.loads((out / "eval_results.json").read_text())
     assert results == pytest.approx(metrics)
     saved = text_metrics(out, dev, 16)
@@ -66,16 +110,46 @@ def test_sst2_tsv_train_eval_predict_then_reload(tmp_path):
     assert model.config.id2label == {0: "0", 1: "1"}
 
     # an ADNet checkpoint loads as it is, with config overrides: full depth now
-    reloaded = run_glue_style.main(["--model_name_or_path", str(out), "--validation_file", dev, "--do_eval",
-                                    "--exit_policy", "none", "--output_dir", str(tmp_path / "eval"), *FAST])
+    reloaded = run_glue_style.main(
+        [
+            "--model_name_or_path",
+            str(out),
+            "--validation_file",
+            dev,
+            "--do_eval",
+            "--exit_policy",
+            "none",
+            "--output_dir",
+            str(tmp_path / "eval"),
+            *FAST,
+        ]
+    )
     full_depth = text_metrics(out, dev, 16, exit_policy="none")
     assert reloaded["eval_accuracy"] == full_depth["accuracy"] and reloaded["eval_executed_layers"] == 4
 
     # the second stage: only the exits train, so full-depth predictions stay exactly the first stage's
-    second = run_glue_style.main(["--model_name_or_path", str(out), "--freeze_full_depth", "--loss_type", "pondernet",
-                                  "--train_file", train, "--validation_file", dev, "--do_train", "--do_eval",
-                                  "--num_train_epochs", "1", "--exit_policy", "none",
-                                  "--output_dir", str(tmp_path / "second"), *FAST])
+    second = run_glue_style.main(
+        [
+            "--model_name_or_path",
+            str(out),
+            "--freeze_full_depth",
+            "--loss_type",
+            "pondernet",
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+            "--do_train",
+            "--do_eval",
+            "--num_train_epochs",
+            "1",
+            "--exit_policy",
+            "none",
+            "--output_dir",
+            str(tmp_path / "second"),
+            *FAST,
+        ]
+    )
     assert second["eval_loss"] == pytest.approx(reloaded["eval_loss"], abs=1e-6)
     assert second["eval_accuracy"] == reloaded["eval_accuracy"]
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "second").config.loss_type == "pondernet"
@@ -89,17 +163,40 @@ def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 64))
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sst2_rows("dev", 24))
     out = tmp_path / "out"
-    metrics = run_glue_style.main([
-        "--backbone_config", json.dumps(TINY_BERT), "--train_file", train, "--validation_file", dev,
-        "--output_dir", str(out), "--do_train", "--do_eval", "--num_train_epochs", "1", "--calibration_split", "0.25",
-        "--calibration_budget", "0.25", "--calibration_delta", "0.1", "--fit_halting_split", "0.25", *FAST,
-    ])
+    metrics = run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--train_file",
+            train,
+            "--validation_file",
+            dev,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--do_eval",
+            "--num_train_epochs",
+            "1",
+            "--calibration_split",
+            "0.25",
+            "--calibration_budget",
+            "0.25",
+            "--calibration_delta",
+            "0.1",
+            "--fit_halting_split",
+            "0.25",
+            *FAST,
+        ]
+    )
     calibration = json.loads((out / "calibration_results.json").read_text())
     train_results = json.loads((out / "train_results.json").read_text())
     assert calibration["calibration_samples"] == 16 and train_results["train_samples"] == 36
     fit = json.loads((out / "halting_fit_results.json").read_text())
-    assert (fit["halting_fit_samples"], fit["halting_fit_held_out"], fit["halting_fit_objective"]) == \
-        (12, True, "settled_by")
+    assert (fit["halting_fit_samples"], fit["halting_fit_held_out"], fit["halting_fit_objective"]) == (
+        12,
+        True,
+        "settled_by",
+    )
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert all(unit.halting.weight.abs().sum() == 0 for unit in model.base_model.units[:-1]), "fitted before saving"
     guarantee = model.config.exit_guarantee
@@ -119,37 +216,43 @@ def test_exits_calibrated_on_held_out_training_data_are_saved_and_evaluated(tmp_
 def test_calibration_arguments_are_checked_before_training():
     from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
-    for bad, match in [({"calibration_split": 1.0}, "--calibration_split must be a fraction in"),
-                       ({"calibration_split": -0.1}, "--calibration_split must be a fraction in"),
-                       ({"calibration_policy": "none"}, "--calibration_policy must be one of"),
-                       ({"calibration_delta": 1.0}, r"--calibration_delta must be in \[0, 1\)"),
-                       ({"calibration_budget": -0.01}, "--calibration_budget must be >= 0")]:
+    for bad, match in [
+        ({"calibration_split": 1.0}, "--calibration_split must be a fraction in"),
+        ({"calibration_split": -0.1}, "--calibration_split must be a fraction in"),
+        ({"calibration_policy": "none"}, "--calibration_policy must be one of"),
+        ({"calibration_delta": 1.0}, r"--calibration_delta must be in \[0, 1\)"),
+        ({"calibration_budget": -0.01}, "--calibration_budget must be >= 0"),
+    ]:
         with pytest.raises(ValueError, match=match):
             CalibrationArguments(**bad)
-    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
-                                                                                 "num_labels": 1})
+    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8, "num_labels": 1})
     adnet = TextModelArguments(backbone_config="{}")
     with pytest.raises(ValueError, match="--calibration_split holds data out of training.*--do_train"):
         CalibrationArguments(calibration_split=0.2).resolve(model, adnet, do_train=False, rows=1000)
     with pytest.raises(ValueError, match=r"--calibration_split .* \(not --plain_baseline\)"):
         CalibrationArguments(calibration_split=0.2).resolve(
-            model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True, rows=1000)
+            model, TextModelArguments(backbone_config="{}", plain_baseline=True), do_train=True, rows=1000
+        )
     with pytest.raises(ValueError, match="--calibration_policy='confidence' needs class predictions"):
         CalibrationArguments(calibration_policy="confidence").resolve(model, adnet, do_train=True, rows=1000)
-    with pytest.raises(ValueError, match="--calibration_policy confidence would save .* replacing --exit_policy "
-                                         "patience"):
+    with pytest.raises(
+        ValueError, match="--calibration_policy confidence would save .* replacing --exit_policy patience"
+    ):
         CalibrationArguments(calibration_policy="confidence").check_exit_policy("patience")
     CalibrationArguments(calibration_policy="confidence", calibration_split=0).check_exit_policy("patience")
 
 
-@pytest.mark.parametrize("given, do_train, plain, rows, expected", [
-    (None, True, False, 1000, 0.2),     # the default: a fifth held out
-    (None, True, False, 499, None),     # too few rows to hold out
-    (None, False, False, 1000, None),   # nothing trained
-    (None, True, True, 1000, None),     # a plain model has no exits
-    (0.0, True, False, 1000, None),     # turned off
-    (0.3, True, False, 100, 0.3),       # given: taken whatever the size
-])
+@pytest.mark.parametrize(
+    "given, do_train, plain, rows, expected",
+    [
+        (None, True, False, 1000, 0.2),  # the default: a fifth held out
+        (None, True, False, 499, None),  # too few rows to hold out
+        (None, False, False, 1000, None),  # nothing trained
+        (None, True, True, 1000, None),  # a plain model has no exits
+        (0.0, True, False, 1000, None),  # turned off
+        (0.3, True, False, 100, 0.3),  # given: taken whatever the size
+    ],
+)
 def test_calibration_split_default(given, do_train, plain, rows, expected):
     from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
@@ -163,8 +266,9 @@ def test_calibration_split_default(given, do_train, plain, rows, expected):
 def test_calibration_policy_defaults_to_the_models_exit_policy():
     from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
-    model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
-                                                                                 "exit_policy": "confidence"})
+    model = build_model(
+        ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8, "exit_policy": "confidence"}
+    )
     args = CalibrationArguments()
     args.resolve(model, TextModelArguments(backbone_config="{}"), do_train=True, rows=1000)
     assert (args.calibration_policy, args.calibration_split) == ("confidence", 0.2)
@@ -177,19 +281,24 @@ def test_calibration_policy_defaults_to_the_models_exit_policy():
 def test_halting_fit_arguments_are_checked_before_training():
     from adnet_examples.arguments import HaltingFitArguments
 
-    for bad, match in [({"fit_halting_split": 1.0}, "--fit_halting_split must be a fraction in"),
-                       ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of"),
-                       ({"fit_halting_samples": 0}, "--fit_halting_samples must be at least 1")]:
+    for bad, match in [
+        ({"fit_halting_split": 1.0}, "--fit_halting_split must be a fraction in"),
+        ({"fit_halting_objective": "hazard"}, "--fit_halting_objective must be one of"),
+        ({"fit_halting_samples": 0}, "--fit_halting_samples must be at least 1"),
+    ]:
         with pytest.raises(ValueError, match=match):
             HaltingFitArguments(**bad)
     classifier = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
-    regressor = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8,
-                                                                                     "num_labels": 1})
+    regressor = build_model(
+        ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8, "num_labels": 1}
+    )
     args = HaltingFitArguments(fit_halting_split=0.1)
     args.resolve(classifier, do_train=True, rows=100)
-    for model, do_train, fit, match in [(classifier, False, True, "needs --do_train and --fit_halting"),
-                                        (classifier, True, False, "needs --do_train and --fit_halting"),
-                                        (regressor, True, True, "fit_halting needs a classifier")]:
+    for model, do_train, fit, match in [
+        (classifier, False, True, "needs --do_train and --fit_halting"),
+        (classifier, True, False, "needs --do_train and --fit_halting"),
+        (regressor, True, True, "fit_halting needs a classifier"),
+    ]:
         with pytest.raises(ValueError, match=f"--fit_halting_split holds data out of training.*{match}"):
             HaltingFitArguments(fit_halting=fit, fit_halting_split=0.1).resolve(model, do_train, rows=1000)
     train = datasets.Dataset.from_dict({"x": list(range(100))})
@@ -209,8 +318,13 @@ def test_saved_exit_policy_follows_what_is_trained(tmp_path):
 
     def build(name_or_path, overrides, freeze=False):
         backbone = None if name_or_path else dict(TINY_BERT)
-        return build_model(ADNetForSequenceClassification, name_or_path, backbone,
-                                          {"unit_hidden_size": 8, **overrides}, freeze_full_depth=freeze)
+        return build_model(
+            ADNetForSequenceClassification,
+            name_or_path,
+            backbone,
+            {"unit_hidden_size": 8, **overrides},
+            freeze_full_depth=freeze,
+        )
 
     first = build(None, {"loss_type": "last"})
     assert first.config.exit_policy == "none"
@@ -232,11 +346,25 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     BertModel(BertConfig(**{**TINY_BERT, "vocab_size": len(tokenizer)})).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
 
-    args = {"model_name_or_path": str(backbone), "train_file": train, "validation_file": train,
-            "output_dir": str(tmp_path / "out"), "do_train": True, "do_eval": True, "num_train_epochs": 1,
-            "use_cpu": True, "disable_tqdm": True, "report_to": "none", "save_strategy": "no",
-            "per_device_train_batch_size": 10, "max_seq_length": 32, "unit_hidden_size": 8, "learning_rate": 1e-3,
-            "calibration_split": 0.25, "calibration_budget": 0.05}
+    args = {
+        "model_name_or_path": str(backbone),
+        "train_file": train,
+        "validation_file": train,
+        "output_dir": str(tmp_path / "out"),
+        "do_train": True,
+        "do_eval": True,
+        "num_train_epochs": 1,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "per_device_train_batch_size": 10,
+        "max_seq_length": 32,
+        "unit_hidden_size": 8,
+        "learning_rate": 1e-3,
+        "calibration_split": 0.25,
+        "calibration_budget": 0.05,
+    }
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps(args))
     metrics = run_glue_style.main([str(args_file)])
@@ -251,16 +379,25 @@ def test_sentence_pair_regression_from_json_args_and_backbone_checkpoint(tmp_pat
     assert model.config.exit_guarantee is None and model.config.exit_policy == calibration["policy"]
 
 
-@pytest.mark.parametrize("columns, expected", [
-    (["sentence", "label"], (("sentence", None), "label")),
-    (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], (("#1 String", "#2 String"), "Quality")),
-    (["genre", "sentence1", "sentence2", "score"], (("sentence1", "sentence2"), "score")),
-    (["index", "sentence"], (("sentence", None), None)),
-    (["index", "question", "sentence", "label"], (("question", "sentence"), "label")),  # QNLI
-    (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], (("question1", "question2"), "is_duplicate")),
-    (["index", "genre", "sentence1", "sentence2", "label1", "gold_label"], (("sentence1", "sentence2"), "gold_label")),
-    (["text", "label"], (("text", None), "label")),
-])
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["sentence", "label"], (("sentence", None), "label")),
+        (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], (("#1 String", "#2 String"), "Quality")),
+        (["genre", "sentence1", "sentence2", "score"], (("sentence1", "sentence2"), "score")),
+        (["index", "sentence"], (("sentence", None), None)),
+        (["index", "question", "sentence", "label"], (("question", "sentence"), "label")),  # QNLI
+        (
+            ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            (("question1", "question2"), "is_duplicate"),
+        ),
+        (
+            ["index", "genre", "sentence1", "sentence2", "label1", "gold_label"],
+            (("sentence1", "sentence2"), "gold_label"),
+        ),
+        (["text", "label"], (("text", None), "label")),
+    ],
+)
 def test_column_detection(columns, expected):
     assert detect_columns(columns) == expected
 
@@ -282,20 +419,32 @@ def test_glue_task_without_hub_fails_clearly(monkeypatch):
 def test_no_arguments_run_the_offline_default(monkeypatch):
     """The README's main command: the arguments shipped in examples/data on the sample, with MiniLM where it is
     installed and a small random BERT where it is not."""
-    model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = (
-        run_glue_style.parse_args([]))
+    model_args, adnet_args, data_args, training_args, lora_args, fit_args, calibration_args = run_glue_style.parse_args(
+        []
+    )
     assert lora_args.lora_r is None  # full fine-tuning unless --lora_r
     # the demo's file holds the demo only (data, output, epochs, length); the recipe is every run's default
     shipped = json.loads(run_glue_style.OFFLINE_DEFAULT.read_text())
-    assert set(shipped) == {"train_file", "validation_file", "output_dir", "overwrite_output_dir", "do_train",
-                            "do_eval", "max_seq_length", "num_train_epochs"}
+    assert set(shipped) == {
+        "train_file",
+        "validation_file",
+        "output_dir",
+        "overwrite_output_dir",
+        "do_train",
+        "do_eval",
+        "max_seq_length",
+        "num_train_epochs",
+    }
     assert (training_args.unit_learning_rate, training_args.output_learning_rate) == (1e-3, 1e-3)
     assert (training_args.min_learning_rate_ratio, training_args.warmup_steps) == (0.1, 0.1)
     assert (training_args.weight_decay, training_args.per_device_train_batch_size) == (0.01, 32)
     assert adnet_args.max_weight_norm is None  # left to the recipe's new-model default (RECIPE_MODEL_DEFAULTS)
     # held-out splits and the calibrated policy are settled once the model and data are known (`resolve`)
-    assert (fit_args.fit_halting, fit_args.fit_halting_split, fit_args.fit_halting_objective) == (True, None,
-                                                                                                  "settled_by")
+    assert (fit_args.fit_halting, fit_args.fit_halting_split, fit_args.fit_halting_objective) == (
+        True,
+        None,
+        "settled_by",
+    )
     assert (calibration_args.calibration_split, calibration_args.calibration_policy) == (None, None)
     assert (calibration_args.calibration_budget, calibration_args.calibration_delta) == (0.01, 0.1)
     assert Path(data_args.train_file) == SAMPLE / "train.tsv" and Path(data_args.validation_file).exists()
@@ -312,11 +461,27 @@ def test_plain_baseline_fine_tunes_the_backbone_head_at_full_depth(tmp_path):
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 32))
     test = write_tsv(tmp_path / "test.tsv", ["sentence"], [[s] for s, _ in sst2_rows("dev", 8)])
     out = tmp_path / "out"
-    metrics = run_glue_style.main([
-        "--backbone_config", json.dumps(TINY_BERT), "--plain_baseline", "--train_file", train,
-        "--validation_file", train, "--test_file", test, "--output_dir", str(out), "--do_train", "--do_eval",
-        "--do_predict", "--num_train_epochs", "1", *FAST,
-    ])
+    metrics = run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--plain_baseline",
+            "--train_file",
+            train,
+            "--validation_file",
+            train,
+            "--test_file",
+            test,
+            "--output_dir",
+            str(out),
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--num_train_epochs",
+            "1",
+            *FAST,
+        ]
+    )
     assert metrics["eval_accuracy"] == pytest.approx(text_metrics(out, train, 16)["accuracy"])
     assert metrics["eval_num_blocks"] == 4 and "eval_executed_layers" not in metrics
     model = AutoModelForSequenceClassification.from_pretrained(out)
@@ -336,20 +501,36 @@ def test_push_to_hub_commits_a_folder_that_loads_as_remote_code(tmp_path, monkey
 
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
         files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
-        for name in huggingface_hub.utils.filter_repo_objects(files, allow_patterns=allow_patterns,
-                                                                 ignore_patterns=ignore_patterns):
+        for name in huggingface_hub.utils.filter_repo_objects(
+            files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
             (captured / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(folder_path) / name, captured / name)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sst2_rows("train", 16))
-    run_glue_style.main(["--backbone_config", json.dumps(TINY_BERT), "--train_file", train,
-                         "--output_dir", str(tmp_path / "out"), "--do_train", "--num_train_epochs", "1",
-                         "--push_to_hub", "--hub_model_id", "someone/adnet-tiny", *FAST])
+    run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--train_file",
+            train,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--do_train",
+            "--num_train_epochs",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/adnet-tiny",
+            *FAST,
+        ]
+    )
 
-    assert {"config.json", "model.safetensors", "modeling_adnet.py", "tokenizer_config.json",
-            "README.md"} <= {path.name for path in captured.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_adnet.py", "tokenizer_config.json", "README.md"} <= {
+        path.name for path in captured.iterdir()
+    }
     assert "adnet" in (captured / "README.md").read_text()
     assert not (captured / "pytorch_model.bin").exists() and not list(captured.glob("checkpoint-*"))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()

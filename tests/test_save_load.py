@@ -28,8 +28,9 @@ HEADS = {
 def build(head: str):
     """A model of `head` and inputs for it."""
     model_class, _, backbone = HEADS[head]
-    config = ADNetConfig(backbone_config=backbone(), num_labels=3, unit_hidden_size=8, halting_epsilon=0.3,
-                         exit_policy="halting")
+    config = ADNetConfig(
+        backbone_config=backbone(), num_labels=3, unit_hidden_size=8, halting_epsilon=0.3, exit_policy="halting"
+    )
     if head == "image":
         inputs = {"pixel_values": torch.randn(2, 1, 28, 28)}
     else:
@@ -65,9 +66,19 @@ def test_saved_checkpoint_carries_code_and_auto_map(tmp_path):
     model.save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_adnet.ADNetForCausalLM"
-    for name in ("configuration_adnet.py", "modeling_adnet.py", "backbones_adnet.py", "units_adnet.py",
-                 "losses_adnet.py", "generation_adnet.py", "engine_adnet.py", "exits_adnet.py", "sharding_adnet.py",
-                 "speculative_adnet.py", "inputs_adnet.py"):
+    for name in (
+        "configuration_adnet.py",
+        "modeling_adnet.py",
+        "backbones_adnet.py",
+        "units_adnet.py",
+        "losses_adnet.py",
+        "generation_adnet.py",
+        "engine_adnet.py",
+        "exits_adnet.py",
+        "sharding_adnet.py",
+        "speculative_adnet.py",
+        "inputs_adnet.py",
+    ):
         assert (tmp_path / name).exists(), name
 
 

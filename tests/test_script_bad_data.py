@@ -36,11 +36,34 @@ from examples import run_clm, run_glue_style, train_accelerate
 
 EXAMPLES = Path(run_glue_style.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
-TINY_BERT = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
-FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8", "--max_seq_length", "32", "--unit_hidden_size", "8",
-        "--learning_rate", "1e-3", "--seed", "0"]
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+FAST = [
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_seq_length",
+    "32",
+    "--unit_hidden_size",
+    "8",
+    "--learning_rate",
+    "1e-3",
+    "--seed",
+    "0",
+]
 
 
 def sst2_rows(count: int, split: str = "train") -> list[list[str]]:
@@ -65,8 +88,10 @@ def tokenizer():
 
 # ---- run_glue_style.py: labels, cells, splits, lengths (quick, on the functions) ----
 
-@pytest.mark.parametrize("rows", [[["a fine film", "1"], ["a good film", "1"]], [["a fine film", "1"]]],
-                         ids=["one-class", "one-example"])
+
+@pytest.mark.parametrize(
+    "rows", [[["a fine film", "1"], ["a good film", "1"]], [["a fine film", "1"]]], ids=["one-class", "one-example"]
+)
 def test_one_class_training_file_is_refused_not_turned_into_regression(tmp_path, rows):
     train = write_tsv(tmp_path / "train.tsv", rows)
     with pytest.raises(ValueError, match=r"train\.tsv: every 'label' value is 1, .*at least two classes.*floats"):
@@ -78,8 +103,9 @@ def test_float_labels_are_regression_even_from_one_example(tmp_path):
     assert label_info(load(train=train)["train"], "label", train).config_kwargs()["problem_type"] == "regression"
 
 
-@pytest.mark.parametrize("row, column", [(["", "1"], "sentence"), (["a film", ""], "label")],
-                         ids=["empty-sentence", "empty-label"])
+@pytest.mark.parametrize(
+    "row, column", [(["", "1"], "sentence"), (["a film", ""], "label")], ids=["empty-sentence", "empty-label"]
+)
 def test_empty_cell_is_refused_with_its_file_and_row(tmp_path, row, column):
     train = write_tsv(tmp_path / "train.tsv", [["a fine film", "1"], ["a dull film", "0"], row])
     with pytest.raises(ValueError, match=rf"train\.tsv: row 3 \(not counting the header\) has an empty '{column}'"):
@@ -99,13 +125,17 @@ def test_dev_label_unseen_in_training_is_refused(tmp_path):
     dev = write_tsv(tmp_path / "dev.tsv", [["a film", "0"], ["a film", "2"]])
     raw, sources = load(train=train, validation=dev), {"train": train, "validation": dev}
     labels = label_info(raw["train"], "label", train)
-    with pytest.raises(ValueError, match=r"dev\.tsv: row 2 .* has the label 2, which the training data does not "
-                                         r"have; its classes are \['0', '1'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"dev\.tsv: row 2 .* has the label 2, which the training data does not "
+        r"have; its classes are \['0', '1'\]",
+    ):
         check_known_labels(raw, sources, "label", labels)
 
 
-@pytest.mark.parametrize("flag, split", [("--do_eval", "validation"), ("--do_train", "train"),
-                                         ("--do_predict", "test")])
+@pytest.mark.parametrize(
+    "flag, split", [("--do_eval", "validation"), ("--do_train", "train"), ("--do_predict", "test")]
+)
 def test_a_split_without_its_file_is_refused(flag, split):
     files = {name: f"{name}.tsv" for name in ("train", "validation", "test") if name != split}
     data_args = GlueDataArguments(**{f"{name}_file": path for name, path in files.items()})
@@ -117,12 +147,18 @@ def test_a_split_without_its_file_is_refused(flag, split):
 @pytest.mark.parametrize("max_seq_length, pair, minimum", [(1, False, 3), (2, False, 3), (4, True, 5)])
 def test_max_seq_length_below_the_special_tokens_is_refused(tmp_path, tokenizer, max_seq_length, pair, minimum):
     header = ("sentence1", "sentence2", "label") if pair else ("sentence", "label")
-    rows = [["a fine film", "a film", "1"], ["a dull film", "a film", "0"]] if pair else [["a fine film", "1"],
-                                                                                         ["a dull film", "0"]]
+    rows = (
+        [["a fine film", "a film", "1"], ["a dull film", "a film", "0"]]
+        if pair
+        else [["a fine film", "1"], ["a dull film", "0"]]
+    )
     raw = load(train=write_tsv(tmp_path / "train.tsv", rows, header))
     keys = ("sentence1", "sentence2") if pair else ("sentence", None)
-    with pytest.raises(ValueError, match=rf"--max_seq_length {max_seq_length} leaves no room for text.*at least "
-                                         rf"{minimum}\."):
+    with pytest.raises(
+        ValueError,
+        match=rf"--max_seq_length {max_seq_length} leaves no room for text.*at least "
+        rf"{minimum}\.",
+    ):
         tokenize_texts(raw, tokenizer, keys, "label", label_info(raw["train"], "label"), max_seq_length)
     tokenized = tokenize_texts(raw, tokenizer, keys, None, None, minimum)
     assert len(tokenized["train"][0]["input_ids"]) == minimum
@@ -138,12 +174,16 @@ def test_learnt_wordpiece_vocabulary_is_the_same_every_time():
 
 # ---- run_clm.py (quick) ----
 
+
 def test_text_shorter_than_one_block_is_refused(tmp_path, tokenizer):
     path = tmp_path / "valid.txt"
     path.write_text("a fine film", encoding="utf-8")
     count = len(tokenizer("a fine film").input_ids)
-    with pytest.raises(ValueError, match=rf"valid\.txt holds {count} tokens, fewer than one block: pass a --block_size "
-                                         rf"of {count} or less"):
+    with pytest.raises(
+        ValueError,
+        match=rf"valid\.txt holds {count} tokens, fewer than one block: pass a --block_size "
+        rf"of {count} or less",
+    ):
         token_blocks(tokenizer, path, count + 1)
     assert token_blocks(tokenizer, path, count).shape == (1, count)
 
@@ -158,6 +198,7 @@ def test_block_size_beyond_the_position_table_is_refused():
 
 
 # ---- output folders that already hold a run (quick, on `resume_checkpoint`) ----
+
 
 def training_args(output_dir: Path, **kwargs) -> ADNetTrainingArguments:
     return ADNetTrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none", **kwargs)
@@ -177,8 +218,11 @@ def test_fresh_or_empty_output_dir_starts_a_run(tmp_path):
 
 def test_output_dir_with_a_run_but_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_text("an earlier run's model")
-    with pytest.raises(ValueError, match=r"already exists and is not empty, and holds no checkpoint.*"
-                                         r"--overwrite_output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"already exists and is not empty, and holds no checkpoint.*"
+        r"--overwrite_output_dir",
+    ):
         resume_checkpoint(training_args(tmp_path))
     assert resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True)) is None
     assert (tmp_path / "model.safetensors").exists()  # overwritten only when the new run saves its own
@@ -193,17 +237,24 @@ def test_last_checkpoint_in_output_dir_is_resumed_and_said(tmp_path, caplog):
 
 
 def test_resume_from_checkpoint_true_takes_the_last_one(tmp_path):
-    with pytest.raises(ValueError, match=r"--resume_from_checkpoint True resumes from the last checkpoint-N folder "
-                                         r"in --output_dir .*, and there is none"):
+    with pytest.raises(
+        ValueError,
+        match=r"--resume_from_checkpoint True resumes from the last checkpoint-N folder "
+        r"in --output_dir .*, and there is none",
+    ):
         resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="True"))
     make_checkpoints(tmp_path, 2, 4)
     assert resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="True")) == str(tmp_path / "checkpoint-4")
-    assert resume_checkpoint(training_args(tmp_path / "elsewhere", resume_from_checkpoint=str(
-        tmp_path / "checkpoint-2"))) == str(tmp_path / "checkpoint-2")
+    assert resume_checkpoint(
+        training_args(tmp_path / "elsewhere", resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    ) == str(tmp_path / "checkpoint-2")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model.safetensors").write_text("another run's model")
-    with pytest.raises(ValueError, match=r"continues a run from another folder, and --output_dir .*other already holds "
-                                         r"files.*--save_total_limit would rotate"):
+    with pytest.raises(
+        ValueError,
+        match=r"continues a run from another folder, and --output_dir .*other already holds "
+        r"files.*--save_total_limit would rotate",
+    ):
         resume_checkpoint(training_args(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "checkpoint-2")))
     with pytest.raises(ValueError, match="--resume_from_checkpoint .*missing: no such folder"):
         resume_checkpoint(training_args(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))
@@ -224,8 +275,9 @@ def test_overwrite_output_dir_removes_the_earlier_checkpoints_and_says_which(tmp
         resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True, resume_from_checkpoint="True"))
 
 
-@pytest.mark.parametrize("strategy, steps, interval", [("steps", 4, 4), ("steps", 0.25, 5), ("epoch", 500, 0),
-                                                       ("no", 500, None)])
+@pytest.mark.parametrize(
+    "strategy, steps, interval", [("steps", 4, 4), ("steps", 0.25, 5), ("epoch", 500, 0), ("no", 500, None)]
+)
 def test_accelerate_loop_checkpoints_when_the_trainer_would(tmp_path, strategy, steps, interval):
     args = training_args(tmp_path, save_strategy=strategy, save_steps=steps)
     assert train_accelerate.checkpoint_interval(args, 20) == interval
@@ -233,34 +285,62 @@ def test_accelerate_loop_checkpoints_when_the_trainer_would(tmp_path, strategy, 
 
 def test_accelerate_loop_refuses_a_checkpoint_it_did_not_write(tmp_path):
     make_checkpoints(tmp_path, 2)  # a Trainer checkpoint: no loop position
-    with pytest.raises(ValueError, match=r"checkpoint-2 is not a train_accelerate\.py checkpoint: it has no "
-                                         r"loop_state\.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-2 is not a train_accelerate\.py checkpoint: it has no "
+        r"loop_state\.json",
+    ):
         train_accelerate.load_checkpoint(None, str(tmp_path / "checkpoint-2"))
 
 
 # ---- the scripts themselves (slow) ----
 
+
 def glue_run(tmp_path: Path, train_rows, dev_rows=None, *extra: str, output: str = "out") -> dict:
     """`run_glue_style.py` on a tiny random BERT with a learnt vocabulary, trained on `train_rows`."""
-    args = ["--backbone_config", json.dumps(TINY_BERT), "--output_dir", str(tmp_path / output), "--do_train",
-            "--train_file", write_tsv(tmp_path / "train.tsv", train_rows), *FAST, *extra]
+    args = [
+        "--backbone_config",
+        json.dumps(TINY_BERT),
+        "--output_dir",
+        str(tmp_path / output),
+        "--do_train",
+        "--train_file",
+        write_tsv(tmp_path / "train.tsv", train_rows),
+        *FAST,
+        *extra,
+    ]
     if dev_rows is not None:
         args += ["--do_eval", "--validation_file", write_tsv(tmp_path / "dev.tsv", dev_rows)]
     return run_glue_style.main(args)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("train_rows, dev_rows, extra, message", [
-    ([["a fine film", "1"], ["a good film", "1"]], None, [], r"train\.tsv: every 'label' value is 1"),
-    ([["a fine film", "1"]], None, [], r"train\.tsv: every 'label' value is 1, and classification needs"),
-    ([["a fine film", "1"], ["a dull film", "0"]], [["a film", "2"]], [], r"dev\.tsv: row 1 .* has the label 2"),
-    ([["a fine film", "1"], ["a dull film", "0"]], None, ["--do_eval"], r"--do_eval needs --validation_file"),
-    ([["a fine film", "1"], ["", "0"]], None, [], r"train\.tsv: row 2 .* empty 'sentence' cell"),
-    ([["a fine film", "1"], ["a dull film", ""]], None, [], r"train\.tsv: row 2 .* empty 'label' cell"),
-    ([["a fine film", "1"], ["a dull film", "0"]], None, ["--max_seq_length", "1"],
-     r"--max_seq_length 1 leaves no room for text"),
-], ids=["one-class", "one-example", "unseen-dev-label", "eval-without-file", "empty-sentence", "empty-label",
-        "max-seq-length-1"])
+@pytest.mark.parametrize(
+    "train_rows, dev_rows, extra, message",
+    [
+        ([["a fine film", "1"], ["a good film", "1"]], None, [], r"train\.tsv: every 'label' value is 1"),
+        ([["a fine film", "1"]], None, [], r"train\.tsv: every 'label' value is 1, and classification needs"),
+        ([["a fine film", "1"], ["a dull film", "0"]], [["a film", "2"]], [], r"dev\.tsv: row 1 .* has the label 2"),
+        ([["a fine film", "1"], ["a dull film", "0"]], None, ["--do_eval"], r"--do_eval needs --validation_file"),
+        ([["a fine film", "1"], ["", "0"]], None, [], r"train\.tsv: row 2 .* empty 'sentence' cell"),
+        ([["a fine film", "1"], ["a dull film", ""]], None, [], r"train\.tsv: row 2 .* empty 'label' cell"),
+        (
+            [["a fine film", "1"], ["a dull film", "0"]],
+            None,
+            ["--max_seq_length", "1"],
+            r"--max_seq_length 1 leaves no room for text",
+        ),
+    ],
+    ids=[
+        "one-class",
+        "one-example",
+        "unseen-dev-label",
+        "eval-without-file",
+        "empty-sentence",
+        "empty-label",
+        "max-seq-length-1",
+    ],
+)
 def test_run_glue_style_refuses_bad_data_by_name(tmp_path, train_rows, dev_rows, extra, message):
     with pytest.raises(ValueError, match=message):
         glue_run(tmp_path, train_rows, dev_rows, *extra)
@@ -268,11 +348,24 @@ def test_run_glue_style_refuses_bad_data_by_name(tmp_path, train_rows, dev_rows,
 
 
 def clm_run(tmp_path: Path, shared_data: Path, *extra: str) -> dict:
-    return run_clm.main([
-        "--backbone_config", json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4,
-                                         "n_positions": 64}),
-        "--tokenizer_name", str(shared_data / "gpt2-tokenizer"), "--output_dir", str(tmp_path / "out"),
-        "--unit_hidden_size", "8", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", *extra])
+    return run_clm.main(
+        [
+            "--backbone_config",
+            json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64}),
+            "--tokenizer_name",
+            str(shared_data / "gpt2-tokenizer"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--unit_hidden_size",
+            "8",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -286,8 +379,15 @@ def test_run_clm_refuses_a_validation_file_shorter_than_a_block(tmp_path, shared
 @pytest.mark.slow
 def test_run_clm_refuses_a_block_beyond_the_position_table(tmp_path, shared_data):
     with pytest.raises(ValueError, match=r"--block_size 128 is longer than the backbone's 64 positions"):
-        clm_run(tmp_path, shared_data, "--train_file", str(shared_data / "ptb" / "ptb.valid.txt"), "--do_train",
-                "--block_size", "128")
+        clm_run(
+            tmp_path,
+            shared_data,
+            "--train_file",
+            str(shared_data / "ptb" / "ptb.valid.txt"),
+            "--do_train",
+            "--block_size",
+            "128",
+        )
 
 
 def trained_rows() -> list[list[str]]:
@@ -329,12 +429,15 @@ def test_run_glue_style_resumes_its_last_checkpoint_and_never_loses_one(tmp_path
 def test_random_backbone_runs_with_the_same_seed_are_identical(tmp_path):
     for output in ("first", "second"):
         glue_run(tmp_path, trained_rows(), None, "--max_steps", "2", "--save_strategy", "no", output=output)
-    first, second = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "second" /
-                                                                                  "model.safetensors")
+    first, second = (
+        load_file(tmp_path / "first" / "model.safetensors"),
+        load_file(tmp_path / "second" / "model.safetensors"),
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 # ---- train_accelerate.py: checkpoints, and a resume after SIGKILL to the weights of an unbroken run (slow) ----
+
 
 @pytest.fixture(scope="module")
 def accelerate_task(tmp_path_factory) -> dict[str, Path]:
@@ -351,10 +454,30 @@ def accelerate_task(tmp_path_factory) -> dict[str, Path]:
 def accelerate_command(task: dict[str, Path], output: Path, *extra: str) -> list[str]:
     """20 updates of 2 accumulated batches of 4 over 24 rows: 3 updates an epoch, so the run crosses epochs, and a
     checkpoint every 4 updates (mostly within an epoch), 2 kept."""
-    return [sys.executable, str(EXAMPLES / "train_accelerate.py"), "--model_name_or_path", str(task["backbone"]),
-            "--train_file", str(task["train"]), "--validation_file", str(task["train"]), "--output_dir", str(output),
-            "--max_steps", "20", "--gradient_accumulation_steps", "2", "--save_strategy", "steps", "--save_steps", "4",
-            "--save_total_limit", "2", *FAST, *extra]
+    return [
+        sys.executable,
+        str(EXAMPLES / "train_accelerate.py"),
+        "--model_name_or_path",
+        str(task["backbone"]),
+        "--train_file",
+        str(task["train"]),
+        "--validation_file",
+        str(task["train"]),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "20",
+        "--gradient_accumulation_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "4",
+        "--save_total_limit",
+        "2",
+        *FAST,
+        *extra,
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -386,7 +509,10 @@ def test_train_accelerate_resumes_after_sigkill_to_the_weights_of_an_unbroken_ru
     unbroken = root / "unbroken"
     assert sorted(p.name for p in unbroken.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-20"]
     assert json.loads((unbroken / "checkpoint-20" / "loop_state.json").read_text()) == {
-        "updates": 20, "epoch": 6, "batches": 4}
+        "updates": 20,
+        "epoch": 6,
+        "batches": 4,
+    }
     assert (unbroken / "checkpoint-20" / "model.safetensors").exists()
 
     killed = root / "killed"
@@ -400,8 +526,10 @@ def test_train_accelerate_resumes_after_sigkill_to_the_weights_of_an_unbroken_ru
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
-    assert json.loads((killed / "eval_results.json").read_text())["eval_accuracy"] == json.loads(
-        (unbroken / "eval_results.json").read_text())["eval_accuracy"]
+    assert (
+        json.loads((killed / "eval_results.json").read_text())["eval_accuracy"]
+        == json.loads((unbroken / "eval_results.json").read_text())["eval_accuracy"]
+    )
 
 
 @pytest.mark.slow
@@ -412,6 +540,12 @@ def test_train_accelerate_resume_from_checkpoint_true_and_refusals(accelerate_ta
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     finished = tmp_path / "finished"
     run_to_end(accelerate_command(accelerate_task, finished, "--max_steps", "2", "--save_strategy", "no"))
-    again = subprocess.run(accelerate_command(accelerate_task, finished, "--max_steps", "2"), capture_output=True,
-                           text=True, env=ENV, timeout=600, check=False)
+    again = subprocess.run(
+        accelerate_command(accelerate_task, finished, "--max_steps", "2"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+        check=False,
+    )
     assert again.returncode != 0 and "Use --overwrite_output_dir" in again.stderr

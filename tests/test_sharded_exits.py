@@ -65,8 +65,9 @@ def test_a_finished_process_runs_every_step_on_a_stand_in_and_gives_the_same_out
     monkeypatch.setattr(modeling_adnet, "exit_sync", lambda steps, sync_exits: Recording())
     monkeypatch.setattr(sharding_adnet, "any_process", lambda flag, device: True)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, exit_policy="halting", exit_threshold=0.5,
-                    output_hidden_states=True)
+        out = model(
+            input_ids=ids, attention_mask=mask, exit_policy="halting", exit_threshold=0.5, output_hidden_states=True
+        )
     last = int(expected.exit_steps.max())
     assert last < 4 and stand_ins == [1] * (4 - last)  # one stand-in per step after the last exit
     for name in ("logits", "exit_steps", "halting_probs", "flops"):
@@ -75,12 +76,25 @@ def test_a_finished_process_runs_every_step_on_a_stand_in_and_gives_the_same_out
 
 def run_two_processes(script: Path, *args: str) -> None:
     """`script` on two CPU processes. The launcher's whole process group is killed on timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PG_TIMEOUT": str(PROCESS_GROUP_TIMEOUT_S),
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(script), *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PG_TIMEOUT": str(PROCESS_GROUP_TIMEOUT_S),
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -91,9 +105,15 @@ def run_two_processes(script: Path, *args: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrapping, synchronised", [
-    ("fsdp2_blocks", True), ("fsdp2_whole", False), ("ddp", False), ("fsdp1_blocks", True),
-])
+@pytest.mark.parametrize(
+    "wrapping, synchronised",
+    [
+        ("fsdp2_blocks", True),
+        ("fsdp2_whole", False),
+        ("ddp", False),
+        ("fsdp1_blocks", True),
+    ],
+)
 def test_two_processes_train_and_exit_as_one(wrapping, synchronised, tmp_path):
     """Full-depth training equals one process; evaluation with every exit policy completes and equals the
     unwrapped model on both processes; the exits synchronise only where the blocks are sharded."""

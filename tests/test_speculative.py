@@ -32,8 +32,9 @@ def drafting_model(backbone: str, **overrides):
 
 def speculative(model, ids, **settings):
     settings = {"assistant_confidence_threshold": 0.0, "num_assistant_tokens": 4, "eos_token_id": None, **settings}
-    return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                          return_dict_in_generate=True, **settings)
+    return model.generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True, **settings
+    )
 
 
 @pytest.fixture(params=sorted(DECODER_BACKBONES))
@@ -47,15 +48,22 @@ PROMPTS = [torch.tensor([[5, 17, 33, 8, 61]]), torch.tensor([[90, 4]]), torch.te
 @pytest.mark.parametrize("prompt", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(PROMPTS)))])
 def test_greedy_output_is_the_full_depth_output(model, prompt):
     ids = PROMPTS[prompt]
-    reference = plain_causal_lm(model).generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                               pad_token_id=0)
-    full_depth = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                exit_policy="none")
+    reference = plain_causal_lm(model).generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    full_depth = model.generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0, exit_policy="none"
+    )
     assert torch.equal(full_depth, reference)
     rejected = 0
     for depth, length, threshold in [(1, 1, 0.0), (2, 4, 0.0), (3, 20, 0.0), (2, 20, 0.2)]:
-        out = speculative(model, ids, assistant_early_exit=depth, num_assistant_tokens=length,
-                          assistant_confidence_threshold=threshold)
+        out = speculative(
+            model,
+            ids,
+            assistant_early_exit=depth,
+            num_assistant_tokens=length,
+            assistant_confidence_threshold=threshold,
+        )
         assert torch.equal(out.sequences, reference), (depth, length, threshold)
         rejected += out.drafted_tokens - out.accepted_tokens
     assert rejected > 0, "every draft was accepted: the test would not see a wrong rollback"
@@ -63,11 +71,17 @@ def test_greedy_output_is_the_full_depth_output(model, prompt):
 
 def test_left_padded_prompt_gives_the_full_depth_output(model):
     ids, mask = torch.tensor([[0, 0, 5, 17, 33, 8]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
-    settings = {"attention_mask": mask, "max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None,
-                "pad_token_id": 0}
+    settings = {
+        "attention_mask": mask,
+        "max_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": 0,
+    }
     reference = model.generate(ids, exit_policy="none", **settings)
-    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
-                         **settings)
+    out = model.generate(
+        ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0, **settings
+    )
     assert torch.equal(out, reference)
 
 
@@ -78,8 +92,9 @@ def test_pad_token_in_a_prompt_without_a_mask_is_masked_as_generate_does(model):
     settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "eos_token_id": None, "pad_token_id": 7}
     reference = model.generate(ids, exit_policy="none", **settings)
     assert not torch.equal(reference, model.generate(ids, exit_policy="none", **{**settings, "pad_token_id": 0}))
-    out = model.generate(ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0,
-                         **settings)
+    out = model.generate(
+        ids, assistant_early_exit=2, num_assistant_tokens=3, assistant_confidence_threshold=0.0, **settings
+    )
     assert torch.equal(out, reference)
 
 
@@ -89,8 +104,10 @@ def test_verification_runs_each_block_once_per_token(model):
     ids = PROMPTS[0]
     seen = []
     blocks = model.adnet.adapter.blocks(model.adnet.backbone)
-    handles = [block.register_forward_hook(lambda module, args, out, i=i: seen.append((i, args[0].shape[1])))
-               for i, block in enumerate(blocks)]
+    handles = [
+        block.register_forward_hook(lambda module, args, out, i=i: seen.append((i, args[0].shape[1])))
+        for i, block in enumerate(blocks)
+    ]
     try:
         out = speculative(model, ids, assistant_early_exit=2)
     finally:
@@ -107,8 +124,9 @@ def test_verification_runs_each_block_once_per_token(model):
 def test_confidence_threshold_cuts_drafts_short(model):
     ids = PROMPTS[0]
     fixed = speculative(model, ids, assistant_early_exit=2, num_assistant_tokens=4)
-    adaptive = speculative(model, ids, assistant_early_exit=2, num_assistant_tokens=4,
-                           assistant_confidence_threshold=1.0)
+    adaptive = speculative(
+        model, ids, assistant_early_exit=2, num_assistant_tokens=4, assistant_confidence_threshold=1.0
+    )
     assert adaptive.drafted_tokens <= adaptive.verifications  # one token per draft at most
     assert adaptive.drafted_tokens < fixed.drafted_tokens
     assert torch.equal(adaptive.sequences, fixed.sequences)
@@ -117,10 +135,17 @@ def test_confidence_threshold_cuts_drafts_short(model):
 def test_logits_processors_apply_to_draft_and_verification(model):
     """With a repetition penalty and a token barred, the output is still greedy search's with the same settings."""
     ids, settings = PROMPTS[0], {"repetition_penalty": 1.5, "bad_words_ids": [[7]]}
-    reference = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
-                               exit_policy="none", **settings)
+    reference = model.generate(
+        ids,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        exit_policy="none",
+        **settings,
+    )
     out = speculative(model, ids, assistant_early_exit=2, **settings)
-    assert torch.equal(out.sequences, reference) and 7 not in out.sequences[0, ids.shape[1]:]
+    assert torch.equal(out.sequences, reference) and 7 not in out.sequences[0, ids.shape[1] :]
 
 
 def test_streamer_gets_the_prompt_then_every_new_token(model):
@@ -137,7 +162,7 @@ def test_streamer_gets_the_prompt_then_every_new_token(model):
     streamer, ids = Collect(), PROMPTS[0]
     out = speculative(model, ids, assistant_early_exit=1, streamer=streamer)
     assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
-    assert sum(streamer.chunks[1:], []) == out.sequences[0, ids.shape[1]:].tolist()
+    assert sum(streamer.chunks[1:], []) == out.sequences[0, ids.shape[1] :].tolist()
     assert len(streamer.chunks) == 2 + out.verifications
 
 
@@ -150,14 +175,17 @@ def test_stops_at_the_end_of_sequence_token_as_greedy_search_does(model):
     assert torch.equal(out.sequences, reference) and out.sequences[0, -1] == eos
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"assistant_early_exit": 4}, "assistant_early_exit"),
-    ({"assistant_early_exit": 0}, "assistant_early_exit"),
-    ({"assistant_early_exit": 2, "num_assistant_tokens": 0}, "num_assistant_tokens"),
-    ({"assistant_early_exit": 2, "num_assistant_tokens_schedule": "heuristic"}, "num_assistant_tokens_schedule"),
-    ({"assistant_early_exit": 2, "assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
-    ({"assistant_early_exit": 2, "cache_implementation": "static"}, "cache_implementation"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"assistant_early_exit": 4}, "assistant_early_exit"),
+        ({"assistant_early_exit": 0}, "assistant_early_exit"),
+        ({"assistant_early_exit": 2, "num_assistant_tokens": 0}, "num_assistant_tokens"),
+        ({"assistant_early_exit": 2, "num_assistant_tokens_schedule": "heuristic"}, "num_assistant_tokens_schedule"),
+        ({"assistant_early_exit": 2, "assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
+        ({"assistant_early_exit": 2, "cache_implementation": "static"}, "cache_implementation"),
+    ],
+)
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, **settings)
@@ -167,18 +195,28 @@ def test_a_batch_a_depth_between_exits_and_other_inputs_are_refused():
     with pytest.raises(ValueError, match="batch of 1"):
         lm_model("gpt2").generate(torch.cat(PROMPTS[:1] * 2), max_new_tokens=3, assistant_early_exit=2)
     with pytest.raises(ValueError, match="multiple of layers_per_step=2"):
-        lm_model("gpt2", layers_per_step=2, num_fixed_steps=0).generate(PROMPTS[0], max_new_tokens=3,
-                                                                        assistant_early_exit=1)
+        lm_model("gpt2", layers_per_step=2, num_fixed_steps=0).generate(
+            PROMPTS[0], max_new_tokens=3, assistant_early_exit=1
+        )
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn"):
-        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2,
-                                  prefix_allowed_tokens_fn=lambda batch, ids: [5])
+        lm_model("gpt2").generate(
+            PROMPTS[0], max_new_tokens=3, assistant_early_exit=2, prefix_allowed_tokens_fn=lambda batch, ids: [5]
+        )
 
 
 def test_per_token_exit_generation_is_unchanged_by_the_flag_being_absent(model):
     """Without `assistant_early_exit`, generate() is Transformers' own, per-token exits included."""
     ids = PROMPTS[0]
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
-                         exit_policy="halting", exit_threshold=0.5, return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        exit_policy="halting",
+        exit_threshold=0.5,
+        return_dict_in_generate=True,
+    )
     assert type(out).__name__ == "GenerateDecoderOnlyOutput"
 
 
@@ -188,8 +226,10 @@ def test_checkpoint_saved_before_speculative_decoding_loads_and_drafts(model, tm
     (tmp_path / "speculative_adnet.py").unlink()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = PROMPTS[2]
-    assert torch.equal(speculative(loaded, ids, assistant_early_exit=2).sequences,
-                       speculative(model, ids, assistant_early_exit=2).sequences)
+    assert torch.equal(
+        speculative(loaded, ids, assistant_early_exit=2).sequences,
+        speculative(model, ids, assistant_early_exit=2).sequences,
+    )
 
 
 def next_token_scores(model, ids, depth: int | None = None) -> torch.Tensor:
@@ -245,10 +285,21 @@ def test_speculative_sampling_through_generate_keeps_the_full_models_distributio
     marginal = first @ torch.softmax(next_token_scores(model, continued) / temperature, -1)
     draft_marginal = first @ torch.softmax(next_token_scores(model, continued, depth=1) / temperature, -1)
     torch.manual_seed(0)
-    seconds = [model.generate(ids, do_sample=True, temperature=temperature, top_k=0, max_new_tokens=2,
-                              assistant_early_exit=1, num_assistant_tokens=1, assistant_confidence_threshold=0.0,
-                              eos_token_id=None, pad_token_id=0)[0, -1]
-               for _ in range(2000)]
+    seconds = [
+        model.generate(
+            ids,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=2,
+            assistant_early_exit=1,
+            num_assistant_tokens=1,
+            assistant_confidence_threshold=0.0,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, -1]
+        for _ in range(2000)
+    ]
     assert_follows(torch.bincount(torch.stack(seconds), minlength=vocab), marginal, draft_marginal)
 
 
@@ -260,26 +311,54 @@ def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_dat
     model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8))
     (model if source == "--model" else plain_causal_lm(model)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    path = bench_speculative.main([
-        source, str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt"), "--name", "tiny",
-        "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--depths", "1", "3", "--draft_lengths", "2",
-        "--thresholds", "0", "0.5", "--repeats", "1", "--results_dir", str(tmp_path / "r"),
-        "--draft_vocab_size", "50", "--draft_vocab_data", str(shared_data / "ptb" / "ptb.valid.txt"),
-    ])
+    path = bench_speculative.main(
+        [
+            source,
+            str(tmp_path / "model"),
+            "--data",
+            str(shared_data / "ptb" / "ptb.valid.txt"),
+            "--name",
+            "tiny",
+            "--prompts",
+            "2",
+            "--prompt_length",
+            "6",
+            "--new_tokens",
+            "5",
+            "--depths",
+            "1",
+            "3",
+            "--draft_lengths",
+            "2",
+            "--thresholds",
+            "0",
+            "0.5",
+            "--repeats",
+            "1",
+            "--results_dir",
+            str(tmp_path / "r"),
+            "--draft_vocab_size",
+            "50",
+            "--draft_vocab_data",
+            str(shared_data / "ptb" / "ptb.valid.txt"),
+        ]
+    )
     rows = json.loads(path.read_text())["rows"]
-    assert [(row["assistant_early_exit"], row["assistant_confidence_threshold"], row["draft_vocab_size"])
-            for row in rows] == [(depth, threshold, size) for depth in (1, 3) for threshold in (0.0, 0.5)
-                                 for size in (None, 50)]
-    assert all(row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0
-               for row in rows)
+    assert [
+        (row["assistant_early_exit"], row["assistant_confidence_threshold"], row["draft_vocab_size"]) for row in rows
+    ] == [(depth, threshold, size) for depth in (1, 3) for threshold in (0.0, 0.5) for size in (None, 50)]
+    assert all(
+        row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0 for row in rows
+    )
 
 
 def test_a_draft_vocabulary_keeps_the_full_depth_output(model, monkeypatch):
     """Drafts restricted to a few tokens (most of them rejected) or to the tokens the output uses: the same output,
     and the draft's logits are finite on its vocabulary only."""
     ids = PROMPTS[2]
-    reference = plain_causal_lm(model).generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                               pad_token_id=0)
+    reference = plain_causal_lm(model).generate(
+        ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     finite = set()
     original = SelfSpeculativeDecoder.draft_head
 
@@ -317,10 +396,18 @@ def test_speculative_sampling_with_a_draft_vocabulary_keeps_the_full_models_dist
     assert counts[outside].sum() > 500  # tokens the draft never proposes, from the residual max(0, p - q)
 
 
-@pytest.mark.parametrize("vocabulary, error", [([1, 2], TypeError), (torch.tensor([1.0]), TypeError),
-                                               (torch.tensor([], dtype=torch.long), TypeError),
-                                               (torch.tensor([[1, 2]]), TypeError), (torch.tensor([1, 99]), ValueError),
-                                               (torch.tensor([-1]), ValueError), (torch.tensor([4, 4]), ValueError)])
+@pytest.mark.parametrize(
+    "vocabulary, error",
+    [
+        ([1, 2], TypeError),
+        (torch.tensor([1.0]), TypeError),
+        (torch.tensor([], dtype=torch.long), TypeError),
+        (torch.tensor([[1, 2]]), TypeError),
+        (torch.tensor([1, 99]), ValueError),
+        (torch.tensor([-1]), ValueError),
+        (torch.tensor([4, 4]), ValueError),
+    ],
+)
 def test_a_bad_draft_vocabulary_is_refused(vocabulary, error):
     with pytest.raises(error, match="draft_vocabulary"):
         lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, assistant_early_exit=2, draft_vocabulary=vocabulary)
@@ -328,15 +415,21 @@ def test_a_bad_draft_vocabulary_is_refused(vocabulary, error):
 
 def test_profile_splits_one_generation_into_the_decoders_phases(model):
     """Every phase the decoder labels takes time, and together they take no more than the generation did."""
-    phases = bench_speculative.phase_seconds(model, PROMPTS[0][0], 8, {
-        "assistant_early_exit": 2, "num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0})
+    phases = bench_speculative.phase_seconds(
+        model,
+        PROMPTS[0][0],
+        8,
+        {"assistant_early_exit": 2, "num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0},
+    )
     labelled = [phases[f"{phase}_s"] for phase in bench_speculative.PHASES]
     assert all(seconds > 0 for seconds in labelled)
     assert phases["other_s"] >= 0 and sum(labelled) + phases["other_s"] == pytest.approx(phases["profiled_total_s"])
 
 
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
-                "{% if add_generation_prompt %}<assistant>{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_benchmark_prompts_file_gives_chat_template_user_turns(tmp_path, shared_data):
@@ -348,8 +441,10 @@ def test_benchmark_prompts_file_gives_chat_template_user_turns(tmp_path, shared_
         bench_speculative.load_prompts(args, tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE
     prompts = bench_speculative.load_prompts(args, tokenizer)
-    assert [tokenizer.decode(ids) for ids in prompts] == ["<user>Say hi.\n<assistant>",
-                                                          "<user>Count to three.\n<assistant>"]
+    assert [tokenizer.decode(ids) for ids in prompts] == [
+        "<user>Say hi.\n<assistant>",
+        "<user>Count to three.\n<assistant>",
+    ]
     path.write_text(json.dumps({"instructions": ["Say hi."]}))
     with pytest.raises(ValueError, match="--prompts_file"):
         bench_speculative.load_prompts(args, tokenizer)

@@ -19,8 +19,9 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def classifier(**overrides):
-    config = ADNetConfig(backbone_config=bert_config(**NO_DROPOUT), num_labels=3, unit_hidden_size=8,
-                         classifier_dropout=0.0, **overrides)
+    config = ADNetConfig(
+        backbone_config=bert_config(**NO_DROPOUT), num_labels=3, unit_hidden_size=8, classifier_dropout=0.0, **overrides
+    )
     return ADNetForSequenceClassification(config)
 
 
@@ -33,8 +34,15 @@ def dataset(size=16, seed=0):
 
 
 def training_args(tmp_path, **kwargs):
-    defaults = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "use_cpu": True,
-                "disable_tqdm": True, "save_strategy": "no", "seed": 0, "learning_rate": 1e-3}
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "learning_rate": 1e-3,
+    }
     return ADNetTrainingArguments(**{**defaults, **kwargs})
 
 
@@ -64,12 +72,14 @@ def causal_lm():
 
 def lm_dataset(size=8):
     """Both halves hold the same number of predicted tokens, so the two micro-batch means average exactly."""
-    return [{**item, "labels": item["input_ids"].masked_fill(item["attention_mask"] == 0, -100)}
-            for item in dataset(size)]
+    return [
+        {**item, "labels": item["input_ids"].masked_fill(item["attention_mask"] == 0, -100)} for item in dataset(size)
+    ]
 
 
-@pytest.mark.parametrize("model_fn, data_fn", [(classifier, dataset), (causal_lm, lm_dataset)],
-                         ids=["classifier", "causal_lm"])
+@pytest.mark.parametrize(
+    "model_fn, data_fn", [(classifier, dataset), (causal_lm, lm_dataset)], ids=["classifier", "causal_lm"]
+)
 def test_gradient_accumulation_matches_full_batch(tmp_path, model_fn, data_fn):
     """1 x 8 and 2 x 4 give the same parameters after one step (SGD, so a doubled loss would show)."""
     data = data_fn(size=8)
@@ -77,8 +87,15 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, model_fn, data_fn):
     for batch, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = model_fn()
-        args = training_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                             max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant")
+        args = training_args(
+            tmp_path,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+        )
         ADNetTrainer(model=model, args=args, train_dataset=data).train()
         results.append(params(model))
     for name, value in results[0].items():
@@ -87,9 +104,16 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, model_fn, data_fn):
 
 def test_parameter_groups_learning_rates_and_floor(tmp_path):
     model = classifier()
-    args = training_args(tmp_path, max_steps=6, backbone_learning_rate=1e-4, unit_learning_rate=1e-2,
-                         output_learning_rate=3e-3, min_learning_rate_ratio=0.1, lr_scheduler_type="cosine",
-                         weight_decay=0.01)
+    args = training_args(
+        tmp_path,
+        max_steps=6,
+        backbone_learning_rate=1e-4,
+        unit_learning_rate=1e-2,
+        output_learning_rate=3e-3,
+        min_learning_rate_ratio=0.1,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+    )
     trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset())
     groups = adnet_parameter_groups(model)
     assert {name.split(".")[0] for name, _ in groups["output"]} == {"output_layers"}
@@ -100,8 +124,9 @@ def test_parameter_groups_learning_rates_and_floor(tmp_path):
     initial = {"backbone": 1e-4, "unit": 1e-2, "output": 3e-3}
     for group, lr in zip(trainer.optimizer.param_groups, trainer.lr_scheduler.get_last_lr()):
         assert lr == pytest.approx(initial[group["name"]])
-        no_decay = any(p is param for name, param in model.named_parameters() if "bias" in name
-                       for p in group["params"])
+        no_decay = any(
+            p is param for name, param in model.named_parameters() if "bias" in name for p in group["params"]
+        )
         assert group["weight_decay"] == (0.0 if no_decay else 0.01)
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(model.parameters()))
 
@@ -114,13 +139,22 @@ def test_parameter_groups_learning_rates_and_floor(tmp_path):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_each_group_warms_up_from_zero_then_decays_to_its_own_floor(tmp_path, schedule):
     """20 steps: warm-up over 4, then linear or cosine decay over 16 to 0.1 of each group's own initial rate."""
-    decay = {"linear": lambda progress: 1 - progress,
-             "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    decay = {
+        "linear": lambda progress: 1 - progress,
+        "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    }[schedule]
     multipliers = {0: 0.0, 2: 0.5, 4: 1.0, 8: 0.1 + 0.9 * decay(0.25), 12: 0.55, 20: 0.1}  # 12: mid-way, 20: last
     initial = {"backbone": 1e-4, "unit": 1e-2, "output": 3e-3}
-    args = training_args(tmp_path, max_steps=20, warmup_steps=4, backbone_learning_rate=initial["backbone"],
-                         unit_learning_rate=initial["unit"], output_learning_rate=initial["output"],
-                         min_learning_rate_ratio=0.1, lr_scheduler_type=schedule)
+    args = training_args(
+        tmp_path,
+        max_steps=20,
+        warmup_steps=4,
+        backbone_learning_rate=initial["backbone"],
+        unit_learning_rate=initial["unit"],
+        output_learning_rate=initial["output"],
+        min_learning_rate_ratio=0.1,
+        lr_scheduler_type=schedule,
+    )
     trainer = ADNetTrainer(model=classifier(), args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=20)
     for step in range(21):
@@ -162,11 +196,18 @@ def test_freeze_full_depth_trains_the_exits_only(tmp_path, share_output_layer):
     model.eval()
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, exit_policy="none").logits, full_depth)
     changed = {name for name, value in model.named_parameters() if not torch.equal(before[name], value)}
-    exits = {name for name in before if name.startswith("adnet.units.") and not name.startswith(
-        f"adnet.units.{len(model.adnet.units) - 1}.")}
+    exits = {
+        name
+        for name in before
+        if name.startswith("adnet.units.") and not name.startswith(f"adnet.units.{len(model.adnet.units) - 1}.")
+    }
     if not share_output_layer:
-        exits |= {name for name in before if name.startswith("output_layers.")
-                  and not name.startswith(f"output_layers.{len(model.output_layers) - 1}.")}
+        exits |= {
+            name
+            for name in before
+            if name.startswith("output_layers.")
+            and not name.startswith(f"output_layers.{len(model.output_layers) - 1}.")
+        }
     assert changed == exits
 
 
@@ -196,8 +237,13 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
 def test_training_logs_and_evaluation_metrics(tmp_path):
     model = classifier()
     args = training_args(tmp_path, max_steps=4, logging_steps=2, per_device_eval_batch_size=8)
-    trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(seed=1),
-                           compute_metrics=compute_classification_metrics)
+    trainer = ADNetTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(),
+        eval_dataset=dataset(seed=1),
+        compute_metrics=compute_classification_metrics,
+    )
     trainer.train()
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(train_logs) == 2
@@ -217,7 +263,8 @@ def test_training_logs_and_evaluation_metrics(tmp_path):
     trainer.compute_metrics = None
     without = trainer.evaluate()
     assert {name: without[name] for name in ("eval_exit_steps", "eval_executed_layers")} == pytest.approx(
-        {name: metrics[name] for name in ("eval_exit_steps", "eval_executed_layers")})
+        {name: metrics[name] for name in ("eval_exit_steps", "eval_executed_layers")}
+    )
 
 
 def test_executed_layers_count_layers_per_step(tmp_path):
@@ -259,9 +306,17 @@ def test_plain_training_arguments_take_adnet_defaults(tmp_path):
     for args_class in (TrainingArguments, ADNetTrainingArguments):
         torch.manual_seed(0)
         model = classifier(max_weight_norm=0.01)  # below the initial rows' norms: the constraint must act
-        args = args_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
-                          disable_tqdm=True, save_strategy="no", seed=0, learning_rate=1e-3, max_steps=2,
-                          report_to="none")
+        args = args_class(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+            seed=0,
+            learning_rate=1e-3,
+            max_steps=2,
+            report_to="none",
+        )
         trainer = ADNetTrainer(model=model, args=args, train_dataset=dataset())
         trainer.train()
         assert {group["lr"] for group in trainer.optimizer.param_groups} == {0.0}  # linear decay reached zero
@@ -284,8 +339,13 @@ def test_label_smoothing_is_refused_with_either_arguments(tmp_path, args_class):
 def test_the_frozen_full_depth_runs_without_dropout_in_training():
     """Stage two trains the exits on the step predictions inference will see: the frozen backbone and output layer
     keep no dropout in training mode, the trained units (and their own output layers) keep theirs."""
-    config = ADNetConfig(backbone_config=bert_config(hidden_dropout_prob=0.5), num_labels=3, unit_hidden_size=8,
-                         classifier_dropout=0.5, share_output_layer=False)
+    config = ADNetConfig(
+        backbone_config=bert_config(hidden_dropout_prob=0.5),
+        num_labels=3,
+        unit_hidden_size=8,
+        classifier_dropout=0.5,
+        share_output_layer=False,
+    )
     model = ADNetForSequenceClassification(config)
     ids, mask = token_batch()
     model.freeze_full_depth()

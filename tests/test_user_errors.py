@@ -23,13 +23,46 @@ from adnet_examples.data import load_text_datasets
 from adnet_hf import ADNetForCausalLM, ADNetForSequenceClassification
 from examples import run_glue_style
 
-TINY_BERT = {"model_type": "bert", "vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
-FAST = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_seq_length", "32",
-        "--unit_hidden_size", "8", "--seed", "0"]
-WORDS = ["a fine film", "a dull film", "a good story", "a weak plot", "great acting", "poor acting", "lovely music",
-         "tedious scenes", "a warm ending", "a cold ending"]
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+FAST = [
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_seq_length",
+    "32",
+    "--unit_hidden_size",
+    "8",
+    "--seed",
+    "0",
+]
+WORDS = [
+    "a fine film",
+    "a dull film",
+    "a good story",
+    "a weak plot",
+    "great acting",
+    "poor acting",
+    "lovely music",
+    "tedious scenes",
+    "a warm ending",
+    "a cold ending",
+]
 
 
 def rows(count: int = 20, labels=("1", "0")) -> list[list[str]]:
@@ -49,11 +82,22 @@ def files(tmp_path: Path, train=None, dev=None, header=("sentence", "label"), de
     return ["--train_file", train_file, "--validation_file", dev_file]
 
 
-def glue(tmp_path: Path, *extra: str, data: list[str] | None = None, output: str = "out",
-         model: list[str] | None = None) -> dict:
+def glue(
+    tmp_path: Path, *extra: str, data: list[str] | None = None, output: str = "out", model: list[str] | None = None
+) -> dict:
     model = model or ["--backbone_config", json.dumps(TINY_BERT)]
-    return run_glue_style.main([*model, *(files(tmp_path) if data is None else data), "--output_dir",
-                                str(tmp_path / output), "--do_train", "--do_eval", *FAST, *extra])
+    return run_glue_style.main(
+        [
+            *model,
+            *(files(tmp_path) if data is None else data),
+            "--output_dir",
+            str(tmp_path / output),
+            "--do_train",
+            "--do_eval",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -83,6 +127,7 @@ def saved_classifier(folder: Path) -> Path:
 
 # ---- lost work: a refused run changes nothing in the output folder ----
 
+
 def bad_train_file(tmp_path):
     return files(tmp_path, train=[["a fine film"]] * 4, dev=[["a film"]] * 2, header=("sentence",))
 
@@ -90,24 +135,48 @@ def bad_train_file(tmp_path):
 LOST = {
     "no-label-column": (lambda tmp: bad_train_file(tmp), [], r"No label column"),
     "misspelt-exit-policy": (None, ["--exit_policy", "haltng"], r"exit_policy"),
-    "empty-train-file": (lambda tmp: ["--train_file", write(tmp / "e.tsv", None, []), "--validation_file",
-                                      write(tmp / "d.tsv", ("sentence", "label"), rows(4))], [], r"e\.tsv is empty"),
-    "dev-columns-differ": (lambda tmp: files(tmp, dev=[["a film", "x", "1"]], dev_header=("text", "other", "label")),
-                           [], r"dev\.tsv has the columns \['text', 'other', 'label'\].*train\.tsv has"),
+    "empty-train-file": (
+        lambda tmp: [
+            "--train_file",
+            write(tmp / "e.tsv", None, []),
+            "--validation_file",
+            write(tmp / "d.tsv", ("sentence", "label"), rows(4)),
+        ],
+        [],
+        r"e\.tsv is empty",
+    ),
+    "dev-columns-differ": (
+        lambda tmp: files(tmp, dev=[["a film", "x", "1"]], dev_header=("text", "other", "label")),
+        [],
+        r"dev\.tsv has the columns \['text', 'other', 'label'\].*train\.tsv has",
+    ),
     "zero-epochs": (None, ["--num_train_epochs", "0"], r"--num_train_epochs 0 trains nothing"),
     "calibration-leaves-nothing": (None, ["--calibration_split", "0.99"], r"--calibration_split 0\.99 .* leaves 0"),
-    "conflicting-calibration": (None, ["--exit_policy", "patience", "--calibration_policy", "confidence"],
-                                r"would save the model with the confidence policy, replacing --exit_policy patience"),
+    "conflicting-calibration": (
+        None,
+        ["--exit_policy", "patience", "--calibration_policy", "confidence"],
+        r"would save the model with the confidence policy, replacing --exit_policy patience",
+    ),
     "unknown-text-column": (None, ["--text_columns", "review"], r"train\.tsv has no 'review' column"),
     "unknown-label-column": (None, ["--label_column", "stars"], r"--label_column stars: .*train\.tsv has no such"),
-    "mixed-label-spellings": (lambda tmp: files(tmp, train=rows(21, ("0", "1", "positive"))), [],
-                              r"mix numbers \(0, 1\) and words \(positive\)"),
+    "mixed-label-spellings": (
+        lambda tmp: files(tmp, train=rows(21, ("0", "1", "positive"))),
+        [],
+        r"mix numbers \(0, 1\) and words \(positive\)",
+    ),
     "max-seq-length-1": (None, ["--max_seq_length", "1"], r"--max_seq_length 1 leaves no room for text"),
     "zero-train-samples": (None, ["--max_train_samples", "0"], r"--max_train_samples must be at least 1"),
     "bad-problem-type": (None, ["--problem_type", "ranking"], r"--problem_type must be one of"),
-    "missing-dev-file": (lambda tmp: ["--train_file", write(tmp / "t.tsv", ("sentence", "label"), rows()),
-                                      "--validation_file", str(tmp / "nowhere.tsv")], [],
-                         r"--validation_file .*nowhere\.tsv: no such file"),
+    "missing-dev-file": (
+        lambda tmp: [
+            "--train_file",
+            write(tmp / "t.tsv", ("sentence", "label"), rows()),
+            "--validation_file",
+            str(tmp / "nowhere.tsv"),
+        ],
+        [],
+        r"--validation_file .*nowhere\.tsv: no such file",
+    ),
 }
 
 
@@ -126,21 +195,36 @@ def test_a_second_stage_into_the_first_stages_folder_keeps_the_checkpoint_it_loa
     checkpoint = saved_classifier(earlier_run / "checkpoint-4")
     before = snapshot(earlier_run)
     with pytest.raises(ValueError, match="--max_seq_length 1 leaves no room"):
-        glue(tmp_path, "--overwrite_output_dir", "--max_seq_length", "1", model=["--model_name_or_path",
-                                                                                 str(checkpoint)])
+        glue(
+            tmp_path, "--overwrite_output_dir", "--max_seq_length", "1", model=["--model_name_or_path", str(checkpoint)]
+        )
     assert snapshot(earlier_run) == before
-    arguments.start_afresh(arguments.RecipeTrainingArguments(output_dir=str(earlier_run), overwrite_output_dir=True,
-                                                             report_to="none"), inputs=(str(checkpoint), None))
+    arguments.start_afresh(
+        arguments.RecipeTrainingArguments(output_dir=str(earlier_run), overwrite_output_dir=True, report_to="none"),
+        inputs=(str(checkpoint), None),
+    )
     assert sorted(path.name for path in earlier_run.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
 def test_an_evaluation_only_run_never_overwrites_a_training_runs_results(tmp_path, earlier_run):
     checkpoint = saved_classifier(tmp_path / "model")
     before = snapshot(earlier_run)
-    with pytest.raises(ValueError, match=r"holds a training run's results \(train_results\.json\).*another "
-                                         r"--output_dir"):
-        run_glue_style.main(["--model_name_or_path", str(checkpoint), *files(tmp_path), "--output_dir",
-                             str(earlier_run), "--do_eval", *FAST])
+    with pytest.raises(
+        ValueError,
+        match=r"holds a training run's results \(train_results\.json\).*another "
+        r"--output_dir",
+    ):
+        run_glue_style.main(
+            [
+                "--model_name_or_path",
+                str(checkpoint),
+                *files(tmp_path),
+                "--output_dir",
+                str(earlier_run),
+                "--do_eval",
+                *FAST,
+            ]
+        )
     assert snapshot(earlier_run) == before
 
 
@@ -160,10 +244,12 @@ def test_a_failure_after_training_saves_the_trained_model_first(tmp_path, monkey
 
 # ---- silently wrong: each layout and label spelling read by the stated rule, or refused, or warned about ----
 
+
 def read(tmp_path: Path, header, body, *flags: str):
     """(text columns, label column, label info) as the script reads a training file with `flags`."""
-    data_args = arguments.GlueDataArguments(train_file=write(tmp_path / "train.tsv", header, body),
-                                            **dict(zip(flags[::2], flags[1::2])))
+    data_args = arguments.GlueDataArguments(
+        train_file=write(tmp_path / "train.tsv", header, body), **dict(zip(flags[::2], flags[1::2]))
+    )
     raw = load_text_datasets(None, data_args.files())
     keys, label = data_args.columns(raw["train"].column_names)
     return keys, label, arguments.label_info(raw["train"], label, "train.tsv", data_args.problem_type)
@@ -171,31 +257,77 @@ def read(tmp_path: Path, header, body, *flags: str):
 
 PAIR = [["what is it", "it is a film", "entailment"], ["who made it", "a dull film", "not_entailment"]] * 5
 SILENT = {
-    "qnli-question-first": (("index", "question", "sentence", "label"), [[str(i), *row] for i, row in enumerate(PAIR)],
-                            (), (("question", "sentence"), "label"), ["entailment", "not_entailment"]),
-    "qqp-layout": (("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
-                   [[str(i), "1", "2", "how", "why", str(i % 2)] for i in range(10)], (),
-                   (("question1", "question2"), "is_duplicate"), ["0", "1"]),
-    "mnli-gold-label": (("index", "sentence1", "sentence2", "label1", "gold_label"),
-                        [[str(i), "a", "b", "x", ("neutral", "contradiction", "entailment")[i % 3]] for i in range(9)],
-                        (), (("sentence1", "sentence2"), "gold_label"), ["contradiction", "entailment", "neutral"]),
-    "whole-float-labels-are-classes": (("sentence", "label"), rows(10, ("0.0", "1.0")), (),
-                                       (("sentence", None), "label"), ["0", "1"]),
-    "problem-type-regression-overrides": (("sentence", "label"), rows(10, ("0", "1", "2")),
-                                          ("problem_type", "regression"), (("sentence", None), "label"), None),
-    "fractional-floats-are-regression": (("sentence", "score"), rows(10, ("0.5", "3.25")), (),
-                                         (("sentence", None), "score"), None),
-    "text-columns-flag": (("review", "title", "stars"), [["good", "t", "1"], ["bad", "t", "0"]] * 5,
-                          ("text_columns", ["review"], "label_column", "stars"), (("review", None), "stars"),
-                          ["0", "1"]),
-    "pair-text-columns-flag": (("a", "b", "label"), [["x", "y", "1"], ["y", "x", "0"]] * 5,
-                               ("text_columns", ["a", "b"]), (("a", "b"), "label"), ["0", "1"]),
+    "qnli-question-first": (
+        ("index", "question", "sentence", "label"),
+        [[str(i), *row] for i, row in enumerate(PAIR)],
+        (),
+        (("question", "sentence"), "label"),
+        ["entailment", "not_entailment"],
+    ),
+    "qqp-layout": (
+        ("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+        [[str(i), "1", "2", "how", "why", str(i % 2)] for i in range(10)],
+        (),
+        (("question1", "question2"), "is_duplicate"),
+        ["0", "1"],
+    ),
+    "mnli-gold-label": (
+        ("index", "sentence1", "sentence2", "label1", "gold_label"),
+        [[str(i), "a", "b", "x", ("neutral", "contradiction", "entailment")[i % 3]] for i in range(9)],
+        (),
+        (("sentence1", "sentence2"), "gold_label"),
+        ["contradiction", "entailment", "neutral"],
+    ),
+    "whole-float-labels-are-classes": (
+        ("sentence", "label"),
+        rows(10, ("0.0", "1.0")),
+        (),
+        (("sentence", None), "label"),
+        ["0", "1"],
+    ),
+    "problem-type-regression-overrides": (
+        ("sentence", "label"),
+        rows(10, ("0", "1", "2")),
+        ("problem_type", "regression"),
+        (("sentence", None), "label"),
+        None,
+    ),
+    "fractional-floats-are-regression": (
+        ("sentence", "score"),
+        rows(10, ("0.5", "3.25")),
+        (),
+        (("sentence", None), "score"),
+        None,
+    ),
+    "text-columns-flag": (
+        ("review", "title", "stars"),
+        [["good", "t", "1"], ["bad", "t", "0"]] * 5,
+        ("text_columns", ["review"], "label_column", "stars"),
+        (("review", None), "stars"),
+        ["0", "1"],
+    ),
+    "pair-text-columns-flag": (
+        ("a", "b", "label"),
+        [["x", "y", "1"], ["y", "x", "0"]] * 5,
+        ("text_columns", ["a", "b"]),
+        (("a", "b"), "label"),
+        ["0", "1"],
+    ),
     "text-column": (("text", "label"), rows(10), (), (("text", None), "label"), ["0", "1"]),
-    "string-classes": (("sentence", "label"), rows(10, ("pos", "neg")), (), (("sentence", None), "label"),
-                       ["neg", "pos"]),
-    "problem-type-classes-on-floats": (("sentence", "label"), rows(10, ("0.5", "1.5")),
-                                       ("problem_type", "single_label_classification"), (("sentence", None), "label"),
-                                       ["0.5", "1.5"]),
+    "string-classes": (
+        ("sentence", "label"),
+        rows(10, ("pos", "neg")),
+        (),
+        (("sentence", None), "label"),
+        ["neg", "pos"],
+    ),
+    "problem-type-classes-on-floats": (
+        ("sentence", "label"),
+        rows(10, ("0.5", "1.5")),
+        ("problem_type", "single_label_classification"),
+        (("sentence", None), "label"),
+        ["0.5", "1.5"],
+    ),
 }
 
 
@@ -210,17 +342,22 @@ def test_columns_labels_and_problem_type_follow_the_stated_rules(tmp_path, case)
 
 
 def test_cola_files_without_a_header_are_read_with_colas_columns(tmp_path):
-    train = write(tmp_path / "train.tsv", None, [["gj04", str(i % 2), "" if i % 2 else "*", WORDS[i]] for i in
-                                                 range(10)])
+    train = write(
+        tmp_path / "train.tsv", None, [["gj04", str(i % 2), "" if i % 2 else "*", WORDS[i]] for i in range(10)]
+    )
     raw = load_text_datasets(None, {"train": train})
     assert raw["train"].column_names == ["source", "label", "original_label", "sentence"]
     assert len(raw["train"]) == 10 and raw["train"][0]["sentence"] == WORDS[0]
 
 
-@pytest.mark.parametrize("body, message", [
-    (rows(10, ("0.0", "1.0")), r"floats that are all whole numbers, read as classes"),
-    (rows(300) + [["an odd film", "2"]], r"the 'label' class 2 has 1 of 301 rows: a typo\?"),
-], ids=["whole-floats-note", "stray-class"])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (rows(10, ("0.0", "1.0")), r"floats that are all whole numbers, read as classes"),
+        (rows(300) + [["an odd film", "2"]], r"the 'label' class 2 has 1 of 301 rows: a typo\?"),
+    ],
+    ids=["whole-floats-note", "stray-class"],
+)
 def test_a_doubtful_label_reading_is_warned_about(tmp_path, caplog, body, message):
     with caplog.at_level(logging.WARNING, logger="adnet_examples.data"):
         read(tmp_path, ("sentence", "label"), body)
@@ -235,25 +372,38 @@ def test_training_on_the_evaluation_file_is_warned_about(tmp_path, caplog):
     assert "holds the same rows as --train_file" in caplog.text
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num_train_epochs", "0"], r"--num_train_epochs 0 trains nothing"),
-    (["--max_eval_samples", "0"], r"--max_eval_samples must be at least 1"),
-    (["--fit_halting_samples", "0"], r"--fit_halting_samples must be at least 1"),
-    (["--fit_halting_split", "1.5"], r"--fit_halting_split must be a fraction in \(0, 1\)"),
-    (["--calibration_budget", "-1"], r"--calibration_budget must be >= 0"),
-    (["--text_columns", "a", "b", "c"], r"--text_columns takes one column or the two of a pair"),
-    (["--exit_policy", "confidence", "--calibration_policy", "halting"], r"replacing --exit_policy confidence"),
-], ids=["zero-epochs", "zero-eval-samples", "zero-fit-samples", "fit-split", "negative-budget", "three-text-columns",
-        "calibration-replaces-policy"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_train_epochs", "0"], r"--num_train_epochs 0 trains nothing"),
+        (["--max_eval_samples", "0"], r"--max_eval_samples must be at least 1"),
+        (["--fit_halting_samples", "0"], r"--fit_halting_samples must be at least 1"),
+        (["--fit_halting_split", "1.5"], r"--fit_halting_split must be a fraction in \(0, 1\)"),
+        (["--calibration_budget", "-1"], r"--calibration_budget must be >= 0"),
+        (["--text_columns", "a", "b", "c"], r"--text_columns takes one column or the two of a pair"),
+        (["--exit_policy", "confidence", "--calibration_policy", "halting"], r"replacing --exit_policy confidence"),
+    ],
+    ids=[
+        "zero-epochs",
+        "zero-eval-samples",
+        "zero-fit-samples",
+        "fit-split",
+        "negative-budget",
+        "three-text-columns",
+        "calibration-replaces-policy",
+    ],
+)
 def test_contradictory_or_impossible_flags_are_refused_at_parse_time(tmp_path, flags, message):
     """Refused before any data is read or model built: the flags come first."""
     with pytest.raises(ValueError, match=message):
-        args = run_glue_style.parse_args(["--backbone_config", "{}", "--train_file", "t.tsv", "--output_dir",
-                                          str(tmp_path), "--do_train", *flags])
+        args = run_glue_style.parse_args(
+            ["--backbone_config", "{}", "--train_file", "t.tsv", "--output_dir", str(tmp_path), "--do_train", *flags]
+        )
         args[-1].check_exit_policy(args[1].exit_policy)
 
 
 # ---- obscure: every refusal names what to change ----
+
 
 def corrupt(tmp_path: Path, name: str, content: bytes) -> Path:
     folder = saved_classifier(tmp_path / "model")
@@ -262,34 +412,79 @@ def corrupt(tmp_path: Path, name: str, content: bytes) -> Path:
 
 
 OBSCURE = {
-    "header-only-file": (lambda tmp: ["--train_file", write(tmp / "h.tsv", ("sentence", "label"), []),
-                                      "--validation_file", write(tmp / "d.tsv", ("sentence", "label"), rows(4))],
-                         None, r"--train_file .*h\.tsv has a header but no rows"),
-    "row-missing-a-field": (lambda tmp: files(tmp, train=[*rows(5), ["a film without its label"], *rows(5)]), None,
-                            r"--train_file .*train\.tsv: row 6 \(not counting the header\) has 1 fields, the header "
-                            r"2"),
-    "mistyped-local-path": (None, lambda tmp: ["--model_name_or_path", str(tmp / "outptus" / "run")],
-                            r"--model_name_or_path .*outptus/run: no such folder"),
-    "relative-mistyped-path": (None, lambda tmp: ["--model_name_or_path", "./outptus/run"],
-                               r"--model_name_or_path \./outptus/run: no such folder"),
-    "hub-id-offline": (None, lambda tmp: ["--model_name_or_path", "nobody/no-such-model-here"],
-                       r"--model_name_or_path nobody/no-such-model-here: not a loadable local folder, nor loadable "
-                       r"from the Hugging Face Hub"),
-    "corrupt-config": (None, lambda tmp: ["--model_name_or_path", str(corrupt(tmp, "config.json", b"{\"model_"))],
-                       r"--model_name_or_path .*model: config\.json is not valid JSON"),
-    "corrupt-weights": (None, lambda tmp: ["--model_name_or_path", str(corrupt(tmp, "model.safetensors", b"\x00" * 9))],
-                        r"--model_name_or_path .*model: model\.safetensors is not a readable safetensors file"),
-    "model-path-is-a-file": (None, lambda tmp: ["--model_name_or_path", write(tmp / "weights.bin", None, [])],
-                             r"weights\.bin: no such folder"),
-    "missing-tokenizer": (None, lambda tmp: ["--backbone_config", json.dumps(TINY_BERT), "--tokenizer_name",
-                                             str(tmp / "no-tokenizer")], r"--tokenizer_name .*no-tokenizer: no such"),
-    "unlabelled-train-file": (lambda tmp: bad_train_file(tmp), None, r"No label column among \['sentence'\]: "
-                              r"expected one of .*--label_column"),
-    "unseen-dev-label": (lambda tmp: files(tmp, dev=[["a film", "7"]]), None,
-                         r"dev\.tsv: row 1 \(not counting the header\) has the label 7"),
-    "missing-train-file": (lambda tmp: ["--train_file", str(tmp / "train.csv"), "--validation_file",
-                                        write(tmp / "d.tsv", ("sentence", "label"), rows(4))], None,
-                           r"--train_file .*train\.csv: no such file"),
+    "header-only-file": (
+        lambda tmp: [
+            "--train_file",
+            write(tmp / "h.tsv", ("sentence", "label"), []),
+            "--validation_file",
+            write(tmp / "d.tsv", ("sentence", "label"), rows(4)),
+        ],
+        None,
+        r"--train_file .*h\.tsv has a header but no rows",
+    ),
+    "row-missing-a-field": (
+        lambda tmp: files(tmp, train=[*rows(5), ["a film without its label"], *rows(5)]),
+        None,
+        r"--train_file .*train\.tsv: row 6 \(not counting the header\) has 1 fields, the header "
+        r"2",
+    ),
+    "mistyped-local-path": (
+        None,
+        lambda tmp: ["--model_name_or_path", str(tmp / "outptus" / "run")],
+        r"--model_name_or_path .*outptus/run: no such folder",
+    ),
+    "relative-mistyped-path": (
+        None,
+        lambda tmp: ["--model_name_or_path", "./outptus/run"],
+        r"--model_name_or_path \./outptus/run: no such folder",
+    ),
+    "hub-id-offline": (
+        None,
+        lambda tmp: ["--model_name_or_path", "nobody/no-such-model-here"],
+        r"--model_name_or_path nobody/no-such-model-here: not a loadable local folder, nor loadable "
+        r"from the Hugging Face Hub",
+    ),
+    "corrupt-config": (
+        None,
+        lambda tmp: ["--model_name_or_path", str(corrupt(tmp, "config.json", b'{"model_'))],
+        r"--model_name_or_path .*model: config\.json is not valid JSON",
+    ),
+    "corrupt-weights": (
+        None,
+        lambda tmp: ["--model_name_or_path", str(corrupt(tmp, "model.safetensors", b"\x00" * 9))],
+        r"--model_name_or_path .*model: model\.safetensors is not a readable safetensors file",
+    ),
+    "model-path-is-a-file": (
+        None,
+        lambda tmp: ["--model_name_or_path", write(tmp / "weights.bin", None, [])],
+        r"weights\.bin: no such folder",
+    ),
+    "missing-tokenizer": (
+        None,
+        lambda tmp: ["--backbone_config", json.dumps(TINY_BERT), "--tokenizer_name", str(tmp / "no-tokenizer")],
+        r"--tokenizer_name .*no-tokenizer: no such",
+    ),
+    "unlabelled-train-file": (
+        lambda tmp: bad_train_file(tmp),
+        None,
+        r"No label column among \['sentence'\]: "
+        r"expected one of .*--label_column",
+    ),
+    "unseen-dev-label": (
+        lambda tmp: files(tmp, dev=[["a film", "7"]]),
+        None,
+        r"dev\.tsv: row 1 \(not counting the header\) has the label 7",
+    ),
+    "missing-train-file": (
+        lambda tmp: [
+            "--train_file",
+            str(tmp / "train.csv"),
+            "--validation_file",
+            write(tmp / "d.tsv", ("sentence", "label"), rows(4)),
+        ],
+        None,
+        r"--train_file .*train\.csv: no such file",
+    ),
 }
 
 
@@ -297,8 +492,11 @@ OBSCURE = {
 def test_every_refusal_names_what_to_change(tmp_path, case):
     make_data, make_model, message = OBSCURE[case]
     with pytest.raises(ValueError, match=message):
-        glue(tmp_path, data=None if make_data is None else make_data(tmp_path),
-             model=None if make_model is None else make_model(tmp_path))
+        glue(
+            tmp_path,
+            data=None if make_data is None else make_data(tmp_path),
+            model=None if make_model is None else make_model(tmp_path),
+        )
 
 
 def test_generate_takes_a_tokenizers_output_with_assistant_early_exit(tiny_lm_and_tokenizer):
@@ -311,15 +509,26 @@ def test_generate_takes_a_tokenizers_output_with_assistant_early_exit(tiny_lm_an
     with pytest.raises(ValueError, match="Pass the prompt once"):
         model.generate(inputs["input_ids"], input_ids=inputs["input_ids"], assistant_early_exit=1, max_new_tokens=2)
     with pytest.raises(ValueError, match="does not take token_type_ids"):
-        model.generate(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]), assistant_early_exit=1,
-                       max_new_tokens=2)
+        model.generate(
+            **inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]), assistant_early_exit=1, max_new_tokens=2
+        )
 
 
 @pytest.fixture
 def tiny_lm_and_tokenizer(shared_data):
     tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
     torch.manual_seed(0)
-    model = build_model(ADNetForCausalLM, None, {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4,
-                                                  "n_positions": 64, "vocab_size": len(tokenizer)},
-                        {"unit_hidden_size": 8})
+    model = build_model(
+        ADNetForCausalLM,
+        None,
+        {
+            "model_type": "gpt2",
+            "n_layer": 2,
+            "n_embd": 32,
+            "n_head": 4,
+            "n_positions": 64,
+            "vocab_size": len(tokenizer),
+        },
+        {"unit_hidden_size": 8},
+    )
     return model.eval(), tokenizer

