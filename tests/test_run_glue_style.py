@@ -257,9 +257,14 @@ def test_calibration_split_default(given, do_train, plain, rows, expected):
     from adnet_examples.arguments import CalibrationArguments, TextModelArguments
 
     model = build_model(ADNetForSequenceClassification, None, dict(TINY_BERT), {"unit_hidden_size": 8})
+    if plain:  # the backbone's own model: no exit policy to read
+        model = AutoModelForSequenceClassification.from_config(
+            BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"})
+        )
     args = CalibrationArguments(calibration_split=given)
     args.resolve(model, TextModelArguments(backbone_config="{}", plain_baseline=plain), do_train, rows)
-    assert args.calibration_split == expected and args.calibration_policy == "halting"
+    assert args.calibration_split == expected
+    assert args.calibration_policy == (None if plain or not do_train else "halting")
     assert (args.skipped is None) == (expected is not None)
 
 

@@ -1111,11 +1111,12 @@ class CalibrationArguments:
     def resolve(self, model: PreTrainedModel, model_args: ModelArguments, do_train: bool, rows: int) -> None:
         """Settle the policy (the model's own by default) and the held-out fraction for a run that trains `model` on
         `rows` rows: refuse a calibration this run cannot do, take the default where none is given."""
-        self.calibration_policy = self.calibration_policy or model.config.exit_policy
         reason = None
         if model_args.plain_baseline or not do_train:
             reason = "it needs --do_train and an ADNet model (not --plain_baseline)"
-        elif self.calibration_policy not in EXIT_RULES:
+        else:
+            self.calibration_policy = self.calibration_policy or model.config.exit_policy
+        if reason is None and self.calibration_policy not in EXIT_RULES:
             reason = "the exit policy is `none`: pass --calibration_policy to calibrate one"
         if self.calibration_split and reason is not None:
             raise ValueError(
