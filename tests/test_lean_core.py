@@ -1,4 +1,7 @@
-"""The core package works with only its core dependencies: datasets, evaluate, scikit-learn and scipy are optional."""
+"""The core package works with only its core dependencies (torch, transformers, accelerate, safetensors,
+huggingface_hub, numpy): what the extras bring (datasets, evaluate, scikit-learn, scipy, pillow, matplotlib, peft,
+onnx) is hidden, and a model is built, saved, loaded through the Auto classes, run, calibrated, fitted, trained and
+used to generate."""
 
 import os
 import subprocess
@@ -16,7 +19,8 @@ LEAN_SCRIPT = textwrap.dedent("""
     import importlib.util
     import sys
 
-    OPTIONAL = {"datasets", "evaluate", "sklearn", "scipy"}
+    OPTIONAL = {"datasets", "evaluate", "sklearn", "scipy", "PIL", "matplotlib", "peft", "onnx", "onnxruntime",
+                "adnet_examples"}
 
     class WithoutOptional:
         def __init__(self, finder):
@@ -61,6 +65,38 @@ LEAN_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     assert set(task_metrics(rng.normal(size=(8, 1)), rng.normal(size=8))) == {"pearson", "spearman", "mse"}
     assert set(task_metrics(rng.normal(size=(8, 3)), rng.random((8, 3)))) == {"accuracy", "micro_f1"}
+    # save, load through the Auto classes, exits
+    import tempfile
+
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig,
+                              TrainingArguments)
+
+    from adnet_hf import ADNetForCausalLM, ADNetTrainer, fit_halting
+
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ids = batches[0]["input_ids"]
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert fit_halting(loaded, batches).samples == 32
+    # train two steps with the Trainer route
+    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": (i[0] > 49).long()}
+            for batch in batches for i in batch["input_ids"]]
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+                             report_to="none", use_cpu=True, save_strategy="no")
+    ADNetTrainer(model=loaded.train(), args=args, train_dataset=rows).train()
+    # causal LMs: save, load, generate at full depth and with self-speculative decoding
+    for backbone in (GPT2Config(vocab_size=99, n_embd=32, n_layer=4, n_head=4, n_positions=64),
+                     LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64)):
+        lm = ADNetForCausalLM(ADNetConfig(backbone_config=backbone, unit_hidden_size=8))
+        folder = tempfile.mkdtemp()
+        lm.save_pretrained(folder)
+        lm = AutoModelForCausalLM.from_pretrained(folder, exit_policy="none").eval()  # drafts verify at full depth
+        prompt = torch.randint(3, 99, (1, 5))
+        plain = lm.generate(prompt, max_new_tokens=4, do_sample=False)
+        drafted = lm.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, assistant_early_exit=2)
+        assert torch.equal(plain, drafted), (plain, drafted)
     imported = sorted(name for name in sys.modules if name.partition(".")[0] in OPTIONAL)
     assert not imported, imported
     print("lean ok")
@@ -68,7 +104,7 @@ LEAN_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_calibration_and_trainer_metrics_run_without_the_optional_packages(tmp_path):
+def test_the_core_runs_without_the_optional_packages(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", LEAN_SCRIPT],
