@@ -16,8 +16,11 @@ EXTRAS = {
     "examples": ["datasets>=3.0", "pillow>=9.1", "matplotlib>=3.7"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.3"],
     "peft": ["peft>=0.17"],
+    # the documentation site: MkDocs with the Material theme, the API reference generated from the docstrings
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.27"],
 }
-# the tests also compare the metrics with scikit-learn's and scipy's, fuzz with Hypothesis, and lint with ruff
+# the tests also compare the metrics with scikit-learn's and scipy's, fuzz with Hypothesis, run the docs' code
+# blocks (mktestdocs), build the site and lint with ruff
 EXTRAS["dev"] = sorted(
     {
         *EXTRAS["examples"],

@@ -541,3 +541,96 @@ def test_push_to_hub_commits_a_folder_that_loads_as_remote_code(tmp_path, monkey
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     inputs = dict(BertTokenizer.from_pretrained(captured)(["a gripping , moving film"], return_tensors="pt"))
     assert_loads_as_remote_code(model, inputs, captured, "AutoModelForSequenceClassification")
+
+
+@pytest.mark.slow
+def test_the_defaults_alone_hold_out_calibrate_and_summarise(tmp_path):
+    """A smoke run of the recommended recipe: only the model, data, output, epochs and length flags (the sample's
+    2,000 training rows: a fifth held out for calibration, a tenth of the rest for the halting fit)."""
+    out = tmp_path / "out"
+    metrics = run_glue_style.main(
+        [
+            "--backbone_config",
+            json.dumps(TINY_BERT),
+            "--train_file",
+            str(SAMPLE / "train.tsv"),
+            "--validation_file",
+            str(SAMPLE / "dev.tsv"),
+            "--output_dir",
+            str(out),
+            "--num_train_epochs",
+            "1",
+            "--max_seq_length",
+            "32",
+            "--do_train",
+            "--do_eval",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--save_strategy",
+            "no",
+            "--unit_hidden_size",
+            "8",
+        ]
+    )
+    calibration = json.loads((out / "calibration_results.json").read_text())
+    fit = json.loads((out / "halting_fit_results.json").read_text())
+    assert (
+        calibration["calibration_samples"] == 400 and fit["halting_fit_held_out"] and fit["halting_fit_samples"] == 160
+    )
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["train_samples"] == 1440
+    assert metrics["eval_guarantee"].startswith(("certified", "no halting setting certified"))
+    assert 0.4 < metrics["eval_majority_class_accuracy"] < 0.6 and isinstance(metrics["eval_warnings"], list)
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_weight_norm"] == 3.0 and config["exit_guarantee"]["calibration_size"] == 400
+
+
+def test_summary_warns_when_the_model_learnt_nothing():
+    baseline = run_glue_style.trivial_baseline([0, 1, 1, 1], [1, 1, 0, 1], is_regression=False)
+    assert baseline == {"eval_majority_class_accuracy": 0.75}
+    metrics = {**baseline, "eval_full_depth_accuracy": 0.75, "eval_accuracy": 0.70, "eval_exit_policy": "halting"}
+    found = run_glue_style.run_warnings(metrics, budget=0.01)
+    assert any("at full depth scores 75.00%, no better than always predicting" in text for text in found)
+    assert any("loses 5.00% accuracy against full depth" in text for text in found)
+    assert (
+        run_glue_style.run_warnings(
+            {**baseline, "eval_full_depth_accuracy": 0.9, "eval_accuracy": 0.9, "eval_exit_policy": "halting"},
+            budget=0.01,
+        )
+        == []
+    )
+    regression = run_glue_style.trivial_baseline([1.0, 3.0], [2.0, 4.0], is_regression=True)
+    assert regression == {"eval_mean_prediction_mse": 2.0}
+    assert (
+        "no better than always predicting the training mean"
+        in run_glue_style.run_warnings({**regression, "eval_full_depth_mse": 2.5}, budget=0.01)[0]
+    )
+
+
+def test_summary_states_the_guarantee_or_why_there_is_none():
+    from types import SimpleNamespace
+
+    from adnet_examples.arguments import CalibrationArguments
+
+    args = CalibrationArguments(calibration_policy="halting")
+    args.skipped = "the training data has 120 rows, fewer than 500"
+    unguaranteed = SimpleNamespace(exit_guarantee=None)
+    assert run_glue_style.guarantee(unguaranteed, args).startswith("not calibrated (the training data has 120 rows")
+    args.skipped = None
+    assert run_glue_style.guarantee(unguaranteed, args).startswith("calibrated empirically")
+    certified = {
+        "policy": "halting",
+        "value": 0.02,
+        "delta": 0.1,
+        "budget": 0.01,
+        "metric": "accuracy",
+        "calibration_size": 400,
+    }
+    assert run_glue_style.guarantee(SimpleNamespace(exit_guarantee=certified), args).startswith(
+        "certified: with probability >= 0.9, the accuracy drop"
+    )
+    nothing = {**certified, "policy": "none", "value": None}
+    assert "saved at full depth" in run_glue_style.guarantee(SimpleNamespace(exit_guarantee=nothing), args)
