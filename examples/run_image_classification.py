@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         load_backbone_config(model_args, sample),
         {"ignore_mismatched_sizes": True} if model_args.ignore_mismatched_sizes else None,
     )
-    fit_args.check(model, training_args.do_train)
+    fit_args.resolve(model, training_args.do_train, len(raw["train"]) if training_args.do_train else 0)
     fit_raw = None
     if training_args.do_train:
         raw["train"], fit_raw = fit_args.split(raw["train"], training_args.seed)

@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     set_seed(args.seed)
     data_args.require_files({"train": "train_accelerate.py", "validation": "train_accelerate.py"})
+    data_args.check_files()
     checkpoint = resume_checkpoint(args)
     task = prepare_glue_task(model_args, adnet_args, data_args, checkpoint)
     model, tokenizer = task.model, task.tokenizer

@@ -19,7 +19,7 @@ from transformers import GPT2Tokenizer
 
 from adnet_examples import arguments
 from adnet_examples.arguments import build_model
-from adnet_examples.data import load_text_datasets
+from adnet_examples.data import check_known_labels, load_text_datasets
 from adnet_hf import ADNetForCausalLM, ADNetForSequenceClassification
 from examples import run_glue_style
 
@@ -148,7 +148,8 @@ LOST = {
     "dev-columns-differ": (
         lambda tmp: files(tmp, dev=[["a film", "x", "1"]], dev_header=("text", "other", "label")),
         [],
-        r"dev\.tsv has the columns \['text', 'other', 'label'\].*train\.tsv has",
+        r"dev\.tsv has no 'sentence' column: its columns are \['text', 'other', 'label'\], and the run reads "
+        r"\['sentence', 'label'\] \(what --train_file .*train\.tsv reads",
     ),
     "zero-epochs": (None, ["--num_train_epochs", "0"], r"--num_train_epochs 0 trains nothing"),
     "calibration-leaves-nothing": (None, ["--calibration_split", "0.99"], r"--calibration_split 0\.99 .* leaves 0"),
@@ -158,7 +159,11 @@ LOST = {
         r"would save the model with the confidence policy, replacing --exit_policy patience",
     ),
     "unknown-text-column": (None, ["--text_columns", "review"], r"train\.tsv has no 'review' column"),
-    "unknown-label-column": (None, ["--label_column", "stars"], r"--label_column stars: .*train\.tsv has no such"),
+    "unknown-label-column": (
+        None,
+        ["--label_column", "stars"],
+        r"train\.tsv has no 'stars' column: .*named by --text_columns / --label_column",
+    ),
     "mixed-label-spellings": (
         lambda tmp: files(tmp, train=rows(21, ("0", "1", "positive"))),
         [],
@@ -339,6 +344,36 @@ def test_columns_labels_and_problem_type_follow_the_stated_rules(tmp_path, case)
     assert labels.is_regression == (classes is None)
     if classes is not None:
         assert labels.names == classes
+
+
+def test_gluelike_files_as_distributed_are_read(tmp_path):
+    """A quoted comma in a .csv text; MNLI's dev file with more label columns than its training file; a test file
+    with GLUE's -1 placeholder labels; CoLA's headerless train and dev beside its test file, which has a header."""
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text('sentence,label\n"a fine, long film",1\n"a dull, short film",0\n', encoding="utf-8")
+    data_args = arguments.GlueDataArguments(train_file=str(csv_file))
+    data_args.check_files()
+    assert load_text_datasets(None, data_args.files())["train"][0]["sentence"] == "a fine, long film"
+    header = ("index", "sentence1", "sentence2", "label1", "gold_label")
+    body = [[str(i), "a", "b", "neutral", ("neutral", "entailment")[i % 2]] for i in range(4)]
+    train = write(tmp_path / "mnli_train.tsv", header, body)
+    dev = write(tmp_path / "mnli_dev.tsv", (*header[:4], "label2", "gold_label"), [[*r[:4], "x", r[4]] for r in body])
+    test = write(tmp_path / "mnli_test.tsv", ("index", "sentence1", "sentence2"), [["0", "a", "b"]])
+    arguments.GlueDataArguments(train_file=train, validation_file=dev, test_file=test).check_files()
+    cola = [["gj04", str(i % 2), "", WORDS[i]] for i in range(6)]
+    files = {
+        "train": write(tmp_path / "cola_train.tsv", None, cola),
+        "test": write(tmp_path / "cola_test.tsv", ("index", "sentence"), [["0", "a film"]]),
+    }
+    raw = load_text_datasets(None, files)
+    assert raw["train"].column_names == ["source", "label", "original_label", "sentence"]
+    assert raw["test"].column_names == ["index", "sentence"]
+    labelled = {
+        "train": write(tmp_path / "t.tsv", ("sentence", "label"), rows(4)),
+        "test": write(tmp_path / "p.tsv", ("sentence", "label"), [["a film", "-1"]]),
+    }
+    raw = load_text_datasets(None, labelled)
+    check_known_labels(raw, labelled, "label", arguments.label_info(raw["train"], "label"))
 
 
 def test_cola_files_without_a_header_are_read_with_colas_columns(tmp_path):

@@ -317,7 +317,8 @@ class GlueDataArguments:
         """The local data files as `check_data_files` checks them, and a validation file that is the training file
         (an evaluation that measures nothing new) warned about."""
         files = self.files()
-        check_data_files(files)
+        headers = check_data_files(files)
+        self.check_columns(files, headers)
         train, validation = files.get("train"), files.get("validation")
         if train and validation and Path(train).read_bytes() == Path(validation).read_bytes():
             logger.warning(
@@ -325,6 +326,32 @@ class GlueDataArguments:
                 "training data, not new data.",
                 validation,
                 train,
+            )
+
+    def check_columns(self, files: dict[str, str], headers: dict[str, list[str] | None]) -> None:
+        """Every file has the text and label columns that the training file's header gives (the test file may lack
+        the labels); other columns may differ (GLUE's MNLI dev files have more label columns than its training
+        file)."""
+        reference = "train" if "train" in files else next(iter(files))
+        if headers[reference] is None:
+            return
+        try:
+            text_keys, label = self.columns(headers[reference])
+        except ValueError:
+            return  # no text columns to look for: `prepare_glue_task` refuses the training file itself
+        for split, header in headers.items():
+            needed = [key for key in (*text_keys, None if split == "test" else label) if key is not None]
+            missing = [column for column in needed if header is not None and column not in header]
+            if not missing:
+                continue
+            source = (
+                "the columns named by --text_columns / --label_column"
+                if split == reference
+                else (f"what --{reference}_file {files[reference]} reads from {headers[reference]}")
+            )
+            raise ValueError(
+                f"--{split}_file {files[split]} has no {', '.join(map(repr, missing))} column: its columns are "
+                f"{header}, and the run reads {needed} ({source})."
             )
 
     def sources(self) -> dict[str, str]:
