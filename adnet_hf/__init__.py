@@ -3,7 +3,16 @@
 Importing the package registers `model_type="adnet"` with `AutoConfig` and the Auto model classes, and makes saved
 checkpoints carry the modeling files and an `auto_map` for all three task heads, so they load with
 `trust_remote_code=True` where this package is not installed.
+
+Every name a user imports is here. The training names (`ADNetTrainer`, `ADNetTrainingArguments`, `MaxNormCallback`,
+`compute_classification_metrics`, and `adnet_optimizer_groups`, `floor_scheduler`, `apply_max_norm` for a loop of
+your own) load on first use: Transformers' `Trainer` and `TrainingArguments` import PEFT and
+`datasets` where they are installed, which a model that only runs has no use for. `adnet_lora_config` and the ONNX
+export import PEFT and ONNX Runtime only when called.
 """
+
+import importlib
+from typing import TYPE_CHECKING
 
 from transformers import (
     AutoConfig,
@@ -16,9 +25,25 @@ from transformers import (
 from .calibration_adnet import CalibrationResult, calibrate_exit
 from .configuration_adnet import ADNetConfig
 from .evaluation_adnet import evaluate_batches, sweep_exits, task_metrics
-from .exits_adnet import EXIT_RULES, ConfidenceExit, ExitRule, HaltingExit, PatienceExit, register_exit_rule
+from .exits_adnet import (
+    EXIT_RULES,
+    ConfidenceExit,
+    ExitRule,
+    HaltingExit,
+    PatienceExit,
+    halting_distribution,
+    register_exit_rule,
+)
+from .export_adnet import ADNetStepRunner, StepRunnerOutput, export_steps
 from .halting_adnet import HaltingFit, fit_halting
-from .losses_adnet import DeepSupervisionLoss, GrowingPlateauSensitiveLoss, LastStepLoss, PonderNetLoss
+from .losses_adnet import (
+    ADNetLoss,
+    DeepSupervisionLoss,
+    GrowingPlateauSensitiveLoss,
+    LastStepLoss,
+    LayerSkipLoss,
+    PonderNetLoss,
+)
 from .modeling_adnet import (
     ADNetCausalLMOutput,
     ADNetForCausalLM,
@@ -29,9 +54,52 @@ from .modeling_adnet import (
     ADNetPreTrainedModel,
     ADNetSequenceClassifierOutput,
 )
-from .trainer_adnet import ADNetTrainer, ADNetTrainingArguments, MaxNormCallback, compute_classification_metrics
+from .peft_adnet import adnet_lora_config
+from .sharding_adnet import blocks_are_sharded
+from .speculative_adnet import SelfSpeculativeOutput, frequent_tokens
+
+if TYPE_CHECKING:
+    from .trainer_adnet import (
+        ADNetTrainer,
+        ADNetTrainingArguments,
+        MaxNormCallback,
+        adnet_optimizer_groups,
+        apply_max_norm,
+        compute_classification_metrics,
+        floor_scheduler,
+    )
 
 __version__ = "0.1.0"
+
+# Loaded on first access (`__getattr__`): importing Transformers' trainer imports PEFT and `datasets` where installed.
+_LAZY = {
+    name: "trainer_adnet"
+    for name in (
+        "ADNetTrainer",
+        "ADNetTrainingArguments",
+        "MaxNormCallback",
+        "compute_classification_metrics",
+        "adnet_optimizer_groups",
+        "floor_scheduler",
+        "apply_max_norm",
+    )
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY.values():  # the module itself, as `adnet_hf.trainer_adnet` after `import adnet_hf`
+        return importlib.import_module(f".{name}", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 _AUTO_CLASSES = {
     "AutoModel": ADNetModel,
@@ -56,34 +124,55 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    # configuration and models
+    "ADNetConfig",
+    "ADNetPreTrainedModel",
+    "ADNetModel",
+    "ADNetForSequenceClassification",
+    "ADNetForImageClassification",
+    "ADNetForCausalLM",
+    "ADNetModelOutput",
+    "ADNetSequenceClassifierOutput",
+    "ADNetCausalLMOutput",
+    "blocks_are_sharded",
+    # training
     "ADNetTrainer",
     "ADNetTrainingArguments",
     "MaxNormCallback",
     "compute_classification_metrics",
-    "CalibrationResult",
-    "calibrate_exit",
-    "HaltingFit",
+    "adnet_optimizer_groups",
+    "floor_scheduler",
+    "apply_max_norm",
     "fit_halting",
+    "HaltingFit",
+    # exits and calibration
+    "ExitRule",
+    "HaltingExit",
+    "ConfidenceExit",
+    "PatienceExit",
+    "EXIT_RULES",
+    "register_exit_rule",
+    "halting_distribution",
+    "calibrate_exit",
+    "CalibrationResult",
+    # losses
+    "ADNetLoss",
+    "GrowingPlateauSensitiveLoss",
+    "PonderNetLoss",
+    "DeepSupervisionLoss",
+    "LastStepLoss",
+    "LayerSkipLoss",
+    # evaluation
     "evaluate_batches",
     "sweep_exits",
     "task_metrics",
-    "ADNetCausalLMOutput",
-    "ADNetConfig",
-    "ADNetForCausalLM",
-    "ADNetForImageClassification",
-    "ADNetForSequenceClassification",
-    "ADNetModel",
-    "ADNetModelOutput",
-    "ADNetPreTrainedModel",
-    "ADNetSequenceClassifierOutput",
-    "ConfidenceExit",
-    "DeepSupervisionLoss",
-    "EXIT_RULES",
-    "ExitRule",
-    "HaltingExit",
-    "PatienceExit",
-    "register_exit_rule",
-    "GrowingPlateauSensitiveLoss",
-    "LastStepLoss",
-    "PonderNetLoss",
+    # generation
+    "frequent_tokens",
+    "SelfSpeculativeOutput",
+    # export (ONNX)
+    "export_steps",
+    "ADNetStepRunner",
+    "StepRunnerOutput",
+    # parameter-efficient fine-tuning
+    "adnet_lora_config",
 ]

@@ -1,7 +1,7 @@
 """Pick the exit threshold (or patience) with the largest saving whose quality loss stays within a budget.
 
 Every candidate is measured with real exits on the held-out data (a causal LM's exited tokens change what later
-tokens see, so exits cannot be replayed from one full-depth pass), against the same model at full depth, by
+tokens see, so exits cannot be simulated from one full-depth pass), against the same model at full depth, by
 `evaluation_adnet.sweep_exits`: the candidates are passed per call, and only the choice is written into the config.
 
 Two ways to choose: the cheapest setting whose measured loss on the calibration data is within the budget
@@ -40,9 +40,22 @@ def calibration_metric(metrics: dict[str, float]) -> str:
 
 @dataclass
 class CalibrationResult:
-    """What `calibrate_exit` measured. `quality` is the `metric` exits are judged by (`CALIBRATION_METRICS`):
-    accuracy (single-label), micro-F1 (multi-label), mean squared error (regression) or perplexity (causal LMs);
-    `executed_layers` is the mean per sample (per predicted token)."""
+    """What `calibrate_exit` chose and measured.
+
+    Attributes:
+        policy (str): The exit policy chosen; `'none'` when no candidate was admissible.
+        value (float | int | None): Its setting (the policy's config field); `None` for `'none'`.
+        metric (str): What exits are judged by: `'accuracy'` (single-label), `'micro_f1'` (multi-label), `'mse'`
+            (regression) or `'perplexity'` (causal LMs).
+        quality (float): The `metric` of the chosen setting on the calibration batches.
+        full_depth_quality (float): The `metric` at full depth.
+        executed_layers (float): Mean blocks run per sample (per predicted token) with the chosen setting.
+        num_blocks (int): The backbone's blocks, for scale.
+        candidates (list[dict]): Every candidate in the order tried: its setting (under the policy's field name),
+            `quality`, `executed_layers` and `within_budget`; with `delta`, also `loss_rate`, `p_value` and
+            `certified`.
+        guarantee (dict | None): With `delta`: what is stored as `config.exit_guarantee`. Defaults to `None`.
+    """
 
     policy: str
     value: float | int | None
@@ -173,17 +186,34 @@ def calibrate_exit(
 ) -> CalibrationResult:
     """Choose `policy`'s setting with the fewest executed layers whose quality loss is within `budget`.
 
-    `batches`: model inputs with `labels` (a list, or any iterable that can be read several times).
-    `budget`: the drop allowed in accuracy (single-label; 0.005 = 0.5 points) or micro-F1 (multi-label), the
-    relative increase allowed in a regressor's mean squared error or a causal LM's perplexity (0.03 = 3%).
-    `candidates` default to the rule's calibration grid (`ExitRule.candidates`), from the most cautious setting to
-    the most aggressive; each is checked by the rule, and the policy against the task, before anything is measured.
-    `delta=None`: the loss measured on `batches` is within `budget` (no guarantee on new data). A `delta` in (0, 1)
-    (single-label classifiers only): the candidates `certify` passes on `batches`, so that with probability >= 1 -
-    `delta` over them the accuracy drop on new data from the same distribution is at most `budget`; stored as
-    `config.exit_guarantee` (policy, value, budget, delta, calibration size, metric, method).
-    The choice is written into `model.config` (`exit_policy` and the policy's field), so `save_pretrained` stores
-    it; without any admissible candidate the model is set to `exit_policy="none"`.
+    Every candidate runs with real exits on `batches`, against the same model at full depth (`sweep_exits`). The
+    choice is written into `model.config` (`exit_policy` and the policy's field, and `exit_guarantee`), so
+    `save_pretrained` stores it; without any admissible candidate the model is set to `exit_policy="none"`.
+    Calibrate on held-out data, not on the training set.
+
+    Args:
+        model (ADNetPreTrainedModel): An ADNet task model (classifier, regressor or causal LM).
+        batches (Iterable[dict]): Model inputs with `labels`: a list, or any iterable that can be read several
+            times.
+        policy (str): The exit policy to calibrate (a registered rule, not `'none'`). Defaults to `"halting"`.
+        budget (float): The loss allowed against full depth: an absolute drop in accuracy (single-label;
+            `0.005` = 0.5 points) or micro-F1 (multi-label), a relative increase in a regressor's mean squared
+            error or a causal LM's perplexity (`0.03` = 3%). Defaults to `0.005`.
+        candidates (list[float | int] | None): The settings to try, from the most cautious to the most aggressive;
+            each is checked by the rule, and the policy against the task, before anything runs. Defaults to `None`
+            (the rule's grid, `ExitRule.candidates`).
+        delta (float | None): `None`: the cheapest setting whose loss measured on `batches` is within `budget`
+            (no guarantee on new data). A number in (0, 1), single-label classifiers only: Learn-then-Test risk
+            control, the cheapest setting certified so that, with probability at least `1 - delta` over the
+            calibration sample, its accuracy drop on new data from the same distribution is at most `budget`;
+            stored as `config.exit_guarantee`. Defaults to `None`.
+
+    Returns:
+        The setting chosen, its quality and cost, and every candidate's.
+
+    Raises:
+        ValueError: A policy, budget, candidate or `delta` the model's task does not take, or a full-depth
+            quality that is not finite.
     """
     config = model.config
     rule = task_exit_rule(policy, config, owner="policy")

@@ -177,63 +177,100 @@ class _BackboneAttribute:
 
 @strict
 class ADNetConfig(PreTrainedConfig):
-    r"""
-    Configuration of an ADNet model: calculation units with learned halting on a pretrained backbone.
+    r"""Configuration of an ADNet model: a backbone's config plus the calculation units, halting, exits and losses.
 
-    Args:
-        backbone_config (`PreTrainedConfig` or `dict`): the backbone's config (BERT, RoBERTa, GPT-2, Llama family or
-            ResNet); a dict needs a `model_type`. Defaults to a `BertConfig()`.
-        num_fixed_steps (`int`): leading steps that always run and carry no unit (the paper's fixed-time units).
-        layers_per_step (`int`): consecutive backbone blocks grouped into one step; must divide the block count.
-        unit_hidden_size (`int`): width `d` of each calculation unit.
-        share_output_layer (`bool`): one output layer for every step (`True`) or one per step.
-        exit_policy (`str`): inference exit rule: `halting`, `confidence`, `patience` or `none` (full depth).
-        halting_epsilon (`float`): `halting` stops once the cumulative halting probability reaches `1 - eps`.
-        confidence_threshold (`float`): `confidence` stops once the max class probability reaches it.
-        patience (`int`): `patience` stops once the prediction is unchanged for this many consecutive steps.
-        loss_type (`str`): `gpsl`, `pondernet`, `deep_supervision`, `last` or `layerskip`.
-        gpsl_* (`float`): the Growing Plateau Sensitive Loss weights (see `GrowingPlateauSensitiveLoss`);
-            `gpsl_growth_midpoint=None` means half the number of variable steps.
-        pondernet_prior (`float`): parameter of the geometric prior of the `pondernet` loss.
-        pondernet_beta (`float`): weight of the KL term of the `pondernet` loss.
-        max_weight_norm (`float`, *optional*): max-norm of unit and output-layer weight rows after each optimiser step.
-        classifier_dropout (`float`): dropout before the output layer.
-        tie_word_embeddings (`bool`, *optional*): causal LM only; defaults to the backbone's own setting.
-        per_token_units (`bool`, *optional*): units that halt per token (causal LMs) instead of per pooled sample.
-            Set by the task model that builds the config; saved, so every Auto class rebuilds the same units.
-        halting_evidence (`bool`, *optional*): the halting units read the step prediction's evidence (top-class
-            log-odds, margin, certainty, agreement with the previous step, halting mass so far:
-            `units_adnet.step_evidence`) next to their summary. `None` is resolved by the model built: `True` for the
-            classifiers, `False` for per-token units and `ADNetModel` alone; a checkpoint saved before the field
-            existed loads with `False`, the units it was trained with.
-        gpsl_plateau (`str`): the target of GPSL's plateau term. `settled`: all the halting mass on the first step
-            from which the prediction stays the full-depth one (classifiers; BERxiT's and CALM's target); then
-            the plateau term is the survival log-likelihood of that step, the halting units learn from it alone (the
-            expected-loss term weights the step losses by `p` without moving them) and `halting_epsilon` bounds the
-            estimated chance that the prediction has not settled. `loss`: the softmax of the step losses and step
-            cost (the paper's form; regression and causal LMs always use it).
-        exit_guarantee (`dict`, *optional*): set by `calibrate_exit(..., delta=...)`: the exit setting (`policy`,
+    Build one directly, or let a task model's `from_backbone(path, **overrides)` build it from a pretrained
+    backbone. Saved with the model (`config.json`), it carries an `auto_map` for every head, so a checkpoint loads
+    through any Auto class, also with `trust_remote_code=True` where this package is not installed.
+
+    Every field is checked whenever it is set: at construction, when a saved `config.json` loads, by
+    `from_pretrained(path, **overrides)` (the overrides are applied together, in any order) and on assignment (a
+    refused assignment leaves the old value). The fields that depend on each other (`layers_per_step` and the
+    backbone's depth, `num_fixed_steps`, the exit policy and the task) are checked after each change and again before
+    saving, so no saved config fails to load. A bad value raises a `ValueError` naming the field and the values it
+    may take (`adnet_hf.configuration_adnet.field_rules()` holds the rules). Once a model is built from a config, the
+    fields its modules depend on (`num_fixed_steps`, `layers_per_step`, `unit_hidden_size`, `share_output_layer`,
+    `classifier_dropout`, `num_labels`, `tie_word_embeddings`, `per_token_units`, `halting_evidence`,
+    `exit_adapters`, the backbone) cannot change on it: give them when building the model.
+
+    Each field below is also a keyword argument of the constructor, beside `PreTrainedConfig`'s own (`id2label`,
+    `architectures`, ...).
+
+    Attributes:
+        backbone_config (PreTrainedConfig | dict | None): The backbone's config: BERT, RoBERTa, GPT-2, a Llama-family
+            decoder or ResNet; a dict needs a `model_type`. Defaults to `None`, a `BertConfig()`.
+        num_fixed_steps (int): Leading steps that always run and carry no unit (the paper's fixed-time units).
+            `0` puts an exit after every step. Defaults to `1`.
+        layers_per_step (int): Consecutive backbone blocks grouped into one step; must divide the block count.
+            Defaults to `1`.
+        unit_hidden_size (int): Width `d` of each calculation unit's layer `sigmoid(W h + b)`; a classifier's
+            summary, its mean and max over the positions, has `2 d`. Defaults to `128`.
+        share_output_layer (bool): One output layer for every step (`True`) or one per step (classifiers).
+            Defaults to `True`.
+        exit_policy (str): The inference exit rule: `'halting'`, `'confidence'`, `'patience'`, a rule added with
+            `register_exit_rule`, or `'none'` (full depth). Training always runs every step. Defaults to
+            `'halting'`.
+        halting_epsilon (float): `halting` stops an item once its cumulative halting probability reaches
+            `1 - halting_epsilon`; in (0, 1). Defaults to `0.05`.
+        confidence_threshold (float): `confidence` stops an item once its step prediction's top class probability
+            (every label's, for multi-label) reaches it; in (0, 1]. Defaults to `0.9`.
+        patience (int): `patience` stops an item once its prediction has not changed for this many consecutive
+            steps. Defaults to `2`.
+        loss_type (str): How the per-step losses are combined: `'gpsl'` (`GrowingPlateauSensitiveLoss`),
+            `'pondernet'` (`PonderNetLoss`), `'deep_supervision'` (`DeepSupervisionLoss`), `'last'`
+            (`LastStepLoss`) or `'layerskip'` (`LayerSkipLoss`). Defaults to `'gpsl'`.
+        gpsl_alpha (float): GPSL's weight of the depth-growing deep-supervision term. Defaults to `0.3`.
+        gpsl_beta (float): GPSL's weight of the plateau term `KL(q || p)`. Defaults to `0.1`.
+        gpsl_step_cost (float): GPSL's cost of one more step in the `'loss'` plateau target, relative to the loss
+            values. Defaults to `0.05`.
+        gpsl_temperature (float): Temperature of the softmax that makes GPSL's `'loss'` plateau target.
+            Defaults to `0.5`.
+        gpsl_growth_rate (float): Slope of the logistic curve of GPSL's growth weights. Defaults to `1.0`.
+        gpsl_growth_midpoint (float | None): Step at the middle of that curve; `None` is half the number of
+            variable steps. Defaults to `None`.
+        pondernet_prior (float): Parameter of the geometric prior of the `'pondernet'` loss. Defaults to `0.5`.
+        pondernet_beta (float): Weight of the `'pondernet'` loss's KL term. Defaults to `0.01`.
+        max_weight_norm (float | None): Max-norm of the unit and output-layer weight rows, applied after every
+            optimiser step by `MaxNormCallback` (`ADNetTrainer` adds it); `None` applies none. Defaults to `None`.
+        classifier_dropout (float): Dropout before a classifier's output layer. Defaults to `0.1`.
+        tie_word_embeddings (bool | None): Causal LM only: the LM head shares the input embeddings. `None` takes the
+            backbone's own setting at construction. Defaults to `None`.
+        per_token_units (bool | None): Units that halt per token (causal LMs) instead of per pooled sample. Set by
+            the task model that builds the config and saved, so every Auto class rebuilds the same units; a saved
+            causal LM config without it reads `True`. Defaults to `None`.
+        halting_evidence (bool | None): The halting units also read the step prediction's evidence (top-class
+            log-odds, margin, certainty, agreement with the previous step, halting mass so far) next to their
+            summary, which lets `fit_halting` fit them. `None` is resolved by the model built: `True` for the
+            classifiers, `False` for per-token units and `ADNetModel` alone; a saved config without the field reads
+            `False`, the units it was trained with. Defaults to `None`.
+        gpsl_plateau (str): The target of GPSL's plateau term. `'settled'` (classifiers): all the halting mass on
+            the first step from which the prediction stays the full-depth one (BERxiT's and CALM's target), so the
+            plateau term is the survival log-likelihood of that step and `halting_epsilon` bounds the estimated
+            chance that the prediction has not settled. `'loss'`: the softmax of the step losses and step cost (the
+            paper's form; regression and causal LMs always use it). Defaults to `'settled'`.
+        exit_guarantee (dict | None): Written by `calibrate_exit(..., delta=...)`: the exit setting (`policy`,
             `value`) certified by risk control to lose at most `budget` of `metric` against full depth on new data
-            from the calibration data's distribution, with probability >= 1 - `delta` over its `calibration_size`
-            samples (`method`). It holds for that setting only; `None` (the default, and checkpoints saved before the
-            field existed) when the exit setting carries no guarantee.
-        layer_dropout (`float`): LayerSkip's layer dropout in training: block `l` of `L` is skipped for each sample
+            from the calibration data's distribution, with probability at least `1 - delta` over its
+            `calibration_size` samples (`method`). It holds for that setting only; `None` when the exit setting
+            carries no guarantee. Defaults to `None`.
+        layer_dropout (float): LayerSkip's layer dropout in training: block `l` of `L` is skipped for each sample
             with probability `layer_dropout * (2 ** (l / (L - 1)) - 1)`, 0 for the first block and this maximum for
-            the last. Never at evaluation or inference.
-        early_exit_loss_scale (`float`): the `layerskip` loss's `e_scale`, the weight of every exit but the last
-            relative to it.
-        exit_adapters (`bool`): causal LM only: an identity-initialised affine map after every step but the last,
-            before the shared final norm and LM head (tuned lens), so that a frozen backbone's intermediate layers
-            can be read by its head; used by per-token exits and self-speculative drafts.
-        exit_distillation (`bool`): causal LM training only: each step's loss is the KL divergence from the model's
+            the last. Never at evaluation or inference. Defaults to `0.0`.
+        early_exit_loss_scale (float): The `'layerskip'` loss's `e_scale`: the weight of every exit but the last,
+            relative to it. Defaults to `1.0`.
+        exit_adapters (bool): Causal LM only: an identity-initialised affine map after every step but the last,
+            before the shared final norm and LM head (a tuned lens), so that a frozen backbone's intermediate layers
+            can be read by its head. Per-token exits and self-speculative drafts read an exit through it; full depth
+            never does. Defaults to `False`.
+        exit_distillation (bool): Causal LM training only: each step's loss is the KL divergence from the model's
             own full-depth prediction (made first, without gradients) instead of the next token's cross-entropy, so
-            exits learn to agree with the full model, which drafts and exits are judged by (the tuned lens's
-            objective). The backbone then runs forward twice.
-
-    Validation: every field is checked whenever it is set (construction, loading, `from_pretrained` overrides,
-    assignment), by its rule in `field_rules()`, and the fields that depend on each other (`validate_adnet`) after
-    construction, after each assignment (a refused assignment leaves the old value) and before saving. A bad value
-    raises a `ValueError` naming the field and the values it may take.
+            that exits learn to agree with the full model, which drafts and exits are judged by. The backbone then
+            runs forward twice. Defaults to `False`.
+        problem_type (str | None): `PreTrainedConfig`'s: `'regression'`, `'single_label_classification'` or
+            `'multi_label_classification'`; `None` is inferred from the labels of the first batch, as Transformers'
+            heads do. A regressor takes the `halting` and `none` exit policies only. Defaults to `None`.
+        num_labels (int): `PreTrainedConfig`'s: classes, or outputs of a regressor or multi-label classifier; at
+            most 100,000. Defaults to `2`.
     """
 
     model_type = "adnet"
@@ -277,9 +314,9 @@ class ADNetConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.per_token_units is None and "ADNetForCausalLM" in (self.architectures or ()):
-            self.per_token_units = True  # a causal LM saved before the field existed
+            self.per_token_units = True  # a saved causal LM config without the field
         if self.halting_evidence is None and self.architectures:
-            self.halting_evidence = False  # saved before the field existed: units that read their summary only
+            self.halting_evidence = False  # a saved config without the field: units that read their summary only
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.backbone_config, "tie_word_embeddings", False))
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}

@@ -71,12 +71,20 @@ def regression_metrics(predictions: np.ndarray, references: np.ndarray) -> dict[
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Quality of a classifier's or regressor's predictions; `logits` is samples x num_labels.
+    """Quality of a classifier's or regressor's predictions, with numpy alone.
 
-    One label is regression (Pearson, Spearman, MSE); labels shaped like the logits are multi-label (accuracy: every
-    label right, a label predicted when its logit is > 0 and present when its label is > 0.5; and the micro-F1 over
-    every label, 1 where none is predicted nor present); otherwise accuracy of the argmax, and for two classes the
-    F1 of class 1 (GLUE's metric for MRPC and QQP; 0 where class 1 is neither predicted nor present).
+    The values equal scikit-learn's and scipy's functions (GLUE's metrics), so the core package needs neither.
+
+    Args:
+        logits (np.ndarray): samples x num_labels.
+        labels (np.ndarray): samples (class indices or regression targets), or samples x num_labels (multi-label).
+
+    Returns:
+        The metrics by name. With one output (regression) `pearson`, `spearman` and `mse`. With labels shaped like
+            the logits (multi-label) `accuracy`, every label right (a label is predicted when its logit is > 0 and
+            present when its label is > 0.5), and `micro_f1` over every label (1 where none is predicted nor
+            present). Otherwise `accuracy` of the argmax and, for two classes, `f1` of class 1 (GLUE's metric for
+            MRPC and QQP; 0 where class 1 is neither predicted nor present).
     """
     if logits.shape[-1] == 1:
         return regression_metrics(logits.reshape(-1), labels.reshape(-1))
@@ -181,10 +189,22 @@ def pooled_items(
 def evaluate_batches(
     model, batches: Iterable[dict], exit_policy: str | None = None, exit_threshold: float | int | None = None
 ) -> dict[str, float]:
-    """`evaluation_metrics` of `model` on `batches` (model inputs with `labels`) with one exit setting.
+    """Quality and computation of `model` on `batches` with one exit setting, pooled over every batch.
 
-    `exit_policy` / `exit_threshold` default to the config's; the threshold is the policy's setting
-    (`halting_epsilon`, `confidence_threshold` or `patience`) for these calls only.
+    The model is put in eval mode and runs with real exits; the setting applies to these calls only and is never
+    written into the config.
+
+    Args:
+        model (ADNetPreTrainedModel): An ADNet task model.
+        batches (Iterable[dict]): Model inputs with `labels`.
+        exit_policy (str | None): The exit policy. Defaults to `None` (the config's).
+        exit_threshold (float | int | None): The policy's setting (`halting_epsilon`, `confidence_threshold` or
+            `patience`). Defaults to `None` (the config's).
+
+    Returns:
+        The metrics by name. `task_metrics` for a classifier or regressor, `perplexity` for a causal LM (over the
+            predicted tokens whose label is not -100); and the means of `exit_steps` (backbone steps run, fixed
+            ones included) and `executed_layers` (blocks run), per sample or per predicted token.
     """
     return evaluation_metrics(pooled_items(model, batches, exit_policy, exit_threshold))
 
@@ -192,12 +212,21 @@ def evaluate_batches(
 def sweep_exits(
     model, batches: Iterable[dict], settings: Iterable[tuple[str, float | int | None]], return_items: bool = False
 ) -> list[dict]:
-    """One record per `(exit_policy, exit_threshold)` setting: the setting and its `evaluate_batches` metrics.
+    """`evaluate_batches` for several exit settings: one record per setting, in order.
 
-    Put `("none", None)` first for the full-depth reference. The config is left as it was, so the sweep can be
-    compared, saved or timed against the configured model afterwards. With `return_items`, each record also holds
-    the `pooled_items` its metrics come from (`items`): per-sample outcomes of one real exiting pass, which risk
-    control and resampling benchmarks read (`sample_errors`).
+    The config is left as it was, so the sweep can be compared, saved or timed against the configured model
+    afterwards.
+
+    Args:
+        model (ADNetPreTrainedModel): An ADNet task model.
+        batches (Iterable[dict]): Model inputs with `labels` (read once into a list, then once per setting).
+        settings (Iterable[tuple[str, float | int | None]]): `(exit_policy, exit_threshold)` pairs; put
+            `("none", None)` first for the full-depth reference.
+        return_items (bool): Also keep, under `items`, the per-sample outcomes each record's metrics come from
+            (one real exiting pass: what risk control reads). Defaults to `False`.
+
+    Returns:
+        Per setting, `exit_policy`, `exit_threshold` and its `evaluate_batches` metrics.
     """
     batches = list(batches)
     records = []

@@ -44,16 +44,45 @@ class HaltingDistribution:
 
 
 def halting_distribution(lambdas: torch.Tensor) -> torch.Tensor:
-    """The halting distribution over the last dim of `lambdas` (items x N); the last step takes the remainder."""
+    """PonderNet's halting distribution from the units' halting probabilities, as the model computes it.
+
+    `p_n = lambda_n prod_{k<n}(1 - lambda_k)` for every step but the last, which takes the mass not yet halted, so
+    each item's `p` sums to 1 (the last `lambda` is not read: the last unit always halts).
+
+    Args:
+        lambdas (torch.Tensor): items x N: each variable step's halting probability `lambda_n` per item.
+
+    Returns:
+        The probability `p_n` of halting at each step, items x N.
+    """
     distribution = HaltingDistribution()
     steps = lambdas.unbind(-1)
     return torch.stack([distribution.step(step, last=n == len(steps) - 1) for n, step in enumerate(steps)], dim=-1)
 
 
 class ExitRule:
-    """Decides, step after step, which items stop. Subclasses are registered under their policy `name`.
+    """An inference exit rule: decides, step after step, which items (samples, or a causal LM's tokens) stop.
 
-    `threshold` is the value of the rule's config field, given per call or read from the config.
+    A rule is a subclass registered under its policy `name` (`register_exit_rule`); the model builds one per
+    exiting forward pass, set to the value of its config field or to the call's `exit_threshold`. Each item's
+    decision reads that item's own history only, so its exit never depends on the rest of the batch. A subclass
+    sets the class attributes below and implements `is_valid`, `candidates` and `step` (and `select` if it keeps
+    state between steps).
+
+    Attributes:
+        name (str): The policy's name, the value of `ADNetConfig.exit_policy` that selects it.
+        config_field (str): The `ADNetConfig` field holding its setting (`halting_epsilon`, ...); the config
+            checks that field with the rule's `check`.
+        allowed (str): The values that field may take, as an error message states them.
+        needs_predictions (bool): Whether `step` reads the step predictions (the task head then runs at every
+            step). Defaults to `False`.
+        supports_regression (bool): Whether the rule works for a regressor, which has no classes to be confident
+            or patient about. Defaults to `True`.
+
+    Args:
+        threshold (float | int): The rule's setting, checked by `check`.
+        problem_type (str | None): The config's problem type; `'multi_label_classification'` makes the rule read
+            every label. Defaults to `None`.
     """
 
     name: ClassVar[str]
@@ -69,32 +98,75 @@ class ExitRule:
 
     @classmethod
     def is_valid(cls, value) -> bool:
+        """Whether `value` is an allowed setting of the rule's config field.
+
+        Args:
+            value (float | int): The setting.
+        """
         raise NotImplementedError
 
     @classmethod
     def check(cls, value, owner: str | None = None) -> None:
-        """Raise a `ValueError` naming `owner` (a config field; default: the per-call argument) unless `value` is
-        allowed."""
+        """Raise a `ValueError` naming `owner` and the allowed values unless `value` is allowed.
+
+        Args:
+            value (float | int): The setting.
+            owner (str | None): What to name in the error, e.g. a config field. Defaults to `None` (the per-call
+                `exit_threshold`).
+        """
         owner = owner or f"exit_threshold (the {cls.config_field} of exit_policy={cls.name!r})"
         require(cls.is_valid(value), owner, cls.allowed, value)
 
     @staticmethod
     def candidates(num_variable_steps: int) -> list[float | int]:
-        """Calibration grid, from the most cautious setting to the most aggressive."""
+        """The calibration grid `calibrate_exit` tries by default, from the most cautious setting to the most
+        aggressive (risk control tests them in that order).
+
+        Args:
+            num_variable_steps (int): The model's steps that carry a unit.
+        """
         raise NotImplementedError
 
     def step(self, not_halted: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """Which items stop now, given the halting mass not yet halted after this step and its predictions."""
+        """Which of the items still running stop after this step.
+
+        Args:
+            not_halted (torch.Tensor): Per item, the halting mass not yet halted after this step,
+                `prod_{k<=n}(1 - lambda_k)`.
+            logits (torch.Tensor | None): The step's predictions, items x classes; `None` unless
+                `needs_predictions`.
+
+        Returns:
+            A boolean per item.
+        """
         raise NotImplementedError
 
     def select(self, keep: torch.Tensor) -> None:
-        """Keep the state of the samples at indices `keep` only (rules that remember past steps)."""
+        """Keep the state of the items at indices `keep` only, once the others have left the batch (for rules that
+        remember past steps).
+
+        Args:
+            keep (torch.Tensor): Indices of the items still running.
+        """
 
 
 EXIT_RULES: dict[str, type[ExitRule]] = {}
+"""Every registered exit rule by policy name: `halting`, `confidence`, `patience`, then any `register_exit_rule`
+adds. The allowed values of `ADNetConfig.exit_policy` are these names and `'none'` (full depth)."""
 
 
 def register_exit_rule(cls: type[ExitRule]) -> type[ExitRule]:
+    """Register an exit rule under its `name` (a class decorator), replacing a rule of that name.
+
+    From then on `exit_policy=cls.name` selects it, in the config or per call, its `config_field` is checked by its
+    `check`, and `calibrate_exit` calibrates it over its `candidates`.
+
+    Args:
+        cls (type[ExitRule]): The rule.
+
+    Returns:
+        `cls`, unchanged.
+    """
     EXIT_RULES[cls.name] = cls
     return cls
 
@@ -116,7 +188,15 @@ def is_int(value) -> bool:
 
 @register_exit_rule
 class HaltingExit(ExitRule):
-    """ACT's rule on the learned units: stop once the cumulative halting probability reaches `1 - epsilon`."""
+    """ACT's rule on the learned units: stop once the cumulative halting probability reaches `1 - epsilon`.
+
+    The `halting` policy, and the default. Its setting is `ADNetConfig.halting_epsilon`, in (0, 1); works for every
+    task.
+
+    Args:
+        threshold (float): `epsilon`: an item stops once the halting mass not yet halted is at most this.
+        problem_type (str | None): The config's problem type (not read by this rule). Defaults to `None`.
+    """
 
     name, config_field, allowed = "halting", "halting_epsilon", "a number in (0, 1)"
 
@@ -136,7 +216,16 @@ class HaltingExit(ExitRule):
 
 @register_exit_rule
 class ConfidenceExit(ExitRule):
-    """DeeBERT's rule: stop once the step's prediction is confident enough (every label, for multi-label)."""
+    """DeeBERT's rule: stop once the step's prediction is confident enough.
+
+    The `confidence` policy. Its setting is `ADNetConfig.confidence_threshold`, in (0, 1]; classifiers only.
+
+    Args:
+        threshold (float): The top class probability at which an item stops; for multi-label, every label's
+            probability of its predicted value (`max(p, 1 - p)`) must reach it.
+        problem_type (str | None): The config's problem type; `'multi_label_classification'` reads every label.
+            Defaults to `None`.
+    """
 
     name, config_field, allowed = "confidence", "confidence_threshold", "a number in (0, 1]"
     needs_predictions, supports_regression = True, False
@@ -160,7 +249,15 @@ class ConfidenceExit(ExitRule):
 
 @register_exit_rule
 class PatienceExit(ExitRule):
-    """PABEE's rule: stop once the prediction has not changed for `patience` consecutive steps."""
+    """PABEE's rule: stop once the prediction has not changed for `patience` consecutive steps.
+
+    The `patience` policy. Its setting is `ADNetConfig.patience`, an integer in [1, 10000]; classifiers only.
+
+    Args:
+        threshold (int): The number of consecutive unchanged steps at which an item stops.
+        problem_type (str | None): The config's problem type; for `'multi_label_classification'` every label's
+            prediction must stay unchanged. Defaults to `None`.
+    """
 
     name, config_field, allowed = "patience", "patience", f"an integer in [1, {MAX_PATIENCE}]"
     needs_predictions, supports_regression = True, False

@@ -20,6 +20,7 @@ a causal LM's per-token exits with a key/value cache are not exported.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -203,8 +204,29 @@ def export_step_programs(model: nn.Module, example_inputs: dict[str, torch.Tenso
 
 
 def export_steps(model: nn.Module, directory: str | Path, example_inputs: dict[str, torch.Tensor]) -> Path:
-    """Export an ADNet classifier (put in eval mode) step by step to ONNX under `directory` (see the module
-    docstring) and return the manifest's path. `ADNetStepRunner(directory)` runs it with exits."""
+    """Export an ADNet classifier step by step to ONNX, so that `ADNetStepRunner` can run it with exits.
+
+    A forward pass with exits branches on the values it computes, so it is not one static graph; each step alone
+    is. Under `directory` go `embeddings.onnx` (the inputs to the first block's input), one `step_NN.onnx` per step
+    (its blocks and, for a step with a unit, the unit and output layer: step output, `lambda_n`, logits) and
+    `adnet_steps.json` (names, step layout, exit policy and settings, problem type; no pickle). Every graph goes
+    through `torch.export` first and has a dynamic batch and sequence length (image sides). The model is put in
+    eval mode. Sequence and image classifiers only: a causal LM's per-token exits with a cache are not exported.
+
+    Args:
+        model (ADNetForSequenceClassification | ADNetForImageClassification): The classifier.
+        directory (str | Path): Where to write the files (created if missing).
+        example_inputs (dict[str, torch.Tensor]): One batch of at least 2 samples of the inputs the deployed model
+            will take (e.g. `input_ids` and `attention_mask`; `pixel_values`); a batch of 1 would be fixed into
+            the graphs.
+
+    Returns:
+        The manifest, `directory / "adnet_steps.json"`.
+
+    Raises:
+        ImportError: ONNX is not installed (`pip install 'adnet-hf[onnx]'`).
+    """
+    _require_onnx("export_steps", "onnx", "onnxscript")
     model = _classifier(model).eval()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -231,6 +253,14 @@ def export_steps(model: nn.Module, directory: str | Path, example_inputs: dict[s
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def _require_onnx(user: str, *modules: str):
+    """Import the ONNX packages `user` needs (the last one is returned), naming the extra that installs them."""
+    try:
+        return [importlib.import_module(module) for module in modules][-1]
+    except ImportError as error:
+        raise ImportError(f"{user} needs {error.name or modules[0]}: pip install 'adnet-hf[onnx]'.") from error
 
 
 def _step_outputs(engine, step: int) -> list[str]:
@@ -277,11 +307,13 @@ def _manifest(model: nn.Module, inputs: list[str], state: list[str], files: list
 
 @dataclass
 class StepRunnerOutput:
-    """The runner's result, laid out as the eager classifier's fields of the same names.
+    """What `ADNetStepRunner` returns: NumPy arrays laid out as the eager classifier's fields of the same names.
 
-    logits: `(batch_size, num_labels)`, each sample's prediction at its exit step.
-    exit_steps: `(batch_size,)`, backbone steps executed per sample.
-    halting_probs: `(batch_size, num_variable_steps)`, the halting distribution (steps after the exit: 0).
+    Attributes:
+        logits (np.ndarray): `(batch_size, num_labels)`: each sample's prediction at its exit step.
+        exit_steps (np.ndarray): `(batch_size,)`: backbone steps executed per sample.
+        halting_probs (np.ndarray): `(batch_size, num_variable_steps)`: the halting distribution (steps after the
+            exit: 0).
     """
 
     logits: np.ndarray
@@ -292,13 +324,24 @@ class StepRunnerOutput:
 class ADNetStepRunner:
     """Runs an ADNet classifier exported by `export_steps` with ONNX Runtime, exits and batch shrinking included.
 
-    `session_options` (an `onnxruntime.SessionOptions`, e.g. with `intra_op_num_threads`) and `providers` go to every
-    session. Call it with the exported input names as NumPy arrays (`exit_policy` / `exit_threshold` as for the
-    eager model: the manifest's policy and settings by default, `"none"` for full depth).
+    The steps run as ONNX graphs; between them the runner decides on the host with the package's own exit rules
+    (the function the eager model calls), and the samples that exit leave the batch before the next step. Every
+    policy works, per call or the exported config's. Its logits, exit steps and halting distribution equal the
+    eager model's within float tolerance.
+
+    Args:
+        directory (str | Path): What `export_steps` wrote.
+        session_options (onnxruntime.SessionOptions | None): For every session, e.g. with
+            `intra_op_num_threads`. Defaults to `None` (ONNX Runtime's).
+        providers (Sequence[str]): ONNX Runtime execution providers. Defaults to `("CPUExecutionProvider",)`.
+
+    Raises:
+        ImportError: ONNX Runtime is not installed (`pip install 'adnet-hf[onnx]'`).
+        ValueError: `directory` holds no `export_steps` output, or one of another format.
     """
 
     def __init__(self, directory: str | Path, session_options=None, providers=("CPUExecutionProvider",)):
-        import onnxruntime
+        onnxruntime = _require_onnx("ADNetStepRunner", "onnxruntime")
 
         directory = Path(directory)
         path = directory / MANIFEST_NAME
@@ -328,6 +371,19 @@ class ADNetStepRunner:
     def __call__(
         self, exit_policy: str | None = None, exit_threshold: float | int | None = None, **inputs: np.ndarray
     ) -> StepRunnerOutput:
+        """Run a batch with exits.
+
+        Args:
+            exit_policy (str | None): As for the eager model; `"none"` runs full depth. Defaults to `None` (the
+                exported config's).
+            exit_threshold (float | int | None): The policy's setting for this call. Defaults to `None` (the
+                exported config's).
+            **inputs (np.ndarray): Exactly the exported inputs, by name (e.g. a tokenizer's output with
+                `return_tensors="np"`).
+
+        Returns:
+            The logits, exit steps and halting distribution.
+        """
         expected = self.manifest["inputs"]
         if sorted(inputs) != sorted(expected):
             raise ValueError(f"inputs must be exactly {expected} (as exported), got {sorted(inputs)}.")

@@ -35,8 +35,15 @@ from .losses_adnet import settled_steps
 
 @dataclass
 class HaltingFit:
-    """What `fit_halting` fitted: per halting unit, the rows its loss reads (every sample; for `"survival"` those not
-    settled before its step), the mean of their target, and the mean loss before and after the fit."""
+    """What `fit_halting` fitted, for a log or a report.
+
+    Attributes:
+        samples (int): Samples the fit read.
+        steps (list[dict]): One entry per halting unit, in order: `step` (its index among the variable steps),
+            `rows` (the samples its loss reads: every one, or for `"survival"` those not settled before its step),
+            `target` (the mean of their target) and `loss` (the mean loss before and after the fit; `None` where
+            no row was left to fit).
+    """
 
     samples: int
     steps: list[dict] = field(default_factory=list)
@@ -142,19 +149,37 @@ OBJECTIVES = ("survival", "settled_by")
 def fit_halting(
     model, batches: Iterable[dict], weight_decay: float = 1e-3, max_iter: int = 200, objective: str = "settled_by"
 ) -> HaltingFit:
-    """Fit every halting unit of a classifier whose units read the step evidence to its settling steps on
-    `batches` (model inputs, best held out of training: see the module docstring; the model's labels are not read,
-    its own predictions are).
+    """Fit a trained classifier's halting units to where its own predictions settle (BERxiT's learning to exit).
 
-    `objective`: `"settled_by"` (default) scores at every step the halted mass `1 - prod_{k<=n}(1 - lambda_k)`, the
-    quantity the `halting` rule thresholds, against whether the prediction has settled by that step (a log loss over
-    every sample); `"survival"` is GPSL's settled term, the log-likelihood of the first settled step (a logistic
-    regression over the samples not settled before each step). Both are proper scores of the same distribution, and
-    linear units represent it only approximately, so they trade differently: fitted on the training data,
-    `"settled_by"` was the cheaper on MNIST and MRPC and the dearer on SST-2 (README, What the halting units learn).
+    One full-depth pass over `batches` finds, for every sample, the first step from which the prediction stays the
+    full-depth one; then each unit's bias and evidence weights (six numbers; its summary weights are set to zero) are
+    fitted by L-BFGS, unit after unit, since each reads the halting mass its predecessors left. Six numbers per unit
+    need only a few hundred samples, and they are best held out of training: a model's early steps agree with its
+    last one more often on its own training data, so units fitted there exit too early.
 
-    Only the units' halting layers change (in place; the step predictions and full-depth outputs do not): set the
-    exit setting afterwards with `calibrate_exit` on held-out data.
+    Only the units' halting layers change (in place; the step predictions and full-depth outputs do not): choose
+    the exit setting afterwards with `calibrate_exit` on held-out data. The model needs units that read the step
+    evidence (`ADNetConfig.halting_evidence`, on for classifiers) and classes to settle on (no regressor).
+
+    Args:
+        model (ADNetForSequenceClassification | ADNetForImageClassification): The trained classifier.
+        batches (Iterable[dict]): Model inputs; labels are not read, the model's own predictions are.
+        weight_decay (float): L2 penalty on the fitted weights. Defaults to `1e-3`.
+        max_iter (int): L-BFGS iterations per unit. Defaults to `200`.
+        objective (str): `"settled_by"` scores at every step the halted mass `1 - prod_{k<=n}(1 - lambda_k)`, the
+            quantity the `halting` rule thresholds, against whether the prediction has settled by that step (a log
+            loss over every sample); `"survival"` is GPSL's settled term, the log-likelihood of the first settled
+            step (a logistic regression over the samples not settled before each step). Both are proper scores of
+            the same distribution, and linear units represent it only approximately, so they trade differently:
+            fitted on the training data, `"settled_by"` was the cheaper on MNIST and MRPC and the dearer on SST-2
+            (README, What the halting units learn). Defaults to `"settled_by"`.
+
+    Returns:
+        Per unit, the rows fitted and the loss before and after.
+
+    Raises:
+        ValueError: The model is not an ADNet classifier whose units read the step evidence, or `objective` is
+            unknown.
     """
     _check(model)
     return fit_halting_to_predictions(model, full_depth_step_logits(model, batches), weight_decay, max_iter, objective)

@@ -85,8 +85,17 @@ def _kl(target: torch.Tensor, probs: torch.Tensor, eps: float = 1e-8) -> torch.T
 
 
 class ADNetLoss(nn.Module):
-    """A loss that combines the per-step task losses; `trains_halting` says whether it trains the halting units
-    (when it does not, they stay as initialised and the `halting` exit policy follows untrained units)."""
+    """Base of the losses that combine the per-step task losses with the halting distribution.
+
+    The model builds the one `ADNetConfig.loss_type` names (`loss_fn`), with the config's weights, at every call, so
+    a `loss_type` or weight set after construction is the one trained with. A row is a sample, or a predicted token
+    of a causal LM.
+
+    Attributes:
+        trains_halting (bool): Whether the loss trains the halting units. When it does not, they stay as
+            initialised and the `halting` exit policy would follow untrained units (`ADNetTrainer` warns).
+            Defaults to `True`.
+    """
 
     trains_halting: bool = True
 
@@ -97,9 +106,19 @@ class ADNetLoss(nn.Module):
         keep: torch.Tensor | None = None,
         settled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The mean of `row_losses` over the rows to `keep` (a boolean mask over the rows; default: every row).
-        `settled` (rows x N, `settled_steps`): where each row's prediction has settled, for losses that train the
-        halting units toward it."""
+        """The mean of `row_losses` over the rows to `keep`; 0 (with zero gradients) when no row is kept.
+
+        Args:
+            step_losses (torch.Tensor): rows x N: each variable step's unreduced task loss.
+            halting_probs (torch.Tensor): rows x N: the halting distribution.
+            keep (torch.Tensor | None): A boolean mask over the rows, e.g. the rows not labelled -100. Defaults to
+                `None` (every row).
+            settled (torch.Tensor | None): rows x N booleans: the steps from which each row's prediction stays the
+                full-depth one, for losses that train the halting units toward it. Defaults to `None`.
+
+        Returns:
+            The scalar loss.
+        """
         if keep is not None:
             step_losses, halting_probs = step_losses[keep], halting_probs[keep]
             settled = None if settled is None else settled[keep]
@@ -108,7 +127,14 @@ class ADNetLoss(nn.Module):
     def row_losses(
         self, step_losses: torch.Tensor, halting_probs: torch.Tensor, settled: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The loss of each row (rows x N -> rows)."""
+        """The loss of each row (rows x N -> rows): what a subclass implements.
+
+        Args:
+            step_losses (torch.Tensor): rows x N: each variable step's unreduced task loss.
+            halting_probs (torch.Tensor): rows x N: the halting distribution.
+            settled (torch.Tensor | None): rows x N booleans: where each row's prediction has settled. Defaults to
+                `None`.
+        """
         raise NotImplementedError
 
 
@@ -124,6 +150,20 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
     `lambda_n`, so `prod_k (1 - lambda_k)` estimates the chance the prediction has not settled yet: what the
     `halting` rule compares with epsilon. The expected-loss term then weights the step losses by a detached `p`:
     the units learn from the plateau term alone, and the step predictions from the first two terms.
+
+    `loss_type="gpsl"`, the default; `ADNetConfig`'s `gpsl_*` fields set its arguments.
+
+    Args:
+        alpha (float): Weight of the growing deep-supervision term (`gpsl_alpha`). Defaults to `0.3`.
+        beta (float): Weight of the plateau term (`gpsl_beta`). Defaults to `0.1`.
+        step_cost (float): Cost of one more step in the `'loss'` plateau target (`gpsl_step_cost`). Defaults to
+            `0.05`.
+        temperature (float): Temperature of the `'loss'` plateau target (`gpsl_temperature`). Defaults to `0.5`.
+        growth_rate (float): Slope of the growth weights' logistic curve (`gpsl_growth_rate`). Defaults to `1.0`.
+        growth_midpoint (float | None): Its midpoint, a step; `None` is half the number of steps
+            (`gpsl_growth_midpoint`). Defaults to `None`.
+        plateau (str): The plateau target, `'loss'` or `'settled'` (`gpsl_plateau`, whose default is
+            `'settled'`). Defaults to `'loss'`.
     """
 
     def __init__(
@@ -173,7 +213,14 @@ class GrowingPlateauSensitiveLoss(ADNetLoss):
 
 
 class PonderNetLoss(ADNetLoss):
-    """PonderNet: expected task loss plus `beta KL(p || geometric(prior))`, the prior truncated to N steps."""
+    """PonderNet: expected task loss plus `beta KL(p || geometric(prior))`, the prior truncated to N steps.
+
+    `loss_type="pondernet"`.
+
+    Args:
+        prior (float): The geometric prior's parameter, in (0, 1] (`pondernet_prior`). Defaults to `0.5`.
+        beta (float): Weight of the KL term (`pondernet_beta`). Defaults to `0.01`.
+    """
 
     def __init__(self, prior: float = 0.5, beta: float = 0.01):
         super().__init__()
@@ -190,7 +237,10 @@ class PonderNetLoss(ADNetLoss):
 
 
 class DeepSupervisionLoss(ADNetLoss):
-    """PABEE / DeeBERT style: per-step losses averaged with weights proportional to depth; halting untrained."""
+    """PABEE / DeeBERT style: per-step losses averaged with weights proportional to depth; halting untrained.
+
+    `loss_type="deep_supervision"`: trains every exit for the `confidence` and `patience` policies.
+    """
 
     trains_halting = False
 
@@ -202,7 +252,11 @@ class DeepSupervisionLoss(ADNetLoss):
 
 
 class LastStepLoss(ADNetLoss):
-    """Plain fine-tuning: the last step's loss only; neither the halting units nor the earlier steps train."""
+    """Plain fine-tuning: the last step's loss only; neither the halting units nor the earlier steps train.
+
+    `loss_type="last"`: the full-depth reference, or the first stage of two-stage training (then
+    `freeze_full_depth` and train the exits).
+    """
 
     trains_halting = False
 
@@ -216,7 +270,14 @@ class LayerSkipLoss(ADNetLoss):
     """LayerSkip's early-exit loss (Elhoushi et al. 2024, its `sum_l` scale): step n of N weighs n(n+1)/2, times
     `scale` (their `e_scale`) for every step but the last, normalised to sum 1. It grows faster with depth than
     `deep_supervision`'s n, and `scale` < 1 keeps the last step's weight near 1, so full-depth quality holds. Every
-    block is an exit, as in LayerSkip, with `num_fixed_steps=0` and `layers_per_step=1`. Halting untrained."""
+    block is an exit, as in LayerSkip, with `num_fixed_steps=0` and `layers_per_step=1`. Halting untrained.
+
+    `loss_type="layerskip"`.
+
+    Args:
+        scale (float): LayerSkip's `e_scale`, the weight of every exit but the last relative to it
+            (`early_exit_loss_scale`). Defaults to `1.0`.
+    """
 
     trains_halting = False
 

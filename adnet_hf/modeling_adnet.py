@@ -41,14 +41,6 @@ from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 logger = logging.get_logger(__name__)
 
 
-_EXIT_CONTRACT = """
-    Under exits, `hidden_states` and `attentions` keep the backbone's own length (the embedding output and every
-    block's output; one attention entry per block; a ResNet reports one hidden state per stage, as `ResNetModel`
-    does). Blocks a sample skipped carry its exit state in `hidden_states` (zeros where a CNN's later stages differ
-    in shape) and zero `attentions`; `exit_steps` says which entries were computed.
-"""
-
-
 class ADNetOutput(ModelOutput):
     """Base of ADNet's outputs: `ModelOutput` whose field writes look the name up in the class's dataclass fields.
 
@@ -70,34 +62,37 @@ class ADNetOutput(ModelOutput):
 
 @dataclass
 class ADNetModelOutput(ADNetOutput):
-    r"""
-    The fields of Transformers' `BaseModelOutputWithPast` first, then ADNet's own.
+    r"""Output of `ADNetModel`: the fields of Transformers' `BaseModelOutputWithPast` first, then ADNet's own.
 
-    last_hidden_state (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`, or the CNN's feature map):
-        The block output at each sample's exit step; `None` when a CNN's samples exit in stages whose feature maps
-        differ in shape.
-    cache (`Cache`): the key/value cache, when one was passed or `use_cache=True`.
-    hidden_states (`tuple(torch.Tensor)`): the embedding output and each block's output, for the full batch.
-    attentions (`tuple(torch.Tensor)`): each block's attention weights.
-    logits (`torch.Tensor` of shape `(*items, num_labels)`):
-        The prediction at each item's exit step (training: the predictions fused under the halting distribution).
-        Items are samples, or batch x tokens for a causal LM (under exits a padding token's logits are 0, also when
-        the whole mask is 0). `None` without a step head.
-    step_logits (`torch.Tensor` of shape `(num_variable_steps, *items, num_labels)`):
-        Every variable step's prediction, at full depth when the task model is asked for them
-        (`output_step_logits=True`, and a classifier in training).
-    step_losses (`torch.Tensor` of shape `(*items, num_variable_steps)`):
-        Every variable step's unreduced task loss, when the step head has a loss (full depth only).
-    halting_probs (`torch.Tensor` of shape `(*items, num_variable_steps)`):
-        The halting distribution `p_n`. At inference with exits, the exit step takes the mass not yet halted and
-        the steps after it get 0, so each row still sums to 1. At full depth a task model computes it only in
-        training or with `output_step_logits=True`: otherwise, like the plain model, it runs the last step's unit
-        and head only, and this is `None`.
-    exit_steps (`torch.LongTensor` of shape `items`):
-        Backbone steps executed for each item, fixed steps included (0 for padding tokens).
-    executed_layers (`torch.LongTensor` of shape `items`): backbone blocks executed for each item.
-    flops (`torch.Tensor` of shape `items`): estimated FLOPs each item used in the blocks it ran, the units and the
-        step predictions (matrix products and attention; a sample's real tokens only, as if it ran alone).
+    Items are samples, or (batch, tokens) for a causal LM. Under exits, `hidden_states` and `attentions` keep the
+    backbone's own length; the entries of blocks an item skipped hold its exit state (zeros where a CNN's later
+    stages differ in shape) and zero attention weights, and `exit_steps` says which entries were computed.
+
+    Attributes:
+        last_hidden_state (torch.Tensor | None): The block output at each sample's exit step, `(batch_size, seq_len,
+            hidden_size)` or the CNN's feature map; `None` when a CNN's samples exit in stages whose feature maps
+            differ in shape.
+        cache (Cache | None): The key/value cache, when one was passed or `use_cache=True`.
+        hidden_states (tuple[torch.Tensor, ...] | None): With `output_hidden_states`: the embedding output and each
+            block's output for the whole batch (a ResNet: one per stage, as `ResNetModel` reports).
+        attentions (tuple[torch.Tensor, ...] | None): With `output_attentions`: each block's attention weights.
+        logits (torch.Tensor | None): `(*items, num_labels)`: the prediction at each item's exit step (training:
+            the step predictions fused under the halting distribution). Under exits a padding token's logits are 0.
+            `None` without a step head.
+        step_logits (torch.Tensor | None): `(num_variable_steps, *items, num_labels)`: every variable step's
+            prediction, at full depth when the task model asks for them (`output_step_logits=True`, and a
+            classifier in training).
+        step_losses (torch.Tensor | None): `(*items, num_variable_steps)`: every variable step's unreduced task
+            loss, when the step head has a loss (full depth only).
+        halting_probs (torch.Tensor | None): `(*items, num_variable_steps)`: the halting distribution `p_n`. With
+            exits, the exit step takes the mass not yet halted and later steps get 0, so each row sums to 1. At
+            full depth a task model computes it only in training or with `output_step_logits=True` (otherwise it
+            runs the last step's unit and head only, like the plain model) and this is `None`.
+        exit_steps (torch.LongTensor | None): `items`: backbone steps executed for each item, fixed steps included
+            (0 for padding tokens).
+        executed_layers (torch.LongTensor | None): `items`: backbone blocks executed for each item.
+        flops (torch.Tensor | None): `items`: estimated FLOPs each item used in the blocks it ran, the units and the
+            step predictions (matrix products and attention; a sample's real tokens only, as if it ran alone).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -113,25 +108,29 @@ class ADNetModelOutput(ADNetOutput):
     flops: torch.Tensor | None = None
 
 
-ADNetModelOutput.__doc__ += _EXIT_CONTRACT
-
-
 @dataclass
 class ADNetSequenceClassifierOutput(ADNetOutput):
-    r"""
-    Output of [`ADNetForSequenceClassification`] and [`ADNetForImageClassification`]: the fields of Transformers'
-    `SequenceClassifierOutput` first (so `return_dict=False` gives `(loss, logits, ...)` as theirs), then ADNet's.
+    r"""Output of `ADNetForSequenceClassification` and `ADNetForImageClassification`.
 
-    loss (`torch.Tensor` of shape `()`): the configured ADNet loss (GPSL by default), when `labels` are given.
-    logits (`torch.Tensor` of shape `(batch_size, num_labels)`): the prediction at each sample's exit step
-        (training: fused under the halting distribution).
-    step_logits (`torch.Tensor` of shape `(num_variable_steps, batch_size, num_labels)`): each variable step's
-        prediction (at full depth: in training, or with `output_step_logits=True`).
-    halting_probs (`torch.Tensor` of shape `(batch_size, num_variable_steps)`): the halting distribution (with
-        exits; at full depth as `step_logits`).
-    exit_steps (`torch.LongTensor` of shape `(batch_size,)`): backbone steps executed per sample.
-    executed_layers (`torch.LongTensor` of shape `(batch_size,)`): backbone blocks executed per sample.
-    flops (`torch.Tensor` of shape `(batch_size,)`): estimated FLOPs per sample (see `ADNetModelOutput`).
+    The fields of Transformers' `SequenceClassifierOutput` come first, so `return_dict=False` gives
+    `(loss, logits, ...)` as theirs does; ADNet's follow. Under exits, `hidden_states` and `attentions` are laid out
+    as in `ADNetModelOutput`.
+
+    Attributes:
+        loss (torch.Tensor | None): `()`: with `labels`, the configured ADNet loss in training (GPSL by default),
+            the task loss of the prediction made at inference.
+        logits (torch.Tensor | None): `(batch_size, num_labels)`: the prediction at each sample's exit step
+            (training: fused under the halting distribution).
+        hidden_states (tuple[torch.Tensor, ...] | None): With `output_hidden_states`: the embedding output and every
+            block's (or stage's) output.
+        attentions (tuple[torch.Tensor, ...] | None): With `output_attentions`: every block's attention weights.
+        step_logits (torch.Tensor | None): `(num_variable_steps, batch_size, num_labels)`: each variable step's
+            prediction (at full depth: in training, or with `output_step_logits=True`).
+        halting_probs (torch.Tensor | None): `(batch_size, num_variable_steps)`: the halting distribution (with
+            exits; at full depth when `step_logits` are made).
+        exit_steps (torch.LongTensor | None): `(batch_size,)`: backbone steps executed per sample.
+        executed_layers (torch.LongTensor | None): `(batch_size,)`: backbone blocks executed per sample.
+        flops (torch.Tensor | None): `(batch_size,)`: estimated FLOPs per sample (as in `ADNetModelOutput`).
     """
 
     loss: torch.Tensor | None = None
@@ -145,16 +144,28 @@ class ADNetSequenceClassifierOutput(ADNetOutput):
     flops: torch.Tensor | None = None
 
 
-ADNetSequenceClassifierOutput.__doc__ += _EXIT_CONTRACT
-
-
 @dataclass
 class ADNetCausalLMOutput(ADNetOutput):
-    r"""
-    Output of [`ADNetForCausalLM`]: the fields of Transformers' `CausalLMOutputWithPast` first, then ADNet's. Items
-    are tokens: `logits` is `(batch_size, seq_len, vocab_size)`, `halting_probs`
-    `(batch_size, seq_len, num_variable_steps)`, `exit_steps`, `executed_layers` and `flops` `(batch_size, seq_len)`.
-    `loss` averages over the predicted tokens whose label is not -100.
+    r"""Output of `ADNetForCausalLM`: the fields of Transformers' `CausalLMOutputWithPast` first, then ADNet's.
+
+    Items are tokens. Under exits, `hidden_states` and `attentions` are laid out as in `ADNetModelOutput`.
+
+    Attributes:
+        loss (torch.Tensor | None): `()`: with `labels`, the mean over the predicted tokens whose label is not -100
+            (the configured ADNet loss in training, the cross-entropy of the prediction made at inference, so
+            `exp(loss)` is the perplexity).
+        logits (torch.Tensor | None): `(batch_size, seq_len, vocab_size)`: each token's prediction at its exit step.
+        cache (Cache | None): The key/value cache, when one was passed or `use_cache=True`.
+        hidden_states (tuple[torch.Tensor, ...] | None): With `output_hidden_states`: the embedding output and every
+            block's output.
+        attentions (tuple[torch.Tensor, ...] | None): With `output_attentions`: every block's attention weights.
+        step_logits (torch.Tensor | None): `(num_variable_steps, batch_size, seq_len, vocab_size)`, with
+            `output_step_logits=True`.
+        halting_probs (torch.Tensor | None): `(batch_size, seq_len, num_variable_steps)`: the halting distribution.
+        exit_steps (torch.LongTensor | None): `(batch_size, seq_len)`: backbone steps executed per token (0 for
+            padding).
+        executed_layers (torch.LongTensor | None): `(batch_size, seq_len)`: backbone blocks executed per token.
+        flops (torch.Tensor | None): `(batch_size, seq_len)`: estimated FLOPs per token (as in `ADNetModelOutput`).
     """
 
     loss: torch.Tensor | None = None
@@ -169,10 +180,19 @@ class ADNetCausalLMOutput(ADNetOutput):
     flops: torch.Tensor | None = None
 
 
-ADNetCausalLMOutput.__doc__ += _EXIT_CONTRACT
-
-
 class ADNetPreTrainedModel(PreTrainedModel):
+    """Base of the ADNet models: what every head shares.
+
+    It initialises the units and output layers (never the backbone, which keeps its own or loaded weights), wraps a
+    pretrained backbone checkpoint (`from_backbone`), freezes the full-depth path for exits trained afterwards
+    (`freeze_full_depth`), and builds the configured loss (`loss_fn`). `from_pretrained` and `save_pretrained` are
+    Transformers' own.
+
+    Args:
+        config (ADNetConfig): The configuration; the backbone is built from `config.backbone_config` with random
+            weights (`from_backbone` or `from_pretrained` load trained ones).
+    """
+
     config: ADNetConfig
     config_class = ADNetConfig
     base_model_prefix = "adnet"
@@ -195,10 +215,20 @@ class ADNetPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
-        """Wrap a pretrained backbone checkpoint (local folder or Hub id) and load its weights unchanged.
+        """Wrap a pretrained backbone checkpoint and load its weights unchanged; the units and output layers start new.
 
-        `backbone_kwargs` go to the backbone's `from_pretrained` (e.g. `dtype`, `gguf_file`, `attn_implementation`);
-        `config_overrides` set `ADNetConfig` fields such as `num_labels` or `exit_policy`.
+        The checkpoint is a plain Transformers one (a `BertModel`, a fine-tuned `BertForSequenceClassification`, a
+        GPT-2 or Llama causal LM, a ResNet); an ADNet checkpoint loads with `from_pretrained`. A causal LM keeps the
+        checkpoint's LM head where it is not tied to the embeddings.
+
+        Args:
+            name_or_path (str): A local folder or a Hub id.
+            backbone_kwargs (dict | None): Passed to the backbone's `from_pretrained` (e.g. `dtype`, `gguf_file`,
+                `attn_implementation`). Defaults to `None`.
+            **config_overrides (Any): `ADNetConfig` fields, e.g. `num_labels=2` or `exit_policy="confidence"`.
+
+        Returns:
+            model (ADNetPreTrainedModel): A model of the class called, in the backbone's dtype.
         """
         pretrained = cls._load_pretrained_backbone(name_or_path, **(backbone_kwargs or {}))
         model = cls(ADNetConfig(backbone_config=pretrained.config, **config_overrides))
@@ -253,14 +283,20 @@ class ADNetPreTrainedModel(PreTrainedModel):
 
 
 class ADNetModel(ADNetPreTrainedModel):
-    """The backbone and one calculation unit per variable step; runs them with or without exits.
+    """The backbone and one calculation unit per variable step, run with or without exits; no task head.
 
-    `config.per_token_units` gives causal-LM units (a halting probability per token, no pooling over the sequence).
+    The task models hold one as `model.adnet` (`model.base_model`). Alone (`AutoModel`) it makes no predictions, so
+    a config whose policy needs them (`confidence`, `patience`) runs at full depth, with a warning.
+    `config.per_token_units` gives a causal LM's units (a halting probability per token, no pooling over the
+    sequence).
 
     `sync_exits` (an attribute, not a config field: it depends on how a run shards the model, not on the model)
-    says whether the exiting pass keeps distributed processes in step (`sharding_adnet`). None, the default,
-    detects blocks sharded by FSDP or DeepSpeed ZeRO-3; set `model.base_model.sync_exits = True` for another
-    engine that gathers parameters inside the blocks, False to never synchronise.
+    says whether the exiting pass keeps distributed processes in step. `None`, the default, detects blocks sharded
+    by FSDP or DeepSpeed ZeRO-3; set `model.base_model.sync_exits = True` for another engine that gathers
+    parameters inside the blocks, `False` to never synchronise.
+
+    Args:
+        config (ADNetConfig): The configuration.
     """
 
     sync_exits: bool | None = None
@@ -346,15 +382,36 @@ class ADNetModel(ADNetPreTrainedModel):
         output_attentions: bool | None = None,
         **kwargs,
     ) -> ADNetModelOutput:
-        r"""
-        exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call (inference only; training
-            always runs every step).
-        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call (`halting_epsilon`,
-            `confidence_threshold` or `patience`), instead of the config's.
-        step_head (`StepHead`, *optional*): the task model's prediction at each variable step. The `confidence` and
-            `patience` policies need it.
-        cache (`Cache`, *optional*): a key/value cache (causal LMs). With exits, the tokens that exited get the
-            deeper layers' keys/values from their exit hidden state (CALM's state propagation).
+        r"""Run the backbone step by step, each item stopping at its exit step (training: every step).
+
+        Text backbones take `input_ids` or `inputs_embeds`, a ResNet `pixel_values`.
+
+        Args:
+            input_ids (torch.LongTensor | None): `(batch_size, seq_len)` token ids. Defaults to `None`.
+            attention_mask (torch.Tensor | None): `(batch_size, seq_len)`, 1 for real tokens and 0 for padding.
+                Defaults to `None` (every token real).
+            token_type_ids (torch.LongTensor | None): Segment ids, for backbones that take them (BERT). Defaults
+                to `None`.
+            position_ids (torch.LongTensor | None): Positions, e.g. ones that skip left padding on BERT. Defaults
+                to `None` (the backbone's own; decoders skip left padding themselves).
+            inputs_embeds (torch.Tensor | None): Input embeddings instead of `input_ids`. Defaults to `None`.
+            pixel_values (torch.Tensor | None): `(batch_size, channels, height, width)` images (ResNet).
+                Defaults to `None`.
+            cache (Cache | None): A key/value cache (causal LMs). With exits, the tokens that exited get the deeper
+                layers' keys/values from their exit hidden state (CALM's state propagation). Defaults to `None`.
+            exit_policy (str | None): Overrides `config.exit_policy` for this call (inference only; training always
+                runs every step). Defaults to `None`.
+            exit_threshold (float | int | None): The policy's setting for this call (`halting_epsilon`,
+                `confidence_threshold` or `patience`) instead of the config's. Defaults to `None`.
+            step_head (StepHead | None): The task model's prediction at each variable step, which the `confidence`
+                and `patience` policies need. Defaults to `None`.
+            output_hidden_states (bool | None): Also return every block's output. Defaults to `None` (the
+                config's).
+            output_attentions (bool | None): Also return every block's attention weights. Defaults to `None` (the
+                config's).
+
+        Returns:
+            The exit steps and, with a step head, the predictions.
         """
         inputs = {
             "input_ids": input_ids,
@@ -491,7 +548,15 @@ class _ADNetClassifier(ADNetPreTrainedModel):
 
 
 class ADNetForSequenceClassification(_ADNetClassifier):
-    """ADNet on a BERT, RoBERTa or GPT-2 backbone for single-label, multi-label or regression tasks."""
+    """ADNet on a BERT, RoBERTa or GPT-2 backbone for single-label, multi-label or regression tasks.
+
+    Each calculation unit summarises the sequence, and an output layer (shared by every step, or one per step)
+    predicts from that summary; at inference each sample stops at its own exit step and leaves the batch. The task
+    follows `config.problem_type` and `num_labels`, as Transformers' sequence classifiers do.
+
+    Args:
+        config (ADNetConfig): The configuration, with a text backbone.
+    """
 
     @can_return_tuple
     def forward(
@@ -508,15 +573,32 @@ class ADNetForSequenceClassification(_ADNetClassifier):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
-        r"""
-        labels (`torch.Tensor` of shape `(batch_size,)`, or `(batch_size, num_labels)` for multi-label):
-            Class indices, or targets for regression / multi-label. In training the loss follows
-            `config.loss_type`; at inference it is the task loss of the prediction made (at the exit step).
-        exit_policy (`str`, *optional*): overrides `config.exit_policy` for this call.
-        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
-        output_step_logits (`bool`): at full depth, also return every variable step's prediction and the halting
-            distribution. Off by default: they cost a unit and a head at every step, which the prediction does not
-            need (always on in training, which reads them).
+        r"""Classify each sample, stopping it at its exit step.
+
+        Args:
+            input_ids (torch.LongTensor | None): `(batch_size, seq_len)` token ids. Defaults to `None`.
+            attention_mask (torch.Tensor | None): `(batch_size, seq_len)`, 1 for real tokens and 0 for padding.
+                Defaults to `None`.
+            token_type_ids (torch.LongTensor | None): Segment ids (BERT). Defaults to `None`.
+            position_ids (torch.LongTensor | None): Positions; pass `attention_mask.cumsum(-1) - 1` (clamped at 0)
+                to make a left-padded BERT sample equal to the same sample alone. Defaults to `None`.
+            inputs_embeds (torch.Tensor | None): Input embeddings instead of `input_ids`. Defaults to `None`.
+            labels (torch.Tensor | None): `(batch_size,)` class indices (-100: counted in no loss), or
+                `(batch_size, num_labels)` targets for regression and multi-label. In training the loss follows
+                `config.loss_type`; at inference it is the task loss of the prediction made. Defaults to `None`.
+            exit_policy (str | None): Overrides `config.exit_policy` for this call. Defaults to `None`.
+            exit_threshold (float | int | None): The policy's setting for this call instead of the config's.
+                Defaults to `None`.
+            output_step_logits (bool): At full depth, also return every variable step's prediction and the halting
+                distribution. Off by default: they cost a unit and a head at every step, which the prediction does
+                not need (always on in training, which reads them). Defaults to `False`.
+            output_hidden_states (bool | None): Also return every block's output. Defaults to `None` (the
+                config's).
+            output_attentions (bool | None): Also return every block's attention weights. Defaults to `None` (the
+                config's).
+
+        Returns:
+            The predictions, where each sample exited, and the loss with `labels`.
         """
         return self._classify(
             labels,
@@ -534,7 +616,14 @@ class ADNetForSequenceClassification(_ADNetClassifier):
 
 
 class ADNetForImageClassification(_ADNetClassifier):
-    """ADNet on a ResNet: each image stops after its own number of residual blocks."""
+    """ADNet on a ResNet: each image stops after its own number of residual blocks.
+
+    The units pool each step's feature map; otherwise it is `ADNetForSequenceClassification` with images, and it
+    runs in Transformers' `image-classification` pipeline.
+
+    Args:
+        config (ADNetConfig): The configuration, with a ResNet backbone.
+    """
 
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False  # ResNet's blocks do not checkpoint (nor does `ResNetModel`)
@@ -549,10 +638,22 @@ class ADNetForImageClassification(_ADNetClassifier):
         output_step_logits: bool = False,
         output_hidden_states: bool | None = None,
     ) -> ADNetSequenceClassifierOutput:
-        r"""
-        pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the images.
-        labels (`torch.LongTensor` of shape `(batch_size,)`): class indices.
-        output_step_logits (`bool`): as `ADNetForSequenceClassification`'s.
+        r"""Classify each image, stopping it at its exit step.
+
+        Args:
+            pixel_values (torch.Tensor | None): `(batch_size, num_channels, height, width)` images. Defaults to
+                `None`.
+            labels (torch.Tensor | None): `(batch_size,)` class indices, or targets as for
+                `ADNetForSequenceClassification`. Defaults to `None`.
+            exit_policy (str | None): Overrides `config.exit_policy` for this call. Defaults to `None`.
+            exit_threshold (float | int | None): The policy's setting for this call instead of the config's.
+                Defaults to `None`.
+            output_step_logits (bool): As `ADNetForSequenceClassification.forward`'s. Defaults to `False`.
+            output_hidden_states (bool | None): Also return every stage's output. Defaults to `None` (the
+                config's).
+
+        Returns:
+            The predictions, where each image exited, and the loss with `labels`.
         """
         return self._classify(
             labels,
@@ -565,10 +666,18 @@ class ADNetForImageClassification(_ADNetClassifier):
 
 
 class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
-    """ADNet on a GPT-2 or Llama-family decoder: per-token units, every step predicting with the tied LM head.
+    """ADNet on a GPT-2 or Llama-family decoder: per-token units, every step predicting with the LM head.
+
+    Every step reads the backbone's own final norm and LM head (through an exit adapter with
+    `config.exit_adapters`). A token that exits keeps its exit hidden state for the deeper blocks, whose keys and
+    values for it come from that state (CALM's state propagation), and a sample leaves the batch once all its
+    tokens have exited. `generate` exits per token, or with `assistant_early_exit=k` decodes self-speculatively.
 
     Under gradient accumulation `Trainer` passes `num_items_in_batch` (`accepts_loss_kwargs = True`), and the loss
     is this micro-batch's share of the mean over every accumulated token, as Transformers' own causal LMs do.
+
+    Args:
+        config (ADNetConfig): The configuration, with a decoder backbone.
     """
 
     accepts_loss_kwargs = True
@@ -626,13 +735,46 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         return attention_mask
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
-        """Transformers' `generate`; with `assistant_early_exit=k` (blocks, at an exit), self-speculative decoding:
-        the first k blocks draft up to `num_assistant_tokens` tokens (fewer once the draft's top probability falls
-        below `assistant_confidence_threshold`), the remaining blocks verify them in one pass, and the output is the
-        full model's (`speculative_adnet`). It replaces Transformers' early-exit assistant, which runs the shared
-        blocks twice per token. Batch 1; greedy or sampling; `logits_processor`, `stopping_criteria` and `streamer`
-        apply. `draft_vocabulary=` (token ids, e.g. `frequent_tokens` of a corpus) makes the draft's LM head read
-        those rows only; verification always uses the full head."""
+        """Transformers' `generate`, with per-token exits or self-speculative decoding.
+
+        Without `assistant_early_exit`, it is Transformers' own `generate` with a key/value cache, each token
+        exiting by the configured policy (`exit_policy=` and `exit_threshold=` set it for the call; with `"none"`
+        greedy decoding gives the backbone's own output token for token). Any batch size, left padding included.
+
+        With `assistant_early_exit=k` it decodes self-speculatively: the first `k` blocks and the shared final norm
+        and LM head draft up to `num_assistant_tokens` tokens, the remaining blocks verify them all in one pass on
+        the exit states and cache the draft made (no block runs twice for a token), and every layer's cache is
+        cropped back past the first rejected token. The output is the full model's: greedy, token for token; with
+        `do_sample=True`, a drafted token is kept with probability `min(1, p/q)` and otherwise replaced by a sample
+        of `max(0, p - q)`, so tokens follow the full model's distribution. The units and `exit_policy` play no
+        part. It replaces Transformers' early-exit assistant, which runs the shared blocks twice per token.
+
+        Args:
+            inputs (torch.Tensor | None): The prompt's token ids, `(batch_size, prompt_len)`; `input_ids=` works
+                too. Defaults to `None`.
+            generation_config (GenerationConfig | None): As Transformers' `generate`; keyword arguments override
+                it. Defaults to `None` (the model's).
+            **kwargs (Any): Transformers' `generate` arguments and model inputs (`attention_mask`, `max_new_tokens`,
+                `do_sample`, `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
+                The self-speculative options:
+
+                - `assistant_early_exit` (int): blocks the draft runs, at an exit (a multiple of
+                  `layers_per_step`, below the full depth). `None` (the default) decodes without drafts.
+                - `num_assistant_tokens` (int): tokens drafted per round at most. Transformers' default, `20`.
+                - `assistant_confidence_threshold` (float): a draft stops once its top probability falls below
+                  this; `0` drafts a fixed length. Transformers' default, `0.4`.
+                - `draft_vocabulary` (torch.Tensor): distinct token ids (e.g. `frequent_tokens` of a corpus); the
+                  draft reads only those rows of the LM head, the verification always the whole head, so the output
+                  is unchanged. Worth it where the head dominates a token's cost.
+
+                Self-speculative decoding takes a batch of one prompt, `num_beams=1` and a dynamic cache, and
+                refuses by name any other model input.
+
+        Returns:
+            output (torch.LongTensor | ModelOutput): The prompt and the new tokens, `(batch_size, length)`; with
+                `return_dict_in_generate=True` Transformers' output, which for self-speculative decoding is a
+                `SelfSpeculativeOutput` (draft statistics included).
+        """
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if config.assistant_early_exit is None:
             return super().generate(inputs, generation_config, **kwargs)
@@ -709,17 +851,38 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> ADNetCausalLMOutput:
-        r"""
-        token_type_ids: refused (decoder backbones take none); named here so that it is not silently dropped.
-        output_step_logits (`bool`): also return every step's logits (N x B x T x vocab: memory-hungry) and, at
-            full depth, the halting distribution. Off by default: the per-step losses are taken as each step runs,
-            training's fused `logits` are detached, and at inference full depth runs no unit but the last.
-        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`): next-token targets as for any Transformers
-            causal LM (shifted inside; -100 is ignored).
-        cache (`Cache`, *optional*): key/value cache for generation.
-        num_items_in_batch (`int`, *optional*): predicted tokens (label not -100) in all the micro-batches of one
-            optimiser step; the loss is then the sum over this micro-batch's tokens divided by it.
-        exit_threshold (`float` or `int`, *optional*): the policy's setting for this call, instead of the config's.
+        r"""Predict every next token, each token stopping at its own exit step.
+
+        Args:
+            input_ids (torch.LongTensor | None): `(batch_size, seq_len)` token ids. Defaults to `None`.
+            attention_mask (torch.Tensor | None): `(batch_size, seq_len)`, 1 for real tokens and 0 for padding
+                (left or right). Defaults to `None`.
+            position_ids (torch.LongTensor | None): Positions. Defaults to `None` (counted over the real tokens, so
+                left padding is skipped).
+            cache (Cache | None): A key/value cache for generation. Defaults to `None`.
+            inputs_embeds (torch.Tensor | None): Input embeddings instead of `input_ids`. Defaults to `None`.
+            labels (torch.LongTensor | None): `(batch_size, seq_len)` next-token targets as for any Transformers
+                causal LM (shifted inside; -100 is ignored). Defaults to `None`.
+            use_cache (bool | None): Start a `DynamicCache` when no `cache` is given. Defaults to `None`.
+            exit_policy (str | None): Overrides `config.exit_policy` for this call. Defaults to `None`.
+            exit_threshold (float | int | None): The policy's setting for this call instead of the config's.
+                Defaults to `None`.
+            token_type_ids (torch.LongTensor | None): Refused (decoder backbones take none); named so that it is
+                not dropped silently. Defaults to `None`.
+            output_step_logits (bool): Also return every step's logits (`num_variable_steps x batch x seq_len x
+                vocab`: memory-hungry) and, at full depth, the halting distribution. Off by default: the per-step
+                losses are taken as each step runs, and at inference full depth runs no unit but the last.
+                Defaults to `False`.
+            output_hidden_states (bool | None): Also return every block's output. Defaults to `None` (the
+                config's).
+            output_attentions (bool | None): Also return every block's attention weights. Defaults to `None` (the
+                config's).
+            num_items_in_batch (int | torch.Tensor | None): Predicted tokens (label not -100) in all the
+                micro-batches of one optimiser step (`Trainer` passes it); the loss is then the sum over this
+                micro-batch's tokens divided by it. Defaults to `None`.
+
+        Returns:
+            The next-token logits, where each token exited, and the loss with `labels`.
         """
         if use_cache and cache is None:
             from transformers import DynamicCache

@@ -83,10 +83,28 @@ def adnet_trained_modules(model: ADNetPreTrainedModel) -> list[str]:
 def adnet_lora_config(
     model: ADNetPreTrainedModel, target_modules: list[str] | None = None, **lora_kwargs
 ) -> LoraConfig:
-    """A `LoraConfig` for `model`: LoRA on its backbone blocks' linear layers (all of them, or those named in
-    `target_modules`), its units and output layers in `modules_to_save`, the task type of its head.
+    """A PEFT `LoraConfig` for an ADNet model: LoRA on the backbone's blocks, the units and output layers trained fully.
 
-    `lora_kwargs` go to `LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, ...). Needs `peft` (the `peft` extra).
+    PEFT picks LoRA's targets by model type and trains a classifier's `classifier` / `score` fully; an ADNet model
+    is neither a type PEFT knows nor named like that, and its units and output layers are new, so they must train
+    fully. This names both: LoRA targets given by full name, so the units' own layers (and a pooler or LM head
+    outside the blocks) never get an adapter, and every unit and output layer in `modules_to_save` (a causal LM's
+    LM head is the backbone's and stays frozen). Use it as `get_peft_model(model, adnet_lora_config(model, r=8))`.
+
+    Args:
+        model (ADNetPreTrainedModel): An ADNet model with a text backbone (BERT, RoBERTa, GPT-2, Llama); a ResNet
+            is refused (its BatchNorm statistics would change outside the adapter).
+        target_modules (list[str] | None): Layer names to adapt among the blocks' linear layers, e.g.
+            `["query", "value"]` (a name matches a layer whose name is or ends with it). Defaults to `None` (every
+            linear layer of the blocks: attention and MLP).
+        **lora_kwargs (Any): `LoraConfig`'s other arguments (`r`, `lora_alpha`, `lora_dropout`, ...);
+            `modules_to_save` and `task_type` are set from the model and refused here.
+
+    Returns:
+        The config, with the task type of the model's head (`SEQ_CLS`, `CAUSAL_LM`, else `FEATURE_EXTRACTION`).
+
+    Raises:
+        ImportError: PEFT is not installed (`pip install 'adnet-hf[peft]'`).
     """
     try:
         from peft import LoraConfig

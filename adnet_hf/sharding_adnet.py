@@ -63,9 +63,16 @@ def any_process(flag: bool, device: torch.device) -> bool:
 
 
 def blocks_are_sharded(blocks: list[nn.Module]) -> bool:
-    """Whether running a block gathers its parameters from other processes: the block or a module inside it is an
-    FSDP2 (`fully_shard`) or FSDP1 unit, or its parameters are DeepSpeed ZeRO-3 partitions. A model sharded as one
-    unit gathers everything before the first block, so its blocks are not."""
+    """Whether running a block gathers its parameters from other processes, so exits must keep processes in step.
+
+    True when a block, or a module inside it, is an FSDP2 (`fully_shard`) or FSDP1 unit, or its parameters are
+    DeepSpeed ZeRO-3 partitions. A model sharded as one unit gathers everything before the first block, so its
+    blocks are not. `ADNetModel.sync_exits=None` (the default) decides with it in a distributed run.
+
+    Args:
+        blocks (list[nn.Module]): The backbone's blocks, e.g.
+            `model.base_model.adapter.blocks(model.base_model.backbone)`.
+    """
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     units = (FSDPModule, FullyShardedDataParallel)

@@ -39,11 +39,19 @@ from .backbones_adnet import StepState
 
 @dataclass
 class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
-    """`generate`'s output with `return_dict_in_generate=True`, plus how the drafts fared.
+    """What `ADNetForCausalLM.generate(..., assistant_early_exit=k, return_dict_in_generate=True)` returns.
 
-    verifications (`int`): verification passes (one per round of drafting; the prompt's pass not counted).
-    drafted_tokens (`int`): tokens the draft proposed. accepted_tokens (`int`): drafted tokens the full model kept.
-    draft_depth (`int`): backbone blocks the draft runs.
+    Transformers' `GenerateDecoderOnlyOutput` (`sequences`, and `scores` / `logits` with `output_scores` /
+    `output_logits`), plus how the drafts fared: `accepted_tokens / drafted_tokens` is the acceptance rate.
+
+    Attributes:
+        sequences (torch.LongTensor): The prompt and the new tokens, `(1, length)`.
+        scores (tuple[torch.Tensor, ...] | None): With `output_scores`: each new token's processed scores.
+        logits (tuple[torch.Tensor, ...] | None): With `output_logits`: each new token's raw logits.
+        verifications (int | None): Verification passes, one per round of drafting (the prompt's pass not counted).
+        drafted_tokens (int | None): Tokens the draft proposed.
+        accepted_tokens (int | None): Drafted tokens the full model kept.
+        draft_depth (int | None): Backbone blocks the draft runs.
     """
 
     verifications: int | None = None
@@ -114,8 +122,21 @@ def check_vocabulary(vocabulary, vocab_size: int) -> torch.LongTensor | None:
 
 
 def frequent_tokens(token_ids: torch.Tensor, size: int, vocab_size: int) -> torch.LongTensor:
-    """The `size` most frequent of `token_ids` (e.g. a tokenised training corpus), most frequent first: a draft
-    vocabulary, so that drafting reads `size` rows of the LM head instead of `vocab_size`."""
+    """A draft vocabulary: the `size` most frequent tokens of a corpus, most frequent first.
+
+    Pass it as `generate(..., assistant_early_exit=k, draft_vocabulary=...)`: the draft then reads `size` rows of the
+    LM head instead of `vocab_size`, which saves time where the head dominates a token's cost (a large vocabulary on
+    a small model). The verification reads the whole head, so the output does not change; the acceptance rate
+    falls where the text needs tokens outside the vocabulary.
+
+    Args:
+        token_ids (torch.Tensor): Token ids of any shape, e.g. a tokenised training corpus.
+        size (int): Tokens to keep, in [1, `vocab_size`].
+        vocab_size (int): The model's vocabulary size.
+
+    Returns:
+        `size` distinct token ids.
+    """
     if not 1 <= size <= vocab_size:
         raise ValueError(f"size must be in [1, {vocab_size}], got {size}.")
     return torch.bincount(token_ids.flatten(), minlength=vocab_size).topk(size).indices

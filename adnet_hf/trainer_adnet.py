@@ -30,7 +30,27 @@ PARAMETER_GROUPS = ("backbone", "unit", "output")
 
 @dataclass
 class ADNetTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the paper's per-group learning rates and their terminal floor."""
+    """`TrainingArguments` plus the paper's per-group learning rates and their terminal floor.
+
+    The backbone, the calculation units and the output layers each get their own initial learning rate (a pretrained
+    backbone wants a small one, new units a larger one), and each decays to the same fraction of its own rate.
+    `ADNetTrainer` also takes a plain `TrainingArguments`, with which these take their defaults. Every argument of
+    `TrainingArguments` applies as usual.
+
+    Args:
+        backbone_learning_rate (float | None): Initial learning rate of the backbone (LoRA's weights in it
+            included). Defaults to `None` (`learning_rate`).
+        unit_learning_rate (float | None): Initial learning rate of the calculation units. Defaults to `None`
+            (`learning_rate`).
+        output_learning_rate (float | None): Initial learning rate of the output layers, e.g. an untied LM head.
+            Defaults to `None` (`learning_rate`).
+        min_learning_rate_ratio (float): Terminal learning rate of every group as a fraction of its own initial
+            rate, in [0, 1]; the `linear` or `cosine` schedule decays to it (other schedules take 0 only). Defaults
+            to `0.0` (plain decay to zero).
+        overwrite_output_dir (bool): The example scripts' flag (Transformers 4's, gone from `TrainingArguments`
+            5): train into a non-empty `output_dir` from scratch instead of resuming from its last checkpoint,
+            removing the checkpoints already there. Defaults to `False`.
+    """
 
     backbone_learning_rate: float | None = field(
         default=None, metadata={"help": "Initial learning rate of the backbone (default: `learning_rate`)."}
@@ -55,7 +75,7 @@ class ADNetTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Train into a non-empty output_dir from scratch instead of resuming from its last "
-            "checkpoint; the earlier run's checkpoints are removed (Transformers 4's flag, which the "
+            "checkpoint; the checkpoints already there are removed (Transformers 4's flag, which the "
             "example scripts keep)."
         },
     )
@@ -114,10 +134,17 @@ def adnet_parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Par
 
 
 def apply_max_norm(model: nn.Module, max_norm: float) -> None:
-    """Scale every row of a trained unit or output-layer `nn.Linear` weight whose L2 norm exceeds `max_norm` back to it.
+    """The paper's max-norm constraint, for a training loop of your own: scale every row of a trained unit or
+    output-layer `nn.Linear` weight whose L2 norm exceeds `max_norm` back to it (`MaxNormCallback` does it for
+    `Trainer`). Call it after each optimiser step.
 
     Backbone weights (a tied LM head included) are left alone: the constraint is on ADNet's own layers. So are
     frozen ones (`freeze_full_depth`), which must stay exactly as loaded.
+
+    Args:
+        model (nn.Module): An ADNet task model, or a PEFT model wrapping one (unwrapped from any distributed
+            wrapper).
+        max_norm (float): The largest L2 norm a weight row may keep, e.g. `config.max_weight_norm`.
     """
     backbone = {id(p) for p in adnet_base_model(model).backbone.parameters()}
     with torch.no_grad():
@@ -127,7 +154,13 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
 
 
 class MaxNormCallback(TrainerCallback):
-    """The paper's max-norm constraint, after every optimiser step, when `config.max_weight_norm` is set."""
+    """The paper's max-norm constraint: after every optimiser step, rescale each trained weight row of the units and
+    output layers whose L2 norm exceeds `config.max_weight_norm` back to it.
+
+    Nothing happens while `max_weight_norm` is `None` (the default). Backbone weights, a tied LM head among them,
+    and frozen weights are left alone. `ADNetTrainer` adds it; add it to a plain `Trainer` with
+    `callbacks=[MaxNormCallback]`.
+    """
 
     def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs):
         max_norm = getattr(model.config, "max_weight_norm", None)
@@ -171,14 +204,29 @@ def _step_correct(step_logits: torch.Tensor, labels: torch.Tensor, problem_type:
 class ADNetTrainer(Trainer):
     """`Trainer` for ADNet task models: per-group learning rates with a floor, max-norm, ADNet logs and metrics.
 
-    The loss is the model's configured ADNet loss (GPSL by default). Under gradient accumulation a classifier's
-    per-batch mean is divided by the accumulation steps (exact for equal micro-batches); a causal LM's token mean is
-    weighted by the micro-batch's share of the accumulated tokens, as Transformers' own causal LMs are.
+    The loss is the model's configured ADNet loss (`config.loss_type`, GPSL by default). Under gradient
+    accumulation a classifier's per-batch mean is divided by the accumulation steps (exact for equal micro-batches);
+    a causal LM's token mean is weighted by the micro-batch's share of the accumulated tokens, as Transformers' own
+    causal LMs are.
+
+    Training logs add the expected exit step (`exit_steps`) and the halting entropy under the halting distribution,
+    and each variable step's accuracy (`step_{n}_accuracy`) for classifiers. Evaluation runs with real exits and
+    adds `eval_exit_steps` and `eval_executed_layers` (steps and blocks run per sample, or per predicted token),
+    whatever `compute_metrics` is; the predictions `compute_metrics` gets are `(logits, exit_steps)`.
+
+    It warns when the loss trains no halting units while `exit_policy="halting"`, and when the units are frozen (a
+    PEFT model without them in `modules_to_save`: use `adnet_lora_config`).
+
+    Args:
+        model (nn.Module | None): An ADNet task model, or a PEFT model wrapping one. Defaults to `None`.
+        args (TrainingArguments | None): `ADNetTrainingArguments` for per-group learning rates and a floor, or a
+            plain `TrainingArguments` (one learning rate, plain decay). Defaults to `None`
+            (`ADNetTrainingArguments()`). `label_smoothing_factor` is refused: the loss is the model's own.
+        **kwargs (Any): `Trainer`'s other arguments (`train_dataset`, `eval_dataset`, `data_collator`,
+            `compute_metrics`, `callbacks`, ...).
     """
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, **kwargs):
-        """`args`: `ADNetTrainingArguments` for per-group rates and a floor, or a plain `TrainingArguments` (ADNet's
-        own arguments then take their defaults: one learning rate, plain decay)."""
         if args is not None and args.label_smoothing_factor:
             raise ValueError(
                 "label_smoothing_factor is not used by ADNetTrainer: the loss is the model's "
@@ -292,9 +340,21 @@ class ADNetTrainer(Trainer):
 
 
 def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_names) -> list[dict]:
-    """Optimizer parameter groups: one per (ADNet group, weight decay or not), at the group's initial rate.
+    """Optimizer parameter groups as `ADNetTrainer` makes them, for a training loop of your own.
 
-    `decay_names` are the parameters that get weight decay (Trainer's `get_decay_parameter_names`).
+    One group per (ADNet group, weight decay or not): the backbone (LoRA's weights in it included), the calculation
+    units and the output layers, each at its initial learning rate (`backbone_learning_rate`, `unit_learning_rate`,
+    `output_learning_rate`, or `learning_rate`), with `args.weight_decay` on the decayed ones. Frozen parameters are
+    left out, and a LM head tied to the input embeddings counts once, as backbone.
+
+    Args:
+        model (nn.Module): An ADNet task model, or a PEFT model wrapping one.
+        args (TrainingArguments): `ADNetTrainingArguments`, or a plain `TrainingArguments` (one learning rate).
+        decay_names (Iterable[str]): The parameter names that get weight decay, e.g.
+            `Trainer.get_decay_parameter_names(None, model)` (none on biases and norms).
+
+    Returns:
+        Groups for a `torch.optim` optimizer, each with `params`, `name`, `lr` and `weight_decay`.
     """
     decay = set(decay_names)
     param_groups = []
@@ -316,12 +376,22 @@ def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_name
 def floor_scheduler(
     optimizer: torch.optim.Optimizer, args: ADNetTrainingArguments, num_training_steps: int
 ) -> LambdaLR:
-    """Transformers' scheduler for `args`: linear warm-up from 0, then linear or cosine decay to
-    `min_learning_rate_ratio` (its multiplier applies per parameter group, so each group decays to its own floor).
+    """The learning-rate schedule `ADNetTrainer` uses with a floor, for a training loop of your own.
 
-    Linear decay to a floor is the polynomial decay of power 1 (warm-up-stable-decay would warm up from the floor,
-    not from 0), whose absolute end rate is taken as the ratio of the optimizer's default rate. With nothing to decay
-    (a floor of 1, or warm-up to the last step), which the polynomial decay rejects, the rate stays after warm-up.
+    Transformers' scheduler for `args`: linear warm-up from 0, then linear or cosine decay to
+    `min_learning_rate_ratio` of each group's initial rate (the multiplier applies per parameter group, so each
+    group decays to its own floor). Linear decay to a floor is the polynomial decay of power 1, whose absolute end
+    rate is taken as the ratio of the optimizer's default rate. With nothing to decay (a floor of 1, or warm-up to
+    the last step) the rate stays after warm-up.
+
+    Args:
+        optimizer (torch.optim.Optimizer): The optimizer, e.g. over `adnet_optimizer_groups`.
+        args (ADNetTrainingArguments): The warm-up, `lr_scheduler_type` (`linear` or `cosine`) and
+            `min_learning_rate_ratio`.
+        num_training_steps (int): Optimiser steps in the whole run.
+
+    Returns:
+        The scheduler; call its `step()` after each optimiser step.
     """
     warmup, ratio = args.get_warmup_steps(num_training_steps), args.min_learning_rate_ratio
     if ratio == 1.0 or warmup >= num_training_steps:
@@ -334,9 +404,18 @@ def floor_scheduler(
 
 
 def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """`compute_metrics` for sequence / image classification: `evaluation_adnet.task_metrics` (offline metric
-    modules) of the logits, which lead the predictions of `ADNetTrainer` and of a plain `Trainer` alike. The exit
-    statistics are `ADNetTrainer`'s own (`eval_exit_steps`, `eval_executed_layers`)."""
+    """A `compute_metrics` for sequence and image classification: `task_metrics` of the logits.
+
+    The logits lead the predictions of `ADNetTrainer` (`(logits, exit_steps)`) and are the whole of a plain
+    `Trainer`'s, so it serves both. The exit statistics come from `ADNetTrainer` itself (`eval_exit_steps`,
+    `eval_executed_layers`).
+
+    Args:
+        eval_pred (EvalPrediction): What `Trainer` passes: the predictions and `label_ids`.
+
+    Returns:
+        The metrics `task_metrics` gives for the task (accuracy, F1, micro-F1, Pearson, ...).
+    """
     predictions = eval_pred.predictions
     logits = predictions[0] if isinstance(predictions, tuple) else predictions
     return task_metrics(logits, np.asarray(eval_pred.label_ids))
