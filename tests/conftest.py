@@ -40,6 +40,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# A tiny random BERT for the example scripts' `--backbone_config` (they learn a WordPiece vocabulary of up to 200).
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+}
+
+
 def bert_config(**kwargs):
     return BertConfig(
         vocab_size=VOCAB,

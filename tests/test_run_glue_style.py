@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import pytest
-from conftest import assert_loads_as_remote_code, text_metrics
+from conftest import TINY_BERT, assert_loads_as_remote_code, text_metrics
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
 
 from adnet_examples import arguments as arguments_adnet
@@ -19,15 +19,6 @@ from adnet_hf import ADNetForSequenceClassification
 from examples import run_glue_style
 
 SAMPLE = Path(run_glue_style.__file__).resolve().parent / "data" / "sst2_sample"
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 200,
-    "hidden_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
 FAST = [
     "--use_cpu",
     "--disable_tqdm",

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import gpt2_config
+from conftest import TINY_BERT, gpt2_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -36,15 +36,6 @@ from examples import run_clm, run_glue_style, train_accelerate
 
 EXAMPLES = Path(run_glue_style.__file__).resolve().parent
 SAMPLE = EXAMPLES / "data" / "sst2_sample"
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 200,
-    "hidden_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
 FAST = [
     "--use_cpu",
     "--disable_tqdm",

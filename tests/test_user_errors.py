@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_BERT
 from transformers import GPT2Tokenizer
 
 from adnet_examples import arguments
@@ -23,15 +24,6 @@ from adnet_examples.data import check_known_labels, load_text_datasets
 from adnet_hf import ADNetForCausalLM, ADNetForSequenceClassification
 from examples import run_glue_style
 
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 200,
-    "hidden_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
 FAST = [
     "--use_cpu",
     "--disable_tqdm",
