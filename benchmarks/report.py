@@ -47,16 +47,28 @@ RECIPE_RUNS = (RecipeRun("MRPC", "accuracy", "mrpc"),)
 
 @dataclass(frozen=True)
 class Pareto:
-    """A `benchmarks.pareto_exits` result: each exit policy's fewest mean layers within accuracy budgets."""
+    """A `benchmarks.pareto_exits` result: each exit policy's fewest mean layers within accuracy budgets, on the model
+    that the command in `trained_by` trains."""
 
     task: str
     path: str
+    trained_by: str
 
 
 PARETO = (
-    Pareto("SST-2 (MiniLM-L6, a unit after every layer)", "benchmarks/results/sst2_minilm_first_layer_pareto.json"),
-    Pareto("MRPC (MiniLM-L6)", "benchmarks/results/mrpc_minilm_held_out_pareto.json"),
-    Pareto("MNIST (ResNet, 5,000 training images)", "benchmarks/results/mnist_resnet_held_out_pareto.json"),
+    Pareto(
+        "SST-2 (MiniLM-L6, a unit after every layer)",
+        "benchmarks/results/sst2_minilm_first_layer_pareto.json",
+        "examples/results/sst2-first-layer-evidence.json",
+    ),
+    Pareto(
+        "MRPC (MiniLM-L6)", "benchmarks/results/mrpc_minilm_held_out_pareto.json", "examples/results/mrpc-held-out.json"
+    ),
+    Pareto(
+        "MNIST (ResNet, 5,000 training images)",
+        "benchmarks/results/mnist_resnet_held_out_pareto.json",
+        "examples/results/mnist-held-out.json",
+    ),
 )
 SPEED = "benchmarks/results/sst2_minilm_first_layer.json"
 GENERATION = (
@@ -202,7 +214,7 @@ def results_page() -> str:
             "",
             *pareto_table(pareto),
             "",
-            f"File: `{pareto.path}`.",
+            f"File: `{pareto.path}`; the model: `{pareto.trained_by}`.",
             "",
         ]
     sections += [
