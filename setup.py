@@ -26,6 +26,8 @@ EXTRAS["dev"] = sorted(
         *EXTRAS["examples"],
         *EXTRAS["onnx"],
         *EXTRAS["peft"],
+        *EXTRAS["docs"],
+        "mktestdocs>=0.2",
         "pytest>=8",
         "hypothesis>=6.100",
         "scikit-learn>=1.0",

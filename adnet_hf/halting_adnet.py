@@ -6,18 +6,16 @@ full-depth one: its halting term is the survival log-likelihood of that step, `-
 sum_{n<s} log(1 - lambda_n)`, which is one logistic regression per step over the items not yet settled before it
 (target: settled at that step). Once the step predictions are trained (and frozen), the evidence each unit reads is
 fixed, so that term can be minimised to convergence on one full-depth pass over the training data instead of by a
-few SGD steps shared with the prediction loss, which move the hazards little (measured on SST-2: 3.47 layers within
-0.5 points after a GPSL stage, 2.39-2.49 after this fit; `benchmarks/results/sst2_minilm_*_pareto.md`).
+few SGD steps shared with the prediction loss, which move the hazards little.
 
 The fit sets the summary weights `w` to zero and fits the bias `c` and the evidence weights `v` (six numbers per
-unit) with an L2 penalty: on SST-2 fitting `w` too (256 more numbers per unit) saved 0.05 more layers, which small
-tasks (MRPC: 3,700 sentences) would not keep. Units are fitted in order, since each reads the halting mass its
+unit) with an L2 penalty: six numbers per unit stay well determined on a few hundred samples, where the summary
+weights (hundreds per unit) would overfit a small task. Units are fitted in order, since each reads the halting mass its
 predecessors left (`log_not_halted`).
 
 Fit on data the model was not trained on (`run_glue_style.py --fit_halting_split`): a trained model's early steps
 agree with its last one more often on its own training data than on new data, so units fitted there learn to exit
-too early. Measured on MRPC and MNIST, fitting on the training data instead cost up to 0.11 mean layers at the same
-accuracy (README, What the halting units learn). Six numbers per unit need only a few hundred held-out samples.
+too early (docs/calibration.md). Six numbers per unit need only a few hundred held-out samples.
 """
 
 from __future__ import annotations
@@ -170,9 +168,8 @@ def fit_halting(
             quantity the `halting` rule thresholds, against whether the prediction has settled by that step (a log
             loss over every sample); `"survival"` is GPSL's settled term, the log-likelihood of the first settled
             step (a logistic regression over the samples not settled before each step). Both are proper scores of
-            the same distribution, and linear units represent it only approximately, so they trade differently:
-            fitted on the training data, `"settled_by"` was the cheaper on MNIST and MRPC and the dearer on SST-2
-            (README, What the halting units learn). Defaults to `"settled_by"`.
+            the same distribution, and linear units represent it only approximately, so they can trade accuracy
+            for layers differently on a given task. Defaults to `"settled_by"`.
 
     Returns:
         Per unit, the rows fitted and the loss before and after.

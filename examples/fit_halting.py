@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Fit a trained ADNet classifier's halting units to its own step predictions on the given data (`fit_halting`) and
-save the fitted model, for a checkpoint trained before `run_glue_style.py` did this itself. Data the model was not
+save the fitted model, for a checkpoint trained without the example scripts' own fit. Data the model was not
 trained on fits best (the training scripts' `--fit_halting_split` holds some out for it).
 
     python examples/fit_halting.py --model outputs/sst2-adnet --data ../shared/data/glue/SST-2/train.tsv \\
@@ -9,7 +9,8 @@ trained on fits best (the training scripts' `--fit_halting_split` holds some out
         --output_dir outputs/mnist-adnet-fitted
 
 Text: a GLUE-style TSV (`--data`, its first `--max_samples` rows); images: MNIST-style digits (a CSV of pixels then
-label, or an IDX pair with `--image_labels`), through the checkpoint's saved image processor. Labels are not read.
+label, or an IDX pair with `--image_labels`), through the checkpoint's saved image processor. The TSV needs a label
+column, but its values are not read.
 The fitted model (with the checkpoint's tokenizer or image processor) and `halting_fit.json` (the command and, per
 unit, the items at risk and the fit's loss) go to `--output_dir`; choose the exit setting afterwards on held-out
 data (`calibrate_exit`, or `benchmarks.pareto_exits` to compare policies).
