@@ -42,7 +42,7 @@ class RecipeRun:
         return f"examples/results/{self.name}-default-plain.json"
 
 
-RECIPE_RUNS = (RecipeRun("MRPC", "accuracy", "mrpc"),)
+RECIPE_RUNS = (RecipeRun("MRPC", "accuracy", "mrpc"), RecipeRun("CoLA", "accuracy", "cola"))
 
 
 @dataclass(frozen=True)
