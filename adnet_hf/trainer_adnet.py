@@ -374,7 +374,10 @@ def adnet_optimizer_groups(model: nn.Module, args: TrainingArguments, decay_name
 
 
 def floor_scheduler(
-    optimizer: torch.optim.Optimizer, args: ADNetTrainingArguments, num_training_steps: int
+    optimizer: torch.optim.Optimizer,
+    args: ADNetTrainingArguments,
+    num_training_steps: int,
+    num_warmup_steps: int | None = None,
 ) -> LambdaLR:
     """The learning-rate schedule `ADNetTrainer` uses with a floor, for a training loop of your own.
 
@@ -388,12 +391,16 @@ def floor_scheduler(
         optimizer (torch.optim.Optimizer): The optimizer, e.g. over `adnet_optimizer_groups`.
         args (ADNetTrainingArguments): The warm-up, `lr_scheduler_type` (`linear` or `cosine`) and
             `min_learning_rate_ratio`.
-        num_training_steps (int): Optimiser steps in the whole run.
+        num_training_steps (int): Scheduler steps in the whole run.
+        num_warmup_steps (int | None): Scheduler steps of warm-up. Defaults to `None`: `args`' warm-up of
+            `num_training_steps` (give it where the scheduler steps more than once per update, as `accelerate`'s
+            prepared scheduler does on several processes, so that a fractional warm-up counts updates).
 
     Returns:
         The scheduler; call its `step()` after each optimiser step.
     """
-    warmup, ratio = args.get_warmup_steps(num_training_steps), args.min_learning_rate_ratio
+    warmup = args.get_warmup_steps(num_training_steps) if num_warmup_steps is None else num_warmup_steps
+    ratio = args.min_learning_rate_ratio
     if ratio == 1.0 or warmup >= num_training_steps:
         name, kwargs = SchedulerType.CONSTANT_WITH_WARMUP, {}
     elif args.lr_scheduler_type == SchedulerType.COSINE:

@@ -209,7 +209,7 @@ def summarise(trainer, metrics: dict, calibration_args: CalibrationArguments) ->
         {
             name: value
             for name, value in metrics.items()
-            if name.removeprefix("eval_").removeprefix("full_depth_") in shown
+            if name.removeprefix("eval_").removeprefix("full_depth_") in shown and value is not None
         },
     )
     if summary["eval_guarantee"] is not None and trainer.is_world_process_zero():

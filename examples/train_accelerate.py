@@ -78,8 +78,9 @@ def training_updates(args: ADNetTrainingArguments, batches_per_epoch: int) -> in
     return max(1, math.ceil(args.num_train_epochs * batches_per_epoch / args.gradient_accumulation_steps))
 
 
-def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_training_steps: int):
-    """AdamW over ADNet's parameter groups, and the schedule that decays each group to its floor."""
+def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, total_updates: int, processes: int):
+    """AdamW over ADNet's parameter groups, and the schedule that decays each group to its floor. The prepared
+    scheduler steps once per process at every update, so its steps (warm-up included) are updates x processes."""
     if args.lr_scheduler_type not in (SchedulerType.LINEAR, SchedulerType.COSINE):
         raise ValueError(f"train_accelerate.py schedules are linear or cosine, got {args.lr_scheduler_type.value!r}.")
     decay_names = Trainer.get_decay_parameter_names(None, model)  # Trainer's rule: no decay on biases and norms
@@ -88,7 +89,8 @@ def build_optimizer(model: torch.nn.Module, args: ADNetTrainingArguments, num_tr
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
-    return optimizer, floor_scheduler(optimizer, args, num_training_steps)
+    warmup = args.get_warmup_steps(total_updates) * processes
+    return optimizer, floor_scheduler(optimizer, args, total_updates * processes, num_warmup_steps=warmup)
 
 
 def train(
@@ -218,8 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_afresh(args, inputs=(model_args.model_name_or_path, model_args.tokenizer_name))
     accelerator = build_accelerator(args, model.config.loss_type)
     total_updates = training_updates(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    # The prepared scheduler steps once per process at every update.
-    optimizer, scheduler = build_optimizer(model, args, total_updates * accelerator.num_processes)
+    optimizer, scheduler = build_optimizer(model, args, total_updates, accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )

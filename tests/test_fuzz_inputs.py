@@ -298,7 +298,8 @@ def mutate(inputs: dict, case: Case, model) -> dict:
         "mask_batch": lambda: {"attention_mask": torch.cat([mask, mask[:1]])},
         "mask_4d": lambda: {"attention_mask": mask[:, None, None, :].expand(-1, 1, case.length, -1)},
         "mask_1d": lambda: {"attention_mask": mask[0]},
-        "mask_values": lambda: {"attention_mask": mask.long() * 2},
+        # 2 where the mask has a 1, and 3 where it has a 0: never a 0/1 mask, even one with no real token
+        "mask_values": lambda: {"attention_mask": 3 - mask.long()},
         "mask_list": lambda: {"attention_mask": mask.tolist()},
         "positions_shape": lambda: {"position_ids": torch.zeros(case.batch, case.length + 1, dtype=torch.long)},
         "positions_float": lambda: {"position_ids": torch.zeros(case.batch, case.length)},
