@@ -702,10 +702,16 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, *program, *sys.argv[1:]])
 
 
+def _word(value) -> bool:
+    return isinstance(value, str) and len(value) <= 40
+
+
 def save_results(trainer: Trainer, split: str, metrics: dict) -> dict:
     """Log `split`'s metrics, and save them (`{split}_results.json`, `all_results.json`) with the command that made
     them, which model cards quote; returns what was saved."""
-    trainer.log_metrics(split, {name: value for name, value in metrics.items() if isinstance(value, (int, float, str))})
+    # numbers and short words: a sentence (the exit guarantee) would widen every row; the scripts print it apart
+    shown = {name: value for name, value in metrics.items() if isinstance(value, (int, float)) or _word(value)}
+    trainer.log_metrics(split, shown)
     metrics = {**metrics, "command": command_line()}
     trainer.save_metrics(split, metrics)
     return metrics
