@@ -72,27 +72,23 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 # Loaded on first access (`__getattr__`): importing Transformers' trainer imports PEFT and `datasets` where installed.
-_LAZY = {
-    name: "trainer_adnet"
-    for name in (
-        "ADNetTrainer",
-        "ADNetTrainingArguments",
-        "MaxNormCallback",
-        "compute_classification_metrics",
-        "adnet_optimizer_groups",
-        "floor_scheduler",
-        "apply_max_norm",
-    )
-}
+_LAZY_MODULE = "trainer_adnet"
+_LAZY = (
+    "ADNetTrainer",
+    "ADNetTrainingArguments",
+    "MaxNormCallback",
+    "compute_classification_metrics",
+    "adnet_optimizer_groups",
+    "floor_scheduler",
+    "apply_max_norm",
+)
 
 
 def __getattr__(name: str):
-    if name in _LAZY.values():  # the module itself, as `adnet_hf.trainer_adnet` after `import adnet_hf`
-        return importlib.import_module(f".{name}", __name__)
-    module = _LAZY.get(name)
-    if module is None:
+    if name != _LAZY_MODULE and name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    module = importlib.import_module(f".{_LAZY_MODULE}", __name__)  # `adnet_hf.trainer_adnet` itself, or a name in it
+    value = module if name == _LAZY_MODULE else getattr(module, name)
     globals()[name] = value
     return value
 

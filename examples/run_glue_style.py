@@ -153,26 +153,36 @@ def guarantee(config, calibration_args: CalibrationArguments) -> str:
     )
 
 
+# Per trivial baseline (`trivial_baseline`): the metric it is set against, how the model's value reads, what the
+# baseline predicts, and when the model is no better (within a point of accuracy, or 1% of the mean's MSE).
+TRIVIAL_BASELINES = {
+    "eval_majority_class_accuracy": (
+        "accuracy",
+        "scores {:.2%}",
+        "the training data's majority class ({:.2%})",
+        lambda value, base: value <= base + 0.01,
+    ),
+    "eval_mean_prediction_mse": (
+        "mse",
+        "has MSE {:.4f}",
+        "the training mean ({:.4f})",
+        lambda value, base: value >= 0.99 * base,
+    ),
+}
+
+
 def run_warnings(metrics: dict, budget: float) -> list[str]:
     """What the evaluation says went wrong: a model no better than one that learnt nothing, or a saved exit setting
     that loses more than the calibration budget against full depth."""
     found = []
-    if "eval_majority_class_accuracy" in metrics:
-        floor = metrics["eval_majority_class_accuracy"]
+    for key, (metric, reads, predicts, no_better) in TRIVIAL_BASELINES.items():
+        base = metrics.get(key)
         for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
-            accuracy = metrics.get(f"{prefix}_accuracy")
-            if accuracy is not None and accuracy <= floor + 0.01:
+            value = metrics.get(f"{prefix}_{metric}")
+            if base is not None and value is not None and no_better(value, base):
                 found.append(
-                    f"the model {what} scores {accuracy:.2%}, no better than always predicting the "
-                    f"training data's majority class ({floor:.2%}): it has not learnt the task."
-                )
-    if "eval_mean_prediction_mse" in metrics:
-        for prefix, what in (("eval_full_depth", "at full depth"), ("eval", "under the saved exit setting")):
-            mse = metrics.get(f"{prefix}_mse")
-            if mse is not None and mse >= 0.99 * metrics["eval_mean_prediction_mse"]:
-                found.append(
-                    f"the model {what} has MSE {mse:.4f}, no better than always predicting the training "
-                    f"mean ({metrics['eval_mean_prediction_mse']:.4f}): it has not learnt the task."
+                    f"the model {what} {reads.format(value)}, no better than always predicting "
+                    f"{predicts.format(base)}: it has not learnt the task."
                 )
     if metrics.get("eval_exit_policy") not in (None, FULL_DEPTH) and "eval_full_depth_accuracy" in metrics:
         drop = metrics["eval_full_depth_accuracy"] - metrics["eval_accuracy"]

@@ -9,6 +9,7 @@ place where the two kinds of run differ.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import importlib.util
 import json
 import logging
@@ -320,7 +321,7 @@ class GlueDataArguments:
         headers = check_data_files(files)
         self.check_columns(files, headers)
         train, validation = files.get("train"), files.get("validation")
-        if train and validation and Path(train).read_bytes() == Path(validation).read_bytes():
+        if train and validation and filecmp.cmp(train, validation, shallow=False):
             logger.warning(
                 "--validation_file %s holds the same rows as --train_file %s: the evaluation measures the "
                 "training data, not new data.",
@@ -473,43 +474,20 @@ def build_task_model(
     them; the `--plain_baseline` model gets `config_kwargs` only.
     """
     adnet_class, plain_class = TASK_MODELS[task]
-    with loading("--model_name_or_path", model_args.model_name_or_path):
-        return _build_task_model(
+    path = model_args.model_name_or_path
+    with loading("--model_name_or_path", path):
+        if model_args.plain_baseline:
+            return build_plain_model(plain_class, path, backbone_config, config_kwargs, backbone_kwargs), Trainer
+        overrides = {**adnet_args.overrides(), **config_kwargs}
+        model = build_model(
             adnet_class,
-            plain_class,
-            model_args,
-            adnet_args,
-            config_kwargs,
+            path,
             backbone_config,
+            overrides,
             backbone_kwargs,
+            model_args.freeze_full_depth,
             new_model_defaults,
         )
-
-
-def _build_task_model(
-    adnet_class,
-    plain_class,
-    model_args: ModelArguments,
-    adnet_args: ADNetArguments,
-    config_kwargs: dict,
-    backbone_config,
-    backbone_kwargs: dict | None,
-    new_model_defaults: dict | None,
-) -> tuple[PreTrainedModel, type[Trainer]]:
-    if model_args.plain_baseline:
-        plain = build_plain_model(
-            plain_class, model_args.model_name_or_path, backbone_config, config_kwargs, backbone_kwargs
-        )
-        return plain, Trainer
-    model = build_model(
-        adnet_class,
-        model_args.model_name_or_path,
-        backbone_config,
-        {**adnet_args.overrides(), **config_kwargs},
-        backbone_kwargs,
-        model_args.freeze_full_depth,
-        new_model_defaults,
-    )
     return model, ADNetTrainer
 
 
@@ -527,18 +505,13 @@ def build_model(
     A new model (not a loaded ADNet checkpoint) takes `new_model_defaults` where `overrides` do not set them.
     With `freeze_full_depth`, only its exits are left to train (`ADNetPreTrainedModel.freeze_full_depth`)."""
     overrides = {**_trained_exit_policy(overrides.get("loss_type"), freeze_full_depth), **overrides}
-    if backbone_config is None and is_adnet_checkpoint(name_or_path):
-        return _frozen(model_class.from_pretrained(name_or_path, **overrides), freeze_full_depth)
-    overrides = {**(new_model_defaults or {}), **overrides}
+    fresh = {**(new_model_defaults or {}), **overrides}  # what a new model (not a saved ADNet checkpoint) gets
     if backbone_config is not None:
-        model = model_class(ADNetConfig(backbone_config=backbone_config, **overrides))
+        model = model_class(ADNetConfig(backbone_config=backbone_config, **fresh))
+    elif is_adnet_checkpoint(name_or_path):
+        model = model_class.from_pretrained(name_or_path, **overrides)
     else:
-        model = model_class.from_backbone(name_or_path, backbone_kwargs=backbone_kwargs, **overrides)
-    return _frozen(model, freeze_full_depth)
-
-
-def _frozen(model: PreTrainedModel, freeze_full_depth: bool) -> PreTrainedModel:
-    """`model`, with only its exits left to train under `freeze_full_depth`."""
+        model = model_class.from_backbone(name_or_path, backbone_kwargs=backbone_kwargs, **fresh)
     if freeze_full_depth:
         model.freeze_full_depth()
     return model

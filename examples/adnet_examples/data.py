@@ -78,16 +78,17 @@ def detect_label(columns: list[str]) -> str | None:
     return next((name for name in LABEL_COLUMNS if name in columns), None)
 
 
-def file_delimiter(path: str) -> str:
-    """The field delimiter of a .tsv or .csv file."""
-    return "\t" if Path(path).suffix == ".tsv" else ","
+def csv_format(path: str) -> dict:
+    """How a .tsv or .csv file is read (`csv.reader`'s and `datasets`' csv builder's keyword arguments): a .csv file's
+    quoted fields may hold commas; GLUE's .tsv files hold unescaped quotes, so a .tsv file is read without quoting."""
+    if Path(path).suffix == ".tsv":
+        return {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    return {"delimiter": ","}
 
 
 def csv_rows(handle, path: str):
-    """The rows of an open .tsv or .csv file: a .csv file's quoted fields may hold commas; GLUE's .tsv files hold
-    unescaped quotes, so a .tsv file is read without quoting."""
-    quoting = {"quoting": csv.QUOTE_NONE} if Path(path).suffix == ".tsv" else {}
-    return csv.reader(handle, delimiter=file_delimiter(path), **quoting)
+    """The rows of an open .tsv or .csv file, read as `csv_format` says."""
+    return csv.reader(handle, **csv_format(path))
 
 
 def read_header(path: str) -> list[str] | None:
@@ -130,7 +131,7 @@ def check_rows(path: str, header: list[str], split: str) -> None:
                 raise ValueError(
                     f"--{split}_file {path}: row {count} (not counting the header) has {len(row)} "
                     f"fields, the header {len(header)} ({header}). A text with a "
-                    f"{'tab' if file_delimiter(path) == chr(9) else 'comma'} in it needs quoting (.csv), "
+                    f"{'tab' if csv_format(path)['delimiter'] == chr(9) else 'comma'} in it needs quoting (.csv), "
                     "or the row is missing a field."
                 )
     if count == 0:
@@ -164,10 +165,7 @@ def load_table(split: str, path: str) -> datasets.Dataset:
     """One .tsv / .csv file as a dataset: CoLA's headerless layout with CoLA's column names (its test file, which has
     a header, as it stands); a .tsv file without quoting, as GLUE's hold unescaped quotes."""
     names = {"column_names": list(COLA_COLUMNS)} if read_header(path) == list(COLA_COLUMNS) else {}
-    quoting = {"quoting": csv.QUOTE_NONE} if Path(path).suffix == ".tsv" else {}
-    return datasets.load_dataset(
-        "csv", data_files={split: path}, delimiter=file_delimiter(path), split=split, **names, **quoting
-    )
+    return datasets.load_dataset("csv", data_files={split: path}, split=split, **names, **csv_format(path))
 
 
 def read_tsv(path: Path, max_samples: int | None = None) -> tuple[Texts, list[str]]:
