@@ -2,20 +2,24 @@
 each exit policy.
 
 Every number is measured in this process against the same weights at full depth (`exit_policy="none"`), at
-batch 1 and batch 32, on a GLUE-style TSV (single sentences or pairs, e.g. SST-2, MRPC or STS-B dev) or on IDX
-images (e.g. the MNIST test set). Quality is accuracy, or Pearson's correlation for a regression model (one
-output; only `halting` exits then, as `confidence` and `patience` need classes), with the executed layers from
-`adnet_hf.evaluation_adnet.sweep_exits`: each setting is passed per call, never written into the config. A plain
-fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a second reference (`--reference`); without
-one, `--plain_timing` times the plain Transformers model of the same architecture holding the ADNet backbone's
-weights (its head random: wall-clock does not depend on the weights' values, so its quality is not reported). Either
-plain arm is then timed in turns with every exit setting too, for the `speedup_vs_plain_b*` columns.
+batch 1 and batch 32, on a GLUE-style TSV (single sentences or pairs, e.g. SST-2, MRPC or STS-B dev), on IDX
+images (e.g. the MNIST test set) or on an image folder (one sub-folder per class). Labels, words (`entailment`) or
+numbers, are read as the model's training named them (its `label2id`). Quality is accuracy, or Pearson's
+correlation for a regression model (one output; only `halting` exits then, as `confidence` and `patience` need
+classes), with the executed layers from `adnet_hf.evaluation_adnet.sweep_exits`: each setting is passed per call,
+never written into the config. A plain fine-tuned model (e.g. `BertForSequenceClassification`) can be given as a
+second reference (`--reference`); without one, `--plain_timing` times the plain Transformers model of the same
+architecture holding the ADNet backbone's weights (its head random: wall-clock does not depend on the weights'
+values, so its quality is not reported). Either plain arm is then timed in turns with every exit setting too, for
+the `speedup_vs_plain_b*` columns.
 
     python -m benchmarks.bench_classification --model outputs/sst2-adnet \
-        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm
+        --data data/glue/SST-2/dev.tsv --name sst2_minilm
     python -m benchmarks.bench_classification --model outputs/mnist-adnet --name mnist_resnet \
-        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
-        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+        --images data/mnist/t10k-images-idx3-ubyte.gz \
+        --image_labels data/mnist/t10k-labels-idx1-ubyte.gz
+    python -m benchmarks.bench_classification --model outputs/photos-adnet --image_folder photos/validation \
+        --name photos_resnet
 """
 
 from __future__ import annotations
@@ -24,10 +28,26 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_examples.data import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
+from adnet_examples.data import (
+    ImageDataset,
+    backbone_channels,
+    image_batches,
+    make_batches,
+    model_label_ids,
+    read_idx,
+    read_image_folder,
+    read_tsv,
+    saved_image_processor,
+    select,
+)
 from adnet_hf.evaluation_adnet import quality_metric, sweep_exits, task_metrics
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
@@ -170,36 +190,63 @@ def timed_samples(args: argparse.Namespace, size: int) -> int | None:
     return args.max_samples_batch1 if size == 1 < max(args.batch_sizes) else None
 
 
-def text_inputs(args: argparse.Namespace):
-    """Batches of each size (`timed_samples`), labels, the models."""
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+def labelled_inputs(args: argparse.Namespace, model: PreTrainedModel) -> tuple[dict[int, list[dict]], torch.Tensor]:
+    """Batches of each size (`timed_samples`) of the data the arguments name, and its labels as `model`'s ids
+    (`model_label_ids`), for any loaded sequence or image classifier, ADNet or plain: each model is scored on the
+    labels it was trained with. Text goes through `--tokenizer` or the model's own, images through the model's saved
+    image processor."""
+    if args.data is None:
+        dataset = image_dataset(args, model)
+        batches_by_size = {size: image_batches(dataset, size, timed_samples(args, size)) for size in args.batch_sizes}
+        return batches_by_size, dataset.labels
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model.name_or_path)
     texts, raw_labels = read_tsv(Path(args.data), args.max_samples)
     batches_by_size = {
         size: make_batches(tokenizer, texts, size, args.max_length, timed_samples(args, size))
         for size in args.batch_sizes
     }
-    model, reference = load_models(AutoModelForSequenceClassification, args)
-    kind = float if is_regression(model) else int
-    return batches_by_size, torch.tensor([kind(label) for label in raw_labels]), model, reference
+    return batches_by_size, model_label_ids(raw_labels, model.config, args.data)
 
 
-def image_inputs(args: argparse.Namespace):
-    dataset = ImageDataset(
-        read_idx(args.images), read_idx(args.image_labels), args.max_samples, saved_image_processor(args.model)
-    )
-    batches_by_size = {size: image_batches(dataset, size, timed_samples(args, size)) for size in args.batch_sizes}
-    return batches_by_size, dataset.labels, *load_models(AutoModelForImageClassification, args)
+def image_dataset(args: argparse.Namespace, model: PreTrainedModel) -> ImageDataset:
+    """The images of `--image_folder` (class names from its sub-folders), or of `--images` with `--image_labels`,
+    as `model` reads them; IDX images without a saved processor are normalised as MNIST's."""
+    processor = saved_image_processor(model.name_or_path)
+    if args.image_folder is None:
+        images, labels, source = read_idx(args.images), read_idx(args.image_labels), args.image_labels
+    else:
+        if processor is None:
+            raise ValueError(
+                f"{model.name_or_path} has no saved image processor, which --image_folder images need: save the "
+                "one it was trained with beside it (run_image_classification.py does)."
+            )
+        folder = select(read_image_folder(args.image_folder), args.max_samples)
+        images, labels, source = folder["image"], folder.features["label"].int2str(folder["label"]), args.image_folder
+    labels = model_label_ids(labels[: args.max_samples], model.config, source)
+    return ImageDataset(images, labels, args.max_samples, processor, backbone_channels(model))
+
+
+def input_data(args: argparse.Namespace) -> str:
+    """The data the arguments name (`--data`, `--images` or `--image_folder`), for the results."""
+    return args.data or args.images or args.image_folder
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The checkpoint and the labelled data (text TSV or IDX images) a classification benchmark reads."""
+    """The checkpoint and the labelled data (a text TSV, IDX images or an image folder) a classification benchmark
+    reads: exactly one kind of data."""
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint folder")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", help="GLUE-style TSV: `sentence` (or a pair of sentence columns) and a label column")
-    parser.add_argument(
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="GLUE-style TSV: `sentence` (or a pair of sentence columns) and a label column")
+    data.add_argument(
         "--images",
-        help="IDX grey images (instead of --data), through the model's saved image "
-        "processor (without one, normalised with MNIST's statistics)",
+        help="IDX grey images, through the model's saved image processor (without one, normalised with MNIST's "
+        "statistics); with --image_labels",
+    )
+    data.add_argument(
+        "--image_folder",
+        help="one sub-folder of images per class (as run_image_classification.py --validation_dir), through the "
+        "model's saved image processor",
     )
     parser.add_argument("--image_labels", help="IDX labels of --images")
     parser.add_argument("--max_samples", type=int, default=None)
@@ -207,10 +254,14 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """`text_inputs` or `image_inputs`, whichever the arguments name (exactly one must be given)."""
-    if (args.data is None) == (args.images is None):
-        parser.error("pass either --data (text) or --images with --image_labels")
-    return (text_inputs if args.data else image_inputs)(args)
+    """The batches of each size and labels (`labelled_inputs`) of the data the arguments name, the ADNet model and
+    its plain arm (`load_models`)."""
+    if (args.images is None) != (args.image_labels is None):
+        parser.error("--images and --image_labels go together")
+    model, reference = load_models(
+        AutoModelForSequenceClassification if args.data else AutoModelForImageClassification, args
+    )
+    return *labelled_inputs(args, model), model, reference
 
 
 def load_models(auto_class, args: argparse.Namespace):
@@ -265,7 +316,7 @@ def main(argv: list[str] | None = None) -> Path:
         "benchmark": "regression" if regression else "classification",
         "model": args.model,
         "reference": PLAIN_TIMING_ROW if args.plain_timing else args.reference,
-        "data": args.data or args.images,
+        "data": input_data(args),
         "samples": len(labels),
         "samples_timed_batch1": args.max_samples_batch1,
         "num_blocks": model.config.num_blocks,

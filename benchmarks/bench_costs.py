@@ -12,7 +12,7 @@
   passes need.
 
     python -m benchmarks.bench_costs --backbone PATH --model outputs/sst2-adnet --reference outputs/sst2-plain \\
-        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_costs
+        --data data/glue/SST-2/dev.tsv --name sst2_minilm_costs
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedConfig
 
-from adnet_examples.data import make_batches, read_tsv
+from adnet_examples.data import detect_label, label_info, load_table, make_batches, model_label_ids, read_tsv
 from adnet_hf import ADNetForSequenceClassification
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.losses_adnet import LOSSES
 
+from .bench_classification import with_labels
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, run_batches, save_figure, write_results
 
 LOSS_TYPES = tuple(LOSSES)
@@ -49,11 +50,26 @@ def training_step(model, batch: dict, optimizer: torch.optim.Optimizer):
     return step
 
 
-def training_rows(backbone: str, batches: list[dict], repeats: int) -> list[dict]:
-    """Step time of ADNet under each loss type as a ratio of the plain model's, same batches, timed in turns."""
-    models = {"plain": AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=2)}
+def training_batches(tokenizer, data: str, count: int, batch_size: int, max_length: int) -> tuple[list[dict], dict]:
+    """The first `count` batches of `data` with their labels, and the label settings (`LabelInfo.config_kwargs`) of a
+    head trained afresh on it: a backbone has no `label2id` to follow, so the classes are found as
+    `run_glue_style.py` finds them in its training file (`label_info`), and the labels mapped as a model trained on
+    it would have them."""
+    table = load_table("data", data)
+    settings = label_info(table, detect_label(table.column_names), data).config_kwargs()
+    texts, labels = read_tsv(Path(data), count * batch_size)
+    batches = make_batches(tokenizer, texts, batch_size, max_length)
+    return with_labels(batches, model_label_ids(labels, PreTrainedConfig(**settings), data)), settings
+
+
+def training_rows(backbone: str, batches: list[dict], label_settings: dict, repeats: int) -> list[dict]:
+    """Step time of ADNet under each loss type as a ratio of the plain model's, same batches, timed in turns; each
+    model's head made for `label_settings` (`training_batches`)."""
+    models = {"plain": AutoModelForSequenceClassification.from_pretrained(backbone, **label_settings)}
     for loss_type in LOSS_TYPES:
-        models[loss_type] = ADNetForSequenceClassification.from_backbone(backbone, num_labels=2, loss_type=loss_type)
+        models[loss_type] = ADNetForSequenceClassification.from_backbone(
+            backbone, **label_settings, loss_type=loss_type
+        )
     runs = {}
     for name, model in models.items():
         model.train()
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", required=True, help="fine-tuned ADNet checkpoint (memory is measured on it)")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint of the same backbone (optional)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--data", required=True, help="GLUE-style TSV: sentences (or pairs) and labels")
     parser.add_argument("--train_batches", type=int, default=4, help="batches timed per training repeat")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_samples", type=int, default=None)
@@ -207,11 +223,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--exit_value of {args.exit_policy} must be {EXIT_RULES[args.exit_policy].allowed}")
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    texts, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
-    batches = make_batches(tokenizer, texts, args.batch_size, args.max_length)
-    for batch, start in zip(batches, range(0, len(labels), args.batch_size)):
-        batch["labels"] = torch.tensor([int(label) for label in labels[start : start + args.batch_size]])
-    rows = training_rows(args.backbone, batches, args.repeats)
+    batches, label_settings = training_batches(
+        tokenizer, args.data, args.train_batches, args.batch_size, args.max_length
+    )
+    rows = training_rows(args.backbone, batches, label_settings, args.repeats)
     rows += memory_rows(args)
     for row in rows:
         print(row, flush=True)

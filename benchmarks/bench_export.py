@@ -7,7 +7,7 @@ reference), eager with each exit setting, the runner with each exit setting, and
 of the runner with eager (predictions, exit steps, largest logit difference) and accuracy are taken on every sample
 at the largest batch size.
 
-    python -m benchmarks.bench_export --model outputs/sst2-adnet --data ../shared/data/glue/SST-2/dev.tsv \
+    python -m benchmarks.bench_export --model outputs/sst2-adnet --data data/glue/SST-2/dev.tsv \
         --name sst2_minilm_export --settings confidence=0.9 patience=1 --threads 1
 """
 
@@ -23,7 +23,7 @@ import torch
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.export_adnet import ADNetStepRunner, export_steps
 
-from .bench_classification import add_input_arguments, load_inputs
+from .bench_classification import add_input_arguments, input_data, load_inputs
 from .common import (
     benchmark_parser,
     environment,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         ]
     payload = {
         "model": args.model,
-        "data": args.data or args.images,
+        "data": input_data(args),
         "repeats": args.repeats,
         "onnxruntime": onnxruntime.__version__,
         "agreement": quality,

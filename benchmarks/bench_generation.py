@@ -7,7 +7,7 @@ fixed number of new tokens from prompts taken from the same text, at batch 1 and
 at full depth.
 
     python -m benchmarks.bench_generation --model outputs/ptb-adnet-smollm2 \
-        --data ../shared/data/ptb/ptb.test.txt --name ptb_smollm2
+        --data data/ptb/ptb.test.txt --name ptb_smollm2
 """
 
 from __future__ import annotations

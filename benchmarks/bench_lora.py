@@ -6,7 +6,7 @@ layers trained fully). One optimiser step (forward, backward, AdamW over the tra
 with the full fine-tuning arm; the table gives seconds per step, its ratio to full fine-tuning and the trainable
 parameters of each.
 
-    python -m benchmarks.bench_lora --backbone PATH --data ../shared/data/glue/SST-2/dev.tsv --lora_r 8 \\
+    python -m benchmarks.bench_lora --backbone PATH --data data/glue/SST-2/dev.tsv --lora_r 8 \\
         --max_length 64 --name sst2_minilm_lora_step
 """
 
@@ -18,11 +18,10 @@ import torch
 from peft import get_peft_model
 from transformers import AutoTokenizer
 
-from adnet_examples.data import make_batches, read_tsv
 from adnet_hf import ADNetForSequenceClassification
 from adnet_hf.peft_adnet import adnet_lora_config
 
-from .bench_costs import training_step
+from .bench_costs import training_batches, training_step
 from .common import benchmark_parser, interleaved_seconds, parse_benchmark_args, write_results
 
 
@@ -54,7 +53,7 @@ def step_rows(models: dict[str, torch.nn.Module], batches: list[dict], repeats: 
 def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "lora_step")
     parser.add_argument("--backbone", required=True, help="backbone checkpoint (with its tokenizer) ADNet wraps")
-    parser.add_argument("--data", required=True, help="TSV with `sentence` and `label` columns")
+    parser.add_argument("--data", required=True, help="GLUE-style TSV: sentences (or pairs) and labels")
     parser.add_argument("--train_batches", type=int, default=4, help="batches timed per repeat")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=128)
@@ -64,12 +63,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_benchmark_args(parser, argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.backbone)
-    texts, labels = read_tsv(Path(args.data), args.train_batches * args.batch_size)
-    batches = make_batches(tokenizer, texts, args.batch_size, args.max_length)
-    for batch, start in zip(batches, range(0, len(labels), args.batch_size)):
-        batch["labels"] = torch.tensor([int(label) for label in labels[start : start + args.batch_size]])
-    full = ADNetForSequenceClassification.from_backbone(args.backbone, num_labels=2)
-    lora = ADNetForSequenceClassification.from_backbone(args.backbone, num_labels=2)
+    batches, label_settings = training_batches(
+        tokenizer, args.data, args.train_batches, args.batch_size, args.max_length
+    )
+    full = ADNetForSequenceClassification.from_backbone(args.backbone, **label_settings)
+    lora = ADNetForSequenceClassification.from_backbone(args.backbone, **label_settings)
     config = adnet_lora_config(lora, args.lora_target_modules, r=args.lora_r, lora_alpha=args.lora_alpha)
     models = {"full fine-tuning": full, f"LoRA r={args.lora_r}": get_peft_model(lora, config)}
     rows = step_rows(models, batches, args.repeats)

@@ -3,16 +3,17 @@ same backbone weights, at batch 1 and 32, the two arms timed in turns in one pro
 arm's time goes (torch.profiler's aten ops, cProfile's Python functions) in `<name>_profile.md`.
 
 Text: `ADNetForSequenceClassification` against `AutoModelForSequenceClassification` of its backbone (BERT: with the
-pooler), on real sentences (SST-2 dev by default). Images (with `--images`): `ADNetForImageClassification` against
+pooler), on real sentences (`--data`, e.g. SST-2 dev). Images (with `--images`): `ADNetForImageClassification` against
 `ResNetForImageClassification`. Without `--model` the weights are random: a MiniLM-L6-shaped BERT (6 layers, hidden
 384, 12 heads) and the MNIST example's ResNet; wall-clock does not depend on the weights' values. The plain arm gets
 the ADNet backbone's weights unless `--reference` names a plain fine-tuned checkpoint. `ratio` is plain time over
 ADNet time (1.0: no price; the target is >= 0.95).
 
-    python -m benchmarks.bench_overhead --threads 1 --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \\
-        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz --profile --name minilm_overhead
+    python -m benchmarks.bench_overhead --threads 1 --data data/glue/SST-2/dev.tsv \\
+        --images data/mnist/t10k-images-idx3-ubyte.gz --image_labels data/mnist/t10k-labels-idx1-ubyte.gz \\
+        --profile --name minilm_overhead
     python -m benchmarks.bench_overhead --model outputs/sst2-adnet --reference outputs/sst2-plain \\
-        --profile --name sst2_minilm_overhead
+        --data data/glue/SST-2/dev.tsv --profile --name sst2_minilm_overhead
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from adnet_hf.exits_adnet import FULL_DEPTH
 from .bench_classification import plain_twin
 from .common import benchmark_parser, environment, parse_benchmark_args, run_batches, write_results
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINILM_L6 = dict(
     vocab_size=30522,
     hidden_size=384,
@@ -264,11 +264,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", help="ADNet sequence-classification checkpoint (default: random MiniLM-L6 shape)")
     parser.add_argument("--reference", help="plain fine-tuned checkpoint (default: the ADNet backbone's weights)")
     parser.add_argument("--tokenizer", default=packaged_minilm(), help="default: the packaged MiniLM-L6's")
-    parser.add_argument(
-        "--data",
-        default=str(SHARED_DATA / "glue" / "SST-2" / "dev.tsv"),
-        help="TSV with a `sentence` column (or a sentence pair)",
-    )
+    parser.add_argument("--data", required=True, help="TSV with a `sentence` column (or a sentence pair)")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--images", help="IDX grey images: also time the image models")
     parser.add_argument("--image_labels", help="IDX labels of --images")

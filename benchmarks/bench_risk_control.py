@@ -14,7 +14,7 @@ violates the budget when that drop exceeds it; the risk-controlled violation sha
 part is finite, so its drop is itself an estimate of the drop on new data (it is noisier, the smaller it is).
 
     python -m benchmarks.bench_risk_control --model outputs/sst2-adnet \
-        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_risk_control
+        --data data/glue/SST-2/dev.tsv --name sst2_minilm_risk_control
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from adnet_hf.calibration_adnet import certify, cheapest, within_budget
 from adnet_hf.evaluation_adnet import sample_errors, sweep_exits
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .bench_classification import add_input_arguments, load_inputs, with_labels
+from .bench_classification import add_input_arguments, input_data, load_inputs, with_labels
 from .common import benchmark_parser, parse_benchmark_args, write_results
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None):
     payload = {
         "benchmark": "risk_control",
         "model": args.model,
-        "data": args.data or args.images,
+        "data": input_data(args),
         "samples": samples,
         "splits": args.splits,
         "calibration_size": calibration_size,

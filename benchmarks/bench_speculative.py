@@ -6,7 +6,7 @@ each prompt every arm is timed in turns (`--repeats`, medians). Each row is one 
 draft length (`num_assistant_tokens`), confidence threshold; it reports tokens/s of both, the speed-up, the share of
 drafted tokens accepted, the mean accepted length per verification, and whether every output equals the reference's.
 
-    python -m benchmarks.bench_speculative --model outputs/ptb-gpt2-adnet --data ../shared/data/ptb/ptb.test.txt \
+    python -m benchmarks.bench_speculative --model outputs/ptb-gpt2-adnet --data data/ptb/ptb.test.txt \
         --name ptb_gpt2_speculative --depths 1 2 3 --draft_lengths 4 8
 
 `--draft_vocab_size N --draft_vocab_data TRAIN.txt` adds, for every setting, a row drafting over the N most frequent
@@ -63,7 +63,7 @@ def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
 
 def load_tokenizer(args: argparse.Namespace):
     """`--tokenizer`, or the checkpoint's (a GGUF backbone's from its file); a bare `vocab.json` + `merges.txt`
-    folder (`shared/data/gpt2-tokenizer`) is GPT-2's."""
+    folder (`data/gpt2-tokenizer`) is GPT-2's."""
     gguf = json.loads(args.backbone_kwargs).get("gguf_file") if args.backbone and not args.tokenizer else None
     return load_tokenizer_folder(args.tokenizer or args.model or args.backbone, **({"gguf_file": gguf} if gguf else {}))
 

@@ -64,7 +64,7 @@ def environment() -> dict:
 
 
 def load_tokenizer_folder(folder: str | Path, **kwargs):
-    """The tokenizer saved in `folder`; a bare `vocab.json` + `merges.txt` folder (`shared/data/gpt2-tokenizer`),
+    """The tokenizer saved in `folder`; a bare `vocab.json` + `merges.txt` folder (`data/gpt2-tokenizer`),
     which `AutoTokenizer` cannot read without a config, is GPT-2's."""
     if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
         return GPT2Tokenizer.from_pretrained(folder)

@@ -6,8 +6,8 @@ accuracy (Pearson's correlation for regression), from `adnet_hf.evaluation_adnet
 send the hard ones deeper. No timing, so it runs beside anything.
 
     python -m benchmarks.halting_profile --model outputs/mnist-adnet --name mnist_resnet_halting \
-        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
-        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+        --images data/mnist/t10k-images-idx3-ubyte.gz \
+        --image_labels data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from adnet_hf.evaluation_adnet import evaluation_metrics, pooled_items, quality_metric
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
-from .bench_classification import add_input_arguments, load_inputs, with_labels
+from .bench_classification import add_input_arguments, input_data, load_inputs, with_labels
 from .common import benchmark_parser, parse_benchmark_args, save_figure, variable_step_layers, write_results
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {
         "benchmark": "halting_profile",
         "model": args.model,
-        "data": args.data or args.images,
+        "data": input_data(args),
         "samples": len(labels),
         "num_blocks": model.config.num_blocks,
     }

@@ -9,8 +9,8 @@ the same data). Where `halting` needs fewer layers than `confidence` on the othe
 units learned does not carry over from the training data to the evaluation data.
 
     python -m benchmarks.halting_transfer --model outputs/sst2-f0-evidence \
-        --fit_data ../shared/data/glue/SST-2/train.tsv --fit_split 0.05 \
-        --data ../shared/data/glue/SST-2/dev.tsv --max_length 64 --grid_size 64 --name sst2_minilm_first_layer_transfer
+        --fit_data data/glue/SST-2/train.tsv --fit_split 0.05 \
+        --data data/glue/SST-2/dev.tsv --max_length 64 --grid_size 64 --name sst2_minilm_first_layer_transfer
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from adnet_examples.arguments import CalibrationArguments, HaltingFitArguments
-from adnet_examples.data import make_batches, read_tsv
+from adnet_examples.data import make_batches, model_label_ids, read_tsv
 from adnet_hf.halting_adnet import fit_halting
 
 from .bench_classification import with_labels
@@ -55,10 +55,10 @@ def labelled_batches(
     return with_labels(make_batches(tokenizer, texts, batch_size, max_length), labels)
 
 
-def read_labelled(path: str) -> tuple[tuple, torch.Tensor]:
-    """A labelled classification TSV's texts and integer labels."""
+def read_labelled(path: str, config) -> tuple[tuple, torch.Tensor]:
+    """A labelled classification TSV's texts, and its labels as the ids of the model with `config`."""
     texts, labels = read_tsv(Path(path))
-    return texts, torch.tensor([int(label) for label in labels])
+    return texts, model_label_ids(labels, config, path)
 
 
 def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,13 +99,14 @@ def main(argv: list[str] | None = None) -> Path:
         ]
         for policy in POLICIES
     }
-    texts, labels = read_labelled(args.fit_data)
+    texts, labels = read_labelled(args.fit_data, config)
     halves = held_out_halves(len(labels), args.fit_split, args.split_seed, args.seed, args.calibration_split)
     parts = {
         f"half {index}": labelled_batches(tokenizer, texts, labels, half, args.batch_size, args.max_length)
         for index, half in enumerate(halves)
     }
-    parts["evaluation"] = labelled_batches(tokenizer, *read_labelled(args.data), None, args.batch_size, args.max_length)
+    evaluation = read_labelled(args.data, config)
+    parts["evaluation"] = labelled_batches(tokenizer, *evaluation, None, args.batch_size, args.max_length)
     every = settings["halting"] + settings["confidence"]
     confidence = {data: setting_outcomes(model, part, settings["confidence"]) for data, part in parts.items()}
     rows = []

@@ -8,27 +8,53 @@ full depth when none is (`calibration_adnet.cheapest`, as `calibrate_exit` choos
 scores the choice flatters every policy, so the held-out table chooses on a random half and scores on the other,
 over `--splits` random splits (fixed `--seed`), from the same per-sample outcomes (no model rerun).
 
-    python -m benchmarks.pareto_exits --model outputs/sst2-adnet \
-        --data ../shared/data/glue/SST-2/dev.tsv --name sst2_minilm_pareto
+Two references answer what a reader asks of any exit rule. The static models (`--static_models`: the backbone cut to
+its first k blocks by `examples/truncate_backbone.py` and fine-tuned with `--plain_baseline`, or any plain classifier)
+are scored on the same data: what a smaller model gives without exits. The oracles bound every rule from below, from
+each sample's predictions at every step at full depth: exiting at the first step from which the prediction never
+changes again loses nothing against full depth (the floor at zero loss), exiting at the first step whose prediction
+is right (the first step, if none is) is the floor at any loss.
+
+    python -m benchmarks.pareto_exits --model outputs/mrpc-default-adnet \
+        --data data/glue/MRPC/dev.tsv --name mrpc_minilm_pareto \
+        --static_models outputs/mrpc-default-plain-{1,2,3,4,5}-blocks outputs/mrpc-default-plain
     python -m benchmarks.pareto_exits --model outputs/mnist-adnet --name mnist_resnet_pareto \
-        --images ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
-        --image_labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz
+        --images data/mnist/t10k-images-idx3-ubyte.gz --image_labels data/mnist/t10k-labels-idx1-ubyte.gz
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 from adnet_hf.calibration_adnet import cheapest, within_budget
-from adnet_hf.exits_adnet import EXIT_RULES
+from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
+from adnet_hf.losses_adnet import settled_steps
 
-from .bench_classification import add_input_arguments, is_regression, load_inputs, with_labels
+from .bench_classification import (
+    add_input_arguments,
+    input_data,
+    is_regression,
+    labelled_inputs,
+    load_inputs,
+    with_labels,
+)
 from .bench_risk_control import setting_outcomes
-from .common import FULL_DEPTH_ROW, benchmark_parser, markdown_table, parse_benchmark_args, save_figure, write_results
+from .common import (
+    FULL_DEPTH_ROW,
+    benchmark_parser,
+    markdown_table,
+    parse_benchmark_args,
+    save_figure,
+    variable_step_layers,
+    write_results,
+)
 
 POLICIES = ("halting", "confidence", "patience")
 # Layers compared as equal when they differ by less (means over the same samples, in float64).
@@ -165,6 +191,87 @@ def held_out_table(
     return mark_halting(rows, "mean_layers")
 
 
+ORACLE_SETTLED, ORACLE_FIRST_CORRECT = "oracle: settled", "oracle: first correct"
+
+
+@torch.inference_mode()
+def oracle_points(model, batches: list[dict]) -> list[dict]:
+    """The two oracle floors (`ORACLE_SETTLED`, `ORACLE_FIRST_CORRECT`) from every variable step's prediction at full
+    depth: their accuracy and mean executed layers."""
+    step_logits, labels = [], []
+    for batch in batches:
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        step_logits.append(model(**inputs, exit_policy=FULL_DEPTH, output_step_logits=True).step_logits)
+        labels.append(batch["labels"])
+    step_logits, labels = torch.cat(step_logits, dim=1), torch.cat(labels)
+    layers = torch.tensor(variable_step_layers(model.config), dtype=torch.float64)
+    correct = step_logits.argmax(-1) == labels  # steps x samples
+    settled = settled_steps(step_logits, "single_label_classification").double().argmax(-1)  # its first step
+    first_correct = correct.double().argmax(0)  # 0 (the first step) where no step is right
+    return [
+        oracle_point(ORACLE_SETTLED, correct[-1], layers[settled]),
+        oracle_point(ORACLE_FIRST_CORRECT, correct.any(0), layers[first_correct]),
+    ]
+
+
+def oracle_point(policy: str, correct: torch.Tensor, layers: torch.Tensor) -> dict:
+    return {
+        "policy": policy,
+        "setting": None,
+        "accuracy": float(correct.double().mean()),
+        "executed_layers": float(layers.mean()),
+    }
+
+
+def blocks(config) -> int:
+    """A plain model's depth: transformer layers, or a ResNet's residual blocks."""
+    return sum(config.depths) if hasattr(config, "depths") else config.num_hidden_layers
+
+
+def trained_by(folder: str) -> str | None:
+    """The command that trained the checkpoint in `folder`, as the example scripts record it in `all_results.json`."""
+    results = Path(folder) / "all_results.json"
+    return json.loads(results.read_text()).get("command") if results.exists() else None
+
+
+@torch.inference_mode()
+def static_points(args, paths: Sequence[str]) -> list[dict]:
+    """Each plain (static) classifier in `paths` scored on the benchmark's data: accuracy at its own depth."""
+    auto_class = AutoModelForSequenceClassification if args.data else AutoModelForImageClassification
+    points = []
+    for path in paths:
+        model = auto_class.from_pretrained(path).eval()
+        batches_by_size, labels = labelled_inputs(args, model)
+        logits = torch.cat([model(**batch).logits for batch in batches_by_size[args.batch_size]])
+        points.append(
+            {
+                "policy": "static",
+                "setting": path,
+                "accuracy": float((logits.argmax(-1) == labels).double().mean()),
+                "executed_layers": float(blocks(model.config)),
+                "trained_by": trained_by(path),
+            }
+        )
+    return sorted(points, key=lambda point: point["executed_layers"])
+
+
+def static_blocks_for(accuracy: float, static: list[dict]) -> float | None:
+    """The fewest blocks of a static model at least as accurate as `accuracy` (None: no static model is)."""
+    return next((point["executed_layers"] for point in static if point["accuracy"] >= accuracy - 1e-12), None)
+
+
+def with_references(rows: list[dict], full_accuracy: float, static: list[dict], oracle: list[dict]) -> list[dict]:
+    """Each budget row with the static depth that matches its accuracy (`static_blocks`) and the zero-loss oracle's
+    layers (`oracle_layers`: how far any rule could still go)."""
+    settled = next(point for point in oracle if point["policy"] == ORACLE_SETTLED)
+    for row in rows:
+        accuracy = row.get("accuracy", full_accuracy - row.get("mean_drop_pts", 0.0) / 100)
+        if static:
+            row["static_blocks"] = static_blocks_for(accuracy, static)
+        row["oracle_layers"] = settled["executed_layers"]
+    return rows
+
+
 def pareto_front(points: list[dict]) -> list[dict]:
     """The points that no other beats (as accurate with fewer layers, or more accurate with as few), by layers."""
     front, best = [], -math.inf
@@ -175,9 +282,10 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return front
 
 
-def plot(points: list[dict], budgets: Sequence[float]):
+def plot(points: list[dict], budgets: Sequence[float], static: Sequence[dict] = (), oracle: Sequence[dict] = ()):
     """Two panels of accuracy (%) against mean executed layers, all and close to full depth: every setting a dot,
-    each policy's Pareto front (full depth included) a line, the budgets horizontal lines."""
+    each policy's Pareto front (full depth included) a line, the static models a black line, the oracles triangles,
+    the budgets horizontal lines."""
     full = points[0]
     policies = list(dict.fromkeys(point["policy"] for point in points[1:]))
 
@@ -201,10 +309,28 @@ def plot(points: list[dict], budgets: Sequence[float]):
             label="full depth",
             zorder=3,
         )
+        if static:
+            axis.plot(
+                [p["executed_layers"] for p in static],
+                [100 * p["accuracy"] for p in static],
+                color="black",
+                marker="s",
+                label="static (first k blocks)",
+            )
+        for point, marker in zip(oracle, ("^", "v")):
+            axis.scatter(
+                [point["executed_layers"]],
+                [100 * point["accuracy"]],
+                marker=marker,
+                s=70,
+                color="gray",
+                label=point["policy"],
+            )
         for budget in budgets:
             axis.axhline(100 * (full["accuracy"] - budget), color="gray", linestyle=":", linewidth=0.8)
         if index == 1:
-            axis.set_ylim(100 * (full["accuracy"] - 3 * max(budgets)), 100 * full["accuracy"] + 100 * max(budgets))
+            top = max([full["accuracy"] + max(budgets)] + [point["accuracy"] for point in oracle])
+            axis.set_ylim(100 * (full["accuracy"] - 3 * max(budgets)), 100 * top + 0.5)
             axis.set_title(f"close to full depth (dotted: -{', -'.join(f'{100 * b:g}' for b in budgets)} points)")
         axis.set_xlabel("mean executed layers")
         axis.set_ylabel("accuracy (%)")
@@ -219,10 +345,26 @@ def preamble(payload: dict, held_out: list[dict]) -> str:
         for row in payload["budget_rows_held_out"]
         if row["policy"] == "halting"
     }
+    references = [
+        {
+            "reference": point["policy"],
+            "model": point["setting"],
+            "accuracy": point["accuracy"],
+            "executed_layers": point["executed_layers"],
+        }
+        for point in payload["oracle"] + payload["static"]
+    ]
     lines = [
         f"{len(payload['points']) - 1} exit settings on {payload['model']}, {payload['samples']} samples of "
         f"{payload['data']} (full depth: {100 * payload['full_depth_accuracy']:.2f}% on {payload['num_blocks']} "
         f"layers).",
+        "",
+        "References: the oracle floors (`settled`: the first step from which the prediction never changes, no loss; "
+        "`first correct`: the first step whose prediction is right) and the static models:",
+        "",
+        markdown_table(references),
+        "`static_blocks`: the fewest blocks of a static model as accurate as the row's setting; `oracle_layers`: the "
+        "settled oracle's mean layers.",
         "",
         f"Chosen on a random half, scored on the other ({payload['splits']} splits, seed "
         f"{payload['seed']}); `halting_no_more_layers` compares mean layers:",
@@ -258,6 +400,12 @@ def main(argv: list[str] | None = None):
         default=[0.0025, 0.005, 0.01],
         help="accuracy drops allowed (0.005 = 0.5 points)",
     )
+    parser.add_argument(
+        "--static_models",
+        nargs="+",
+        default=[],
+        help="plain classifiers of the same task to score beside the exits (e.g. the backbone's first k blocks)",
+    )
     parser.add_argument("--splits", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parse_benchmark_args(parser, argv)
@@ -274,14 +422,19 @@ def main(argv: list[str] | None = None):
     ]
     with torch.inference_mode():
         outcomes = setting_outcomes(model, with_labels(batches_by_size[args.batch_size], labels), settings)
+        oracle = oracle_points(model, with_labels(batches_by_size[args.batch_size], labels))
+    static = static_points(args, args.static_models)
     points = setting_points(settings, outcomes, config.num_blocks)
-    rows = budget_table(points, args.budgets, config.num_blocks)
+    full = points[0]["accuracy"]
+    rows = with_references(budget_table(points, args.budgets, config.num_blocks), full, static, oracle)
     held_out = held_out_table(settings, outcomes, args.budgets, config.num_blocks, args.splits, args.seed)
+    held_out = with_references(held_out, full, static, oracle)
     print(*rows, *held_out, sep="\n", flush=True)
     payload = {
         "benchmark": "pareto_exits",
         "model": args.model,
-        "data": args.data or args.images,
+        "trained_by": trained_by(args.model),
+        "data": input_data(args),
         "samples": len(labels),
         "num_blocks": config.num_blocks,
         "full_depth_accuracy": points[0]["accuracy"],
@@ -289,11 +442,12 @@ def main(argv: list[str] | None = None):
         "splits": args.splits,
         "seed": args.seed,
         "budget_rows_held_out": held_out,
+        "oracle": oracle,
+        "static": static,
         "points": points,
     }
-    return write_results(
-        args.name, payload, rows, plot(points, args.budgets), args.results_dir, preamble(payload, held_out)
-    )
+    figure = plot(points, args.budgets, static, oracle)
+    return write_results(args.name, payload, rows, figure, args.results_dir, preamble(payload, held_out))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the ceiling of what any exit policy can keep. Each row also gives how often the 
 the last step's (`agreement_with_last_step`): the share of greedy drafts from that exit the full model would accept
 on this text. No timing, so it runs beside anything.
 
-    python -m benchmarks.step_perplexity --model outputs/ptb-smollm2-adnet --data ../shared/data/ptb/ptb.test.txt \
+    python -m benchmarks.step_perplexity --model outputs/ptb-smollm2-adnet --data data/ptb/ptb.test.txt \
         --block_size 128 --max_blocks 16 --name ptb_smollm2_steps
 """
 

@@ -3,9 +3,9 @@
 save the fitted model, for a checkpoint trained without the example scripts' own fit. Data the model was not
 trained on fits best (the training scripts' `--fit_halting_split` holds some out for it).
 
-    python examples/fit_halting.py --model outputs/sst2-adnet --data ../shared/data/glue/SST-2/train.tsv \\
+    python examples/fit_halting.py --model outputs/sst2-adnet --data data/glue/SST-2/train.tsv \\
         --max_samples 20000 --max_length 64 --output_dir outputs/sst2-adnet-fitted
-    python examples/fit_halting.py --model outputs/mnist-adnet --images ../shared/data/mnist/mnist_5k.csv.gz \\
+    python examples/fit_halting.py --model outputs/mnist-adnet --images data/mnist/mnist_5k.csv.gz \\
         --output_dir outputs/mnist-adnet-fitted
 
 Text: a GLUE-style TSV (`--data`, its first `--max_samples` rows); images: MNIST-style digits (a CSV of pixels then

@@ -3,8 +3,8 @@
 
     # GPT-2 from a config, trained from scratch on Penn Treebank with the GPT-2 tokenizer
     python examples/run_clm.py --backbone_config '{"model_type": "gpt2", "n_layer": 6, "n_embd": 256, "n_head": 4}' \\
-        --tokenizer_name ../shared/data/gpt2-tokenizer --train_file ../shared/data/ptb/ptb.train.txt \\
-        --validation_file ../shared/data/ptb/ptb.valid.txt --test_file ../shared/data/ptb/ptb.test.txt \\
+        --tokenizer_name data/gpt2-tokenizer --train_file data/ptb/ptb.train.txt \\
+        --validation_file data/ptb/ptb.valid.txt --test_file data/ptb/ptb.test.txt \\
         --output_dir outputs/ptb-gpt2-adnet --do_train --do_eval --do_predict
 
     # units only, on a frozen pretrained Llama-family LM shipped as GGUF

@@ -10,9 +10,9 @@
     python examples/run_image_classification.py \\
         --backbone_config '{"model_type": "resnet", "num_channels": 1, "embedding_size": 32,
                             "hidden_sizes": [32, 64, 128], "depths": [2, 2, 2], "layer_type": "basic"}' \\
-        --train_file ../shared/data/mnist/mnist_5k.csv.gz \\
-        --validation_file ../shared/data/mnist/t10k-images-idx3-ubyte.gz \\
-        --validation_labels_file ../shared/data/mnist/t10k-labels-idx1-ubyte.gz \\
+        --train_file data/mnist/mnist_5k.csv.gz \\
+        --validation_file data/mnist/t10k-images-idx3-ubyte.gz \\
+        --validation_labels_file data/mnist/t10k-labels-idx1-ubyte.gz \\
         --output_dir outputs/mnist-adnet --do_train --do_eval
 
 Data, read with `datasets`: an image folder per split (`--train_dir` / `--validation_dir`), a dataset
@@ -61,6 +61,7 @@ from adnet_examples.arguments import (
 )
 from adnet_examples.data import (
     align_class_labels,
+    backbone_channels,
     default_image_processor,
     image_transform,
     is_grey,
@@ -188,12 +189,6 @@ def checkpoint_classes(model_args: ImageModelArguments) -> list[str] | None:
         return None
     id2label = AutoConfig.from_pretrained(model_args.model_name_or_path).id2label
     return [id2label[i] for i in range(len(id2label))]
-
-
-def backbone_channels(model: transformers.PreTrainedModel) -> int:
-    """The number of image channels the model's backbone takes (an ADNet model's or a plain one's)."""
-    config = model.config
-    return (config.backbone_config if config.model_type == "adnet" else config).num_channels
 
 
 def load_backbone_config(model_args: ImageModelArguments, sample: list) -> dict | None:

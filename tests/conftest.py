@@ -21,7 +21,15 @@ from transformers import (
     RobertaConfig,
 )
 
-from adnet_examples.data import ImageDataset, image_batches, make_batches, read_idx, read_tsv, saved_image_processor
+from adnet_examples.data import (
+    ImageDataset,
+    image_batches,
+    make_batches,
+    model_label_ids,
+    read_idx,
+    read_tsv,
+    saved_image_processor,
+)
 from adnet_hf import ADNetConfig, ADNetForCausalLM, ADNetForImageClassification, ADNetForSequenceClassification
 from adnet_hf.evaluation_adnet import evaluate_batches
 from benchmarks.bench_classification import plain_quality, with_labels
@@ -100,9 +108,8 @@ def llama_config(**kwargs):
 
 
 def resnet_config(**kwargs):
-    return ResNetConfig(
-        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic", **kwargs
-    )
+    defaults = dict(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic")
+    return ResNetConfig(**{**defaults, **kwargs})
 
 
 TEXT_BACKBONES = {"bert": bert_config, "roberta": roberta_config, "gpt2": gpt2_config}
@@ -233,8 +240,7 @@ def text_metrics(folder: Path, tsv: Path, batch_size: int, max_length: int = 32,
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     texts, labels = read_tsv(Path(tsv))
     batches = make_batches(AutoTokenizer.from_pretrained(folder), texts, batch_size, max_length)
-    kind = float if model.config.num_labels == 1 else int
-    return saved_model_metrics(model, batches, torch.tensor([kind(label) for label in labels]), **exit_setting)
+    return saved_model_metrics(model, batches, model_label_ids(labels, model.config, str(tsv)), **exit_setting)
 
 
 def image_metrics(folder: Path, images: Path, labels: Path, limit: int, batch_size: int) -> dict[str, float]:

@@ -4,17 +4,19 @@ quality and layer counts agree with `evaluation_adnet` and with direct forwards 
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import bert_config
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
 from adnet_examples.arguments import CalibrationArguments, HaltingFitArguments, hold_out
-from adnet_examples.data import read_tsv
+from adnet_examples.data import model_label_ids, read_tsv
 from adnet_hf import ADNetConfig, ADNetForSequenceClassification, calibrate_exit
 from adnet_hf.evaluation_adnet import evaluate_batches, task_metrics
 from benchmarks import (
@@ -58,6 +60,50 @@ def assert_rows_match_direct_evaluation(rows: list[dict], model, batches: list[d
         assert row[metric] == pytest.approx(evaluate_batches(model, batches, **setting)[metric]), row
         assert row["executed_layers"] == pytest.approx(forward_layers(model, batches, **setting).double().mean()), row
     assert rows[0]["executed_layers"] == model.config.num_blocks and rows[0][f"{metric}_drop_pts"] == 0.0
+
+
+# Labels as the training scripts name their classes: an RTE-like pair task whose labels are words.
+RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+
+
+def save_classifier(model, tokenizer_folder: Path, folder: Path) -> Path:
+    """`model` saved in `folder` with the tokenizer of `tokenizer_folder`, as a training script saves one."""
+    model.save_pretrained(folder)
+    BertTokenizer.from_pretrained(tokenizer_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def word_pair_task(tiny_checkpoint) -> Path:
+    """A tiny ADNet model saved with the label2id `run_glue_style.py` gives RTE, and a dev TSV of 12 pairs labelled
+    with the model's own full-depth prediction but for the last 3: full-depth accuracy is 0.75 with the labels mapped
+    right, 0.25 with them swapped."""
+    id2label = {i: name for name, i in RTE_LABELS.items()}
+    config = ADNetConfig(
+        backbone_config=bert_config(), label2id=RTE_LABELS, id2label=id2label, unit_hidden_size=8, num_fixed_steps=0
+    )
+    model = ADNetForSequenceClassification(config).eval()
+    save_classifier(model, tiny_checkpoint / "model", tiny_checkpoint / "rte")
+    pairs = [(f"w{i} w{i + 1}", f"w{(i * 7) % 90} w3") for i in range(12)]
+    batch = BertTokenizer.from_pretrained(tiny_checkpoint / "rte")(*zip(*pairs), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**batch, exit_policy="none").logits.argmax(-1).tolist()
+    names = list(RTE_LABELS)
+    labels = [names[p if row < 9 else 1 - p] for row, p in enumerate(predicted)]
+    lines = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{row}\t{first}\t{second}\t{label}" for row, ((first, second), label) in enumerate(zip(pairs, labels))
+    ]
+    (tiny_checkpoint / "rte.tsv").write_text("\n".join(lines) + "\n")
+    return tiny_checkpoint
+
+
+def input_args(*argv: str, batch_size: int = 4) -> argparse.Namespace:
+    """What `labelled_inputs` reads, parsed as a classification benchmark parses it."""
+    parser = argparse.ArgumentParser()
+    bench_classification.add_input_arguments(parser)
+    args = parser.parse_args(["--model", "unused", *argv])
+    args.batch_sizes, args.max_samples_batch1 = [batch_size], None
+    return args
 
 
 @pytest.mark.slow
@@ -255,24 +301,24 @@ def test_generation_benchmark_writes_json_table_and_plot(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint, monkeypatch):
+def test_costs_benchmark_times_training_and_measures_peak_memory(word_pair_task, monkeypatch):
     monkeypatch.chdir(Path(bench_costs.__file__).parents[1])  # its memory runs start `-m benchmarks.bench_costs`
     from transformers import BertForSequenceClassification
 
-    backbone = tiny_checkpoint / "backbone"
+    backbone = word_pair_task / "backbone"
     BertForSequenceClassification(bert_config(num_labels=2)).save_pretrained(backbone)
     path = bench_costs.main(
         [
             "--backbone",
             str(backbone),
             "--model",
-            str(tiny_checkpoint / "model"),
+            str(word_pair_task / "rte"),
             "--reference",
             str(backbone),
             "--tokenizer",
-            str(tiny_checkpoint / "model"),
+            str(word_pair_task / "rte"),
             "--data",
-            str(tiny_checkpoint / "dev.tsv"),
+            str(word_pair_task / "rte.tsv"),
             "--train_batches",
             "2",
             "--batch_size",
@@ -282,7 +328,7 @@ def test_costs_benchmark_times_training_and_measures_peak_memory(tiny_checkpoint
             "--name",
             "tiny",
             "--results_dir",
-            str(tiny_checkpoint / "results"),
+            str(word_pair_task / "results"),
             "--exit_policy",
             "patience",
             "--exit_value",
@@ -406,15 +452,15 @@ def test_step_perplexity_ends_at_the_full_depth_perplexity(tmp_path, shared_data
 
 
 @pytest.mark.slow
-def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_checkpoint):
+def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(word_pair_task):
     from benchmarks import bench_export
 
     path = bench_export.main(
         [
             "--model",
-            str(tiny_checkpoint / "model"),
+            str(word_pair_task / "rte"),
             "--data",
-            str(tiny_checkpoint / "dev.tsv"),
+            str(word_pair_task / "rte.tsv"),
             "--batch_sizes",
             "1",
             "4",
@@ -425,15 +471,15 @@ def test_export_benchmark_times_every_arm_and_its_runner_agrees_with_eager(tiny_
             "--name",
             "tiny_export",
             "--results_dir",
-            str(tiny_checkpoint / "results"),
+            str(word_pair_task / "results"),
             "--settings",
             "confidence=0.6",
             "patience=1",
         ]
     )
     result = json.loads(path.read_text())
-    model = ADNetForSequenceClassification.from_pretrained(tiny_checkpoint / "model").eval()
-    batches = labelled_text_batches(tiny_checkpoint / "model", tiny_checkpoint / "dev.tsv", 4)
+    model = ADNetForSequenceClassification.from_pretrained(word_pair_task / "rte").eval()
+    batches = labelled_text_batches(word_pair_task / "rte", word_pair_task / "rte.tsv", 4, RTE_LABELS.__getitem__)
     for row in result["agreement"]:
         assert row["same_prediction"] == row["same_exit_step"] == 1.0 and row["max_logit_difference"] < 1e-5, row
         setting = {"exit_policy": row["policy"], "exit_threshold": row["setting"]}
@@ -576,8 +622,15 @@ def test_plain_twin_holds_the_adnet_backbone_weights(tiny_checkpoint):
 @pytest.mark.slow
 def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint):
     out_dir = tiny_checkpoint / "results"
+    config = bert_config(num_labels=2)
+    config.num_hidden_layers = 1
+    static = AutoModelForSequenceClassification.from_config(config).eval()
+    static.save_pretrained(tiny_checkpoint / "static")
+    BertTokenizer.from_pretrained(tiny_checkpoint / "model").save_pretrained(tiny_checkpoint / "static")
     path = pareto_exits.main(
         [
+            "--static_models",
+            str(tiny_checkpoint / "static"),
             "--model",
             str(tiny_checkpoint / "model"),
             "--data",
@@ -612,11 +665,28 @@ def test_pareto_benchmark_measures_every_setting_with_real_exits(tiny_checkpoint
         assert (point["accuracy"], point["executed_layers"]) == pytest.approx(
             (metrics["accuracy"], metrics["executed_layers"])
         ), point
-    assert result["rows"] == pareto_exits.budget_table(points, [0.1, 0.3], model.config.num_blocks)
+    table = pareto_exits.budget_table(points, [0.1, 0.3], model.config.num_blocks)
+    full = result["full_depth_accuracy"]
+    assert result["rows"] == pareto_exits.with_references(table, full, result["static"], result["oracle"])
     assert [(row["budget_pts"], row["policy"]) for row in result["budget_rows_held_out"]] == [
         (budget, policy) for budget in (10.0, 30.0) for policy in pareto_exits.POLICIES
     ]
     assert "Held-out verdict" in (out_dir / "tiny.md").read_text() and (out_dir / "tiny.png").stat().st_size > 0
+    static_logits = torch.cat([static(**inputs(batch)).logits for batch in batches])
+    labels = torch.cat([batch["labels"] for batch in batches])
+    assert result["static"] == [
+        {
+            "policy": "static",
+            "setting": str(tiny_checkpoint / "static"),
+            "accuracy": pytest.approx((static_logits.argmax(-1) == labels).double().mean().item()),
+            "executed_layers": 1.0,
+            "trained_by": None,
+        }
+    ]
+    settled, first_correct = result["oracle"]
+    assert settled["accuracy"] == pytest.approx(result["full_depth_accuracy"])  # the settled oracle loses nothing
+    assert first_correct["accuracy"] >= settled["accuracy"]
+    assert first_correct["executed_layers"] <= settled["executed_layers"] <= model.config.num_blocks
 
 
 def test_batch_one_alone_is_timed_and_scored_on_every_sample():
@@ -764,3 +834,147 @@ def test_halting_transfer_fits_on_one_half_and_scores_real_exits_on_the_other_an
         for policy in ("halting", "confidence")
     ]
     assert all(1 <= row["executed_layers"] <= 4 for row in rows)  # the tiny backbone has 4 layers
+
+
+def test_classification_benchmark_maps_word_labels_of_a_pair_task_through_the_models_label2id(word_pair_task):
+    path = bench_classification.main(
+        [
+            "--model",
+            str(word_pair_task / "rte"),
+            "--data",
+            str(word_pair_task / "rte.tsv"),
+            "--batch_sizes",
+            "4",
+            "--repeats",
+            "1",
+            "--policies",
+            "confidence",
+            "--confidence",
+            "0.6",
+            "--name",
+            "rte",
+            "--results_dir",
+            str(word_pair_task / "results"),
+        ]
+    )
+    result = json.loads(path.read_text())
+    assert result["samples"] == 12 and result["rows"][0]["accuracy"] == 0.75
+    model = ADNetForSequenceClassification.from_pretrained(word_pair_task / "rte").eval()
+    batches = labelled_text_batches(word_pair_task / "rte", word_pair_task / "rte.tsv", 4, RTE_LABELS.__getitem__)
+    assert_rows_match_direct_evaluation(result["rows"], model, batches, "accuracy")
+
+
+def test_labelled_inputs_give_each_plain_checkpoint_its_own_label_ids(word_pair_task):
+    """Plain classifiers scored on the same data: each gets the labels as its own label2id numbers them, and its own
+    tokenizer."""
+    from transformers import BertForSequenceClassification
+
+    args = input_args("--data", str(word_pair_task / "rte.tsv"))
+    words = read_tsv(word_pair_task / "rte.tsv")[1]
+    for label2id in (RTE_LABELS, {"not_entailment": 0, "entailment": 1}):
+        model = BertForSequenceClassification(
+            bert_config(label2id=label2id, id2label={i: n for n, i in label2id.items()})
+        )
+        folder = save_classifier(model, word_pair_task / "model", word_pair_task / "plain")
+        batches_by_size, labels = bench_classification.labelled_inputs(
+            args, AutoModelForSequenceClassification.from_pretrained(folder)
+        )
+        assert labels.tolist() == [label2id[word] for word in words]
+        assert [len(batch["input_ids"]) for batch in batches_by_size[4]] == [4, 4, 4]
+
+
+def test_a_label_the_model_does_not_know_is_an_error_naming_it_its_row_file_and_the_known_labels(word_pair_task):
+    data = word_pair_task / "rte.tsv"
+    data.write_text(data.read_text() + "12\tw1 w2\tw3 w4\tneutral\n")
+    model = AutoModelForSequenceClassification.from_pretrained(word_pair_task / "rte")
+    with pytest.raises(ValueError) as error:
+        bench_classification.labelled_inputs(input_args("--data", str(data)), model)
+    message = str(error.value)
+    assert f"{data}: row 13 " in message and "'neutral'" in message and "['entailment', 'not_entailment']" in message
+
+
+def test_model_label_ids_follow_the_names_training_saved():
+    """Numbers by the name training gives them (`1.0` is class `1`), integers as ids for a model without names,
+    floats for a regression model."""
+    from transformers import PreTrainedConfig
+
+    named = PreTrainedConfig(label2id={"-1": 0, "1": 1}, id2label={0: "-1", 1: "1"})
+    assert model_label_ids(["1.0", "-1", "1"], named, "dev.tsv").tolist() == [1, 0, 1]
+    unnamed = PreTrainedConfig(num_labels=3)
+    assert model_label_ids(np.array([2, 0], dtype=np.uint8), unnamed, "labels.idx").tolist() == [2, 0]
+    assert model_label_ids(["LABEL_1"], unnamed, "dev.tsv").tolist() == [1]
+    with pytest.raises(
+        ValueError, match=r"labels.idx: row 1 .*'3'.* \['LABEL_0', 'LABEL_1', 'LABEL_2', '0', '1', '2'\]"
+    ):
+        model_label_ids(np.array([3]), unnamed, "labels.idx")
+    regression = PreTrainedConfig(num_labels=1)
+    assert model_label_ids(["0.5", "4"], regression, "dev.tsv").tolist() == [0.5, 4.0]
+
+
+def test_costs_and_lora_train_a_fresh_head_on_the_classes_of_the_data(word_pair_task):
+    """A head trained afresh has no label2id: its classes are the data's sorted labels, as `run_glue_style.py`
+    finds them, and the batches' labels their ids."""
+    tokenizer = BertTokenizer.from_pretrained(word_pair_task / "rte")
+    data = str(word_pair_task / "rte.tsv")
+    batches, settings = bench_costs.training_batches(tokenizer, data, 2, 4, 32)
+    assert settings["label2id"] == RTE_LABELS and settings["num_labels"] == 2
+    words = read_tsv(Path(data))[1][:8]
+    assert torch.cat([batch["labels"] for batch in batches]).tolist() == [RTE_LABELS[word] for word in words]
+
+
+def write_image_folder(root: Path, counts: dict[str, int]) -> Path:
+    """An image folder: a sub-folder per class of as many small grey PNGs as `counts` says."""
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            PIL.Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_classification_benchmark_reads_an_image_folder_by_class_name(tmp_path):
+    """Class names map through the model's label2id (here not the folders' sorted order), the grey images through
+    the model's saved processor, converted to its three channels."""
+    from conftest import resnet_config
+
+    from adnet_examples.data import default_image_processor, read_image_folder
+    from adnet_hf import ADNetForImageClassification
+
+    folder = write_image_folder(tmp_path / "photos", {"cat": 3, "dog": 5})
+    label2id = {"dog": 0, "cat": 1}
+    config = ADNetConfig(
+        backbone_config=resnet_config(num_channels=3), label2id=label2id, id2label={0: "dog", 1: "cat"}
+    )
+    model = ADNetForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--image_folder", str(folder), "--batch_sizes", "4", "--repeats", "1"]
+    argv += ["--policies", "confidence", "--confidence", "0.6", "--results_dir", str(tmp_path / "results")]
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'model'} has no saved image processor")):
+        bench_classification.main(argv)
+    images = read_image_folder(str(folder))
+    processor = default_image_processor([image.convert("RGB") for image in images["image"]], 3, size=12)
+    processor.save_pretrained(tmp_path / "model")
+    result = json.loads(bench_classification.main(argv).read_text())
+    assert result["samples"] == 8 and result["data"] == str(folder)
+    labels = torch.tensor([label2id[name] for name in images.features["label"].int2str(images["label"])])
+    loaded = ADNetForImageClassification.from_pretrained(tmp_path / "model")
+    assert torch.equal(
+        bench_classification.labelled_inputs(input_args("--image_folder", str(folder)), loaded)[1], labels
+    )
+    pixels = processor([image.convert("RGB") for image in images["image"]], return_tensors="pt")["pixel_values"]
+    batches = [{"pixel_values": part} for part in pixels.split(4)]
+    assert_rows_match_direct_evaluation(
+        result["rows"], model, bench_classification.with_labels(batches, labels), "accuracy"
+    )
+
+
+def test_classification_benchmarks_take_exactly_one_kind_of_data(word_pair_task, capsys):
+    model, data = ["--model", str(word_pair_task / "rte")], ["--data", str(word_pair_task / "rte.tsv")]
+    for argv, error in [
+        ([], "one of the arguments --data --images --image_folder is required"),
+        ([*data, "--image_folder", str(word_pair_task)], "--image_folder: not allowed with argument --data"),
+        (["--images", "x.idx"], "--images and --image_labels go together"),
+    ]:
+        with pytest.raises(SystemExit):
+            bench_classification.main([*model, *argv])
+        assert error in capsys.readouterr().err

@@ -10,7 +10,7 @@ import csv
 import gzip
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import AutoImageProcessor, ConvNextImageProcessorPil
+from transformers import AutoImageProcessor, ConvNextImageProcessorPil, PreTrainedConfig, PreTrainedModel
 
 # GLUE on the Hub: the text columns of each task.
 TASK_TO_KEYS = {
@@ -251,6 +251,27 @@ def _whole(values: list) -> bool:
 def _name(value) -> str:
     """A class's name: a whole float as the integer it stands for (1.0 -> "1")."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def model_label_ids(labels: Sequence | np.ndarray, config: PreTrainedConfig, source: str) -> torch.Tensor:
+    """Raw `labels` of a data file (`source`: text, or the integers of IDX files) as the label ids of a model with
+    `config`, so that a benchmark scores a model on the ids it was trained with. The training scripts save `label2id`
+    under each class's name (`label_info`: `entailment`, or `1` for both `1` and `1.0`), so a label is looked up by
+    its name; a model without names (Transformers' default `LABEL_0`, ...: trained elsewhere) takes integer labels
+    as its ids; a regression model (one output) takes the values as floats."""
+    if config.num_labels == 1:
+        return torch.tensor([float(label) for label in labels])
+    known = dict(config.label2id)
+    if known == {f"LABEL_{i}": i for i in range(config.num_labels)}:
+        known.update({str(i): i for i in range(config.num_labels)})
+    names = [label if isinstance(label, str) and not _is_number(label) else _name(float(label)) for label in labels]
+    row = next((row for row, name in enumerate(names) if name not in known), None)
+    if row is not None:
+        raise ValueError(
+            f"{source}: row {row + 1} (not counting a header) has the label {str(labels[row])!r}, which the model does "
+            f"not know; its labels are {list(known)}."
+        )
+    return torch.tensor([known[name] for name in names])
 
 
 def _check_label_spellings(values: list, label_column: str, source: str) -> None:
@@ -500,6 +521,12 @@ def is_grey(image) -> bool:
     return image.mode in GREY_MODES
 
 
+def backbone_channels(model: PreTrainedModel) -> int:
+    """The number of image channels the model's backbone takes (an ADNet model's or a plain one's)."""
+    config = model.config
+    return (config.backbone_config if config.model_type == "adnet" else config).num_channels
+
+
 def to_channels(image, num_channels: int):
     """A PIL image as a backbone with `num_channels` takes it, upright as its EXIF says: RGB for 3 (grey repeated, as
     the image-classification pipeline converts), grey for 1. A colour image for 1 channel is refused, not turned
@@ -611,18 +638,19 @@ def saved_image_processor(name_or_path: str | None):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Grey images (N x H x W, 0-255) as `pixel_values` (1 x H x W) with their `labels`: through `processor`, the image
-    processor a model was trained with, or without one scaled to [0, 1] and normalised with MNIST's statistics (the
-    training script's before it saved a processor)."""
+    """Images (grey N x H x W arrays, 0-255, or PIL images) as `pixel_values` with their `labels`: through
+    `processor`, the image processor a model was trained with, after conversion to its backbone's `num_channels`
+    (`image_transform`, as training reads them), or without one grey arrays scaled to [0, 1] and normalised with
+    MNIST's statistics (the training script's before it saved a processor)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, limit: int | None = None, processor=None):
+    def __init__(self, images, labels, limit: int | None = None, processor=None, num_channels: int = 1):
         images, labels = images[:limit], labels[:limit]
         if processor is None:
             pixels = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
             self.pixel_values = (pixels - MNIST_MEAN) / MNIST_STD
         else:
-            grey = [PIL.Image.fromarray(image) for image in images]
-            self.pixel_values = processor(grey, return_tensors="pt")["pixel_values"]
+            pil = [image if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(image) for image in images]
+            self.pixel_values = image_transform(processor, num_channels)({"image": pil})["pixel_values"]
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def __len__(self) -> int:
