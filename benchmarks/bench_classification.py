@@ -258,10 +258,13 @@ def load_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace):
     its plain arm (`load_models`)."""
     if (args.images is None) != (args.image_labels is None):
         parser.error("--images and --image_labels go together")
-    model, reference = load_models(
-        AutoModelForSequenceClassification if args.data else AutoModelForImageClassification, args
-    )
+    model, reference = load_models(task_auto_class(args), args)
     return *labelled_inputs(args, model), model, reference
+
+
+def task_auto_class(args: argparse.Namespace):
+    """The Auto class of the models that read the data the arguments name: text or images."""
+    return AutoModelForSequenceClassification if args.data else AutoModelForImageClassification
 
 
 def load_models(auto_class, args: argparse.Namespace):

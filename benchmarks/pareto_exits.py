@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from adnet_examples.arguments import num_blocks
 from adnet_hf.calibration_adnet import cheapest, within_budget
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 from adnet_hf.losses_adnet import settled_steps
@@ -43,6 +43,7 @@ from .bench_classification import (
     is_regression,
     labelled_inputs,
     load_inputs,
+    task_auto_class,
     with_labels,
 )
 from .bench_risk_control import setting_outcomes
@@ -223,11 +224,6 @@ def oracle_point(policy: str, correct: torch.Tensor, layers: torch.Tensor) -> di
     }
 
 
-def blocks(config) -> int:
-    """A plain model's depth: transformer layers, or a ResNet's residual blocks."""
-    return sum(config.depths) if hasattr(config, "depths") else config.num_hidden_layers
-
-
 def trained_by(folder: str) -> str | None:
     """The command that trained the checkpoint in `folder`, as the example scripts record it in `all_results.json`."""
     results = Path(folder) / "all_results.json"
@@ -237,10 +233,9 @@ def trained_by(folder: str) -> str | None:
 @torch.inference_mode()
 def static_points(args, paths: Sequence[str]) -> list[dict]:
     """Each plain (static) classifier in `paths` scored on the benchmark's data: accuracy at its own depth."""
-    auto_class = AutoModelForSequenceClassification if args.data else AutoModelForImageClassification
     points = []
     for path in paths:
-        model = auto_class.from_pretrained(path).eval()
+        model = task_auto_class(args).from_pretrained(path).eval()
         batches_by_size, labels = labelled_inputs(args, model)
         logits = torch.cat([model(**batch).logits for batch in batches_by_size[args.batch_size]])
         points.append(
@@ -248,7 +243,7 @@ def static_points(args, paths: Sequence[str]) -> list[dict]:
                 "policy": "static",
                 "setting": path,
                 "accuracy": float((logits.argmax(-1) == labels).double().mean()),
-                "executed_layers": float(blocks(model.config)),
+                "executed_layers": float(num_blocks(model)),
                 "trained_by": trained_by(path),
             }
         )
@@ -420,9 +415,10 @@ def main(argv: list[str] | None = None):
         for value in getattr(args, policy)
         or dense_grid(policy, config.num_variable_steps, args.grid_size, config.num_labels)
     ]
+    batches = with_labels(batches_by_size[args.batch_size], labels)
     with torch.inference_mode():
-        outcomes = setting_outcomes(model, with_labels(batches_by_size[args.batch_size], labels), settings)
-        oracle = oracle_points(model, with_labels(batches_by_size[args.batch_size], labels))
+        outcomes = setting_outcomes(model, batches, settings)
+        oracle = oracle_points(model, batches)
     static = static_points(args, args.static_models)
     points = setting_points(settings, outcomes, config.num_blocks)
     full = points[0]["accuracy"]

@@ -120,10 +120,9 @@ def recipe_guarantees() -> list[str]:
     return [f"- {run.task}: {load(run.adnet)['eval_guarantee']}." for run in RECIPE_RUNS]
 
 
-def pareto_table(pareto: Pareto) -> list[str]:
+def pareto_table(result: dict) -> list[str]:
     """Per view, each policy's fewest layers at each budget (bold: the fewest of all), the static model's depth that
     is as accurate as the best of them, and the zero-loss oracle's layers."""
-    result = load(pareto.path)
     budgets = result["budgets_pts"]
     header = " / ".join(f"{budget:g}" for budget in budgets)
     lines = [
@@ -157,9 +156,8 @@ def static_name(point: dict) -> str:
     return f"static, first {blocks:g} block{'' if blocks == 1 else 's'}"
 
 
-def references_table(pareto: Pareto) -> list[str]:
+def references_table(result: dict) -> list[str]:
     """Full depth, the oracle floors and every static model: accuracy and layers."""
-    result = load(pareto.path)
     lines = ["| model | accuracy | mean layers |", "|---|---|---|"]
     lines.append(f"| ADNet, full depth | {percent(result['full_depth_accuracy'])} | {result['num_blocks']} |")
     for point in result["oracle"]:
@@ -169,21 +167,24 @@ def references_table(pareto: Pareto) -> list[str]:
     return lines
 
 
-def static_verdict(result: dict) -> str:
-    """Where the static models stand against the exit rules, from the held-out rows: the budgets at which a static
-    model as accurate needs no more blocks than the best rule's mean layers, and a static model more accurate than
-    ADNet at full depth."""
-    budgets = result["budgets_pts"]
-    best = {
+def best_held_out(result: dict) -> dict[float, dict]:
+    """Per budget, the held-out row of the exit rule with the fewest mean layers."""
+    return {
         budget: min(
             (row for row in result["budget_rows_held_out"] if row["budget_pts"] == budget),
             key=lambda row: row["mean_layers"],
         )
-        for budget in budgets
+        for budget in result["budgets_pts"]
     }
+
+
+def static_verdict(result: dict) -> str:
+    """Where the static models stand against the exit rules, from the held-out rows: the budgets at which a static
+    model as accurate needs no more blocks than the best rule's mean layers, and a static model more accurate than
+    ADNet at full depth."""
     lost = [
         budget
-        for budget, row in best.items()
+        for budget, row in best_held_out(result).items()
         if row.get("static_blocks") is not None and row["static_blocks"] <= row["mean_layers"]
     ]
     sentence = (
@@ -209,11 +210,11 @@ def pareto_section(pareto: Pareto) -> list[str]:
         "",
         f"{result['samples']} samples of `{result['data']}`.",
         "",
-        *pareto_table(pareto),
+        *pareto_table(result),
         "",
         static_verdict(result),
         "",
-        *references_table(pareto),
+        *references_table(result),
         "",
         f"![accuracy against mean layers: {pareto.task}](img/{pareto.image.name})",
         "",
@@ -244,8 +245,7 @@ def baselines_table() -> list[str]:
     ]
     for pareto in PARETO:
         result = load(pareto.path)
-        rows = [row for row in result["budget_rows_held_out"] if row["budget_pts"] == HEADLINE_BUDGET_PTS]
-        best = min(rows, key=lambda row: row["mean_layers"])
+        best = best_held_out(result)[HEADLINE_BUDGET_PTS]
         static = best.get("static_blocks")
         lines.append(
             f"| {pareto.task} | {best['mean_layers']:.2f} of {result['num_blocks']} (`{best['policy']}`) | "

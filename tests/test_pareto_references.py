@@ -64,5 +64,5 @@ def test_static_blocks_is_the_shallowest_static_model_as_accurate():
 
 
 def test_static_depth_reads_text_layers_and_resnet_blocks():
-    assert pareto_exits.blocks(SimpleNamespace(num_hidden_layers=3)) == 3
-    assert pareto_exits.blocks(SimpleNamespace(depths=[2, 1])) == 3
+    assert pareto_exits.num_blocks(SimpleNamespace(config=SimpleNamespace(model_type="bert", num_hidden_layers=3))) == 3
+    assert pareto_exits.num_blocks(SimpleNamespace(config=SimpleNamespace(model_type="resnet", depths=[2, 1]))) == 3
