@@ -232,6 +232,11 @@ class DecoderAdapter(BackboneAdapter):
         kwargs = {"attention_mask": mask, "position_ids": positions, **position_kwargs}
         return StepState(hidden, token_mask[:, past:], kwargs)
 
+    def new_block(self, backbone: PreTrainedModel) -> nn.Module:
+        """A new block of the backbone's own class and config, with random weights and its keys/values in layer 0 of
+        a cache of its own: the layer of a draft unit (`draft_adnet.DraftUnit`)."""
+        return type(self.blocks(backbone)[0])(backbone.config, layer_idx=0)
+
 
 class GPT2Adapter(DecoderAdapter):
     """GPT-2: `wte + wpe`, then `h[k]`; `ln_f` before the tied LM head."""

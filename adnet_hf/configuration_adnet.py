@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -145,6 +146,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "early_exit_loss_scale": FieldRule("a number in [0, 1]", _in_range(0, 1)),
     "exit_adapters": FieldRule("a bool", _is_bool),
     "exit_distillation": FieldRule("a bool", _is_bool),
+    "draft_unit": FieldRule("a bool", _is_bool),
 }
 
 
@@ -191,7 +193,7 @@ class ADNetConfig(PreTrainedConfig):
     may take (`adnet_hf.configuration_adnet.field_rules()` holds the rules). Once a model is built from a config, the
     fields its modules depend on (`num_fixed_steps`, `layers_per_step`, `unit_hidden_size`, `share_output_layer`,
     `classifier_dropout`, `num_labels`, `tie_word_embeddings`, `per_token_units`, `halting_evidence`,
-    `exit_adapters`, the backbone) cannot change on it: give them when building the model.
+    `exit_adapters`, `draft_unit`, the backbone) cannot change on it: give them when building the model.
 
     Each field below is also a keyword argument of the constructor, beside `PreTrainedConfig`'s own (`id2label`,
     `architectures`, ...).
@@ -266,6 +268,11 @@ class ADNetConfig(PreTrainedConfig):
             own full-depth prediction (made first, without gradients) instead of the next token's cross-entropy, so
             that exits learn to agree with the full model, which drafts and exits are judged by. The backbone then
             runs forward twice. Defaults to `False`.
+        draft_unit (bool): Causal LM only: a draft unit (`DraftUnit`, EAGLE's draft head) that reads the model's
+            top features and the next token's embedding and predicts the next top features, for lossless
+            speculative decoding on a frozen model (`generate(..., use_draft_unit=True)`); trained on the frozen
+            model (`DraftUnitTrainer`). `ADNetForCausalLM.add_draft_unit()` adds one to a built model. Defaults to
+            `False`.
         problem_type (str | None): `PreTrainedConfig`'s: `'regression'`, `'single_label_classification'` or
             `'multi_label_classification'`; `None` is inferred from the labels of the first batch, as Transformers'
             heads do. A regressor takes the `halting` and `none` exit policies only. Defaults to `None`.
@@ -305,6 +312,7 @@ class ADNetConfig(PreTrainedConfig):
     early_exit_loss_scale: float = 1.0
     exit_adapters: bool = False
     exit_distillation: bool = False
+    draft_unit: bool = False
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()
@@ -351,6 +359,16 @@ class ADNetConfig(PreTrainedConfig):
         """Called by the model built from this config: from now on a field it was built with cannot change (the
         model would silently keep the old one, and a checkpoint saved with the new one would not load)."""
         self.__dict__["_built_architecture"] = self.architecture()
+
+    @contextmanager
+    def rebuilding(self) -> Iterator[None]:
+        """For the model built from this config while it adds modules to itself (`ADNetForCausalLM.add_draft_unit`):
+        inside, the fields its modules depend on may change; on leaving, they are bound again."""
+        self.__dict__.pop("_built_architecture", None)
+        try:
+            yield
+        finally:
+            self.bind_architecture()
 
     def _check_architecture(self, name: str) -> None:
         built = self.__dict__.get("_built_architecture")
@@ -487,6 +505,7 @@ ARCHITECTURE_FIELDS = (
     "per_token_units",
     "halting_evidence",
     "exit_adapters",
+    "draft_unit",
 )
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})

@@ -20,6 +20,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .backbones_adnet import backbone_adapter, backbones_taking, matmul_weights, recording_attentions
 from .configuration_adnet import ADNetConfig
+from .draft_adnet import DraftUnit
 from .engine_adnet import StepEngine, StepHead, Trace
 from .exit_adapters_adnet import ExitAdapter
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
@@ -202,7 +203,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Units and output layers only: the backbone is a sub-model and keeps its own (or loaded) weights."""
+        """Units, output layers, exit adapters and the draft unit only: the backbone is a sub-model and keeps its own
+        (or loaded) weights."""
         if isinstance(module, EvidenceWeights):
             init.copy_(module.weight, EvidenceWeights.prior(module.weight))
         elif isinstance(module, nn.Linear):
@@ -212,6 +214,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ExitAdapter):  # the identity map: the exit reads as through the plain head
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        else:  # e.g. a draft unit's norms or GPT-2 Conv1D: as the backbone initialises its own
+            self.base_model.backbone._init_weights(module)
 
     @classmethod
     def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
@@ -461,7 +465,7 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         config.use_per_token_units(False, type(self).__name__)
         if config.halting_evidence is None:
             config.halting_evidence = True
-        for name in ("exit_adapters", "exit_distillation"):
+        for name in ("exit_adapters", "exit_distillation", "draft_unit"):
             if getattr(config, name):
                 raise ValueError(
                     f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
@@ -695,6 +699,7 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             if config.exit_adapters
             else None
         )
+        self.draft_unit = self._new_draft_unit() if config.draft_unit else None
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
@@ -702,6 +707,67 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def _new_draft_unit(self) -> DraftUnit:
+        return DraftUnit(self.config.backbone_config.hidden_size, self.adnet.adapter.new_block(self.adnet.backbone))
+
+    def add_draft_unit(self) -> DraftUnit:
+        """Give this model a new, untrained draft unit (`config.draft_unit`), every other weight unchanged; a model
+        that has one keeps it. `from_pretrained(path, draft_unit=True)` does the same while loading.
+
+        Returns:
+            draft_unit (DraftUnit): The model's draft unit, on the LM head's device and in its dtype.
+        """
+        if self.draft_unit is None:
+            with self.config.rebuilding():
+                self.config.draft_unit = True
+            unit = self._new_draft_unit().to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+            unit.apply(self._initialize_weights)
+            self.draft_unit = unit
+        return self.draft_unit
+
+    def checked_draft_unit(self) -> DraftUnit:
+        """The draft unit, or a `ValueError` saying how to get one."""
+        if self.draft_unit is None:
+            raise ValueError(
+                "This model has no draft unit (ADNetConfig.draft_unit=False): call add_draft_unit() first, or load "
+                "it with from_pretrained(path, draft_unit=True)."
+            )
+        return self.draft_unit
+
+    def freeze_all_but_draft_unit(self) -> None:
+        """Leave only the draft unit to train: the frozen model's outputs, and the cached features the unit learns
+        from, stay exactly as they are; the frozen modules stay in eval mode (`train`)."""
+        unit = self.checked_draft_unit()
+        self.requires_grad_(False)
+        unit.requires_grad_(True)
+        self._full_depth_frozen = True
+        self.train(self.training)
+
+    def draft_unit_features(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """The draft unit's prediction of the next top features.
+
+        Args:
+            features (torch.Tensor): `(batch_size, n, hidden_size)`: top features (the last block's output, before
+                the final norm) at positions t.
+            input_ids (torch.LongTensor): `(batch_size, n)`: the tokens at t+1.
+            attention_mask (torch.Tensor | None): `(batch_size, past + n)`, 1 for real positions, over the
+                draft's cache and these positions. Defaults to `None` (all real).
+            cache (Cache | None): The draft unit's own key/value cache. Defaults to `None`.
+
+        Returns:
+            `(batch_size, n, hidden_size)`: the predicted top features at t+1, which `exit_head(..., num_blocks)`
+            reads as next-token logits.
+        """
+        unit, adnet = self.checked_draft_unit(), self.adnet
+        tokens = adnet.adapter.embed(adnet.backbone, {"input_ids": input_ids, "attention_mask": attention_mask}, cache)
+        return unit(features, tokens, cache)
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value

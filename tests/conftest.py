@@ -200,9 +200,15 @@ def assert_loads_as_remote_code(model, inputs: dict, folder: Path, auto_name: st
         {**inputs, "expected_logits": out.logits, "expected_exit_steps": out.exit_steps},
         str(folder / "expected.safetensors"),
     )
+    run_as_remote_code(REMOTE_SCRIPT, folder, auto_name)
+
+
+def run_as_remote_code(script: str, folder: Path, *args: str) -> None:
+    """Run `script` (which prints "remote ok") on the checkpoint in `folder` (its first argument, then `args`) in a
+    fresh offline process, with the checkpoint's own modules cache and without this checkout on the path."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": f"{folder}_modules", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name],
+        [sys.executable, "-c", script, str(folder), *args],
         capture_output=True,
         text=True,
         env=env,

@@ -92,6 +92,7 @@ DOCUMENTED = {
     "early_exit_loss_scale": lambda v: _real(v, 0, 1),
     "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
     "exit_distillation": lambda v: v is False,  # the same
+    "draft_unit": lambda v: v is False,  # the same
 }
 
 
@@ -160,6 +161,7 @@ LIKELY = {
     "early_exit_loss_scale": UNIT_FLOATS,
     "exit_adapters": st.booleans(),
     "exit_distillation": st.booleans(),
+    "draft_unit": st.booleans(),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(
         ["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base", 7]
@@ -208,6 +210,13 @@ def comparable(config: ADNetConfig) -> dict:
     return {name: value for name, value in config.to_dict().items() if name not in ("_name_or_path",)}
 
 
+def build_classifier(config: ADNetConfig) -> None:
+    """Build a classifier where the config holds a causal LM's settings (per-token units, exit adapters,
+    distillation, a draft unit), which the classifier refuses when it is built."""
+    if config.per_token_units or config.exit_adapters or config.exit_distillation or config.draft_unit:
+        ADNetForSequenceClassification(config)
+
+
 def set_values(path: str, values: dict, folder: Path) -> ADNetConfig:
     """A config with `values` set through `path`."""
     given = {name: backbone(value) if name == "backbone_config" else value for name, value in values.items()}
@@ -232,8 +241,7 @@ def set_values(path: str, values: dict, folder: Path) -> ADNetConfig:
             assert comparable(config) == before, f"a refused assignment of {name} was kept"
             error.applied = applied  # what had been assigned when it was refused
             raise
-        if config.per_token_units:  # the classifier refuses a causal LM's units when it is built
-            ADNetForSequenceClassification(config)
+        build_classifier(config)
         assert documented(applied, path), f"accepted the assignments {applied}"
     return config
 
@@ -274,9 +282,7 @@ def outcome(path: str, values: dict) -> str:
     with tempfile.TemporaryDirectory() as folder:
         try:
             config = set_values(path, values, Path(folder))
-            # a classifier refuses a causal LM's units, exit adapters and distillation when it is built
-            if config.per_token_units or config.exit_adapters or config.exit_distillation:
-                ADNetForSequenceClassification(config)
+            build_classifier(config)
         except (ValueError, TypeError) as error:
             if not names_a_field(error, values):
                 return f"obscure error: {type(error).__name__}: {error}"
