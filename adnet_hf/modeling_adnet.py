@@ -36,7 +36,7 @@ from .losses_adnet import (
     task_loss,
 )
 from .sharding_adnet import exit_sync
-from .speculative_adnet import SelfSpeculativeDecoder, check_settings
+from .speculative_adnet import DraftUnitDecoder, SelfSpeculativeDecoder, check_settings
 from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 
 logger = logging.get_logger(__name__)
@@ -800,7 +800,14 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         it (the adapter needs the token mask for positions, FLOPs and exits)."""
         return attention_mask
 
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        use_draft_unit: bool = False,
+        **kwargs,
+    ):
         """Transformers' `generate`, with per-token exits or self-speculative decoding.
 
         Without `assistant_early_exit`, it is Transformers' own `generate` with a key/value cache, each token
@@ -815,11 +822,17 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         of `max(0, p - q)`, so tokens follow the full model's distribution. The units and `exit_policy` play no
         part. It replaces Transformers' early-exit assistant, which runs the shared blocks twice per token.
 
+        With `use_draft_unit=True` the model's draft unit (`config.draft_unit`) drafts instead, from the full
+        model's top features and then its own predicted ones, and the whole model verifies: the same lossless
+        output, also on a pretrained model never trained for early exit.
+
         Args:
             inputs (torch.Tensor | None): The prompt's token ids, `(batch_size, prompt_len)`; `input_ids=` works
                 too. Defaults to `None`.
             generation_config (GenerationConfig | None): As Transformers' `generate`; keyword arguments override
                 it. Defaults to `None` (the model's).
+            use_draft_unit (bool): Draft with the draft unit (EAGLE), under the same options and conditions as
+                `assistant_early_exit`, which it replaces. Defaults to `False`.
             **kwargs (Any): Transformers' `generate` arguments and model inputs (`attention_mask`, `max_new_tokens`,
                 `do_sample`, `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
                 The self-speculative options:
@@ -841,33 +854,40 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
                 `return_dict_in_generate=True` Transformers' output, which for self-speculative decoding is a
                 `SelfSpeculativeOutput` (draft statistics included).
         """
+        if not isinstance(use_draft_unit, bool):
+            raise ValueError(f"use_draft_unit must be a bool, got {use_draft_unit!r}.")
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        if config.assistant_early_exit is None:
+        if use_draft_unit and config.assistant_early_exit is not None:
+            raise ValueError(
+                "Draft with an exit (assistant_early_exit) or with the draft unit (use_draft_unit), not both."
+            )
+        if config.assistant_early_exit is None and not use_draft_unit:
             return super().generate(inputs, generation_config, **kwargs)
         if "input_ids" in model_kwargs:  # `generate(**tokenizer(...))`, as Transformers' own generate takes it
             if inputs is not None:
                 raise ValueError("Pass the prompt once: as `inputs` or as `input_ids`, not both.")
             inputs = model_kwargs.pop("input_ids")
-        return self._self_speculative_generate(inputs, config, model_kwargs)
+        return self._self_speculative_generate(inputs, config, model_kwargs, use_draft_unit)
 
     @torch.no_grad()
     def _self_speculative_generate(
-        self, input_ids: torch.LongTensor | None, config: GenerationConfig, model_kwargs: dict
+        self, input_ids: torch.LongTensor | None, config: GenerationConfig, model_kwargs: dict, use_draft_unit: bool
     ):
+        option = "use_draft_unit" if use_draft_unit else "assistant_early_exit"
         processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
         stopping = model_kwargs.pop("stopping_criteria", None) or StoppingCriteriaList()
         streamer, mask = model_kwargs.pop("streamer", None), model_kwargs.pop("attention_mask", None)
         vocabulary = model_kwargs.pop("draft_vocabulary", None)
         model_kwargs.pop("use_cache", None)
         if input_ids is None:
-            raise ValueError("assistant_early_exit needs the prompt's input_ids (as `inputs` or `input_ids=`).")
+            raise ValueError(f"{option} needs the prompt's input_ids (as `inputs` or `input_ids=`).")
         if model_kwargs:
             raise ValueError(
-                f"assistant_early_exit takes input_ids, attention_mask, logits_processor, "
+                f"{option} takes input_ids, attention_mask, logits_processor, "
                 f"stopping_criteria, streamer and draft_vocabulary; it does not take "
                 f"{', '.join(sorted(model_kwargs))}."
             )
-        check_settings(config, input_ids.shape[0])
+        check_settings(config, input_ids.shape[0], option)
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if mask is None:  # as generate() infers it: the pad token masked where it is not the end-of-sequence token
             mask = self._prepare_attention_mask_for_generation(input_ids, config, {})
@@ -882,7 +902,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             model_kwargs={"attention_mask": mask},
         )
         stopping = self._get_stopping_criteria(config, stopping)
-        decoder = SelfSpeculativeDecoder(self, config, processors, stopping, mask, streamer, vocabulary)
+        decoder_class = DraftUnitDecoder if use_draft_unit else SelfSpeculativeDecoder
+        decoder = decoder_class(self, config, processors, stopping, mask, streamer, vocabulary)
         sequence = decoder.generate(input_ids)
         return decoder.output(sequence) if config.return_dict_in_generate else sequence
 

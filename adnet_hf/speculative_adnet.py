@@ -20,8 +20,12 @@ Why not Transformers' own `assistant_early_exit` path (`EarlyExitCandidateGenera
 drafted tokens from the embeddings up, so the shared blocks run twice for every token. On ADNet it also cannot
 truncate a GPT-2 (whose blocks do not read `num_hidden_layers`) and would regroup a Llama's steps under its units.
 
+A model that was not trained for early exit drafts with a draft unit instead (`generate(..., use_draft_unit=True)`,
+`DraftUnitDecoder`, `draft_adnet.DraftUnit`): one layer that reads the full model's top features, under the same
+rounds, threshold, verification and acceptance, except that the verification runs every block.
+
 Each phase runs under a `torch.profiler.record_function` label (`speculative::prefill`, `::draft_blocks`,
-`::draft_head`, `::verify_blocks`, `::verify_head`), so a profile says where a generation's time goes.
+`::draft_unit`, `::draft_head`, `::verify_blocks`, `::verify_head`), so a profile says where a generation's time goes.
 """
 
 from __future__ import annotations
@@ -142,25 +146,26 @@ def frequent_tokens(token_ids: torch.Tensor, size: int, vocab_size: int) -> torc
     return torch.bincount(token_ids.flatten(), minlength=vocab_size).topk(size).indices
 
 
-def check_settings(generation: GenerationConfig, batch_size: int) -> None:
-    """Refuse what self-speculative decoding does not do, naming the setting."""
+def check_settings(generation: GenerationConfig, batch_size: int, option: str = "assistant_early_exit") -> None:
+    """Refuse what self-speculative decoding does not do, naming the setting; `option` is the one that asked for
+    it (`assistant_early_exit` or `use_draft_unit`)."""
     if batch_size != 1:
         raise ValueError(
-            f"assistant_early_exit (self-speculative decoding) takes a batch of 1 prompt, got "
+            f"{option} (self-speculative decoding) takes a batch of 1 prompt, got "
             f"{batch_size}: rows accept different numbers of drafted tokens; generate them one by one."
         )
     if generation.num_beams != 1 or generation.num_return_sequences != 1:
-        raise ValueError("assistant_early_exit needs num_beams=1 and num_return_sequences=1.")
+        raise ValueError(f"{option} needs num_beams=1 and num_return_sequences=1.")
     if generation.cache_implementation not in (None, "dynamic"):
         raise ValueError(
-            "assistant_early_exit crops the cache of each layer to its own length: it keeps a dynamic "
+            f"{option} crops the cache of each layer to its own length: it keeps a dynamic "
             f"cache, got cache_implementation={generation.cache_implementation!r}."
         )
     if not isinstance(generation.num_assistant_tokens, int) or generation.num_assistant_tokens < 1:
         raise ValueError(f"num_assistant_tokens must be an integer >= 1, got {generation.num_assistant_tokens!r}.")
     if generation.num_assistant_tokens_schedule != "constant":
         raise ValueError(
-            "assistant_early_exit drafts a constant num_assistant_tokens (cut short by "
+            f"{option} drafts a constant num_assistant_tokens (cut short by "
             "assistant_confidence_threshold): num_assistant_tokens_schedule must be 'constant', got "
             f"{generation.num_assistant_tokens_schedule!r}."
         )
@@ -190,7 +195,8 @@ class SelfSpeculativeDecoder:
         adnet = model.adnet
         self.adapter, self.backbone = adnet.adapter, adnet.backbone
         self.blocks = self.adapter.blocks(self.backbone)
-        self.depth = draft_depth(model.config, generation.assistant_early_exit)
+        self.depth = self.draft_blocks()
+        self.draft_exit = self.depth or len(self.blocks)  # a draft that runs no block reads the top features
         self.threshold = generation.assistant_confidence_threshold or 0.0
         self.cache = DynamicCache(config=model.config.backbone_config)
         self.upper_cache = LayerOffsetCache(self.cache, self.depth)
@@ -202,6 +208,11 @@ class SelfSpeculativeDecoder:
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
         self.verifications = self.drafted = self.accepted = 0
+        self.exit_hidden: list[torch.Tensor] = []  # this round's exit states of the tokens fed, the last emitted first
+
+    def draft_blocks(self) -> int:
+        """Backbone blocks the draft runs: `assistant_early_exit`, checked."""
+        return draft_depth(self.model.config, self.generation.assistant_early_exit)
 
     def run_blocks(
         self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
@@ -227,8 +238,8 @@ class SelfSpeculativeDecoder:
         """The draft's logits at its exit (n x vocab): with a draft vocabulary, only its rows of the LM head are
         read, and every other token gets -inf (the draft never proposes it; verification still can)."""
         if self.vocabulary is None:
-            return self.head(hidden, self.depth)
-        states = self.model.exit_states(hidden, self.depth)[0]
+            return self.head(hidden, self.draft_exit)
+        states = self.model.exit_states(hidden, self.draft_exit)[0]
         logits = states.new_full(
             (states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"), dtype=torch.float
         )
@@ -250,7 +261,9 @@ class SelfSpeculativeDecoder:
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
         with record_function("speculative::prefill"):
-            logits = self.head(self.run_blocks(input_ids, 0, len(self.blocks))[:, -1:], len(self.blocks))[0]
+            hidden = self.run_blocks(input_ids, 0, len(self.blocks))
+            self.keep_features(hidden)
+            logits = self.head(hidden[:, -1:], len(self.blocks))[0]
         scores = self.processed(input_ids, logits)
         sequence, done = self.emit(input_ids, [self.choose(scores)], [logits], [scores])
         while not done:
@@ -264,14 +277,9 @@ class SelfSpeculativeDecoder:
         """Draft from the last emitted token, verify the drafts in one pass of the upper blocks, emit what is kept."""
         past = sequence.shape[1] - 1
         remaining = self.generation.max_length - sequence.shape[1]
-        drafts, draft_scores, exit_hidden = self.draft(
-            sequence, min(self.generation.num_assistant_tokens, max(remaining - 1, 0))
-        )
+        drafts, draft_scores = self.draft(sequence, min(self.generation.num_assistant_tokens, max(remaining - 1, 0)))
         fed = torch.cat([sequence[:, -1:], *[token.view(1, 1) for token in drafts]], dim=1)
-        with record_function("speculative::draft_blocks"):
-            exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
-        with record_function("speculative::verify_blocks"):
-            hidden = self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(exit_hidden, dim=1))
+        hidden = self.verify(fed)
         with record_function("speculative::verify_head"):
             logits = self.head(hidden, len(self.blocks))
         candidate = torch.cat([sequence, fed[:, 1:]], dim=1)
@@ -281,27 +289,43 @@ class SelfSpeculativeDecoder:
         self.drafted += len(drafts)
         self.accepted += len(kept) - 1
         crop_cache(self.cache, past + len(kept))
+        self.keep_features(hidden[:, : len(kept)])
         return self.emit(sequence, kept, list(logits[: len(kept)]), scores[: len(kept)])
 
-    def draft(
-        self, sequence: torch.LongTensor, length: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Up to `length` tokens from the exit after `self.depth` blocks, one at a time: the tokens, the draft's
-        processed scores for each, and the exit hidden states of the tokens fed (the last emitted one first)."""
-        drafts, draft_scores, exit_hidden = [], [], []
-        token = sequence[:, -1:]
+    def draft(self, sequence: torch.LongTensor, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Up to `length` tokens, one at a time, stopping after one whose top probability is below the threshold:
+        the tokens and the draft's processed scores for each."""
+        drafts, draft_scores = [], []
         for _ in range(length):
-            with record_function("speculative::draft_blocks"):
-                exit_hidden.append(self.run_blocks(token, 0, self.depth))
-            with record_function("speculative::draft_head"):
-                scores = self.processed(sequence, self.draft_head(exit_hidden[-1])[0])
+            scores = self.processed(sequence, self.next_draft_logits(sequence))
             drafts.append(self.choose(scores))
             draft_scores.append(scores)
             sequence = torch.cat([sequence, drafts[-1].view(1, 1)], dim=1)
-            token = sequence[:, -1:]
             if self.threshold and torch.softmax(scores, dim=-1).max() < self.threshold:
                 break
-        return drafts, draft_scores, exit_hidden
+        return drafts, draft_scores
+
+    def next_draft_logits(self, sequence: torch.LongTensor) -> torch.Tensor:
+        """The draft's logits (vocab) of the token after `sequence`: the exit after `self.depth` blocks, on the last
+        token (whose exit state the verification reuses)."""
+        with record_function("speculative::draft_blocks"):
+            self.exit_hidden.append(self.run_blocks(sequence[:, -1:], 0, self.depth))
+        with record_function("speculative::draft_head"):
+            return self.draft_head(self.exit_hidden[-1])[0]
+
+    def verify(self, fed: torch.LongTensor) -> torch.Tensor:
+        """The top features (1 x n x H) of `fed`, the last emitted token and the drafts: the blocks after the exit,
+        on the exit states the draft made (and the last draft's, made here)."""
+        with record_function("speculative::draft_blocks"):
+            self.exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
+        with record_function("speculative::verify_blocks"):
+            hidden = self.run_blocks(fed, self.depth, len(self.blocks), torch.cat(self.exit_hidden, dim=1))
+        self.exit_hidden = []
+        return hidden
+
+    def keep_features(self, hidden: torch.Tensor) -> None:
+        """What the draft keeps of the full model's top features (1 x n x H) of the tokens just verified (or of the
+        prompt): nothing, for an exit."""
 
     def accept(
         self, drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
@@ -349,6 +373,51 @@ class SelfSpeculativeDecoder:
             accepted_tokens=self.accepted,
             draft_depth=self.depth,
         )
+
+
+class DraftUnitDecoder(SelfSpeculativeDecoder):
+    """Speculative decoding with the model's draft unit (`generate(..., use_draft_unit=True)`), batch 1.
+
+    The draft unit reads the full model's top features of every verified token with its next token, and then its
+    own predicted features, one drafted token at a time, with a cache of its own; the full model verifies every
+    drafted token in one pass from the embeddings up. After each verification the unit's cache drops what it computed
+    from its own predictions, and the next round first feeds it the verified features (EAGLE's scheme).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unit_cache = DynamicCache()
+        self.features: torch.Tensor | None = None  # the full model's top features of every token but the last
+        self.predicted: torch.Tensor | None = None  # the draft unit's last predicted feature, during a draft
+
+    def draft_blocks(self) -> int:
+        """The draft runs no backbone block."""
+        self.model.checked_draft_unit()
+        return 0
+
+    def keep_features(self, hidden: torch.Tensor) -> None:
+        if self.features is not None:
+            crop_cache(self.unit_cache, self.features.shape[1])
+        self.features = hidden if self.features is None else torch.cat([self.features, hidden], dim=1)
+        self.predicted = None
+
+    def next_draft_logits(self, sequence: torch.LongTensor) -> torch.Tensor:
+        """The draft unit on the verified features it has not read yet (first draft of a round) or on its own last
+        prediction, each with the token after it; its prediction through the final norm and LM head."""
+        with record_function("speculative::draft_unit"):
+            past = self.unit_cache.get_seq_length()
+            features = self.features[:, past:] if self.predicted is None else self.predicted
+            length = features.shape[1]
+            predicted = self.model.draft_unit_features(
+                features, sequence[:, -length:], self.mask[:, : past + length], self.unit_cache
+            )
+            self.predicted = predicted[:, -1:]
+        with record_function("speculative::draft_head"):
+            return self.draft_head(self.predicted)[0]
+
+    def verify(self, fed: torch.LongTensor) -> torch.Tensor:
+        with record_function("speculative::verify_blocks"):
+            return self.run_blocks(fed, 0, len(self.blocks))
 
 
 def speculative_sampling(

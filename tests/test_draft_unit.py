@@ -7,10 +7,13 @@ import pytest
 import torch
 from conftest import DECODER_BACKBONES, lm_model, run_as_remote_code, seq_model
 from safetensors.torch import load_file, save_file
+from test_speculative import NEW_TOKENS, PROMPTS, drafting_model, speculative
 from transformers import AutoModelForCausalLM
 
 from adnet_hf import ADNetForCausalLM
 from adnet_hf.draft_adnet import DraftUnit
+from adnet_hf.speculative_adnet import DraftUnitDecoder, frequent_tokens
+from benchmarks.bench_speculative import plain_causal_lm
 
 
 @pytest.fixture(params=sorted(DECODER_BACKBONES))
@@ -101,3 +104,121 @@ def test_loads_as_remote_code_without_the_package(tmp_path):
         predicted = model.draft_unit_features(features, ids)
     save_file({"features": features, "input_ids": ids, "predicted": predicted}, str(tmp_path / "expected.safetensors"))
     run_as_remote_code(REMOTE_SCRIPT, tmp_path)
+
+
+def drafting_unit_model(backbone: str):
+    """A tiny causal LM whose blocks move its predictions (`drafting_model`), with a random draft unit whose layer
+    moves its features too, so that its drafts are often wrong."""
+    model = drafting_model(backbone, draft_unit=True)
+    with torch.no_grad():
+        for weight in model.draft_unit.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture
+def unit_model(backbone):
+    return drafting_unit_model(backbone)
+
+
+def greedy_reference(model, ids, **settings):
+    return plain_causal_lm(model).generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0, **settings
+    )
+
+
+@pytest.mark.parametrize("prompt", range(len(PROMPTS)))
+def test_greedy_output_is_the_full_models(unit_model, prompt):
+    ids = PROMPTS[prompt]
+    reference = greedy_reference(unit_model, ids)
+    rejected = 0
+    for length, threshold in [(1, 0.0), (3, 0.0), (20, 0.0), (5, 0.3), (5, 1.0)]:
+        out = speculative(
+            unit_model, ids, use_draft_unit=True, num_assistant_tokens=length, assistant_confidence_threshold=threshold
+        )
+        assert torch.equal(out.sequences, reference), (length, threshold)
+        assert out.draft_depth == 0 and out.drafted_tokens >= out.accepted_tokens
+        rejected += out.drafted_tokens - out.accepted_tokens
+    assert rejected > 0, "the test would not see a rollback of the draft unit's cache"
+
+
+def test_each_round_verifies_in_one_pass_and_the_unit_runs_once_per_drafted_token(unit_model):
+    """The backbone sees each fed token once, in one pass per round; the draft unit runs once per drafted token."""
+    ids, seen = PROMPTS[0], []
+    blocks = unit_model.adnet.adapter.blocks(unit_model.adnet.backbone)
+    handle = blocks[-1].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    unit_seen = []
+    unit_handle = unit_model.draft_unit.register_forward_hook(lambda m, args, out: unit_seen.append(args[0].shape[1]))
+    try:
+        out = speculative(unit_model, ids, use_draft_unit=True, num_assistant_tokens=4)
+    finally:
+        handle.remove()
+        unit_handle.remove()
+    assert len(seen) == 1 + out.verifications and sum(seen) == ids.shape[1] + out.drafted_tokens + out.verifications
+    assert len(unit_seen) == out.drafted_tokens > 0
+    assert out.cache.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_left_padding_a_draft_vocabulary_and_processors_keep_the_output(unit_model):
+    ids, mask = torch.tensor([[0, 0, 5, 17, 33, 8]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    settings = {"attention_mask": mask, "repetition_penalty": 1.3}
+    reference = greedy_reference(unit_model, ids, **settings)
+    vocabulary = frequent_tokens(reference, 20, unit_model.config.vocab_size)
+    out = speculative(unit_model, ids, use_draft_unit=True, draft_vocabulary=vocabulary, **settings)
+    assert torch.equal(out.sequences, reference)
+
+
+def test_sampling_with_a_fixed_seed_runs_and_repeats(unit_model):
+    def sample():
+        torch.manual_seed(3)
+        return unit_model.generate(
+            PROMPTS[0], do_sample=True, max_new_tokens=8, use_draft_unit=True, eos_token_id=None, pad_token_id=0
+        )
+
+    first = sample()
+    assert first.shape == (1, PROMPTS[0].shape[1] + 8) and torch.equal(first, sample())
+
+
+@pytest.mark.parametrize(
+    "settings, error, message",
+    [
+        ({"use_draft_unit": 1}, ValueError, "use_draft_unit must be a bool"),
+        ({"use_draft_unit": True, "assistant_early_exit": 2}, ValueError, "not both"),
+        ({"use_draft_unit": True, "num_assistant_tokens": 0}, ValueError, "num_assistant_tokens"),
+        ({"use_draft_unit": True, "assistant_confidence_threshold": 2.0}, ValueError, "assistant_confidence"),
+        ({"use_draft_unit": True, "num_beams": 2}, ValueError, "use_draft_unit needs num_beams=1"),
+    ],
+)
+def test_bad_generation_settings_are_refused(settings, error, message):
+    with pytest.raises(error, match=message):
+        lm_model("gpt2", draft_unit=True).generate(PROMPTS[0], max_new_tokens=3, **settings)
+
+
+def test_a_batch_and_a_model_without_a_unit_are_refused():
+    with pytest.raises(ValueError, match="use_draft_unit .* batch of 1"):
+        lm_model("gpt2", draft_unit=True).generate(torch.cat(PROMPTS[:1] * 2), max_new_tokens=3, use_draft_unit=True)
+    with pytest.raises(ValueError, match="add_draft_unit"):
+        lm_model("gpt2").generate(PROMPTS[0], max_new_tokens=3, use_draft_unit=True)
+
+
+def test_the_units_cache_gives_what_a_pass_from_scratch_gives(unit_model, monkeypatch):
+    """Each drafted token's predicted feature, made with the unit's cache (cropped after every verification), is
+    the one a pass without cache over the verified features and the round's own predictions makes."""
+    original, predictions, checked = DraftUnitDecoder.next_draft_logits, [], []
+
+    def next_draft_logits(self, sequence):
+        if self.predicted is None:  # a new round
+            predictions.clear()
+        logits = original(self, sequence)
+        predictions.append(self.predicted)
+        features = torch.cat([self.features, *predictions[:-1]], dim=1)
+        scratch = self.model.draft_unit_features(features, sequence[:, 1:], self.mask[:, : features.shape[1]])
+        torch.testing.assert_close(scratch[:, -1:], self.predicted, rtol=1e-4, atol=1e-5)
+        checked.append(len(predictions))
+        return logits
+
+    monkeypatch.setattr(DraftUnitDecoder, "next_draft_logits", next_draft_logits)
+    ids = torch.tensor([[0, 0, 5, 17, 33, 8]])
+    out = speculative(unit_model, ids, attention_mask=(ids != 0).long(), use_draft_unit=True, num_assistant_tokens=3)
+    assert len(checked) == out.drafted_tokens and max(checked) == 3 and out.verifications > 2
