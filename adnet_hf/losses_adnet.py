@@ -74,6 +74,41 @@ def distillation_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, lab
     return kl.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
+DRAFT_FEATURE_WEIGHT = 1.0
+"""EAGLE's weight of the feature regression in `draft_unit_loss`."""
+DRAFT_TOKEN_WEIGHT = 0.1
+"""EAGLE's weight of the token term in `draft_unit_loss`, chosen there because the cross-entropy is an order of
+magnitude larger than the feature regression."""
+
+
+def draft_unit_loss(
+    predicted: torch.Tensor,
+    target: torch.Tensor,
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    feature_weight: float = DRAFT_FEATURE_WEIGHT,
+    token_weight: float = DRAFT_TOKEN_WEIGHT,
+) -> torch.Tensor:
+    """EAGLE's loss of a draft unit (Li et al. 2024): `feature_weight * SmoothL1(predicted, target)` (mean over the
+    features) plus `token_weight * CE(draft_logits, softmax(target_logits))`, the cross-entropy of the draft's
+    next-token distribution against the frozen model's own, so the draft learns what the verification keeps.
+
+    Args:
+        predicted (torch.Tensor): `(tokens, hidden_size)`: the draft unit's predicted top features.
+        target (torch.Tensor): `(tokens, hidden_size)`: the frozen model's top features there.
+        draft_logits (torch.Tensor): `(tokens, vocab_size)`: the final norm and LM head on `predicted`.
+        target_logits (torch.Tensor): `(tokens, vocab_size)`: the same on `target`.
+        feature_weight (float): Weight of the feature regression. Defaults to `1.0`.
+        token_weight (float): Weight of the cross-entropy. Defaults to `0.1`.
+
+    Returns:
+        `()`: the mean over the tokens.
+    """
+    features = F.smooth_l1_loss(predicted.float(), target.float())
+    tokens = -(torch.softmax(target_logits.float(), -1) * torch.log_softmax(draft_logits.float(), -1)).sum(-1).mean()
+    return feature_weight * features + token_weight * tokens
+
+
 def _step_index(num_steps: int, like: torch.Tensor) -> torch.Tensor:
     """1-based step indices n = 1..N."""
     return torch.arange(1, num_steps + 1, device=like.device, dtype=like.dtype)

@@ -26,10 +26,13 @@ from .exit_adapters_adnet import ExitAdapter
 from .exits_adnet import EXIT_RULES, FULL_DEPTH, exit_rule
 from .inputs_adnet import check_classification_labels, check_lm_labels, check_model_inputs, input_shape
 from .losses_adnet import (
+    DRAFT_FEATURE_WEIGHT,
+    DRAFT_TOKEN_WEIGHT,
     IGNORE_INDEX,
     ADNetLoss,
     build_loss,
     distillation_loss,
+    draft_unit_loss,
     labelled_rows,
     mean_over_rows,
     settled_steps,
@@ -794,6 +797,41 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         (counted at the last step too, which has none: an upper bound)."""
         adapters = 0.0 if self.exit_adapters is None else max((a.flops() for a in self.exit_adapters), default=0.0)
         return 2.0 * matmul_weights(self.lm_head) + adapters
+
+    def draft_loss(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.LongTensor,
+        feature_weight: float = DRAFT_FEATURE_WEIGHT,
+        token_weight: float = DRAFT_TOKEN_WEIGHT,
+    ) -> torch.Tensor:
+        """The draft unit's training loss (`draft_unit_loss`) on blocks of the frozen model's cached top features:
+        from the features at t and the tokens at t+1 it predicts the features at t+1 of every block.
+
+        Args:
+            features (torch.Tensor): `(batch_size, block_size, hidden_size)`: the frozen model's top features of
+                `input_ids` (`cache_top_features`).
+            input_ids (torch.LongTensor): `(batch_size, block_size)`: the blocks of tokens, without padding.
+            feature_weight (float): Weight of the feature regression. Defaults to `1.0`.
+            token_weight (float): Weight of the cross-entropy against the frozen model's next-token distribution.
+                Defaults to `0.1`.
+
+        Returns:
+            `()`: the mean over the predicted positions.
+        """
+        predicted = self.draft_unit_features(features[:, :-1], input_ids[:, 1:])
+        target = features[:, 1:].to(predicted.dtype)
+        with torch.no_grad():
+            target_logits = self.exit_head(target, self.config.num_blocks)
+        draft_logits = self.exit_head(predicted, self.config.num_blocks)
+        return draft_unit_loss(
+            predicted.flatten(0, 1),
+            target.flatten(0, 1),
+            draft_logits.flatten(0, 1),
+            target_logits.flatten(0, 1),
+            feature_weight,
+            token_weight,
+        )
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """The 2-D token mask as `generate` has it, also with a static cache: each pass builds its own 4-D mask from

@@ -6,22 +6,37 @@
 - Training logs: expected exit step (`exit_steps`) and halting entropy under the halting distribution, accuracy of
   every step.
 - Evaluation: the exits actually taken (`exit_steps`, `executed_layers`), whatever `compute_metrics` is.
+- A draft unit on a frozen causal LM (`DraftUnitTrainer`), trained on its top features computed once and cached on
+  disk as safetensors shards (`cache_top_features`, `TopFeatureShards`).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import (
+    EvalPrediction,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    get_scheduler,
+)
 from transformers.trainer_utils import SchedulerType
 from transformers.utils import logging
 
 from .evaluation_adnet import exit_items, task_metrics
+from .losses_adnet import DRAFT_FEATURE_WEIGHT, DRAFT_TOKEN_WEIGHT
 
 logger = logging.get_logger(__name__)
 
@@ -428,7 +443,132 @@ def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float
     return task_metrics(logits, np.asarray(eval_pred.label_ids))
 
 
+SHARD_PATTERN = "features-{:05d}.safetensors"
+
+
+def cache_top_features(
+    model: nn.Module, blocks: torch.Tensor, cache_dir: str | Path, shard_size: int = 256, batch_size: int = 8
+) -> list[Path]:
+    """Compute the frozen model's top features of token blocks once and write them to `cache_dir` as safetensors
+    shards (`features`, `input_ids`), for a draft unit to train on without running the model again.
+
+    Resumable: a shard already written (written whole, then renamed) is skipped once its token ids are checked
+    against `blocks`, so a stopped run goes on where it stopped and a cache of other text is refused.
+
+    Args:
+        model (nn.Module): An `ADNetForCausalLM`; it runs at full depth under `torch.inference_mode`, in eval mode
+            (its mode is restored after).
+        blocks (torch.Tensor): `(num_blocks, block_size)` token ids, e.g. consecutive blocks of a corpus.
+        cache_dir (str | Path): The folder of the shards (created where missing).
+        shard_size (int): Blocks per shard. Defaults to `256`.
+        batch_size (int): Blocks per forward pass. Defaults to `8`.
+
+    Returns:
+        The shard paths, in order.
+    """
+    folder, training = Path(cache_dir), model.training
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    model.eval()
+    try:
+        for index, start in enumerate(range(0, len(blocks), shard_size)):
+            paths.append(folder / SHARD_PATTERN.format(index))
+            write_feature_shard(model, blocks[start : start + shard_size].contiguous(), paths[-1], batch_size)
+    finally:
+        model.train(training)
+    return paths
+
+
+def write_feature_shard(model: nn.Module, ids: torch.Tensor, path: Path, batch_size: int) -> None:
+    """One shard of `cache_top_features`, unless it is there already (with the same token ids)."""
+    if path.exists():
+        with safe_open(str(path), "pt") as shard:
+            if not torch.equal(shard.get_tensor("input_ids"), ids):
+                raise ValueError(
+                    f"{path} holds the features of other tokens than these blocks (another text, block size or "
+                    "shard size): pass an empty --feature_cache_dir, or the one made from this data."
+                )
+        return
+    with torch.inference_mode():
+        features = torch.cat(
+            [
+                model.adnet(input_ids=batch.to(model.device), exit_policy="none").last_hidden_state.cpu()
+                for batch in ids.split(batch_size)
+            ]
+        )
+    partial = path.with_suffix(".partial")
+    save_file({"features": features, "input_ids": ids}, str(partial))
+    partial.rename(path)
+
+
+class TopFeatureShards(torch.utils.data.Dataset):
+    """The blocks cached by `cache_top_features` in `cache_dir`, each an example `{"features", "input_ids"}` read from
+    its shard when asked for, so the cache need not fit in memory.
+
+    Args:
+        cache_dir (str | Path): The folder of the shards.
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self.paths = sorted(Path(cache_dir).glob(SHARD_PATTERN.replace("{:05d}", "*")))
+        if not self.paths:
+            raise ValueError(f"{cache_dir} holds no feature shards: write them with cache_top_features first.")
+        sizes = []
+        for path in self.paths:
+            with safe_open(str(path), "pt") as shard:
+                sizes.append(shard.get_slice("input_ids").get_shape()[0])
+        self.ends = list(accumulate(sizes))
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard = bisect.bisect_right(self.ends, index)
+        row = index - (self.ends[shard - 1] if shard else 0)
+        with safe_open(str(self.paths[shard]), "pt") as data:
+            return {name: data.get_slice(name)[row : row + 1][0] for name in ("features", "input_ids")}
+
+
+class DraftUnitTrainer(Trainer):
+    """`Trainer` for a causal LM's draft unit on the frozen model (EAGLE): only the draft unit trains
+    (`freeze_all_but_draft_unit`, called here), on cached top features (`TopFeatureShards`), with the model's
+    `draft_loss`; the rest of the model stays bit-identical. `save_model` saves the whole model with its unit.
+
+    Args:
+        model (nn.Module | None): An `ADNetForCausalLM` with a draft unit. Defaults to `None`.
+        args (TrainingArguments | None): As `Trainer`'s. Defaults to `None`.
+        feature_weight (float): `draft_loss`'s weight of the feature regression. Defaults to `1.0`.
+        token_weight (float): `draft_loss`'s weight of the cross-entropy. Defaults to `0.1`.
+        **kwargs (Any): `Trainer`'s other arguments (`train_dataset`, a `TopFeatureShards`; `callbacks`, ...);
+            `data_collator` defaults to `default_data_collator`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        feature_weight: float = DRAFT_FEATURE_WEIGHT,
+        token_weight: float = DRAFT_TOKEN_WEIGHT,
+        **kwargs,
+    ):
+        model.freeze_all_but_draft_unit()
+        kwargs.setdefault("data_collator", default_data_collator)  # blocks of one length: nothing to pad
+        super().__init__(model=model, args=args, **kwargs)
+        self.feature_weight, self.token_weight = feature_weight, token_weight
+        self._signature_columns = ["features", "input_ids"]  # what the loss reads, not `forward`'s arguments
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`draft_loss` on a batch of cached features: a mean per batch (divided by the accumulation steps)."""
+        loss = self.accelerator.unwrap_model(model).draft_loss(
+            inputs["features"], inputs["input_ids"], self.feature_weight, self.token_weight
+        )
+        return (loss, None) if return_outputs else loss
+
+
 __all__ = [
+    "DraftUnitTrainer",
+    "TopFeatureShards",
+    "cache_top_features",
     "ADNetTrainer",
     "ADNetTrainingArguments",
     "MaxNormCallback",

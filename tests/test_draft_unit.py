@@ -5,14 +5,16 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DECODER_BACKBONES, lm_model, run_as_remote_code, seq_model
+import train_draft_unit
+from conftest import DECODER_BACKBONES, gpt2_config, lm_model, run_as_remote_code, seq_model
 from safetensors.torch import load_file, save_file
 from test_speculative import NEW_TOKENS, PROMPTS, drafting_model, speculative
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Tokenizer
 
-from adnet_hf import ADNetForCausalLM
+from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.draft_adnet import DraftUnit
 from adnet_hf.speculative_adnet import DraftUnitDecoder, frequent_tokens
+from adnet_hf.trainer_adnet import TopFeatureShards, cache_top_features
 from benchmarks.bench_speculative import plain_causal_lm
 
 
@@ -83,7 +85,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
     sys.modules["adnet_hf"] = None  # only the checkpoint's own code may load
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPT2Tokenizer
     path = sys.argv[1]
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     assert not type(model).__module__.startswith("adnet_hf"), type(model).__module__
@@ -222,3 +224,117 @@ def test_the_units_cache_gives_what_a_pass_from_scratch_gives(unit_model, monkey
     ids = torch.tensor([[0, 0, 5, 17, 33, 8]])
     out = speculative(unit_model, ids, attention_mask=(ids != 0).long(), use_draft_unit=True, num_assistant_tokens=3)
     assert len(checked) == out.drafted_tokens and max(checked) == 3 and out.verifications > 2
+
+
+def cached_batch(model, folder, blocks):
+    """`blocks` through `cache_top_features` into `folder`, read back as one batch of `TopFeatureShards`."""
+    cache_top_features(model, blocks, folder, shard_size=3)
+    data = TopFeatureShards(folder)
+    return {name: torch.stack([data[i][name] for i in range(len(data))]) for name in ("features", "input_ids")}
+
+
+def train_unit(model, batch, steps: int, lr: float = 1e-2) -> list[float]:
+    """A plain loop over one batch: the losses before each step, then after the last."""
+    model.freeze_all_but_draft_unit()
+    optimizer = torch.optim.Adam(model.draft_unit.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model.train().draft_loss(**batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(model.eval().draft_loss(**batch).item())
+    return losses
+
+
+def test_feature_cache_is_the_models_top_features_and_resumes(tmp_path):
+    model = lm_model("llama", draft_unit=True).train()
+    blocks = torch.randint(3, 99, (7, 9))
+    batch = cached_batch(model, tmp_path, blocks)
+    assert model.training and sorted(p.name for p in tmp_path.iterdir()) == [
+        f"features-0000{i}.safetensors" for i in range(3)
+    ]
+    with torch.no_grad():
+        top = model.eval()(input_ids=blocks, exit_policy="none", output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(batch["input_ids"], blocks) and torch.allclose(batch["features"], top, atol=1e-6)
+    (tmp_path / "features-00001.safetensors").unlink()
+    written = (tmp_path / "features-00000.safetensors").stat().st_mtime_ns
+    cache_top_features(model, blocks, tmp_path, shard_size=3)
+    assert (tmp_path / "features-00001.safetensors").exists()
+    assert (tmp_path / "features-00000.safetensors").stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="other tokens"):
+        cache_top_features(model, blocks.flip(0), tmp_path, shard_size=3)
+
+
+def test_training_lowers_the_loss_and_leaves_the_model_bit_identical(backbone, tmp_path):
+    model = drafting_model(backbone, draft_unit=True)
+    batch = cached_batch(model, tmp_path, torch.randint(3, 99, (6, 12)))
+    frozen = {name: value.clone() for name, value in model.state_dict().items() if not name.startswith("draft_unit")}
+    losses = train_unit(model, batch, steps=15)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in frozen.items())
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("draft_unit"))
+    assert not model.adnet.backbone.training  # frozen modules stay in eval mode (no dropout) while the unit trains
+
+
+def test_a_trained_unit_drafts_tokens_the_model_keeps(tmp_path):
+    """On the tiny model (whose top feature is close to its token's embedding), a few steps teach the unit drafts
+    the model accepts; the output stays the full model's."""
+    model = lm_model("llama", draft_unit=True).eval()
+    untrained = [speculative(model, ids, use_draft_unit=True, num_assistant_tokens=4) for ids in PROMPTS]
+    train_unit(model, cached_batch(model, tmp_path, torch.randint(3, 99, (8, 16))), steps=30)
+    for ids, before in zip(PROMPTS, untrained):
+        reference = greedy_reference(model, ids)
+        for length, threshold in [(4, 0.0), (2, 0.0), (6, 0.05)]:
+            out = speculative(
+                model, ids, use_draft_unit=True, num_assistant_tokens=length, assistant_confidence_threshold=threshold
+            )
+            assert torch.equal(out.sequences, reference), (length, threshold)
+        assert torch.equal(before.sequences, reference)
+    trained = [speculative(model, ids, use_draft_unit=True, num_assistant_tokens=4) for ids in PROMPTS]
+    accepted = [sum(out.accepted_tokens for out in outs) for outs in (untrained, trained)]
+    assert accepted[0] == 0 and accepted[1] >= 5, accepted
+
+
+def test_example_script_caches_trains_and_saves_the_unit(tmp_path, shared_data):
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(
+        ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8, exit_policy="none")
+    )
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(" ".join(f"word{i % 37} and more" for i in range(400)))
+    arguments = [
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--train_file",
+        str(tmp_path / "train.txt"),
+        "--feature_cache_dir",
+        str(tmp_path / "features"),
+        "--block_size",
+        "16",
+        "--max_train_samples",
+        "12",
+        "--shard_size",
+        "5",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "3",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+    ]
+    metrics = train_draft_unit.main(arguments)
+    assert metrics["train_loss"] > 0 and len(list((tmp_path / "features").iterdir())) == 3
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert trained.config.draft_unit
+    for name, value in model.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    ids = torch.tensor([[5, 17, 33]])
+    assert torch.equal(speculative(trained, ids, use_draft_unit=True).sequences, greedy_reference(trained, ids))
