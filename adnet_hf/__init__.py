@@ -6,9 +6,10 @@ checkpoints carry the modeling files and an `auto_map` for all three task heads,
 
 Every name a user imports is here. The training names (`ADNetTrainer`, `ADNetTrainingArguments`, `MaxNormCallback`,
 `compute_classification_metrics`, and `adnet_optimizer_groups`, `floor_scheduler`, `apply_max_norm` for a loop of
-your own) load on first use: Transformers' `Trainer` and `TrainingArguments` import PEFT and
-`datasets` where they are installed, which a model that only runs has no use for. `adnet_lora_config` and the ONNX
-export import PEFT and ONNX Runtime only when called.
+your own; the draft unit's `DraftUnitTrainer`, `TopFeatureShards`, `cache_top_features`) load on first use:
+Transformers' `Trainer` and `TrainingArguments` import PEFT and `datasets` where they are installed, which a model
+that only runs has no use for. `adnet_lora_config` and the ONNX export import PEFT and ONNX Runtime only when
+called.
 """
 
 import importlib
@@ -43,6 +44,7 @@ from .losses_adnet import (
     LastStepLoss,
     LayerSkipLoss,
     PonderNetLoss,
+    draft_unit_loss,
 )
 from .modeling_adnet import (
     ADNetCausalLMOutput,
@@ -62,9 +64,12 @@ if TYPE_CHECKING:
     from .trainer_adnet import (
         ADNetTrainer,
         ADNetTrainingArguments,
+        DraftUnitTrainer,
         MaxNormCallback,
+        TopFeatureShards,
         adnet_optimizer_groups,
         apply_max_norm,
+        cache_top_features,
         compute_classification_metrics,
         floor_scheduler,
     )
@@ -81,6 +86,9 @@ _LAZY = (
     "adnet_optimizer_groups",
     "floor_scheduler",
     "apply_max_norm",
+    "DraftUnitTrainer",
+    "TopFeatureShards",
+    "cache_top_features",
 )
 
 
@@ -158,6 +166,7 @@ __all__ = [
     "DeepSupervisionLoss",
     "LastStepLoss",
     "LayerSkipLoss",
+    "draft_unit_loss",
     # evaluation
     "evaluate_batches",
     "sweep_exits",
@@ -165,6 +174,9 @@ __all__ = [
     # generation
     "frequent_tokens",
     "SelfSpeculativeOutput",
+    "DraftUnitTrainer",
+    "TopFeatureShards",
+    "cache_top_features",
     # export (ONNX)
     "export_steps",
     "ADNetStepRunner",
