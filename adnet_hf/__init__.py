@@ -149,6 +149,9 @@ __all__ = [
     "apply_max_norm",
     "fit_halting",
     "HaltingFit",
+    "DraftUnitTrainer",
+    "TopFeatureShards",
+    "cache_top_features",
     # exits and calibration
     "ExitRule",
     "HaltingExit",
@@ -174,9 +177,6 @@ __all__ = [
     # generation
     "frequent_tokens",
     "SelfSpeculativeOutput",
-    "DraftUnitTrainer",
-    "TopFeatureShards",
-    "cache_top_features",
     # export (ONNX)
     "export_steps",
     "ADNetStepRunner",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -147,6 +146,9 @@ FIELD_RULES: dict[str, FieldRule] = {
     "exit_adapters": FieldRule("a bool", _is_bool),
     "exit_distillation": FieldRule("a bool", _is_bool),
     "draft_unit": FieldRule("a bool", _is_bool),
+    "draft_vocabulary_size": FieldRule(
+        "None or an integer >= 1", _optional(lambda value: is_int(value) and value >= 1)
+    ),
 }
 
 
@@ -193,7 +195,8 @@ class ADNetConfig(PreTrainedConfig):
     may take (`adnet_hf.configuration_adnet.field_rules()` holds the rules). Once a model is built from a config, the
     fields its modules depend on (`num_fixed_steps`, `layers_per_step`, `unit_hidden_size`, `share_output_layer`,
     `classifier_dropout`, `num_labels`, `tie_word_embeddings`, `per_token_units`, `halting_evidence`,
-    `exit_adapters`, `draft_unit`, the backbone) cannot change on it: give them when building the model.
+    `exit_adapters`, `draft_unit`, `draft_vocabulary_size`, the backbone) cannot change on it: give them when
+    building the model.
 
     Each field below is also a keyword argument of the constructor, beside `PreTrainedConfig`'s own (`id2label`,
     `architectures`, ...).
@@ -273,6 +276,10 @@ class ADNetConfig(PreTrainedConfig):
             speculative decoding on a frozen model (`generate(..., use_draft_unit=True)`); trained on the frozen
             model (`DraftUnitTrainer`). `ADNetForCausalLM.add_draft_unit()` adds one to a built model. Defaults to
             `False`.
+        draft_vocabulary_size (int | None): The draft unit's vocabulary: it reads only this many rows of the LM head
+            (the most frequent tokens of its training text, stored with the unit, FR-Spec), which on a small model
+            with a large vocabulary is most of a drafted token's cost; verification reads the whole head, so the
+            output is unchanged. `None` drafts over the whole vocabulary. Defaults to `None`.
         problem_type (str | None): `PreTrainedConfig`'s: `'regression'`, `'single_label_classification'` or
             `'multi_label_classification'`; `None` is inferred from the labels of the first batch, as Transformers'
             heads do. A regressor takes the `halting` and `none` exit policies only. Defaults to `None`.
@@ -313,6 +320,7 @@ class ADNetConfig(PreTrainedConfig):
     exit_adapters: bool = False
     exit_distillation: bool = False
     draft_unit: bool = False
+    draft_vocabulary_size: int | None = None
 
     hidden_size = _BackboneAttribute()
     num_hidden_layers = _BackboneAttribute()
@@ -360,15 +368,19 @@ class ADNetConfig(PreTrainedConfig):
         model would silently keep the old one, and a checkpoint saved with the new one would not load)."""
         self.__dict__["_built_architecture"] = self.architecture()
 
-    @contextmanager
-    def rebuilding(self) -> Iterator[None]:
-        """For the model built from this config while it adds modules to itself (`ADNetForCausalLM.add_draft_unit`):
-        inside, the fields its modules depend on may change; on leaving, they are bound again."""
-        self.__dict__.pop("_built_architecture", None)
+    def _set_built_fields(self, **values) -> None:
+        """For the model built from this config once it has added the modules these fields describe
+        (`ADNetForCausalLM.add_draft_unit`): set them, then bind the config to the model again."""
+        unknown = set(values) - set(ARCHITECTURE_FIELDS)
+        if unknown:
+            raise ValueError(f"_set_built_fields sets fields a model is built with, not {sorted(unknown)}.")
+        bound = self.__dict__.pop("_built_architecture", None) is not None
         try:
-            yield
+            for name, value in values.items():
+                setattr(self, name, value)
         finally:
-            self.bind_architecture()
+            if bound:
+                self.bind_architecture()
 
     def _check_architecture(self, name: str) -> None:
         built = self.__dict__.get("_built_architecture")
@@ -506,6 +518,7 @@ ARCHITECTURE_FIELDS = (
     "halting_evidence",
     "exit_adapters",
     "draft_unit",
+    "draft_vocabulary_size",
 )
 # Not fields with a rule, but what the cross-field checks read: setting them re-runs `validate_adnet`.
 _DEPENDED_ON = frozenset({"id2label", "num_hidden_layers"})

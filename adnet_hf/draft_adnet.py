@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import Cache
 
-from .backbones_adnet import StepState
+from .backbones_adnet import BackboneAdapter, StepState
 
 
 class DraftUnit(nn.Module):
@@ -23,15 +24,42 @@ class DraftUnit(nn.Module):
     Args:
         hidden_size (int): The backbone's hidden size `H`.
         layer (nn.Module): A new block of the backbone's class (`DecoderAdapter.new_block`).
+        vocabulary_size (int | None): Tokens the draft proposes (`ADNetConfig.draft_vocabulary_size`): their ids are
+            the buffer `vocabulary`, saved with the unit; `None` proposes any token. Defaults to `None`.
     """
 
-    def __init__(self, hidden_size: int, layer: nn.Module):
+    UNSET = -1
+    """The token id of a vocabulary not set yet (a new unit's, or one a checkpoint lacks): refused when read."""
+
+    def __init__(self, hidden_size: int, layer: nn.Module, vocabulary_size: int | None = None):
         super().__init__()
         self.fc = nn.Linear(2 * hidden_size, hidden_size)
         self.layer = layer
+        vocabulary = None if vocabulary_size is None else torch.full((vocabulary_size,), self.UNSET)
+        self.register_buffer("vocabulary", vocabulary)
 
-    def forward(self, features: torch.Tensor, tokens: StepState, cache=None) -> torch.Tensor:
+    def checked_vocabulary(self) -> torch.LongTensor | None:
+        """The vocabulary (None: every token), refused where it was never set."""
+        if self.vocabulary is not None and bool((self.vocabulary == self.UNSET).any()):
+            raise ValueError(
+                "This draft unit's vocabulary (ADNetConfig.draft_vocabulary_size) was never set: add the unit with "
+                "add_draft_unit(vocabulary), or load a checkpoint saved with its vocabulary."
+            )
+        return self.vocabulary
+
+    def head_rows(self, lm_head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows (weight, bias) of the LM head the draft reads: its vocabulary's, or all."""
+        vocabulary = self.checked_vocabulary()
+        if vocabulary is None:
+            return lm_head.weight, lm_head.bias
+        bias = None if lm_head.bias is None else lm_head.bias[vocabulary]
+        return lm_head.weight[vocabulary], bias
+
+    def forward(
+        self, features: torch.Tensor, tokens: StepState, adapter: BackboneAdapter, cache: Cache | None = None
+    ) -> torch.Tensor:
         """Predicted top features (B x T x H) from `features` (B x T x H, positions t) and `tokens`, the embedded
-        tokens at t+1 with the mask and positions of positions t (`BackboneAdapter.embed` on the draft's cache)."""
+        tokens at t+1 with the mask and positions of positions t (`BackboneAdapter.embed` on the draft's cache); the
+        layer runs as the backbone's adapter runs its blocks."""
         hidden = self.fc(torch.cat([features.to(tokens.hidden.dtype), tokens.hidden], dim=-1))
-        return self.layer(hidden, cache=cache, **tokens.block_kwargs)
+        return adapter.run_block(self.layer, StepState(hidden, tokens.token_mask, tokens.block_kwargs), cache)

@@ -105,7 +105,7 @@ def draft_unit_loss(
         `()`: the mean over the tokens.
     """
     features = F.smooth_l1_loss(predicted.float(), target.float())
-    tokens = -(torch.softmax(target_logits.float(), -1) * torch.log_softmax(draft_logits.float(), -1)).sum(-1).mean()
+    tokens = F.cross_entropy(draft_logits.float(), torch.softmax(target_logits.float(), -1))
     return feature_weight * features + token_weight * tokens
 
 

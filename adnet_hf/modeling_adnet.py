@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
@@ -39,7 +40,7 @@ from .losses_adnet import (
     task_loss,
 )
 from .sharding_adnet import exit_sync
-from .speculative_adnet import DraftUnitDecoder, SelfSpeculativeDecoder, check_settings
+from .speculative_adnet import DraftUnitDecoder, SelfSpeculativeDecoder, check_settings, check_vocabulary
 from .units_adnet import CalculationUnit, EvidenceWeights, step_evidence
 
 logger = logging.get_logger(__name__)
@@ -210,6 +211,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
         (or loaded) weights."""
         if isinstance(module, EvidenceWeights):
             init.copy_(module.weight, EvidenceWeights.prior(module.weight))
+        elif self._in_draft_layer(module):  # the draft unit's decoder layer: as the backbone's own layers
+            self.base_model.backbone._init_weights(module)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
@@ -217,8 +220,12 @@ class ADNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ExitAdapter):  # the identity map: the exit reads as through the plain head
             init.zeros_(module.weight)
             init.zeros_(module.bias)
-        else:  # e.g. a draft unit's norms or GPT-2 Conv1D: as the backbone initialises its own
-            self.base_model.backbone._init_weights(module)
+        elif isinstance(module, DraftUnit) and module.vocabulary is not None:  # unset until add_draft_unit or loading
+            init.constant_(module.vocabulary, DraftUnit.UNSET)
+
+    def _in_draft_layer(self, module: nn.Module) -> bool:
+        unit = getattr(self, "draft_unit", None)
+        return unit is not None and any(module is inner for inner in unit.layer.modules())
 
     @classmethod
     def from_backbone(cls, name_or_path: str, backbone_kwargs: dict | None = None, **config_overrides):
@@ -273,7 +280,7 @@ class ADNetPreTrainedModel(PreTrainedModel):
             output_layers[:-1].requires_grad_(True)
         if getattr(self, "exit_adapters", None) is not None:  # the last step has none: full depth is unchanged
             self.exit_adapters.requires_grad_(True)
-        self._full_depth_frozen = True
+        self._frozen_modules_eval = True
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -281,7 +288,7 @@ class ADNetPreTrainedModel(PreTrainedModel):
         their dropout trains nothing and would only make the step predictions, and so where each one settles (what
         the exits learn from), differ from what inference sees."""
         super().train(mode)
-        if mode and getattr(self, "_full_depth_frozen", False):
+        if mode and getattr(self, "_frozen_modules_eval", False):
             for module in self.modules():
                 parameters = list(module.parameters())
                 if parameters and not any(p.requires_grad for p in parameters):
@@ -468,11 +475,10 @@ class _ADNetClassifier(ADNetPreTrainedModel):
         config.use_per_token_units(False, type(self).__name__)
         if config.halting_evidence is None:
             config.halting_evidence = True
-        for name in ("exit_adapters", "exit_distillation", "draft_unit"):
+        for name in ("exit_adapters", "exit_distillation", "draft_unit", "draft_vocabulary_size"):
             if getattr(config, name):
                 raise ValueError(
-                    f"ADNetConfig.{name} is for a causal LM's exits; {type(self).__name__} reads unit "
-                    f"summaries: leave it False."
+                    f"ADNetConfig.{name} is a causal LM's; {type(self).__name__} reads unit summaries: leave it unset."
                 )
         backbone_input = backbone_adapter(config.backbone_config).main_input_name
         if backbone_input != self.main_input_name:
@@ -702,7 +708,15 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             if config.exit_adapters
             else None
         )
-        self.draft_unit = self._new_draft_unit() if config.draft_unit else None
+        if config.draft_vocabulary_size is not None and not (
+            config.draft_unit and config.draft_vocabulary_size <= backbone_config.vocab_size
+        ):
+            raise ValueError(
+                f"ADNetConfig.draft_vocabulary_size is the draft unit's (draft_unit=True), at most the vocabulary's "
+                f"{backbone_config.vocab_size} tokens; got {config.draft_vocabulary_size} with "
+                f"draft_unit={config.draft_unit}."
+            )
+        self.draft_unit = self._new_draft_unit(config.draft_vocabulary_size) if config.draft_unit else None
         embedding = self.adnet.get_input_embeddings()
         embedding_name = next(name for name, module in self.named_modules() if module is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
@@ -711,25 +725,39 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def _new_draft_unit(self) -> DraftUnit:
-        return DraftUnit(self.config.backbone_config.hidden_size, self.adnet.adapter.new_block(self.adnet.backbone))
+    def _new_draft_unit(self, vocabulary_size: int | None) -> DraftUnit:
+        layer = self.adnet.adapter.new_block(self.adnet.backbone)
+        return DraftUnit(self.config.backbone_config.hidden_size, layer, vocabulary_size)
 
-    def add_draft_unit(self) -> DraftUnit:
+    def add_draft_unit(self, vocabulary: torch.Tensor | None = None) -> DraftUnit:
         """Give this model a new, untrained draft unit (`config.draft_unit`), every other weight unchanged; a model
-        that has one keeps it. `from_pretrained(path, draft_unit=True)` does the same while loading.
+        that has one keeps it. `from_pretrained(path, draft_unit=True)` adds one over the whole vocabulary while
+        loading.
+
+        Args:
+            vocabulary (torch.Tensor | None): The tokens the draft proposes (`config.draft_vocabulary_size`), e.g.
+                `frequent_tokens` of the training text: saved with the unit and read at each drafted token instead
+                of the whole LM head. Defaults to `None` (every token).
 
         Returns:
             draft_unit (DraftUnit): The model's draft unit, on the LM head's device and in its dtype.
         """
-        if self.draft_unit is None:
-            with self.config.rebuilding():
-                self.config.draft_unit = True
-            unit = self._new_draft_unit().to(self.lm_head.weight.device, self.lm_head.weight.dtype)
-            unit.apply(self._initialize_weights)
-            self.draft_unit = unit
-        return self.draft_unit
+        if self.draft_unit is not None:
+            if vocabulary is not None:
+                raise ValueError("This model has a draft unit already: its vocabulary is fixed with it.")
+            return self.draft_unit
+        vocabulary = check_vocabulary(vocabulary, self.lm_head.weight.shape[0], "vocabulary")
+        size = None if vocabulary is None else len(vocabulary)
+        unit = self._new_draft_unit(size).to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        unit.train(self.training)
+        self.draft_unit = unit  # first, so that its layer is initialised as the backbone's (`_init_weights`)
+        unit.apply(self._initialize_weights)
+        if vocabulary is not None:
+            unit.vocabulary.copy_(vocabulary)
+        self.config._set_built_fields(draft_unit=True, draft_vocabulary_size=size)
+        return unit
 
-    def checked_draft_unit(self) -> DraftUnit:
+    def _checked_draft_unit(self) -> DraftUnit:
         """The draft unit, or a `ValueError` saying how to get one."""
         if self.draft_unit is None:
             raise ValueError(
@@ -741,10 +769,10 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
     def freeze_all_but_draft_unit(self) -> None:
         """Leave only the draft unit to train: the frozen model's outputs, and the cached features the unit learns
         from, stay exactly as they are; the frozen modules stay in eval mode (`train`)."""
-        unit = self.checked_draft_unit()
+        unit = self._checked_draft_unit()
         self.requires_grad_(False)
         unit.requires_grad_(True)
-        self._full_depth_frozen = True
+        self._frozen_modules_eval = True
         self.train(self.training)
 
     def draft_unit_features(
@@ -768,9 +796,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             `(batch_size, n, hidden_size)`: the predicted top features at t+1, which `exit_head(..., num_blocks)`
             reads as next-token logits.
         """
-        unit, adnet = self.checked_draft_unit(), self.adnet
+        unit, adnet = self._checked_draft_unit(), self.adnet
         tokens = adnet.adapter.embed(adnet.backbone, {"input_ids": input_ids, "attention_mask": attention_mask}, cache)
-        return unit(features, tokens, cache)
+        return unit(features, tokens, adnet.adapter, cache)
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
@@ -804,9 +832,12 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         feature_weight: float = DRAFT_FEATURE_WEIGHT,
         token_weight: float = DRAFT_TOKEN_WEIGHT,
+        feature_noise: float = 0.0,
     ) -> torch.Tensor:
         """The draft unit's training loss (`draft_unit_loss`) on blocks of the frozen model's cached top features:
-        from the features at t and the tokens at t+1 it predicts the features at t+1 of every block.
+        from the features at t and the tokens at t+1 it predicts the features at t+1 of every block. Both
+        next-token distributions are read over the unit's vocabulary (`config.draft_vocabulary_size`), as drafting
+        reads them.
 
         Args:
             features (torch.Tensor): `(batch_size, block_size, hidden_size)`: the frozen model's top features of
@@ -815,15 +846,25 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
             feature_weight (float): Weight of the feature regression. Defaults to `1.0`.
             token_weight (float): Weight of the cross-entropy against the frozen model's next-token distribution.
                 Defaults to `0.1`.
+            feature_noise (float): While the unit trains, uniform noise of this width (times the features' root
+                mean square) on the features it reads (EAGLE): when drafting, all but its first token read its own
+                imperfect predictions. Defaults to `0.0`.
 
         Returns:
             `()`: the mean over the predicted positions.
         """
-        predicted = self.draft_unit_features(features[:, :-1], input_ids[:, 1:])
+        unit = self._checked_draft_unit()
+        inputs = features[:, :-1]
+        if feature_noise and unit.training:
+            width = feature_noise * inputs.float().pow(2).mean().sqrt()
+            inputs = inputs + (torch.rand_like(inputs) - 0.5) * width
+        predicted = self.draft_unit_features(inputs, input_ids[:, 1:])
         target = features[:, 1:].to(predicted.dtype)
+        weight, bias = unit.head_rows(self.lm_head)
+        depth = self.config.num_blocks
         with torch.no_grad():
-            target_logits = self.exit_head(target, self.config.num_blocks)
-        draft_logits = self.exit_head(predicted, self.config.num_blocks)
+            target_logits = F.linear(self.exit_states(target, depth), weight, bias)
+        draft_logits = F.linear(self.exit_states(predicted, depth), weight, bias)
         return draft_unit_loss(
             predicted.flatten(0, 1),
             target.flatten(0, 1),
@@ -897,7 +938,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if use_draft_unit and config.assistant_early_exit is not None:
             raise ValueError(
-                "Draft with an exit (assistant_early_exit) or with the draft unit (use_draft_unit), not both."
+                "Draft with an exit (assistant_early_exit) or with the draft unit (use_draft_unit), not both: pass "
+                "assistant_early_exit=None where the generation config sets it."
             )
         if config.assistant_early_exit is None and not use_draft_unit:
             return super().generate(inputs, generation_config, **kwargs)
@@ -926,6 +968,8 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
                 f"{', '.join(sorted(model_kwargs))}."
             )
         check_settings(config, input_ids.shape[0], option)
+        if use_draft_unit:
+            self._checked_draft_unit()
         self._prepare_special_tokens(config, mask is not None, device=input_ids.device)
         if mask is None:  # as generate() infers it: the pad token masked where it is not the end-of-sequence token
             mask = self._prepare_attention_mask_for_generation(input_ids, config, {})

@@ -103,8 +103,9 @@ def draft_depth(config, depth) -> int:
     return depth
 
 
-def check_vocabulary(vocabulary, vocab_size: int) -> torch.LongTensor | None:
-    """`draft_vocabulary` checked: None, or distinct token ids in [0, vocab_size) as a non-empty 1-D tensor."""
+def check_vocabulary(vocabulary, vocab_size: int, name: str = "draft_vocabulary") -> torch.LongTensor | None:
+    """A draft vocabulary (the argument `name`) checked: None, or distinct token ids in [0, vocab_size) as a
+    non-empty 1-D tensor."""
     if vocabulary is None:
         return None
     integers = (
@@ -119,9 +120,9 @@ def check_vocabulary(vocabulary, vocab_size: int) -> torch.LongTensor | None:
             if isinstance(vocabulary, torch.Tensor)
             else f"a {type(vocabulary).__name__}"
         )
-        raise TypeError(f"draft_vocabulary must be a non-empty 1-D integer tensor of token ids, got {got}.")
+        raise TypeError(f"{name} must be a non-empty 1-D integer tensor of token ids, got {got}.")
     if vocabulary.min() < 0 or vocabulary.max() >= vocab_size or len(vocabulary.unique()) != len(vocabulary):
-        raise ValueError(f"draft_vocabulary must hold distinct token ids in [0, {vocab_size}).")
+        raise ValueError(f"{name} must hold distinct token ids in [0, {vocab_size}).")
     return vocabulary.long()
 
 
@@ -196,7 +197,6 @@ class SelfSpeculativeDecoder:
         self.adapter, self.backbone = adnet.adapter, adnet.backbone
         self.blocks = self.adapter.blocks(self.backbone)
         self.depth = self.draft_blocks()
-        self.draft_exit = self.depth or len(self.blocks)  # a draft that runs no block reads the top features
         self.threshold = generation.assistant_confidence_threshold or 0.0
         self.cache = DynamicCache(config=model.config.backbone_config)
         self.upper_cache = LayerOffsetCache(self.cache, self.depth)
@@ -204,6 +204,8 @@ class SelfSpeculativeDecoder:
         self.mask = torch.cat([attention_mask, attention_mask.new_ones(1, max(room, 0))], dim=1)
         self.streamer = streamer
         self.vocabulary = check_vocabulary(draft_vocabulary, model.lm_head.weight.shape[0])
+        if self.vocabulary is None:
+            self.vocabulary = self.own_vocabulary()
         self.draft_rows = None if self.vocabulary is None else model.lm_head.weight[self.vocabulary]
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
@@ -213,6 +215,14 @@ class SelfSpeculativeDecoder:
     def draft_blocks(self) -> int:
         """Backbone blocks the draft runs: `assistant_early_exit`, checked."""
         return draft_depth(self.model.config, self.generation.assistant_early_exit)
+
+    def own_vocabulary(self) -> torch.LongTensor | None:
+        """The draft's vocabulary where `draft_vocabulary` is not given: none for an exit (every token)."""
+        return None
+
+    def draft_exit(self) -> int:
+        """The exit whose norm and adapter the draft head reads: after the blocks the draft runs."""
+        return self.depth
 
     def run_blocks(
         self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
@@ -238,8 +248,8 @@ class SelfSpeculativeDecoder:
         """The draft's logits at its exit (n x vocab): with a draft vocabulary, only its rows of the LM head are
         read, and every other token gets -inf (the draft never proposes it; verification still can)."""
         if self.vocabulary is None:
-            return self.head(hidden, self.draft_exit)
-        states = self.model.exit_states(hidden, self.draft_exit)[0]
+            return self.head(hidden, self.draft_exit())
+        states = self.model.exit_states(hidden, self.draft_exit())[0]
         logits = states.new_full(
             (states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"), dtype=torch.float
         )
@@ -381,24 +391,31 @@ class DraftUnitDecoder(SelfSpeculativeDecoder):
     The draft unit reads the full model's top features of every verified token with its next token, and then its
     own predicted features, one drafted token at a time, with a cache of its own; the full model verifies every
     drafted token in one pass from the embeddings up. After each verification the unit's cache drops what it computed
-    from its own predictions, and the next round first feeds it the verified features (EAGLE's scheme).
+    from its own predictions, and the next round first feeds it the verified features (EAGLE's scheme). It drafts
+    over the unit's own vocabulary (`config.draft_vocabulary_size`) unless `draft_vocabulary` is given.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.unit_cache = DynamicCache()
-        self.features: torch.Tensor | None = None  # the full model's top features of every token but the last
-        self.predicted: torch.Tensor | None = None  # the draft unit's last predicted feature, during a draft
+    unit_cache: DynamicCache | None = None
+    pending: torch.Tensor | None = None  # the full model's top features of verified tokens the unit has not read
+    verified = 0  # the entries of the unit's cache made from verified features (the rest from its own predictions)
+    predicted: torch.Tensor | None = None  # the draft unit's last predicted feature, during a draft
 
     def draft_blocks(self) -> int:
         """The draft runs no backbone block."""
-        self.model.checked_draft_unit()
         return 0
 
+    def own_vocabulary(self) -> torch.LongTensor | None:
+        return self.model.draft_unit.checked_vocabulary()
+
+    def draft_exit(self) -> int:
+        """The draft reads predicted top features: the last exit's norm."""
+        return len(self.blocks)
+
     def keep_features(self, hidden: torch.Tensor) -> None:
-        if self.features is not None:
-            crop_cache(self.unit_cache, self.features.shape[1])
-        self.features = hidden if self.features is None else torch.cat([self.features, hidden], dim=1)
+        if self.unit_cache is None:
+            self.unit_cache = DynamicCache()
+        crop_cache(self.unit_cache, self.verified)
+        self.pending = hidden if self.pending is None else torch.cat([self.pending, hidden], dim=1)
         self.predicted = None
 
     def next_draft_logits(self, sequence: torch.LongTensor) -> torch.Tensor:
@@ -406,7 +423,11 @@ class DraftUnitDecoder(SelfSpeculativeDecoder):
         prediction, each with the token after it; its prediction through the final norm and LM head."""
         with record_function("speculative::draft_unit"):
             past = self.unit_cache.get_seq_length()
-            features = self.features[:, past:] if self.predicted is None else self.predicted
+            if self.predicted is None:
+                features, self.pending = self.pending, None
+                self.verified += features.shape[1]
+            else:
+                features = self.predicted
             length = features.shape[1]
             predicted = self.model.draft_unit_features(
                 features, sequence[:, -length:], self.mask[:, : past + length], self.unit_cache

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 from transformers import (
     EvalPrediction,
     Trainer,
@@ -37,6 +40,9 @@ from transformers.utils import logging
 
 from .evaluation_adnet import exit_items, task_metrics
 from .losses_adnet import DRAFT_FEATURE_WEIGHT, DRAFT_TOKEN_WEIGHT
+
+if TYPE_CHECKING:
+    from .modeling_adnet import ADNetForCausalLM
 
 logger = logging.get_logger(__name__)
 
@@ -444,19 +450,22 @@ def compute_classification_metrics(eval_pred: EvalPrediction) -> dict[str, float
 
 
 SHARD_PATTERN = "features-{:05d}.safetensors"
+SHARD_INDEX = "shards.json"
 
 
 def cache_top_features(
-    model: nn.Module, blocks: torch.Tensor, cache_dir: str | Path, shard_size: int = 256, batch_size: int = 8
+    model: ADNetForCausalLM, blocks: torch.Tensor, cache_dir: str | Path, shard_size: int = 256, batch_size: int = 8
 ) -> list[Path]:
     """Compute the frozen model's top features of token blocks once and write them to `cache_dir` as safetensors
-    shards (`features`, `input_ids`), for a draft unit to train on without running the model again.
+    shards (`features`, `input_ids`) with an index of them (`shards.json`), for a draft unit to train on without
+    running the model again.
 
-    Resumable: a shard already written (written whole, then renamed) is skipped once its token ids are checked
-    against `blocks`, so a stopped run goes on where it stopped and a cache of other text is refused.
+    Resumable: a shard already written (written whole, then renamed) is skipped once it is checked to hold these
+    blocks' tokens and this model's features (its first block is recomputed), so a stopped run goes on where it
+    stopped and a cache of other text, or of another model, is refused.
 
     Args:
-        model (nn.Module): An `ADNetForCausalLM`; it runs at full depth under `torch.inference_mode`, in eval mode
+        model (ADNetForCausalLM): The frozen model; it runs at full depth under `torch.inference_mode`, in eval mode
             (its mode is restored after).
         blocks (torch.Tensor): `(num_blocks, block_size)` token ids, e.g. consecutive blocks of a corpus.
         cache_dir (str | Path): The folder of the shards (created where missing).
@@ -468,51 +477,69 @@ def cache_top_features(
     """
     folder, training = Path(cache_dir), model.training
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    starts = range(0, len(blocks), shard_size)
+    paths = [folder / SHARD_PATTERN.format(index) for index in range(len(starts))]
     model.eval()
     try:
-        for index, start in enumerate(range(0, len(blocks), shard_size)):
-            paths.append(folder / SHARD_PATTERN.format(index))
-            write_feature_shard(model, blocks[start : start + shard_size].contiguous(), paths[-1], batch_size)
+        for start, path in zip(tqdm(starts, desc="caching top features", unit="shard"), paths):
+            write_feature_shard(model, blocks[start : start + shard_size].contiguous(), path, batch_size)
     finally:
         model.train(training)
+    (folder / SHARD_INDEX).write_text(json.dumps([path.name for path in paths]), encoding="utf-8")
     return paths
 
 
-def write_feature_shard(model: nn.Module, ids: torch.Tensor, path: Path, batch_size: int) -> None:
-    """One shard of `cache_top_features`, unless it is there already (with the same token ids)."""
-    if path.exists():
-        with safe_open(str(path), "pt") as shard:
-            if not torch.equal(shard.get_tensor("input_ids"), ids):
-                raise ValueError(
-                    f"{path} holds the features of other tokens than these blocks (another text, block size or "
-                    "shard size): pass an empty --feature_cache_dir, or the one made from this data."
-                )
-        return
+def top_features(model: ADNetForCausalLM, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The last block's output (before the final norm) of every token of `ids` (blocks x length), on the CPU."""
     with torch.inference_mode():
-        features = torch.cat(
+        return torch.cat(
             [
                 model.adnet(input_ids=batch.to(model.device), exit_policy="none").last_hidden_state.cpu()
                 for batch in ids.split(batch_size)
             ]
         )
+
+
+def write_feature_shard(model: ADNetForCausalLM, ids: torch.Tensor, path: Path, batch_size: int) -> None:
+    """One shard of `cache_top_features`, unless it is there already (with the same tokens and model)."""
+    if path.exists():
+        check_feature_shard(model, ids, path)
+        return
     partial = path.with_suffix(".partial")
-    save_file({"features": features, "input_ids": ids}, str(partial))
+    save_file({"features": top_features(model, ids, batch_size), "input_ids": ids}, str(partial))
     partial.rename(path)
 
 
+def check_feature_shard(model: ADNetForCausalLM, ids: torch.Tensor, path: Path) -> None:
+    """Refuse a shard written from other tokens, or by another model (its first block's features differ)."""
+    with safe_open(str(path), "pt") as shard:
+        same_tokens = torch.equal(shard.get_tensor("input_ids"), ids)
+        cached = shard.get_slice("features")[0:1]
+    if not same_tokens:
+        raise ValueError(
+            f"{path} holds the features of other tokens than these blocks (another text, block size or shard "
+            "size): pass an empty cache_dir, or the one made from this data."
+        )
+    if not torch.allclose(top_features(model, ids[:1], 1).to(cached.dtype), cached, rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            f"{path} holds the features another model made of these tokens (or this model in another dtype): pass "
+            "an empty cache_dir, or the one made with this model."
+        )
+
+
 class TopFeatureShards(torch.utils.data.Dataset):
-    """The blocks cached by `cache_top_features` in `cache_dir`, each an example `{"features", "input_ids"}` read from
-    its shard when asked for, so the cache need not fit in memory.
+    """The blocks cached by `cache_top_features` in `cache_dir` (the shards its index lists), each an example
+    `{"features", "input_ids"}` read from its shard when asked for, so the cache need not fit in memory.
 
     Args:
         cache_dir (str | Path): The folder of the shards.
     """
 
     def __init__(self, cache_dir: str | Path):
-        self.paths = sorted(Path(cache_dir).glob(SHARD_PATTERN.replace("{:05d}", "*")))
-        if not self.paths:
-            raise ValueError(f"{cache_dir} holds no feature shards: write them with cache_top_features first.")
+        index = Path(cache_dir) / SHARD_INDEX
+        if not index.is_file():
+            raise ValueError(f"{cache_dir} holds no index of feature shards: write them with cache_top_features.")
+        self.paths = [Path(cache_dir) / name for name in json.loads(index.read_text(encoding="utf-8"))]
         sizes = []
         for path in self.paths:
             with safe_open(str(path), "pt") as shard:
@@ -535,32 +562,36 @@ class DraftUnitTrainer(Trainer):
     `draft_loss`; the rest of the model stays bit-identical. `save_model` saves the whole model with its unit.
 
     Args:
-        model (nn.Module | None): An `ADNetForCausalLM` with a draft unit. Defaults to `None`.
+        model (ADNetForCausalLM): A model with a draft unit (`add_draft_unit`).
         args (TrainingArguments | None): As `Trainer`'s. Defaults to `None`.
         feature_weight (float): `draft_loss`'s weight of the feature regression. Defaults to `1.0`.
         token_weight (float): `draft_loss`'s weight of the cross-entropy. Defaults to `0.1`.
+        feature_noise (float): `draft_loss`'s noise on the features the unit reads. Defaults to `0.0`.
         **kwargs (Any): `Trainer`'s other arguments (`train_dataset`, a `TopFeatureShards`; `callbacks`, ...);
             `data_collator` defaults to `default_data_collator`.
     """
 
     def __init__(
         self,
-        model: nn.Module | None = None,
+        model: ADNetForCausalLM,
         args: TrainingArguments | None = None,
         feature_weight: float = DRAFT_FEATURE_WEIGHT,
         token_weight: float = DRAFT_TOKEN_WEIGHT,
+        feature_noise: float = 0.0,
         **kwargs,
     ):
         model.freeze_all_but_draft_unit()
         kwargs.setdefault("data_collator", default_data_collator)  # blocks of one length: nothing to pad
         super().__init__(model=model, args=args, **kwargs)
-        self.feature_weight, self.token_weight = feature_weight, token_weight
-        self._signature_columns = ["features", "input_ids"]  # what the loss reads, not `forward`'s arguments
+        self.feature_weight, self.token_weight, self.feature_noise = feature_weight, token_weight, feature_noise
+        # The dataset is a torch Dataset whose columns are what the loss reads, not `forward`'s arguments:
+        # without this, Trainer's column filter would drop `features`.
+        self._signature_columns = ["features", "input_ids"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`draft_loss` on a batch of cached features: a mean per batch (divided by the accumulation steps)."""
         loss = self.accelerator.unwrap_model(model).draft_loss(
-            inputs["features"], inputs["input_ids"], self.feature_weight, self.token_weight
+            inputs["features"], inputs["input_ids"], self.feature_weight, self.token_weight, self.feature_noise
         )
         return (loss, None) if return_outputs else loss
 

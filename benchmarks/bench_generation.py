@@ -19,14 +19,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import adnet_hf  # noqa: F401  (registers the Auto classes)
-from adnet_examples.data import token_blocks
+from adnet_examples.data import load_tokenizer_folder, token_blocks
 from adnet_hf.evaluation_adnet import sweep_exits
 from adnet_hf.exits_adnet import EXIT_RULES, FULL_DEPTH
 
 from .common import (
     benchmark_parser,
     interleaved_seconds,
-    load_tokenizer_folder,
     parse_benchmark_args,
     row_policy,
     save_figure,

@@ -1,19 +1,25 @@
-"""Self-speculative decoding (`generate(..., assistant_early_exit=k)`) against the backbone's own `generate()`.
+"""Speculative decoding on an ADNet causal LM against the backbone's own `generate()`: drafting from an exit
+(`assistant_early_exit=k`), from the model's draft unit (`use_draft_unit=True`), and Transformers' own prompt lookup
+(`prompt_lookup_num_tokens=n`, on the plain model).
 
 Batch 1, greedy, a fixed number of new tokens per prompt (no end-of-sequence stop). The reference is the backbone's
 own causal LM class (e.g. `GPT2LMHeadModel`, `LlamaForCausalLM`) holding the same weights, in the same process; for
-each prompt every arm is timed in turns (`--repeats`, medians). Each row is one draft setting: draft depth (blocks),
-draft length (`num_assistant_tokens`), confidence threshold; it reports tokens/s of both, the speed-up, the share of
-drafted tokens accepted, the mean accepted length per verification, and whether every output equals the reference's.
+each prompt every arm is timed in turns (`--repeats`, medians). Each row is one arm: its draft (exit depth, the
+draft unit, or prompt lookup), draft length (`num_assistant_tokens`) and confidence threshold; it reports tokens/s
+of both, the speed-up, the share of drafted tokens accepted, the mean accepted length per verification, and whether
+every output equals the reference's.
 
     python -m benchmarks.bench_speculative --model outputs/ptb-gpt2-adnet --data data/ptb/ptb.test.txt \
         --name ptb_gpt2_speculative --depths 1 2 3 --draft_lengths 4 8
+    python -m benchmarks.bench_speculative --model outputs/smollm2-draft-unit --prompts_file \
+        benchmarks/data/instructions.json --name instructions_smollm2_draft_unit --draft_unit --prompt_lookup 3 10
 
-`--draft_vocab_size N --draft_vocab_data TRAIN.txt` adds, for every setting, a row drafting over the N most frequent
-tokens of the training text only (`draft_vocabulary`; verification reads the full LM head). `--prompts_file` takes
-instructions (a JSON list of strings, e.g. `benchmarks/data/instructions.json`) as user turns of the tokenizer's chat
-template instead of cutting prompts from `--data`. `--profile` adds where one generation's time goes (first prompt,
-torch.profiler): prefill, draft blocks, draft head, verification blocks, verification head, and the rest.
+`--draft_vocab_size N --draft_vocab_data TRAIN.txt` adds, for every exit setting, a row drafting over the N most
+frequent tokens of the training text only (`draft_vocabulary`; verification reads the full LM head); a draft unit
+drafts over its own vocabulary (`ADNetConfig.draft_vocabulary_size`). `--prompts_file` takes instructions (a JSON
+list of strings, e.g. `benchmarks/data/instructions.json`) as user turns of the tokenizer's chat template instead of
+cutting prompts from `--data`. `--profile` adds where one generation's time goes (first prompt, torch.profiler):
+prefill, draft blocks or unit, draft head, verification blocks, verification head, and the rest.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adnet_examples.data import token_blocks
+from adnet_examples.data import load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
 from adnet_hf.speculative_adnet import frequent_tokens
@@ -35,7 +41,6 @@ from adnet_hf.speculative_adnet import frequent_tokens
 from .common import (
     benchmark_parser,
     interleaved_seconds,
-    load_tokenizer_folder,
     parse_benchmark_args,
     write_results,
 )
@@ -76,17 +81,26 @@ def lm_head_share(model: ADNetForCausalLM) -> float:
 
 
 def draft_settings(args: argparse.Namespace) -> list[dict]:
+    """The ADNet arms: each exit depth, then the draft unit, at each draft length and threshold."""
+    drafts = [{"assistant_early_exit": depth} for depth in args.depths]
+    drafts += [{"use_draft_unit": True}] if args.draft_unit else []
+    if not drafts:
+        raise ValueError("Pass --depths (exits to draft from), --draft_unit, or both.")
     return [
-        {"assistant_early_exit": depth, "num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
-        for depth, length, threshold in itertools.product(args.depths, args.draft_lengths, args.thresholds)
+        draft | {"num_assistant_tokens": length, "assistant_confidence_threshold": threshold}
+        for draft, length, threshold in itertools.product(drafts, args.draft_lengths, args.thresholds)
     ]
 
 
 def with_vocabulary(settings: list[dict], vocabulary: torch.Tensor | None) -> list[dict]:
-    """Each setting also with the draft vocabulary, when one is given."""
+    """Each exit setting also with the draft vocabulary, when one is given (a draft unit has its own)."""
     if vocabulary is None:
         return settings
-    return [extra for setting in settings for extra in (setting, {**setting, "draft_vocabulary": vocabulary})]
+    return [
+        extra
+        for setting in settings
+        for extra in (setting, *([] if "use_draft_unit" in setting else [{**setting, "draft_vocabulary": vocabulary}]))
+    ]
 
 
 def draft_vocabulary(args: argparse.Namespace, tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -131,7 +145,7 @@ def generation_kwargs(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: in
     }
 
 
-PHASES = ("prefill", "draft_blocks", "draft_head", "verify_blocks", "verify_head")
+PHASES = ("prefill", "draft_blocks", "draft_unit", "draft_head", "verify_blocks", "verify_head")
 
 
 def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, setting: dict) -> dict[str, float]:
@@ -149,8 +163,9 @@ def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, s
 def measure(
     model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
 ) -> list[dict]:
-    """One row per draft setting, summed over the prompts; every arm timed in turns on each prompt. Every timed run
-    is also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
+    """One row per setting, summed over the prompts; every arm timed in turns on each prompt. A setting with
+    `prompt_lookup_num_tokens` runs on `plain` (Transformers' own generate), the others on `model`. Every timed run is
+    also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
     totals = [
         dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
         | {"identical": True}
@@ -163,7 +178,9 @@ def measure(
         runs = {"backbone": lambda: outputs["backbone"].append(plain.generate(ids, **common))}
         for index, setting in enumerate(settings):
             runs[index] = lambda index=index, setting=setting: outputs[index].append(
-                model.generate(ids, return_dict_in_generate=True, **common, **setting)
+                plain.generate(ids, **common, **setting)
+                if "prompt_lookup_num_tokens" in setting
+                else model.generate(ids, return_dict_in_generate=True, **common, **setting)
             )
         with torch.inference_mode():
             seconds = interleaved_seconds(runs, repeats, warmup=0)
@@ -171,27 +188,33 @@ def measure(
         if not all(torch.equal(out, reference) for out in outputs["backbone"]):
             raise RuntimeError("the reference's greedy output changed between runs: nothing can be compared to it.")
         for index, total in enumerate(totals):
-            first = outputs[index][0]  # greedy: every run drafts and accepts alike
-            total["identical"] &= all(torch.equal(out.sequences, reference) for out in outputs[index])
-            total["verifications"] += first.verifications
-            total["drafted"] += first.drafted_tokens
-            total["accepted"] += first.accepted_tokens
+            sequences = [getattr(out, "sequences", out) for out in outputs[index]]
+            total["identical"] &= all(torch.equal(out, reference) for out in sequences)
             total["backbone_s"] += seconds["backbone"]
             total["speculative_s"] += seconds[index]
-    tokens = len(prompts) * new_tokens
-    return [
-        setting
-        | {
-            "backbone_tokens_per_s": tokens / total["backbone_s"],
-            "tokens_per_s": tokens / total["speculative_s"],
-            "speedup": total["backbone_s"] / total["speculative_s"],
-            "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
-            "mean_accepted_length": total["accepted"] / max(total["verifications"], 1),
-            "tokens_per_verification": (total["accepted"] + total["verifications"]) / max(total["verifications"], 1),
-            "identical_outputs": total["identical"],
-        }
-        for setting, total in zip(settings, totals)
-    ]
+            first = outputs[index][0]  # greedy: every run drafts and accepts alike
+            if hasattr(first, "verifications"):
+                total["verifications"] += first.verifications
+                total["drafted"] += first.drafted_tokens
+                total["accepted"] += first.accepted_tokens
+    return [setting | timing_row(total, len(prompts) * new_tokens) for setting, total in zip(settings, totals)]
+
+
+def timing_row(total: dict, tokens: int) -> dict:
+    """Speed and draft statistics of one arm over every prompt (no draft statistics for prompt lookup)."""
+    row = {
+        "backbone_tokens_per_s": tokens / total["backbone_s"],
+        "tokens_per_s": tokens / total["speculative_s"],
+        "speedup": total["backbone_s"] / total["speculative_s"],
+        "identical_outputs": total["identical"],
+    }
+    if not total["verifications"]:
+        return row
+    return row | {
+        "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
+        "mean_accepted_length": total["accepted"] / total["verifications"],
+        "tokens_per_verification": (total["accepted"] + total["verifications"]) / total["verifications"],
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -212,7 +235,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--depths", type=int, nargs="+", required=True, help="draft depths (blocks)")
+    parser.add_argument("--depths", type=int, nargs="+", default=[], help="exit depths (blocks) to draft from")
+    parser.add_argument("--draft_unit", action="store_true", help="also draft with the model's draft unit")
+    parser.add_argument(
+        "--prompt_lookup",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also Transformers' prompt lookup on the plain model, with these prompt_lookup_num_tokens",
+    )
     parser.add_argument("--draft_lengths", type=int, nargs="+", default=[4], help="num_assistant_tokens values")
     parser.add_argument(
         "--thresholds",
@@ -230,12 +261,16 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = load_tokenizer(args)
     prompts = load_prompts(args, tokenizer)
     settings = with_vocabulary(draft_settings(args), draft_vocabulary(args, tokenizer, model.config.vocab_size))
+    settings += [{"prompt_lookup_num_tokens": tokens} for tokens in args.prompt_lookup]
     rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, settings, args.repeats)
     if args.profile:
         for row, setting in zip(rows, settings):
-            row.update(phase_seconds(model, prompts[0], args.new_tokens, setting))
+            if "prompt_lookup_num_tokens" not in setting:
+                row.update(phase_seconds(model, prompts[0], args.new_tokens, setting))
     for row in rows:
         vocabulary = row.pop("draft_vocabulary", None)
+        if row.get("use_draft_unit"):
+            vocabulary = model.draft_unit.vocabulary
         row["draft_vocab_size"] = None if vocabulary is None else len(vocabulary)
     for row in rows:
         print(row, flush=True)

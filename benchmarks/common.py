@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GPT2Tokenizer
 
 from adnet_examples.arguments import command_line
 from adnet_hf.exits_adnet import FULL_DEPTH
@@ -61,14 +60,6 @@ def environment() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def load_tokenizer_folder(folder: str | Path, **kwargs):
-    """The tokenizer saved in `folder`; a bare `vocab.json` + `merges.txt` folder (`data/gpt2-tokenizer`),
-    which `AutoTokenizer` cannot read without a config, is GPT-2's."""
-    if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
-        return GPT2Tokenizer.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def variable_step_layers(config) -> list[int]:

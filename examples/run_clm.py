@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import transformers
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, GPT2Tokenizer, Trainer, default_data_collator, set_seed
+from transformers import Trainer, default_data_collator, set_seed
 
 from adnet_examples.arguments import (
     ADNetArguments,
@@ -47,7 +46,7 @@ from adnet_examples.arguments import (
     save_results,
     start_afresh,
 )
-from adnet_examples.data import TextBlocks, token_blocks
+from adnet_examples.data import TextBlocks, check_block_size, load_tokenizer_folder, token_blocks
 from adnet_hf.evaluation_adnet import evaluate_batches, perplexity, token_losses
 from adnet_hf.exits_adnet import FULL_DEPTH
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
@@ -83,13 +82,9 @@ class DataArguments:
 
 
 def load_tokenizer(model_args: ModelArguments):
-    """The tokenizer folder's tokenizer; a bare `vocab.json` + `merges.txt` folder is GPT-2's byte-level BPE."""
-    source = model_args.tokenizer_name or model_args.model_name_or_path
-    folder = Path(source)
-    if (folder / "merges.txt").exists() and not (folder / "tokenizer_config.json").exists():
-        return GPT2Tokenizer.from_pretrained(folder)
+    """The tokenizer of `--tokenizer_name` or the model (a GGUF model's from its file)."""
     gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
-    return AutoTokenizer.from_pretrained(source, **gguf)
+    return load_tokenizer_folder(model_args.tokenizer_name or model_args.model_name_or_path, **gguf)
 
 
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer):
@@ -102,18 +97,6 @@ def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer
             backbone.setdefault(name, tokenizer.eos_token_id)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
     return build_task_model("text-generation", model_args, adnet_args, {}, backbone, backbone_kwargs)
-
-
-def check_block_size(model, block_size: int) -> None:
-    """A block fits the backbone's positions: beyond an absolute position table, the embeddings fail with an
-    IndexError."""
-    config = model.config.backbone_config if model.config.model_type == "adnet" else model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and block_size > limit:
-        raise ValueError(
-            f"--block_size {block_size} is longer than the backbone's {limit} positions "
-            f"(max_position_embeddings): pass --block_size {limit} or less."
-        )
 
 
 @torch.no_grad()

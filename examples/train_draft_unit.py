@@ -1,28 +1,38 @@
 #!/usr/bin/env python
 """Train a draft unit (EAGLE) on a frozen causal LM, for lossless speculative decoding (`use_draft_unit=True`).
 
-    # the frozen model's top features of Penn Treebank, cached once, then the draft unit trained on them
-    python examples/train_draft_unit.py --model_name_or_path MODEL_DIR --train_file data/ptb/ptb.train.txt \\
-        --feature_cache_dir outputs/ptb-features --block_size 256 --output_dir outputs/model-with-draft-unit \\
-        --per_device_train_batch_size 8 --learning_rate 3e-4 --num_train_epochs 2
+    # the frozen model answers the instructions (its own greedy answers: self-distillation), its top features of
+    # those answers and of a text are cached once, then the draft unit trains on them
+    python examples/train_draft_unit.py --model_name_or_path MODEL_DIR \\
+        --prompts_file examples/data/draft_instructions.json --train_file data/ptb/ptb.train.txt \\
+        --max_train_samples 400 --feature_cache_dir outputs/draft-features --draft_vocabulary_size 8192 \\
+        --output_dir outputs/model-with-draft-unit --per_device_train_batch_size 8 --learning_rate 1e-3 \\
+        --num_train_epochs 4 --save_strategy epoch
 
 `--model_name_or_path` is an ADNet checkpoint (which keeps a draft unit it has, or gets a new one) or a plain
-Transformers causal LM, wrapped with its weights unchanged. The feature cache is resumable: a shard already written
-is skipped. Only the draft unit trains; the output folder holds the whole model with it.
+Transformers causal LM, wrapped with its weights unchanged (and saved with `exit_policy="none"`, so that its plain
+`generate()` stays the model's own). The unit learns best from text like what the model generates: its own answers
+to `--prompts_file` (a JSON list of instructions, through the tokenizer's chat template) are the closest. Every
+stage resumes where it stopped: the answers (`answers.jsonl` in the cache folder), the feature shards, and training
+(`--resume_from_checkpoint`, or the output folder's last checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 import transformers
-from run_clm import check_block_size, load_tokenizer
+from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
-from adnet_examples.arguments import build_model, parse_arguments
-from adnet_examples.data import token_blocks
+from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint
+from adnet_examples.data import check_block_size, load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetForCausalLM
+from adnet_hf.speculative_adnet import frequent_tokens
 from adnet_hf.trainer_adnet import DraftUnitTrainer, TopFeatureShards, cache_top_features
 
 logger = logging.getLogger(__name__)
@@ -39,37 +49,135 @@ class DraftModelArguments:
 
 @dataclass
 class DraftDataArguments:
-    """A plain text file cut into blocks of `block_size` tokens, and where their top features are cached."""
+    """The training text (the model's answers to instructions, a text file, or both), cut into blocks of
+    `block_size` tokens, and where their top features are cached."""
 
-    train_file: str = field(metadata={"help": "Training text."})
-    feature_cache_dir: str = field(metadata={"help": "Folder of the cached feature shards (resumable)."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training example."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training blocks."})
-    shard_size: str = field(metadata={"help": "Folder of the cached feature shards (resumable)."})
+    feature_cache_dir: str = field(metadata={"help": "Folder of the answers and cached feature shards (resumable)."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSON list of instructions the frozen model answers (chat template)."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Plain training text."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training example."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N blocks of train_file."})
+    max_answer_tokens: int = field(default=256, metadata={"help": "Longest answer the model gives."})
+    answer_batch_size: int = field(default=16, metadata={"help": "Instructions answered per generate call."})
     shard_size: int = field(default=256, metadata={"help": "Blocks per feature shard."})
     feature_batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass when caching features."})
 
 
+@dataclass
+class DraftUnitArguments:
+    """The draft unit's vocabulary and loss."""
+
+    draft_vocabulary_size: int | None = field(
+        default=None,
+        metadata={"help": "Draft over the N most frequent tokens of the training text (default: every token)."},
+    )
+    feature_weight: float = field(default=1.0, metadata={"help": "Weight of the feature regression."})
+    token_weight: float = field(default=0.1, metadata={"help": "Weight of the next-token cross-entropy."})
+    feature_noise: float = field(default=0.1, metadata={"help": "Uniform noise on the features the unit reads."})
+
+
+def chat_prompts(tokenizer, path: str) -> list[list[int]]:
+    """Each instruction of the JSON list at `path` as a user turn of the chat template, the assistant's turn open."""
+    instructions = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
+        raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
+    if not tokenizer.chat_template:
+        raise ValueError("--prompts_file needs a tokenizer with a chat template; pass a --train_file instead.")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+        for text in instructions
+    ]
+
+
+@torch.inference_mode()
+def answer(model: ADNetForCausalLM, prompts: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:
+    """The model's greedy answers to a batch of prompts (left-padded), each up to its end-of-sequence token; in eval
+    mode (a model in training mode runs its training-time layers)."""
+    model.eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad_id, exit_policy="none"
+    )
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def self_distilled_ids(model, tokenizer, data_args: DraftDataArguments) -> torch.Tensor:
+    """Every instruction and the model's answer to it, one token stream; the answers are appended to
+    `answers.jsonl` in the cache folder as they come, and a rerun answers only what is missing."""
+    prompts = chat_prompts(tokenizer, data_args.prompts_file)
+    path = Path(data_args.feature_cache_dir) / "answers.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    answers = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = data_args.answer_batch_size
+    with path.open("a", encoding="utf-8") as file:
+        for start in tqdm(range(len(answers), len(prompts), batch), desc="answering instructions", unit="batch"):
+            for row in answer(model, prompts[start : start + batch], data_args.max_answer_tokens, pad):
+                file.write(json.dumps(row) + "\n")
+                answers.append(row)
+            file.flush()
+    return torch.tensor([token for prompt, reply in zip(prompts, answers) for token in prompt + reply])
+
+
+def training_blocks(model, tokenizer, data_args: DraftDataArguments) -> torch.Tensor:
+    """The answers' stream, then `train_file`'s, cut into blocks of `block_size` tokens (the rest dropped)."""
+    if data_args.prompts_file is None and data_args.train_file is None:
+        raise ValueError("Pass --prompts_file (instructions the model answers), --train_file (text), or both.")
+    parts = []
+    if data_args.prompts_file is not None:
+        ids = self_distilled_ids(model, tokenizer, data_args)
+        parts.append(ids[: len(ids) // data_args.block_size * data_args.block_size].view(-1, data_args.block_size))
+    if data_args.train_file is not None:
+        parts.append(token_blocks(tokenizer, data_args.train_file, data_args.block_size, data_args.max_train_samples))
+    return torch.cat(parts)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_arguments(
-        (DraftModelArguments, DraftDataArguments, TrainingArguments), argv
+    model_args, data_args, unit_args, training_args = parse_arguments(
+        (DraftModelArguments, DraftDataArguments, DraftUnitArguments, TrainingArguments), argv
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
-    tokenizer = load_tokenizer(model_args)
+    checkpoint = resume_checkpoint(training_args)
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
+    tokenizer = load_tokenizer_folder(model_args.tokenizer_name or model_args.model_name_or_path, **gguf)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
-    model = build_model(ADNetForCausalLM, model_args.model_name_or_path, None, {"draft_unit": True}, backbone_kwargs)
+    model = build_model(
+        ADNetForCausalLM,
+        model_args.model_name_or_path,
+        None,
+        {},
+        backbone_kwargs,
+        new_model_defaults={"exit_policy": "none"},
+    ).to(training_args.device)
     check_block_size(model, data_args.block_size)
-    blocks = token_blocks(tokenizer, data_args.train_file, data_args.block_size, data_args.max_train_samples)
+    blocks = training_blocks(model, tokenizer, data_args)
+    logger.info("%d training blocks of %d tokens", len(blocks), data_args.block_size)
+    if model.draft_unit is None:
+        size = unit_args.draft_vocabulary_size
+        model.add_draft_unit(None if size is None else frequent_tokens(blocks, size, model.config.vocab_size))
     cache_top_features(model, blocks, data_args.feature_cache_dir, data_args.shard_size, data_args.feature_batch_size)
     trainer = DraftUnitTrainer(
         model=model,
         args=training_args,
+        feature_weight=unit_args.feature_weight,
+        token_weight=unit_args.token_weight,
+        feature_noise=unit_args.feature_noise,
         train_dataset=TopFeatureShards(data_args.feature_cache_dir),
         processing_class=tokenizer,
     )
-    metrics = trainer.train().metrics
+    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     trainer.save_model()
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

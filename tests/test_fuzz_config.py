@@ -93,6 +93,7 @@ DOCUMENTED = {
     "exit_adapters": lambda v: v is False,  # True: a causal LM's, which a classifier refuses
     "exit_distillation": lambda v: v is False,  # the same
     "draft_unit": lambda v: v is False,  # the same
+    "draft_vocabulary_size": lambda v: v is None,  # the same
 }
 
 
@@ -162,6 +163,7 @@ LIKELY = {
     "exit_adapters": st.booleans(),
     "exit_distillation": st.booleans(),
     "draft_unit": st.booleans(),
+    "draft_vocabulary_size": st.one_of(st.none(), st.sampled_from([0, 1, 8, -2, 2.5, True])),
     "num_labels": st.sampled_from([0, 1, 2, 3, 5, 100_000, 100_001, 10**9]),
     "backbone_config": st.sampled_from(
         ["bert", "gpt2", {"model_type": "t5"}, {"model_type": "unknown"}, "bert-base", 7]
@@ -213,7 +215,10 @@ def comparable(config: ADNetConfig) -> dict:
 def build_classifier(config: ADNetConfig) -> None:
     """Build a classifier where the config holds a causal LM's settings (per-token units, exit adapters,
     distillation, a draft unit), which the classifier refuses when it is built."""
-    if config.per_token_units or config.exit_adapters or config.exit_distillation or config.draft_unit:
+    if any(
+        getattr(config, name)
+        for name in ("per_token_units", "exit_adapters", "exit_distillation", "draft_unit", "draft_vocabulary_size")
+    ):
         ADNetForSequenceClassification(config)
 
 

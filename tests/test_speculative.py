@@ -291,13 +291,13 @@ def test_speculative_sampling_through_generate_keeps_the_full_models_distributio
             do_sample=True,
             temperature=temperature,
             top_k=0,
-            max_new_tokens=2,
+            max_new_tokens=3,  # two would leave no room to draft: the last new token is never drafted
             assistant_early_exit=1,
             num_assistant_tokens=1,
             assistant_confidence_threshold=0.0,
             eos_token_id=None,
             pad_token_id=0,
-        )[0, -1]
+        )[0, ids.shape[1] + 1]
         for _ in range(2000)
     ]
     assert_follows(torch.bincount(torch.stack(seconds), minlength=vocab), marginal, draft_marginal)
@@ -350,6 +350,25 @@ def test_benchmark_reports_identical_outputs_and_acceptance(tmp_path, shared_dat
     assert all(
         row["identical_outputs"] and 0 <= row["acceptance_rate"] <= 1 and row["tokens_per_s"] > 0 for row in rows
     )
+
+
+@pytest.mark.slow
+def test_benchmark_compares_the_draft_unit_and_prompt_lookup(tmp_path, shared_data):
+    """A model with a draft unit (over its own vocabulary) beside Transformers' prompt lookup on the plain model:
+    both lossless, the unit's rows with draft statistics and its vocabulary's size, prompt lookup's without."""
+    tokenizer = GPT2Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    model = ADNetForCausalLM(ADNetConfig(backbone_config=gpt2_config(vocab_size=len(tokenizer)), unit_hidden_size=8))
+    model.add_draft_unit(torch.arange(40))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    arguments = ["--model", str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt")]
+    arguments += ["--name", "tiny", "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--repeats", "1"]
+    arguments += ["--draft_unit", "--draft_lengths", "2", "--prompt_lookup", "2", "--results_dir", str(tmp_path)]
+    rows = json.loads(bench_speculative.main(arguments).read_text())["rows"]
+    unit, lookup = rows
+    assert unit["use_draft_unit"] and unit["draft_vocab_size"] == 40 and 0 <= unit["acceptance_rate"] <= 1
+    assert lookup["prompt_lookup_num_tokens"] == 2 and "acceptance_rate" not in lookup
+    assert all(row["identical_outputs"] and row["tokens_per_s"] > 0 for row in rows)
 
 
 def test_a_draft_vocabulary_keeps_the_full_depth_output(model, monkeypatch):
@@ -421,9 +440,11 @@ def test_profile_splits_one_generation_into_the_decoders_phases(model):
         8,
         {"assistant_early_exit": 2, "num_assistant_tokens": 3, "assistant_confidence_threshold": 0.0},
     )
-    labelled = [phases[f"{phase}_s"] for phase in bench_speculative.PHASES]
-    assert all(seconds > 0 for seconds in labelled)
-    assert phases["other_s"] >= 0 and sum(labelled) + phases["other_s"] == pytest.approx(phases["profiled_total_s"])
+    labelled = {phase: phases[f"{phase}_s"] for phase in bench_speculative.PHASES}
+    assert labelled.pop("draft_unit") == 0  # an exit drafts with the first blocks, not with a draft unit
+    assert all(seconds > 0 for seconds in labelled.values())
+    total = sum(labelled.values()) + phases["other_s"]
+    assert phases["other_s"] >= 0 and total == pytest.approx(phases["profiled_total_s"])
 
 
 CHAT_TEMPLATE = (

@@ -19,7 +19,14 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import AutoImageProcessor, ConvNextImageProcessorPil, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    ConvNextImageProcessorPil,
+    GPT2Tokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
 # GLUE on the Hub: the text columns of each task.
 TASK_TO_KEYS = {
@@ -683,6 +690,26 @@ def image_batches(dataset: ImageDataset, batch_size: int, limit: int | None = No
     """`pixel_values` batches of the first `limit` images of `dataset`, in order (labels left out)."""
     pixels = dataset.pixel_values[:limit]
     return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
+
+
+def load_tokenizer_folder(folder: str | Path, **kwargs):
+    """The tokenizer saved in `folder`; a bare `vocab.json` + `merges.txt` folder (`data/gpt2-tokenizer`),
+    which `AutoTokenizer` cannot read without a config, is GPT-2's."""
+    if (Path(folder) / "merges.txt").exists() and not (Path(folder) / "tokenizer_config.json").exists():
+        return GPT2Tokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def check_block_size(model, block_size: int) -> None:
+    """A block fits the backbone's positions: beyond an absolute position table, the embeddings fail with an
+    IndexError."""
+    config = model.config.backbone_config if model.config.model_type == "adnet" else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and block_size > limit:
+        raise ValueError(
+            f"--block_size {block_size} is longer than the backbone's {limit} positions "
+            f"(max_position_embeddings): pass --block_size {limit} or less."
+        )
 
 
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
