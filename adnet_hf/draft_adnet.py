@@ -1,9 +1,9 @@
 """A draft unit: one decoder layer that drafts from a frozen causal LM's own top features (EAGLE, Li et al. 2024).
 
 Early exits draft well only from a model trained for them. A draft unit works on any pretrained model: it reads the
-top feature at position t (the last block's output, which the final norm and LM head read) and the embedding of
-token t+1, and predicts the top feature at t+1, from which the model's own final norm and LM head (shared, not
-copied) give the draft's next token. Drafting feeds its predicted features back in, one token at a time, with a
+top feature at position t (the last block's output after the final norm: what the LM head reads) and the
+embedding of token t+1, and predicts the top feature at t+1, from which the model's own LM head (shared, not copied)
+gives the draft's next token. Drafting feeds its predicted features back in, one token at a time, with a
 key/value cache of its own; the full model verifies the drafts (`speculative_adnet.DraftUnitDecoder`), so the output
 is the full model's. It is trained on the frozen model's cached features (`DraftUnitTrainer`, `draft_unit_loss`).
 """

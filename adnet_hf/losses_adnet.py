@@ -96,7 +96,7 @@ def draft_unit_loss(
     Args:
         predicted (torch.Tensor): `(tokens, hidden_size)`: the draft unit's predicted top features.
         target (torch.Tensor): `(tokens, hidden_size)`: the frozen model's top features there.
-        draft_logits (torch.Tensor): `(tokens, vocab_size)`: the final norm and LM head on `predicted`.
+        draft_logits (torch.Tensor): `(tokens, vocab_size)`: the LM head on `predicted`.
         target_logits (torch.Tensor): `(tokens, vocab_size)`: the same on `target`.
         feature_weight (float): Weight of the feature regression. Defaults to `1.0`.
         token_weight (float): Weight of the cross-entropy. Defaults to `0.1`.

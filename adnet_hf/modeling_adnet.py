@@ -785,16 +785,16 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         """The draft unit's prediction of the next top features.
 
         Args:
-            features (torch.Tensor): `(batch_size, n, hidden_size)`: top features (the last block's output, before
-                the final norm) at positions t.
+            features (torch.Tensor): `(batch_size, n, hidden_size)`: top features (`top_features`: the last block's
+                output after the final norm) at positions t.
             input_ids (torch.LongTensor): `(batch_size, n)`: the tokens at t+1.
             attention_mask (torch.Tensor | None): `(batch_size, past + n)`, 1 for real positions, over the
                 draft's cache and these positions. Defaults to `None` (all real).
             cache (Cache | None): The draft unit's own key/value cache. Defaults to `None`.
 
         Returns:
-            `(batch_size, n, hidden_size)`: the predicted top features at t+1, which `exit_head(..., num_blocks)`
-            reads as next-token logits.
+            `(batch_size, n, hidden_size)`: the predicted top features at t+1, which `lm_head` reads as next-token
+            logits.
         """
         unit, adnet = self._checked_draft_unit(), self.adnet
         tokens = adnet.adapter.embed(adnet.backbone, {"input_ids": input_ids, "attention_mask": attention_mask}, cache)
@@ -819,6 +819,11 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         if self.exit_adapters is not None and depth < self.config.num_blocks:
             hidden = self.exit_adapters[depth // self.config.layers_per_step - 1](hidden)
         return self.adnet.adapter.final_norm(self.adnet.backbone)(hidden)
+
+    def top_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What a draft unit reads and predicts from `hidden`, the last block's output: the features the LM head reads
+        (after the final norm), of a scale the unit can regress whatever the residual stream's."""
+        return self.exit_states(hidden, self.config.num_blocks)
 
     def head_flops(self) -> float:
         """FLOPs of one step prediction per token: the LM head, and an exit adapter where the model has them
@@ -861,10 +866,9 @@ class ADNetForCausalLM(ADNetPreTrainedModel, GenerationMixin):
         predicted = self.draft_unit_features(inputs, input_ids[:, 1:])
         target = features[:, 1:].to(predicted.dtype)
         weight, bias = unit.head_rows(self.lm_head)
-        depth = self.config.num_blocks
         with torch.no_grad():
-            target_logits = F.linear(self.exit_states(target, depth), weight, bias)
-        draft_logits = F.linear(self.exit_states(predicted, depth), weight, bias)
+            target_logits = F.linear(target, weight, bias)
+        draft_logits = F.linear(predicted, weight, bias)
         return draft_unit_loss(
             predicted.flatten(0, 1),
             target.flatten(0, 1),

@@ -220,10 +220,6 @@ class SelfSpeculativeDecoder:
         """The draft's vocabulary where `draft_vocabulary` is not given: none for an exit (every token)."""
         return None
 
-    def draft_exit(self) -> int:
-        """The exit whose norm and adapter the draft head reads: after the blocks the draft runs."""
-        return self.depth
-
     def run_blocks(
         self, tokens: torch.Tensor, start: int, stop: int, hidden: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -245,16 +241,21 @@ class SelfSpeculativeDecoder:
         return self.model.exit_head(hidden, depth)[0].float()
 
     def draft_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The draft's logits at its exit (n x vocab): with a draft vocabulary, only its rows of the LM head are
-        read, and every other token gets -inf (the draft never proposes it; verification still can)."""
+        """The draft's logits (n x vocab) from its output `hidden` (1 x n x H): with a draft vocabulary, only its rows
+        of the LM head are read, and every other token gets -inf (the draft never proposes it; verification still
+        can)."""
+        states = self.draft_states(hidden)[0]
         if self.vocabulary is None:
-            return self.head(hidden, self.draft_exit())
-        states = self.model.exit_states(hidden, self.draft_exit())[0]
+            return self.model.lm_head(states).float()
         logits = states.new_full(
             (states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"), dtype=torch.float
         )
         logits[:, self.vocabulary] = F.linear(states, self.draft_rows).float()
         return logits
+
+    def draft_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads of the draft's output: the exit's, through its adapter and the final norm."""
+        return self.model.exit_states(hidden, self.depth)
 
     def processed(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Next-token scores after `sequence` (1 x length) as `generate` processes them (penalties, temperature)."""
@@ -334,8 +335,8 @@ class SelfSpeculativeDecoder:
         return hidden
 
     def keep_features(self, hidden: torch.Tensor) -> None:
-        """What the draft keeps of the full model's top features (1 x n x H) of the tokens just verified (or of the
-        prompt): nothing, for an exit."""
+        """What the draft keeps of the full model's last-block outputs (1 x n x H) of the tokens just verified (or of
+        the prompt): nothing, for an exit."""
 
     def accept(
         self, drafts: list[torch.Tensor], draft_scores: list[torch.Tensor], scores: list[torch.Tensor]
@@ -407,20 +408,21 @@ class DraftUnitDecoder(SelfSpeculativeDecoder):
     def own_vocabulary(self) -> torch.LongTensor | None:
         return self.model.draft_unit.checked_vocabulary()
 
-    def draft_exit(self) -> int:
-        """The draft reads predicted top features: the last exit's norm."""
-        return len(self.blocks)
+    def draft_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The unit predicts top features, which the LM head reads as they are."""
+        return hidden
 
     def keep_features(self, hidden: torch.Tensor) -> None:
         if self.unit_cache is None:
             self.unit_cache = DynamicCache()
         crop_cache(self.unit_cache, self.verified)
-        self.pending = hidden if self.pending is None else torch.cat([self.pending, hidden], dim=1)
+        features = self.model.top_features(hidden)
+        self.pending = features if self.pending is None else torch.cat([self.pending, features], dim=1)
         self.predicted = None
 
     def next_draft_logits(self, sequence: torch.LongTensor) -> torch.Tensor:
         """The draft unit on the verified features it has not read yet (first draft of a round) or on its own last
-        prediction, each with the token after it; its prediction through the final norm and LM head."""
+        prediction, each with the token after it; its prediction through the LM head."""
         with record_function("speculative::draft_unit"):
             past = self.unit_cache.get_seq_length()
             if self.predicted is None:

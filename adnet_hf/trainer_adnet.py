@@ -490,11 +490,13 @@ def cache_top_features(
 
 
 def top_features(model: ADNetForCausalLM, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The last block's output (before the final norm) of every token of `ids` (blocks x length), on the CPU."""
+    """The top features (`ADNetForCausalLM.top_features`) of every token of `ids` (blocks x length), on the CPU."""
     with torch.inference_mode():
         return torch.cat(
             [
-                model.adnet(input_ids=batch.to(model.device), exit_policy="none").last_hidden_state.cpu()
+                model.top_features(
+                    model.adnet(input_ids=batch.to(model.device), exit_policy="none").last_hidden_state
+                ).cpu()
                 for batch in ids.split(batch_size)
             ]
         )
