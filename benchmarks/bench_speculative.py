@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from adnet_examples.data import load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
-from adnet_hf.speculative_adnet import frequent_tokens
+from adnet_hf.speculative_adnet import crop_cache, frequent_tokens
 
 from .common import (
     benchmark_parser,
@@ -160,6 +160,24 @@ def phase_seconds(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int, s
     return phases | {"other_s": total - sum(phases.values()), "profiled_total_s": total}
 
 
+def verification_costs(plain, ids: torch.Tensor, lengths: list[int], repeats: int) -> dict[int, float]:
+    """Seconds of one pass of the plain model over k tokens after `ids` (a verification of k - 1 drafted tokens),
+    relative to k = 1 (a plain decoding step), timed in turns from the same cache of the prompt (medians). A round
+    of n drafts pays the cost at n + 1 plus n drafted tokens, so it gains only where it keeps more tokens than that."""
+    if not lengths:
+        return {}
+    with torch.inference_mode():
+        cache = plain(ids.unsqueeze(0), use_cache=True).past_key_values
+        past, tokens = ids.shape[0], ids[-1:].repeat(max(lengths)).unsqueeze(0)
+
+        def verify(k: int) -> None:
+            plain(tokens[:, :k], past_key_values=cache, use_cache=True)
+            crop_cache(cache, past)
+
+        seconds = interleaved_seconds({k: lambda k=k: verify(k) for k in sorted({1, *lengths})}, repeats)
+    return {k: seconds[k] / seconds[1] for k in lengths}
+
+
 def measure(
     model, plain, prompts: list[torch.Tensor], new_tokens: int, settings: list[dict], repeats: int
 ) -> list[dict]:
@@ -255,6 +273,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--draft_vocab_size", type=int, help="also draft over this many most frequent tokens only")
     parser.add_argument("--draft_vocab_data", help="training text the draft vocabulary's frequencies come from")
     parser.add_argument("--profile", action="store_true", help="also profile one generation per setting")
+    parser.add_argument(
+        "--verify_lengths",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also time one pass over k tokens after the first prompt, relative to a plain step, for these k",
+    )
     parser.add_argument("--note", default="", help="what the model is, stored with the results")
     args = parse_benchmark_args(parser, argv)
     model = load_model(args)
@@ -262,7 +287,8 @@ def main(argv: list[str] | None = None) -> Path:
     prompts = load_prompts(args, tokenizer)
     settings = with_vocabulary(draft_settings(args), draft_vocabulary(args, tokenizer, model.config.vocab_size))
     settings += [{"prompt_lookup_num_tokens": tokens} for tokens in args.prompt_lookup]
-    rows = measure(model, plain_causal_lm(model), prompts, args.new_tokens, settings, args.repeats)
+    plain = plain_causal_lm(model)
+    rows = measure(model, plain, prompts, args.new_tokens, settings, args.repeats)
     if args.profile:
         for row, setting in zip(rows, settings):
             if "prompt_lookup_num_tokens" not in setting:
@@ -284,6 +310,7 @@ def main(argv: list[str] | None = None) -> Path:
         "new_tokens": args.new_tokens,
         "num_blocks": model.config.num_blocks,
         "lm_head_weight_share": lm_head_share(model),
+        "verification_costs": verification_costs(plain, prompts[0], args.verify_lengths, 5 * args.repeats),
         "note": args.note,
     }
     return write_results(args.name, payload, rows, None, args.results_dir)

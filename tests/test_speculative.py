@@ -364,7 +364,9 @@ def test_benchmark_compares_the_draft_unit_and_prompt_lookup(tmp_path, shared_da
     arguments = ["--model", str(tmp_path / "model"), "--data", str(shared_data / "ptb" / "ptb.valid.txt")]
     arguments += ["--name", "tiny", "--prompts", "2", "--prompt_length", "6", "--new_tokens", "5", "--repeats", "1"]
     arguments += ["--draft_unit", "--draft_lengths", "2", "--prompt_lookup", "2", "--results_dir", str(tmp_path)]
-    rows = json.loads(bench_speculative.main(arguments).read_text())["rows"]
+    result = json.loads(bench_speculative.main([*arguments, "--verify_lengths", "3", "5"]).read_text())
+    assert set(result["verification_costs"]) == {"3", "5"} and all(c > 0 for c in result["verification_costs"].values())
+    rows = result["rows"]
     unit, lookup = rows
     assert unit["use_draft_unit"] and unit["draft_vocab_size"] == 40 and 0 <= unit["acceptance_rate"] <= 1
     assert lookup["prompt_lookup_num_tokens"] == 2 and "acceptance_rate" not in lookup
