@@ -42,6 +42,7 @@ from .common import (
     benchmark_parser,
     interleaved_seconds,
     parse_benchmark_args,
+    trained_by,
     write_results,
 )
 
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {
         "benchmark": "speculative",
         "model": source,
+        "trained_by": trained_by(args.model) if args.model else None,
         "data": args.data or args.prompts_file,
         "prompts": len(prompts),
         "prompt_lengths": [len(ids) for ids in prompts],

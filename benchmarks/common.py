@@ -62,6 +62,12 @@ def environment() -> dict:
     }
 
 
+def trained_by(folder: str) -> str | None:
+    """The command that trained the checkpoint in `folder`, as the example scripts record it in `all_results.json`."""
+    results = Path(folder) / "all_results.json"
+    return json.loads(results.read_text()).get("command") if results.exists() else None
+
+
 def variable_step_layers(config) -> list[int]:
     """The backbone layers run when each variable step (each exit point) of an ADNet model is reached."""
     return [(config.num_fixed_steps + n + 1) * config.layers_per_step for n in range(config.num_variable_steps)]

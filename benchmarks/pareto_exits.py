@@ -24,10 +24,8 @@ is right (the first step, if none is) is the floor at any loss.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +51,7 @@ from .common import (
     markdown_table,
     parse_benchmark_args,
     save_figure,
+    trained_by,
     variable_step_layers,
     write_results,
 )
@@ -222,12 +221,6 @@ def oracle_point(policy: str, correct: torch.Tensor, layers: torch.Tensor) -> di
         "accuracy": float(correct.double().mean()),
         "executed_layers": float(layers.mean()),
     }
-
-
-def trained_by(folder: str) -> str | None:
-    """The command that trained the checkpoint in `folder`, as the example scripts record it in `all_results.json`."""
-    results = Path(folder) / "all_results.json"
-    return json.loads(results.read_text()).get("command") if results.exists() else None
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
-from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint
+from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint, save_results
 from adnet_examples.data import check_block_size, load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetForCausalLM
 from adnet_hf.speculative_adnet import frequent_tokens
@@ -179,9 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     trainer.save_model()
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    return metrics
+    return save_results(trainer, "train", metrics)
 
 
 if __name__ == "__main__":
