@@ -43,7 +43,8 @@ from .backbones_adnet import StepState
 
 @dataclass
 class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
-    """What `ADNetForCausalLM.generate(..., assistant_early_exit=k, return_dict_in_generate=True)` returns.
+    """What `ADNetForCausalLM.generate(..., assistant_early_exit=k, return_dict_in_generate=True)` returns, and the
+    same with `use_draft_unit=True`.
 
     Transformers' `GenerateDecoderOnlyOutput` (`sequences`, and `scores` / `logits` with `output_scores` /
     `output_logits`), plus how the drafts fared: `accepted_tokens / drafted_tokens` is the acceptance rate.
@@ -55,7 +56,7 @@ class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
         verifications (int | None): Verification passes, one per round of drafting (the prompt's pass not counted).
         drafted_tokens (int | None): Tokens the draft proposed.
         accepted_tokens (int | None): Drafted tokens the full model kept.
-        draft_depth (int | None): Backbone blocks the draft runs.
+        draft_depth (int | None): Backbone blocks the draft runs (0 for the draft unit).
     """
 
     verifications: int | None = None
@@ -285,7 +286,7 @@ class SelfSpeculativeDecoder:
         return sequence
 
     def round(self, sequence: torch.LongTensor) -> tuple[torch.LongTensor, bool]:
-        """Draft from the last emitted token, verify the drafts in one pass of the upper blocks, emit what is kept."""
+        """Draft from the last emitted token, verify the drafts in one pass of the full model, emit what is kept."""
         past = sequence.shape[1] - 1
         remaining = self.generation.max_length - sequence.shape[1]
         drafts, draft_scores = self.draft(sequence, min(self.generation.num_assistant_tokens, max(remaining - 1, 0)))
@@ -325,8 +326,8 @@ class SelfSpeculativeDecoder:
             return self.draft_head(self.exit_hidden[-1])[0]
 
     def verify(self, fed: torch.LongTensor) -> torch.Tensor:
-        """The top features (1 x n x H) of `fed`, the last emitted token and the drafts: the blocks after the exit,
-        on the exit states the draft made (and the last draft's, made here)."""
+        """The last block's output (1 x n x H) on `fed`, the last emitted token and the drafts: the blocks after the
+        exit, on the exit states the draft made (and the last draft's, made here)."""
         with record_function("speculative::draft_blocks"):
             self.exit_hidden.append(self.run_blocks(fed[:, -1:], 0, self.depth))
         with record_function("speculative::verify_blocks"):
@@ -406,6 +407,7 @@ class DraftUnitDecoder(SelfSpeculativeDecoder):
         return 0
 
     def own_vocabulary(self) -> torch.LongTensor | None:
+        """The unit's own vocabulary (`config.draft_vocabulary_size`), or None: every token."""
         return self.model.draft_unit.checked_vocabulary()
 
     def draft_states(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -439,6 +441,7 @@ class DraftUnitDecoder(SelfSpeculativeDecoder):
             return self.draft_head(self.predicted)[0]
 
     def verify(self, fed: torch.LongTensor) -> torch.Tensor:
+        """Every block on `fed`, from the embeddings: the draft ran none."""
         with record_function("speculative::verify_blocks"):
             return self.run_blocks(fed, 0, len(self.blocks))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adnet_examples.data import load_tokenizer_folder, token_blocks
+from adnet_examples.data import chat_prompts, load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetConfig, ADNetForCausalLM
 from adnet_hf.backbones_adnet import matmul_weights
 from adnet_hf.speculative_adnet import crop_cache, frequent_tokens
@@ -118,20 +118,7 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> list[torch.Tensor]:
     `--prompts_file`, each a user turn of the tokenizer's chat template with the assistant's turn opened."""
     if args.data:
         return list(token_blocks(tokenizer, Path(args.data), args.prompt_length, args.prompts))
-    instructions = json.loads(Path(args.prompts_file).read_text(encoding="utf-8"))
-    if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
-        raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
-    if not tokenizer.chat_template:
-        raise ValueError(
-            "--prompts_file needs a tokenizer with a chat template (chat_template); this one has none: "
-            "cut prompts from a text file with --data instead."
-        )
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt"
-        )["input_ids"][0]
-        for text in instructions[: args.prompts]
-    ]
+    return [torch.tensor(ids) for ids in chat_prompts(tokenizer, args.prompts_file, args.prompts)]
 
 
 def generation_kwargs(model: ADNetForCausalLM, ids: torch.Tensor, new_tokens: int) -> dict:

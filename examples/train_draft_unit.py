@@ -19,6 +19,7 @@ stage resumes where it stopped: the answers (`answers.jsonl` in the cache folder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
 from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint, save_results
-from adnet_examples.data import check_block_size, load_tokenizer_folder, token_blocks
+from adnet_examples.data import chat_prompts, check_block_size, load_tokenizer_folder, token_blocks
 from adnet_hf import ADNetForCausalLM
+from adnet_hf.losses_adnet import DRAFT_FEATURE_WEIGHT, DRAFT_TOKEN_WEIGHT
 from adnet_hf.speculative_adnet import frequent_tokens
 from adnet_hf.trainer_adnet import DraftUnitTrainer, TopFeatureShards, cache_top_features
 
@@ -73,22 +75,14 @@ class DraftUnitArguments:
         default=None,
         metadata={"help": "Draft over the N most frequent tokens of the training text (default: every token)."},
     )
-    feature_weight: float = field(default=1.0, metadata={"help": "Weight of the feature regression."})
-    token_weight: float = field(default=0.1, metadata={"help": "Weight of the next-token cross-entropy."})
-    feature_noise: float = field(default=0.1, metadata={"help": "Uniform noise on the features the unit reads."})
-
-
-def chat_prompts(tokenizer, path: str) -> list[list[int]]:
-    """Each instruction of the JSON list at `path` as a user turn of the chat template, the assistant's turn open."""
-    instructions = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
-        raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
-    if not tokenizer.chat_template:
-        raise ValueError("--prompts_file needs a tokenizer with a chat template; pass a --train_file instead.")
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
-        for text in instructions
-    ]
+    feature_weight: float = field(default=DRAFT_FEATURE_WEIGHT, metadata={"help": "Weight of the feature regression."})
+    token_weight: float = field(
+        default=DRAFT_TOKEN_WEIGHT, metadata={"help": "Weight of the next-token cross-entropy."}
+    )
+    feature_noise: float = field(
+        default=0.1,
+        metadata={"help": "Width of the uniform noise on the features the unit reads, as a share of their RMS."},
+    )
 
 
 @torch.inference_mode()
@@ -115,18 +109,44 @@ def self_distilled_ids(model, tokenizer, data_args: DraftDataArguments) -> torch
     """Every instruction and the model's answer to it, one token stream; the answers are appended to
     `answers.jsonl` in the cache folder as they come, and a rerun answers only what is missing."""
     prompts = chat_prompts(tokenizer, data_args.prompts_file)
-    path = Path(data_args.feature_cache_dir) / "answers.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    answers = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    folder = Path(data_args.feature_cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers = saved_answers(folder, prompts, model, data_args.max_answer_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = data_args.answer_batch_size
-    with path.open("a", encoding="utf-8") as file:
+    with (folder / "answers.jsonl").open("a", encoding="utf-8") as file:
         for start in tqdm(range(len(answers), len(prompts), batch), desc="answering instructions", unit="batch"):
             for row in answer(model, prompts[start : start + batch], data_args.max_answer_tokens, pad):
                 file.write(json.dumps(row) + "\n")
                 answers.append(row)
             file.flush()
     return torch.tensor([token for prompt, reply in zip(prompts, answers) for token in prompt + reply])
+
+
+def saved_answers(folder: Path, prompts: list[list[int]], model, max_tokens: int) -> list[list[int]]:
+    """The answers a stopped run saved, if they were made for these prompts, by this model, at this length (in
+    `answers.meta.json`); a last line cut short by the stop is dropped."""
+    meta = {
+        "model": model.config._name_or_path,
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "max_answer_tokens": max_tokens,
+    }
+    path, meta_path = folder / "answers.jsonl", folder / "answers.meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text(encoding="utf-8")) != meta:
+        raise ValueError(
+            f"{folder} holds answers to other instructions, by another model or of another length "
+            f"({meta_path}): pass an empty --feature_cache_dir."
+        )
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    answers = []
+    for line in lines:
+        try:
+            answers.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line, cut short
+            path.write_text("".join(json.dumps(row) + "\n" for row in answers), encoding="utf-8")
+            break
+    return answers
 
 
 def training_blocks(model, tokenizer, data_args: DraftDataArguments) -> torch.Tensor:
@@ -164,9 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_block_size(model, data_args.block_size)
     blocks = training_blocks(model, tokenizer, data_args)
     logger.info("%d training blocks of %d tokens", len(blocks), data_args.block_size)
+    size = unit_args.draft_vocabulary_size
     if model.draft_unit is None:
-        size = unit_args.draft_vocabulary_size
         model.add_draft_unit(None if size is None else frequent_tokens(blocks, size, model.config.vocab_size))
+    elif size is not None and size != model.config.draft_vocabulary_size:
+        raise ValueError(
+            f"--draft_vocabulary_size {size}: the model's draft unit has a vocabulary of "
+            f"{model.config.draft_vocabulary_size} already; leave the option out to train it further."
+        )
     cache_top_features(model, blocks, data_args.feature_cache_dir, data_args.shard_size, data_args.feature_batch_size)
     trainer = DraftUnitTrainer(
         model=model,

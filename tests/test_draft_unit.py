@@ -4,6 +4,7 @@ loaded with the model, added to a built one without touching its weights."""
 import copy
 import json
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -795,3 +796,22 @@ def test_example_script_wraps_a_plain_lm_answers_instructions_and_saves_a_vocabu
     assert (features / "answers.jsonl").stat().st_mtime_ns == written
     rerun = AutoModelForCausalLM.from_pretrained(tmp_path / "rerun")
     assert torch.equal(rerun.draft_unit.vocabulary, vocabulary)
+
+
+def test_saved_answers_resume_only_the_same_run(tmp_path):
+    """A stopped run's answers are kept (a last line cut short by the stop dropped) only for the same prompts,
+    model and answer length."""
+    model = SimpleNamespace(config=SimpleNamespace(_name_or_path="models/tiny"))
+    prompts = [[1, 2], [3]]
+    assert train_draft_unit.saved_answers(tmp_path, prompts, model, 8) == []
+    (tmp_path / "answers.jsonl").write_text("[5, 6]\n[7, 8")
+    assert train_draft_unit.saved_answers(tmp_path, prompts, model, 8) == [[5, 6]]
+    assert (tmp_path / "answers.jsonl").read_text() == "[5, 6]\n"
+    for changed in (
+        [prompts[::-1], model, 8],
+        [prompts, SimpleNamespace(config=SimpleNamespace(_name_or_path="b")), 8],
+    ):
+        with pytest.raises(ValueError, match="answers to other instructions, by another model"):
+            train_draft_unit.saved_answers(tmp_path, *changed)
+    with pytest.raises(ValueError, match="of another length"):
+        train_draft_unit.saved_answers(tmp_path, prompts, model, 16)

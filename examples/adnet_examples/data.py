@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import csv
 import gzip
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -710,6 +711,23 @@ def check_block_size(model, block_size: int) -> None:
             f"--block_size {block_size} is longer than the backbone's {limit} positions "
             f"(max_position_embeddings): pass --block_size {limit} or less."
         )
+
+
+def chat_prompts(tokenizer, path: str | Path, count: int | None = None) -> list[list[int]]:
+    """The first `count` instructions (all by default) of the JSON list of strings at `path` (`--prompts_file`), each
+    a user turn of the tokenizer's chat template with the assistant's turn opened, as token ids."""
+    instructions = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(instructions, list) or not instructions or not all(isinstance(x, str) for x in instructions):
+        raise ValueError(f"--prompts_file must hold a non-empty JSON list of strings, got {instructions!r:.80}.")
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "--prompts_file needs a tokenizer with a chat template (chat_template); this one has none: "
+            "give plain text instead (--data, --train_file)."
+        )
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+        for text in instructions[:count]
+    ]
 
 
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
