@@ -5,9 +5,9 @@
     # those answers and of a text are cached once, then the draft unit trains on them
     python examples/train_draft_unit.py --model_name_or_path MODEL_DIR \\
         --prompts_file examples/data/draft_instructions.json --train_file data/ptb/ptb.train.txt \\
-        --max_train_samples 400 --feature_cache_dir outputs/draft-features --draft_vocabulary_size 8192 \\
-        --output_dir outputs/model-with-draft-unit --per_device_train_batch_size 8 --learning_rate 1e-3 \\
-        --num_train_epochs 4 --save_strategy epoch
+        --max_train_samples 200 --feature_cache_dir outputs/draft-features --draft_vocabulary_size 8192 \\
+        --output_dir outputs/model-with-draft-unit --per_device_train_batch_size 8 --learning_rate 5e-4 \\
+        --num_train_epochs 8 --save_strategy epoch
 
 `--model_name_or_path` is an ADNet checkpoint (which keeps a draft unit it has, or gets a new one) or a plain
 Transformers causal LM, wrapped with its weights unchanged (and saved with `exit_policy="none"`, so that its plain
