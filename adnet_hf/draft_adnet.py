@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Cache
 
 from .backbones_adnet import BackboneAdapter, StepState
+from .speculative_adnet import head_rows
 
 
 class DraftUnit(nn.Module):
@@ -49,11 +50,7 @@ class DraftUnit(nn.Module):
 
     def head_rows(self, lm_head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows (weight, bias) of the LM head the draft reads: its vocabulary's, or all."""
-        vocabulary = self.checked_vocabulary()
-        if vocabulary is None:
-            return lm_head.weight, lm_head.bias
-        bias = None if lm_head.bias is None else lm_head.bias[vocabulary]
-        return lm_head.weight[vocabulary], bias
+        return head_rows(lm_head, self.checked_vocabulary())
 
     def forward(
         self, features: torch.Tensor, tokens: StepState, adapter: BackboneAdapter, cache: Cache | None = None

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import record_function
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -127,6 +128,13 @@ def check_vocabulary(vocabulary, vocab_size: int, name: str = "draft_vocabulary"
     return vocabulary.long()
 
 
+def head_rows(lm_head: nn.Linear, vocabulary: torch.LongTensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows (weight, bias) of the LM head a draft over `vocabulary` reads: its tokens', or all."""
+    if vocabulary is None:
+        return lm_head.weight, lm_head.bias
+    return lm_head.weight[vocabulary], None if lm_head.bias is None else lm_head.bias[vocabulary]
+
+
 def frequent_tokens(token_ids: torch.Tensor, size: int, vocab_size: int) -> torch.LongTensor:
     """A draft vocabulary: the `size` most frequent tokens of a corpus, most frequent first.
 
@@ -207,7 +215,7 @@ class SelfSpeculativeDecoder:
         self.vocabulary = check_vocabulary(draft_vocabulary, model.lm_head.weight.shape[0])
         if self.vocabulary is None:
             self.vocabulary = self.own_vocabulary()
-        self.draft_rows = None if self.vocabulary is None else model.lm_head.weight[self.vocabulary]
+        self.draft_rows = head_rows(model.lm_head, self.vocabulary)
         self.scores: list[torch.Tensor] = []
         self.raw_logits: list[torch.Tensor] = []
         self.verifications = self.drafted = self.accepted = 0
@@ -251,7 +259,7 @@ class SelfSpeculativeDecoder:
         logits = states.new_full(
             (states.shape[0], self.model.lm_head.weight.shape[0]), float("-inf"), dtype=torch.float
         )
-        logits[:, self.vocabulary] = F.linear(states, self.draft_rows).float()
+        logits[:, self.vocabulary] = F.linear(states, *self.draft_rows).float()
         return logits
 
     def draft_states(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from adnet_examples.arguments import (
     save_results,
     start_afresh,
 )
-from adnet_examples.data import TextBlocks, check_block_size, load_tokenizer_folder, token_blocks
+from adnet_examples.data import TextBlocks, check_block_size, load_tokenizer, token_blocks
 from adnet_hf.evaluation_adnet import evaluate_batches, perplexity, token_losses
 from adnet_hf.exits_adnet import FULL_DEPTH
 from adnet_hf.trainer_adnet import ADNetTrainingArguments
@@ -79,12 +79,6 @@ class DataArguments:
                 f"--block_size must be at least 2 (a block predicts its tokens from the ones before), got "
                 f"{self.block_size}."
             )
-
-
-def load_tokenizer(model_args: ModelArguments):
-    """The tokenizer of `--tokenizer_name` or the model (a GGUF model's from its file)."""
-    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
-    return load_tokenizer_folder(model_args.tokenizer_name or model_args.model_name_or_path, **gguf)
 
 
 def load_model(model_args: ModelArguments, adnet_args: ADNetArguments, tokenizer):

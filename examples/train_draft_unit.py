@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
 from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint, save_results
-from adnet_examples.data import chat_prompts, check_block_size, load_tokenizer_folder, token_blocks
+from adnet_examples.data import chat_prompts, check_block_size, load_tokenizer, token_blocks
 from adnet_hf import ADNetForCausalLM
 from adnet_hf.losses_adnet import DRAFT_FEATURE_WEIGHT, DRAFT_TOKEN_WEIGHT
 from adnet_hf.speculative_adnet import frequent_tokens
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     checkpoint = resume_checkpoint(training_args)
-    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
-    tokenizer = load_tokenizer_folder(model_args.tokenizer_name or model_args.model_name_or_path, **gguf)
+    tokenizer = load_tokenizer(model_args)
     backbone_kwargs = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else None
     model = build_model(
         ADNetForCausalLM,

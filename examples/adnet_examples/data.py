@@ -701,6 +701,12 @@ def load_tokenizer_folder(folder: str | Path, **kwargs):
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
+def load_tokenizer(model_args):
+    """The tokenizer of `--tokenizer_name` or of `--model_name_or_path` (a GGUF model's from its `--gguf_file`)."""
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file and not model_args.tokenizer_name else {}
+    return load_tokenizer_folder(model_args.tokenizer_name or model_args.model_name_or_path, **gguf)
+
+
 def check_block_size(model, block_size: int) -> None:
     """A block fits the backbone's positions: beyond an absolute position table, the embeddings fail with an
     IndexError."""
