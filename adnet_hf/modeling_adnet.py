@@ -242,13 +242,14 @@ class ADNetPreTrainedModel(PreTrainedModel):
             **config_overrides (Any): `ADNetConfig` fields, e.g. `num_labels=2` or `exit_policy="confidence"`.
 
         Returns:
-            model (ADNetPreTrainedModel): A model of the class called, in the backbone's dtype.
+            model (ADNetPreTrainedModel): A model of the class called, in the backbone's dtype and, as
+                `from_pretrained` gives it, in evaluation mode (`Trainer` switches to training itself).
         """
         pretrained = cls._load_pretrained_backbone(name_or_path, **(backbone_kwargs or {}))
         model = cls(ADNetConfig(backbone_config=pretrained.config, **config_overrides))
         model._copy_pretrained_weights(pretrained)
         model.config._name_or_path = str(name_or_path)
-        return model.to(pretrained.dtype)
+        return model.to(pretrained.dtype).eval()
 
     @staticmethod
     def _load_pretrained_backbone(name_or_path: str, **kwargs) -> PreTrainedModel:

@@ -328,6 +328,7 @@ def test_pretrained_backbone_weights_are_loaded_unchanged(tmp_path):
     for name, tensor in lm_reference.transformer.state_dict().items():
         assert torch.equal(lm.adnet.backbone.state_dict()[name], tensor), name
     assert lm.lm_head.weight is lm.adnet.backbone.wte.weight
+    assert not any(module.training for module in (*model.modules(), *lm.modules()))  # as from_pretrained gives it
 
 
 def test_pretrained_untied_lm_head_is_loaded(tmp_path):
