@@ -18,7 +18,9 @@ every output equals the reference's.
 frequent tokens of the training text only (`draft_vocabulary`; verification reads the full LM head); a draft unit
 drafts over its own vocabulary (`ADNetConfig.draft_vocabulary_size`). `--prompts_file` takes instructions (a JSON
 list of strings, e.g. `benchmarks/data/instructions.json`) as user turns of the tokenizer's chat template instead of
-cutting prompts from `--data`. `--profile` adds where one generation's time goes (first prompt, torch.profiler):
+cutting prompts from `--data`. `--dtype bfloat16` runs both models in bfloat16: a pass over k tokens then rounds
+differently from k one-token steps, so a greedy output may part from the reference's at a near tie (the rows say
+whether it did). `--profile` adds where one generation's time goes (first prompt, torch.profiler):
 prefill, draft blocks or unit, draft head, verification blocks, verification head, and the rest.
 """
 
@@ -57,14 +59,16 @@ def plain_causal_lm(model: ADNetForCausalLM) -> PreTrainedModel:
 
 def load_model(args: argparse.Namespace) -> ADNetForCausalLM:
     """An ADNet checkpoint (`--model`), a plain causal LM checkpoint wrapped unchanged (`--backbone`), or untrained
-    weights of a backbone shape (`--backbone_config`, seeded)."""
+    weights of a backbone shape (`--backbone_config`, seeded); in `--dtype` where given."""
+    dtype = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model).eval()
+        return AutoModelForCausalLM.from_pretrained(args.model, **dtype).eval()
     if args.backbone_config:
         torch.manual_seed(0)
         config = ADNetConfig(backbone_config=json.loads(args.backbone_config), num_fixed_steps=1)
-        return ADNetForCausalLM(config).eval()
-    return ADNetForCausalLM.from_backbone(args.backbone, backbone_kwargs=json.loads(args.backbone_kwargs)).eval()
+        return ADNetForCausalLM(config).to(**dtype).eval()
+    kwargs = json.loads(args.backbone_kwargs) | dtype
+    return ADNetForCausalLM.from_backbone(args.backbone, backbone_kwargs=kwargs).eval()
 
 
 def load_tokenizer(args: argparse.Namespace):
@@ -235,6 +239,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--backbone_kwargs", default="{}", help='JSON for from_pretrained, e.g. {"gguf_file": "x"}')
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --model or --backbone)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="load the model (and the plain reference) in this dtype (default: the checkpoint's)",
+    )
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--data", help="plain text file the prompts are cut from")
     prompts.add_argument("--prompts_file", help="JSON list of instructions, given as chat-template user turns")
@@ -298,6 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
         "prompt_lengths": [len(ids) for ids in prompts],
         "new_tokens": args.new_tokens,
         "num_blocks": model.config.num_blocks,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "lm_head_weight_share": lm_head_share(model),
         "verification_costs": verification_costs(plain, prompts[0], args.verify_lengths, 5 * args.repeats),
         "note": args.note,
