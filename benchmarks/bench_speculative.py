@@ -178,7 +178,7 @@ def measure(
     also checked against the reference's first output (medians absorb a cold first run, so no warm-up runs)."""
     totals = [
         dict.fromkeys(("backbone_s", "speculative_s", "verifications", "drafted", "accepted"), 0.0)
-        | {"identical": True}
+        | {"identical_prompts": 0}
         for _ in settings
     ]
     for ids in prompts:
@@ -199,7 +199,7 @@ def measure(
             raise RuntimeError("the reference's greedy output changed between runs: nothing can be compared to it.")
         for index, total in enumerate(totals):
             sequences = [getattr(out, "sequences", out) for out in outputs[index]]
-            total["identical"] &= all(torch.equal(out, reference) for out in sequences)
+            total["identical_prompts"] += all(torch.equal(out, reference) for out in sequences)
             total["backbone_s"] += seconds["backbone"]
             total["speculative_s"] += seconds[index]
             first = outputs[index][0]  # greedy: every run drafts and accepts alike
@@ -207,16 +207,20 @@ def measure(
                 total["verifications"] += first.verifications
                 total["drafted"] += first.drafted_tokens
                 total["accepted"] += first.accepted_tokens
-    return [setting | timing_row(total, len(prompts) * new_tokens) for setting, total in zip(settings, totals)]
+    return [
+        setting | timing_row(total, len(prompts) * new_tokens, len(prompts)) for setting, total in zip(settings, totals)
+    ]
 
 
-def timing_row(total: dict, tokens: int) -> dict:
-    """Speed and draft statistics of one arm over every prompt (no draft statistics for prompt lookup)."""
+def timing_row(total: dict, tokens: int, prompts: int) -> dict:
+    """Speed and draft statistics of one arm over every prompt (no draft statistics for prompt lookup), and on how
+    many prompts every output equalled the reference's."""
     row = {
         "backbone_tokens_per_s": tokens / total["backbone_s"],
         "tokens_per_s": tokens / total["speculative_s"],
         "speedup": total["backbone_s"] / total["speculative_s"],
-        "identical_outputs": total["identical"],
+        "identical_outputs": total["identical_prompts"] == prompts,
+        "identical_prompts": total["identical_prompts"],
     }
     if not total["verifications"]:
         return row
