@@ -243,7 +243,8 @@ class ADNetPreTrainedModel(PreTrainedModel):
 
         Returns:
             model (ADNetPreTrainedModel): A model of the class called, in the backbone's dtype and, as
-                `from_pretrained` gives it, in evaluation mode (`Trainer` switches to training itself).
+                `from_pretrained` gives it, in evaluation mode: `Trainer` switches to training itself, a custom
+                loop calls `model.train()` (the loss over every step is computed in training mode only).
         """
         pretrained = cls._load_pretrained_backbone(name_or_path, **(backbone_kwargs or {}))
         model = cls(ADNetConfig(backbone_config=pretrained.config, **config_overrides))

@@ -375,7 +375,7 @@ def draft_unit_threads() -> str:
     return " and ".join(f"{n} thread{'s' if n > 1 else ''}" for n in sorted(threads))
 
 
-def verification_costs(path: str) -> str:
+def verification_cost_text(path: str) -> str:
     """What a pass over k tokens costs in plain decoding steps, as measured after the file's first prompt."""
     costs = load(path).get("verification_costs") or {}
     return ", ".join(f"{k} tokens {cost:.2f}" for k, cost in sorted(costs.items(), key=lambda kv: int(kv[0])))
@@ -383,7 +383,7 @@ def verification_costs(path: str) -> str:
 
 def verification_cost_lines() -> list[str]:
     """Why a round gains or not: what verifying k tokens costs against a plain step, from the first file."""
-    measured = verification_costs(DRAFT_UNIT[0][1])
+    measured = verification_cost_text(DRAFT_UNIT[0][1])
     if not measured:
         return []
     return [
@@ -401,7 +401,7 @@ def bfloat16_lines() -> list[str]:
         "### In bfloat16",
         "",
         "The same checkpoint loaded in bfloat16 (`--dtype bfloat16`; both the ADNet model and the plain reference). "
-        f"Here a pass over k tokens costs {verification_costs(files[0][1])} plain decoding steps, against the "
+        f"Here a pass over k tokens costs {verification_cost_text(files[0][1])} plain decoding steps, against the "
         "float32 costs above, so drafting gains more. But a pass over k tokens rounds differently from k one-token "
         "steps in bfloat16, so greedy decoding with drafts can part from plain greedy decoding at a near tie, with "
         "Transformers' prompt lookup as with the draft unit (the last column). Use float32 where the output must "

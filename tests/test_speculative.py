@@ -370,7 +370,9 @@ def test_benchmark_compares_the_draft_unit_and_prompt_lookup(tmp_path, shared_da
     unit, lookup = rows
     assert unit["use_draft_unit"] and unit["draft_vocab_size"] == 40 and 0 <= unit["acceptance_rate"] <= 1
     assert lookup["prompt_lookup_num_tokens"] == 2 and "acceptance_rate" not in lookup
-    assert all(row["identical_outputs"] and row["tokens_per_s"] > 0 for row in rows)
+    assert all(row["identical_outputs"] and row["identical_prompts"] == 2 and row["tokens_per_s"] > 0 for row in rows)
+    result = json.loads(bench_speculative.main([*arguments, "--dtype", "bfloat16"]).read_text())
+    assert result["dtype"] == "bfloat16" and all(0 <= row["identical_prompts"] <= 2 for row in result["rows"])
 
 
 def test_a_draft_vocabulary_keeps_the_full_depth_output(model, monkeypatch):
