@@ -346,7 +346,7 @@ def identical_outputs(row: dict, prompts: int) -> str:
     """Whether every output equalled plain greedy decoding's, and if not, on how many of the prompts it did."""
     if row["identical_outputs"]:
         return "yes"
-    return f"no ({row['identical_prompts']} of {prompts} prompts)" if "identical_prompts" in row else "no"
+    return f"no ({row['identical_prompts']} of {prompts} prompts)"
 
 
 def draft_unit_profile_lines() -> list[str]:

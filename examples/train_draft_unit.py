@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 
 from adnet_examples.arguments import build_model, parse_arguments, resume_checkpoint, save_results
-from adnet_examples.data import chat_prompts, check_block_size, load_tokenizer, token_blocks
+from adnet_examples.data import as_blocks, chat_prompts, check_block_size, load_tokenizer, token_blocks
 from adnet_hf import ADNetForCausalLM
 from adnet_hf.losses_adnet import DRAFT_FEATURE_WEIGHT, DRAFT_TOKEN_WEIGHT
 from adnet_hf.speculative_adnet import frequent_tokens
@@ -156,7 +156,7 @@ def training_blocks(model, tokenizer, data_args: DraftDataArguments) -> torch.Te
     parts = []
     if data_args.prompts_file is not None:
         ids = self_distilled_ids(model, tokenizer, data_args)
-        parts.append(ids[: len(ids) // data_args.block_size * data_args.block_size].view(-1, data_args.block_size))
+        parts.append(as_blocks(ids, data_args.block_size))
     if data_args.train_file is not None:
         parts.append(token_blocks(tokenizer, data_args.train_file, data_args.block_size, data_args.max_train_samples))
     return torch.cat(parts)

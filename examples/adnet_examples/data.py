@@ -739,12 +739,18 @@ def chat_prompts(tokenizer, path: str | Path, count: int | None = None) -> list[
 def token_blocks(tokenizer, path: Path, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
     """A text file as consecutive blocks of `block_size` token ids (blocks x block_size), the rest dropped."""
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    count = len(ids) // block_size
-    if count == 0:
+    if len(ids) < block_size:
         raise ValueError(
             f"{path} holds {len(ids)} tokens, fewer than one block: pass a --block_size of {len(ids)} or "
             "less, or a longer file."
         )
+    return as_blocks(ids, block_size, max_blocks)
+
+
+def as_blocks(ids: torch.Tensor, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+    """A 1-D stream of token ids as its first consecutive blocks of `block_size` (at most `max_blocks`; blocks x
+    block_size), the rest dropped."""
+    count = len(ids) // block_size
     count = count if max_blocks is None else min(count, max_blocks)
     return ids[: count * block_size].view(count, block_size)
 
